@@ -1,0 +1,228 @@
+"""MavenModel: multi-granularity hybrid visual encoding around a Llama-style decoder.
+
+Per image (DESIGN.md §3):
+
+    pixel_values -> vision -> patch_features [N, Dv]
+                 -> discrete tokenizer -> codes [32] (unified-vocab ids)
+    LLM([codes, <eos_vis>]) -> h_eos (last-layer hidden state at <eos_vis>)
+    selector(patch_features, h_eos) -> top-k patches in raster order -> projector
+    visual sequence = <img_start> embed(codes) projected_patches <img_end>
+
+Modes: `hybrid` (codes + kept patches), `discrete` (codes only), `continuous` (all N patches,
+LLaVA-1.5 style). Each `<image>` in the prompt is replaced by one image's visual sequence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from model_src.config import MavenConfig, check_mode
+from model_src.errors import ImageError, PromptError
+from model_src.modeling.decoder import LlamaDecoder
+from model_src.modeling.discrete import DiscreteTokenizer
+from model_src.modeling.selector import PatchSelector, Projector, gather_patches, select_patches
+from model_src.modeling.vision import VisionEncoder
+from model_src.sampling import GenerationConfig, Sampler, StopChecker
+from model_src.tokenizer import TextTokenizer
+
+
+@dataclass
+class VisualEncoding:
+    """Everything the visual side produced for a batch of images."""
+
+    embeds: torch.Tensor  # [n, T_img, D]: <img_start> ... <img_end> per image
+    codes: torch.Tensor  # [n, Q] unified-vocab ids
+    patch_features: torch.Tensor  # [n, N, Dv]
+    h_eos: torch.Tensor | None  # [n, D] (hybrid only)
+    selector_logits: torch.Tensor | None  # [n, N] (hybrid only)
+    selected_indices: torch.Tensor | None  # [n, k] raster order (hybrid only)
+
+    @property
+    def tokens_per_image(self) -> int:
+        """Visual tokens per image, excluding <img_start>/<img_end>."""
+        return self.embeds.shape[1] - 2
+
+
+@dataclass
+class Assembled:
+    inputs_embeds: torch.Tensor  # [B, T, D]
+    attention_mask: torch.Tensor  # [B, T] 1 = real token
+    labels: torch.Tensor  # [B, T] target id at answer positions, -100 elsewhere
+
+
+class MavenModel(nn.Module):
+    def __init__(self, cfg: MavenConfig, tokenizer: TextTokenizer):
+        super().__init__()
+        cfg.validate()
+        self.config = cfg
+        self.tokenizer = tokenizer
+        if tokenizer.layout.text_vocab_size != cfg.llm.text_vocab_size:
+            raise PromptError("tokenizer layout and config disagree on the text vocabulary size")
+        dv, d = cfg.vision.hidden_size, cfg.llm.hidden_size
+        self.vision = VisionEncoder(cfg.vision)
+        self.discrete = DiscreteTokenizer(cfg.discrete, dv, cfg.visual_offset)
+        self.llm = LlamaDecoder(cfg.llm, cfg.vocab_size)
+        self.selector = PatchSelector(cfg.selector, dv, d)
+        self.projector = Projector(dv, d)
+
+    # ---- visual side ---------------------------------------------------------------------
+    def check_pixel_values(self, pixel_values: torch.Tensor) -> None:
+        v = self.config.vision
+        want = (v.num_channels, v.image_size, v.image_size)
+        if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != want:
+            got = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
+            raise ImageError(
+                f"pixel_values must have shape [images, {want[0]}, {want[1]}, {want[2]}], got {got}; "
+                "preprocess images with model_src.preprocess.preprocess_images"
+            )
+        if pixel_values.shape[0] > self.config.max_images:
+            raise ImageError(
+                f"{pixel_values.shape[0]} images exceed the limit of {self.config.max_images} per request"
+            )
+
+    def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.llm.embed_tokens(ids)
+
+    def compute_h_eos(self, codes: torch.Tensor) -> torch.Tensor:
+        """The LLM reads [codes, <eos_vis>] per image; h_eos is its last hidden state at <eos_vis>."""
+        eos = torch.full_like(codes[:, :1], self.tokenizer.eos_vis_id)
+        ids = torch.cat([codes, eos], dim=1)
+        _, hidden, _ = self.llm(self.embed_ids(ids), torch.ones_like(ids))
+        return hidden[:, -1]
+
+    def encode_images(
+        self, pixel_values: torch.Tensor, mode: str | None = None, keep_ratio: float | None = None
+    ) -> VisualEncoding:
+        mode = check_mode(mode or self.config.mode)
+        self.check_pixel_values(pixel_values)
+        n = pixel_values.shape[0]
+        patch_features = self.vision(pixel_values)
+        codes = self.discrete(patch_features)
+        h_eos = logits = indices = None
+        parts = [self.embed_ids(torch.full((n, 1), self.tokenizer.img_start_id, dtype=torch.long))]
+        if mode in ("hybrid", "discrete"):
+            parts.append(self.embed_ids(codes))
+        if mode == "hybrid":
+            h_eos = self.compute_h_eos(codes)
+            logits = self.selector(patch_features, h_eos)
+            indices = select_patches(logits, self.config.num_kept_patches(keep_ratio))
+            parts.append(self.projector(gather_patches(patch_features, indices)))
+        elif mode == "continuous":
+            parts.append(self.projector(patch_features))
+        parts.append(self.embed_ids(torch.full((n, 1), self.tokenizer.img_end_id, dtype=torch.long)))
+        return VisualEncoding(torch.cat(parts, dim=1), codes, patch_features, h_eos, logits, indices)
+
+    # ---- prompt assembly -------------------------------------------------------------------
+    def check_prompt_images(self, prompt_ids: list[int], num_images: int) -> None:
+        n = sum(1 for t in prompt_ids if t == self.tokenizer.image_id)
+        if n != num_images:
+            raise PromptError(
+                f"the prompt has {n} <image> placeholder(s) but {num_images} image(s) were given; "
+                "put exactly one <image> in the prompt for each image"
+            )
+
+    def assemble_batch(
+        self,
+        sequences: list[list[int]],
+        visual: list[torch.Tensor],
+        answer_starts: list[int] | None = None,
+        pad_left: bool = False,
+    ) -> Assembled:
+        """Splice each sample's visual embeddings [n_i, T_img, D] into its token ids at <image>.
+
+        `answer_starts[b]` is the index in `sequences[b]` from which tokens are training targets
+        (labels); everything before it (prompt, visual tokens) is -100.
+        """
+        rows, label_rows = [], []
+        for b, ids in enumerate(sequences):
+            self.check_prompt_images(ids, visual[b].shape[0])
+            start = len(ids) if answer_starts is None else answer_starts[b]
+            ids_t = torch.tensor(ids, dtype=torch.long)
+            text_emb = self.embed_ids(ids_t)
+            pieces, labels, img, prev = [], [], 0, 0
+            for pos in [i for i, t in enumerate(ids) if t == self.tokenizer.image_id] + [len(ids)]:
+                pieces.append(text_emb[prev:pos])
+                labels.append(torch.where(torch.arange(prev, pos) >= start, ids_t[prev:pos], -100))
+                if pos < len(ids):
+                    pieces.append(visual[b][img])
+                    labels.append(torch.full((visual[b].shape[1],), -100, dtype=torch.long))
+                    img += 1
+                prev = pos + 1
+            rows.append(torch.cat(pieces))
+            label_rows.append(torch.cat(labels))
+        width = max(r.shape[0] for r in rows)
+        d = rows[0].shape[1]
+        embeds = rows[0].new_zeros(len(rows), width, d)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        for b, (r, lab) in enumerate(zip(rows, label_rows, strict=True)):
+            sl = slice(width - r.shape[0], width) if pad_left else slice(0, r.shape[0])
+            embeds[b, sl], mask[b, sl], labels[b, sl] = r, 1, lab
+        return Assembled(embeds, mask, labels)
+
+    # ---- reference generation ------------------------------------------------------------
+    @torch.no_grad()
+    def stream_tokens(
+        self,
+        pixel_values: torch.Tensor,
+        prompt: str | list[int],
+        gen: GenerationConfig | None = None,
+        mode: str | None = None,
+        keep_ratio: float | None = None,
+    ) -> Iterator[int]:
+        """Yield generated token ids one by one (greedy or sampled), using the KV cache."""
+        gen = (gen or GenerationConfig()).validate()
+        ids = self.tokenizer.encode_prompt(prompt) if isinstance(prompt, str) else list(prompt)
+        self.check_prompt_images(ids, pixel_values.shape[0])
+        mode = check_mode(mode or self.config.mode)
+        n_tokens = len(ids) + pixel_values.shape[0] * (self.config.visual_tokens_per_image(mode, keep_ratio) + 1)
+        limit = self.config.llm.max_position_embeddings
+        if n_tokens + gen.max_new_tokens > limit:
+            raise PromptError(
+                f"prompt needs {n_tokens} tokens + {gen.max_new_tokens} new tokens, over the context "
+                f"limit of {limit}; use fewer images, a shorter prompt or fewer new tokens"
+            )
+        visual = self.encode_images(pixel_values, mode, keep_ratio) if pixel_values.shape[0] else None
+        vis = [visual.embeds if visual is not None else torch.zeros(0, 0, self.config.llm.hidden_size)]
+        batch = self.assemble_batch([ids], vis)
+        mask = batch.attention_mask
+        logits, _, past = self.llm(batch.inputs_embeds, mask)
+        sampler = Sampler(gen, self.tokenizer.layout.tokenizer_size)
+        stop = StopChecker(gen, self.tokenizer.eos_id)
+        for step in range(gen.max_new_tokens):
+            token = sampler(logits[0, -1].float().numpy())
+            if stop.is_stop_token(token):
+                return
+            yield token
+            if step == gen.max_new_tokens - 1:
+                return
+            mask = torch.cat([mask, torch.ones(1, 1, dtype=mask.dtype)], dim=1)
+            logits, _, past = self.llm(self.embed_ids(torch.tensor([[token]])), mask, None, past)
+
+    def generate(
+        self,
+        pixel_values: torch.Tensor,
+        prompt: str | list[int],
+        gen: GenerationConfig | None = None,
+        mode: str | None = None,
+        keep_ratio: float | None = None,
+        on_token: Callable[[int], None] | None = None,
+    ) -> tuple[list[int], str]:
+        """(generated token ids, decoded text) with stop strings applied."""
+        gen = (gen or GenerationConfig()).validate()
+        stop = StopChecker(gen, self.tokenizer.eos_id)
+        out: list[int] = []
+        for token in self.stream_tokens(pixel_values, prompt, gen, mode, keep_ratio):
+            out.append(token)
+            if on_token is not None:
+                on_token(token)
+            if stop.stop_strings:
+                _, hit = stop.trim(self.tokenizer.decode(out))
+                if hit:
+                    break
+        text, _ = stop.trim(self.tokenizer.decode(out))
+        return out, text
