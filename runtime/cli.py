@@ -16,6 +16,7 @@ from model_src.errors import MavenError
 
 # (module, description) in the order data flows through the project.
 COMMAND_MODULES = (
+    "model_src.hf_commands",  # import-hf
     "model_src.train.commands",  # train, eval, ablations
     "export.commands",  # export, validate, build-trt
     "calibration.commands",  # quantize
