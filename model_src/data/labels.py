@@ -28,7 +28,8 @@ def patch_labels(masks: Sequence[np.ndarray], image_size: int, patch_size: int) 
     return union.reshape(g, patch_size, g, patch_size).any(axis=(1, 3)).reshape(-1).astype(np.float32)
 
 
-def scene_patch_labels(scene: Scene, named: Sequence[ShapeObject], patch_size: int) -> np.ndarray:
-    """Labels for the ``named`` objects of ``scene``; all of its objects when ``named`` is empty."""
+def scene_patch_labels(scene: Scene, named: Sequence[ShapeObject] | None, patch_size: int) -> np.ndarray:
+    """Labels for the ``named`` objects of ``scene``; all of its objects when ``named`` is None or
+    empty (a text that names every object, or none that occurs in this image)."""
     objects = named if named else scene.objects
     return patch_labels([o.mask for o in objects], scene.image_size, patch_size)

@@ -10,7 +10,7 @@
   :data:`HELDOUT_PAIRS`: red cross, green circle, blue triangle, yellow diamond) never appear in
   a train or val scene; test scenes draw objects from all 30 pairs, so about 4 in 30 test objects
   are held-out compositions. ``Sample.meta["heldout"]`` says whether a sample shows one,
-  ``meta["heldout_named"]`` whether one is among the objects its text names (its labelled objects).
+  ``meta["heldout_named"]`` whether its text names one (a caption names every object).
 """
 
 from __future__ import annotations
@@ -100,7 +100,11 @@ def _draft(split: str, index: int, image_size: int, config: DataConfig) -> Draft
     )
     heldout = set(config.heldout_pairs)
     shown = {o.pair for s in draft.scenes for o in s.objects}
-    named = {o.pair for s, objs in zip(draft.scenes, draft.named, strict=True) for o in (objs or s.objects)}
+    named = {
+        o.pair
+        for s, objs in zip(draft.scenes, draft.named, strict=True)
+        for o in (s.objects if objs is None else objs)
+    }
     draft.meta.update(
         split=split, index=index, heldout=bool(shown & heldout), heldout_named=bool(named & heldout)
     )
@@ -157,18 +161,19 @@ def text_corpus(n: int, split: str = "train", config: DataConfig = DEFAULT_DATA)
 
 def summary(split: str, n: int | None = None, config: DataConfig = DEFAULT_DATA) -> dict[str, Any]:
     """Counts over the first ``n`` samples of ``split`` (default: all of val/test, 1000 of train):
-    per family, per task, samples showing a held-out pair, mean images per sample and the mean
+    per family, per task, samples showing / naming a held-out pair, mean images per sample and the mean
     fraction of patches labelled positive (8 px patches of 64 px images)."""
     n = min(n if n is not None else 1000, num_samples(split, config))
     families: Counter[str] = Counter()
     tasks: Counter[str] = Counter()
-    heldout = images = 0
+    heldout = heldout_named = images = 0
     positive = []
     for index in range(n):
         d = _draft(split, index, 64, config)
         families[d.family] += 1
         tasks[d.task] += 1
         heldout += d.meta["heldout"]
+        heldout_named += d.meta["heldout_named"]
         images += len(d.scenes)
         positive.extend(
             float(scene_patch_labels(s, o, 8).mean()) for s, o in zip(d.scenes, d.named, strict=True)
@@ -179,6 +184,7 @@ def summary(split: str, n: int | None = None, config: DataConfig = DEFAULT_DATA)
         "family": dict(families),
         "task": dict(tasks),
         "heldout": heldout,
+        "heldout_named": heldout_named,
         "images_per_sample": images / max(n, 1),
         "positive_patch_fraction": float(np.mean(positive)) if positive else 0.0,
     }

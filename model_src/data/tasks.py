@@ -113,7 +113,9 @@ class Draft:
     scenes: list[Scene]
     prompt: str
     answer: str
-    named: list[list[ShapeObject]]  # per image; an empty list means all objects of that image
+    # Per image: the objects the text names; None when it names every object (captions, "how many
+    # shapes"); an empty list when it names none that occur there (labels then mark all objects).
+    named: list[list[ShapeObject] | None]
     meta: dict[str, Any] = field(default_factory=dict)
 
 
@@ -182,7 +184,7 @@ class _Gen:
 
 
 # Each generator returns (scenes, text line, answer, named objects per image, meta).
-_Out = tuple[list[Scene], str, str, list[list[ShapeObject]], dict[str, Any]]
+_Out = tuple[list[Scene], str, str, list[list[ShapeObject] | None], dict[str, Any]]
 
 
 def _question(text: str) -> str:
@@ -191,7 +193,7 @@ def _question(text: str) -> str:
 
 def _caption(g: _Gen) -> _Out:
     s = g.scene()
-    return [s], CAPTION_TEXT, ", ".join(o.describe() for o in s.objects), [[]], {}
+    return [s], CAPTION_TEXT, ", ".join(o.describe() for o in s.objects), [None], {}
 
 
 def _color(g: _Gen) -> _Out:
@@ -210,7 +212,7 @@ def _count(g: _Gen) -> _Out:
     variant = g.pick(("all", "color", "shape"))
     if variant == "all":
         s = g.scene()
-        return [s], _question("how many shapes are there?"), str(len(s.objects)), [[]], {"variant": variant}
+        return [s], _question("how many shapes are there?"), str(len(s.objects)), [None], {"variant": variant}
     axis = 0 if variant == "color" else 1
     value = g.pair_by(axis)[axis]
     matching = [p for p in g.pairs if p[axis] == value]
