@@ -168,11 +168,11 @@ class _Gen:
     ) -> Scene:
         """A scene with ``required`` objects; the other objects avoid pairs where ``exclude`` holds."""
         pool = [p for p in self.pairs if not (exclude and exclude(p))]
-        lo, hi = self.cfg.num_objects
+        lo = max(self.cfg.num_objects[0], min_objects, len(required))
         return sample_scene(
             self.rng,
             self.image_size,
-            (max(lo, min_objects, len(required)), hi),
+            (lo, max(lo, self.cfg.num_objects[1])),
             pairs=pool,
             required=required,
             config=self.cfg.scene,
