@@ -71,7 +71,6 @@ _MAGIC: tuple[tuple[bytes, str], ...] = (
     (b"BM", "BMP"),
     (b"II*\x00", "TIFF"),
     (b"MM\x00*", "TIFF"),
-    (b"RIFF", "WEBP"),
 )
 
 # Leading bytes of common unsupported files, for a more helpful message.
@@ -294,6 +293,8 @@ def _decode(data: bytes, label: str, limits: ImageLimits) -> Image.Image:
 def _unidentified_message(data: bytes, label: str, limits: ImageLimits) -> str:
     """Why Pillow could not identify ``data``: a damaged known format, or not an image at all."""
     known = next((fmt for magic, fmt in _MAGIC if data.startswith(magic)), None)
+    if data.startswith(b"RIFF") and data[8:12] == b"WEBP":
+        known = "WEBP"
     if known is not None and known in limits.formats:
         return (
             f"{label} starts like a {known} file but its header is truncated or corrupt; "
