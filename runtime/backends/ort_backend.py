@@ -1,0 +1,404 @@
+"""The ONNX Runtime backend: the five exported components (DESIGN.md §4), torch-free.
+
+    be = OrtBackend("artifacts/tiny", providers=["cpu"], session_options=SessionConfig(intra_op_num_threads=2))
+
+Sessions are created once, from the files the manifest lists (after their sha256 is checked),
+with the given :class:`SessionConfig`, and reused by every request. Execution providers are
+chosen by short name: ``cpu``, ``cuda`` (CUDAExecutionProvider) and ``tensorrt``
+(TensorrtExecutionProvider with an engine cache; CUDA and CPU stay behind it as fallbacks for
+nodes TensorRT does not take).
+
+The decode loop keeps the KV cache where ONNX Runtime put it (host memory for CPU, device
+memory for CUDA/TensorRT) using IOBinding: each step binds the previous step's ``present.*``
+OrtValues as the next ``past_key_values.*`` inputs and lets ONNX Runtime allocate the outputs
+on the device, so no cache tensor goes through numpy or host memory. When the decoder was
+exported with a shared past/present buffer (GroupQueryAttention, manifest
+``decoder.extra.past_present_share_buffer``), the cache is preallocated once per request at
+the request's capacity and bound as both past and present, so a step writes only the new
+token's keys and values.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from export.manifest import Manifest, load_manifest, resolve_inside
+from model_src.errors import ArtifactError, BackendError, InputError
+from model_src.tokenizer import TextTokenizer
+from runtime.backends.base import Backend, DecodeState, SelectorOutput
+
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+_OPT_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+              "tensor(int32)": np.int32, "tensor(bfloat16)": np.float32}
+
+
+@dataclass
+class SessionConfig:
+    """How the ONNX Runtime sessions are built (once, at load)."""
+
+    graph_optimization_level: str = "all"  # disable | basic | extended | all
+    intra_op_num_threads: int = 0  # 0 = onnxruntime's default (one per physical core)
+    inter_op_num_threads: int = 0  # only used with execution_mode="parallel"
+    execution_mode: str = "sequential"  # sequential | parallel
+    enable_cpu_mem_arena: bool = True
+    enable_mem_pattern: bool = True
+    log_severity_level: int = 3  # 0 verbose .. 4 fatal
+    optimized_model_dir: str | None = None  # write each optimized graph here (for inspection)
+    device_id: int = 0  # GPU for cuda / tensorrt
+    # TensorRT execution provider
+    trt_engine_cache_path: str | None = None  # default: <artifacts>/trt_cache
+    trt_fp16: bool = False
+    trt_int8: bool = False
+    trt_max_workspace_size: int | None = None  # bytes
+    extra_config: dict[str, str] = field(default_factory=dict)  # SessionOptions.add_session_config_entry
+
+    def build(self) -> ort.SessionOptions:
+        if self.graph_optimization_level not in _OPT_LEVELS:
+            raise InputError(
+                f"graph_optimization_level must be one of {', '.join(_OPT_LEVELS)}, "
+                f"got {self.graph_optimization_level!r}"
+            )
+        if self.execution_mode not in ("sequential", "parallel"):
+            raise InputError(f"execution_mode must be sequential or parallel, got {self.execution_mode!r}")
+        for name in ("intra_op_num_threads", "inter_op_num_threads"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise InputError(f"{name} must be an integer >= 0 (0 = onnxruntime's default), got {v!r}")
+        so = ort.SessionOptions()
+        so.graph_optimization_level = _OPT_LEVELS[self.graph_optimization_level]
+        so.intra_op_num_threads = self.intra_op_num_threads
+        so.inter_op_num_threads = self.inter_op_num_threads
+        so.execution_mode = (ort.ExecutionMode.ORT_PARALLEL if self.execution_mode == "parallel"
+                             else ort.ExecutionMode.ORT_SEQUENTIAL)
+        so.enable_cpu_mem_arena = self.enable_cpu_mem_arena
+        so.enable_mem_pattern = self.enable_mem_pattern
+        so.log_severity_level = self.log_severity_level
+        for k, v in self.extra_config.items():
+            so.add_session_config_entry(str(k), str(v))
+        return so
+
+
+def available_providers() -> list[str]:
+    """Short names of the providers this onnxruntime build offers (cpu, cuda, tensorrt)."""
+    have = set(ort.get_available_providers())
+    return [short for short, full in PROVIDERS.items() if full in have]
+
+
+def resolve_providers(
+    names: Sequence[str] | str | None, cfg: SessionConfig, artifacts: Path
+) -> list[tuple[str, dict[str, Any]]]:
+    """(provider, options) pairs for InferenceSession, in priority order, with fallbacks."""
+    if names is None:
+        names = ["cpu"]
+    if isinstance(names, str):
+        names = [names]
+    names = [n.lower() for n in names]
+    unknown = [n for n in names if n not in PROVIDERS]
+    if unknown or not names:
+        raise InputError(f"unknown execution provider(s) {unknown}; choose from {', '.join(PROVIDERS)}")
+    have = set(ort.get_available_providers())
+    for n in names:
+        if PROVIDERS[n] not in have:
+            hint = ("install onnxruntime-gpu (with CUDA, cuDNN and, for tensorrt, TensorRT libraries) instead "
+                    "of onnxruntime" if n != "cpu" else "reinstall onnxruntime")
+            raise BackendError(
+                f"execution provider {n} ({PROVIDERS[n]}) is not available in this onnxruntime "
+                f"{ort.__version__} (it has {', '.join(sorted(have))}); {hint}, or use --provider cpu"
+            )
+    # GPU providers fall back to CUDA then CPU for nodes they cannot take.
+    order = list(dict.fromkeys(names + (["cuda"] if "tensorrt" in names and PROVIDERS["cuda"] in have else [])
+                               + ["cpu"]))
+    out = []
+    for n in order:
+        opts: dict[str, Any] = {}
+        if n == "cuda":
+            opts = {"device_id": cfg.device_id}
+        elif n == "tensorrt":
+            cache = Path(cfg.trt_engine_cache_path) if cfg.trt_engine_cache_path else artifacts / "trt_cache"
+            cache.mkdir(parents=True, exist_ok=True)
+            opts = {
+                "device_id": cfg.device_id,
+                "trt_engine_cache_enable": True,
+                "trt_engine_cache_path": str(cache),
+                "trt_timing_cache_enable": True,
+                "trt_timing_cache_path": str(cache),
+                "trt_fp16_enable": cfg.trt_fp16,
+                "trt_int8_enable": cfg.trt_int8,
+            }
+            if cfg.trt_max_workspace_size:
+                opts["trt_max_workspace_size"] = int(cfg.trt_max_workspace_size)
+        out.append((PROVIDERS[n], opts))
+    return out
+
+
+class _Session:
+    """One component's InferenceSession plus its input/output names and dtypes."""
+
+    def __init__(self, name: str, path: Path, so: ort.SessionOptions, providers: list, cfg: SessionConfig):
+        if cfg.optimized_model_dir:
+            Path(cfg.optimized_model_dir).mkdir(parents=True, exist_ok=True)
+            so.optimized_model_filepath = str(Path(cfg.optimized_model_dir) / f"{name}.optimized.onnx")
+        try:
+            self.sess = ort.InferenceSession(str(path), so, providers=[p for p, _ in providers],
+                                             provider_options=[o for _, o in providers])
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise ArtifactError(f"onnxruntime cannot load {path.name}: {exc}") from exc
+        self.name = name
+        self.inputs = {i.name: i for i in self.sess.get_inputs()}
+        self.outputs = [o.name for o in self.sess.get_outputs()]
+
+    def dtype(self, input_name: str) -> type:
+        return _ORT_TYPES.get(self.inputs[input_name].type, np.float32)
+
+    def require(self, inputs: Sequence[str], outputs: Sequence[str]) -> None:
+        miss_in = [n for n in inputs if n not in self.inputs]
+        miss_out = [n for n in outputs if n not in self.outputs]
+        if miss_in or miss_out:
+            raise ArtifactError(
+                f"{self.name}.onnx does not follow the maven-edge contract (DESIGN.md §4): missing inputs "
+                f"{miss_in}, outputs {miss_out}; re-export it with `maven-edge export`"
+            )
+
+    def run(self, outputs: Sequence[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        feeds = {k: np.ascontiguousarray(v, dtype=self.dtype(k)) for k, v in feeds.items()}
+        return self.sess.run(list(outputs) if outputs else None, feeds)
+
+
+class OrtDecodeState(DecodeState):
+    def __init__(self, past: list[Any], length: int, capacity: int, shared: bool):
+        self.past: list[Any] | None = past  # OrtValues, 2 per layer (key, value)
+        self.length = length
+        self.capacity = capacity
+        self.shared = shared
+
+    def release(self) -> None:
+        self.past = None
+
+
+class OrtBackend(Backend):
+    name = "ort"
+    thread_safe = True  # InferenceSession.run is thread-safe; IOBindings are per call
+
+    def __init__(
+        self,
+        artifacts: str | Path,
+        providers: Sequence[str] | str | None = None,
+        session_options: SessionConfig | None = None,
+        verify: bool = True,
+        manifest: Manifest | None = None,
+    ):
+        self.artifacts = Path(artifacts)
+        self.manifest = manifest or load_manifest(self.artifacts, verify=verify)
+        cfg = self.manifest.maven_config()
+        layout = self.manifest.vocab_layout()
+        tok_path = resolve_inside(self.artifacts, self.manifest.tokenizer.path)
+        tokenizer = TextTokenizer.from_file(tok_path, layout.text_vocab_size, layout.codebook_size)
+        if tokenizer.layout.special_ids != layout.special_ids:
+            raise ArtifactError(
+                f"{tok_path.name} does not match the vocabulary layout in manifest.json; re-export the artifacts"
+            )
+        super().__init__(cfg, tokenizer)
+        self.session_config = session_options or SessionConfig()
+        self.providers = resolve_providers(providers, self.session_config, self.artifacts)
+        self.io_device = "cuda" if self.providers[0][0] in (PROVIDERS["cuda"], PROVIDERS["tensorrt"]) else "cpu"
+        self.device_id = self.session_config.device_id
+        self.sessions: dict[str, _Session] = {}
+        for comp_name, comp in self.manifest.components.items():
+            path = resolve_inside(self.artifacts, comp.file.path)
+            self.sessions[comp_name] = _Session(comp_name, path, self.session_config.build(), self.providers,
+                                                self.session_config)
+        s = self.sessions
+        s["vision_encoder"].require(["pixel_values"], ["patch_features"])
+        s["embed_tokens"].require(["input_ids"], ["inputs_embeds"])
+        s["patch_selector"].require(["patch_features", "h_eos"], ["scores", "selected_embeds", "selected_indices"])
+        dt = s["discrete_tokenizer"]
+        self._discrete_input = "patch_features" if "patch_features" in dt.inputs else "pixel_values"
+        dt.require([self._discrete_input], ["visual_codes"])
+        dec = self.dec = s["decoder"]
+        self.num_layers = sum(1 for n in dec.inputs if n.startswith("past_key_values.") and n.endswith(".key"))
+        self.past_names = [f"past_key_values.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
+        self.present_names = [f"present.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
+        dec.require(["inputs_embeds", "attention_mask", *self.past_names],
+                    ["logits", "hidden_states", *self.present_names])
+        if self.num_layers != cfg.llm.num_layers:
+            raise ArtifactError(
+                f"decoder.onnx has {self.num_layers} layers of KV cache, the manifest config says "
+                f"{cfg.llm.num_layers}; re-export the artifacts"
+            )
+        self.uses_position_ids = "position_ids" in dec.inputs
+        dec_extra = self.manifest.components["decoder"].extra or {}
+        self.share_buffer = bool(dec_extra.get("past_present_share_buffer", False))
+        self.kv_dtype = dec.dtype(self.past_names[0]) if self.past_names else np.float32
+        self.embed_dtype = dec.dtype("inputs_embeds")
+        self.k = int(self.manifest.num_kept_patches)
+        self.keep_ratio = float(self.manifest.keep_ratio)
+        self.projector = self._find_projector()
+
+    # ---- capabilities -----------------------------------------------------------------------
+    @property
+    def device(self) -> str:
+        return self.io_device if self.io_device == "cpu" else f"{self.io_device}:{self.device_id}"
+
+    @property
+    def default_keep_ratio(self) -> float:
+        return self.keep_ratio
+
+    def _find_projector(self) -> _Session | None:
+        """A standalone projector component, when the export wrote one (any keep ratio, continuous)."""
+        for name in ("projector",):
+            if name in self.sessions:
+                return self.sessions[name]
+        return None
+
+    def check_keep_ratio(self, keep_ratio: float) -> int:
+        k = super().check_keep_ratio(keep_ratio)
+        if k != self.k and self.projector is None:
+            raise InputError(
+                f"these artifacts were exported with keep_ratio {self.keep_ratio} (k={self.k} of "
+                f"{self.config.num_patches} patches); keep_ratio {keep_ratio} needs k={k}. Re-export with "
+                f"`maven-edge export ... --keep-ratio {keep_ratio}` or use the torch backend"
+            )
+        return k
+
+    def check_mode(self, mode: str) -> None:
+        if mode == "continuous" and self.projector is None:
+            raise InputError(
+                "these artifacts cannot run continuous mode (no projector for all patches was exported); "
+                "re-export them with continuous mode support or use the torch backend"
+            )
+
+    # ---- stages -----------------------------------------------------------------------------
+    def vision(self, pixel_values: np.ndarray) -> np.ndarray:
+        return self.sessions["vision_encoder"].run(["patch_features"], {"pixel_values": pixel_values})[0]
+
+    def discrete(self, patch_features: np.ndarray) -> np.ndarray:
+        return self.sessions["discrete_tokenizer"].run(["visual_codes"], {self._discrete_input: patch_features})[0]
+
+    def embed(self, input_ids: np.ndarray) -> np.ndarray:
+        out = self.sessions["embed_tokens"].run(["inputs_embeds"], {"input_ids": input_ids})[0]
+        return out.astype(np.float32, copy=False)
+
+    def _empty_past(self, batch: int) -> dict[str, np.ndarray]:
+        c = self.config.llm
+        z = np.zeros((batch, c.num_kv_heads, 0, c.head_dim), dtype=self.kv_dtype)
+        return dict.fromkeys(self.past_names, z)
+
+    def _positions(self, mask: np.ndarray, seq: int) -> np.ndarray:
+        return np.clip(np.cumsum(mask, axis=1) - 1, 0, None)[:, -seq:].astype(np.int64)
+
+    def hidden_states(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        b, t = attention_mask.shape
+        feeds = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask, **self._past_for_plain_run(b, t)}
+        if self.uses_position_ids:
+            feeds["position_ids"] = self._positions(attention_mask, t)
+        return self.dec.run(["hidden_states"], feeds)[0].astype(np.float32, copy=False)
+
+    def _past_for_plain_run(self, batch: int, total: int) -> dict[str, np.ndarray]:
+        if not self.share_buffer:
+            return self._empty_past(batch)
+        c = self.config.llm
+        z = np.zeros((batch, c.num_kv_heads, total, c.head_dim), dtype=self.kv_dtype)
+        return dict.fromkeys(self.past_names, z)
+
+    def select(self, patch_features: np.ndarray, h_eos: np.ndarray, k: int) -> SelectorOutput:
+        scores, embeds, indices = self.sessions["patch_selector"].run(
+            ["scores", "selected_embeds", "selected_indices"], {"patch_features": patch_features, "h_eos": h_eos})
+        if k == self.k:
+            return SelectorOutput(scores.astype(np.float32, copy=False), embeds.astype(np.float32, copy=False),
+                                  indices.astype(np.int64, copy=False))
+        assert self.projector is not None
+        top = np.argsort(-scores, axis=-1, kind="stable")[:, :k]
+        idx = np.sort(top, axis=-1).astype(np.int64)
+        # projector.onnx has a fixed patch axis: project all N patches, then keep k of them.
+        kept = np.take_along_axis(self.project(patch_features), idx[..., None], axis=1)
+        return SelectorOutput(scores.astype(np.float32, copy=False), np.ascontiguousarray(kept), idx)
+
+    def project(self, patch_features: np.ndarray) -> np.ndarray:
+        assert self.projector is not None
+        name = next(iter(self.projector.inputs))
+        return self.projector.run(None, {name: patch_features})[0].astype(np.float32, copy=False)
+
+    # ---- KV-cache loop (IOBinding) -----------------------------------------------------------
+    def _ortvalue(self, arr: np.ndarray) -> Any:
+        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(arr), self.io_device, self.device_id)
+
+    def _run_decoder(self, embeds: Any, length: int, seq: int, state: OrtDecodeState) -> np.ndarray:
+        """One decoder call on `seq` new positions ending at `length`; updates state.past."""
+        assert state.past is not None
+        binding = self.dec.sess.io_binding()
+        binding.bind_ortvalue_input("inputs_embeds", embeds)
+        mask = np.ones((1, length), dtype=np.int64)
+        binding.bind_cpu_input("attention_mask", mask)
+        if self.uses_position_ids:
+            binding.bind_cpu_input("position_ids", np.arange(length - seq, length, dtype=np.int64)[None])
+        for name, value in zip(self.past_names, state.past, strict=True):
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_output("logits", self.io_device, self.device_id)
+        if state.shared:  # present is written into the same preallocated buffer
+            for name, value in zip(self.present_names, state.past, strict=True):
+                binding.bind_ortvalue_output(name, value)
+        else:
+            for name in self.present_names:
+                binding.bind_output(name, self.io_device, self.device_id)
+        self.dec.sess.run_with_iobinding(binding)
+        outs = binding.get_outputs()
+        if not state.shared:
+            state.past = list(outs[1:])
+        logits = outs[0].numpy()
+        return logits[0, -1].astype(np.float32)
+
+    def prefill(self, inputs_embeds: np.ndarray, capacity: int) -> tuple[np.ndarray, OrtDecodeState]:
+        t = inputs_embeds.shape[1]
+        c = self.config.llm
+        if self.share_buffer:
+            shape = [1, c.num_kv_heads, capacity, c.head_dim]
+        else:
+            shape = [1, c.num_kv_heads, 0, c.head_dim]
+        past = [ort.OrtValue.ortvalue_from_shape_and_type(shape, self.kv_dtype, self.io_device, self.device_id)
+                for _ in self.past_names]
+        state = OrtDecodeState(past, t, capacity, self.share_buffer)
+        embeds = self._ortvalue(inputs_embeds.astype(self.embed_dtype, copy=False))
+        return self._run_decoder(embeds, t, t, state), state
+
+    def _embed_on_device(self, token_id: int) -> Any:
+        sess = self.sessions["embed_tokens"].sess
+        binding = sess.io_binding()
+        binding.bind_cpu_input("input_ids", np.array([[token_id]], dtype=np.int64))
+        binding.bind_output("inputs_embeds", self.io_device, self.device_id)
+        sess.run_with_iobinding(binding)
+        return binding.get_outputs()[0]
+
+    def decode(self, state: DecodeState, token_id: int) -> np.ndarray:
+        assert isinstance(state, OrtDecodeState)
+        if state.length >= state.capacity:
+            raise InputError(f"the KV cache is full ({state.capacity} tokens)")
+        state.length += 1
+        return self._run_decoder(self._embed_on_device(token_id), state.length, 1, state)
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "backend": self.name,
+            "device": self.device,
+            "onnxruntime": ort.__version__,
+            "providers": self.dec.sess.get_providers(),
+            "artifacts": os.fspath(self.artifacts),
+            "recipe": self.manifest.recipe,
+            "kv_cache": "shared preallocated buffer" if self.share_buffer else "IOBinding (OrtValues stay put)",
+        }

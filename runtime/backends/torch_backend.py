@@ -1,0 +1,105 @@
+"""The torch reference backend: the stage primitives over a :class:`MavenModel` (eager, fp32).
+
+Importing this module imports torch; :mod:`runtime.backends` imports it lazily, only when a
+caller asks for ``backend="torch"``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model_src.checkpoint import load_checkpoint
+from model_src.modeling.decoder import KVCache
+from model_src.modeling.maven import MavenModel
+from model_src.modeling.selector import gather_patches, select_patches
+from runtime.backends.base import Backend, DecodeState, SelectorOutput
+
+
+class TorchDecodeState(DecodeState):
+    def __init__(self, past: KVCache, length: int, capacity: int):
+        self.past: KVCache | None = past
+        self.length = length
+        self.capacity = capacity
+
+    def release(self) -> None:
+        self.past = None
+
+
+class TorchBackend(Backend):
+    """Runs each stage with the PyTorch reference modules, on CPU (or `device`)."""
+
+    name = "torch"
+    thread_safe = True  # inference under no_grad shares only read-only weights
+
+    def __init__(self, model: MavenModel, device: str = "cpu"):
+        super().__init__(model.config, model.tokenizer)
+        self.model = model.eval().to(device)
+        self._device = torch.device(device)
+
+    @classmethod
+    def from_checkpoint(cls, directory: str | Path, device: str = "cpu") -> TorchBackend:
+        return cls(load_checkpoint(directory), device=device)
+
+    @property
+    def device(self) -> str:
+        return str(self._device)
+
+    # ---- helpers ---------------------------------------------------------------------------
+    def _t(self, a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a)).to(self._device)
+
+    @staticmethod
+    def _np(t: torch.Tensor) -> np.ndarray:
+        return t.detach().cpu().numpy()
+
+    # ---- stages ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def vision(self, pixel_values: np.ndarray) -> np.ndarray:
+        return self._np(self.model.vision(self._t(pixel_values)))
+
+    @torch.no_grad()
+    def discrete(self, patch_features: np.ndarray) -> np.ndarray:
+        return self._np(self.model.discrete(self._t(patch_features))).astype(np.int64)
+
+    @torch.no_grad()
+    def embed(self, input_ids: np.ndarray) -> np.ndarray:
+        return self._np(self.model.embed_ids(self._t(input_ids.astype(np.int64))))
+
+    @torch.no_grad()
+    def hidden_states(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        _, hidden, _ = self.model.llm(self._t(inputs_embeds), self._t(attention_mask.astype(np.int64)))
+        return self._np(hidden)
+
+    @torch.no_grad()
+    def select(self, patch_features: np.ndarray, h_eos: np.ndarray, k: int) -> SelectorOutput:
+        pf = self._t(patch_features)
+        logits = self.model.selector(pf, self._t(h_eos))
+        indices = select_patches(logits, k)
+        embeds = self.model.projector(gather_patches(pf, indices))
+        return SelectorOutput(self._np(logits), self._np(embeds), self._np(indices).astype(np.int64))
+
+    @torch.no_grad()
+    def project(self, patch_features: np.ndarray) -> np.ndarray:
+        return self._np(self.model.projector(self._t(patch_features)))
+
+    @torch.no_grad()
+    def prefill(self, inputs_embeds: np.ndarray, capacity: int) -> tuple[np.ndarray, TorchDecodeState]:
+        x = self._t(inputs_embeds)
+        mask = torch.ones(1, x.shape[1], dtype=torch.long, device=self._device)
+        logits, _, past = self.model.llm(x, mask)
+        return self._np(logits[0, -1]), TorchDecodeState(past, x.shape[1], capacity)
+
+    @torch.no_grad()
+    def decode(self, state: DecodeState, token_id: int) -> np.ndarray:
+        assert isinstance(state, TorchDecodeState) and state.past is not None
+        state.length += 1
+        mask = torch.ones(1, state.length, dtype=torch.long, device=self._device)
+        x = self.model.embed_ids(torch.tensor([[token_id]], device=self._device))
+        logits, _, state.past = self.model.llm(x, mask, None, state.past)
+        return self._np(logits[0, -1])
+
+    def describe(self) -> dict[str, object]:
+        return {"backend": self.name, "device": self.device, "torch": torch.__version__}

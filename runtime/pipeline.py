@@ -1,0 +1,603 @@
+"""MavenPipeline: multi-image question answering over any backend (DESIGN.md §5).
+
+    from runtime.pipeline import MavenPipeline
+    pipe = MavenPipeline.from_artifacts("artifacts/tiny")            # onnxruntime, CPU
+    res = pipe.generate(["a.png", "b.png"], "<image><image>\\nQuestion: what changed?\\nAnswer:")
+    res.text, res.token_ids, res.timings.ttft_ms, res.visual_tokens_per_image
+    for piece in pipe.stream(images, prompt, max_new_tokens=16):
+        print(piece, end="", flush=True)
+
+The flow of one request: validate (placeholder count, image count, context length — before
+anything runs) -> preprocess -> vision encoder (all images in one batch) -> discrete tokenizer
+-> one batched decoder pass over ``[codes, <eos_vis>]`` per image (h_eos) -> patch selector +
+projector (batched) -> prompt assembly (embeddings of the text ids, each ``<image>`` replaced by
+``<img_start> codes patches <img_end>``) -> prefill -> decode loop on the backend's KV cache ->
+incremental detokenization. Every stage is timed.
+
+Sampling and stopping use :mod:`model_src.sampling` for every backend, so greedy output is
+identical across backends whenever their logits agree on the argmax, and seeded sampling is
+identical when the logits agree closely.
+
+Threads: a pipeline may be shared by several threads; their calls run concurrently. All
+per-request state (the KV cache, sampler, detokenizer) belongs to the call; the backends'
+sessions are shared read-only (ONNX Runtime's ``run`` and torch inference under ``no_grad``
+are thread-safe). A backend that declares ``thread_safe = False`` has its stage calls
+serialised by a lock (one stage call at a time, requests interleave between calls), so an
+abandoned stream can never hold a lock.
+
+This module is torch-free: the torch backend is imported only when asked for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from model_src.config import MODES, MavenConfig
+from model_src.errors import GenerationCancelled, InputError, PromptError
+from model_src.preprocess import ImageLimits, preprocess_images
+from model_src.sampling import GenerationConfig, Sampler, StopChecker
+from model_src.tokenizer import TextTokenizer, count_image_placeholders
+from runtime.backends.base import Backend, DecodeState
+
+#: Stage names in the order they run; their times add up to the end-to-end time.
+STAGES = ("preprocess", "vision", "discrete", "h_eos", "selector", "assemble", "prefill", "decode")
+
+_SINGLE_IMAGE_TYPES = (str, Path, bytes, bytearray, memoryview, Image.Image, np.ndarray)
+
+
+# ---- options and results -----------------------------------------------------------------
+
+
+@dataclass
+class GenerateOptions:
+    """Per-request options. Sampling is on when ``greedy`` is False, or when it is left None and
+    a temperature > 0, top_k or top_p is given; otherwise decoding is greedy."""
+
+    max_new_tokens: int = 32
+    greedy: bool | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int = 0
+    stop: Sequence[str] = ()  # stop strings: the text is cut before the first one
+    stop_token_ids: Sequence[int] = ()  # generation ends at these ids (and always at <eos>)
+    mode: str | None = None  # hybrid | discrete | continuous; None = the model's mode
+    keep_ratio: float | None = None  # hybrid only; None = the model's keep ratio
+    cancel: threading.Event | None = None  # set it from another thread to stop the request
+
+    def sampling(self) -> GenerationConfig:
+        if self.greedy is None:
+            do_sample = (
+                (self.temperature is not None and self.temperature > 0)
+                or bool(self.top_k)
+                or (self.top_p is not None and self.top_p < 1.0)
+            )
+        else:
+            do_sample = not self.greedy
+        if isinstance(self.stop, str):
+            raise InputError("stop must be a list of strings, not a single string; wrap it in a list")
+        try:
+            return GenerationConfig(
+                max_new_tokens=self.max_new_tokens,
+                do_sample=do_sample,
+                temperature=1.0 if self.temperature is None else float(self.temperature),
+                top_k=0 if self.top_k is None else int(self.top_k),
+                top_p=1.0 if self.top_p is None else float(self.top_p),
+                seed=int(self.seed),
+                stop_token_ids=tuple(int(t) for t in self.stop_token_ids),
+                stop_strings=tuple(str(s) for s in self.stop if s),
+            ).validate()
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"bad generation option: {exc}") from exc
+
+
+@dataclass
+class PipelineLimits:
+    """What one request may ask for; everything beyond is refused before any model runs."""
+
+    max_images: int = 8
+    image: ImageLimits = field(default_factory=ImageLimits)  # max pixels, bytes, aspect ratio, ...
+    max_prompt_chars: int = 100_000  # checked before tokenization
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_images, bool) or not isinstance(self.max_images, int) or self.max_images < 0:
+            raise InputError(f"max_images must be an integer >= 0, got {self.max_images!r}")
+        if not isinstance(self.max_prompt_chars, int) or self.max_prompt_chars < 1:
+            raise InputError(f"max_prompt_chars must be an integer >= 1, got {self.max_prompt_chars!r}")
+
+
+@dataclass
+class Timings:
+    """Milliseconds per stage (they add up to ``total_ms`` up to a little glue), plus
+    time to first token and decode speed (tokens after the first / time after the first)."""
+
+    preprocess_ms: float = 0.0
+    vision_ms: float = 0.0
+    discrete_ms: float = 0.0
+    h_eos_ms: float = 0.0
+    selector_ms: float = 0.0
+    assemble_ms: float = 0.0
+    prefill_ms: float = 0.0
+    decode_ms: float = 0.0
+    total_ms: float = 0.0
+    ttft_ms: float = 0.0
+    decode_tokens_per_s: float = 0.0
+    decode_step_ms: list[float] = field(default_factory=list, repr=False)  # each backend.decode call
+
+    def stages(self) -> dict[str, float]:
+        return {s: getattr(self, f"{s}_ms") for s in STAGES}
+
+    @property
+    def stages_sum_ms(self) -> float:
+        return sum(self.stages().values())
+
+    def to_dict(self) -> dict[str, float]:
+        d = asdict(self)
+        steps = d.pop("decode_step_ms")
+        d["decode_steps"] = len(steps)
+        d["decode_step_mean_ms"] = float(np.mean(steps)) if steps else 0.0
+        return d
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "eos" | "stop_token" | "stop_string" | "length" | "cancelled"
+    timings: Timings
+    visual_tokens_per_image: list[int]  # excluding <img_start>/<img_end>
+    selected_indices: list[list[int]] | None  # hybrid: kept patch indices per image (raster order)
+    mode: str
+    keep_ratio: float | None
+    prompt_tokens: int  # positions in the assembled prompt (text + visual)
+    backend: str
+    selector_scores: np.ndarray | None = field(default=None, repr=False)  # [n, N], hybrid only
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "text": self.text,
+            "token_ids": self.token_ids,
+            "finish_reason": self.finish_reason,
+            "timings": self.timings.to_dict(),
+            "visual_tokens_per_image": self.visual_tokens_per_image,
+            "selected_indices": self.selected_indices,
+            "mode": self.mode,
+            "keep_ratio": self.keep_ratio,
+            "prompt_tokens": self.prompt_tokens,
+            "backend": self.backend,
+        }
+
+
+# ---- helpers -----------------------------------------------------------------------------
+
+
+class _Clock:
+    """Accumulates wall time per stage."""
+
+    def __init__(self, timings: Timings):
+        self.t = timings
+        self.start = time.perf_counter()
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            attr = f"{name}_ms"
+            setattr(self.t, attr, getattr(self.t, attr) + (time.perf_counter() - t0) * 1e3)
+
+    def elapsed_ms(self) -> float:
+        return (time.perf_counter() - self.start) * 1e3
+
+
+class _Detokenizer:
+    """Incremental detokenization that only emits complete characters and never emits text a
+    stop string may still claim. The pieces it emits join to exactly the final text."""
+
+    def __init__(self, tokenizer: TextTokenizer, stop: StopChecker):
+        self.tokenizer = tokenizer
+        self.stop = stop
+        self.ids: list[int] = []
+        self.emitted = ""
+        self.stopped = False
+
+    def _holdback(self, text: str) -> int:
+        """Length of the longest suffix of `text` that is a proper prefix of a stop string."""
+        best = 0
+        for s in self.stop.stop_strings:
+            for n in range(min(len(s) - 1, len(text)), best, -1):
+                if text.endswith(s[:n]):
+                    best = n
+                    break
+        return best
+
+    def add(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        full = self.tokenizer.decode(self.ids)
+        text, hit = self.stop.trim(full)
+        if hit:
+            self.stopped = True
+            return self._emit(text)
+        end = len(text) - self._holdback(text)
+        while end > len(self.emitted) and text[end - 1] == "\ufffd":  # an incomplete UTF-8 sequence
+            end -= 1
+        return self._emit(text[:end])
+
+    def finish(self) -> str:
+        text, _ = self.stop.trim(self.tokenizer.decode(self.ids))
+        return self._emit(text)
+
+    def _emit(self, text: str) -> str:
+        if not text.startswith(self.emitted):  # cannot happen with byte-level BPE; never re-emit
+            return ""
+        piece = text[len(self.emitted):]
+        self.emitted = text
+        return piece
+
+
+def _as_image_list(images: Any) -> list[Any]:
+    if images is None:
+        return []
+    if isinstance(images, _SINGLE_IMAGE_TYPES):
+        return [images]
+    try:
+        return list(images)
+    except TypeError:
+        raise InputError(
+            f"images must be a list of image paths, bytes, PIL images or arrays, got {type(images).__name__}"
+        ) from None
+
+
+# ---- the pipeline ------------------------------------------------------------------------
+
+
+@dataclass
+class _Request:
+    images: list[Any]
+    prompt_ids: list[int]
+    gen: GenerationConfig
+    mode: str
+    keep_ratio: float | None
+    k: int | None
+    tokens_per_image: int
+    prompt_tokens: int
+    cancel: threading.Event | None
+    validate_ms: float = 0.0  # tokenization and checks, counted in the preprocess stage
+
+
+class GenerationStream:
+    """Iterator of text pieces; ``result`` holds the GenerationResult once it is exhausted.
+    ``close()`` (or leaving a ``with`` block, or dropping the iterator) cancels the request."""
+
+    def __init__(self, gen: Iterator[str]):
+        self._gen = gen
+        self.result: GenerationResult | None = None
+
+    def __iter__(self) -> GenerationStream:
+        return self
+
+    def __next__(self) -> str:
+        try:
+            return next(self._gen)
+        except StopIteration as stop:
+            self.result = stop.value
+            raise
+
+    def close(self) -> None:
+        self._gen.close()
+
+    def __enter__(self) -> GenerationStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class MavenPipeline:
+    """Images + prompt -> answer, over one backend. See the module docstring."""
+
+    def __init__(self, backend: Backend, limits: PipelineLimits | None = None):
+        self.backend = backend
+        self.config: MavenConfig = backend.config
+        self.tokenizer: TextTokenizer = backend.tokenizer
+        self.limits = limits or PipelineLimits(max_images=self.config.max_images)
+        self._lock = None if backend.thread_safe else threading.Lock()
+
+    # ---- construction ----------------------------------------------------------------------
+    @classmethod
+    def from_artifacts(
+        cls,
+        directory: str | Path,
+        backend: str = "ort",
+        providers: Sequence[str] | None = None,
+        session_options: Any = None,
+        limits: PipelineLimits | None = None,
+        verify: bool = True,
+        **backend_kwargs: Any,
+    ) -> MavenPipeline:
+        """A pipeline over exported artifacts (``manifest.json`` + the files it lists).
+
+        backend: "ort" (onnxruntime) or "trt" (TensorRT engines).
+        providers: for "ort", any of "cpu", "cuda", "tensorrt" (first = preferred); default cpu.
+        session_options: a :class:`runtime.backends.ort_backend.SessionConfig` (threads, graph
+            optimisation level, TensorRT engine cache, ...).
+        verify: check every file's sha256 against the manifest at load.
+        """
+        from runtime.backends import load_backend
+
+        be = load_backend(backend, artifacts=directory, providers=providers, session_options=session_options,
+                          verify=verify, **backend_kwargs)
+        return cls(be, limits)
+
+    @classmethod
+    def from_checkpoint(
+        cls, directory: str | Path, device: str = "cpu", limits: PipelineLimits | None = None
+    ) -> MavenPipeline:
+        """The torch reference backend over a checkpoint directory (imports torch)."""
+        from runtime.backends import load_backend
+
+        return cls(load_backend("torch", checkpoint=directory, device=device), limits)
+
+    @classmethod
+    def from_model(cls, model: Any, limits: PipelineLimits | None = None) -> MavenPipeline:
+        """The torch reference backend over an in-memory MavenModel (imports torch)."""
+        from runtime.backends.torch_backend import TorchBackend
+
+        return cls(TorchBackend(model), limits)
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self) -> MavenPipeline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- public API ------------------------------------------------------------------------
+    def generate(self, images: Any, prompt: str, options: GenerateOptions | None = None, **opts: Any
+                 ) -> GenerationResult:
+        """Answer `prompt` about `images` (one per ``<image>`` placeholder, in order).
+
+        images: paths, encoded bytes, PIL images or HxWxC arrays (a single one is accepted too).
+        Options (keywords, or a GenerateOptions): max_new_tokens, greedy, temperature, top_k,
+        top_p, seed, stop, stop_token_ids, mode, keep_ratio, cancel.
+
+        Raises MavenError subclasses for every bad request (PromptError for placeholder mismatch
+        and context overflow, ImageError for unreadable or too large images, InputError for bad
+        options) and GenerationCancelled (with ``.result``, the partial result) when ``cancel``
+        is set during the request.
+        """
+        stream = self.stream(images, prompt, options, **opts)
+        for _ in stream:
+            pass
+        assert stream.result is not None
+        return stream.result
+
+    def stream(self, images: Any, prompt: str, options: GenerateOptions | None = None, **opts: Any
+               ) -> GenerationStream:
+        """Like :meth:`generate`, but yields text pieces as they are decoded (complete characters
+        only); the pieces join to ``result.text``. The request is validated here, eagerly, so a
+        bad request raises before the first ``next()``."""
+        t0 = time.perf_counter()
+        request = self._validate(images, prompt, self._options(options, opts))
+        request.validate_ms = (time.perf_counter() - t0) * 1e3
+        return GenerationStream(self._run(request))
+
+    def prepare_prompt(self, prompt: str, num_images: int, options: GenerateOptions | None = None,
+                       **opts: Any) -> int:
+        """Validate a prompt without running anything; return the assembled prompt length."""
+        return self._validate([None] * num_images, prompt, self._options(options, opts)).prompt_tokens
+
+    # ---- validation --------------------------------------------------------------------------
+    @staticmethod
+    def _options(options: GenerateOptions | None, opts: dict[str, Any]) -> GenerateOptions:
+        if options is not None and opts:
+            raise InputError("pass generation options either as a GenerateOptions or as keywords, not both")
+        if options is not None:
+            return options
+        try:
+            return GenerateOptions(**opts)
+        except TypeError:
+            known = ", ".join(f.name for f in GenerateOptions.__dataclass_fields__.values())
+            unknown = ", ".join(sorted(set(opts) - set(GenerateOptions.__dataclass_fields__)))
+            raise InputError(f"unknown generation option(s) {unknown}; known: {known}") from None
+
+    def _validate(self, images: Any, prompt: Any, opt: GenerateOptions) -> _Request:
+        gen = opt.sampling()
+        if isinstance(prompt, (bytes, bytearray)):
+            try:
+                prompt = bytes(prompt).decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise PromptError(f"the prompt is not valid UTF-8 ({exc}); send text encoded as UTF-8") from None
+        if not isinstance(prompt, str):
+            raise PromptError(f"prompt must be a str, got {type(prompt).__name__}")
+        if len(prompt) > self.limits.max_prompt_chars:
+            raise PromptError(
+                f"the prompt has {len(prompt)} characters, over the limit of {self.limits.max_prompt_chars}; "
+                "shorten it or raise PipelineLimits.max_prompt_chars"
+            )
+        image_list = _as_image_list(images)
+        n = len(image_list)
+        if n > self.limits.max_images:
+            raise InputError(
+                f"{n} images exceed the limit of {self.limits.max_images} per request; send fewer images "
+                "or raise PipelineLimits.max_images"
+            )
+        placeholders = count_image_placeholders(prompt)
+        if placeholders != n:
+            raise PromptError(
+                f"the prompt has {placeholders} <image> placeholder(s) but {n} image(s) were given; "
+                "put exactly one <image> in the prompt for each image, in order"
+            )
+        mode = opt.mode or self.config.mode
+        if mode not in MODES:
+            raise InputError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        self.backend.check_mode(mode)
+        keep_ratio = k = None
+        if mode == "hybrid":
+            keep_ratio = self.backend.default_keep_ratio if opt.keep_ratio is None else opt.keep_ratio
+            k = self.backend.check_keep_ratio(keep_ratio)
+        try:
+            prompt_ids = self.tokenizer.encode_prompt(prompt)
+        except PromptError:
+            raise
+        except Exception as exc:  # tokenizers raises plain exceptions on e.g. lone surrogates
+            raise PromptError(f"the prompt cannot be tokenized: {exc}") from None
+        tokens_per_image = self.config.visual_tokens_per_image(mode, keep_ratio)
+        prompt_tokens = len(prompt_ids) + n * (tokens_per_image + 1)  # <image> -> start + tokens + end
+        limit = self.config.llm.max_position_embeddings
+        if prompt_tokens + gen.max_new_tokens > limit:
+            raise PromptError(
+                f"the request needs {prompt_tokens} prompt tokens ({len(prompt_ids) - n} text, {n} image(s) x "
+                f"{tokens_per_image + 2} visual) + {gen.max_new_tokens} new tokens = "
+                f"{prompt_tokens + gen.max_new_tokens}, over the context limit of {limit}; use fewer images, "
+                "a shorter prompt, a smaller keep_ratio or fewer new tokens"
+            )
+        if opt.cancel is not None and not hasattr(opt.cancel, "is_set"):
+            raise InputError("cancel must be a threading.Event (or have an is_set() method)")
+        return _Request(image_list, prompt_ids, gen, mode, keep_ratio, k, tokens_per_image, prompt_tokens,
+                        opt.cancel)
+
+    # ---- running -----------------------------------------------------------------------------
+    def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        if self._lock is None:
+            return fn(*args)
+        with self._lock:
+            return fn(*args)
+
+    def _run(self, req: _Request) -> Iterator[str]:
+        """Generator of text pieces; returns the GenerationResult."""
+        timings = Timings()
+        clock = _Clock(timings)
+        clock.start -= req.validate_ms / 1e3  # the request's checks and tokenization came first
+        timings.preprocess_ms = req.validate_ms
+        be, tok, cfg = self.backend, self.tokenizer, self.config
+        n = len(req.images)
+        result = GenerationResult(
+            text="", token_ids=[], finish_reason="length", timings=timings,
+            visual_tokens_per_image=[req.tokens_per_image] * n, selected_indices=None, mode=req.mode,
+            keep_ratio=req.keep_ratio, prompt_tokens=req.prompt_tokens, backend=be.name,
+        )
+
+        def check_cancel() -> None:
+            if req.cancel is not None and req.cancel.is_set():
+                result.finish_reason = "cancelled"
+                timings.total_ms = clock.elapsed_ms()
+                err = GenerationCancelled("the generation was cancelled by its caller")
+                err.result = result  # type: ignore[attr-defined]
+                raise err
+
+        # -- visual side --------------------------------------------------------------------
+        visual: np.ndarray | None = None  # [n, T_img, D] incl. <img_start> / <img_end>
+        if n:
+            with clock.stage("preprocess"):
+                pixel_values = preprocess_images(req.images, cfg.preprocess, self.limits.image)
+            check_cancel()
+            with clock.stage("vision"):
+                patch_features = self._call(be.vision, pixel_values)
+            check_cancel()
+            codes = None
+            if req.mode in ("hybrid", "discrete"):
+                with clock.stage("discrete"):
+                    codes = np.asarray(self._call(be.discrete, patch_features), dtype=np.int64)
+                check_cancel()
+            patches = None
+            if req.mode == "hybrid":
+                assert codes is not None and req.k is not None
+                with clock.stage("h_eos"):
+                    ids = np.concatenate([codes, np.full((n, 1), tok.eos_vis_id, np.int64)], axis=1)
+                    hidden = self._call(be.hidden_states, self._call(be.embed, ids), np.ones_like(ids))
+                    h_eos = np.ascontiguousarray(hidden[:, -1])
+                check_cancel()
+                with clock.stage("selector"):
+                    sel = self._call(be.select, patch_features, h_eos, req.k)
+                patches = sel.embeds
+                result.selected_indices = [[int(i) for i in row] for row in sel.indices]
+                result.selector_scores = sel.scores
+            elif req.mode == "continuous":
+                with clock.stage("selector"):
+                    patches = self._call(be.project, patch_features)
+            check_cancel()
+            with clock.stage("assemble"):
+                marker_ids = [[tok.img_start_id] + ([] if codes is None else list(row)) + [tok.img_end_id]
+                              for row in (codes if codes is not None else [None] * n)]
+                markers = self._call(be.embed, np.asarray(marker_ids, dtype=np.int64))
+                parts = [markers[:, :-1]] + ([patches] if patches is not None else []) + [markers[:, -1:]]
+                visual = np.concatenate(parts, axis=1)
+        # -- prompt assembly --------------------------------------------------------------------
+        with clock.stage("assemble"):
+            ids = np.asarray([req.prompt_ids], dtype=np.int64)
+            text = self._call(be.embed, ids)[0]
+            pieces, prev, img = [], 0, 0
+            for pos in [i for i, t in enumerate(req.prompt_ids) if t == tok.image_id] + [len(req.prompt_ids)]:
+                pieces.append(text[prev:pos])
+                if pos < len(req.prompt_ids):
+                    assert visual is not None
+                    pieces.append(visual[img])
+                    img += 1
+                prev = pos + 1
+            embeds = np.ascontiguousarray(np.concatenate(pieces, axis=0)[None], dtype=np.float32)
+        if embeds.shape[1] != req.prompt_tokens:
+            raise AssertionError(f"assembled {embeds.shape[1]} positions, expected {req.prompt_tokens}")
+        check_cancel()
+        # -- prefill + decode ---------------------------------------------------------------------
+        gen = req.gen
+        state: DecodeState | None = None
+        try:
+            with clock.stage("prefill"):
+                logits, state = self._call(be.prefill, embeds, req.prompt_tokens + gen.max_new_tokens)
+            sampler = Sampler(gen, tok.layout.tokenizer_size)
+            stop = StopChecker(gen, tok.eos_id)
+            detok = _Detokenizer(tok, stop)
+            first_at = None
+            step = 0
+            while True:
+                check_cancel()
+                with clock.stage("decode"):
+                    token = sampler(logits)
+                    if first_at is None:
+                        first_at = clock.elapsed_ms()
+                        timings.ttft_ms = first_at
+                    if stop.is_stop_token(token):
+                        result.finish_reason = "eos" if token == tok.eos_id else "stop_token"
+                        break
+                    result.token_ids.append(token)
+                    piece = detok.add(token)
+                if piece:
+                    yield piece
+                if detok.stopped:
+                    result.finish_reason = "stop_string"
+                    break
+                step += 1
+                if step >= gen.max_new_tokens:
+                    result.finish_reason = "length"
+                    break
+                check_cancel()
+                with clock.stage("decode"):
+                    t0 = time.perf_counter()
+                    logits = self._call(be.decode, state, token)
+                    timings.decode_step_ms.append((time.perf_counter() - t0) * 1e3)
+            with clock.stage("decode"):
+                rest = detok.finish()
+            if rest:
+                yield rest
+        finally:
+            if state is not None:
+                state.release()
+        result.text = detok.emitted
+        timings.total_ms = clock.elapsed_ms()
+        after_first = len(result.token_ids) - 1
+        decode_time_s = (timings.total_ms - (first_at or 0.0)) / 1e3
+        timings.decode_tokens_per_s = after_first / decode_time_s if after_first > 0 and decode_time_s > 0 else 0.0
+        return result
