@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.random  # noqa: F401 - numpy imports it lazily (~0.2 s); do it at load, not in the first request
 from PIL import Image
 
 from model_src.config import MODES, MavenConfig
@@ -177,6 +178,17 @@ class GenerationResult:
         }
 
 
+@dataclass
+class PatchSelection:
+    """The hybrid selector's choice per image (see :meth:`MavenPipeline.select_patches`)."""
+
+    selected_indices: list[list[int]]  # per image, raster order (row-major over the patch grid)
+    scores: np.ndarray  # [n, N] selector scores
+    grid: int  # patches per side: index i is row i // grid, column i % grid
+    keep_ratio: float
+    timings: Timings
+
+
 # ---- helpers -----------------------------------------------------------------------------
 
 
@@ -273,6 +285,13 @@ class _Request:
     prompt_tokens: int
     cancel: threading.Event | None
     validate_ms: float = 0.0  # tokenization and checks, counted in the preprocess stage
+
+
+@dataclass
+class _Visual:
+    embeds: np.ndarray | None = None  # [n, T_img, D] incl. <img_start> / <img_end>
+    indices: np.ndarray | None = None  # [n, k] hybrid only
+    scores: np.ndarray | None = None  # [n, N] hybrid only
 
 
 class GenerationStream:
@@ -394,6 +413,24 @@ class MavenPipeline:
         request.validate_ms = (time.perf_counter() - t0) * 1e3
         return GenerationStream(self._run(request))
 
+    def select_patches(self, images: Any, keep_ratio: float | None = None) -> PatchSelection:
+        """Run only the visual stages in hybrid mode: which patches each image keeps, and why
+        (selector scores). No prompt and no decoding; used by ``maven-edge inspect``."""
+        image_list = _as_image_list(images)
+        if not image_list:
+            raise InputError("give at least one image")
+        if len(image_list) > self.limits.max_images:
+            raise InputError(f"{len(image_list)} images exceed the limit of {self.limits.max_images} per request")
+        self.backend.check_mode("hybrid")
+        keep_ratio = self.backend.default_keep_ratio if keep_ratio is None else keep_ratio
+        k = self.backend.check_keep_ratio(keep_ratio)
+        timings = Timings()
+        vis = self._encode_visual(image_list, "hybrid", k, _Clock(timings), lambda: None)
+        assert vis.indices is not None and vis.scores is not None
+        grid = self.config.vision.image_size // self.config.vision.patch_size
+        return PatchSelection([[int(i) for i in row] for row in vis.indices], vis.scores, grid, float(keep_ratio),
+                              timings)
+
     def prepare_prompt(self, prompt: str, num_images: int, options: GenerateOptions | None = None,
                        **opts: Any) -> int:
         """Validate a prompt without running anything; return the assembled prompt length."""
@@ -476,13 +513,56 @@ class MavenPipeline:
         with self._lock:
             return fn(*args)
 
+    def _encode_visual(self, images: list[Any], mode: str, k: int | None, clock: _Clock,
+                       check_cancel: Callable[[], None]) -> _Visual:
+        """preprocess -> vision -> discrete -> h_eos -> selector/projector -> per-image sequences."""
+        be, tok, cfg = self.backend, self.tokenizer, self.config
+        n = len(images)
+        out = _Visual()
+        if not n:
+            return out
+        with clock.stage("preprocess"):
+            pixel_values = preprocess_images(images, cfg.preprocess, self.limits.image)
+        check_cancel()
+        with clock.stage("vision"):
+            patch_features = self._call(be.vision, pixel_values)
+        check_cancel()
+        codes = None
+        if mode in ("hybrid", "discrete"):
+            with clock.stage("discrete"):
+                codes = np.asarray(self._call(be.discrete, patch_features), dtype=np.int64)
+            check_cancel()
+        patches = None
+        if mode == "hybrid":
+            assert codes is not None and k is not None
+            with clock.stage("h_eos"):  # one batched pass over [codes, <eos_vis>] for all images
+                ids = np.concatenate([codes, np.full((n, 1), tok.eos_vis_id, np.int64)], axis=1)
+                hidden = self._call(be.hidden_states, self._call(be.embed, ids), np.ones_like(ids))
+                h_eos = np.ascontiguousarray(hidden[:, -1])
+            check_cancel()
+            with clock.stage("selector"):
+                sel = self._call(be.select, patch_features, h_eos, k)
+            patches, out.indices, out.scores = sel.embeds, sel.indices, sel.scores
+        elif mode == "continuous":
+            with clock.stage("selector"):
+                patches = self._call(be.project, patch_features)
+        check_cancel()
+        with clock.stage("assemble"):
+            rows = codes if codes is not None else np.zeros((n, 0), np.int64)
+            marker_ids = np.concatenate(
+                [np.full((n, 1), tok.img_start_id, np.int64), rows, np.full((n, 1), tok.img_end_id, np.int64)], axis=1)
+            markers = self._call(be.embed, marker_ids)  # <img_start> codes <img_end>
+            parts = [markers[:, :-1]] + ([patches] if patches is not None else []) + [markers[:, -1:]]
+            out.embeds = np.concatenate(parts, axis=1)
+        return out
+
     def _run(self, req: _Request) -> Iterator[str]:
         """Generator of text pieces; returns the GenerationResult."""
         timings = Timings()
         clock = _Clock(timings)
         clock.start -= req.validate_ms / 1e3  # the request's checks and tokenization came first
         timings.preprocess_ms = req.validate_ms
-        be, tok, cfg = self.backend, self.tokenizer, self.config
+        be, tok = self.backend, self.tokenizer
         n = len(req.images)
         result = GenerationResult(
             text="", token_ids=[], finish_reason="length", timings=timings,
@@ -499,42 +579,11 @@ class MavenPipeline:
                 raise err
 
         # -- visual side --------------------------------------------------------------------
-        visual: np.ndarray | None = None  # [n, T_img, D] incl. <img_start> / <img_end>
-        if n:
-            with clock.stage("preprocess"):
-                pixel_values = preprocess_images(req.images, cfg.preprocess, self.limits.image)
-            check_cancel()
-            with clock.stage("vision"):
-                patch_features = self._call(be.vision, pixel_values)
-            check_cancel()
-            codes = None
-            if req.mode in ("hybrid", "discrete"):
-                with clock.stage("discrete"):
-                    codes = np.asarray(self._call(be.discrete, patch_features), dtype=np.int64)
-                check_cancel()
-            patches = None
-            if req.mode == "hybrid":
-                assert codes is not None and req.k is not None
-                with clock.stage("h_eos"):
-                    ids = np.concatenate([codes, np.full((n, 1), tok.eos_vis_id, np.int64)], axis=1)
-                    hidden = self._call(be.hidden_states, self._call(be.embed, ids), np.ones_like(ids))
-                    h_eos = np.ascontiguousarray(hidden[:, -1])
-                check_cancel()
-                with clock.stage("selector"):
-                    sel = self._call(be.select, patch_features, h_eos, req.k)
-                patches = sel.embeds
-                result.selected_indices = [[int(i) for i in row] for row in sel.indices]
-                result.selector_scores = sel.scores
-            elif req.mode == "continuous":
-                with clock.stage("selector"):
-                    patches = self._call(be.project, patch_features)
-            check_cancel()
-            with clock.stage("assemble"):
-                marker_ids = [[tok.img_start_id] + ([] if codes is None else list(row)) + [tok.img_end_id]
-                              for row in (codes if codes is not None else [None] * n)]
-                markers = self._call(be.embed, np.asarray(marker_ids, dtype=np.int64))
-                parts = [markers[:, :-1]] + ([patches] if patches is not None else []) + [markers[:, -1:]]
-                visual = np.concatenate(parts, axis=1)
+        vis = self._encode_visual(req.images, req.mode, req.k, clock, check_cancel)
+        visual = vis.embeds
+        if vis.indices is not None:
+            result.selected_indices = [[int(i) for i in row] for row in vis.indices]
+            result.selector_scores = vis.scores
         # -- prompt assembly --------------------------------------------------------------------
         with clock.stage("assemble"):
             ids = np.asarray([req.prompt_ids], dtype=np.int64)
@@ -557,9 +606,10 @@ class MavenPipeline:
         try:
             with clock.stage("prefill"):
                 logits, state = self._call(be.prefill, embeds, req.prompt_tokens + gen.max_new_tokens)
-            sampler = Sampler(gen, tok.layout.tokenizer_size)
-            stop = StopChecker(gen, tok.eos_id)
-            detok = _Detokenizer(tok, stop)
+            with clock.stage("decode"):
+                sampler = Sampler(gen, tok.layout.tokenizer_size)
+                stop = StopChecker(gen, tok.eos_id)
+                detok = _Detokenizer(tok, stop)
             first_at = None
             step = 0
             while True:

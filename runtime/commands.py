@@ -1,0 +1,318 @@
+"""`maven-edge generate`, `maven-edge demo` and `maven-edge inspect`.
+
+Nothing heavy is imported at module import time: `generate --artifacts` runs with only numpy,
+onnxruntime, tokenizers and Pillow installed; torch is imported only for `--checkpoint` and for
+the demo's one-time export.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from model_src.errors import CheckpointError, InputError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = REPO_ROOT / "model_src" / "samples"
+DEMO_ARTIFACTS = REPO_ROOT / "artifacts" / "tiny"
+SHIPPED_TINY = REPO_ROOT / "model_src" / "checkpoints" / "tiny"  # = model_src.checkpoint.SHIPPED_TINY (no torch)
+
+
+# ---- shared arguments ------------------------------------------------------------------------
+
+
+def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    src = p.add_mutually_exclusive_group(required=required)
+    src.add_argument("--artifacts", metavar="DIR", help="exported artifacts (manifest.json + ONNX files)")
+    src.add_argument("--checkpoint", metavar="DIR", help="a checkpoint directory (runs the torch reference)")
+    p.add_argument("--backend", choices=("torch", "ort", "trt"),
+                   help="default: ort for --artifacts, torch for --checkpoint")
+    p.add_argument("--provider", action="append", choices=("cpu", "cuda", "tensorrt"),
+                   help="onnxruntime execution provider (repeat for a preference order; default cpu)")
+    p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0 = its default)")
+    p.add_argument("--opt-level", default="all", choices=("disable", "basic", "extended", "all"),
+                   help="onnxruntime graph optimization level")
+    p.add_argument("--trt-cache", metavar="DIR", help="TensorRT engine cache (default: <artifacts>/trt_cache)")
+    p.add_argument("--trt-fp16", action="store_true", help="let the TensorRT provider build fp16 engines")
+    p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the artifact files")
+    p.add_argument("--max-images", type=int, help="most images per request (default: the model's max_images)")
+    p.add_argument("--max-pixels", type=int, help="most pixels per image, checked before decoding it")
+
+
+def _limits(args: argparse.Namespace, default_max_images: int) -> Any:
+    from model_src.preprocess import ImageLimits
+    from runtime.pipeline import PipelineLimits
+
+    image = ImageLimits(max_pixels=args.max_pixels) if args.max_pixels else ImageLimits()
+    max_images = default_max_images if args.max_images is None else args.max_images
+    return PipelineLimits(max_images=max_images, image=image)
+
+
+def open_pipeline(args: argparse.Namespace) -> Any:
+    """The pipeline a command's --artifacts/--checkpoint/--backend/--provider ask for."""
+    from runtime.backends import load_backend
+    from runtime.pipeline import MavenPipeline
+
+    backend = args.backend or ("torch" if args.checkpoint else "ort")
+    if backend == "torch" and args.artifacts:
+        raise InputError("--backend torch runs a checkpoint: give --checkpoint DIR instead of --artifacts")
+    if backend != "torch" and args.checkpoint:
+        raise InputError(f"--backend {backend} runs exported artifacts: give --artifacts DIR (export them with "
+                         "`maven-edge export --checkpoint DIR --out DIR`)")
+    if backend == "ort":
+        from runtime.backends.ort_backend import SessionConfig
+
+        so = SessionConfig(graph_optimization_level=args.opt_level, intra_op_num_threads=args.threads,
+                           trt_engine_cache_path=args.trt_cache, trt_fp16=args.trt_fp16)
+        be = load_backend("ort", artifacts=args.artifacts, providers=args.provider or ["cpu"], session_options=so,
+                          verify=not args.no_verify)
+    elif backend == "trt":
+        be = load_backend("trt", artifacts=args.artifacts, verify=not args.no_verify)
+    else:
+        be = load_backend("torch", checkpoint=args.checkpoint)
+    return MavenPipeline(be, _limits(args, be.config.max_images))
+
+
+def _gen_options(args: argparse.Namespace) -> dict[str, Any]:
+    opts: dict[str, Any] = {"max_new_tokens": args.max_new_tokens, "seed": args.seed, "mode": args.mode,
+                            "keep_ratio": args.keep_ratio, "stop": args.stop or (),
+                            "stop_token_ids": args.stop_token_id or ()}
+    if args.greedy:
+        opts["greedy"] = True
+    if args.temperature is not None:
+        opts["temperature"] = args.temperature
+    if args.top_k is not None:
+        opts["top_k"] = args.top_k
+    if args.top_p is not None:
+        opts["top_p"] = args.top_p
+    return opts
+
+
+def format_timings(t: Any) -> str:
+    stages = " | ".join(f"{name} {ms:.1f}" for name, ms in t.stages().items())
+    return (f"timings (ms): {stages}\n"
+            f"total {t.total_ms:.1f} ms (stages sum {t.stages_sum_ms:.1f}) | TTFT {t.ttft_ms:.1f} ms | "
+            f"decode {t.decode_tokens_per_s:.1f} tokens/s")
+
+
+def _print_result(res: Any, images: list[str], file: Any) -> None:
+    n = len(res.visual_tokens_per_image)
+    if n:
+        detail = ""
+        if res.mode == "hybrid" and res.selected_indices is not None:
+            k = len(res.selected_indices[0])
+            detail = f" (discrete codes + {k} selected patches, keep_ratio {res.keep_ratio})"
+        print(f"visual tokens per image: {res.visual_tokens_per_image}{detail}, mode {res.mode}", file=file)
+    print(f"prompt {res.prompt_tokens} tokens, generated {len(res.token_ids)} ({res.finish_reason}), "
+          f"backend {res.backend}", file=file)
+    print(format_timings(res.timings), file=file)
+
+
+# ---- generate -------------------------------------------------------------------------------------
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    pipe = open_pipeline(args)
+    images = args.image or []
+    opts = _gen_options(args)
+    if args.stream:
+        out = sys.stderr if args.json else sys.stdout
+        stream = pipe.stream(images, args.prompt, **opts)
+        with stream:
+            for piece in stream:
+                print(piece, end="", file=out, flush=True)
+        print(file=out)
+        res = stream.result
+    else:
+        res = pipe.generate(images, args.prompt, **opts)
+    if args.json:
+        d = res.to_dict()
+        d["backend_info"] = pipe.backend.describe()
+        print(json.dumps(d, indent=None if args.compact else 2))
+    else:
+        if not args.stream:
+            print(res.text)
+        if not args.quiet:
+            _print_result(res, images, sys.stderr)
+    return 0
+
+
+def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--greedy", action="store_true", help="greedy decoding (the default unless sampling is asked for)")
+    p.add_argument("--temperature", type=float, help="sample with this temperature (> 0)")
+    p.add_argument("--top-k", type=int, help="sample from the k most likely tokens")
+    p.add_argument("--top-p", type=float, help="nucleus sampling threshold in (0, 1]")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--stop", action="append", metavar="TEXT", help="stop string (repeatable)")
+    p.add_argument("--stop-token-id", action="append", type=int, metavar="ID", help="stop token id (repeatable)")
+    p.add_argument("--mode", choices=("hybrid", "discrete", "continuous"), help="visual encoding (default hybrid)")
+    p.add_argument("--keep-ratio", type=float, help="fraction of patches the selector keeps (hybrid)")
+
+
+# ---- demo -------------------------------------------------------------------------------------------
+
+
+def ensure_demo_artifacts(out: Path, checkpoint: Path, log: Any = print) -> Path:
+    """Export `checkpoint` to `out` unless `out` already holds the export of exactly these weights."""
+    from export.manifest import MANIFEST, load_manifest, sha256_file
+
+    weights = checkpoint / "model.safetensors"
+    if not weights.is_file():
+        raise CheckpointError(
+            f"the demo runs the shipped tiny checkpoint, but {weights} is missing. Restore it with "
+            "`git checkout -- model_src/checkpoints/tiny`, train one with `maven-edge train` (see README), or "
+            "run `maven-edge demo --artifacts DIR` on artifacts you exported yourself"
+        )
+    digest = sha256_file(weights)
+    if (out / MANIFEST).is_file():
+        try:
+            manifest = load_manifest(out, verify=True)
+            if manifest.extra.get("source", {}).get("weights_sha256") == digest:
+                return out
+            log(f"{out} holds another export; re-exporting the shipped checkpoint")
+        except Exception as exc:  # a broken/tampered export: rebuild it
+            log(f"{out} is not a usable export ({exc}); re-exporting")
+    log(f"exporting {checkpoint} to {out} (once; takes a minute or two) ...")
+    from export.onnx_export import ExportOptions, export_model
+    from model_src.checkpoint import load_checkpoint
+
+    model = load_checkpoint(checkpoint)
+    source = {"checkpoint": str(checkpoint), "weights_sha256": digest}
+    export_model(model, ExportOptions(out=out, force=True, progress=False), source=source)
+    return out
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    demo = json.loads((SAMPLES / "demo.json").read_text())
+    images = [str(SAMPLES / name) for name in demo["images"]]
+    if args.artifacts:
+        artifacts = Path(args.artifacts)
+    else:
+        artifacts = ensure_demo_artifacts(DEMO_ARTIFACTS, Path(args.checkpoint_dir),
+                                          log=lambda m: print(m, file=sys.stderr))
+    ns = argparse.Namespace(artifacts=str(artifacts), checkpoint=None, backend="ort", provider=args.provider,
+                            threads=args.threads, opt_level="all", trt_cache=None, trt_fp16=False,
+                            no_verify=False, max_images=None, max_pixels=None)
+    pipe = open_pipeline(ns)
+    res = pipe.generate(images, demo["prompt"], max_new_tokens=args.max_new_tokens)
+    if args.json:
+        d = res.to_dict()
+        d.update({"images": images, "prompt": demo["prompt"], "expected": demo.get("answer"),
+                  "backend_info": pipe.backend.describe()})
+        print(json.dumps(d, indent=2))
+        return 0
+    info = pipe.backend.describe()
+    print(f"maven-edge demo: {pipe.config.name} model, onnxruntime {info.get('onnxruntime')} "
+          f"{info.get('providers', ['?'])[0]}, artifacts {artifacts}")
+    print("images: " + ", ".join(Path(i).name for i in images))
+    print("prompt: " + demo["prompt"].replace("\n", " | "))
+    print(f"answer: {res.text.strip()}" + (f"    (expected: {demo['answer']})" if demo.get("answer") else ""))
+    _print_result(res, images, sys.stdout)
+    if res.selected_indices:
+        for name, idx in zip(demo["images"], res.selected_indices, strict=True):
+            print(f"  {name}: kept patches {idx}")
+    return 0
+
+
+# ---- inspect -------------------------------------------------------------------------------------------
+
+
+def draw_selection(images: list[Any], selection: Any, cfg: Any, out: Path, cell: int = 256) -> Path:
+    """One PNG: each image as the model sees it (padded to a square), unselected patches dimmed,
+    selected ones outlined, with the patch grid; images side by side."""
+    from PIL import Image, ImageDraw
+
+    from model_src.preprocess import load_image, pad_to_square
+
+    fill = tuple(int(round(m * 255)) for m in cfg.preprocess.mean)
+    g = selection.grid
+    size = max(cell, g * 4)
+    size -= size % g
+    step = size // g
+    margin = 8
+    canvas = Image.new("RGB", (len(images) * (size + margin) + margin, size + 2 * margin + 14), "white")
+    draw_c = ImageDraw.Draw(canvas)
+    for i, src in enumerate(images):
+        im = load_image(src)
+        if cfg.preprocess.pad_to_square:
+            im = pad_to_square(im, fill)
+        im = im.resize((size, size), Image.Resampling.BICUBIC).convert("RGBA")
+        shade = Image.new("RGBA", im.size, (0, 0, 0, 0))
+        d = ImageDraw.Draw(shade)
+        keep = set(selection.selected_indices[i])
+        for p in range(g * g):
+            r, c = divmod(p, g)
+            box = (c * step, r * step, (c + 1) * step - 1, (r + 1) * step - 1)
+            if p in keep:
+                d.rectangle(box, outline=(255, 40, 40, 255), width=max(1, step // 12))
+            else:
+                d.rectangle(box, fill=(0, 0, 0, 140))
+        im = Image.alpha_composite(im, shade).convert("RGB")
+        x = margin + i * (size + margin)
+        canvas.paste(im, (x, margin))
+        draw_c.text((x, size + margin + 2), f"image {i + 1}: {len(keep)}/{g * g} patches kept", fill="black")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(out)
+    return out
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    pipe = open_pipeline(args)
+    if not args.image:
+        raise InputError("give at least one --image")
+    sel = pipe.select_patches(args.image, keep_ratio=args.keep_ratio)
+    path = draw_selection(args.image, sel, pipe.config, Path(args.out))
+    if args.json:
+        print(json.dumps({"out": str(path), "selected_indices": sel.selected_indices, "grid": sel.grid,
+                          "keep_ratio": sel.keep_ratio}))
+    else:
+        for name, idx in zip(args.image, sel.selected_indices, strict=True):
+            print(f"{name}: {len(idx)} of {sel.grid ** 2} patches kept: {idx}")
+        print(f"wrote {path}")
+    return 0
+
+
+# ---- registration -------------------------------------------------------------------------------------
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("generate", help="answer a question about images (ort, torch or trt backend)",
+                       description="Answer a prompt about one or more images. Each --image fills one <image> "
+                       "placeholder of --prompt, in order.")
+    _add_model_args(p)
+    p.add_argument("--image", action="append", metavar="PATH", help="an image (repeat for several)")
+    p.add_argument("--prompt", required=True,
+                   help='the prompt, one <image> per image, e.g. "<image>\\nQuestion: what color is the circle?'
+                   '\\nAnswer:"')
+    _add_generation_args(p)
+    p.add_argument("--stream", action="store_true", help="print the answer as it is decoded")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object (text, token_ids, timings, visual_tokens_per_image, ...)")
+    p.add_argument("--compact", action="store_true", help="with --json: one line")
+    p.add_argument("--quiet", action="store_true", help="print only the answer")
+    p.set_defaults(func=cmd_generate)
+
+    d = sub.add_parser("demo", help="export the shipped tiny model if needed and answer the bundled demo question",
+                       description="On a fresh clone: exports model_src/checkpoints/tiny to artifacts/tiny (once), "
+                       "then answers the multi-image question of model_src/samples/demo.json with onnxruntime, "
+                       "printing the answer, per-stage timings and visual-token counts.")
+    d.add_argument("--artifacts", metavar="DIR", help="use these artifacts instead of exporting the shipped model")
+    d.add_argument("--checkpoint-dir", default=str(SHIPPED_TINY),
+                   help="checkpoint to export when artifacts are needed (default: the shipped tiny model)")
+    d.add_argument("--provider", action="append", choices=("cpu", "cuda", "tensorrt"))
+    d.add_argument("--threads", type=int, default=0)
+    d.add_argument("--max-new-tokens", type=int, default=16)
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(func=cmd_demo)
+
+    i = sub.add_parser("inspect", help="draw the patches the selector keeps over each image (PNG)")
+    _add_model_args(i)
+    i.add_argument("--image", action="append", metavar="PATH", required=True)
+    i.add_argument("--keep-ratio", type=float)
+    i.add_argument("--out", default="artifacts/inspect.png", help="PNG to write")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_inspect)
