@@ -1,0 +1,627 @@
+"""Per-component ONNX export of a MavenModel, as DESIGN.md §4 specifies, plus `manifest.json`.
+
+    from export.onnx_export import ExportOptions, export_model
+    result = export_model(model, ExportOptions(out="artifacts/tiny-onnx"))
+    result.manifest, result.reports, result.seconds
+
+Files (names, inputs, outputs and symbolic axes in :func:`component_specs`):
+
+    vision_encoder.onnx      pixel_values -> patch_features
+    discrete_tokenizer.onnx  patch_features -> visual_codes (offset into the unified vocab)
+    embed_tokens.onnx        input_ids -> inputs_embeds
+    patch_selector.onnx      patch_features, h_eos -> scores, selected_embeds, selected_indices
+    projector.onnx           patch_features -> projected_embeds (all N patches: `continuous` mode)
+    decoder.onnx             inputs_embeds, attention_mask, position_ids, past_key_values.{i}.key/value
+                             -> logits, hidden_states, present.{i}.key/value
+
+Every component goes through the torch dynamo exporter (``torch.onnx.export(dynamo=True)``), which
+handles all of them here, including the empty-past first decoder step, so the legacy TorchScript
+exporter is not used. Each file is then cleaned (unused initializers), optionally optimized,
+stamped for the target onnxruntime release (:mod:`export.ort_compat`), saved (weights above
+`external_data_threshold` bytes go to ``<file>.data`` beside it), checked with the ONNX checker
+(full check), loaded in onnxruntime and run once against torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from export import graph_tools, ort_compat
+from export.manifest import (
+    MANIFEST,
+    Component,
+    Manifest,
+    TensorSpec,
+    file_entry,
+    resolve_inside,
+    write_manifest,
+)
+from model_src.errors import ArtifactError, ExportError
+from model_src.modeling.maven import MavenModel
+from model_src.modeling.selector import gather_patches, select_patches
+
+#: Weights per file above this many bytes go to external data (protobuf caps a file at 2 GiB).
+EXTERNAL_DATA_THRESHOLD = 2_000_000_000
+#: Order of export (and of the progress bar). `projector` is the continuous-mode extra.
+COMPONENT_ORDER = ("vision_encoder", "discrete_tokenizer", "embed_tokens", "patch_selector", "projector",
+                   "decoder")
+#: Tolerance the optimized graph must keep against the plain one.
+OPTIMIZE_ATOL = 1e-4
+
+
+@dataclass
+class ExportOptions:
+    """Everything `maven-edge export` can be told besides the model."""
+
+    out: str | Path
+    opset: int | None = None  # ai.onnx opset; default: the exporter's native 18, capped by the target
+    target_ort: str = ort_compat.DEFAULT_TARGET  # oldest onnxruntime release the files must load in
+    optimize: str | None = None  # None, "onnxscript" or "onnxslim"
+    force: bool = False  # overwrite an output directory that holds another model's export
+    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD  # bytes of weights per file
+    check_load: bool = True  # open every file in onnxruntime and run it once against torch
+    progress: bool = True  # tqdm bar over the components
+    genai: bool = False  # also write genai_config.json (onnxruntime-genai, text only)
+
+
+@dataclass
+class ComponentSpec:
+    """One ONNX file: the torch module, example inputs, dynamic axes and the I/O contract."""
+
+    name: str
+    module: nn.Module
+    args: tuple[Any, ...]
+    dynamic_shapes: dict[str, Any]
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def file(self) -> str:
+        return f"{self.name}.onnx"
+
+
+@dataclass
+class ExportResult:
+    manifest: Manifest
+    reports: list[graph_tools.GraphReport]
+    parity: dict[str, dict[str, float]]  # component -> output -> max abs diff vs torch (example inputs)
+    seconds: dict[str, float]  # component -> export seconds, plus "total"
+    out: Path
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "out": str(self.out),
+            "seconds": self.seconds,
+            "parity": self.parity,
+            "reports": [r.to_dict() for r in self.reports],
+            "target_ort": self.manifest.target_ort,
+        }
+
+
+# ---- torch wrappers: one module per ONNX file, with exactly the contract's inputs/outputs ---------
+
+
+class _VisionEncoder(nn.Module):
+    def __init__(self, model: MavenModel):
+        super().__init__()
+        self.vision = model.vision
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.vision(pixel_values)
+
+
+class _DiscreteTokenizer(nn.Module):
+    def __init__(self, model: MavenModel):
+        super().__init__()
+        self.discrete = model.discrete
+
+    def forward(self, patch_features: torch.Tensor) -> torch.Tensor:
+        return self.discrete(patch_features)
+
+
+class _EmbedTokens(nn.Module):
+    def __init__(self, model: MavenModel):
+        super().__init__()
+        self.embed_tokens = model.llm.embed_tokens
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
+
+
+class _PatchSelector(nn.Module):
+    """Selector + top-k (ranked by logits, returned in raster order) + projector of the kept patches."""
+
+    def __init__(self, model: MavenModel, k: int):
+        super().__init__()
+        self.selector, self.projector, self.k = model.selector, model.projector, k
+
+    def forward(self, patch_features: torch.Tensor, h_eos: torch.Tensor):
+        logits = self.selector(patch_features, h_eos)
+        indices = select_patches(logits, self.k)
+        return torch.sigmoid(logits), self.projector(gather_patches(patch_features, indices)), indices
+
+
+class _Projector(nn.Module):
+    def __init__(self, model: MavenModel):
+        super().__init__()
+        self.projector = model.projector
+
+    def forward(self, patch_features: torch.Tensor) -> torch.Tensor:
+        return self.projector(patch_features)
+
+
+class _Decoder(nn.Module):
+    def __init__(self, model: MavenModel):
+        super().__init__()
+        self.llm = model.llm
+
+    def forward(self, inputs_embeds, attention_mask, position_ids, past_key_values):
+        logits, hidden, present = self.llm(inputs_embeds, attention_mask, position_ids, past_key_values)
+        return (logits, hidden, *[t for kv in present for t in kv])
+
+
+def decoder_input_names(num_layers: int) -> list[str]:
+    return ["inputs_embeds", "attention_mask", "position_ids"] + [
+        f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")
+    ]
+
+
+def decoder_output_names(num_layers: int) -> list[str]:
+    return ["logits", "hidden_states"] + [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+
+
+def component_specs(model: MavenModel) -> list[ComponentSpec]:
+    """The six ONNX files of a model with their example inputs and I/O contract (DESIGN.md §4)."""
+    cfg = model.config
+    v, llm = cfg.vision, cfg.llm
+    n, dv, d, hd, kvh = cfg.num_patches, v.hidden_size, llm.hidden_size, llm.head_dim, llm.num_kv_heads
+    k, q, vocab = cfg.num_kept_patches(), cfg.discrete.num_codes, cfg.vocab_size
+    f32, i64 = "float32", "int64"
+    Dim = torch.export.Dim
+    images, batch, seq, past = Dim("images"), Dim("batch"), Dim("seq"), Dim("past", min=0)
+    gen = torch.Generator().manual_seed(0)
+    n_img = 2  # example sizes avoid 0 and 1, which torch.export would specialise
+    pixels = torch.randn(n_img, v.num_channels, v.image_size, v.image_size, generator=gen)
+    feats = torch.randn(n_img, n, dv, generator=gen)
+    h_eos = torch.randn(n_img, d, generator=gen)
+    ids = torch.randint(0, cfg.vocab_size, (2, 5), generator=gen)
+    b, s, p = 2, 3, 4
+    past_kv = [(torch.randn(b, kvh, p, hd, generator=gen), torch.randn(b, kvh, p, hd, generator=gen))
+               for _ in range(llm.num_layers)]
+    dec_args = (torch.randn(b, s, d, generator=gen), torch.ones(b, p + s, dtype=torch.long),
+                torch.arange(p, p + s).expand(b, s).contiguous(), past_kv)
+    feat_spec = TensorSpec("patch_features", f32, ["images", n, dv])
+    past_specs = [TensorSpec(name, f32, ["batch", kvh, "past", hd]) for name in decoder_input_names(llm.num_layers)[3:]]
+    present_specs = [TensorSpec(name, f32, ["batch", kvh, "total", hd])
+                     for name in decoder_output_names(llm.num_layers)[2:]]
+    return [
+        ComponentSpec(
+            "vision_encoder", _VisionEncoder(model), (pixels,), {"pixel_values": {0: images}},
+            [TensorSpec("pixel_values", f32, ["images", v.num_channels, v.image_size, v.image_size])], [feat_spec],
+            {"image_size": v.image_size, "patch_size": v.patch_size, "num_patches": n, "feature_layer": v.feature_layer},
+        ),
+        ComponentSpec(
+            "discrete_tokenizer", _DiscreteTokenizer(model), (feats,), {"patch_features": {0: images}},
+            [feat_spec], [TensorSpec("visual_codes", i64, ["images", q])],
+            {"num_codes": q, "codebook_size": cfg.discrete.codebook_size, "visual_offset": cfg.visual_offset,
+             "codes_offset": True},
+        ),
+        ComponentSpec(
+            "embed_tokens", _EmbedTokens(model), (ids,), {"input_ids": {0: batch, 1: seq}},
+            [TensorSpec("input_ids", i64, ["batch", "seq"])], [TensorSpec("inputs_embeds", f32, ["batch", "seq", d])],
+            {"vocab_size": vocab, "hidden_size": d},
+        ),
+        ComponentSpec(
+            "patch_selector", _PatchSelector(model, k), (feats, h_eos),
+            {"patch_features": {0: images}, "h_eos": {0: images}},
+            [feat_spec, TensorSpec("h_eos", f32, ["images", d])],
+            [TensorSpec("scores", f32, ["images", n]), TensorSpec("selected_embeds", f32, ["images", k, d]),
+             TensorSpec("selected_indices", i64, ["images", k])],
+            {"k": k, "keep_ratio": cfg.selector.keep_ratio, "scores": "sigmoid(selector logits)",
+             "ranking": "selector logits (pre-sigmoid), top-k", "order": "raster (ascending patch index)",
+             "projected": True},
+        ),
+        ComponentSpec(
+            "projector", _Projector(model), (feats,), {"patch_features": {0: images}},
+            [feat_spec], [TensorSpec("projected_embeds", f32, ["images", n, d])],
+            {"purpose": "continuous mode: all N patches projected, raster order"},
+        ),
+        ComponentSpec(
+            "decoder", _Decoder(model), dec_args,
+            {"inputs_embeds": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: Dim.AUTO},
+             "position_ids": {0: batch, 1: seq},
+             "past_key_values": [({0: batch, 2: past}, {0: batch, 2: past}) for _ in range(llm.num_layers)]},
+            [TensorSpec("inputs_embeds", f32, ["batch", "seq", d]), TensorSpec("attention_mask", i64, ["batch", "total"]),
+             TensorSpec("position_ids", i64, ["batch", "seq"]), *past_specs],
+            [TensorSpec("logits", f32, ["batch", "seq", vocab]), TensorSpec("hidden_states", f32, ["batch", "seq", d]),
+             *present_specs],
+            {"num_layers": llm.num_layers, "num_heads": llm.num_heads, "num_kv_heads": kvh, "head_dim": hd,
+             "hidden_size": d, "vocab_size": vocab, "max_position_embeddings": llm.max_position_embeddings,
+             "past_key_name": "past_key_values.%d.key", "past_value_name": "past_key_values.%d.value",
+             "present_key_name": "present.%d.key", "present_value_name": "present.%d.value",
+             "kv_layout": "[batch, kv_heads, length, head_dim]", "needs_position_ids": True,
+             "attention_mask": "1 = real token, 0 = padding; causal on top; length past + seq",
+             "hidden_states": "last layer, after the final norm"},
+        ),
+    ]
+
+
+# ---- helpers -------------------------------------------------------------------------------------
+
+
+def model_fingerprint(model: MavenModel) -> str:
+    """sha256 over the config and every weight: identifies "the same model" across exports."""
+    h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        t = tensor.detach().contiguous().cpu()
+        h.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
+        h.update(t.view(torch.uint8).numpy().data if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+    import onnxscript
+
+    try:
+        from importlib.metadata import version
+
+        me = version("maven-edge")
+    except Exception:  # not installed as a distribution (e.g. run from a source tree)
+        me = "0.1.0"
+    return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+            "onnxscript": onnxscript.__version__, "maven-edge": me, "exporter": "torch.onnx.export(dynamo=True)"}
+
+
+def prepare_output_dir(out: Path, fingerprint: str, force: bool) -> list[str]:
+    """Refuse to overwrite another model's export; return the old files to remove once we succeed."""
+    if not out.exists():
+        return []
+    if not out.is_dir():
+        raise ExportError(f"--out {out} exists and is not a directory; choose another --out")
+    manifest_path = out / MANIFEST
+    if manifest_path.exists():
+        try:
+            old = json.loads(manifest_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            if not force:
+                raise ExportError(f"{manifest_path} is not valid JSON; pass --force to overwrite {out}") from exc
+            return []
+        same = isinstance(old, dict) and old.get("extra", {}).get("model_fingerprint") == fingerprint
+        if not same and not force:
+            name = old.get("preset", "?") if isinstance(old, dict) else "?"
+            raise ExportError(
+                f"{out} already holds the export of a different model (preset {name!r}, other weights or "
+                "config); pass --force to overwrite it, or choose another --out"
+            )
+        return _listed_files(old, out)
+    if any(out.glob("*.onnx")) and not force:
+        raise ExportError(f"{out} holds ONNX files but no {MANIFEST}; pass --force to overwrite, or choose another --out")
+    return []
+
+
+def _listed_files(old: Any, out: Path) -> list[str]:
+    files: list[str] = []
+    try:
+        for comp in old.get("components", {}).values():
+            files.append(comp["file"]["path"])
+            files.extend(e["path"] for e in comp.get("external_data", []))
+        files.append(old["tokenizer"]["path"])
+    except (KeyError, TypeError, AttributeError):
+        pass
+    keep = []
+    for f in files:
+        try:
+            resolve_inside(out, f)
+            keep.append(f)
+        except ArtifactError:
+            continue  # never delete anything outside the output directory
+    return keep
+
+
+def _to_numpy(x: Any) -> list[np.ndarray]:
+    if isinstance(x, torch.Tensor):
+        return [x.detach().cpu().numpy()]
+    if isinstance(x, (list, tuple)):
+        return [a for item in x for a in _to_numpy(item)]
+    raise TypeError(type(x))
+
+
+def _ort_session(path: Path):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
+    if a.shape != b.shape:
+        return float("inf")
+    if a.size == 0:
+        return 0.0
+    return float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64))))
+
+
+def _set_io_shapes(ir_model: Any, spec: ComponentSpec) -> None:
+    """Give graph inputs/outputs exactly the contract's names, dtypes and symbolic axes."""
+    import onnx_ir as ir
+
+    for values, specs, kind in ((ir_model.graph.inputs, spec.inputs, "input"),
+                                (ir_model.graph.outputs, spec.outputs, "output")):
+        names = [v.name for v in values]
+        want = [t.name for t in specs]
+        if names != want:
+            raise ExportError(f"{spec.name}: exported {kind}s {names} differ from the contract {want}")
+        for value, t in zip(values, specs, strict=True):
+            got = value.shape
+            if got is None or len(got) != len(t.shape):
+                raise ExportError(f"{spec.name}: {kind} {t.name} has shape {got}, expected rank {len(t.shape)}")
+            for axis, (g, w) in enumerate(zip(got, t.shape, strict=True)):
+                if isinstance(w, int) and g != w:
+                    raise ExportError(f"{spec.name}: {kind} {t.name} axis {axis} is {g}, expected {w}")
+                if isinstance(w, str) and isinstance(g, int):
+                    raise ExportError(
+                        f"{spec.name}: {kind} {t.name} axis {axis} ({w}) was fixed to {g} by the exporter; "
+                        "it must stay dynamic"
+                    )
+            if np.dtype(value.dtype.numpy()).name != t.dtype:
+                raise ExportError(f"{spec.name}: {kind} {t.name} has dtype {value.dtype}, expected {t.dtype}")
+            value.shape = ir.Shape([d if isinstance(d, int) else ir.SymbolicDim(d) for d in t.shape])
+
+
+def _export_one(spec: ComponentSpec, opset: int) -> Any:
+    """torch -> onnx_ir.Model with the dynamo exporter (its own optimizer on: folds constants)."""
+    input_names = [t.name for t in spec.inputs]
+    output_names = [t.name for t in spec.outputs]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            program = torch.onnx.export(
+                spec.module, spec.args, dynamo=True, opset_version=opset, dynamic_shapes=spec.dynamic_shapes,
+                input_names=input_names, output_names=output_names, optimize=True, verbose=False,
+            )
+        except Exception as exc:  # the exporter raises many types; all mean "cannot export this"
+            raise ExportError(
+                f"{spec.name}: the torch exporter failed at opset {opset}: {type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}. Try the default --opset"
+            ) from exc
+    return program.model
+
+
+def _save(ir_model: Any, path: Path, threshold: int) -> list[str]:
+    """Save; weights go to `<file>.data` when they exceed `threshold` bytes. Returns data files."""
+    import onnx_ir as ir
+
+    weight_bytes = sum(v.const_value.nbytes for v in ir_model.graph.initializers.values() if v.const_value is not None)
+    data = path.with_name(path.name + ".data")
+    for stale in (path, data):
+        stale.unlink(missing_ok=True)
+    if weight_bytes > threshold:
+        ir.save(ir_model, path, external_data=data.name, size_threshold_bytes=1024)
+        return [data.name] if data.exists() else []
+    ir.save(ir_model, path)
+    return []
+
+
+def _run_ort(path: Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    return _ort_session(path).run(None, feeds)
+
+
+# ---- the export -----------------------------------------------------------------------------------
+
+
+def export_model(
+    model: MavenModel, options: ExportOptions, source: dict[str, Any] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> ExportResult:
+    """Export every component of `model` into `options.out` and write manifest.json last."""
+    t_start = time.perf_counter()
+    out = Path(options.out)
+    target = ort_compat.get_target(options.target_ort)
+    opset = ort_compat.resolve_opset(options.opset, target)
+    if options.optimize is not None and options.optimize not in graph_tools.OPTIMIZERS:
+        raise ExportError(f"unknown optimizer {options.optimize!r}; choose one of {', '.join(graph_tools.OPTIMIZERS)}")
+    model = model.eval()
+    fingerprint = model_fingerprint(model)
+    old_files = prepare_output_dir(out, fingerprint, options.force)
+    out.mkdir(parents=True, exist_ok=True)
+    staging = out / f".staging-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    specs = component_specs(model)
+    components: dict[str, Component] = {}
+    reports, parity, seconds = [], {}, {}
+    try:
+        from tqdm import tqdm
+
+        bar = tqdm(specs, desc="export", unit="file", disable=not options.progress)
+        for spec in bar:
+            bar.set_postfix_str(spec.name)
+            t0 = time.perf_counter()
+            comp, rep, par = _export_component(spec, staging, opset, target, options)
+            components[spec.name] = comp
+            reports.append(rep)
+            parity[spec.name] = par
+            seconds[spec.name] = round(time.perf_counter() - t0, 2)
+            if log:
+                log(f"{spec.file}: {rep.total_bytes / 1e6:.1f} MB, {rep.node_count} nodes, {seconds[spec.name]} s")
+        model.tokenizer.save(staging / "tokenizer.json")
+        # Move into place: remove the previous export's files first (same model, or --force).
+        for rel in old_files + [MANIFEST]:
+            (out / rel).unlink(missing_ok=True)
+        for item in staging.iterdir():
+            os.replace(item, out / item.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    cfg = model.config
+    manifest = Manifest(
+        preset=cfg.name,
+        config=cfg.to_dict(),
+        vocab=model.tokenizer.layout.to_dict(),
+        preprocess=asdict(cfg.preprocess),
+        mode=cfg.mode,
+        keep_ratio=cfg.selector.keep_ratio,
+        num_patches=cfg.num_patches,
+        num_kept_patches=cfg.num_kept_patches(),
+        components=components,
+        tokenizer=file_entry(out, out / "tokenizer.json"),
+        target_ort=target.release,
+        exporter=_versions(),
+        recipe="fp32",
+        extra={
+            "model_fingerprint": fingerprint,
+            "source": source or {},
+            "target": target.to_dict(),
+            "opset": opset,
+            "dynamic_axes": {
+                "images": "number of images in one call", "batch": "sequences in one call",
+                "seq": "new tokens in this call", "past": "tokens already in the KV cache (0 on the first step)",
+                "total": "past + seq",
+            },
+            "continuous_component": "projector",
+            "hybrid_components": ["vision_encoder", "discrete_tokenizer", "embed_tokens", "decoder", "patch_selector"],
+            "h_eos": "decoder hidden_states at <eos_vis> after [codes, <eos_vis>] with an empty past",
+            "optimized": options.optimize,
+            "external_data_threshold": options.external_data_threshold,
+        },
+    )
+    # File entries were hashed in staging with staging-relative paths; re-hash in place.
+    for comp in manifest.components.values():
+        comp.file = file_entry(out, out / comp.file.path)
+        comp.external_data = [file_entry(out, out / e.path) for e in comp.external_data]
+    if options.genai:
+        from export.genai import write_genai_config
+
+        write_genai_config(manifest, out)
+    write_manifest(manifest, out)
+    seconds["total"] = round(time.perf_counter() - t_start, 2)
+    return ExportResult(manifest, reports, parity, seconds, out)
+
+
+def _export_component(
+    spec: ComponentSpec, staging: Path, opset: int, target: ort_compat.OrtTarget, options: ExportOptions
+) -> tuple[Component, graph_tools.GraphReport, dict[str, float]]:
+    ir_model = _export_one(spec, opset)
+    _set_io_shapes(ir_model, spec)
+    graph_tools.remove_unused_initializers(ir_model)
+    ir_model.producer_name = "maven-edge"
+    ir_model.doc_string = f"maven-edge {spec.name} (DESIGN.md §4)"
+    ir_model.metadata_props["maven_edge.component"] = spec.name
+    ir_model.metadata_props["maven_edge.target_ort"] = target.release
+    ort_compat.cap_ir_model(ir_model, target)
+    path = staging / spec.file
+    with torch.no_grad():
+        expected = _to_numpy(spec.module(*spec.args))
+    feeds = dict(zip([t.name for t in spec.inputs], _to_numpy(spec.args), strict=True))
+    data_files = _save(ir_model, path, options.external_data_threshold)
+    _check_file(path, staging, data_files, target)
+    par: dict[str, float] = {}
+    if options.check_load or options.optimize:
+        got = _run_ort(path, feeds)
+        par = {t.name: max_abs_diff(g, e) for t, g, e in zip(spec.outputs, got, expected, strict=True)}
+    if options.optimize:
+        opt = optimize_file(path, spec.inputs, spec.outputs, feeds, target, options.optimize,
+                            options.external_data_threshold, plain=got)
+        data_files = graph_tools.external_locations(graph_tools.load_structure(path))
+        par = {t.name: max_abs_diff(g, e) for t, g, e in zip(spec.outputs, opt, expected, strict=True)}
+    rep = graph_tools.report(path)
+    structure = graph_tools.load_structure(path)
+    extra = dict(spec.extra)
+    extra["optimized"] = options.optimize
+    comp = Component(
+        name=spec.name,
+        file=file_entry(staging, path),
+        precision="fp32",
+        inputs=spec.inputs,
+        outputs=spec.outputs,
+        opsets={op.domain: op.version for op in structure.opset_import},
+        ir_version=structure.ir_version,
+        external_data=[file_entry(staging, staging / d) for d in data_files],
+        extra=extra,
+    )
+    return comp, rep, par
+
+
+def optimize_file(
+    path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], feeds: dict[str, np.ndarray],
+    target: ort_compat.OrtTarget, tool: str, threshold: int = EXTERNAL_DATA_THRESHOLD,
+    plain: list[np.ndarray] | None = None,
+) -> list[np.ndarray]:
+    """Optimize one saved file in place, keeping it only if it still matches the plain graph.
+
+    The plain file is run on `feeds` first (unless its outputs are given); the optimized file must
+    give the same integer outputs and float outputs within OPTIMIZE_ATOL, pass the same checks as
+    the plain export and keep the I/O contract. Returns the optimized outputs.
+    """
+    import onnx_ir as ir
+
+    if plain is None:
+        plain = _run_ort(path, feeds)
+    ir_model = ir.load(path)
+    graph_tools.optimize_model(ir_model, tool)
+    spec = ComponentSpec(path.stem, nn.Identity(), (), {}, inputs, outputs)
+    _set_io_shapes(ir_model, spec)
+    ort_compat.cap_ir_model(ir_model, target)
+    ir_model.metadata_props["maven_edge.optimized"] = tool
+    tmp = path.with_name(path.stem + ".opt.onnx")
+    data_files = _save(ir_model, tmp, threshold)
+    del ir_model
+    # Rename tmp (+ its data file) over the plain file; the data file name is kept inside the graph.
+    if data_files:
+        import onnx
+
+        proto = onnx.load(str(tmp), load_external_data=False)
+        new_data = path.name + ".data"
+        for t in proto.graph.initializer:
+            for e in t.external_data:
+                if e.key == "location":
+                    e.value = new_data
+        os.replace(tmp.with_name(data_files[0]), path.with_name(new_data))
+        onnx.save(proto, str(path))
+        tmp.unlink()
+    else:
+        path.with_name(path.name + ".data").unlink(missing_ok=True)
+        os.replace(tmp, path)
+    _check_file(path, path.parent, [path.name + ".data"] if data_files else [], target)
+    opt = _run_ort(path, feeds)
+    for t, a, b in zip(outputs, opt, plain, strict=True):
+        diff = max_abs_diff(a, b)
+        limit = 0.0 if a.dtype.kind in "iub" else OPTIMIZE_ATOL
+        if diff > limit:
+            raise ExportError(
+                f"{path.name}: the {tool} optimization changed output {t.name} by {diff:.3g} "
+                f"(allowed {limit}); export without --optimize"
+            )
+    return opt
+
+
+def _check_file(path: Path, root: Path, data_files: list[str], target: ort_compat.OrtTarget) -> None:
+    graph_tools.check_graph(path)
+    graph_tools.check_external_data(path, root, set(data_files))
+    structure = graph_tools.load_structure(path)
+    problems = ort_compat.compat_problems(structure, target)
+    if problems:
+        raise ExportError(
+            f"{path.name} does not fit onnxruntime {target.release}: {'; '.join(problems)}. "
+            "Choose a newer --target-ort, or a lower --opset if the ops allow it"
+        )
+    unused = graph_tools.unused_initializers(structure)
+    if unused:
+        raise ExportError(f"{path.name} still has unused initializers {unused[:5]}")
