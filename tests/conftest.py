@@ -1,0 +1,91 @@
+"""Shared fixtures: small seeded models and inputs, cheap enough for a 2-core CI machine.
+
+- ``tiny_cfg``: a fresh ``tiny`` preset config (function scope: safe to mutate).
+- ``tiny_model``: a seeded random ``tiny`` MavenModel, shared by the whole session; do not
+  mutate it (build your own with ``build_model`` if a test changes weights or config).
+- ``make_pixels(n, seed=0, cfg=None)``: random ``pixel_values`` [n, C, H, W] for a config
+  (default: the tiny preset's geometry).
+- ``reduced_paper_cfg`` / ``reduced_paper_cfg_factory(extra_overrides)``: the ``paper``
+  preset's 336 px / 14 px geometry (576 patches) with narrow, shallow networks, for token-math
+  tests that run a real forward pass.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+def pytest_configure(config):
+    """One intra-op thread per test process (override with MAVEN_TEST_THREADS): on a small shared
+    CI machine, torch's default thread pool oversubscribes the cores and runs the tiny test
+    models several times slower."""
+    try:
+        import torch
+    except ImportError:  # torch-free environments (runtime-only checks)
+        return
+    torch.set_num_threads(int(os.environ.get("MAVEN_TEST_THREADS", "1")))
+
+
+# Narrow widths, one layer each, paper geometry kept (336 px / 14 px -> 576 patches).
+REDUCED_PAPER_OVERRIDES = [
+    "vision.hidden_size=32",
+    "vision.num_heads=2",
+    "vision.num_layers=2",
+    "vision.intermediate_size=32",
+    "discrete.hidden_size=32",
+    "discrete.num_heads=2",
+    "discrete.num_layers=1",
+    "discrete.intermediate_size=32",
+    "discrete.codebook_size=64",
+    "discrete.code_dim=16",
+    "llm.hidden_size=32",
+    "llm.num_layers=1",
+    "llm.num_heads=2",
+    "llm.num_kv_heads=1",
+    "llm.intermediate_size=32",
+    "llm.text_vocab_size=512",
+    "selector.hidden_size=32",
+]
+
+
+@pytest.fixture
+def tiny_cfg():
+    from model_src.config import get_config
+
+    return get_config("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    from model_src.checkpoint import build_model
+    from model_src.config import get_config
+
+    return build_model(get_config("tiny"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def reduced_paper_cfg_factory():
+    from model_src.config import get_config
+
+    return lambda extra=(): get_config("paper", REDUCED_PAPER_OVERRIDES + list(extra))
+
+
+@pytest.fixture
+def reduced_paper_cfg(reduced_paper_cfg_factory):
+    return reduced_paper_cfg_factory()
+
+
+@pytest.fixture(scope="session")
+def make_pixels():
+    import torch
+
+    def make(n: int, seed: int = 0, cfg=None):
+        from model_src.config import get_config
+
+        v = (cfg or get_config("tiny")).vision
+        gen = torch.Generator().manual_seed(seed)
+        return torch.randn(n, v.num_channels, v.image_size, v.image_size, generator=gen)
+
+    return make
