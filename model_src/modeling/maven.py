@@ -176,6 +176,7 @@ class MavenModel(nn.Module):
     ) -> Iterator[int]:
         """Yield generated token ids one by one (greedy or sampled), using the KV cache."""
         gen = (gen or GenerationConfig()).validate()
+        self.check_pixel_values(pixel_values)
         ids = self.tokenizer.encode_prompt(prompt) if isinstance(prompt, str) else list(prompt)
         self.check_prompt_images(ids, pixel_values.shape[0])
         mode = check_mode(mode or self.config.mode)
