@@ -240,10 +240,11 @@ class _Detokenizer:
         if hit:
             self.stopped = True
             return self._emit(text)
-        end = len(text) - self._holdback(text)
+        end = len(text)
         while end > len(self.emitted) and text[end - 1] == "\ufffd":  # an incomplete UTF-8 sequence
             end -= 1
-        return self._emit(text[:end])
+        end -= self._holdback(text[:end])
+        return self._emit(text[:max(end, len(self.emitted))])
 
     def finish(self) -> str:
         text, _ = self.stop.trim(self.tokenizer.decode(self.ids))
