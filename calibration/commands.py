@@ -1,0 +1,181 @@
+"""CLI: `maven-edge quantize`, `calib-set`, `quantize-report` and `build-trt`.
+
+Nothing heavy is imported here: onnxruntime's quantization tools, TensorRT and (for the
+report's torch-free pipeline) onnxruntime are imported inside the commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from calibration.quantize import CALIB_METHODS, RECIPES
+
+TRT_PRECISIONS = ("fp16", "int8", "fp8")  # export.tensorrt.PRECISIONS (not imported: keeps this module light)
+
+
+def _calib_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calib-images", default=None, metavar="DIR",
+                   help="calibration data: a folder of images, a saved set (maven-edge calib-set) or a .npy of "
+                   "pixel_values (default: the synthetic validation split)")
+    p.add_argument("--calib-samples", type=int, default=32, metavar="N",
+                   help="calibration samples (a sample = one request's images; default 32)")
+    p.add_argument("--calib-split", default="val", help="synthetic split to calibrate on (default val)")
+    p.add_argument("--allow-upscale", action="store_true",
+                   help="accept calibration images smaller than the model input (they are upscaled)")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    q = sub.add_parser(
+        "quantize", help="write reduced-precision artifacts (INT8 static/dynamic, INT4 weight-only, FP16)",
+        description="Quantize fp32 artifacts into a new artifact directory whose manifest records each "
+        "component's precision and the recipe. See docs/usage/quantization.md.")
+    q.add_argument("--artifacts", required=True, help="fp32 artifact directory (maven-edge export)")
+    q.add_argument("--out", required=True, help="new artifact directory")
+    q.add_argument("--recipe", required=True, choices=RECIPES)
+    q.add_argument("--calib-method", default="minmax", choices=CALIB_METHODS, help="int8-static calibration")
+    _calib_args(q)
+    q.add_argument("--percentile", type=float, default=99.999, help="--calib-method percentile (default 99.999)")
+    q.add_argument("--activation-type", default="int8", choices=("int8", "uint8"),
+                   help="int8-static activations: int8 (S8S8, default) or uint8 (U8S8)")
+    q.add_argument("--per-tensor", action="store_true", help="per-tensor instead of per-channel int8 weights")
+    q.add_argument("--quantize-discrete-heads", action="store_true",
+                   help="also quantize MatMuls that feed ArgMax/TopK (VQ lookup, selector scores); default fp32")
+    q.add_argument("--block-size", type=int, default=32, help="int4-weight block size (power of two >= 16)")
+    q.add_argument("--accuracy-level", type=int, default=4,
+                   help="int4-weight MatMulNBits accuracy level: 0 = fp32 compute, 4 = int8 compute (default)")
+    q.add_argument("--asymmetric", action="store_true", help="int4-weight with zero points")
+    q.add_argument("--keep-lm-head", action="store_true", help="leave the vocabulary projection in fp32")
+    q.add_argument("--component", action="append", default=[], metavar="NAME=METHOD",
+                   help="override one component's method (fp32, int8-static, int8-dynamic, int4-weight, fp16)")
+    q.add_argument("--calib-cache", default=None, metavar="DIR", help="reuse calibration ranges across runs")
+    q.add_argument("--force", action="store_true", help="replace the contents of a non-empty --out")
+    q.add_argument("--json", action="store_true", help="print the result as JSON")
+    q.add_argument("--quiet", action="store_true")
+    q.set_defaults(func=_quantize)
+
+    c = sub.add_parser("calib-set", help="prepare and save a calibration set for some artifacts",
+                       description="Preprocess calibration images with the artifacts' preprocessing and save "
+                       "them (calibration.json + calibration.npz), e.g. to calibrate on another machine.")
+    c.add_argument("--artifacts", required=True, help="artifact directory the set is for")
+    c.add_argument("--out", required=True, help="directory for the saved set")
+    c.add_argument("--images-per-sample", type=int, default=1, help="folder sources: images per sample")
+    _calib_args(c)
+    c.set_defaults(func=_calib_set)
+
+    r = sub.add_parser("quantize-report", help="accuracy / size / latency report of every recipe (docs/)",
+                       description="Quantize the fp32 artifacts with every recipe, evaluate each on the test "
+                       "split through the runtime pipeline and write docs/quantization.md + .json.")
+    r.add_argument("--artifacts", required=True, help="fp32 artifacts of the model to evaluate (tiny)")
+    r.add_argument("--out", default="docs", help="where quantization.md and quantization.json go (default docs)")
+    r.add_argument("--work", default="artifacts/quant-report", help="where the quantized artifacts go")
+    r.add_argument("--recipes", default=",".join(RECIPES), help=f"comma-separated (default {','.join(RECIPES)})")
+    r.add_argument("--split", default="test")
+    r.add_argument("--limit", type=int, default=None, help="evaluate the first N questions only")
+    r.add_argument("--edge-artifacts", default=None, metavar="DIR",
+                   help="fp32 artifacts of edge-small: adds the decoder size and decode-step latency section")
+    r.add_argument("--edge-recipes", default="int4-weight,int8-dynamic", help="recipes for the edge-small section")
+    r.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads (default 2)")
+    r.add_argument("--reuse", action="store_true", help="reuse quantized artifacts already in --work")
+    r.add_argument("--quiet", action="store_true")
+    r.set_defaults(func=_report)
+
+    t = sub.add_parser(
+        "build-trt", help="build TensorRT engines (one per component) from artifacts",
+        description="Build one serialized TensorRT engine per component with optimisation profiles for the "
+        "dynamic axes, an INT8 calibration cache, a timing cache and an engine cache keyed by manifest hash + "
+        "GPU + TensorRT version. Needs an NVIDIA GPU and the tensorrt and cuda-python packages.")
+    t.add_argument("--artifacts", required=True, help="artifact directory (fp32, or int8-static for explicit INT8)")
+    t.add_argument("--out", required=True, help="engine directory (engines.json + *.engine)")
+    t.add_argument("--precision", default="fp16", choices=TRT_PRECISIONS)
+    t.add_argument("--max-images", type=int, default=None, help="images per request (default: the model's max)")
+    t.add_argument("--max-seq", type=int, default=None, help="context length: prompt + new tokens (default 1024)")
+    t.add_argument("--max-batch", type=int, default=1, help="sequences per decoder call (default 1)")
+    t.add_argument("--workspace", type=float, default=2.0, metavar="GB", help="builder workspace (default 2 GB)")
+    t.add_argument("--opt-level", type=int, default=3, help="builder optimization level 0-5 (default 3)")
+    t.add_argument("--timing-cache", default=None, help="timing cache file (default <out>/timing-<gpu>-<trt>.cache)")
+    t.add_argument("--engine-cache", default=None, help="engine cache directory (default <out>/cache)")
+    t.add_argument("--components", default=None, help="comma-separated subset to build")
+    _calib_args(t)
+    t.add_argument("--force", action="store_true", help="rebuild even when the engine cache has the engine")
+    t.add_argument("--dry-run", action="store_true",
+                   help="print the engine plans (profiles, precision flags) without TensorRT and exit")
+    t.add_argument("--quiet", action="store_true")
+    t.set_defaults(func=_build_trt)
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    from calibration.quantize import QuantizeOptions, parse_overrides, quantize_artifacts
+
+    opts = QuantizeOptions(
+        recipe=args.recipe, calib_method=args.calib_method, calib_images=args.calib_images,
+        calib_samples=args.calib_samples, calib_split=args.calib_split, allow_upscale=args.allow_upscale,
+        percentile=args.percentile, per_channel=not args.per_tensor, activation_type=args.activation_type,
+        keep_discrete_fp32=not args.quantize_discrete_heads, block_size=args.block_size,
+        accuracy_level=args.accuracy_level, symmetric=not args.asymmetric, quantize_lm_head=not args.keep_lm_head,
+        components=parse_overrides(args.component), calib_cache=args.calib_cache, force=args.force,
+        progress=not args.quiet and not args.json,
+    )
+    log = None if (args.quiet or args.json) else (lambda m: print(m, file=sys.stderr))
+    result = quantize_artifacts(args.artifacts, args.out, opts, log=log)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print(result.table())
+        for note in result.notes:
+            print(f"note: {note}")
+        print(f"wrote {result.out} (recipe {result.manifest.recipe}, loads in onnxruntime >= "
+              f"{result.manifest.target_ort}) in {result.seconds:.1f} s")
+    return 0
+
+
+def _calib_set(args: argparse.Namespace) -> int:
+    from calibration.readers import resolve_calibration_set
+    from export.manifest import load_manifest
+
+    manifest = load_manifest(args.artifacts, verify=False)
+    cs = resolve_calibration_set(args.calib_images, manifest, args.calib_samples, args.calib_split,
+                                 args.allow_upscale, args.images_per_sample)
+    cs.preset = manifest.preset
+    cs.save(args.out)
+    print(f"wrote {args.out}: {cs.num_samples} samples, {cs.num_images} images "
+          f"({cs.preprocess['image_size']} px, from {cs.source})")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from calibration.report import ReportOptions, run_report
+
+    opts = ReportOptions(
+        artifacts=args.artifacts, out=args.out, work=args.work,
+        recipes=tuple(r.strip() for r in args.recipes.split(",") if r.strip()), split=args.split,
+        limit=args.limit, edge_artifacts=args.edge_artifacts,
+        edge_recipes=tuple(r.strip() for r in args.edge_recipes.split(",") if r.strip()),
+        threads=args.threads, reuse=args.reuse, progress=not args.quiet,
+    )
+    paths = run_report(opts)
+    for p in paths:
+        print(f"wrote {p}")
+    return 0
+
+
+def _build_trt(args: argparse.Namespace) -> int:
+    from export.tensorrt import TrtBuildOptions, build_engines, plan_engines, plan_summary
+
+    opts = TrtBuildOptions(
+        artifacts=args.artifacts, out=args.out, precision=args.precision, max_images=args.max_images,
+        max_seq=args.max_seq, max_batch=args.max_batch, workspace_gb=args.workspace,
+        builder_optimization_level=args.opt_level, timing_cache=args.timing_cache, engine_cache=args.engine_cache,
+        components=tuple(c.strip() for c in args.components.split(",")) if args.components else None,
+        calib_images=args.calib_images, calib_samples=args.calib_samples, calib_split=args.calib_split,
+        allow_upscale=args.allow_upscale, force=args.force, progress=not args.quiet,
+    )
+    if args.dry_run:
+        from export.manifest import load_manifest
+
+        print(plan_summary(plan_engines(load_manifest(args.artifacts, verify=False), opts)))
+        return 0
+    result = build_engines(opts, log=None if args.quiet else (lambda m: print(m, file=sys.stderr)))
+    print(result.table())
+    return 0

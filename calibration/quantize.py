@@ -1,0 +1,687 @@
+"""Reduced-precision artifacts: INT8 static (QDQ), INT8 dynamic, INT4 weight-only, FP16.
+
+    from calibration.quantize import QuantizeOptions, quantize_artifacts
+    result = quantize_artifacts("artifacts/tiny", "artifacts/tiny-int8", QuantizeOptions(recipe="int8-static"))
+    result.manifest.components["vision_encoder"].precision   # "int8"
+
+A recipe assigns a method to each component; components not named keep their fp32 file:
+
+| recipe        | vision_encoder, discrete_tokenizer, patch_selector, projector | decoder      | embed_tokens |
+|---------------|------------------------------------------------------------|--------------|--------------|
+| int8-static   | int8 static QDQ (calibrated)                                | fp32         | fp32         |
+| int8-dynamic  | fp32                                                       | int8 dynamic | fp32         |
+| int4-weight   | fp32                                                       | int4 MatMulNBits | fp32     |
+| int8-int4     | int8 static QDQ                                            | int4 MatMulNBits | fp32     |
+| fp16          | fp16                                                       | fp16         | fp16         |
+
+``--component NAME=METHOD`` overrides any entry (methods: fp32, int8-static, int8-dynamic,
+int4-weight, fp16), so components may mix precisions freely.
+
+- **int8-static**: ``onnxruntime.quantization.quantize_static`` in QDQ format, weights int8
+  per channel, activations int8 (S8S8, onnxruntime's recommended first choice), calibrated with
+  MinMax, Entropy or Percentile on :mod:`calibration.readers` feeds. Only MatMul/Gemm/Conv are
+  quantized, and a MatMul whose result reaches an ArgMax/TopK without another MatMul in between
+  (the VQ codebook lookup, the selector's score head) stays fp32: int8 noise there flips
+  discrete choices.
+- **int4-weight**: ``MatMulNBitsQuantizer`` (com.microsoft ``MatMulNBits``), block size and
+  accuracy level configurable (accuracy level 4 = int8 compute on CPU, the fast path).
+- **int8-dynamic**: ``quantize_dynamic`` of the MatMuls with constant weights (per channel).
+- **fp16**: ``onnxruntime.transformers.float16`` (the onnxconverter-common converter) with
+  float32 inputs/outputs kept, and the ops that need fp32 range kept fp32: the RMSNorm chain
+  (Pow, ReduceMean, Sqrt, Reciprocal), Softmax, RoPE (Cos, Sin, Range), the VQ normalisation
+  (ReduceL2) and ArgMax/TopK, plus the converter's own block list.
+
+The output is a new artifact directory: the files, ``tokenizer.json`` and a ``manifest.json``
+whose ``recipe`` names the recipe and whose components record their precision and, in
+``extra.quantization``, the method, options and a parity check against fp32. The files are
+kept loadable by the manifest's ``target_ort`` where the ops allow; otherwise the manifest's
+``target_ort`` is raised to the oldest release that loads them, and the result says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from calibration.readers import (
+    DEFAULT_SPLIT,
+    CalibrationSet,
+    ComponentFeeds,
+    make_ort_reader,
+    resolve_calibration_set,
+)
+from export.manifest import (
+    MANIFEST,
+    Component,
+    Manifest,
+    TensorSpec,
+    file_entry,
+    load_manifest,
+    sha256_file,
+    write_manifest,
+)
+from model_src.errors import ArtifactError, CalibrationError, ExportError, InputError
+
+RECIPES = ("int8-static", "int8-dynamic", "int4-weight", "int8-int4", "fp16")
+METHODS = ("fp32", "int8-static", "int8-dynamic", "int4-weight", "fp16")
+CALIB_METHODS = ("minmax", "entropy", "percentile")
+VISION_SIDE = ("vision_encoder", "discrete_tokenizer", "patch_selector", "projector")
+#: method -> the precision recorded in the manifest
+PRECISION = {"fp32": "fp32", "int8-static": "int8", "int8-dynamic": "int8", "int4-weight": "int4", "fp16": "fp16"}
+#: ops the fp16 recipe keeps in fp32 (on top of the converter's DEFAULT_OP_BLOCK_LIST)
+FP16_KEEP_FP32_OPS = ("Pow", "ReduceMean", "Sqrt", "Reciprocal", "Softmax", "Cos", "Sin", "Range", "ReduceL2",
+                      "ArgMax", "TopK", "CumSum")
+#: ops that make a discrete choice: a MatMul feeding one of them stays fp32 in int8-static
+DISCRETE_OPS = ("ArgMax", "ArgMin", "TopK")
+WEIGHT_OPS = ("MatMul", "Gemm", "Conv")
+#: files larger than this are saved with external data (protobuf's 2 GiB cap, with margin)
+EXTERNAL_DATA_BYTES = 1_800_000_000
+
+
+def recipe_plan(recipe: str, components: Sequence[str], overrides: dict[str, str] | None = None) -> dict[str, str]:
+    """component -> method for `recipe` over the artifacts' `components`, with overrides."""
+    if recipe not in RECIPES:
+        raise InputError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+    plan = dict.fromkeys(components, "fp32")
+    for c in components:
+        if recipe in ("int8-static", "int8-int4") and c in VISION_SIDE:
+            plan[c] = "int8-static"
+        if c == "decoder" and recipe in ("int4-weight", "int8-int4"):
+            plan[c] = "int4-weight"
+        if c == "decoder" and recipe == "int8-dynamic":
+            plan[c] = "int8-dynamic"
+        if recipe == "fp16":
+            plan[c] = "fp16"
+    for c, m in (overrides or {}).items():
+        if c not in plan:
+            raise InputError(f"--component {c}={m}: the artifacts have no component {c!r} (they have "
+                             f"{', '.join(components)})")
+        if m not in METHODS:
+            raise InputError(f"--component {c}={m}: unknown method; choose one of {', '.join(METHODS)}")
+        plan[c] = m
+    if plan.get("embed_tokens") in ("int8-static", "int8-dynamic", "int4-weight"):
+        raise InputError("embed_tokens is a Gather (a table lookup): it can be fp32 or fp16, not "
+                         f"{plan['embed_tokens']}")
+    return plan
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise InputError(f"--component {item!r} must look like NAME=METHOD (e.g. decoder=int8-dynamic)")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+@dataclass
+class QuantizeOptions:
+    """What `maven-edge quantize` can be told."""
+
+    recipe: str = "int8-static"
+    calib_method: str = "minmax"  # minmax | entropy | percentile (int8-static)
+    calib_images: str | None = None  # folder of images / saved set / .npy; None: synthetic split
+    calib_samples: int = 32
+    calib_split: str = DEFAULT_SPLIT
+    allow_upscale: bool = False  # accept calibration images smaller than the model input
+    percentile: float = 99.999
+    per_channel: bool = True
+    activation_type: str = "int8"  # int8 (S8S8) | uint8 (U8S8)
+    keep_discrete_fp32: bool = True  # MatMuls feeding ArgMax/TopK stay fp32 (int8-static)
+    block_size: int = 32  # int4-weight
+    accuracy_level: int | None = 4  # int4-weight: 0/None = fp32 compute, 4 = int8 compute (CPU fast path)
+    symmetric: bool = True  # int4-weight
+    quantize_lm_head: bool = True  # int4-weight / int8-dynamic: the vocabulary projection too
+    components: dict[str, str] = field(default_factory=dict)  # overrides NAME -> METHOD
+    calib_cache: str | None = None  # directory: reuse calibration ranges across runs
+    force: bool = False  # overwrite --out when it holds other artifacts
+    progress: bool = True
+    check_samples: int = 4  # samples used for the parity check against fp32 (0 = skip)
+
+    def validate(self) -> QuantizeOptions:
+        if self.recipe not in RECIPES:
+            raise InputError(f"unknown recipe {self.recipe!r}; choose one of {', '.join(RECIPES)}")
+        if self.calib_method not in CALIB_METHODS:
+            raise InputError(f"unknown calibration method {self.calib_method!r}; choose one of {', '.join(CALIB_METHODS)}")
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise InputError(f"--block-size must be a power of two >= 16, got {self.block_size}")
+        if self.accuracy_level not in (None, 0, 1, 2, 3, 4):
+            raise InputError(f"--accuracy-level must be 0..4, got {self.accuracy_level}")
+        if self.activation_type not in ("int8", "uint8"):
+            raise InputError(f"--activation-type must be int8 or uint8, got {self.activation_type!r}")
+        if not 90.0 <= self.percentile < 100.0:
+            raise InputError(f"--percentile must be in [90, 100), got {self.percentile}")
+        if self.calib_samples < 1:
+            raise CalibrationError(f"the calibration set is empty: --calib-samples must be >= 1, got {self.calib_samples}")
+        return self
+
+
+@dataclass
+class ComponentResult:
+    name: str
+    method: str
+    precision: str
+    fp32_bytes: int
+    bytes: int
+    seconds: float
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float:
+        return self.bytes / self.fp32_bytes if self.fp32_bytes else 1.0
+
+
+@dataclass
+class QuantizeResult:
+    out: Path
+    manifest: Manifest
+    components: list[ComponentResult]
+    calibration: dict[str, Any] | None
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"out": str(self.out), "recipe": self.manifest.recipe, "seconds": round(self.seconds, 2),
+                "calibration": self.calibration, "notes": self.notes, "target_ort": self.manifest.target_ort,
+                "components": [asdict(c) | {"ratio": round(c.ratio, 4)} for c in self.components]}
+
+    def table(self) -> str:
+        rows = [f"{'component':<20} {'method':<13} {'fp32 MB':>9} {'MB':>9} {'ratio':>6}  parity"]
+        for c in self.components:
+            par = c.details.get("parity", {})
+            ptxt = ", ".join(f"{k} {v:.3g}" for k, v in par.items()) if par else "-"
+            rows.append(f"{c.name:<20} {c.method:<13} {c.fp32_bytes / 1e6:9.2f} {c.bytes / 1e6:9.2f} "
+                        f"{c.ratio:6.2f}  {ptxt}")
+        return "\n".join(rows)
+
+
+# ---- graph helpers --------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def quiet_quantizer() -> Iterator[None]:
+    """onnxruntime.quantization logs every node at INFO; keep it to warnings."""
+    loggers = [logging.getLogger(n) for n in ("onnxruntime.quantization", "onnxruntime.quantization.matmul_nbits_quantizer",
+                                              "onnxruntime.transformers")]
+    root = logging.getLogger()
+    old = [lg.level for lg in loggers] + [root.level]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    root.setLevel(max(root.level, logging.ERROR))  # "consider pre-processing" hints go to the root logger
+    try:
+        yield
+    finally:
+        for lg, lvl in zip([*loggers, root], old, strict=True):
+            lg.setLevel(lvl)
+
+
+def discrete_sensitive_nodes(model: Any) -> list[str]:
+    """Names of weight nodes (MatMul/Gemm/Conv) whose result reaches an ArgMax/ArgMin/TopK
+    through non-weight ops only: quantizing them moves discrete decisions."""
+    consumers: dict[str, list[Any]] = {}
+    for node in model.graph.node:
+        for i in node.input:
+            consumers.setdefault(i, []).append(node)
+    out = []
+    for node in model.graph.node:
+        if node.op_type not in WEIGHT_OPS:
+            continue
+        seen, stack, hit = set(), list(node.output), False
+        while stack and not hit:
+            t = stack.pop()
+            for c in consumers.get(t, []):
+                if id(c) in seen:
+                    continue
+                seen.add(id(c))
+                if c.op_type in DISCRETE_OPS:
+                    hit = True
+                    break
+                if c.op_type in WEIGHT_OPS:
+                    continue
+                stack.extend(c.output)
+        if hit:
+            out.append(node.name)
+    return out
+
+
+def lm_head_nodes(model: Any) -> list[str]:
+    """MatMul nodes that produce the `logits` graph output (directly or through an Add)."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    out, stack, seen = [], ["logits"], set()
+    while stack:
+        t = stack.pop()
+        n = producers.get(t)
+        if n is None or n.name in seen:
+            continue
+        seen.add(n.name)
+        if n.op_type in ("MatMul", "Gemm"):
+            out.append(n.name)
+        elif n.op_type in ("Add", "Reshape", "Identity", "Cast"):
+            stack.extend(n.input)
+    return out
+
+
+def _load(path: Path) -> Any:
+    import onnx
+
+    return onnx.load(str(path), load_external_data=True)
+
+
+def _save(model: Any, path: Path) -> list[str]:
+    """Save `model` to `path`; weights go to `<file>.data` when the file would exceed 1.8 GB."""
+    import onnx
+
+    data = path.with_name(path.name + ".data")
+    for stale in (path, data):
+        stale.unlink(missing_ok=True)
+    size = sum(t.ByteSize() for t in model.graph.initializer)
+    if size > EXTERNAL_DATA_BYTES:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data.name, size_threshold=1024)
+        return [data.name]
+    onnx.save_model(model, str(path))
+    return []
+
+
+def _node_counts(model: Any) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for n in model.graph.node:
+        counts[n.op_type] = counts.get(n.op_type, 0) + 1
+    return counts
+
+
+# ---- one component, one method --------------------------------------------------------------------
+
+
+def _int8_static(src: Path, dst: Path, reader: Any, opts: QuantizeOptions, cache: Path | None) -> dict[str, Any]:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    model = _load(src)
+    exclude = discrete_sensitive_nodes(model) if opts.keep_discrete_fp32 else []
+    method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+              "percentile": CalibrationMethod.Percentile}[opts.calib_method]
+    extra: dict[str, Any] = {}
+    if opts.calib_method == "percentile":
+        extra["CalibPercentile"] = opts.percentile
+    act = QuantType.QInt8 if opts.activation_type == "int8" else QuantType.QUInt8
+    big = sum(t.ByteSize() for t in model.graph.initializer) > EXTERNAL_DATA_BYTES
+    with quiet_quantizer():
+        quantize_static(
+            str(src), str(dst), reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=list(WEIGHT_OPS),
+            per_channel=opts.per_channel, activation_type=act, weight_type=QuantType.QInt8,
+            nodes_to_exclude=exclude, calibrate_method=method, extra_options=extra,
+            use_external_data_format=big, calibration_cache_path=str(cache) if cache else None,
+        )
+    return {"format": "QDQ", "weights": "int8 per-channel" if opts.per_channel else "int8 per-tensor",
+            "activations": opts.activation_type, "calibration": opts.calib_method,
+            **({"percentile": opts.percentile} if opts.calib_method == "percentile" else {}),
+            "ops": list(WEIGHT_OPS), "kept_fp32": exclude}
+
+
+def _int4_weight(src: Path, dst: Path, opts: QuantizeOptions) -> dict[str, Any]:
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    model = _load(src)
+    exclude = [] if opts.quantize_lm_head else lm_head_nodes(model)
+    with quiet_quantizer():
+        q = MatMulNBitsQuantizer(model, bits=4, block_size=opts.block_size, is_symmetric=opts.symmetric,
+                                 accuracy_level=opts.accuracy_level, nodes_to_exclude=exclude,
+                                 op_types_to_quantize=("MatMul",))
+        q.process()
+    out = q.model.model
+    _save(out, dst)
+    n = _node_counts(out).get("MatMulNBits", 0)
+    if n == 0:
+        raise ExportError(f"{src.name}: no MatMul with a constant weight was found to quantize to int4")
+    return {"op": "com.microsoft::MatMulNBits", "bits": 4, "block_size": opts.block_size,
+            "symmetric": opts.symmetric, "accuracy_level": opts.accuracy_level, "quantized_matmuls": n,
+            "kept_fp32": exclude}
+
+
+def _int8_dynamic(src: Path, dst: Path, opts: QuantizeOptions) -> dict[str, Any]:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    model = _load(src)
+    exclude = [] if opts.quantize_lm_head else lm_head_nodes(model)
+    big = sum(t.ByteSize() for t in model.graph.initializer) > EXTERNAL_DATA_BYTES
+    with quiet_quantizer():
+        quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul"], per_channel=opts.per_channel,
+                         weight_type=QuantType.QInt8, nodes_to_exclude=exclude, use_external_data_format=big,
+                         extra_options={"MatMulConstBOnly": True})
+    return {"weights": "int8 per-channel" if opts.per_channel else "int8 per-tensor",
+            "activations": "int8, quantized at run time", "ops": ["MatMul"], "kept_fp32": exclude}
+
+
+def _fp16(src: Path, dst: Path) -> dict[str, Any]:
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    model = _load(src)
+    keep_nodes = discrete_sensitive_nodes(model)
+    block = sorted(set(DEFAULT_OP_BLOCK_LIST) | set(FP16_KEEP_FP32_OPS))
+    with quiet_quantizer():
+        out = convert_float_to_float16(model, keep_io_types=True, op_block_list=block, node_block_list=keep_nodes)
+    dedupe_nodes(out)
+    _save(out, dst)
+    return {"converter": "onnxruntime.transformers.float16 (onnxconverter-common)", "io": "float32 (kept)",
+            "fp32_ops": list(FP16_KEEP_FP32_OPS), "fp32_nodes": keep_nodes}
+
+
+def dedupe_nodes(model: Any) -> int:
+    """Remove repeated identical nodes (same op, inputs, outputs) and rename clashing node names.
+
+    The fp16 converter inserts one ``X_cast_to_fp32`` Cast per blocked consumer of a tensor X,
+    so a tensor read by two fp32 ops gets two identical Casts with the same output: an invalid
+    graph. Returns the number of nodes removed.
+    """
+    seen: set[bytes] = set()
+    keep, removed = [], 0
+    for n in model.graph.node:
+        key = n.SerializeToString(deterministic=True)
+        if key in seen:
+            removed += 1
+            continue
+        seen.add(key)
+        keep.append(n)
+    names: dict[str, int] = {}
+    for n in keep:
+        if n.name:
+            count = names.get(n.name, 0)
+            names[n.name] = count + 1
+            if count:
+                n.name = f"{n.name}_{count}"
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+    return removed
+
+
+# ---- target compatibility ---------------------------------------------------------------------------
+
+
+def fit_target(path: Path, release: str) -> tuple[str, list[str]]:
+    """Stamp the file for onnxruntime `release` where possible; else the oldest release that loads it.
+
+    Returns (release the file now fits, notes).
+    """
+    import onnx
+
+    from export import ort_compat
+
+    model = onnx.load(str(path), load_external_data=False)
+    target = ort_compat.get_target(release)
+    notes: list[str] = []
+    if not ort_compat.compat_problems(model, target):
+        return release, notes
+    try:
+        ort_compat.cap_model(model, target)
+        onnx.save_model(model, str(path))  # external data (if any) is unchanged
+        return release, notes
+    except ExportError as exc:
+        problems = str(exc)
+    for rel, t in ort_compat.ORT_TABLE.items():
+        if _release_tuple(rel) <= _release_tuple(release):
+            continue
+        if not ort_compat.compat_problems(model, t):
+            notes.append(f"{path.name} needs onnxruntime >= {rel} (target {release}: {problems})")
+            return rel, notes
+    notes.append(f"{path.name} does not fit any known onnxruntime release table entry; it loads in the installed one")
+    return "installed", notes
+
+
+def _release_tuple(release: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in release.split(".")[:2])
+    except ValueError:
+        return (99, 99)
+
+
+# ---- parity check -------------------------------------------------------------------------------------
+
+
+def parity(src: Path, dst: Path, feeds: Sequence[dict[str, np.ndarray]]) -> dict[str, float]:
+    """Per output: relative L2 error (floats) or mismatch rate (integers) of dst vs src on `feeds`."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    a = ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
+    b = ort.InferenceSession(str(dst), so, providers=["CPUExecutionProvider"])
+    names = [o.name for o in a.get_outputs()]
+    integer = {o.name for o in a.get_outputs() if "int" in o.type}
+    num: dict[str, float] = dict.fromkeys(names, 0.0)
+    den: dict[str, float] = dict.fromkeys(names, 0.0)
+    for f in feeds:
+        ra, rb = a.run(None, f), b.run(None, f)
+        for n, x, y in zip(names, ra, rb, strict=True):
+            if x.dtype.kind in "iu":
+                num[n] += float(np.sum(x != y))
+                den[n] += float(x.size)
+            else:
+                num[n] += float(np.sum((x.astype(np.float64) - y.astype(np.float64)) ** 2))
+                den[n] += float(np.sum(x.astype(np.float64) ** 2))
+    out = {}
+    for n in names:
+        if n.startswith("present."):
+            continue
+        kind = "mismatch" if n in integer else "rel_l2"
+        value = num[n] / den[n] if den[n] else 0.0
+        out[f"{n}.{kind}"] = float(value if kind == "mismatch" else np.sqrt(value))
+    return out
+
+
+def _random_feeds(comp: Component, cfg: Any, n: int = 2) -> list[dict[str, np.ndarray]]:
+    """Shape-correct feeds for components without calibration inputs (decoder, embed_tokens)."""
+    rng = np.random.default_rng(0)
+    sizes = {"images": 1, "batch": 1, "seq": 8, "past": 4, "total": 12}
+    feeds = []
+    for _ in range(n):
+        f: dict[str, np.ndarray] = {}
+        for t in comp.inputs:
+            shape = [d if isinstance(d, int) else sizes.get(d, 1) for d in t.shape]
+            if t.name == "input_ids":
+                f[t.name] = rng.integers(0, cfg.vocab_size, shape, dtype=np.int64)
+            elif t.name == "attention_mask":
+                f[t.name] = np.ones(shape, np.int64)
+            elif t.name == "position_ids":
+                f[t.name] = np.broadcast_to(np.arange(sizes["past"], sizes["total"], dtype=np.int64), shape).copy()
+            else:
+                f[t.name] = rng.standard_normal(shape).astype(t.dtype) * (0.5 if "past" in t.name else 1.0)
+        feeds.append(f)
+    return feeds
+
+
+# ---- the whole artifact directory -----------------------------------------------------------------------
+
+
+def _prepare_out(src: Path, out: Path, force: bool) -> None:
+    if out.resolve() == src.resolve():
+        raise InputError("--out must be a new directory, not the fp32 --artifacts directory")
+    if out.exists():
+        if not out.is_dir():
+            raise InputError(f"--out {out} exists and is not a directory")
+        if any(out.iterdir()) and not force:
+            raise InputError(f"--out {out} is not empty; pass --force to replace its contents, or choose another --out")
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    dst.unlink(missing_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def quantize_artifacts(
+    artifacts: str | Path, out: str | Path, options: QuantizeOptions | None = None,
+    calibration: CalibrationSet | None = None, log: Callable[[str], None] | None = None,
+) -> QuantizeResult:
+    """Quantize the fp32 artifacts in `artifacts` with `options.recipe` into the new directory `out`."""
+    opts = (options or QuantizeOptions()).validate()
+    t0 = time.perf_counter()
+    src, out = Path(artifacts), Path(out)
+    manifest = load_manifest(src, verify=True)
+    if manifest.recipe != "fp32":
+        raise ArtifactError(
+            f"{src} already holds quantized artifacts (recipe {manifest.recipe!r}); quantize the fp32 export instead"
+        )
+    not_fp32 = [c.name for c in manifest.components.values() if c.precision != "fp32"]
+    if not_fp32:
+        raise ArtifactError(f"{src}: components {not_fp32} are not fp32; quantize the fp32 export instead")
+    plan = recipe_plan(opts.recipe, list(manifest.components), opts.components)
+    _prepare_out(src, out, opts.force)
+    cfg = manifest.maven_config()
+    manifest_sha = sha256_file(src / MANIFEST)
+
+    # Calibration inputs: only for the components that need them (and for the parity check).
+    static = [c for c, m in plan.items() if m == "int8-static"]
+    feeds_src: ComponentFeeds | None = None
+    calib_info: dict[str, Any] | None = None
+    if static:
+        cs = calibration if calibration is not None else resolve_calibration_set(
+            opts.calib_images, manifest, opts.calib_samples, opts.calib_split, opts.allow_upscale)
+        feeds_src = ComponentFeeds(src, cs, manifest)
+        calib_info = cs.describe() | {"method": opts.calib_method}
+        if log:
+            log(f"calibration: {cs.num_samples} samples, {cs.num_images} images from {cs.source}")
+
+    out.mkdir(parents=True, exist_ok=True)
+    staging = out / f".staging-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    results: list[ComponentResult] = []
+    notes: list[str] = []
+    new_components: dict[str, Component] = {}
+    target = manifest.target_ort
+    try:
+        from tqdm import tqdm
+
+        todo = list(manifest.components.items())
+        bar = tqdm(todo, desc=f"quantize {opts.recipe}", unit="file", disable=not opts.progress)
+        for name, comp in bar:
+            bar.set_postfix_str(name)
+            method = plan[name]
+            t1 = time.perf_counter()
+            src_path = src / comp.file.path
+            dst_path = staging / comp.file.path
+            dst_path.parent.mkdir(parents=True, exist_ok=True)
+            details: dict[str, Any] = {"method": method}
+            if method == "fp32":
+                _link_or_copy(src_path, dst_path)
+                for e in comp.external_data:
+                    _link_or_copy(src / e.path, staging / e.path)
+            else:
+                if method == "int8-static":
+                    assert feeds_src is not None
+                    reader = make_ort_reader(feeds_src.feeds(name), name)
+                    cache = None
+                    if opts.calib_cache:
+                        Path(opts.calib_cache).mkdir(parents=True, exist_ok=True)
+                        key = f"{name}-{comp.file.sha256[:12]}-{feeds_src.cs.digest()[:12]}-{opts.calib_method}"
+                        cache = Path(opts.calib_cache) / f"{key}.json"
+                        details["calibration_cache"] = str(cache)
+                    details.update(_int8_static(src_path, dst_path, reader, opts, cache))
+                elif method == "int4-weight":
+                    details.update(_int4_weight(src_path, dst_path, opts))
+                elif method == "int8-dynamic":
+                    details.update(_int8_dynamic(src_path, dst_path, opts))
+                elif method == "fp16":
+                    details.update(_fp16(src_path, dst_path))
+                release, n = fit_target(dst_path, manifest.target_ort)
+                notes.extend(n)
+                if release != manifest.target_ort:
+                    details["target_ort"] = release
+                    if release == "installed" or _release_tuple(release) > _release_tuple(target):
+                        target = release
+                if opts.check_samples:
+                    check = (feeds_src.feeds(name)[: opts.check_samples]
+                             if feeds_src is not None and name in static else None)
+                    if check is None:
+                        check = _component_check_feeds(name, comp, cfg, feeds_src, opts.check_samples)
+                    details["parity"] = parity(src_path, dst_path, check)
+            new_components[name] = _component_entry(comp, staging, dst_path, PRECISION[method], details)
+            size = new_components[name].file.size_bytes + sum(e.size_bytes for e in new_components[name].external_data)
+            fp32_size = comp.file.size_bytes + sum(e.size_bytes for e in comp.external_data)
+            results.append(ComponentResult(name, method, PRECISION[method], fp32_size, size,
+                                           round(time.perf_counter() - t1, 2), details))
+            if log:
+                log(f"{name}: {method}, {fp32_size / 1e6:.2f} MB -> {size / 1e6:.2f} MB")
+        shutil.copy2(src / manifest.tokenizer.path, staging / manifest.tokenizer.path)
+        for item in out.iterdir():  # --force: clear the previous contents (never the staging dir)
+            if item == staging:
+                continue
+            if item.is_dir():
+                shutil.rmtree(item)
+            else:
+                item.unlink()
+        for item in staging.iterdir():
+            os.replace(item, out / item.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if feeds_src is not None:
+            feeds_src.close()
+    new = copy.deepcopy(manifest)
+    new.components = {}
+    for name, comp in new_components.items():
+        comp.file = file_entry(out, out / comp.file.path)
+        comp.external_data = [file_entry(out, out / e.path) for e in comp.external_data]
+        new.components[name] = comp
+    new.tokenizer = file_entry(out, out / manifest.tokenizer.path)
+    new.recipe = opts.recipe
+    new.target_ort = target
+    import onnxruntime
+
+    new.exporter = dict(manifest.exporter) | {"quantizer": f"onnxruntime.quantization {onnxruntime.__version__}"}
+    new.extra = dict(manifest.extra)
+    new.extra["quantization"] = {
+        "recipe": opts.recipe,
+        "plan": plan,
+        "options": {k: v for k, v in asdict(opts).items() if k not in ("progress", "force")},
+        "calibration": calib_info,
+        "source": {"artifacts": str(src), "manifest_sha256": manifest_sha, "target_ort": manifest.target_ort,
+                   "model_fingerprint": manifest.extra.get("model_fingerprint")},
+        "notes": notes,
+    }
+    write_manifest(new, out)
+    load_manifest(out, verify=True)
+    return QuantizeResult(out, new, results, calib_info, time.perf_counter() - t0, notes)
+
+
+def _component_check_feeds(name: str, comp: Component, cfg: Any, feeds_src: ComponentFeeds | None,
+                           n: int) -> list[dict[str, np.ndarray]]:
+    if feeds_src is not None:
+        try:
+            return feeds_src.feeds(name)[:n]
+        except CalibrationError:
+            pass
+    return _random_feeds(comp, cfg, n)
+
+
+def _component_entry(old: Component, root: Path, path: Path, precision: str, details: dict[str, Any]) -> Component:
+    """The manifest entry of a rewritten file: same contract, new file, precision and opsets."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    data = sorted({e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"})
+    comp = copy.deepcopy(old)
+    comp.file = file_entry(root, path)
+    comp.external_data = [file_entry(root, path.parent / d) for d in data]
+    comp.precision = precision
+    comp.opsets = {op.domain: op.version for op in model.opset_import}
+    comp.ir_version = model.ir_version
+    dtypes = {v.name: onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name
+              for v in [*model.graph.input, *model.graph.output]}
+    comp.inputs = [TensorSpec(t.name, dtypes.get(t.name, t.dtype), t.shape) for t in old.inputs]
+    comp.outputs = [TensorSpec(t.name, dtypes.get(t.name, t.dtype), t.shape) for t in old.outputs]
+    comp.extra = dict(old.extra) | {"quantization": json.loads(json.dumps(details, default=str))}
+    return comp

@@ -1,0 +1,326 @@
+"""Calibration readers, quantization recipes and their refusals (issue 7).
+
+The end-to-end tests quantize the small exported test model that the runtime tests share
+(cached under .pytest_cache); unit tests use hand-built ONNX graphs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_runtime import export_test_artifacts
+
+from model_src.errors import ArtifactError, CalibrationError, InputError
+
+
+@pytest.fixture(scope="module")
+def artifacts(pytestconfig) -> Path:
+    return export_test_artifacts(Path(pytestconfig.cache.mkdir("maven-runtime-artifacts")))
+
+
+@pytest.fixture(scope="module")
+def manifest(artifacts):
+    from export.manifest import load_manifest
+
+    return load_manifest(artifacts)
+
+
+@pytest.fixture(scope="module")
+def quantized(artifacts, tmp_path_factory):
+    """recipe -> QuantizeResult, made once per module (a few seconds each)."""
+    from calibration.quantize import QuantizeOptions, quantize_artifacts
+
+    root = tmp_path_factory.mktemp("quant")
+    out = {}
+    for recipe in ("int8-static", "int4-weight", "int8-dynamic", "fp16"):
+        out[recipe] = quantize_artifacts(artifacts, root / recipe,
+                                         QuantizeOptions(recipe=recipe, calib_samples=6, progress=False))
+    return out
+
+
+# ---- recipes ---------------------------------------------------------------------------------------
+
+
+COMPONENTS = ["vision_encoder", "discrete_tokenizer", "embed_tokens", "patch_selector", "projector", "decoder"]
+
+
+def test_recipe_plans():
+    from calibration.quantize import RECIPES, recipe_plan
+
+    plans = {r: recipe_plan(r, COMPONENTS) for r in RECIPES}
+    assert plans["int8-static"] == {"vision_encoder": "int8-static", "discrete_tokenizer": "int8-static",
+                                    "embed_tokens": "fp32", "patch_selector": "int8-static",
+                                    "projector": "int8-static", "decoder": "fp32"}
+    assert plans["int4-weight"]["decoder"] == "int4-weight" and plans["int4-weight"]["vision_encoder"] == "fp32"
+    assert plans["int8-dynamic"]["decoder"] == "int8-dynamic"
+    assert plans["int8-int4"]["decoder"] == "int4-weight" and plans["int8-int4"]["patch_selector"] == "int8-static"
+    assert set(plans["fp16"].values()) == {"fp16"}
+    mixed = recipe_plan("int4-weight", COMPONENTS, {"vision_encoder": "fp16", "projector": "int8-dynamic"})
+    assert mixed["vision_encoder"] == "fp16" and mixed["projector"] == "int8-dynamic" and mixed["decoder"] == "int4-weight"
+    with pytest.raises(InputError, match="unknown recipe"):
+        recipe_plan("int3", COMPONENTS)
+    with pytest.raises(InputError, match="no component"):
+        recipe_plan("fp16", COMPONENTS, {"lm": "fp16"})
+    with pytest.raises(InputError, match="Gather"):
+        recipe_plan("fp16", COMPONENTS, {"embed_tokens": "int4-weight"})
+
+
+def test_cli_choices_match_the_library():
+    from calibration import commands, quantize
+    from export import tensorrt
+
+    assert commands.RECIPES == quantize.RECIPES
+    assert commands.TRT_PRECISIONS == tensorrt.PRECISIONS
+
+
+def _graph(nodes, inputs, outputs, inits=()):
+    from onnx import helper
+
+    g = helper.make_graph(nodes, "g", inputs, outputs, list(inits))
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_discrete_sensitive_nodes_and_lm_head():
+    from onnx import TensorProto, helper, numpy_helper
+
+    from calibration.quantize import discrete_sensitive_nodes, lm_head_nodes
+
+    w = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["a"], name="proj"),  # -> MatMul: not sensitive
+        helper.make_node("Relu", ["a"], ["b"], name="act"),
+        helper.make_node("MatMul", ["b", "w"], ["c"], name="codebook"),  # -> Div -> ArgMax: sensitive
+        helper.make_node("Div", ["c", "c"], ["d"], name="norm"),
+        helper.make_node("ArgMax", ["d"], ["codes"], name="argmax", axis=-1),
+        helper.make_node("MatMul", ["b", "w"], ["logits"], name="head"),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])
+    outs = [helper.make_tensor_value_info("codes", TensorProto.INT64, [2, 1]),
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, [2, 4])]
+    model = _graph(nodes, [x], outs, [w])
+    assert discrete_sensitive_nodes(model) == ["codebook"]
+    assert lm_head_nodes(model) == ["head"]
+
+
+def test_dedupe_nodes_removes_repeated_casts():
+    from onnx import TensorProto, checker, helper
+
+    from calibration.quantize import dedupe_nodes
+
+    cast = helper.make_node("Cast", ["x"], ["x32"], to=1, name="x_cast")
+    nodes = [cast, helper.make_node("Cast", ["x"], ["x32"], to=1, name="x_cast"),
+             helper.make_node("Relu", ["x32"], ["y"], name="r"), helper.make_node("Relu", ["x32"], ["z"], name="r")]
+    model = _graph(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [2])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2]),
+                    helper.make_tensor_value_info("z", TensorProto.FLOAT, [2])])
+    assert dedupe_nodes(model) == 1
+    assert [n.name for n in model.graph.node] == ["x_cast", "r", "r_1"]
+    checker.check_model(model, full_check=True)
+
+
+def test_fit_target_caps_a_newer_ir_version(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    from calibration.quantize import fit_target
+
+    model = _graph([helper.make_node("Relu", ["x"], ["y"])], [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    model.ir_version = 11
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    release, notes = fit_target(path, "1.18")
+    assert release == "1.18" and notes == []
+    assert onnx.load(path).ir_version == 10
+
+
+# ---- calibration sets and refusals -------------------------------------------------------------------
+
+
+def test_synthetic_set_matches_runtime_preprocessing(manifest, tmp_path):
+    from calibration.readers import CalibrationSet, resolve_calibration_set
+    from model_src.data import get_sample
+    from model_src.preprocess import preprocess_images
+
+    cs = resolve_calibration_set(None, manifest, 3)
+    assert cs.num_samples == 3 and cs.source == "synthetic:val" and cs.preset == manifest.preset
+    s = get_sample("val", 0, image_size=64, patch_size=8)
+    np.testing.assert_array_equal(cs.pixel_values[0], preprocess_images(s.images, manifest.maven_config().preprocess))
+    assert cs.prompts[0] == s.prompt
+    cs.save(tmp_path / "set")
+    back = CalibrationSet.load(tmp_path / "set")
+    assert back.digest() == cs.digest() and back.prompts == cs.prompts
+    # a modified saved set is refused
+    meta = json.loads((tmp_path / "set" / "calibration.json").read_text())
+    meta["digest"] = "0" * 64
+    (tmp_path / "set" / "calibration.json").write_text(json.dumps(meta))
+    with pytest.raises(CalibrationError, match="modified"):
+        CalibrationSet.load(tmp_path / "set")
+
+
+def test_folder_set_and_refusals(manifest, tmp_path):
+    from PIL import Image
+
+    from calibration.readers import arrays_calibration_set, check_calibration_set, resolve_calibration_set
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no images here")
+    with pytest.raises(CalibrationError, match="empty"):
+        resolve_calibration_set(empty, manifest, 4)
+    with pytest.raises(CalibrationError, match="empty"):
+        resolve_calibration_set(None, manifest, 0)
+
+    small = tmp_path / "small"
+    small.mkdir()
+    Image.new("RGB", (32, 24), (200, 10, 10)).save(small / "a.png")
+    with pytest.raises(CalibrationError, match=r"32x24, smaller than the model input 64x64"):
+        resolve_calibration_set(small, manifest, 4)
+    assert resolve_calibration_set(small, manifest, 4, allow_upscale=True).num_images == 1
+
+    good = tmp_path / "good"
+    good.mkdir()
+    for i in range(5):
+        Image.new("RGB", (96, 80), (40 * i, 90, 10)).save(good / f"{i}.jpg")
+    cs = resolve_calibration_set(good, manifest, 2, images_per_sample=2)
+    assert cs.num_samples == 2 and [p.shape[0] for p in cs.pixel_values] == [2, 2]
+
+    # wrong image size: pixel_values prepared for another model (224 px) refused
+    wrong = arrays_calibration_set(np.zeros((2, 3, 224, 224), np.float32), manifest.preprocess)
+    with pytest.raises(CalibrationError, match="224x224 pixels.*take 64x64"):
+        check_calibration_set(wrong, manifest)
+    np.save(tmp_path / "px.npy", np.zeros((2, 3, 32, 32), np.float32))
+    with pytest.raises(CalibrationError, match="32x32"):
+        resolve_calibration_set(tmp_path / "px.npy", manifest, 4)
+
+    # not matching the artifacts: other preprocessing, another preset, too many images
+    other = resolve_calibration_set(good, manifest, 1)
+    other.preprocess = dict(other.preprocess, mean=[0.5, 0.5, 0.5])
+    with pytest.raises(CalibrationError, match="does not match the artifacts.*mean"):
+        check_calibration_set(other, manifest)
+    other = resolve_calibration_set(good, manifest, 1)
+    other.preset = "edge-small"
+    with pytest.raises(CalibrationError, match="preset 'edge-small'"):
+        check_calibration_set(other, manifest)
+    many = arrays_calibration_set([np.zeros((9, 3, 64, 64), np.float32)], manifest.preprocess)
+    with pytest.raises(CalibrationError, match="9 images"):
+        check_calibration_set(many, manifest)
+
+
+def test_quantize_refuses_bad_calibration_through_the_cli(artifacts, tmp_path, capsys):
+    from runtime.cli import main
+
+    empty = tmp_path / "imgs"
+    empty.mkdir()
+    rc = main(["quantize", "--artifacts", str(artifacts), "--out", str(tmp_path / "q"), "--recipe", "int8-static",
+               "--calib-images", str(empty), "--quiet"])
+    assert rc == 2
+    assert "calibration set is empty" in capsys.readouterr().err
+    assert not (tmp_path / "q" / "manifest.json").exists()
+
+
+def test_quantize_refuses_bad_directories(artifacts, quantized, tmp_path):
+    from calibration.quantize import QuantizeOptions, quantize_artifacts
+
+    with pytest.raises(InputError, match="new directory"):
+        quantize_artifacts(artifacts, artifacts, QuantizeOptions(recipe="int4-weight", progress=False))
+    with pytest.raises(ArtifactError, match="already holds quantized"):
+        quantize_artifacts(quantized["int4-weight"].out, tmp_path / "x", QuantizeOptions(recipe="fp16", progress=False))
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("x")
+    with pytest.raises(InputError, match="not empty"):
+        quantize_artifacts(artifacts, busy, QuantizeOptions(recipe="int4-weight", progress=False))
+    with pytest.raises(InputError, match="block-size"):
+        QuantizeOptions(block_size=24).validate()
+
+
+# ---- quantized artifacts ---------------------------------------------------------------------------------
+
+
+def _ops(path: Path) -> set[str]:
+    import onnx
+
+    return {n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node}
+
+
+def test_int8_static_artifacts(quantized):
+    from export.manifest import load_manifest
+
+    res = quantized["int8-static"]
+    m = load_manifest(res.out)  # every sha256 checks
+    assert m.recipe == "int8-static"
+    prec = {k: c.precision for k, c in m.components.items()}
+    assert prec == {"vision_encoder": "int8", "discrete_tokenizer": "int8", "embed_tokens": "fp32",
+                    "patch_selector": "int8", "projector": "int8", "decoder": "fp32"}
+    q = m.extra["quantization"]
+    assert q["calibration"]["samples"] == 6 and q["calibration"]["source"] == "synthetic:val"
+    assert q["source"]["model_fingerprint"] and q["plan"]["decoder"] == "fp32"
+    assert {"QuantizeLinear", "DequantizeLinear"} <= _ops(res.out / "vision_encoder.onnx")
+    disc = m.components["discrete_tokenizer"].extra["quantization"]
+    assert disc["kept_fp32"], "the VQ codebook lookup must stay fp32"
+    for r in res.components:
+        if r.method == "int8-static":
+            assert r.ratio < 0.5, (r.name, r.ratio)
+    assert m.target_ort == "1.18"
+
+
+def test_int4_and_int8_dynamic_decoders(quantized):
+    from export.manifest import load_manifest
+
+    m4 = load_manifest(quantized["int4-weight"].out)
+    dec = m4.components["decoder"]
+    assert dec.precision == "int4" and dec.opsets.get("com.microsoft") == 1
+    info = dec.extra["quantization"]
+    assert info["block_size"] == 32 and info["accuracy_level"] == 4 and info["quantized_matmuls"] >= 14
+    assert "MatMulNBits" in _ops(quantized["int4-weight"].out / "decoder.onnx")
+    r4 = next(r for r in quantized["int4-weight"].components if r.name == "decoder")
+    assert r4.ratio < 0.35
+    assert info["parity"]["logits.rel_l2"] < 0.25
+    m8 = load_manifest(quantized["int8-dynamic"].out)
+    assert m8.components["decoder"].precision == "int8"
+    assert {"DynamicQuantizeLinear", "MatMulInteger"} & _ops(quantized["int8-dynamic"].out / "decoder.onnx") or (
+        "DynamicQuantizeMatMul" in _ops(quantized["int8-dynamic"].out / "decoder.onnx"))
+
+
+def test_fp16_keeps_float32_io_and_norms(quantized):
+    import onnx
+
+    from export.manifest import load_manifest
+
+    res = quantized["fp16"]
+    m = load_manifest(res.out)
+    assert {c.precision for c in m.components.values()} == {"fp16"}
+    for c in m.components.values():  # the runtime feeds float32 and int64, as before
+        assert {t.dtype for t in c.inputs} <= {"float32", "int64"}
+    dec = onnx.load(str(res.out / "decoder.onnx"))
+    fp16_inits = sum(t.data_type == onnx.TensorProto.FLOAT16 for t in dec.graph.initializer)
+    assert fp16_inits > 10
+    # the RMSNorm chain runs in fp32: every Pow reads a Cast-to-float tensor
+    producers = {o: n for n in dec.graph.node for o in n.output}
+    pows = [n for n in dec.graph.node if n.op_type == "Pow"]
+    assert pows and all(producers[n.input[0]].op_type == "Cast" for n in pows)
+    for r in res.components:
+        assert 0.4 < r.ratio < 0.65, (r.name, r.ratio)
+        for k, v in r.details["parity"].items():
+            assert v < 0.01, (r.name, k, v)
+
+
+def test_quantized_artifacts_run_in_the_pipeline(artifacts, quantized):
+    from model_src.data import get_sample
+    from runtime.backends.ort_backend import SessionConfig
+    from runtime.pipeline import MavenPipeline
+
+    s = get_sample("test", 1, image_size=64, patch_size=8)
+    so = SessionConfig(intra_op_num_threads=1)
+    ref = MavenPipeline.from_artifacts(artifacts, session_options=so).generate(s.images, s.prompt, max_new_tokens=6)
+    for recipe in ("int8-static", "int4-weight", "fp16"):
+        pipe = MavenPipeline.from_artifacts(quantized[recipe].out, session_options=so)
+        res = pipe.generate(s.images, s.prompt, max_new_tokens=6)
+        assert res.token_ids and len(res.token_ids) <= 6
+        assert pipe.backend.describe()["recipe"] == recipe
+        if recipe == "fp16":
+            assert res.token_ids == ref.token_ids
