@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from model_src.errors import CheckpointError, InputError
+from model_src.errors import CheckpointError, InputError, MavenError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = REPO_ROOT / "model_src" / "samples"
@@ -168,19 +168,29 @@ def ensure_demo_artifacts(out: Path, checkpoint: Path, log: Any = print) -> Path
             "run `maven-edge demo --artifacts DIR` on artifacts you exported yourself"
         )
     digest = sha256_file(weights)
+    model = None
     if (out / MANIFEST).is_file():
         try:
             manifest = load_manifest(out, verify=True)
-            if manifest.extra.get("source", {}).get("weights_sha256") == digest:
-                return out
-            log(f"{out} holds another export; re-exporting the shipped checkpoint")
-        except Exception as exc:  # a broken/tampered export: rebuild it
+        except MavenError as exc:  # a broken or tampered export: rebuild it
             log(f"{out} is not a usable export ({exc}); re-exporting")
+        else:
+            source = manifest.extra.get("source") or {}
+            if source.get("weights_sha256") == digest:
+                return out
+            # Exported some other way (e.g. `maven-edge export`): compare the model fingerprints.
+            from export.onnx_export import model_fingerprint
+            from model_src.checkpoint import load_checkpoint
+
+            model = load_checkpoint(checkpoint)
+            if manifest.extra.get("model_fingerprint") == model_fingerprint(model):
+                return out
+            log(f"{out} holds the export of another model; re-exporting {checkpoint}")
     log(f"exporting {checkpoint} to {out} (once; takes a minute or two) ...")
     from export.onnx_export import ExportOptions, export_model
     from model_src.checkpoint import load_checkpoint
 
-    model = load_checkpoint(checkpoint)
+    model = model or load_checkpoint(checkpoint)
     source = {"checkpoint": str(checkpoint), "weights_sha256": digest}
     export_model(model, ExportOptions(out=out, force=True, progress=False), source=source)
     return out

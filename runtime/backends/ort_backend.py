@@ -68,6 +68,25 @@ class SessionConfig:
     trt_int8: bool = False
     trt_max_workspace_size: int | None = None  # bytes
     extra_config: dict[str, str] = field(default_factory=dict)  # SessionOptions.add_session_config_entry
+    # Extra options per provider short name, merged over the defaults above, e.g.
+    # {"tensorrt": {"trt_profile_min_shapes": "...", ...}, "cuda": {"gpu_mem_limit": 8 << 30}}
+    provider_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @classmethod
+    def coerce(cls, value: SessionConfig | dict[str, Any] | None) -> SessionConfig:
+        """A SessionConfig from itself, a dict of its fields, or None (the defaults)."""
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, dict):
+            try:
+                return cls(**value)
+            except TypeError as exc:
+                raise InputError(f"bad session option: {exc}; see runtime.backends.ort_backend.SessionConfig") from None
+        raise InputError(
+            f"session_options must be a SessionConfig or a dict of its fields, got {type(value).__name__}"
+        )
 
     def build(self) -> ort.SessionOptions:
         if self.graph_optimization_level not in _OPT_LEVELS:
@@ -144,6 +163,7 @@ def resolve_providers(
             }
             if cfg.trt_max_workspace_size:
                 opts["trt_max_workspace_size"] = int(cfg.trt_max_workspace_size)
+        opts.update(cfg.provider_options.get(n, {}))
         out.append((PROVIDERS[n], opts))
     return out
 
@@ -215,7 +235,7 @@ class OrtBackend(Backend):
                 f"{tok_path.name} does not match the vocabulary layout in manifest.json; re-export the artifacts"
             )
         super().__init__(cfg, tokenizer)
-        self.session_config = session_options or SessionConfig()
+        self.session_config = SessionConfig.coerce(session_options)
         self.providers = resolve_providers(providers, self.session_config, self.artifacts)
         self.io_device = "cuda" if self.providers[0][0] in (PROVIDERS["cuda"], PROVIDERS["tensorrt"]) else "cpu"
         self.device_id = self.session_config.device_id

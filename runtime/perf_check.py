@@ -1,0 +1,297 @@
+"""Measured runtime checks for docs/usage/runtime.md (issue 6): decode speed, KV-cache cost, memory.
+
+    python -m runtime.perf_check                      # everything below, edge-small + tiny
+    python -m runtime.perf_check --only decode        # edge-small only
+    python -m runtime.perf_check --only rss --rss-runs 500
+
+1. ``edge-small`` (random seeded weights, exported once to ``artifacts/perf/``): one request with
+   4 images and 32 new tokens through the ORT backend and through our torch eager backend; per-stage
+   timings, TTFT, decode tokens/s, and the ratio of their mean decode-step times.
+2. KV cache: the decode-step time at past length 64 vs 512 on the ORT backend (IOBinding, the
+   cache stays in OrtValues), next to a naive loop that round-trips the whole cache through numpy
+   every step, and the time one full-cache copy takes at that length.
+3. Memory: resident set size over N consecutive generations in one process (``tiny`` geometry,
+   random weights unless ``--rss-artifacts`` names an export), growth after a warm-up.
+
+Writes a JSON report (``--out``, default ``artifacts/perf/runtime_perf.json``) and prints a summary.
+Imports torch (for the export and the torch baseline); the runtime itself does not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLES = REPO / "model_src" / "samples"
+
+
+def rss_mb() -> float:
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss / 2**20
+    except ImportError:  # minimal device install: Linux /proc
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def export_random(preset: str, root: Path, seed: int = 0, overrides: list[str] | None = None) -> tuple[Any, Path]:
+    """A seeded random model of `preset` and its export under `root` (reused when the weights match)."""
+    from export.manifest import MANIFEST, load_manifest
+    from export.onnx_export import ExportOptions, export_model, model_fingerprint
+    from model_src.checkpoint import build_model
+    from model_src.config import get_config
+
+    model = build_model(get_config(preset, overrides), seed=seed)
+    fp = model_fingerprint(model)
+    out = root / f"{preset}-{fp[:12]}"
+    if (out / MANIFEST).is_file():
+        try:
+            if load_manifest(out, verify=False).extra.get("model_fingerprint") == fp:
+                return model, out
+        except Exception:  # broken export: redo it
+            pass
+    t0 = time.perf_counter()
+    print(f"exporting {preset} (random, seed {seed}) to {out} ...", flush=True)
+    export_model(model, ExportOptions(out=out, force=True, progress=True, check_load=False))
+    print(f"  done in {time.perf_counter() - t0:.0f} s", flush=True)
+    return model, out
+
+
+def demo_images(n: int) -> list[str]:
+    names = json.loads((SAMPLES / "demo.json").read_text())["images"]
+    return [str(SAMPLES / names[i % len(names)]) for i in range(n)]
+
+
+def question(n: int) -> str:
+    return "<image>" * n + "\nQuestion: which image has a red square?\nAnswer:"
+
+
+# ---- 1. end to end + decode-step ratio ----------------------------------------------------------
+
+
+def end_to_end(pipe: Any, n_images: int, new_tokens: int) -> dict[str, Any]:
+    """One request; EOS is made impossible (stop only at the length) so every run decodes new_tokens."""
+    images, prompt = demo_images(n_images), question(n_images)
+    pipe.generate(images, prompt, max_new_tokens=2)  # warm-up: allocations, first-run graph work
+    res = _generate_no_eos(pipe, images, prompt, new_tokens)
+    t = res.timings
+    steps = t.decode_step_ms
+    return {
+        "backend": pipe.backend.name,
+        "generated_tokens": len(res.token_ids),
+        "prompt_tokens": res.prompt_tokens,
+        "visual_tokens_per_image": res.visual_tokens_per_image,
+        "stages_ms": {k: round(v, 1) for k, v in t.stages().items()},
+        "total_ms": round(t.total_ms, 1),
+        "stages_sum_ms": round(t.stages_sum_ms, 1),
+        "ttft_ms": round(t.ttft_ms, 1),
+        "decode_tokens_per_s": round(t.decode_tokens_per_s, 2),
+        "decode_step_mean_ms": round(float(np.mean(steps)), 2) if steps else None,
+        "decode_step_median_ms": round(float(np.median(steps)), 2) if steps else None,
+    }
+
+
+def _generate_no_eos(pipe: Any, images: list[str], prompt: str, new_tokens: int) -> Any:
+    """Greedy, but with <eos> masked so random weights cannot stop early (benchmark only)."""
+    be = pipe.backend
+    eos = pipe.tokenizer.eos_id
+
+    class NoEos:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(be, name)
+
+        def prefill(self, *a: Any) -> Any:
+            logits, state = be.prefill(*a)
+            logits[eos] = -np.inf
+            return logits, state
+
+        def decode(self, *a: Any) -> Any:
+            logits = be.decode(*a)
+            logits[eos] = -np.inf
+            return logits
+
+    from runtime.pipeline import MavenPipeline
+
+    return MavenPipeline(NoEos(), pipe.limits).generate(images, prompt, max_new_tokens=new_tokens)  # type: ignore[arg-type]
+
+
+# ---- 2. KV cache cost ------------------------------------------------------------------------------
+
+
+def step_times(backend: Any, past: int, steps: int, seed: int = 0) -> list[float]:
+    """Decode-step times (ms) right after a prefill of `past` random positions."""
+    d = backend.config.llm.hidden_size
+    rng = np.random.default_rng(seed)
+    embeds = (rng.standard_normal((1, past, d)) * 0.02).astype(np.float32)
+    _, state = backend.prefill(embeds, past + steps + 1)
+    times = []
+    for i in range(steps):
+        t0 = time.perf_counter()
+        backend.decode(state, 100 + i)
+        times.append((time.perf_counter() - t0) * 1e3)
+    state.release()
+    return times
+
+
+def naive_step_times(backend: Any, past: int, steps: int) -> list[float]:
+    """The loop to avoid: session.run with numpy feeds, so the whole cache goes through host
+    arrays (out of the session and back in) every step."""
+    sess = backend.dec.sess
+    c = backend.config.llm
+    d = c.hidden_size
+    rng = np.random.default_rng(0)
+    names = backend.past_names
+    cache = {n: (rng.standard_normal((1, c.num_kv_heads, past, c.head_dim)) * 0.1).astype(np.float32) for n in names}
+    times = []
+    for i in range(steps):
+        length = past + i + 1
+        feeds = {"inputs_embeds": (rng.standard_normal((1, 1, d)) * 0.02).astype(np.float32),
+                 "attention_mask": np.ones((1, length), np.int64), **cache}
+        if backend.uses_position_ids:
+            feeds["position_ids"] = np.array([[length - 1]], np.int64)
+        t0 = time.perf_counter()
+        outs = sess.run(["logits", *backend.present_names], feeds)
+        cache = {n: np.array(o) for n, o in zip(names, outs[1:], strict=True)}  # host copy of the cache
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def cache_copy_ms(cfg: Any, length: int, repeats: int = 5) -> tuple[float, float]:
+    """(MB of KV cache at `length`, ms to copy all of it once in host memory)."""
+    c = cfg.llm
+    arrays = [np.ones((1, c.num_kv_heads, length, c.head_dim), np.float32) for _ in range(2 * c.num_layers)]
+    mb = sum(a.nbytes for a in arrays) / 2**20
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        _ = [a.copy() for a in arrays]
+        best = min(best, (time.perf_counter() - t0) * 1e3)
+    return mb, best
+
+
+def kv_report(ort_backend: Any, torch_backend: Any | None, pasts: tuple[int, ...], steps: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for past in pasts:
+        row: dict[str, Any] = {}
+        step_times(ort_backend, 8, 2)  # warm-up
+        row["ort_iobinding_median_ms"] = round(statistics.median(step_times(ort_backend, past, steps)), 2)
+        row["ort_naive_numpy_median_ms"] = round(statistics.median(naive_step_times(ort_backend, past, steps)), 2)
+        if torch_backend is not None:
+            row["torch_eager_median_ms"] = round(statistics.median(step_times(torch_backend, past, steps)), 2)
+        mb, ms = cache_copy_ms(ort_backend.config, past)
+        row["kv_cache_mb"] = round(mb, 2)
+        row["one_full_cache_copy_ms"] = round(ms, 2)
+        out[str(past)] = row
+        print(f"  past {past}: {row}", flush=True)
+    return out
+
+
+# ---- 3. memory ---------------------------------------------------------------------------------------
+
+
+def rss_growth(pipe: Any, images: list[str], prompt: str, n: int = 200, max_new_tokens: int = 8,
+               warmup: int = 10, every: int = 25) -> dict[str, Any]:
+    """RSS over `n` consecutive generations (after `warmup` more), sampled every `every` calls."""
+    for i in range(warmup):
+        pipe.generate(images, prompt, max_new_tokens=max_new_tokens, temperature=0.8, seed=i)
+    gc.collect()
+    start = rss_mb()
+    samples = [(0, round(start, 1))]
+    t0 = time.perf_counter()
+    for i in range(1, n + 1):
+        pipe.generate(images, prompt, max_new_tokens=max_new_tokens, temperature=0.8, seed=i)
+        if i % every == 0 or i == n:
+            samples.append((i, round(rss_mb(), 1)))
+    gc.collect()
+    end = rss_mb()
+    return {"generations": n, "warmup": warmup, "max_new_tokens": max_new_tokens,
+            "rss_start_mb": round(start, 1), "rss_end_mb": round(end, 1),
+            "growth_after_warmup_mb": round(end - start, 1), "samples": samples,
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+# ---- main --------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m runtime.perf_check", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="edge-small")
+    ap.add_argument("--images", type=int, default=4)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=16, help="decode steps timed per past length")
+    ap.add_argument("--pasts", default="64,512")
+    ap.add_argument("--rss-runs", type=int, default=200)
+    ap.add_argument("--rss-artifacts", help="artifacts for the memory run (default: random tiny export)")
+    ap.add_argument("--only", choices=("decode", "rss"), help="run one part")
+    ap.add_argument("--no-torch", action="store_true", help="skip the torch eager baseline")
+    ap.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0 = default)")
+    ap.add_argument("--root", default=str(REPO / "artifacts" / "perf"))
+    ap.add_argument("--out", default=str(REPO / "artifacts" / "perf" / "runtime_perf.json"))
+    args = ap.parse_args(argv)
+
+    import onnxruntime as ort
+
+    from runtime.backends.ort_backend import SessionConfig
+    from runtime.pipeline import MavenPipeline
+
+    root = Path(args.root)
+    report: dict[str, Any] = {
+        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "onnxruntime": ort.__version__,
+                    "python": platform.python_version()},
+        "command": "python -m runtime.perf_check " + " ".join(argv if argv is not None else []),
+    }
+    so = SessionConfig(intra_op_num_threads=args.threads)
+    if args.only in (None, "decode"):
+        import torch
+
+        report["machine"]["torch"] = torch.__version__
+        report["machine"]["torch_threads"] = torch.get_num_threads()
+        model, art = export_random(args.preset, root)
+        ort_pipe = MavenPipeline.from_artifacts(art, session_options=so, verify=False)
+        torch_pipe = None if args.no_torch else MavenPipeline.from_model(model)
+        print(f"{args.preset}: {args.images} images, {args.new_tokens} new tokens", flush=True)
+        e2e = {"ort": end_to_end(ort_pipe, args.images, args.new_tokens)}
+        print(f"  ort:   {e2e['ort']}", flush=True)
+        if torch_pipe is not None:
+            e2e["torch"] = end_to_end(torch_pipe, args.images, args.new_tokens)
+            print(f"  torch: {e2e['torch']}", flush=True)
+            e2e["torch_over_ort_decode_step"] = round(
+                e2e["torch"]["decode_step_mean_ms"] / e2e["ort"]["decode_step_mean_ms"], 2)
+        report["end_to_end"] = {"preset": args.preset, "images": args.images, "new_tokens": args.new_tokens, **e2e}
+        print("KV cache: decode-step time vs past length", flush=True)
+        pasts = tuple(int(p) for p in args.pasts.split(","))
+        report["kv_cache"] = kv_report(ort_pipe.backend, None if torch_pipe is None else torch_pipe.backend, pasts,
+                                       args.steps)
+        del ort_pipe, torch_pipe, model
+        gc.collect()
+    if args.only in (None, "rss"):
+        if args.rss_artifacts:
+            art = Path(args.rss_artifacts)
+        else:
+            _, art = export_random("tiny", root)
+        pipe = MavenPipeline.from_artifacts(art, session_options=so, verify=False)
+        images = demo_images(3)
+        print(f"memory: {args.rss_runs} generations on {art}", flush=True)
+        report["rss"] = {"artifacts": str(art), **rss_growth(pipe, images, question(3), n=args.rss_runs)}
+        print(f"  {report['rss']}", flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
