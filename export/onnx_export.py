@@ -575,7 +575,7 @@ def optimize_file(
     if plain is None:
         plain = _run_ort(path, feeds)
     ir_model = ir.load(path)
-    graph_tools.optimize_model(ir_model, tool)
+    ir_model = graph_tools.optimize_model(ir_model, tool)
     spec = ComponentSpec(path.stem, nn.Identity(), (), {}, inputs, outputs)
     _set_io_shapes(ir_model, spec)
     ort_compat.cap_ir_model(ir_model, target)
@@ -625,3 +625,41 @@ def _check_file(path: Path, root: Path, data_files: list[str], target: ort_compa
     unused = graph_tools.unused_initializers(structure)
     if unused:
         raise ExportError(f"{path.name} still has unused initializers {unused[:5]}")
+
+
+def optimize_artifact(src: str | Path, dst: str | Path, tool: str = "onnxscript", force: bool = False) -> Manifest:
+    """Optimize an existing export into `dst` (may equal `src`), validating each file like `--optimize`.
+
+    Each optimized component must reproduce the plain file's outputs on seeded example inputs
+    (integers exactly, floats within OPTIMIZE_ATOL) and pass the checker and the target checks;
+    the manifest is rewritten with the new hashes and `extra.optimized`.
+    """
+    from export.manifest import load_manifest
+
+    src, dst = Path(src), Path(dst)
+    manifest = load_manifest(src)
+    target_info = manifest.extra.get("target")
+    target = (ort_compat.OrtTarget(**target_info) if isinstance(target_info, dict)
+              else ort_compat.get_target(manifest.target_ort))
+    if src.resolve() != dst.resolve():
+        old = prepare_output_dir(dst, manifest.extra.get("model_fingerprint", ""), force)
+        dst.mkdir(parents=True, exist_ok=True)
+        for rel in old:
+            (dst / rel).unlink(missing_ok=True)
+        for entry in manifest.all_files():
+            shutil.copy2(resolve_inside(src, entry.path), dst / entry.path)
+    threshold = int(manifest.extra.get("external_data_threshold", EXTERNAL_DATA_THRESHOLD))
+    vocab = int(manifest.vocab["vocab_size"])
+    for comp in manifest.components.values():
+        path = resolve_inside(dst, comp.file.path)
+        feeds = graph_tools.example_feeds(comp.inputs, vocab)
+        optimize_file(path, comp.inputs, comp.outputs, feeds, target, tool, threshold)
+        structure = graph_tools.load_structure(path)
+        comp.file = file_entry(dst, path)
+        comp.external_data = [file_entry(dst, dst / loc) for loc in graph_tools.external_locations(structure)]
+        comp.opsets = {op.domain: op.version for op in structure.opset_import}
+        comp.ir_version = structure.ir_version
+        comp.extra["optimized"] = tool
+    manifest.extra["optimized"] = tool
+    write_manifest(manifest, dst)
+    return manifest

@@ -272,8 +272,9 @@ def reference_model(manifest: Manifest, options: ValidateOptions):
     if options.checkpoint is not None or options.preset is not None:
         return load_model(options.checkpoint, options.preset, options.overrides or None, options.seed)
     source = manifest.extra.get("source", {})
-    if source.get("kind") == "checkpoint" and Path(source.get("path", "")).is_dir():
-        return load_model(source["path"], None, source.get("overrides") or None)
+    path = source.get("path") or source.get("checkpoint")
+    if path and Path(path).is_dir():
+        return load_model(path, None, source.get("overrides") or None)
     if source.get("kind") == "preset":
         return build_model(MavenConfig.from_dict(manifest.config), seed=source.get("seed"))
     raise ArtifactError(
