@@ -97,6 +97,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--timing-cache", default=None, help="timing cache file (default <out>/timing-<gpu>-<trt>.cache)")
     t.add_argument("--engine-cache", default=None, help="engine cache directory (default <out>/cache)")
     t.add_argument("--components", default=None, help="comma-separated subset to build")
+    t.add_argument("--calib-algorithm", default="entropy", choices=("entropy", "minmax"),
+                   help="implicit INT8 calibrator (default entropy)")
+    t.add_argument("--calib-source", default="tensorrt", choices=("tensorrt", "onnxruntime"),
+                   help="calibrate on the GPU (tensorrt) or measure ranges on the CPU with onnxruntime")
     _calib_args(t)
     t.add_argument("--force", action="store_true", help="rebuild even when the engine cache has the engine")
     t.add_argument("--dry-run", action="store_true",
@@ -169,7 +173,8 @@ def _build_trt(args: argparse.Namespace) -> int:
         builder_optimization_level=args.opt_level, timing_cache=args.timing_cache, engine_cache=args.engine_cache,
         components=tuple(c.strip() for c in args.components.split(",")) if args.components else None,
         calib_images=args.calib_images, calib_samples=args.calib_samples, calib_split=args.calib_split,
-        allow_upscale=args.allow_upscale, force=args.force, progress=not args.quiet,
+        calib_algorithm=args.calib_algorithm, calib_source=args.calib_source, allow_upscale=args.allow_upscale,
+        force=args.force, progress=not args.quiet,
     )
     if args.dry_run:
         from export.manifest import load_manifest
