@@ -1,0 +1,119 @@
+"""From shapes-world samples to training tensors (token ids, pixel values, dense targets).
+
+Every batch is a pure function of (seed, phase, step): indices are drawn with
+``np.random.default_rng([seed, phase_id, step])`` from the train split (1M samples, each
+generated on the fly from its index), so a resumed run sees exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from model_src.config import MavenConfig
+from model_src.data import COLORS, SHAPES, SIZES, Sample, get_sample
+from model_src.data.splits import DEFAULT_DATA, num_samples
+from model_src.data.tasks import TASK_FAMILY
+from model_src.preprocess import preprocess_images
+from model_src.tokenizer import TextTokenizer
+
+COLOR_IDS = {c: i + 1 for i, c in enumerate(COLORS)}  # 0 = no object
+SHAPE_IDS = {s: i + 1 for i, s in enumerate(SHAPES)}
+SIZE_IDS = {s: i + 1 for i, s in enumerate(SIZES)}
+# Dense per-patch targets: (name, number of classes)
+TARGETS = (("color", len(COLORS) + 1), ("shape", len(SHAPES) + 1), ("size", len(SIZES) + 1), ("center", 2))
+
+
+def rng_for(seed: int, phase: str, step: int) -> np.random.Generator:
+    phase_id = sum((i + 1) * ord(ch) for i, ch in enumerate(phase))
+    return np.random.default_rng([seed, phase_id, step])
+
+
+def train_indices(rng: np.random.Generator, n: int, families: Sequence[str] = ()) -> list[int]:
+    """n random train-split indices whose task is in `families` (all families if empty)."""
+    schedule = DEFAULT_DATA.schedule
+    slots = [i for i, t in enumerate(schedule) if not families or TASK_FAMILY[t] in families]
+    blocks = num_samples("train") // len(schedule)
+    b = rng.integers(0, blocks, size=n)
+    s = rng.integers(0, len(slots), size=n)
+    return [int(bi) * len(schedule) + slots[int(si)] for bi, si in zip(b, s, strict=True)]
+
+
+def samples_for(split: str, indices: Sequence[int], cfg: MavenConfig) -> list[Sample]:
+    return [get_sample(split, i, cfg.vision.image_size, cfg.vision.patch_size) for i in indices]
+
+
+def pixel_tensor(samples: Sequence[Sample], cfg: MavenConfig) -> torch.Tensor:
+    """All images of all samples, in order, as one [n_images, 3, H, W] tensor."""
+    images = [im for s in samples for im in s.images]
+    if not images:
+        return torch.zeros(0, 3, cfg.vision.image_size, cfg.vision.image_size)
+    return torch.from_numpy(preprocess_images(images, cfg.preprocess))
+
+
+def vision_targets(sample: Sample, patch_size: int) -> np.ndarray:
+    """int64 [n_images, N, 4]: per patch the colour, shape, size of the object covering most of
+    it (0 = background) and whether the object's centre lies in it."""
+    out = []
+    for scene in sample.scenes:
+        size = scene.image_size
+        g = size // patch_size
+        best = np.zeros((g * g,), dtype=np.int64) - 1
+        best_px = np.zeros((g * g,), dtype=np.int64)
+        tgt = np.zeros((g * g, 4), dtype=np.int64)
+        for k, obj in enumerate(scene.objects):
+            px = obj.mask.reshape(g, patch_size, g, patch_size).sum(axis=(1, 3)).reshape(-1)
+            take = px > best_px
+            best[take], best_px[take] = k, px[take]
+        for p in range(g * g):
+            if best[p] >= 0:
+                o = scene.objects[best[p]]
+                tgt[p, :3] = COLOR_IDS[o.color], SHAPE_IDS[o.shape], SIZE_IDS[o.size]
+        for obj in scene.objects:
+            cx, cy = obj.center
+            p = min(g - 1, int(cy // patch_size)) * g + min(g - 1, int(cx // patch_size))
+            tgt[p, 3] = 1
+        out.append(tgt)
+    return np.stack(out)
+
+
+def answer_ids(tokenizer: TextTokenizer, answer: str) -> list[int]:
+    """The answer as the model should generate it after the prompt: " answer" then <eos>."""
+    return tokenizer.encode(" " + answer) + [tokenizer.eos_id]
+
+
+@dataclass
+class TextBatch:
+    """Token sequences with the index where the answer starts (training targets from there on)."""
+
+    sequences: list[list[int]]
+    answer_starts: list[int]
+    image_counts: list[int]
+
+
+def text_batch(samples: Sequence[Sample], tokenizer: TextTokenizer) -> TextBatch:
+    seqs, starts = [], []
+    for s in samples:
+        prompt = tokenizer.encode_prompt(s.prompt)
+        seqs.append(prompt + answer_ids(tokenizer, s.answer))
+        starts.append(len(prompt))
+    return TextBatch(seqs, starts, [len(s.images) for s in samples])
+
+
+def micro_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Group sample positions, sorted by length, into micro-batches of at most `max_tokens`
+    padded tokens (at least one sample each); deterministic."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    groups: list[list[int]] = []
+    cur: list[int] = []
+    for i in order:
+        if cur and lengths[i] * (len(cur) + 1) > max_tokens:
+            groups.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        groups.append(cur)
+    return groups

@@ -1,0 +1,105 @@
+"""Model-side helpers shared by training and evaluation.
+
+`encode_visual` is `MavenModel.encode_images` for any number of images (training batches hold
+far more than `config.max_images`); its output equals `encode_images` (checked by the tests).
+Training runs the gradient-free part (`visual_features`: ViT, codes, h_eos, selection) once for
+all images of a batch and the differentiable part (`visual_embeds`) per micro-batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from model_src.config import check_mode
+from model_src.modeling.maven import MavenModel, VisualEncoding
+from model_src.modeling.selector import gather_patches, select_patches
+
+
+@dataclass
+class VisualFeatures:
+    """The gradient-free part of the visual side for a batch of images."""
+
+    feats: torch.Tensor  # [n, N, Dv]
+    codes: torch.Tensor  # [n, Q] unified-vocab ids
+    h_eos: torch.Tensor | None
+    logits: torch.Tensor | None
+    indices: torch.Tensor | None
+
+
+@torch.no_grad()
+def visual_features(
+    model: MavenModel, pixel_values: torch.Tensor, mode: str, keep_ratio: float | None = None
+) -> VisualFeatures:
+    """Vision encoder, discrete codes and (hybrid) selection for all images in one batch."""
+    mode = check_mode(mode)
+    feats = model.vision(pixel_values)
+    codes = model.discrete(feats)
+    h_eos = logits = indices = None
+    if mode == "hybrid":
+        h_eos = model.compute_h_eos(codes)
+        logits = model.selector(feats, h_eos)
+        indices = select_patches(logits, model.config.num_kept_patches(keep_ratio))
+    return VisualFeatures(feats, codes, h_eos, logits, indices)
+
+
+def visual_embeds(model: MavenModel, vf: VisualFeatures, mode: str, rows: Sequence[int] | None = None) -> torch.Tensor:
+    """[n, T_img, D] visual sequences (<img_start> codes patches <img_end>) for images `rows`
+    (all if None); gradients flow into the embeddings and the projector."""
+    tok = model.tokenizer
+    sel = slice(None) if rows is None else torch.as_tensor(list(rows), dtype=torch.long)
+    feats, codes = vf.feats[sel], vf.codes[sel]
+    n = feats.shape[0]
+    parts = [model.embed_ids(torch.full((n, 1), tok.img_start_id, dtype=torch.long))]
+    if mode in ("hybrid", "discrete"):
+        parts.append(model.embed_ids(codes))
+    if mode == "hybrid":
+        parts.append(model.projector(gather_patches(feats, vf.indices[sel])))
+    elif mode == "continuous":
+        parts.append(model.projector(feats))
+    parts.append(model.embed_ids(torch.full((n, 1), tok.img_end_id, dtype=torch.long)))
+    return torch.cat(parts, dim=1)
+
+
+def encode_visual(
+    model: MavenModel, pixel_values: torch.Tensor, mode: str, keep_ratio: float | None = None
+) -> VisualEncoding:
+    """`MavenModel.encode_images` without the per-request image limit."""
+    vf = visual_features(model, pixel_values, mode, keep_ratio)
+    embeds = visual_embeds(model, vf, mode)
+    return VisualEncoding(embeds, vf.codes, vf.feats, vf.h_eos, vf.logits, vf.indices)
+
+
+def set_threads() -> int:
+    """Intra-op threads for training/eval: MAVEN_TRAIN_THREADS, default 1. On the shared 2-core
+    machine two OpenMP threads were 7-15x slower than one whenever other processes used the
+    cores (spinning workers wait for a descheduled peer); one thread is never that slow."""
+    import os
+
+    n = int(os.environ.get("MAVEN_TRAIN_THREADS", "1"))
+    torch.set_num_threads(n)
+    return n
+
+
+def split_per_sample(embeds: torch.Tensor, counts: Sequence[int]) -> list[torch.Tensor]:
+    out, i = [], 0
+    for c in counts:
+        out.append(embeds[i : i + c])
+        i += c
+    return out
+
+
+def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Sum over samples of each sample's mean next-token loss on its labelled tokens, and the
+    number of samples with labels (callers divide by the batch size)."""
+    lg = logits[:, :-1].float()
+    tg = labels[:, 1:]
+    tok = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), tg.reshape(-1), ignore_index=-100, reduction="none")
+    tok = tok.view(tg.shape)
+    valid = (tg != -100).float()
+    per = (tok * valid).sum(1) / valid.sum(1).clamp(min=1)
+    has = valid.sum(1) > 0
+    return per[has].sum(), int(has.sum())

@@ -1,0 +1,164 @@
+"""Exact-match evaluation with batched greedy decoding.
+
+The batch decoder left-pads the assembled prompts (positions are counted over real tokens only, so
+each row sees exactly the positions it would see alone), prefills once and decodes with the KV
+cache, taking the arg-max over the tokenizer's ids like `Sampler` does: its answers are those of
+`MavenModel.generate` with the default greedy `GenerationConfig` (the tests check this).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from model_src.config import check_mode
+from model_src.data import Sample
+from model_src.data.splits import SPLITS, iter_samples, num_samples
+from model_src.errors import InputError
+from model_src.modeling.maven import MavenModel
+from model_src.train import batches as B
+from model_src.train.common import set_threads, visual_embeds, visual_features
+
+DEFAULT_MAX_NEW_TOKENS = 32  # GenerationConfig's default
+
+
+@torch.no_grad()
+def greedy_batch(
+    model: MavenModel,
+    samples: Sequence[Sample],
+    mode: str,
+    keep_ratio: float | None = None,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+) -> tuple[list[str], list[int], list[torch.Tensor | None]]:
+    """(decoded answers, prefill lengths, selected patch indices per sample) for a batch."""
+    tok = model.tokenizer
+    ids = [tok.encode_prompt(s.prompt) for s in samples]
+    counts = [len(s.images) for s in samples]
+    for i, c in zip(ids, counts, strict=True):
+        model.check_prompt_images(i, c)
+    px = B.pixel_tensor(samples, model.config)
+    vf = visual_features(model, px, mode, keep_ratio)
+    emb = visual_embeds(model, vf, mode)
+    per, sel, j = [], [], 0
+    for c in counts:
+        per.append(emb[j : j + c])
+        sel.append(vf.indices[j : j + c] if vf.indices is not None else None)
+        j += c
+    asm = model.assemble_batch(ids, per, pad_left=True)
+    mask = asm.attention_mask
+    prefill = [int(x) for x in mask.sum(1)]
+    logits, _, past = model.llm(asm.inputs_embeds, mask)
+    allowed = tok.layout.tokenizer_size
+    out: list[list[int]] = [[] for _ in samples]
+    done = [False] * len(samples)
+    for step in range(max_new_tokens):
+        nxt = logits[:, -1, :allowed].float().argmax(-1)
+        for b, t in enumerate(nxt.tolist()):
+            if done[b]:
+                continue
+            if t == tok.eos_id:
+                done[b] = True
+            else:
+                out[b].append(t)
+        if all(done) or step == max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, torch.ones(len(samples), 1, dtype=mask.dtype)], dim=1)
+        logits, _, past = model.llm(model.embed_ids(nxt[:, None]), mask, None, past)
+    return [tok.decode(o) for o in out], prefill, sel
+
+
+def normalize(text: str) -> str:
+    return " ".join(text.strip().lower().split())
+
+
+def evaluate(
+    model: MavenModel,
+    split: str = "test",
+    mode: str = "hybrid",
+    keep_ratio: float | None = None,
+    limit: int | None = None,
+    batch_size: int = 32,
+    quiet: bool = False,
+    samples: Sequence[Sample] | None = None,
+    return_predictions: bool = False,
+) -> dict[str, Any]:
+    """Exact-match accuracy per family, per task and overall on `split` (or given samples)."""
+    check_mode(mode)
+    if split not in SPLITS:
+        raise InputError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    if keep_ratio is not None and not 0.0 < keep_ratio <= 1.0:
+        raise InputError(f"--keep-ratio must be in (0, 1], got {keep_ratio}")
+    if limit is not None and limit < 1:
+        raise InputError(f"--limit must be >= 1, got {limit}")
+    set_threads()
+    model.eval()
+    if samples is None:
+        n = num_samples(split) if limit is None else min(limit, num_samples(split))
+        samples = list(iter_samples(split, n, image_size=model.config.vision.image_size,
+                                    patch_size=model.config.vision.patch_size))
+    order = sorted(range(len(samples)), key=lambda i: (samples[i].family == "caption", len(samples[i].images), i))
+    preds: dict[int, str] = {}
+    prefill: dict[int, int] = {}
+    t0 = time.time()
+    chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    for chunk in tqdm(chunks, desc=f"eval {split} {mode}", disable=quiet, mininterval=3.0):
+        answers, lens, _ = greedy_batch(model, [samples[i] for i in chunk], mode, keep_ratio)
+        for i, a, n in zip(chunk, answers, lens, strict=True):
+            preds[i], prefill[i] = a, n
+    hits: dict[str, list[int]] = defaultdict(list)
+    records = []
+    for i, s in enumerate(samples):
+        ok = int(normalize(preds[i]) == normalize(s.answer))
+        for key in ("overall", f"family/{s.family}", f"task/{s.task}"):
+            hits[key].append(ok)
+        if s.meta.get("heldout"):
+            hits[f"heldout/{s.family}"].append(ok)
+        records.append({"index": s.meta.get("index", i), "task": s.task, "family": s.family, "prompt": s.prompt,
+                        "answer": s.answer, "prediction": preds[i], "correct": bool(ok)})
+
+    def acc(key: str) -> float:
+        return sum(hits[key]) / len(hits[key])
+
+    cfg = model.config
+    report: dict[str, Any] = {
+        "split": split,
+        "mode": mode,
+        "keep_ratio": cfg.selector.keep_ratio if keep_ratio is None else keep_ratio,
+        "kept_patches": cfg.num_kept_patches(keep_ratio) if mode == "hybrid" else None,
+        "num_questions": len(samples),
+        "accuracy": acc("overall"),
+        "family_accuracy": {k.split("/", 1)[1]: acc(k) for k in sorted(hits) if k.startswith("family/")},
+        "task_accuracy": {k.split("/", 1)[1]: acc(k) for k in sorted(hits) if k.startswith("task/")},
+        "heldout_pair_accuracy": {k.split("/", 1)[1]: acc(k) for k in sorted(hits) if k.startswith("heldout/")},
+        "family_counts": {k.split("/", 1)[1]: len(hits[k]) for k in sorted(hits) if k.startswith("family/")},
+        "visual_tokens_per_image": cfg.visual_tokens_per_image(mode, keep_ratio),
+        "mean_images_per_question": sum(len(s.images) for s in samples) / len(samples),
+        "mean_prefill_tokens": sum(prefill.values()) / len(prefill),
+        "eval_time_s": round(time.time() - t0, 1),
+    }
+    if return_predictions:
+        report["predictions"] = records
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    lines = [
+        f"split {report['split']}  mode {report['mode']}  keep_ratio {report['keep_ratio']}  "
+        f"questions {report['num_questions']}",
+        f"overall exact match: {100 * report['accuracy']:.1f}%",
+    ]
+    for fam, a in report["family_accuracy"].items():
+        lines.append(f"  {fam:<8} {100 * a:5.1f}%  (n={report['family_counts'][fam]})")
+    for task, a in report["task_accuracy"].items():
+        lines.append(f"    {task:<13} {100 * a:5.1f}%")
+    if report["heldout_pair_accuracy"]:
+        ho = ", ".join(f"{k} {100 * v:.1f}%" for k, v in report["heldout_pair_accuracy"].items())
+        lines.append(f"  held-out colour/shape pairs: {ho}")
+    lines.append(f"visual tokens per image: {report['visual_tokens_per_image']}  "
+                 f"mean prefill tokens per question: {report['mean_prefill_tokens']:.1f}")
+    return "\n".join(lines)

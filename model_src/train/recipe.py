@@ -1,0 +1,101 @@
+"""Stage configurations of the training recipe (torch-free).
+
+Stage 0 has three phases (vision, vq, text) that run one after the other; stages 1-4 have one.
+`--steps-scale F` multiplies every phase's step count (at least 2 steps each), which is how the
+tests run the whole recipe in seconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from model_src.errors import TrainingError
+
+STAGES = ("0", "1", "2", "3", "4")
+
+
+@dataclass
+class PhaseConfig:
+    """One optimisation run: steps, batch size (samples or images), AdamW and schedule knobs."""
+
+    steps: int
+    batch_size: int
+    lr: float
+    warmup: int = 20
+    min_lr_ratio: float = 0.1  # cosine decay down to lr * min_lr_ratio
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    log_every: int = 10
+    ckpt_every: int = 50
+    max_tokens_per_micro: int = 2400  # micro-batch token budget (sorted by length, less padding)
+    mode: str = "hybrid"  # visual encoding mode for the LLM stages
+    families: tuple[str, ...] = ()  # data families (empty: every family)
+
+    def scaled(self, scale: float) -> PhaseConfig:
+        if not scale > 0:
+            raise TrainingError(f"--steps-scale must be > 0, got {scale}")
+        steps = max(2, math.ceil(self.steps * scale))
+        return dataclasses.replace(
+            self,
+            steps=steps,
+            warmup=min(self.warmup, max(1, steps // 5)),
+            ckpt_every=min(self.ckpt_every, max(1, steps // 2)),
+            log_every=min(self.log_every, max(1, steps // 4)),
+        )
+
+    def lr_at(self, step: int) -> float:
+        """Linear warmup, then cosine decay to lr * min_lr_ratio (step counts from 0)."""
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        t = (step - self.warmup) / max(1, self.steps - self.warmup)
+        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def tiny_recipe() -> dict[str, PhaseConfig]:
+    """Phase name -> config for the `tiny` preset (sized for under an hour on one CPU thread)."""
+    return {
+        "0-vision": PhaseConfig(steps=750, batch_size=32, lr=3e-3, warmup=30),
+        "0-vq": PhaseConfig(steps=300, batch_size=32, lr=1e-3, warmup=20),
+        "0-text": PhaseConfig(steps=200, batch_size=32, lr=2e-3, warmup=15),
+        "1-selector": PhaseConfig(steps=150, batch_size=32, lr=1e-3, warmup=10, families=("caption",)),
+        "2-discrete": PhaseConfig(steps=200, batch_size=32, lr=1e-3, warmup=20, mode="discrete",
+                                  families=("caption",)),
+        "3-projector": PhaseConfig(steps=80, batch_size=32, lr=1e-3, warmup=10, mode="hybrid",
+                                   families=("caption",)),
+        "4-instruct": PhaseConfig(steps=450, batch_size=32, lr=1e-3, warmup=30, mode="hybrid"),
+    }
+
+
+STAGE_PHASES = {
+    "0": ("0-vision", "0-vq", "0-text"),
+    "1": ("1-selector",),
+    "2": ("2-discrete",),
+    "3": ("3-projector",),
+    "4": ("4-instruct",),
+}
+
+
+def parse_stages(stage: str) -> list[str]:
+    """`0`..`4` -> [that stage]; `all` -> every stage in order; anything else is a TrainingError."""
+    stage = str(stage).strip()
+    if stage == "all":
+        return list(STAGES)
+    if stage not in STAGES:
+        raise TrainingError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)} or all")
+    return [stage]
+
+
+def get_recipe(preset: str, steps_scale: float = 1.0, max_batch: int | None = None) -> dict[str, PhaseConfig]:
+    """The recipe (every preset shares the tiny schedule; only `tiny` is meant to train on a CPU),
+    steps scaled by `steps_scale`, batch sizes capped at `max_batch` (smoke runs)."""
+    if max_batch is not None and max_batch < 1:
+        raise TrainingError(f"--max-batch must be >= 1, got {max_batch}")
+    out = {}
+    for name, cfg in tiny_recipe().items():
+        cfg = cfg.scaled(steps_scale)
+        if max_batch is not None:
+            cfg = dataclasses.replace(cfg, batch_size=min(cfg.batch_size, max_batch))
+        out[name] = cfg
+    return out

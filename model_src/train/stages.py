@@ -1,0 +1,445 @@
+"""What each stage trains (DESIGN.md §6, issue 4), and the driver that chains them.
+
+Stage 0 (pretraining what MaVEn takes pretrained), three phases:
+  0-vision  the ViT, with a linear head on every patch feature predicting the colour, shape and size of
+            the object covering the patch and whether the object's centre is in it (dense attribute
+            objective on the synthetic scenes; the head is training-only).
+  0-vq      the discrete tokenizer (Q-Former queries + VQ codebook) on the frozen ViT features: a
+            training-only decoder must rebuild those per-patch targets from the 32 quantized codes;
+            VQ codebook + commitment loss; dead codes (unused for 20 steps) are restarted from
+            random query outputs of the batch. Logs perplexity and codebook usage.
+  0-text    the decoder as a text-only LM on the sample texts (image placeholders dropped).
+Stage 1: the patch selector only, binary cross-entropy against the pseudo-labels of caption samples
+  (patches overlapping the objects the caption names: every object). Logs precision/recall of the
+  kept top-k patches.
+Stage 2: vocabulary expansion + discrete path: the visual-code rows of embed_tokens/lm_head are
+  re-initialised with `expand_vocab`'s rule (mean text row + small noise; mean head row), then the
+  whole decoder learns captioning from `<img_start> codes <img_end>` (discrete mode).
+Stage 3: the projector only, captioning in hybrid mode (codes + kept continuous patches).
+Stage 4: instruction tuning on the QA mix (captions, single- and multi-image QA), hybrid mode: the
+  decoder and the projector train; vision encoder and selector are frozen. (The discrete tokenizer
+  reaches the decoder only through argmax code ids, so it receives no gradient either.)
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model_src.checkpoint import build_model, load_checkpoint, save_checkpoint
+from model_src.config import MavenConfig, get_config
+from model_src.errors import CheckpointError, TrainingError
+from model_src.modeling.maven import MavenModel
+from model_src.modeling.selector import select_patches
+from model_src.modeling.vision import MultiHeadAttention
+from model_src.train import batches as B
+from model_src.train.common import answer_loss, set_threads, visual_embeds, visual_features
+from model_src.train.loop import Phase, plot_losses, read_jsonl, run_phase
+from model_src.train.recipe import STAGE_PHASES, PhaseConfig, get_recipe, parse_stages
+
+N_TARGET_CLASSES = sum(n for _, n in B.TARGETS)
+DEAD_CODE_WINDOW = 20
+
+
+def _split_targets(logits: torch.Tensor) -> list[torch.Tensor]:
+    return list(torch.split(logits, [n for _, n in B.TARGETS], dim=-1))
+
+
+def dense_target_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """Sum of the per-target cross-entropies; accuracies on object patches (colour/shape/size)."""
+    total = logits.new_zeros(())
+    metrics = {}
+    obj = targets[..., 0] > 0
+    for (name, n), lg, k in zip(B.TARGETS, _split_targets(logits), range(len(B.TARGETS)), strict=True):
+        tgt = targets[..., k]
+        total = total + F.cross_entropy(lg.reshape(-1, n), tgt.reshape(-1))
+        pred = lg.argmax(-1)
+        mask = obj if name != "center" else tgt > 0
+        metrics[f"acc_{name}"] = float((pred[mask] == tgt[mask]).float().mean()) if mask.any() else 1.0
+    return total, metrics
+
+
+class CodeDecoder(nn.Module):
+    """Training-only: rebuilds per-patch targets from the quantized codes (position queries
+    cross-attending to the 32 code vectors)."""
+
+    def __init__(self, code_dim: int, width: int, num_patches: int, num_heads: int, n_out: int, layers: int = 2):
+        super().__init__()
+        self.inp = nn.Linear(code_dim, width)
+        self.pos = nn.Parameter(torch.randn(num_patches, width) * 0.02)
+        self.norms = nn.ModuleList(nn.LayerNorm(width) for _ in range(layers))
+        self.attn = nn.ModuleList(MultiHeadAttention(width, num_heads) for _ in range(layers))
+        self.mlps = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(width), nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width))
+            for _ in range(layers)
+        )
+        self.out = nn.Linear(width, n_out)
+
+    def forward(self, z_q: torch.Tensor) -> torch.Tensor:
+        kv = self.inp(z_q)
+        q = self.pos.expand(z_q.shape[0], -1, -1)
+        for norm, attn, mlp in zip(self.norms, self.attn, self.mlps, strict=True):
+            q = q + attn(norm(q), kv)
+            q = q + mlp(q)
+        return self.out(q)
+
+
+def _seeded(seed: int, fn):
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return fn()
+
+
+def _named(prefix: str, module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(f"{prefix}.{n}", p) for n, p in module.named_parameters() if p.requires_grad]
+
+
+def _freeze_all(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def _trainable(model: MavenModel, *parts: str) -> list[tuple[str, nn.Parameter]]:
+    _freeze_all(model)
+    out = []
+    for part in parts:
+        module = getattr(model, part)
+        for p in module.parameters():
+            p.requires_grad_(True)
+        out += _named(f"model.{part}", module)
+    return out
+
+
+def _samples(model: MavenModel, cfg: PhaseConfig, seed: int, phase: str, step: int, n: int | None = None):
+    rng = B.rng_for(seed, phase, step)
+    idx = B.train_indices(rng, n or cfg.batch_size, cfg.families)
+    return B.samples_for("train", idx, model.config)
+
+
+# ---- stage 0 -------------------------------------------------------------------------------------
+def phase_vision(model: MavenModel, cfg: PhaseConfig, seed: int) -> Phase:
+    head = _seeded(seed + 1, lambda: nn.Linear(model.config.vision.hidden_size, N_TARGET_CLASSES))
+    params = _trainable(model, "vision") + _named("vit_head", head)
+    fam = ("caption", "single")  # one image per sample
+
+    def step_fn(step: int) -> dict[str, float]:
+        rng = B.rng_for(seed, "0-vision", step)
+        samples = B.samples_for("train", B.train_indices(rng, cfg.batch_size, fam), model.config)
+        px = B.pixel_tensor(samples, model.config)
+        tgt = torch.from_numpy(np.concatenate([B.vision_targets(s, model.config.vision.patch_size) for s in samples]))
+        feats = model.vision(px)
+        loss, metrics = dense_target_loss(head(feats), tgt)
+        loss.backward()
+        return {"loss": float(loss.detach()), **metrics}
+
+    return Phase("0-vision", cfg, {"model": model, "vit_head": head}, params, step_fn)
+
+
+def phase_vq(model: MavenModel, cfg: PhaseConfig, seed: int) -> Phase:
+    dc = model.config.discrete
+    dec = _seeded(seed + 2, lambda: CodeDecoder(dc.code_dim, dc.hidden_size, model.config.num_patches,
+                                                dc.num_heads, N_TARGET_CLASSES))
+    params = _trainable(model, "discrete") + _named("code_decoder", dec)
+    usage = torch.zeros(dc.codebook_size)
+    last_z: dict[str, torch.Tensor] = {}
+    fam = ("caption", "single")
+
+    def step_fn(step: int) -> dict[str, float]:
+        rng = B.rng_for(seed, "0-vq", step)
+        samples = B.samples_for("train", B.train_indices(rng, cfg.batch_size, fam), model.config)
+        px = B.pixel_tensor(samples, model.config)
+        tgt = torch.from_numpy(np.concatenate([B.vision_targets(s, model.config.vision.patch_size) for s in samples]))
+        with torch.no_grad():
+            feats = model.vision(px)
+        z = model.discrete.encode(feats)
+        q = model.discrete.quantize(z)
+        rec, metrics = dense_target_loss(dec(q.z_q), tgt)
+        loss = rec + q.loss
+        loss.backward()
+        usage.add_(torch.bincount(q.codes.flatten(), minlength=dc.codebook_size).float())
+        last_z["z"] = z.detach().reshape(-1, z.shape[-1])
+        return {"loss": float(loss.detach()), "rec_loss": float(rec.detach()), "vq_loss": float(q.loss.detach()),
+                "perplexity": float(q.perplexity), **metrics}
+
+    @torch.no_grad()
+    def after_step(step: int) -> dict[str, float]:
+        out: dict[str, float] = {}
+        if (step + 1) % DEAD_CODE_WINDOW == 0:
+            dead = (usage == 0).nonzero().flatten()
+            out["codebook_usage"] = float((usage > 0).float().mean())
+            out["dead_restarts"] = float(len(dead))
+            if len(dead) and "z" in last_z:
+                gen = torch.Generator().manual_seed(seed * 100_003 + step)
+                z = last_z["z"]
+                pick = torch.randint(0, z.shape[0], (len(dead),), generator=gen)
+                noise = torch.randn(len(dead), z.shape[1], generator=gen) * 0.01
+                model.discrete.codebook.weight[dead] = z[pick] + noise
+            usage.zero_()
+        return out
+
+    def finish() -> dict[str, Any]:
+        return _codebook_report(model, seed)
+
+    return Phase("0-vq", cfg, {"model": model, "code_decoder": dec}, params, step_fn, after_step,
+                 {"usage": usage}, finish)
+
+
+@torch.no_grad()
+def _codebook_report(model: MavenModel, seed: int, n: int = 256) -> dict[str, Any]:
+    samples = B.samples_for("val", range(n), model.config)
+    px = B.pixel_tensor(samples, model.config)
+    codes = model.discrete(model.vision(px)) - model.config.visual_offset
+    counts = torch.bincount(codes.flatten(), minlength=model.config.discrete.codebook_size).float()
+    p = counts / counts.sum()
+    ppl = float(torch.exp(-(p * torch.log(p + 1e-10)).sum()))
+    return {"val_codebook_usage": float((counts > 0).float().mean()), "val_code_perplexity": ppl,
+            "val_images": int(px.shape[0])}
+
+
+def phase_text(model: MavenModel, cfg: PhaseConfig, seed: int) -> Phase:
+    params = _trainable(model, "llm")
+    tok = model.tokenizer
+
+    def step_fn(step: int) -> dict[str, float]:
+        samples = _samples(model, cfg, seed, "0-text", step)
+        seqs = [[t for t in tok.encode_prompt(s.prompt) if t != tok.image_id] + B.answer_ids(tok, s.answer)
+                for s in samples]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), tok.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = torch.tensor(s)
+            mask[i, : len(s)] = 1
+        logits, _, _ = model.llm(model.embed_ids(ids), mask)
+        labels = ids.masked_fill(mask == 0, -100)
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                               ignore_index=-100)
+        loss.backward()
+        return {"loss": float(loss.detach())}
+
+    return Phase("0-text", cfg, {"model": model}, params, step_fn)
+
+
+# ---- stage 1 -------------------------------------------------------------------------------------
+def selector_metrics(logits: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[float, float]:
+    """Precision and recall of the top-k patches against the 0/1 labels (micro-averaged)."""
+    idx = select_patches(logits, k)
+    kept = torch.zeros_like(labels).scatter_(1, idx, 1.0)
+    hit = float((kept * labels).sum())
+    return hit / max(1.0, float(kept.sum())), hit / max(1.0, float(labels.sum()))
+
+
+def phase_selector(model: MavenModel, cfg: PhaseConfig, seed: int) -> Phase:
+    params = _trainable(model, "selector")
+    k = model.config.num_kept_patches()
+
+    def step_fn(step: int) -> dict[str, float]:
+        samples = _samples(model, cfg, seed, "1-selector", step)
+        px = B.pixel_tensor(samples, model.config)
+        labels = torch.from_numpy(np.stack([lab for s in samples for lab in s.patch_labels]))
+        with torch.no_grad():
+            feats = model.vision(px)
+            h_eos = model.compute_h_eos(model.discrete(feats))
+        logits = model.selector(feats, h_eos)
+        loss = F.binary_cross_entropy_with_logits(logits, labels)
+        loss.backward()
+        prec, rec = selector_metrics(logits.detach(), labels, k)
+        return {"loss": float(loss.detach()), "precision": prec, "recall": rec}
+
+    def finish() -> dict[str, Any]:
+        return selector_report(model, n=200)
+
+    return Phase("1-selector", cfg, {"model": model}, params, step_fn, finish=finish)
+
+
+@torch.no_grad()
+def selector_report(model: MavenModel, n: int = 200, split: str = "val", keep_ratio: float | None = None) -> dict:
+    """Precision/recall of the kept patches vs the pseudo-label masks of caption samples (all
+    objects) of `split`, and the fraction of object-centre patches kept."""
+    from model_src.data.splits import iter_samples
+
+    samples = list(iter_samples(split, n, families=["caption"]))
+    px = B.pixel_tensor(samples, model.config)
+    labels = torch.from_numpy(np.stack([lab for s in samples for lab in s.patch_labels]))
+    vf = visual_features(model, px, "hybrid", keep_ratio)
+    k = model.config.num_kept_patches(keep_ratio)
+    prec, rec = selector_metrics(vf.logits, labels, k)
+    centers = torch.from_numpy(
+        np.concatenate([B.vision_targets(s, model.config.vision.patch_size)[..., 3] for s in samples])
+    ).float()
+    kept = torch.zeros_like(labels).scatter_(1, vf.indices, 1.0)
+    return {"selector_precision": prec, "selector_recall": rec, "selector_k": k,
+            "center_patch_recall": float((kept * centers).sum() / centers.sum()),
+            "selector_eval_images": int(px.shape[0]), "selector_eval_split": split}
+
+
+# ---- stages 2-4 ----------------------------------------------------------------------------------
+def reinit_visual_rows(model: MavenModel, seed: int) -> None:
+    """`expand_vocab`'s rule applied to the visual-code rows of the unified vocabulary."""
+    llm, text = model.llm, model.tokenizer.layout.tokenizer_size
+    off = model.config.visual_offset
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        emb = llm.embed_tokens.weight
+        n_new = emb.shape[0] - off
+        noise = torch.randn(n_new, emb.shape[1], generator=gen) * emb[:text].std(0, keepdim=True) * 0.1
+        emb[off:] = emb[:text].mean(0, keepdim=True) + noise
+        if not model.config.llm.tie_word_embeddings:
+            head = llm.lm_head.weight
+            head[off:] = head[:text].mean(0, keepdim=True)
+
+
+def phase_llm(model: MavenModel, cfg: PhaseConfig, seed: int, name: str, parts: tuple[str, ...],
+              grad: tuple[str, ...]) -> Phase:
+    params = _trainable(model, *parts)
+    tok = model.tokenizer
+    t_img = model.config.visual_tokens_per_image(cfg.mode) + 2
+
+    def step_fn(step: int) -> dict[str, float]:
+        samples = _samples(model, cfg, seed, name, step)
+        tb = B.text_batch(samples, tok)
+        px = B.pixel_tensor(samples, model.config)
+        vf = visual_features(model, px, cfg.mode)
+        offsets = np.concatenate([[0], np.cumsum(tb.image_counts)])
+        lengths = [len(s) + c * (t_img - 1) for s, c in zip(tb.sequences, tb.image_counts, strict=True)]
+        total = 0.0
+        for group in B.micro_batches(lengths, cfg.max_tokens_per_micro):
+            rows = [r for i in group for r in range(offsets[i], offsets[i + 1])]
+            emb = visual_embeds(model, vf, cfg.mode, rows)
+            per, j = [], 0
+            for i in group:
+                per.append(emb[j : j + tb.image_counts[i]])
+                j += tb.image_counts[i]
+            asm = model.assemble_batch([tb.sequences[i] for i in group], per, [tb.answer_starts[i] for i in group])
+            logits, _, _ = model.llm(asm.inputs_embeds, asm.attention_mask)
+            loss_sum, _ = answer_loss(logits, asm.labels)
+            (loss_sum / len(samples)).backward()
+            total += float(loss_sum.detach())
+        return {"loss": total / len(samples)}
+
+    return Phase(name, cfg, {"model": model}, params, step_fn)
+
+
+# ---- driver --------------------------------------------------------------------------------------
+def stage_dir(out: Path, stage: str) -> Path:
+    return out / f"stage{stage}"
+
+
+def _load_previous(out: Path, stage: str) -> MavenModel:
+    prev = stage_dir(out, str(int(stage) - 1))
+    marker = prev / "stage.json"
+    if not marker.is_file():
+        raise TrainingError(
+            f"stage {stage} needs stage {int(stage) - 1}'s output, but {marker} is missing; run "
+            f"`maven-edge train --stage {int(stage) - 1} --out {out}` first (or --stage all)"
+        )
+    try:
+        return load_checkpoint(prev)
+    except CheckpointError as exc:
+        raise TrainingError(f"stage {int(stage) - 1}'s checkpoint in {prev} is unusable: {exc}") from exc
+
+
+def build_phases(model: MavenModel, stage: str, recipe: dict[str, PhaseConfig], seed: int) -> list:
+    """(phase name, factory) for a stage; factories run lazily, right before their phase."""
+    makers = {
+        "0-vision": lambda: phase_vision(model, recipe["0-vision"], seed),
+        "0-vq": lambda: phase_vq(model, recipe["0-vq"], seed),
+        "0-text": lambda: phase_text(model, recipe["0-text"], seed),
+        "1-selector": lambda: phase_selector(model, recipe["1-selector"], seed),
+        "2-discrete": lambda: phase_llm(model, recipe["2-discrete"], seed, "2-discrete", ("llm",), ("embed",)),
+        "3-projector": lambda: phase_llm(model, recipe["3-projector"], seed, "3-projector", ("projector",),
+                                         ("projector",)),
+        "4-instruct": lambda: phase_llm(model, recipe["4-instruct"], seed, "4-instruct", ("llm", "projector"),
+                                        ("embed", "projector")),
+    }
+    return [(name, makers[name]) for name in STAGE_PHASES[stage]]
+
+
+def train(
+    preset: str = "tiny",
+    stage: str = "all",
+    out: str | Path = "artifacts/runs/tiny",
+    steps_scale: float = 1.0,
+    resume: bool = False,
+    seed: int = 0,
+    overrides: list[str] | None = None,
+    quiet: bool = False,
+    final_eval: bool = True,
+    max_batch: int | None = None,
+) -> dict[str, Any]:
+    """Run the requested stages; returns {stage: summary}. Writes `out/stageK/` per stage and, after
+    stage 4, `out/final/` (checkpoint, training_log.jsonl, loss.png, eval_report.json)."""
+    set_threads()
+    stages = parse_stages(stage)
+    cfg: MavenConfig = get_config(preset, overrides)
+    cfg.seed = seed
+    recipe = get_recipe(preset, steps_scale, max_batch)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {}
+    model: MavenModel | None = None
+    for st in stages:
+        t0 = time.time()
+        sdir = stage_dir(out, st)
+        if not resume and sdir.exists():
+            shutil.rmtree(sdir)
+        if st == "0":
+            model = build_model(cfg, seed=seed)
+        elif model is None or not (stage_dir(out, str(int(st) - 1)) / "stage.json").is_file():
+            model = _load_previous(out, st)
+        if st == "2" and not (resume and (sdir / "2-discrete" / "resume" / "progress.json").is_file()):
+            reinit_visual_rows(model, seed)
+        model.train()
+        summaries = []
+        for name, make in build_phases(model, st, recipe, seed):
+            phase = make()
+            summaries.append(run_phase(phase, sdir / name, resume, quiet))
+        _freeze_all(model)
+        for p in model.parameters():
+            p.requires_grad_(True)
+        model.eval()
+        save_checkpoint(model, sdir)
+        records = [r for name, _ in build_phases(model, st, recipe, seed) for r in read_jsonl(sdir / name / "log.jsonl")]
+        (sdir / "training_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        plot_losses(records, sdir / "loss.png", f"stage {st}")
+        summary = {"stage": st, "preset": preset, "seed": seed, "steps_scale": steps_scale,
+                   "phases": summaries, "wall_time_s": round(time.time() - t0, 1),
+                   "recipe": {n: asdict(recipe[n]) for n in STAGE_PHASES[st]}}
+        (sdir / "stage.json").write_text(json.dumps(summary, indent=2) + "\n")
+        results[st] = summary
+    if "4" in stages and model is not None:
+        results["final"] = write_final(model, out, final_eval, quiet)
+    return results
+
+
+def write_final(model: MavenModel, out: Path, final_eval: bool, quiet: bool) -> dict[str, Any]:
+    final = out / "final"
+    save_checkpoint(model, final)
+    records = []
+    for st in ("0", "1", "2", "3", "4"):
+        records += read_jsonl(stage_dir(out, st) / "training_log.jsonl")
+    (final / "training_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    plot_losses(records, final / "loss.png", "MaVEn tiny recipe")
+    stages = {}
+    for st in ("0", "1", "2", "3", "4"):
+        p = stage_dir(out, st) / "stage.json"
+        if p.is_file():
+            stages[st] = json.loads(p.read_text())
+    (final / "recipe_summary.json").write_text(json.dumps(stages, indent=2) + "\n")
+    report: dict[str, Any] = {"checkpoint": str(final)}
+    if final_eval:
+        from model_src.train.evaluate import evaluate
+
+        report = evaluate(model, split="test", mode="hybrid", quiet=quiet)
+        report.update(selector_report(model, n=200, split="test"))
+        (final / "eval_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report

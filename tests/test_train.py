@@ -1,0 +1,139 @@
+"""Training recipe: a smoke run of every stage on a narrow model, resume, determinism, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from model_src.errors import TrainingError  # noqa: E402
+from model_src.train.recipe import get_recipe, parse_stages  # noqa: E402
+
+# tiny geometry (64 px, 8 px patches, 32 codes) with narrow one-layer networks
+SMALL = [
+    "vision.hidden_size=32", "vision.num_heads=2", "vision.num_layers=1", "vision.intermediate_size=32",
+    "discrete.hidden_size=32", "discrete.num_heads=2", "discrete.num_layers=1",
+    "discrete.intermediate_size=32", "discrete.codebook_size=64", "discrete.code_dim=16",
+    "llm.hidden_size=32", "llm.num_layers=1", "llm.num_heads=2", "llm.num_kv_heads=1",
+    "llm.intermediate_size=32", "selector.hidden_size=32",
+]
+SCALE = 0.001  # every phase runs 2 steps
+
+
+def _train(out, stage="all", **kw):
+    from model_src.train.stages import train
+
+    args = dict(preset="tiny", stage=stage, out=out, steps_scale=SCALE, seed=0, overrides=SMALL, quiet=True,
+                final_eval=False, max_batch=2)
+    args.update(kw)
+    return train(**args)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    return out, _train(out)
+
+
+def test_every_stage_runs_and_writes_outputs(smoke_run):
+    out, results = smoke_run
+    assert set(results) == {"0", "1", "2", "3", "4", "final"}
+    for st in "01234":
+        d = out / f"stage{st}"
+        for name in ("model.safetensors", "config.json", "tokenizer.json", "stage.json", "training_log.jsonl",
+                     "loss.png"):
+            assert (d / name).is_file(), (st, name)
+        summary = json.loads((d / "stage.json").read_text())
+        assert all(ph["final_loss"] is not None for ph in summary["phases"])
+    vq = next(ph for ph in results["0"]["phases"] if ph["phase"] == "0-vq")
+    assert 0 < vq["val_codebook_usage"] <= 1 and vq["val_code_perplexity"] >= 1
+    sel = results["1"]["phases"][0]
+    assert 0 <= sel["selector_precision"] <= 1 and 0 <= sel["selector_recall"] <= 1
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "training_log.jsonl"):
+        assert (out / "final" / name).is_file()
+    from model_src.checkpoint import load_checkpoint
+
+    model = load_checkpoint(out / "final")
+    assert model.config.llm.hidden_size == 32
+
+
+def test_log_lines_are_json_with_loss(smoke_run):
+    out, _ = smoke_run
+    lines = (out / "final" / "training_log.jsonl").read_text().splitlines()
+    recs = [json.loads(x) for x in lines]
+    assert {r["phase"] for r in recs} >= {"0-vision", "0-vq", "0-text", "1-selector", "2-discrete",
+                                          "3-projector", "4-instruct"}
+    assert all("loss" in r and "step" in r for r in recs)
+
+
+def test_stage_needs_previous_stage(tmp_path):
+    with pytest.raises(TrainingError, match="stage 2 needs stage 1"):
+        _train(tmp_path, stage="2")
+
+
+def test_unknown_stage_is_a_clear_error(tmp_path):
+    with pytest.raises(TrainingError, match="unknown stage '7'"):
+        parse_stages("7")
+    with pytest.raises(TrainingError, match="steps-scale"):
+        get_recipe("tiny", steps_scale=0)
+
+
+def test_cli_reports_unknown_stage(tmp_path, capsys):
+    from runtime.cli import main
+
+    assert main(["train", "--stage", "5", "--out", str(tmp_path)]) == 2
+    assert "unknown stage '5'" in capsys.readouterr().err
+
+
+def _losses(d, phase):
+    return [r["loss"] for r in map(json.loads, (d / phase / "log.jsonl").read_text().splitlines())]
+
+
+def test_same_seed_same_losses_and_resume_matches(tmp_path, smoke_run):
+    out, _ = smoke_run
+    # determinism: a fresh run of stage 0 with the same seed logs the same losses
+    _train(tmp_path / "a", stage="0", steps_scale=0.006)  # 0-vision runs 5 steps
+    _train(tmp_path / "b", stage="0", steps_scale=0.006)
+    la, lb = _losses(tmp_path / "a" / "stage0", "0-vision"), _losses(tmp_path / "b" / "stage0", "0-vision")
+    assert la == lb and len(la) >= 2
+    # resume: interrupt after the first checkpoint, resume, compare with the uninterrupted run
+    c = tmp_path / "c"
+    from model_src.train import loop
+
+    calls = {"n": 0}
+    real = loop.save_resume
+
+    def stop_after_first(*args, **kw):
+        real(*args, **kw)
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise KeyboardInterrupt
+
+    loop.save_resume = stop_after_first
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _train(c, stage="0", steps_scale=0.006)
+    finally:
+        loop.save_resume = real
+    _train(c, stage="0", steps_scale=0.008, resume=True)
+    assert _losses(c / "stage0", "0-vision") == la
+    from safetensors.torch import load_file
+
+    wa = load_file(str(tmp_path / "a" / "stage0" / "model.safetensors"))
+    wc = load_file(str(c / "stage0" / "model.safetensors"))
+    assert all(torch.equal(wa[k], wc[k]) for k in wa)
+
+
+def test_encode_visual_matches_encode_images():
+    from model_src.checkpoint import build_model
+    from model_src.config import get_config
+    from model_src.train.common import encode_visual
+
+    model = build_model(get_config("tiny", SMALL), seed=1)
+    px = torch.randn(3, 3, 64, 64)
+    for mode in ("hybrid", "discrete", "continuous"):
+        ref = model.encode_images(px, mode)
+        got = encode_visual(model, px, mode)
+        assert torch.allclose(ref.embeds, got.embeds, atol=1e-6)
