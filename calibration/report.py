@@ -1,0 +1,462 @@
+"""The accuracy / size / latency report of the quantization recipes (`maven-edge quantize-report`).
+
+    maven-edge export --checkpoint model_src/checkpoints/tiny --out artifacts/tiny
+    maven-edge export --preset edge-small --out artifacts/edge-small
+    maven-edge quantize-report --artifacts artifacts/tiny --edge-artifacts artifacts/edge-small --out docs
+
+For every recipe the fp32 artifacts are quantized into ``--work/<recipe>`` and the test split is
+answered by the runtime pipeline (onnxruntime, CPU, greedy) with the fp32 and every quantized
+artifact set side by side, sample by sample, so load changes on a shared machine hit every
+recipe alike. Reported per recipe: file sizes, exact-match accuracy per task family and its
+change vs fp32 in points, greedy-token agreement with fp32, and CPU latency (median request,
+vision side and decode step) relative to fp32. The edge-small section quantizes the edge-small
+decoder and reports its file size and the decode-step latency at a fixed KV length.
+
+Writes ``quantization.md`` and ``quantization.json`` into ``--out``. torch-free.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from calibration.quantize import RECIPES, QuantizeOptions, quantize_artifacts
+from export.manifest import MANIFEST, load_manifest, sha256_file
+from model_src.errors import ArtifactError, InputError
+
+#: The issue's targets.
+TARGETS = {"int8_static_max_drop": 2.0, "int4_max_drop": 5.0, "int4_decoder_max_ratio": 0.30}
+
+
+@dataclass
+class ReportOptions:
+    artifacts: str | Path
+    out: str | Path = "docs"
+    work: str | Path = "artifacts/quant-report"
+    recipes: tuple[str, ...] = RECIPES
+    split: str = "test"
+    limit: int | None = None
+    max_new_tokens: int = 32  # the eval command's default
+    calib_samples: int = 32
+    edge_artifacts: str | Path | None = None
+    edge_recipes: tuple[str, ...] = ("int4-weight", "int8-dynamic")
+    edge_past: int = 128
+    edge_steps: int = 24
+    edge_rounds: int = 3
+    threads: int = 2
+    reuse: bool = False
+    progress: bool = True
+
+    def validate(self) -> ReportOptions:
+        bad = [r for r in (*self.recipes, *self.edge_recipes) if r not in RECIPES]
+        if bad:
+            raise InputError(f"unknown recipe(s) {bad}; choose from {', '.join(RECIPES)}")
+        if self.limit is not None and self.limit < 1:
+            raise InputError(f"--limit must be >= 1, got {self.limit}")
+        return self
+
+
+def normalize(text: str) -> str:
+    """The exact-match normalisation of ``maven-edge eval`` (model_src.train.evaluate.normalize)."""
+    return " ".join(text.strip().lower().split())
+
+
+# ---- quantized artifact sets -------------------------------------------------------------------------
+
+
+def ensure_quantized(src: Path, work: Path, recipe: str, reuse: bool, calib_samples: int,
+                     progress: bool) -> tuple[Path, float]:
+    """`work/recipe` quantized from `src` (reused when it was made from the same fp32 manifest)."""
+    out = work / recipe
+    src_sha = sha256_file(src / MANIFEST)
+    if reuse and (out / MANIFEST).is_file():
+        try:
+            m = load_manifest(out)
+            if m.recipe == recipe and m.extra.get("quantization", {}).get("source", {}).get("manifest_sha256") == src_sha:
+                return out, 0.0
+        except ArtifactError:
+            pass
+    t0 = time.perf_counter()
+    quantize_artifacts(src, out, QuantizeOptions(recipe=recipe, calib_samples=calib_samples, force=True,
+                                                 progress=progress))
+    return out, time.perf_counter() - t0
+
+
+def sizes(directory: Path) -> dict[str, int]:
+    m = load_manifest(directory, verify=False)
+    return {name: c.file.size_bytes + sum(e.size_bytes for e in c.external_data) for name, c in m.components.items()}
+
+
+# ---- evaluation through the pipeline ----------------------------------------------------------------------
+
+
+def _pipeline(directory: Path, threads: int) -> Any:
+    from runtime.backends.ort_backend import SessionConfig
+    from runtime.pipeline import MavenPipeline
+
+    return MavenPipeline.from_artifacts(directory, providers=["cpu"],
+                                        session_options=SessionConfig(intra_op_num_threads=threads))
+
+
+def agreement(ref: list[int], got: list[int], ref_end: str, got_end: str) -> tuple[int, int]:
+    """(positions of `ref` reproduced before the first divergence, positions compared).
+
+    Each sequence ends with a marker for how it stopped (eos / length), so a quantized run that
+    keeps talking past the fp32 answer's end diverges there."""
+    a, b = [*ref, f"<{ref_end}>"], [*got, f"<{got_end}>"]
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n, len(a)
+
+
+def evaluate_sets(sets: dict[str, Path], split: str, limit: int | None, max_new_tokens: int, threads: int,
+                  progress: bool) -> dict[str, Any]:
+    """Answer the split with every artifact set, sample by sample. Returns raw per-set records."""
+    from tqdm import tqdm
+
+    from model_src.data import iter_samples, num_samples
+
+    first = load_manifest(next(iter(sets.values())), verify=False).maven_config()
+    n = num_samples(split) if limit is None else min(limit, num_samples(split))
+    pipes = {name: _pipeline(path, threads) for name, path in sets.items()}
+    records: dict[str, list[dict[str, Any]]] = {name: [] for name in sets}
+    samples = iter_samples(split, n, image_size=first.vision.image_size, patch_size=first.vision.patch_size)
+    for s in tqdm(samples, total=n, desc=f"eval {split} x{len(sets)}", disable=not progress, mininterval=5.0):
+        for name, pipe in pipes.items():
+            res = pipe.generate(s.images, s.prompt, max_new_tokens=max_new_tokens, greedy=True)
+            t = res.timings
+            records[name].append({
+                "family": s.family, "task": s.task, "correct": normalize(res.text) == normalize(s.answer),
+                "tokens": list(res.token_ids), "finish": res.finish_reason, "total_ms": t.total_ms,
+                "visual_ms": t.vision_ms + t.discrete_ms + t.h_eos_ms + t.selector_ms,
+                "prefill_ms": t.prefill_ms, "decode_step_ms": list(t.decode_step_ms),
+            })
+    for p in pipes.values():
+        p.close()
+    return records
+
+
+def _median(values: list[float]) -> float:
+    return float(statistics.median(values)) if values else float("nan")
+
+
+def summarize(records: dict[str, list[dict[str, Any]]], reference: str = "fp32") -> dict[str, Any]:
+    ref = records[reference]
+    out: dict[str, Any] = {}
+    for name, recs in records.items():
+        fams: dict[str, list[bool]] = {}
+        for r in recs:
+            fams.setdefault(r["family"], []).append(r["correct"])
+        same, pos, total = 0, 0, 0
+        for a, b in zip(ref, recs, strict=True):
+            same += a["tokens"] == b["tokens"] and a["finish"] == b["finish"]
+            p, t = agreement(a["tokens"], b["tokens"], a["finish"], b["finish"])
+            pos += p
+            total += t
+        steps = [s for r in recs for s in r["decode_step_ms"]]
+        out[name] = {
+            "questions": len(recs),
+            "accuracy": 100.0 * float(np.mean([r["correct"] for r in recs])),
+            "family_accuracy": {f: 100.0 * float(np.mean(v)) for f, v in sorted(fams.items())},
+            "family_counts": {f: len(v) for f, v in sorted(fams.items())},
+            "sequence_agreement": same / len(recs),
+            "token_agreement": pos / total if total else 1.0,
+            "median_request_ms": _median([r["total_ms"] for r in recs]),
+            "median_visual_ms": _median([r["visual_ms"] for r in recs]),
+            "median_prefill_ms": _median([r["prefill_ms"] for r in recs]),
+            "median_decode_step_ms": _median(steps),
+        }
+    base = out[reference]
+    for s in out.values():
+        s["accuracy_delta"] = s["accuracy"] - base["accuracy"]
+        s["family_delta"] = {f: s["family_accuracy"][f] - base["family_accuracy"].get(f, 0.0)
+                             for f in s["family_accuracy"]}
+        for k in ("request", "visual", "decode_step"):
+            s[f"{k}_latency_ratio"] = s[f"median_{k}_ms"] / base[f"median_{k}_ms"] if base[f"median_{k}_ms"] else None
+    return out
+
+
+# ---- edge-small decode step ----------------------------------------------------------------------------------
+
+
+def decode_step_latency(sets: dict[str, Path], past: int, steps: int, rounds: int, threads: int,
+                        progress: bool = True) -> dict[str, dict[str, float]]:
+    """Median ms of one decode step (one new token, `past` tokens in the KV cache) per artifact set.
+
+    Every set is loaded once; the rounds interleave the sets so load changes on a shared machine
+    hit all of them. Random embeddings (seeded) stand in for a prompt: the cost of a step does
+    not depend on the values.
+    """
+    from tqdm import tqdm
+
+    from runtime.backends.ort_backend import OrtBackend, SessionConfig
+
+    backends = {n: OrtBackend(p, providers=["cpu"], session_options=SessionConfig(intra_op_num_threads=threads))
+                for n, p in sets.items()}
+    times: dict[str, list[float]] = {n: [] for n in sets}
+    rng = np.random.default_rng(0)
+    cfg = next(iter(backends.values())).config
+    embeds = (rng.standard_normal((1, past, cfg.llm.hidden_size)) * 0.02).astype(np.float32)
+    tokens = rng.integers(0, cfg.llm.text_vocab_size, steps + 1)
+    work = [(r, n) for r in range(rounds) for n in sets]
+    for _, name in tqdm(work, desc="decode-step latency", disable=not progress):
+        be = backends[name]
+        _, state = be.prefill(embeds, past + steps + 2)
+        be.decode(state, int(tokens[0]))  # warm-up step
+        for t in tokens[1:]:
+            t0 = time.perf_counter()
+            be.decode(state, int(t))
+            times[name].append((time.perf_counter() - t0) * 1e3)
+        state.release()
+    for be in backends.values():
+        be.close()
+    return {n: {"median_ms": _median(v), "p90_ms": float(np.percentile(v, 90)), "steps": len(v)}
+            for n, v in times.items()}
+
+
+# ---- the report ------------------------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    import onnxruntime
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "onnxruntime": onnxruntime.__version__,
+            "python": platform.python_version()}
+
+
+def _model_source(manifest: Any) -> str:
+    src = manifest.extra.get("source") or {}
+    if src.get("kind") == "checkpoint":
+        return f"trained checkpoint {src.get('path')}"
+    if src.get("kind") == "preset":
+        return f"random seeded weights (preset {src.get('preset')})"
+    return "unknown source (exported through the Python API)"
+
+
+def run_report(opts: ReportOptions) -> list[Path]:
+    opts.validate()
+    t0 = time.perf_counter()
+    src, work, out = Path(opts.artifacts), Path(opts.work), Path(opts.out)
+    manifest = load_manifest(src)
+    if manifest.recipe != "fp32":
+        raise InputError(f"--artifacts must be an fp32 export; {src} holds recipe {manifest.recipe!r}")
+    work.mkdir(parents=True, exist_ok=True)
+    sets: dict[str, Path] = {"fp32": src}
+    quant_seconds = {}
+    for r in opts.recipes:
+        sets[r], quant_seconds[r] = ensure_quantized(src, work / manifest.preset, r, opts.reuse, opts.calib_samples,
+                                                     opts.progress)
+    size_table = {name: sizes(path) for name, path in sets.items()}
+    records = evaluate_sets(sets, opts.split, opts.limit, opts.max_new_tokens, opts.threads, opts.progress)
+    summary = summarize(records)
+    report: dict[str, Any] = {
+        "command": _command(opts),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": machine(),
+        "model": {"preset": manifest.preset, "source": _model_source(manifest),
+                  "fingerprint": manifest.extra.get("model_fingerprint"), "artifacts": str(src)},
+        "split": opts.split, "threads": opts.threads, "max_new_tokens": opts.max_new_tokens,
+        "recipes": list(opts.recipes), "quantize_seconds": quant_seconds, "sizes": size_table,
+        "plans": {r: load_manifest(p, verify=False).extra.get("quantization", {}).get("plan") for r, p in sets.items()},
+        "summary": summary, "targets": TARGETS,
+    }
+    if opts.edge_artifacts:
+        report["edge"] = edge_section(Path(opts.edge_artifacts), work, opts)
+    report["checks"] = checks(report)
+    report["seconds"] = round(time.perf_counter() - t0, 1)
+    out.mkdir(parents=True, exist_ok=True)
+    jpath, mpath = out / "quantization.json", out / "quantization.md"
+    jpath.write_text(json.dumps(report, indent=2, default=float) + "\n")
+    mpath.write_text(render_markdown(report))
+    return [mpath, jpath]
+
+
+def edge_section(src: Path, work: Path, opts: ReportOptions) -> dict[str, Any]:
+    manifest = load_manifest(src)
+    if manifest.recipe != "fp32":
+        raise InputError(f"--edge-artifacts must be an fp32 export; {src} holds recipe {manifest.recipe!r}")
+    sets: dict[str, Path] = {"fp32": src}
+    seconds = {}
+    for r in opts.edge_recipes:
+        sets[r], seconds[r] = ensure_quantized(src, work / manifest.preset, r, opts.reuse, opts.calib_samples,
+                                               opts.progress)
+    size_table = {name: sizes(path) for name, path in sets.items()}
+    latency = decode_step_latency(sets, opts.edge_past, opts.edge_steps, opts.edge_rounds, opts.threads, opts.progress)
+    base = latency["fp32"]["median_ms"]
+    for v in latency.values():
+        v["speedup_vs_fp32"] = base / v["median_ms"] if v["median_ms"] else None
+    dec32 = size_table["fp32"]["decoder"]
+    return {
+        "preset": manifest.preset, "source": _model_source(manifest), "artifacts": str(src),
+        "sizes": size_table, "decoder_ratio": {n: s["decoder"] / dec32 for n, s in size_table.items()},
+        "decode_step": latency, "past": opts.edge_past, "steps_per_round": opts.edge_steps,
+        "rounds": opts.edge_rounds, "quantize_seconds": seconds,
+        "llm": manifest.config["llm"],
+    }
+
+
+def checks(report: dict[str, Any]) -> list[dict[str, Any]]:
+    s, t = report["summary"], report["targets"]
+    out = []
+
+    def add(name: str, value: Any, target: str, ok: bool | None) -> None:
+        out.append({"check": name, "value": value, "target": target, "ok": ok})
+
+    for recipe, limit in (("int8-static", t["int8_static_max_drop"]), ("int4-weight", t["int4_max_drop"]),
+                          ("int8-int4", t["int4_max_drop"])):
+        if recipe in s:
+            drop = -s[recipe]["accuracy_delta"] + 0.0  # no "-0.0"
+            add(f"{recipe} accuracy drop vs fp32 (points, {report['model']['preset']})", round(drop, 2),
+                f"<= {limit}", drop <= limit)
+    edge = report.get("edge")
+    if edge and "int4-weight" in edge["decoder_ratio"]:
+        r = edge["decoder_ratio"]["int4-weight"]
+        add(f"{edge['preset']} int4 decoder file / fp32", round(r, 4), f"<= {t['int4_decoder_max_ratio']}",
+            r <= t["int4_decoder_max_ratio"])
+        sp = edge["decode_step"]["int4-weight"]["speedup_vs_fp32"]
+        add(f"{edge['preset']} int4 decode step speed-up vs fp32 (x)", round(sp, 2), "> 1", sp > 1.0)
+    return out
+
+
+def _command(opts: ReportOptions) -> str:
+    parts = ["maven-edge quantize-report", f"--artifacts {opts.artifacts}", f"--out {opts.out}",
+             f"--work {opts.work}", f"--recipes {','.join(opts.recipes)}", f"--split {opts.split}",
+             f"--threads {opts.threads}"]
+    if opts.limit:
+        parts.append(f"--limit {opts.limit}")
+    if opts.edge_artifacts:
+        parts += [f"--edge-artifacts {opts.edge_artifacts}", f"--edge-recipes {','.join(opts.edge_recipes)}"]
+    return " ".join(parts)
+
+
+# ---- markdown ----------------------------------------------------------------------------------------------------
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f}"
+
+
+def _ratio(x: float | None) -> str:
+    return "-" if x is None or not np.isfinite(x) else f"{x:.2f}x"
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    s = report["summary"]
+    names = list(s)
+    fams = list(next(iter(s.values()))["family_accuracy"])
+    m = report["machine"]
+    lines = [
+        "# Quantization: accuracy, size and latency",
+        "",
+        "Generated by `" + report["command"] + "` on " + report["date"] + " "
+        f"({m['cpu']}, {m['cores']} cores visible, onnxruntime {m['onnxruntime']}, "
+        f"{report['threads']} intra-op threads). Re-run that command to re-create this page and "
+        "`quantization.json` (raw numbers).",
+        "",
+        f"Model: `{report['model']['preset']}`, {report['model']['source']}. Evaluation: "
+        f"{s['fp32']['questions']} questions of the `{report['split']}` split, answered by the runtime "
+        "pipeline (onnxruntime CPU, greedy, at most "
+        f"{report['max_new_tokens']} new tokens), exact match after lower-casing and whitespace "
+        "normalisation (as `maven-edge eval`). Calibration: the synthetic validation split (never the test split).",
+        "",
+        "Recipes (components not listed stay fp32): "
+        + "; ".join(f"**{r}**: " + ", ".join(f"{c}={m_}" for c, m_ in (p or {}).items() if m_ != "fp32")
+                    for r, p in report["plans"].items() if r != "fp32") + ".",
+        "",
+        "## Accuracy",
+        "",
+        "| recipe | overall | " + " | ".join(fams) + " | Δ overall (points) | same answer tokens | token agreement |",
+        "|---|---|" + "---|" * len(fams) + "---|---|---|",
+    ]
+    for n in names:
+        x = s[n]
+        fam = " | ".join(f"{x['family_accuracy'][f]:.1f} ({x['family_delta'][f]:+.1f})" if n != "fp32"
+                         else f"{x['family_accuracy'][f]:.1f}" for f in fams)
+        lines.append(f"| {n} | {x['accuracy']:.1f} | {fam} | {x['accuracy_delta']:+.1f} | "
+                     f"{100 * x['sequence_agreement']:.1f}% | {100 * x['token_agreement']:.1f}% |")
+    lines += [
+        "",
+        "Accuracy in %, per family with the change vs fp32 in points. *Same answer tokens*: share of "
+        "questions whose greedy token sequence (and stop reason) equals fp32's. *Token agreement*: share "
+        "of fp32's answer positions (incl. its stop) reproduced before the first divergence.",
+        "",
+        "## Size",
+        "",
+    ]
+    comps = list(report["sizes"]["fp32"])
+    lines.append("| recipe | " + " | ".join(comps) + " | total MB | vs fp32 |")
+    lines.append("|---|" + "---|" * (len(comps) + 2))
+    tot32 = sum(report["sizes"]["fp32"].values())
+    for n, sz in report["sizes"].items():
+        tot = sum(sz.values())
+        lines.append(f"| {n} | " + " | ".join(_mb(sz[c]) for c in comps) + f" | {_mb(tot)} | {tot / tot32:.2f} |")
+    lines += [
+        "",
+        "File sizes in MB (ONNX file + external data).",
+        "",
+        "## CPU latency",
+        "",
+        "| recipe | request ms (median) | vs fp32 | vision side ms | vs fp32 | decode step ms | vs fp32 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for n in names:
+        x = s[n]
+        lines.append(f"| {n} | {x['median_request_ms']:.1f} | {_ratio(x['request_latency_ratio'])} | "
+                     f"{x['median_visual_ms']:.1f} | {_ratio(x['visual_latency_ratio'])} | "
+                     f"{x['median_decode_step_ms']:.2f} | {_ratio(x['decode_step_latency_ratio'])} |")
+    lines += [
+        "",
+        "Ratios are quantized / fp32 time (below 1 = faster). The recipes run interleaved, sample by sample, "
+        "on a machine shared with other jobs: treat differences under ~15% as noise. fp16 is a GPU recipe "
+        "(CUDA / TensorRT); on a CPU without native fp16 kernels it is expected to be slower.",
+    ]
+    edge = report.get("edge")
+    if edge:
+        llm = edge["llm"]
+        lines += [
+            "",
+            f"## {edge['preset']}: decoder size and decode step",
+            "",
+            f"Decoder: hidden {llm['hidden_size']}, {llm['num_layers']} layers, {llm['num_heads']} heads "
+            f"({llm['num_kv_heads']} KV), {edge['source']}. Decode step = one new token with {edge['past']} "
+            f"tokens in the KV cache, through the runtime's onnxruntime backend (IOBinding KV cache); median "
+            f"over {edge['rounds']} interleaved rounds of {edge['steps_per_round']} steps.",
+            "",
+            "| recipe | decoder MB | decoder / fp32 | all files MB | step ms (median) | p90 ms | speed-up vs fp32 |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for n, sz in edge["sizes"].items():
+            d = edge["decode_step"][n]
+            lines.append(f"| {n} | {_mb(sz['decoder'])} | {edge['decoder_ratio'][n]:.3f} | {_mb(sum(sz.values()))} | "
+                         f"{d['median_ms']:.1f} | {d['p90_ms']:.1f} | {d['speedup_vs_fp32']:.2f}x |")
+    lines += ["", "## Targets", "", "| check | measured | target | met |", "|---|---|---|---|"]
+    for c in report["checks"]:
+        ok = "yes" if c["ok"] else ("no" if c["ok"] is not None else "-")
+        lines.append(f"| {c['check']} | {c['value']} | {c['target']} | {ok} |")
+    if not edge:
+        lines += ["", "The edge-small section was not run (pass `--edge-artifacts`)."]
+    lines += ["", f"Report run time: {report['seconds']:.0f} s.", ""]
+    return "\n".join(lines)
+
+
+def options_dict(opts: ReportOptions) -> dict[str, Any]:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(opts).items()}
