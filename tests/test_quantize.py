@@ -324,3 +324,46 @@ def test_quantized_artifacts_run_in_the_pipeline(artifacts, quantized):
         assert pipe.backend.describe()["recipe"] == recipe
         if recipe == "fp16":
             assert res.token_ids == ref.token_ids
+
+
+# ---- the report ------------------------------------------------------------------------------------------
+
+
+def test_report_metrics_and_markdown():
+    from calibration.report import TARGETS, agreement, checks, render_markdown, summarize
+
+    assert agreement([5, 6, 7], [5, 6, 7], "eos", "eos") == (4, 4)
+    assert agreement([5, 6, 7], [5, 9, 7], "eos", "eos") == (1, 4)
+    assert agreement([5, 6], [5, 6, 8], "eos", "length") == (2, 3)  # kept talking past fp32's end
+
+    def rec(family, correct, tokens, ms):
+        return {"family": family, "task": "t", "correct": correct, "tokens": tokens, "finish": "eos",
+                "total_ms": ms, "visual_ms": ms / 2, "prefill_ms": 1.0, "decode_step_ms": [ms / 10] * 3}
+
+    records = {
+        "fp32": [rec("single", True, [1, 2], 10), rec("multi", True, [3], 10), rec("multi", False, [4], 10)],
+        "int4-weight": [rec("single", True, [1, 2], 5), rec("multi", False, [9], 5), rec("multi", False, [4], 5)],
+    }
+    s = summarize(records)
+    assert s["fp32"]["accuracy"] == pytest.approx(200 / 3)
+    assert s["int4-weight"]["accuracy_delta"] == pytest.approx(-100 / 3)
+    assert s["int4-weight"]["family_delta"] == {"multi": -50.0, "single": 0.0}
+    assert s["int4-weight"]["sequence_agreement"] == pytest.approx(2 / 3)
+    assert s["int4-weight"]["token_agreement"] == pytest.approx(5 / 7)
+    assert s["int4-weight"]["decode_step_latency_ratio"] == pytest.approx(0.5)
+    report = {
+        "command": "maven-edge quantize-report --artifacts a", "date": "today",
+        "machine": {"cpu": "cpu", "cores": 2, "onnxruntime": "1.31.1"}, "threads": 2, "max_new_tokens": 32,
+        "model": {"preset": "tiny", "source": "trained checkpoint x"}, "split": "test",
+        "plans": {"fp32": None, "int4-weight": {"decoder": "int4-weight", "vision_encoder": "fp32"}},
+        "sizes": {"fp32": {"vision_encoder": 4_000_000, "decoder": 10_000_000},
+                  "int4-weight": {"vision_encoder": 4_000_000, "decoder": 2_000_000}},
+        "summary": s, "targets": TARGETS, "seconds": 3.0,
+    }
+    report["checks"] = checks(report)
+    assert report["checks"] == [{"check": "int4-weight accuracy drop vs fp32 (points, tiny)",
+                                 "value": pytest.approx(33.33, abs=0.01), "target": "<= 5.0", "ok": False}]
+    md = render_markdown(report)
+    assert "| int4-weight | 33.3 |" in md and "**int4-weight**: decoder=int4-weight." in md
+    assert "| int4-weight | 4.00 | 2.00 | 6.00 | 0.43 |" in md and "| no |" in md
+    assert "0.50x" in md
