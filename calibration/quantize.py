@@ -313,6 +313,8 @@ def _int8_static(src: Path, dst: Path, reader: Any, opts: QuantizeOptions, cache
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
               "percentile": CalibrationMethod.Percentile}[opts.calib_method]
     extra: dict[str, Any] = {}
+    if opts.calib_method == "minmax":
+        extra["CalibMaxIntermediateOutputs"] = 8  # fold ranges every 8 batches: bounded memory on large models
     if opts.calib_method == "percentile":
         extra["CalibPercentile"] = opts.percentile
     act = QuantType.QInt8 if opts.activation_type == "int8" else QuantType.QUInt8
