@@ -1,0 +1,146 @@
+"""`maven-edge bench`: the benchmark suite from the command line (nothing heavy imported here)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+from pathlib import Path
+
+from model_src.errors import InputError
+
+ANCHOR_NAMES = ("hf", "genai", "optimum", "llamacpp")
+
+
+def _list(kind: str, cast=str):
+    def parse(text: str):
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        if kind == "anchors" and items in (["none"], []):
+            return []
+        try:
+            return [cast(t) for t in items]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--{kind} must be a comma-separated list, got {text!r}") from None
+
+    return parse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "bench", help="benchmark latency, TTFT, decode speed and memory against transformers, onnxruntime-genai, "
+        "Optimum and llama.cpp",
+        description="Per-stage latency of the multimodal pipeline (ort and torch backends, hybrid / continuous / "
+        "discrete, 1..8 images), text decode speed of our runtime and of the anchors on the same weights, the "
+        "machine's bandwidth and FLOP/s roofline, and the hybrid-vs-continuous efficiency. Writes results.json, "
+        "CSV files, summary.md and bench_*.png into --out.",
+    )
+    src = p.add_argument_group("model (one of)")
+    src.add_argument("--artifacts", help="exported artifact directory (its manifest names the source model)")
+    src.add_argument("--preset", help="seeded random weights of a preset: tiny, edge-small, paper")
+    src.add_argument("--checkpoint", help="maven-edge checkpoint directory")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for --preset/--checkpoint, e.g. --set llm.num_layers=4 (repeatable)")
+    p.add_argument("--seed", type=int, default=None, help="weight seed for --preset")
+    p.add_argument("--int4-artifacts", help="int4 artifacts of the same model (default: made with the int4-weight "
+                   "recipe, cached)")
+    p.add_argument("--backends", type=_list("backends"), default=None,
+                   help="our backends to measure: ort,torch (default both)")
+    p.add_argument("--images", type=_list("images", int), default=None, help="image counts (default 1,2,4,8)")
+    p.add_argument("--modes", type=_list("modes"), default=None,
+                   help="visual modes (default hybrid,continuous,discrete)")
+    p.add_argument("--new-tokens", type=int, default=None, help="new tokens per generation (default 64)")
+    p.add_argument("--prompt-len", type=int, default=None, help="text-protocol prompt tokens (default 256)")
+    p.add_argument("--repeats", type=int, default=None, help="measured runs per configuration (default 3)")
+    p.add_argument("--warmup", type=int, default=None, help="unmeasured warm-up runs (default 1)")
+    p.add_argument("--anchors", type=_list("anchors"), default=None,
+                   help="anchors: hf,genai,optimum,llamacpp or none (default all; --quick: hf)")
+    p.add_argument("--precisions", type=_list("precisions"), default=None,
+                   help="restrict engines to these precisions, e.g. fp32 or fp32,int4,q4_0")
+    p.add_argument("--sections", type=_list("sections"), default=None,
+                   help="roofline,pipeline,text (default all)")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads for every engine (default: all cores; --quick: 1)")
+    p.add_argument("--quick", action="store_true",
+                   help="a small run (tiny preset unless a model is given, images 1,2, 8 new tokens, 32-token prompt, "
+                   "2 repeats, 1 thread, anchors hf, no export): under 2 minutes")
+    p.add_argument("--no-export", action="store_true", help="never export / quantize artifacts (use the cache only)")
+    p.add_argument("--cache-dir", default=None, help="where converted models are kept (default artifacts/bench-cache)")
+    p.add_argument("--figures-dir", default=None, help="also copy the plots here (e.g. docs/figures)")
+    p.add_argument("--no-progress", action="store_true", help="no progress display")
+    p.add_argument("--json", action="store_true", help="print the ratios and file paths as JSON at the end")
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(func=run_bench_command)
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The command as given (options left at their defaults are not repeated)."""
+    parts = ["maven-edge", "bench"]
+    for flag, value in (("--artifacts", args.artifacts), ("--preset", args.preset), ("--checkpoint", args.checkpoint),
+                        ("--seed", args.seed), ("--int4-artifacts", args.int4_artifacts)):
+        if value is not None:
+            parts += [flag, str(value)]
+    for o in args.overrides:
+        parts += ["--set", o]
+    if args.quick:
+        parts.append("--quick")
+    for flag, value in (("--backends", args.backends), ("--images", args.images), ("--modes", args.modes),
+                        ("--anchors", args.anchors), ("--precisions", args.precisions), ("--sections", args.sections),
+                        ("--new-tokens", args.new_tokens), ("--prompt-len", args.prompt_len),
+                        ("--repeats", args.repeats), ("--warmup", args.warmup), ("--threads", args.threads),
+                        ("--figures-dir", args.figures_dir)):
+        if value is not None:
+            parts += [flag, ",".join(str(v) for v in value) or "none" if isinstance(value, list) else str(value)]
+    if args.no_export:
+        parts.append("--no-export")
+    parts += ["--out", str(args.out)]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def options_from_args(args: argparse.Namespace):
+    from benchmarks.suite import BenchOptions
+
+    given = sum(x is not None for x in (args.artifacts, args.preset, args.checkpoint))
+    if args.preset and args.checkpoint:
+        raise InputError("give either --preset or --checkpoint, not both")
+    if given == 0 and not args.quick:
+        raise InputError("give --artifacts DIR, --preset NAME or --checkpoint DIR (or --quick for the tiny preset)")
+    anchors = args.anchors
+    if anchors is None:
+        anchors = ["hf"] if args.quick else list(ANCHOR_NAMES)
+    kw = dict(
+        out=args.out, artifacts=args.artifacts, int4_artifacts=args.int4_artifacts, preset=args.preset,
+        checkpoint=args.checkpoint, overrides=list(args.overrides), seed=args.seed, anchors=anchors,
+        precisions=args.precisions, quick=args.quick, export=not args.no_export, figures_dir=args.figures_dir,
+        progress=not args.no_progress, command=command_line(args),
+    )
+    for name in ("backends", "images", "modes", "sections", "new_tokens", "prompt_len", "repeats", "warmup",
+                 "threads"):
+        value = getattr(args, name)
+        if value is not None:
+            kw[name] = value
+    if args.cache_dir:
+        kw["cache_dir"] = args.cache_dir
+    return BenchOptions(**kw)
+
+
+def run_bench_command(args: argparse.Namespace) -> int:
+    from benchmarks.suite import run_bench
+
+    report = run_bench(options_from_args(args))
+    out = Path(args.out)
+    if args.json:
+        print(json.dumps({"ratios": report.ratios, "files": report.files, "notes": report.notes}, indent=1,
+                         default=str))
+    else:
+        print(f"wrote {out / 'summary.md'}, results.json, CSV files and plots in {out} ({report.seconds:.0f} s)")
+        for name, r in report.ratios.items():
+            if "decode_ratio" in r:
+                mark = "" if "holds" not in r else (" (target met)" if r["holds"] else " (below target)")
+                ref = " vs reference figure" if r.get("anchor_figure") == "reference" else ""
+                print(f"  {name}: {r['decode_ratio']:.2f}x decode{ref}{mark}")
+        for eff in report.efficiency.values():
+            c = eff.get("claim_4_images")
+            if c:
+                print(f"  {eff['preset']}: 4-image hybrid TTFT {c['ttft_speedup']:.2f}x faster than continuous")
+        for n in report.notes:
+            print(f"  note: {n}")
+    return 0

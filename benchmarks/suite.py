@@ -1,0 +1,461 @@
+"""The benchmark suite: plan, run every job in its own worker process, collect, report.
+
+    from benchmarks.suite import BenchOptions, run_bench
+    report = run_bench(BenchOptions(preset="edge-small", out="artifacts/bench/edge-small"))
+    report.ratios["ort_fp32_vs_genai_fp32"], report.files["json"]
+
+Sections (all by default):
+
+- ``roofline``: the machine's memory bandwidth and matmul FLOP/s (:mod:`benchmarks.roofline`);
+- ``pipeline``: the multimodal pipeline per backend over modes x image counts: per-stage latency
+  (preprocess, vision, discrete tokenizer, h_eos pass, selector, assemble, prefill, decode),
+  TTFT, per-token decode, end-to-end and peak memory;
+- ``text``: text-only greedy generation of a fixed random prompt on the same decoder weights in
+  our engines (``ort`` fp32/int4, ``torch``) and the anchors (``hf``, ``genai`` fp32/int4,
+  ``optimum``, ``llamacpp`` f32/q8_0/q4_0), with our ORT decode speed as ratios to each.
+
+The model comes from ``--preset`` (seeded random weights), ``--checkpoint`` or ``--artifacts``
+(whose manifest names its source). It is saved once into a cache directory keyed by its
+weights' fingerprint: the maven-edge checkpoint, the HF-format decoder checkpoint every anchor
+converts from, our ONNX export and each anchor's converted model, so a second run reuses them.
+Nothing is downloaded: workers run with ``HF_HUB_OFFLINE=1``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchmarks.harness import describe_machine, machine_info
+from model_src.config import MODES
+from model_src.errors import BackendError, InputError
+
+REPO = Path(__file__).resolve().parent.parent
+SECTIONS = ("roofline", "pipeline", "text")
+BACKENDS = ("ort", "torch")
+DEFAULT_ANCHORS = ("hf", "genai", "optimum", "llamacpp")
+#: Precisions per engine measured by default (int4 for ours only when int4 artifacts exist or
+#: can be made with the project's quantizer).
+ENGINE_PRECISIONS = {"ort": ("fp32", "int4"), "torch": ("fp32",), "hf": ("fp32",), "genai": ("fp32", "int4"),
+                     "optimum": ("fp32",), "llamacpp": ("fp32", "q8_0", "q4_0")}
+
+
+@dataclass
+class BenchOptions:
+    """Everything `maven-edge bench` can be told."""
+
+    out: str | Path
+    artifacts: str | None = None  # exported artifacts (ort backend); their manifest names the source model
+    int4_artifacts: str | None = None  # int4 artifacts of the same model (default: quantized here when possible)
+    preset: str | None = None  # seeded random weights of a preset
+    checkpoint: str | None = None
+    overrides: list[str] = field(default_factory=list)
+    seed: int | None = None
+    backends: list[str] = field(default_factory=lambda: list(BACKENDS))
+    images: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    modes: list[str] = field(default_factory=lambda: list(MODES))
+    new_tokens: int = 64
+    prompt_len: int = 256  # text protocol prompt length
+    repeats: int = 3
+    warmup: int = 1
+    anchors: list[str] = field(default_factory=lambda: list(DEFAULT_ANCHORS))
+    precisions: list[str] | None = None  # restrict every engine to these precisions
+    sections: list[str] = field(default_factory=lambda: list(SECTIONS))
+    threads: int = 0  # 0 = all logical cores
+    quick: bool = False
+    export: bool = True  # export (and quantize) artifacts for --preset/--checkpoint when missing
+    cache_dir: str | Path = REPO / "artifacts" / "bench-cache"
+    figures_dir: str | None = None  # also write the plots here (e.g. docs/figures)
+    figure_prefix: str = "bench_"
+    progress: bool = True
+    job_timeout_s: float = 3 * 3600
+    command: str = ""  # the command line, recorded in the report
+
+    def resolved(self) -> BenchOptions:
+        """Apply --quick defaults and validate; raises InputError for bad options."""
+        o = BenchOptions(**{k: (list(v) if isinstance(v, list) else v) for k, v in asdict(self).items()})
+        if o.quick:
+            if not (o.preset or o.checkpoint or o.artifacts):
+                o.preset = "tiny"
+            o.images = [n for n in o.images if n <= 2] or [1]
+            o.new_tokens = min(o.new_tokens, 8)
+            o.prompt_len = min(o.prompt_len, 32)
+            o.repeats = min(o.repeats, 2)
+            o.warmup = min(o.warmup, 1)
+            o.export = False
+            if o.threads == 0:  # one thread is robust on a shared machine (no OpenMP spin-wait contention)
+                o.threads = 1
+        if sum(x is not None for x in (o.preset, o.checkpoint)) > 1:
+            raise InputError("give either --preset or --checkpoint, not both")
+        if not (o.preset or o.checkpoint or o.artifacts):
+            raise InputError("give --artifacts DIR, --preset NAME or --checkpoint DIR")
+        for b in o.backends:
+            if b not in BACKENDS:
+                raise InputError(f"unknown backend {b!r}; choose from {', '.join(BACKENDS)}")
+        for a in o.anchors:
+            if a not in DEFAULT_ANCHORS:
+                raise InputError(f"unknown anchor {a!r}; choose from {', '.join(DEFAULT_ANCHORS)} (or none)")
+        for m in o.modes:
+            if m not in MODES:
+                raise InputError(f"unknown mode {m!r}; choose from {', '.join(MODES)}")
+        for s in o.sections:
+            if s not in SECTIONS:
+                raise InputError(f"unknown section {s!r}; choose from {', '.join(SECTIONS)}")
+        if not o.images or any(n < 0 for n in o.images):
+            raise InputError(f"--images must be image counts >= 0, got {o.images}")
+        if o.new_tokens < 2:
+            raise InputError("--new-tokens must be >= 2 (decode speed needs at least one step after the first token)")
+        if o.prompt_len < 1:
+            raise InputError("--prompt-len must be >= 1")
+        if o.repeats < 1 or o.warmup < 0:
+            raise InputError("--repeats must be >= 1 and --warmup >= 0")
+        if o.threads < 0:
+            raise InputError("--threads must be >= 0 (0 = all cores)")
+        o.threads = o.threads or (os.cpu_count() or 1)
+        return o
+
+
+@dataclass
+class BenchReport:
+    options: dict[str, Any]
+    machine: dict[str, Any]
+    source: dict[str, Any]
+    limits: dict[str, Any] | None
+    pipeline: dict[str, Any]
+    text: list[dict[str, Any]]
+    ratios: dict[str, Any]
+    roofline: list[dict[str, Any]]
+    efficiency: dict[str, Any]
+    notes: list[str]
+    seconds: float
+    files: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---- worker processes -----------------------------------------------------------------------------
+
+
+class _Bars:
+    """An outer bar over jobs and an inner bar over the current job's steps (tqdm)."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.enabled = enabled
+        self.outer = self.inner = None
+        if enabled:
+            from tqdm import tqdm
+
+            self._tqdm = tqdm
+            self.outer = tqdm(total=total, desc="bench", unit="job", position=0, dynamic_ncols=True)
+
+    def start(self, label: str) -> None:
+        if not self.enabled:
+            return
+        self.outer.set_postfix_str(label)
+        self.inner = self._tqdm(total=1, desc=f"  {label}", unit="step", position=1, leave=False, dynamic_ncols=True)
+
+    def update(self, done: int, total: int, label: str) -> None:
+        if self.inner is None:
+            return
+        self.inner.total = max(1, total)
+        self.inner.n = done
+        self.inner.set_postfix_str(label)
+        self.inner.refresh()
+
+    def finish(self) -> None:
+        if self.inner is not None:
+            self.inner.close()
+            self.inner = None
+        if self.outer is not None:
+            self.outer.update(1)
+
+    def write(self, msg: str) -> None:
+        if self.enabled:
+            self._tqdm.write(msg)
+        else:
+            print(msg, file=sys.stderr)
+
+    def close(self) -> None:
+        if self.outer is not None:
+            self.outer.close()
+
+
+class Runner:
+    """Runs worker jobs one after another (never two at once: they would share the cores)."""
+
+    def __init__(self, out: Path, threads: int, bars: _Bars, timeout_s: float):
+        self.jobs_dir = out / "jobs"
+        self.logs_dir = out / "logs"
+        self.jobs_dir.mkdir(parents=True, exist_ok=True)
+        self.logs_dir.mkdir(parents=True, exist_ok=True)
+        self.threads = threads
+        self.bars = bars
+        self.timeout_s = timeout_s
+        self.count = 0
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        t = str(self.threads)
+        env.update({"OMP_NUM_THREADS": t, "MKL_NUM_THREADS": t, "OPENBLAS_NUM_THREADS": t,
+                    "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1",
+                    "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "TQDM_DISABLE": "1"})
+        env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+        return env
+
+    def run(self, task: str, payload: dict[str, Any], label: str) -> dict[str, Any]:
+        """Run one job; returns {"ok": bool, "result"|"error", "seconds", "log"}."""
+        self.count += 1
+        slug = f"{self.count:02d}-{''.join(c if c.isalnum() else '-' for c in label)}"
+        job_path, result_path = self.jobs_dir / f"{slug}.json", self.jobs_dir / f"{slug}.result.json"
+        log_path = self.logs_dir / f"{slug}.log"
+        job_path.write_text(json.dumps({"task": task, **payload}, default=str))
+        result_path.unlink(missing_ok=True)
+        self.bars.start(label)
+        t0 = time.perf_counter()
+        from benchmarks.worker import PROGRESS
+
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "benchmarks.worker", str(job_path), str(result_path)],
+                                    stdout=subprocess.PIPE, stderr=log, text=True, env=self.env(), cwd=str(REPO))
+            assert proc.stdout is not None
+            try:
+                deadline = time.monotonic() + self.timeout_s
+                for line in proc.stdout:
+                    if line.startswith(PROGRESS):
+                        try:
+                            p = json.loads(line[len(PROGRESS):])
+                            self.bars.update(p["done"], p["total"], p.get("label", ""))
+                        except (ValueError, KeyError):
+                            pass
+                    else:
+                        log.write(line)
+                        log.flush()
+                    if time.monotonic() > deadline:
+                        raise subprocess.TimeoutExpired(proc.args, self.timeout_s)
+                proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                self.bars.finish()
+                return {"ok": False, "error": f"timed out after {self.timeout_s:.0f} s", "log": str(log_path),
+                        "seconds": time.perf_counter() - t0}
+            except BaseException:
+                proc.kill()
+                proc.wait()
+                self.bars.finish()
+                raise
+        seconds = time.perf_counter() - t0
+        self.bars.finish()
+        try:
+            result = json.loads(result_path.read_text())
+        except (OSError, ValueError):
+            tail = log_path.read_text(errors="replace")[-1200:] if log_path.is_file() else ""
+            result = {"ok": False, "error": f"the worker exited with code {proc.returncode} without a result "
+                                            f"(killed for memory?); log tail:\n{tail}"}
+        result["seconds"] = seconds
+        result["log"] = str(log_path)
+        return result
+
+
+# ---- planning ---------------------------------------------------------------------------------------
+
+
+def _source_spec(o: BenchOptions) -> tuple[dict[str, Any], str]:
+    """(source job payload, cache key) for the model the run measures."""
+    if o.checkpoint:
+        path = str(Path(o.checkpoint).resolve())
+        spec = {"checkpoint": path, "overrides": o.overrides or None}
+        name = f"ckpt-{Path(path).name}"
+    elif o.preset:
+        spec = {"preset": o.preset, "overrides": o.overrides or None, "seed": o.seed}
+        name = o.preset
+    else:
+        from export.manifest import load_manifest
+
+        manifest = load_manifest(o.artifacts, verify=False)
+        src = (manifest.extra or {}).get("source") or {}
+        if src.get("kind") == "checkpoint" or ("checkpoint" in src and "kind" not in src):
+            spec = {"checkpoint": src.get("path") or src.get("checkpoint"), "overrides": src.get("overrides")}
+        elif src.get("kind") == "preset" or "preset" in src:
+            spec = {"preset": src.get("preset") or manifest.preset, "overrides": src.get("overrides"),
+                    "seed": src.get("seed")}
+        else:
+            spec = {}
+        fp = (manifest.extra or {}).get("model_fingerprint", "")
+        return spec, f"{manifest.preset}-{fp[:16] or 'unknown'}"
+    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+    return spec, f"{name}-{key}"
+
+
+def _count_jobs(o: BenchOptions) -> int:
+    n = 1  # source
+    n += "roofline" in o.sections
+    if o.export and not o.artifacts and ("ort" in o.backends or "text" in o.sections):
+        n += 2
+    if "pipeline" in o.sections:
+        n += len(o.backends)
+    if "text" in o.sections:
+        for e in list(o.backends) + list(o.anchors):
+            n += len(_precisions(o, e))
+    return n
+
+
+def _precisions(o: BenchOptions, engine: str) -> list[str]:
+    ps = list(ENGINE_PRECISIONS[engine])
+    if o.precisions:
+        alias = {"f32": "fp32"}
+        want = {alias.get(p, p) for p in o.precisions}
+        ps = [p for p in ps if p in want]
+    if o.quick and engine in ("genai", "ort"):
+        ps = [p for p in ps if p == "fp32"]
+    return ps
+
+
+def run_bench(options: BenchOptions) -> BenchReport:
+    """Run the suite and write JSON, CSV, Markdown and plots into ``options.out``."""
+    o = options.resolved()
+    t_start = time.perf_counter()
+    out = Path(o.out)
+    out.mkdir(parents=True, exist_ok=True)
+    notes: list[str] = []
+    machine = machine_info(o.threads)
+    bars = _Bars(_count_jobs(o), o.progress)
+    runner = Runner(out, o.threads, bars, o.job_timeout_s)
+    bars.write(f"machine: {describe_machine(machine)}")
+    try:
+        source_spec, key = _source_spec(o)
+        work = Path(o.cache_dir) / key
+        work.mkdir(parents=True, exist_ok=True)
+
+        # -- the model, the HF-format decoder, our artifacts --------------------------------------
+        source: dict[str, Any] = {"spec": source_spec, "work_dir": str(work)}
+        if source_spec:
+            r = runner.run("source", {**source_spec, "work_dir": str(work), "threads": o.threads}, "source model")
+            if not r["ok"]:
+                raise BackendError(f"could not build the source model: {r['error']} (log: {r['log']})")
+            source.update(r["result"])
+        else:
+            notes.append("the artifacts' manifest does not name its source model: anchors and the torch backend "
+                         "need it and are skipped")
+        artifacts: dict[str, str] = {}
+        if o.artifacts:
+            from export.manifest import load_manifest
+
+            m = load_manifest(o.artifacts, verify=False)
+            artifacts[m.recipe if m.recipe in ("fp32", "int4") else m.recipe] = str(Path(o.artifacts).resolve())
+            fp = (m.extra or {}).get("model_fingerprint")
+            if source.get("fingerprint") and fp and fp != source["fingerprint"]:
+                notes.append("the artifacts' weights differ from the source model their manifest names: anchors run "
+                             "other weights than ORT; ratios are still speed ratios of the same geometry")
+            source.setdefault("config", m.config)
+            source.setdefault("preset", m.preset)
+        if o.int4_artifacts:
+            artifacts["int4"] = str(Path(o.int4_artifacts).resolve())
+        needs_ort = "ort" in o.backends or "text" in o.sections
+        if "fp32" not in artifacts and needs_ort and source.get("checkpoint"):
+            cached_dir = work / "onnx-fp32"
+            if o.export or (cached_dir / "manifest.json").is_file():
+                r = runner.run("export", {"out": str(cached_dir), "checkpoint": source["checkpoint"],
+                                          "fingerprint": source["fingerprint"], "threads": o.threads},
+                               "export ONNX (ours)")
+                if r["ok"]:
+                    artifacts["fp32"] = r["result"]["artifacts"]
+                    source["export_s"] = r["result"]["seconds"]
+                else:
+                    notes.append(f"our ONNX export failed: {r['error'].splitlines()[0]} (log: {r['log']})")
+            else:
+                notes.append("no ONNX artifacts for the ort backend in --quick mode (export skipped: pass --artifacts "
+                             "DIR or run without --quick once to export them into the cache)")
+        if ("int4" not in artifacts and "fp32" in artifacts and "int4" in _precisions(o, "ort")
+                and "text" in o.sections and "ort" in o.backends):
+            int4_dir = work / "onnx-int4"
+            if o.export or (int4_dir / "manifest.json").is_file():
+                r = runner.run("quantize", {"fp32": artifacts["fp32"], "out": str(int4_dir)}, "quantize int4 (ours)")
+                if r["ok"]:
+                    artifacts["int4"] = r["result"]["artifacts"]
+                else:
+                    notes.append(f"int4 quantization failed: {r['error'].splitlines()[0]} (log: {r['log']})")
+        source["artifacts"] = artifacts
+
+        # -- the machine's limits --------------------------------------------------------------------
+        limits = None
+        if "roofline" in o.sections:
+            small = o.quick
+            r = runner.run("limits", {"threads": o.threads, "copy_mb": 64 if small else 512,
+                                      "matmul_size": 1024 if small else 2048, "repeats": 3 if small else 7},
+                           "machine limits")
+            if r["ok"]:
+                limits = r["result"]
+            else:
+                notes.append(f"machine limits failed: {r['error']}")
+
+        # -- the multimodal pipeline ----------------------------------------------------------------------
+        pipeline: dict[str, Any] = {}
+        if "pipeline" in o.sections:
+            for backend in o.backends:
+                payload = {"backend": backend, "threads": o.threads, "modes": o.modes, "images": o.images,
+                           "new_tokens": o.new_tokens, "warmup": o.warmup, "repeats": o.repeats, "seed": 0}
+                if backend == "torch":
+                    if not source.get("checkpoint"):
+                        pipeline[backend] = {"status": "unavailable", "reason": "no source checkpoint"}
+                        bars.finish()
+                        continue
+                    payload["checkpoint"] = source["checkpoint"]
+                else:
+                    if "fp32" not in artifacts:
+                        pipeline[backend] = {"status": "unavailable", "reason": "no fp32 ONNX artifacts"}
+                        bars.finish()
+                        continue
+                    payload["artifacts"] = artifacts["fp32"]
+                r = runner.run("pipeline", payload, f"pipeline {backend}")
+                pipeline[backend] = ({"status": "measured", **r["result"]} if r["ok"] else
+                                     {"status": "failed", "reason": r["error"], "log": r["log"]})
+
+        # -- text generation: ours and the anchors --------------------------------------------------------
+        text: list[dict[str, Any]] = []
+        if "text" in o.sections:
+            id_high = max(1, int(source.get("tokenizer_size", 256)) - 16)
+            spec = {"prompt_len": o.prompt_len, "new_tokens": o.new_tokens, "warmup": o.warmup, "repeats": o.repeats,
+                    "threads": o.threads, "seed": 0, "id_high": id_high}
+            ctx = {"work_dir": str(work), "hf_dir": source.get("hf_dir"), "checkpoint": source.get("checkpoint"),
+                   "artifacts": artifacts, "threads": o.threads}
+            for engine in [b for b in o.backends] + list(o.anchors):
+                for precision in _precisions(o, engine):
+                    r = runner.run("text", {"engine": engine, "precision": precision, "ctx": ctx, "spec": spec},
+                                   f"text {engine} {precision}")
+                    if r["ok"]:
+                        row = r["result"]
+                    else:
+                        row = {"engine": engine, "precision": precision, "status": "failed",
+                               "reason": r["error"].splitlines()[0] if r["error"] else "", "log": r["log"]}
+                    row.setdefault("engine", engine)
+                    row.setdefault("precision", precision)
+                    row["job_s"] = r.get("seconds")
+                    text.append(row)
+                    if row.get("status") != "measured":
+                        bars.write(f"text {engine} {precision}: {row.get('status')} ({row.get('reason', '')})")
+    finally:
+        bars.close()
+
+    from benchmarks.report import analyse, write_outputs
+
+    load = machine.get("load_average")
+    cores = machine.get("logical_cores") or 1
+    if load and load[0] > cores:
+        notes.append(f"the machine was busy when the run started (load average {load[0]} on {cores} logical cores): "
+                     "other processes shared the cores, so times are slower and noisier than on an idle machine")
+    report = BenchReport(options={**asdict(o), "out": str(o.out), "cache_dir": str(o.cache_dir)}, machine=machine,
+                         source=source, limits=limits, pipeline=pipeline, text=text, ratios={}, roofline=[],
+                         efficiency={}, notes=notes, seconds=0.0)
+    analyse(report, o)
+    report.seconds = time.perf_counter() - t_start
+    write_outputs(report, out, figures_dir=o.figures_dir, prefix=o.figure_prefix)
+    return report

@@ -1,0 +1,290 @@
+"""One benchmark job in its own process: ``python -m benchmarks.worker JOB.json RESULT.json``.
+
+Each engine, backend and probe runs in a fresh process so that its peak resident memory, its
+thread pools and its import side effects (torch, onnxruntime, transformers, llama.cpp) are its
+own. The parent (:mod:`benchmarks.suite`) writes the job, reads progress lines
+(``@@progress {"done": i, "total": n, "label": ...}``) from stdout, and reads the result file.
+
+Jobs (``job["task"]``):
+
+- ``limits``: memory bandwidth and matmul FLOP/s (:mod:`benchmarks.roofline`);
+- ``source``: build or load the model, save the maven-edge checkpoint and the HF-format
+  decoder checkpoint into the work directory, fingerprint the weights;
+- ``export``: export ONNX artifacts of that checkpoint (our exporter), and int4 artifacts when a
+  quantizer is available;
+- ``text``: one engine x precision under the text protocol (:mod:`benchmarks.anchors.base`);
+- ``pipeline``: the multimodal pipeline over a grid of modes x image counts, per-stage timings.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from benchmarks.harness import PeakRSS, max_rss_bytes, rss_bytes
+
+PROGRESS = "@@progress "
+
+
+def progress(done: int, total: int, label: str = "") -> None:
+    print(PROGRESS + json.dumps({"done": done, "total": total, "label": label}), flush=True)
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# ---- tasks ----------------------------------------------------------------------------------------
+
+
+def task_limits(job: dict[str, Any]) -> dict[str, Any]:
+    from benchmarks.roofline import measure_limits
+
+    limits = measure_limits(threads=int(job["threads"]), copy_mb=int(job.get("copy_mb", 256)),
+                            matmul_size=int(job.get("matmul_size", 2048)), repeats=int(job.get("repeats", 5)))
+    return limits.to_dict()
+
+
+def task_source(job: dict[str, Any]) -> dict[str, Any]:
+    """Checkpoint + HF-format decoder in the work dir; returns their paths and the fingerprint."""
+    import torch
+
+    from export.onnx_export import model_fingerprint
+    from model_src.checkpoint import load_model, save_checkpoint
+    from model_src.hf_import import save_hf_llama
+
+    torch.set_num_threads(int(job.get("threads", 1)))
+    work = Path(job["work_dir"])
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    model = load_model(checkpoint=job.get("checkpoint"), preset=job.get("preset"), overrides=job.get("overrides"),
+                       seed=job.get("seed"))
+    load_s = time.perf_counter() - t0
+    fingerprint = model_fingerprint(model)
+    ckpt = work / "checkpoint"
+    hf = work / "hf"
+    stamp = work / "source.json"
+    cached = False
+    if stamp.is_file():
+        try:
+            cached = json.loads(stamp.read_text()).get("fingerprint") == fingerprint
+        except ValueError:
+            cached = False
+    if not cached:
+        save_checkpoint(model, ckpt)
+        save_hf_llama(model.llm, hf, tokenizer=model.tokenizer)
+        # AutoTokenizer (onnxruntime-genai builder, Optimum) must load tokenizer.json as it is.
+        (hf / "tokenizer_config.json").write_text(json.dumps({
+            "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model.config.llm.max_position_embeddings,
+            "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>",
+        }, indent=2))
+        stamp.write_text(json.dumps({"fingerprint": fingerprint}))
+    cfg = model.config
+    return {
+        "fingerprint": fingerprint,
+        "checkpoint": str(ckpt),
+        "hf_dir": str(hf),
+        "hf_class": "Qwen2ForCausalLM" if cfg.llm.attention_bias else "LlamaForCausalLM",
+        "config": cfg.to_dict(),
+        "preset": cfg.name,
+        "vocab_size": cfg.vocab_size,
+        "tokenizer_size": model.tokenizer.layout.tokenizer_size,
+        "llm_params": sum(p.numel() for p in model.llm.parameters()),
+        "model_params": sum(p.numel() for p in model.parameters()),
+        "build_s": load_s,
+        "cached": cached,
+    }
+
+
+def task_export(job: dict[str, Any]) -> dict[str, Any]:
+    """fp32 artifacts with our exporter (reused when the manifest's fingerprint matches)."""
+    import torch
+
+    from export.manifest import load_manifest
+    from export.onnx_export import ExportOptions, export_model, model_fingerprint
+    from model_src.checkpoint import load_checkpoint
+
+    torch.set_num_threads(int(job.get("threads", 1)))
+    out = Path(job["out"])
+    fingerprint = job["fingerprint"]
+    try:
+        manifest = load_manifest(out, verify=False)
+        if (manifest.extra or {}).get("model_fingerprint") == fingerprint:
+            return {"artifacts": str(out), "seconds": 0.0, "cached": True}
+    except Exception:  # noqa: BLE001 - anything unusable is re-exported
+        pass
+    model = load_checkpoint(job["checkpoint"])
+    if model_fingerprint(model) != fingerprint:
+        raise RuntimeError("the checkpoint in the work directory does not match the source fingerprint")
+    t0 = time.perf_counter()
+    export_model(model, ExportOptions(out=out, progress=False, force=True),
+                 source={"checkpoint": job["checkpoint"], "fingerprint": fingerprint}, log=log)
+    return {"artifacts": str(out), "seconds": time.perf_counter() - t0, "cached": False}
+
+
+def task_quantize(job: dict[str, Any]) -> dict[str, Any]:
+    """int4 artifacts from fp32 ones, through the project's quantizer when it is installed."""
+    from benchmarks.quantize import quantize_int4
+
+    t0 = time.perf_counter()
+    out = quantize_int4(job["fp32"], job["out"], log=log)
+    return {"artifacts": str(out), "seconds": time.perf_counter() - t0}
+
+
+def task_text(job: dict[str, Any]) -> dict[str, Any]:
+    from benchmarks.anchors import EngineContext, TextSpec, make_engine
+    from benchmarks.harness import summarize_records
+
+    c = job["ctx"]
+    ctx = EngineContext(work_dir=Path(c["work_dir"]), hf_dir=Path(c["hf_dir"]) if c.get("hf_dir") else None,
+                        checkpoint=Path(c["checkpoint"]) if c.get("checkpoint") else None,
+                        artifacts=dict(c.get("artifacts", {})), threads=int(c["threads"]), log=log)
+    spec = TextSpec(**job["spec"])
+    engine = make_engine(job["engine"], ctx, job["precision"])
+    why = engine.unavailable()
+    if why:
+        return {"status": "unavailable", "reason": why, "reference": engine.reference(), **engine.describe()}
+    total = spec.warmup + spec.repeats + 2
+    progress(0, total, "prepare")
+    prepared = engine.prepare()
+    progress(1, total, "load")
+    rss0 = rss_bytes()
+    t0 = time.perf_counter()
+    engine.load(prepared)
+    load_s = time.perf_counter() - t0
+    rss_loaded = rss_bytes()
+    runs = []
+    with PeakRSS() as mem:
+        for i in range(spec.warmup + spec.repeats):
+            label = f"warm-up {i + 1}" if i < spec.warmup else f"run {i - spec.warmup + 1}/{spec.repeats}"
+            progress(2 + i, total, label)
+            runs.append(engine.generate(spec))
+    progress(total, total, "done")
+    counted = runs[spec.warmup:]
+    stats = summarize_records([r.record() for r in counted])
+    return {
+        "status": "measured",
+        **engine.describe(),
+        "prepared": {"path": prepared.path, "bytes": prepared.bytes, "build_s": prepared.seconds,
+                     "cached": prepared.cached, **prepared.details},
+        "load_s": load_s,
+        "rss_before_load_mb": rss0 / 1e6,
+        "rss_loaded_mb": rss_loaded / 1e6,
+        "peak_rss_mb": max(mem.peak_bytes, max_rss_bytes()) / 1e6,
+        "stats": {k: v.to_dict() for k, v in stats.items()},
+        "tokens": counted[0].tokens,
+        "new_tokens": [len(r.tokens) for r in counted],
+    }
+
+
+def synthetic_images(n: int, size: int, seed: int) -> list[Any]:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def pipeline_prompt(n: int) -> str:
+    return "<image>" * n + "\nQuestion: what is in the images?\nAnswer:"
+
+
+def task_pipeline(job: dict[str, Any]) -> dict[str, Any]:
+    """Per-stage timings of the multimodal pipeline over modes x image counts."""
+    from benchmarks.harness import summarize_records
+    from model_src.errors import MavenError
+    from runtime.pipeline import STAGES, MavenPipeline, PipelineLimits
+
+    threads = int(job["threads"])
+    backend = job["backend"]
+    t0 = time.perf_counter()
+    rss0 = rss_bytes()
+    if backend == "torch":
+        from benchmarks.anchors.base import set_torch_threads
+
+        set_torch_threads(threads)
+        pipe = MavenPipeline.from_checkpoint(job["checkpoint"])
+    else:
+        from runtime.backends.ort_backend import SessionConfig
+
+        pipe = MavenPipeline.from_artifacts(job["artifacts"], backend=backend,
+                                            session_options=SessionConfig(intra_op_num_threads=threads,
+                                                                          inter_op_num_threads=1))
+    load_s = time.perf_counter() - t0
+    rss_loaded = rss_bytes()
+    cfg = pipe.config
+    max_images = max(job["images"])
+    pipe.limits = PipelineLimits(max_images=max(max_images, pipe.limits.max_images))
+    size = cfg.preprocess.image_size
+    warmup, repeats = int(job["warmup"]), int(job["repeats"])
+    cells = [(m, n) for m in job["modes"] for n in job["images"]]
+    total = len(cells) * repeats + warmup * len(job["modes"])
+    done = 0
+    results = []
+    with PeakRSS() as mem:
+        for mode in job["modes"]:
+            try:
+                for _ in range(warmup):  # one-time costs (arena growth, thread pools) per mode
+                    progress(done, total, f"{mode} warm-up")
+                    pipe.generate(synthetic_images(1, size, 99), pipeline_prompt(1), max_new_tokens=job["new_tokens"],
+                                  mode=mode)
+                    done += 1
+            except MavenError as exc:
+                for n in job["images"]:
+                    results.append({"mode": mode, "images": n, "status": "unavailable", "reason": str(exc)})
+                done += repeats * len(job["images"])
+                continue
+            for n in job["images"]:
+                records, meta = [], {}
+                for r in range(repeats):
+                    progress(done, total, f"{mode} x{n} run {r + 1}/{repeats}")
+                    res = pipe.generate(synthetic_images(n, size, job.get("seed", 0) + r), pipeline_prompt(n),
+                                        max_new_tokens=job["new_tokens"], mode=mode)
+                    t = res.timings
+                    steps = t.decode_step_ms
+                    rec = {f"{s}_ms": getattr(t, f"{s}_ms") for s in STAGES}
+                    rec.update({"ttft_ms": t.ttft_ms, "total_ms": t.total_ms,
+                                "decode_step_ms": (sum(steps) / len(steps)) if steps else float("nan"),
+                                "visual_ms": sum(getattr(t, f"{s}_ms") for s in
+                                                 ("preprocess", "vision", "discrete", "h_eos", "selector"))})
+                    records.append(rec)
+                    meta = {"prompt_tokens": res.prompt_tokens, "visual_tokens_per_image": res.visual_tokens_per_image[0]
+                            if res.visual_tokens_per_image else 0, "new_tokens": len(res.token_ids),
+                            "finish_reason": res.finish_reason}
+                    done += 1
+                stats = summarize_records(records)
+                results.append({"mode": mode, "images": n, "status": "measured", **meta,
+                                "stats": {k: v.to_dict() for k, v in stats.items()}})
+    progress(total, total, "done")
+    return {
+        "backend": backend,
+        "describe": pipe.backend.describe(),
+        "load_s": load_s,
+        "rss_before_load_mb": rss0 / 1e6,
+        "rss_loaded_mb": rss_loaded / 1e6,
+        "peak_rss_mb": max(mem.peak_bytes, max_rss_bytes()) / 1e6,
+        "cells": results,
+    }
+
+
+TASKS = {"limits": task_limits, "source": task_source, "export": task_export, "quantize": task_quantize,
+         "text": task_text, "pipeline": task_pipeline}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    job_path, result_path = Path(argv[0]), Path(argv[1])
+    job = json.loads(job_path.read_text())
+    try:
+        result = {"ok": True, "result": TASKS[job["task"]](job)}
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent, which decides
+        result = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+    result_path.write_text(json.dumps(result, default=str))
+    return 0 if result["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,326 @@
+"""Benchmark suite: measurement primitives, cost model, GGUF conversion, report maths, and one
+`maven-edge bench --quick` run end to end (ORT + torch backends and the transformers anchor on a
+small exported model). No test asserts an absolute time."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from benchmarks.harness import PeakRSS, describe_machine, machine_info, repeat, summarize, summarize_records
+from benchmarks.roofline import BYTES_PER_PARAM, DecoderCost, copy_bandwidth, decode_roofline, roofline_row
+from model_src.config import get_config
+from runtime.cli import main as cli
+
+# A narrow tiny model: export and every engine stay cheap on a 2-core machine.
+SMALL = ["llm.num_layers=2", "vision.num_layers=1", "discrete.num_layers=1"]
+
+
+# ---- harness --------------------------------------------------------------------------------------
+
+
+def test_summarize_and_spread() -> None:
+    s = summarize([10.0, 12.0, 11.0])
+    assert (s.median, s.min, s.max, s.n) == (11.0, 10.0, 12.0, 3)
+    assert s.spread == pytest.approx(2.0 / 11.0)
+    assert summarize([5.0]).spread == 0.0
+    assert "±" in s.fmt(1, "ms") and "±" not in summarize([5.0]).fmt()
+    with pytest.raises(ValueError):
+        summarize([])
+    stats = summarize_records([{"a": 1.0, "b": "x"}, {"a": 3.0, "b": "y"}])
+    assert set(stats) == {"a"} and stats["a"].median == 2.0
+
+
+def test_repeat_discards_warmup() -> None:
+    calls = []
+    out = repeat(lambda: calls.append(1) or len(calls), warmup=2, repeats=3)
+    assert out == [3, 4, 5] and len(calls) == 5
+    with pytest.raises(ValueError):
+        repeat(lambda: 0, repeats=0)
+
+
+def test_peak_rss_sees_an_allocation() -> None:
+    with PeakRSS(interval_s=0.001) as mem:
+        block = np.ones(64 * 1024 * 1024 // 8)  # 64 MB, touched
+        time.sleep(0.05)
+        del block
+    assert mem.peak_bytes >= mem.start_bytes
+    assert mem.delta_bytes > 32 * 1024 * 1024
+
+
+def test_machine_info_describes_the_machine() -> None:
+    info = machine_info(threads=1)
+    for key in ("cpu", "logical_cores", "libraries", "onnxruntime_providers", "gpus"):
+        assert key in info
+    assert info["libraries"]["numpy"] and "onnxruntime" in info["libraries"]
+    assert "CPUExecutionProvider" in info["onnxruntime_providers"]
+    assert "logical cores" in describe_machine(info)
+
+
+# ---- roofline ----------------------------------------------------------------------------------------
+
+
+def test_decoder_cost_matches_the_model() -> None:
+    from model_src.checkpoint import build_model
+
+    cfg = get_config("tiny", SMALL)
+    model = build_model(cfg, seed=0)
+    cost = DecoderCost.from_llm(cfg.llm, cfg.vocab_size)
+    assert cost.total_params == sum(p.numel() for p in model.llm.parameters())
+    edge = get_config("edge-small")
+    edge_cost = DecoderCost.from_llm(edge.llm, edge.vocab_size)
+    assert 0.42e9 < edge_cost.total_params < 0.44e9  # the issue's "0.43B params"
+    # ... and its "llama.cpp f32 reads ~1.58 GB of weights per token"
+    assert edge_cost.decode_bytes_per_token("fp32", 0) == pytest.approx(1.58e9, rel=0.01)
+
+
+def test_roofline_maths() -> None:
+    cfg = get_config("edge-small")
+    cost = DecoderCost.from_llm(cfg.llm, cfg.vocab_size)
+    fp32 = cost.decode_bytes_per_token("fp32", context=0)
+    assert fp32 == pytest.approx(cost.matmul_params * 4, rel=0.01)
+    kv = cost.decode_bytes_per_token("fp32", context=100) - fp32
+    assert kv == 100 * 2 * cfg.llm.num_layers * cfg.llm.num_kv_heads * cfg.llm.head_dim * 4
+    assert cost.decode_bytes_per_token("int4", 0) < cost.decode_bytes_per_token("q8_0", 0) < fp32
+    assert decode_roofline(cost, "fp32", 0, bandwidth_gbs=60.0) == pytest.approx(60e9 / fp32)
+    flops = cost.prefill_flops(256)
+    assert flops > 2 * cost.layer_matmul_params * cfg.llm.num_layers * 256
+    assert cost.prefill_flops(256, lm_head_positions=256) > flops
+    limits = SimpleNamespace(bandwidth_gbs=50.0, matmul_gflops=100.0)
+    row = roofline_row(cost, "fp32", 256, 64, decode_tok_s=20.0, prefill_ms=1000.0, limits=limits)
+    assert row["decode_fraction_of_roofline"] == pytest.approx(20.0 / row["decode_roofline_tok_s"])
+    assert row["prefill_fraction_of_matmul"] == pytest.approx(flops / 1e9 / 100.0)
+    with pytest.raises(ValueError):
+        cost.decode_bytes_per_token("int3", 0)
+    assert set(BYTES_PER_PARAM) >= {"fp32", "int4", "q8_0", "q4_0"}
+
+
+def test_copy_bandwidth_is_positive() -> None:
+    assert copy_bandwidth(mb=8, threads=2, repeats=2) > 0
+
+
+# ---- efficiency token math ---------------------------------------------------------------------------
+
+
+def test_token_table_paper_geometry() -> None:
+    from benchmarks.efficiency import token_table
+
+    cfg = get_config("paper")
+    rows = {(r["mode"], r["images"]): r for r in token_table(cfg, [1, 4])}
+    assert rows[("hybrid", 1)]["visual_tokens_per_image"] == 32 + 144
+    assert rows[("continuous", 1)]["visual_tokens_per_image"] == 576
+    assert rows[("discrete", 4)]["prompt_tokens"] == 4 * (32 + 2)
+    assert rows[("continuous", 4)]["prompt_tokens"] / rows[("hybrid", 4)]["prompt_tokens"] > 3.0
+
+
+# ---- GGUF conversion (llama.cpp anchor) -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory):
+    """HF-format checkpoints of a Llama-style (no biases) and a Qwen2-style (q/k/v biases) decoder."""
+    from model_src.checkpoint import build_model
+    from model_src.hf_import import save_hf_llama
+
+    out = {}
+    for name, extra in (("llama", []), ("qwen2", ["llm.attention_bias=true"])):
+        model = build_model(get_config("tiny", SMALL + extra), seed=0)
+        out[name] = save_hf_llama(model.llm, tmp_path_factory.mktemp(name) / "hf", tokenizer=model.tokenizer)
+    return out
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_gguf_conversion(hf_dirs, tmp_path, arch) -> None:
+    gguf = pytest.importorskip("gguf")
+    from safetensors.numpy import load_file
+
+    from benchmarks.anchors.llama_cpp import _permute_rope, convert_hf_to_gguf
+
+    hf = hf_dirs[arch]
+    cfg = json.loads((hf / "config.json").read_text())
+    state = load_file(str(hf / "model.safetensors"))
+    path = convert_hf_to_gguf(hf, tmp_path / "m.gguf", "fp32")
+    reader = gguf.GGUFReader(str(path))
+    tensors = {t.name: t for t in reader.tensors}
+    per_layer = 12 if arch == "qwen2" else 9
+    assert len(tensors) == 3 + per_layer * cfg["num_hidden_layers"]
+    assert bytes(reader.fields["general.architecture"].parts[-1]).decode() == arch
+    tokens = reader.fields["tokenizer.ggml.tokens"]
+    assert len(tokens.data) == cfg["vocab_size"]
+    q = np.asarray(tensors["blk.0.attn_q.weight"].data).reshape(cfg["hidden_size"], cfg["hidden_size"])
+    hf_q = state["model.layers.0.self_attn.q_proj.weight"]
+    expect = _permute_rope(hf_q, cfg["num_attention_heads"]) if arch == "llama" else hf_q
+    np.testing.assert_array_equal(q, expect)
+    # q8_0: every 2-D weight quantized, dequantizing close to the original
+    path8 = convert_hf_to_gguf(hf, tmp_path / "m8.gguf", "q8_0")
+    t8 = {t.name: t for t in gguf.GGUFReader(str(path8)).tensors}
+    assert t8["output.weight"].tensor_type == gguf.GGMLQuantizationType.Q8_0
+    assert t8["output_norm.weight"].tensor_type == gguf.GGMLQuantizationType.F32
+    deq = gguf.quants.dequantize(t8["output.weight"].data, gguf.GGMLQuantizationType.Q8_0)
+    np.testing.assert_allclose(deq.reshape(state["lm_head.weight"].shape), state["lm_head.weight"], atol=2e-3)
+    assert path8.stat().st_size < path.stat().st_size / 3
+
+
+def test_llama_cpp_reports_reference_figures_when_not_installed(tmp_path, monkeypatch) -> None:
+    import importlib.util
+
+    from benchmarks.anchors import EngineContext, make_engine
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "llama_cpp" else real(n, *a))
+    engine = make_engine("llamacpp", EngineContext(work_dir=tmp_path, hf_dir=tmp_path, checkpoint=None), "q4_0")
+    assert "llama-cpp-python" in engine.unavailable()
+    assert engine.reference() is None  # tmp_path holds no edge-small config: the figures do not apply
+    from benchmarks.anchors.llama_cpp import REFERENCE_GEOMETRY
+
+    (tmp_path / "config.json").write_text(json.dumps(REFERENCE_GEOMETRY))
+    assert engine.reference()["decode_tok_s"] == 128.0
+
+
+# ---- report maths on a synthetic run -----------------------------------------------------------------------
+
+
+def _fake_report(tmp_path):
+    from benchmarks.suite import BenchOptions, BenchReport
+
+    cfg = get_config("tiny", SMALL)
+
+    def row(engine, precision, tok_s, prefill_ms, tokens):
+        return {"engine": engine, "label": engine, "precision": precision, "status": "measured", "tokens": tokens,
+                "peak_rss_mb": 100.0, "prepared": {"bytes": 1e6},
+                "stats": {"decode_tok_s": summarize([tok_s * 0.95, tok_s, tok_s * 1.05]).to_dict(),
+                          "prefill_ms": summarize([prefill_ms]).to_dict()}}
+
+    text = [row("ort", "fp32", 30.0, 400.0, [1, 2, 3, 4]), row("torch", "fp32", 10.0, 900.0, [1, 2, 3, 4]),
+            row("genai", "fp32", 25.0, 500.0, [1, 2, 3, 4]), row("hf", "fp32", 12.0, 1000.0, [1, 2, 9, 9]),
+            row("ort", "int4", 90.0, 300.0, [1, 2, 5, 5]), row("genai", "int4", 100.0, 300.0, [1, 2, 5, 5]),
+            {"engine": "llamacpp", "label": "llama.cpp", "precision": "fp32", "status": "unavailable",
+             "reason": "not installed", "reference": {"decode_tok_s": 38.0, "prefill_ms_256": 727.0}}]
+
+    def cell(mode, n, tokens, ttft):
+        st = {k: summarize([v]).to_dict() for k, v in {
+            "ttft_ms": ttft, "prefill_ms": ttft / 2, "visual_ms": 10.0, "total_ms": ttft + 50,
+            "decode_step_ms": 5.0, **{f"{s}_ms": 1.0 for s in ("preprocess", "vision", "discrete", "h_eos", "selector",
+                                                                 "assemble", "decode")}}.items()}
+        per = cfg.visual_tokens_per_image(mode)
+        return {"mode": mode, "images": n, "status": "measured", "prompt_tokens": tokens, "visual_tokens_per_image": per,
+                "new_tokens": 4, "finish_reason": "length", "stats": st}
+
+    cells = [cell("hybrid", 4, 220, 100.0), cell("continuous", 4, 290, 150.0), cell("discrete", 4, 150, 60.0)]
+    o = BenchOptions(out=tmp_path, preset="tiny", prompt_len=256, new_tokens=64).resolved()
+    report = BenchReport(options={"prompt_len": 256, "new_tokens": 64, "threads": 2, "repeats": 3, "command": "x"},
+                         machine=machine_info(2), source={"preset": "tiny", "config": cfg.to_dict()},
+                         limits={"copy_gbs": 10.0, "gemv_gbs": 20.0, "matmul_gflops": 100.0, "threads": 2,
+                                 "copy_mb": 8, "method": "test", "bandwidth_gbs": 20.0},
+                         pipeline={"ort": {"status": "measured", "peak_rss_mb": 200.0, "cells": cells}},
+                         text=text, ratios={}, roofline=[], efficiency={}, notes=[], seconds=1.0)
+    return report, o
+
+
+def test_report_ratios_roofline_efficiency_and_files(tmp_path) -> None:
+    from benchmarks.report import analyse, write_outputs
+
+    report, o = _fake_report(tmp_path)
+    analyse(report, o)
+    r = report.ratios
+    assert r["ort_fp32_vs_genai_fp32"]["decode_ratio"] == pytest.approx(30.0 / 25.0)
+    assert r["ort_fp32_vs_genai_fp32"]["holds"] is True
+    assert r["ort_fp32_vs_hf_fp32"]["decode_ratio"] == pytest.approx(2.5) and r["ort_fp32_vs_hf_fp32"]["holds"]
+    assert r["ort_int4_vs_genai_int4"]["holds"] is True  # 0.9 exactly meets the target
+    assert r["ort_fp32_vs_llamacpp_fp32"]["anchor_figure"] == "reference"
+    assert r["ort_fp32_vs_genai_fp32"]["prefill_speedup"] == pytest.approx(500.0 / 400.0)
+    assert r["prefill_per_token_hybrid4_vs_genai"]["ours_ms_per_token"] == pytest.approx(50.0 / 220)
+    hf = next(t for t in report.text if t["engine"] == "hf")
+    assert (hf["agree_tokens"], hf["agree_with"]) == (2, "torch fp32")
+    assert {x["engine"] for x in report.roofline} >= {"ort", "genai", "llamacpp"}
+    eff = report.efficiency["ort"]
+    assert eff["claim_4_images"]["ttft_speedup"] == pytest.approx(1.5)
+    assert eff["claim_4_images"]["holds_2x"] is False
+    write_outputs(report, tmp_path, figures_dir=str(tmp_path / "figs"))
+    md = (tmp_path / "summary.md").read_text()
+    assert "not measured here" in md and "does not hold" in md
+    for name in ("results.json", "text.csv", "stages.csv", "efficiency.csv"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == [
+        "bench_tiny_decode.png", "bench_tiny_stages.png", "bench_tiny_ttft.png"]
+
+
+# ---- options ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "--out", "x"], "--preset"),
+    (["bench", "--preset", "tiny", "--backends", "trt9", "--out", "x"], "backend"),
+    (["bench", "--preset", "tiny", "--anchors", "vllm", "--out", "x"], "anchor"),
+    (["bench", "--preset", "tiny", "--modes", "dense", "--out", "x"], "mode"),
+    (["bench", "--preset", "tiny", "--new-tokens", "1", "--out", "x"], "new-tokens"),
+    (["bench", "--preset", "tiny", "--checkpoint", "c", "--out", "x"], "not both"),
+])
+def test_bad_options_are_refused(argv, message, capsys) -> None:
+    assert cli(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_quick_defaults() -> None:
+    from benchmarks.suite import BenchOptions
+
+    o = BenchOptions(out="x", quick=True).resolved()
+    assert o.preset == "tiny" and o.images == [1, 2] and o.new_tokens <= 8 and o.repeats <= 2
+    assert o.threads == 1 and o.export is False
+
+
+# ---- end to end --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def small_artifacts(pytestconfig) -> Path:
+    """A small tiny-geometry model exported once (cached across sessions like the runtime tests do)."""
+    from export.manifest import load_manifest
+    from model_src.errors import MavenError
+
+    out = Path(pytestconfig.cache.mkdir("maven-bench-artifacts")) / "tiny-small"
+    try:
+        m = load_manifest(out, verify=True)
+        if m.extra.get("source", {}).get("overrides") == SMALL:
+            return out
+    except MavenError:
+        pass
+    argv = ["export", "--preset", "tiny", "--out", str(out), "--force", "--no-progress"]
+    for s in SMALL:
+        argv += ["--set", s]
+    assert cli(argv) == 0
+    return out
+
+
+def test_quick_bench_end_to_end(small_artifacts, tmp_path) -> None:
+    out = tmp_path / "bench"
+    argv = ["bench", "--quick", "--artifacts", str(small_artifacts), "--out", str(out), "--cache-dir",
+            str(tmp_path / "cache"), "--no-progress"]
+    assert cli(argv) == 0
+    res = json.loads((out / "results.json").read_text())
+    text = {(r["engine"], r["precision"]): r for r in res["text"]}
+    for key in (("ort", "fp32"), ("torch", "fp32"), ("hf", "fp32")):
+        assert text[key]["status"] == "measured", text[key]
+        assert text[key]["stats"]["decode_tok_s"]["median"] > 0
+        assert text[key]["new_tokens"] == [res["options"]["new_tokens"]] * res["options"]["repeats"]
+    # same weights, fp32, greedy: every engine produces the reference tokens
+    for key in (("ort", "fp32"), ("hf", "fp32")):
+        assert text[key]["agree_tokens"] == text[key]["compared_tokens"] > 0
+    assert res["ratios"]["ort_fp32_vs_hf_fp32"]["decode_ratio"] > 0
+    cells = res["pipeline"]["ort"]["cells"]
+    assert {(c["mode"], c["images"]) for c in cells} == {(m, n) for m in ("hybrid", "continuous", "discrete")
+                                                        for n in (1, 2)}
+    assert all(c["status"] == "measured" for c in cells)
+    hybrid1 = next(c for c in cells if c["mode"] == "hybrid" and c["images"] == 1)
+    assert hybrid1["stats"]["h_eos_ms"]["median"] > 0 and hybrid1["stats"]["prefill_ms"]["median"] > 0
+    assert res["limits"]["bandwidth_gbs"] > 0 and res["roofline"]
+    assert res["efficiency"]["ort"]["rows"][0]["visual_token_reduction"] > 1
+    assert res["machine"]["libraries"]["onnxruntime"]
+    for name in ("summary.md", "text.csv", "stages.csv", "efficiency.csv"):
+        assert (out / name).is_file()
+    assert len(list(out.glob("bench_*.png"))) == 3
