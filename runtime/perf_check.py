@@ -9,7 +9,8 @@
    timings, TTFT, decode tokens/s, and the ratio of their mean decode-step times.
 2. KV cache: the decode-step time at past length 64 vs 512 on the ORT backend (IOBinding, the
    cache stays in OrtValues), next to a naive loop that round-trips the whole cache through numpy
-   every step, and the time one full-cache copy takes at that length.
+   every step, the torch eager backend, and the time one full-cache copy takes at that length.
+   The three loops run interleaved step by step, so load from other processes hits them alike.
 3. Memory: resident set size over N consecutive generations in one process (``tiny`` geometry,
    random weights unless ``--rss-artifacts`` names an export), growth after a warm-up.
 
@@ -129,42 +130,40 @@ def _generate_no_eos(pipe: Any, images: list[str], prompt: str, new_tokens: int)
 # ---- 2. KV cache cost ------------------------------------------------------------------------------
 
 
-def step_times(backend: Any, past: int, steps: int, seed: int = 0) -> list[float]:
-    """Decode-step times (ms) right after a prefill of `past` random positions."""
+def _random_embeds(backend: Any, length: int, seed: int = 0) -> np.ndarray:
     d = backend.config.llm.hidden_size
-    rng = np.random.default_rng(seed)
-    embeds = (rng.standard_normal((1, past, d)) * 0.02).astype(np.float32)
-    _, state = backend.prefill(embeds, past + steps + 1)
-    times = []
-    for i in range(steps):
-        t0 = time.perf_counter()
-        backend.decode(state, 100 + i)
-        times.append((time.perf_counter() - t0) * 1e3)
-    state.release()
-    return times
+    return (np.random.default_rng(seed).standard_normal((1, length, d)) * 0.02).astype(np.float32)
 
 
-def naive_step_times(backend: Any, past: int, steps: int) -> list[float]:
-    """The loop to avoid: session.run with numpy feeds, so the whole cache goes through host
-    arrays (out of the session and back in) every step."""
+def pipeline_stepper(backend: Any, past: int, steps: int) -> Any:
+    """A function that runs one more decode step of `backend` (after a prefill of `past` positions)."""
+    _, state = backend.prefill(_random_embeds(backend, past), past + steps + 1)
+    counter = iter(range(100, 100 + steps + 1))
+    return lambda: backend.decode(state, next(counter))
+
+
+def naive_stepper(backend: Any, past: int) -> Any:
+    """The loop to avoid: session.run with numpy feeds, so the whole cache goes out of the session
+    into host arrays and back in every step."""
     sess = backend.dec.sess
     c = backend.config.llm
-    d = c.hidden_size
     rng = np.random.default_rng(0)
     names = backend.past_names
-    cache = {n: (rng.standard_normal((1, c.num_kv_heads, past, c.head_dim)) * 0.1).astype(np.float32) for n in names}
-    times = []
-    for i in range(steps):
-        length = past + i + 1
-        feeds = {"inputs_embeds": (rng.standard_normal((1, 1, d)) * 0.02).astype(np.float32),
-                 "attention_mask": np.ones((1, length), np.int64), **cache}
+    cache = {n: (rng.standard_normal((1, c.num_kv_heads, past, c.head_dim)) * 0.1).astype(np.float32)
+             for n in names}
+    length = [past]
+
+    def step() -> None:
+        nonlocal cache
+        length[0] += 1
+        feeds = {"inputs_embeds": (rng.standard_normal((1, 1, c.hidden_size)) * 0.02).astype(np.float32),
+                 "attention_mask": np.ones((1, length[0]), np.int64), **cache}
         if backend.uses_position_ids:
-            feeds["position_ids"] = np.array([[length - 1]], np.int64)
-        t0 = time.perf_counter()
+            feeds["position_ids"] = np.array([[length[0] - 1]], np.int64)
         outs = sess.run(["logits", *backend.present_names], feeds)
         cache = {n: np.array(o) for n, o in zip(names, outs[1:], strict=True)}  # host copy of the cache
-        times.append((time.perf_counter() - t0) * 1e3)
-    return times
+
+    return step
 
 
 def cache_copy_ms(cfg: Any, length: int, repeats: int = 5) -> tuple[float, float]:
@@ -181,14 +180,24 @@ def cache_copy_ms(cfg: Any, length: int, repeats: int = 5) -> tuple[float, float
 
 
 def kv_report(ort_backend: Any, torch_backend: Any | None, pasts: tuple[int, ...], steps: int) -> dict[str, Any]:
+    """Decode-step medians at each past length. The loops are interleaved step by step (ort, naive,
+    torch, ort, ...) so that load from other processes hits all of them alike."""
     out: dict[str, Any] = {}
+    pipeline_stepper(ort_backend, 8, 2)()  # warm-up
     for past in pasts:
-        row: dict[str, Any] = {}
-        step_times(ort_backend, 8, 2)  # warm-up
-        row["ort_iobinding_median_ms"] = round(statistics.median(step_times(ort_backend, past, steps)), 2)
-        row["ort_naive_numpy_median_ms"] = round(statistics.median(naive_step_times(ort_backend, past, steps)), 2)
+        steppers = {"ort_iobinding": pipeline_stepper(ort_backend, past, steps),
+                    "ort_naive_numpy": naive_stepper(ort_backend, past)}
         if torch_backend is not None:
-            row["torch_eager_median_ms"] = round(statistics.median(step_times(torch_backend, past, steps)), 2)
+            steppers["torch_eager"] = pipeline_stepper(torch_backend, past, steps)
+        times: dict[str, list[float]] = {k: [] for k in steppers}
+        for _ in range(steps):
+            for name, step in steppers.items():
+                t0 = time.perf_counter()
+                step()
+                times[name].append((time.perf_counter() - t0) * 1e3)
+        row: dict[str, Any] = {f"{k}_median_ms": round(statistics.median(v), 2) for k, v in times.items()}
+        if torch_backend is not None:
+            row["torch_over_ort"] = round(row["torch_eager_median_ms"] / row["ort_iobinding_median_ms"], 2)
         mb, ms = cache_copy_ms(ort_backend.config, past)
         row["kv_cache_mb"] = round(mb, 2)
         row["one_full_cache_copy_ms"] = round(ms, 2)
@@ -236,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rss-artifacts", help="artifacts for the memory run (default: random tiny export)")
     ap.add_argument("--only", choices=("decode", "rss"), help="run one part")
     ap.add_argument("--no-torch", action="store_true", help="skip the torch eager baseline")
-    ap.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0 = default)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="onnxruntime intra-op threads and torch threads (0 = their defaults)")
     ap.add_argument("--root", default=str(REPO / "artifacts" / "perf"))
     ap.add_argument("--out", default=str(REPO / "artifacts" / "perf" / "runtime_perf.json"))
     args = ap.parse_args(argv)
@@ -256,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.only in (None, "decode"):
         import torch
 
+        if args.threads:
+            torch.set_num_threads(args.threads)
         report["machine"]["torch"] = torch.__version__
         report["machine"]["torch_threads"] = torch.get_num_threads()
         model, art = export_random(args.preset, root)

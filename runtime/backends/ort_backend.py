@@ -11,11 +11,10 @@ nodes TensorRT does not take).
 The decode loop keeps the KV cache where ONNX Runtime put it (host memory for CPU, device
 memory for CUDA/TensorRT) using IOBinding: each step binds the previous step's ``present.*``
 OrtValues as the next ``past_key_values.*`` inputs and lets ONNX Runtime allocate the outputs
-on the device, so no cache tensor goes through numpy or host memory. When the decoder was
-exported with a shared past/present buffer (GroupQueryAttention, manifest
-``decoder.extra.past_present_share_buffer``), the cache is preallocated once per request at
-the request's capacity and bound as both past and present, so a step writes only the new
-token's keys and values.
+on the device, so no cache tensor goes through numpy or host memory. (The exported decoder
+appends inside the graph with a Concat, present = past + new; a decoder exported with a shared
+past/present buffer, e.g. GroupQueryAttention, would let a step write only the new token. The
+artifacts do not have one yet; ``past_present_share_buffer`` in the manifest is refused.)
 """
 
 from __future__ import annotations
@@ -202,11 +201,10 @@ class _Session:
 
 
 class OrtDecodeState(DecodeState):
-    def __init__(self, past: list[Any], length: int, capacity: int, shared: bool):
+    def __init__(self, past: list[Any], length: int, capacity: int):
         self.past: list[Any] | None = past  # OrtValues, 2 per layer (key, value)
         self.length = length
         self.capacity = capacity
-        self.shared = shared
 
     def release(self) -> None:
         self.past = None
@@ -264,7 +262,11 @@ class OrtBackend(Backend):
             )
         self.uses_position_ids = "position_ids" in dec.inputs
         dec_extra = self.manifest.components["decoder"].extra or {}
-        self.share_buffer = bool(dec_extra.get("past_present_share_buffer", False))
+        if dec_extra.get("past_present_share_buffer"):
+            raise ArtifactError(
+                "decoder.onnx was exported with a shared past/present KV buffer, which this runtime does not "
+                "drive yet; export the decoder with the default (Concat) cache"
+            )
         self.kv_dtype = dec.dtype(self.past_names[0]) if self.past_names else np.float32
         self.embed_dtype = dec.dtype("inputs_embeds")
         self.k = int(self.manifest.num_kept_patches)
@@ -325,17 +327,10 @@ class OrtBackend(Backend):
 
     def hidden_states(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         b, t = attention_mask.shape
-        feeds = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask, **self._past_for_plain_run(b, t)}
+        feeds = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask, **self._empty_past(b)}
         if self.uses_position_ids:
             feeds["position_ids"] = self._positions(attention_mask, t)
         return self.dec.run(["hidden_states"], feeds)[0].astype(np.float32, copy=False)
-
-    def _past_for_plain_run(self, batch: int, total: int) -> dict[str, np.ndarray]:
-        if not self.share_buffer:
-            return self._empty_past(batch)
-        c = self.config.llm
-        z = np.zeros((batch, c.num_kv_heads, total, c.head_dim), dtype=self.kv_dtype)
-        return dict.fromkeys(self.past_names, z)
 
     def select(self, patch_features: np.ndarray, h_eos: np.ndarray, k: int) -> SelectorOutput:
         scores, embeds, indices = self.sessions["patch_selector"].run(
@@ -371,29 +366,21 @@ class OrtBackend(Backend):
         for name, value in zip(self.past_names, state.past, strict=True):
             binding.bind_ortvalue_input(name, value)
         binding.bind_output("logits", self.io_device, self.device_id)
-        if state.shared:  # present is written into the same preallocated buffer
-            for name, value in zip(self.present_names, state.past, strict=True):
-                binding.bind_ortvalue_output(name, value)
-        else:
-            for name in self.present_names:
-                binding.bind_output(name, self.io_device, self.device_id)
+        for name in self.present_names:  # allocated by onnxruntime where the provider works
+            binding.bind_output(name, self.io_device, self.device_id)
         self.dec.sess.run_with_iobinding(binding)
         outs = binding.get_outputs()
-        if not state.shared:
-            state.past = list(outs[1:])
+        state.past = list(outs[1:])  # the next step's past: the same OrtValues, not copies
         logits = outs[0].numpy()
         return logits[0, -1].astype(np.float32)
 
     def prefill(self, inputs_embeds: np.ndarray, capacity: int) -> tuple[np.ndarray, OrtDecodeState]:
         t = inputs_embeds.shape[1]
         c = self.config.llm
-        if self.share_buffer:
-            shape = [1, c.num_kv_heads, capacity, c.head_dim]
-        else:
-            shape = [1, c.num_kv_heads, 0, c.head_dim]
+        shape = [1, c.num_kv_heads, 0, c.head_dim]
         past = [ort.OrtValue.ortvalue_from_shape_and_type(shape, self.kv_dtype, self.io_device, self.device_id)
                 for _ in self.past_names]
-        state = OrtDecodeState(past, t, capacity, self.share_buffer)
+        state = OrtDecodeState(past, t, capacity)
         embeds = self._ortvalue(inputs_embeds.astype(self.embed_dtype, copy=False))
         return self._run_decoder(embeds, t, t, state), state
 
@@ -420,5 +407,5 @@ class OrtBackend(Backend):
             "providers": self.dec.sess.get_providers(),
             "artifacts": os.fspath(self.artifacts),
             "recipe": self.manifest.recipe,
-            "kv_cache": "shared preallocated buffer" if self.share_buffer else "IOBinding (OrtValues stay put)",
+            "kv_cache": "IOBinding: present OrtValues become the next past, on the provider's device",
         }
