@@ -74,7 +74,6 @@ class ExportOptions:
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD  # bytes of weights per file
     check_load: bool = True  # open every file in onnxruntime and run it once against torch
     progress: bool = True  # tqdm bar over the components
-    genai: bool = False  # also write genai_config.json (onnxruntime-genai, text only)
 
 
 @dataclass
@@ -506,10 +505,6 @@ def export_model(
     for comp in manifest.components.values():
         comp.file = file_entry(out, out / comp.file.path)
         comp.external_data = [file_entry(out, out / e.path) for e in comp.external_data]
-    if options.genai:
-        from export.genai import write_genai_config
-
-        write_genai_config(manifest, out)
     write_manifest(manifest, out)
     seconds["total"] = round(time.perf_counter() - t_start, 2)
     return ExportResult(manifest, reports, parity, seconds, out)
