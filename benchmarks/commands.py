@@ -63,6 +63,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="a small run (tiny preset unless a model is given, images 1,2, 8 new tokens, 32-token prompt, "
                    "2 repeats, 1 thread, anchors hf, no export): under 2 minutes")
     p.add_argument("--no-export", action="store_true", help="never export / quantize artifacts (use the cache only)")
+    p.add_argument("--prepare-only", action="store_true",
+                   help="only build the cache (checkpoints, our export, each anchor's converted model); measure nothing")
     p.add_argument("--cache-dir", default=None, help="where converted models are kept (default artifacts/bench-cache)")
     p.add_argument("--figures-dir", default=None, help="also copy the plots here (e.g. docs/figures)")
     p.add_argument("--no-progress", action="store_true", help="no progress display")
@@ -91,6 +93,8 @@ def command_line(args: argparse.Namespace) -> str:
             parts += [flag, ",".join(str(v) for v in value) or "none" if isinstance(value, list) else str(value)]
     if args.no_export:
         parts.append("--no-export")
+    if args.prepare_only:
+        parts.append("--prepare-only")
     parts += ["--out", str(args.out)]
     return " ".join(shlex.quote(p) for p in parts)
 
@@ -110,6 +114,7 @@ def options_from_args(args: argparse.Namespace):
         out=args.out, artifacts=args.artifacts, int4_artifacts=args.int4_artifacts, preset=args.preset,
         checkpoint=args.checkpoint, overrides=list(args.overrides), seed=args.seed, anchors=anchors,
         precisions=args.precisions, quick=args.quick, export=not args.no_export, figures_dir=args.figures_dir,
+        prepare_only=args.prepare_only,
         progress=not args.no_progress, command=command_line(args),
     )
     for name in ("backends", "images", "modes", "sections", "new_tokens", "prompt_len", "repeats", "warmup",

@@ -24,7 +24,8 @@ def quantize_int4(fp32: str | Path, out: str | Path, log: Callable[[str], None] 
 
     fp32, out = Path(fp32), Path(out)
     stamp = out / ".bench-source.json"
-    key = {"fp32_manifest_sha256": sha256_file(fp32 / MANIFEST)}
+    quantizer = Path(__file__).resolve().parent.parent / "calibration" / "quantize.py"
+    key = {"fp32_manifest_sha256": sha256_file(fp32 / MANIFEST), "quantizer_sha256": sha256_file(quantizer)}
     try:
         if json.loads(stamp.read_text()) == key and (out / MANIFEST).is_file():
             return out

@@ -71,6 +71,7 @@ class BenchOptions:
     threads: int = 0  # 0 = all logical cores
     quick: bool = False
     export: bool = True  # export (and quantize) artifacts for --preset/--checkpoint when missing
+    prepare_only: bool = False  # build every converted model into the cache, measure nothing
     cache_dir: str | Path = REPO / "artifacts" / "bench-cache"
     figures_dir: str | None = None  # also write the plots here (e.g. docs/figures)
     figure_prefix: str = "bench_"
@@ -337,8 +338,13 @@ def run_bench(options: BenchOptions) -> BenchReport:
 
         # -- the model, the HF-format decoder, our artifacts --------------------------------------
         source: dict[str, Any] = {"spec": source_spec, "work_dir": str(work)}
+        needs_ort = "ort" in o.backends and ("pipeline" in o.sections or "text" in o.sections)
+        must_export = needs_ort and not o.artifacts and (o.export or (work / "onnx-fp32" / "manifest.json").is_file())
+        save_checkpoint = "text" in o.sections and "torch" in o.backends
+        save_hf = "text" in o.sections and bool(o.anchors)
         if source_spec:
-            r = runner.run("source", {**source_spec, "work_dir": str(work), "threads": o.threads}, "source model")
+            r = runner.run("source", {**source_spec, "work_dir": str(work), "threads": o.threads,
+                                      "save_checkpoint": save_checkpoint, "save_hf": save_hf}, "source model")
             if not r["ok"]:
                 raise BackendError(f"could not build the source model: {r['error']} (log: {r['log']})")
             source.update(r["result"])
@@ -359,21 +365,23 @@ def run_bench(options: BenchOptions) -> BenchReport:
             source.setdefault("preset", m.preset)
         if o.int4_artifacts:
             artifacts["int4"] = str(Path(o.int4_artifacts).resolve())
-        needs_ort = "ort" in o.backends or "text" in o.sections
-        if "fp32" not in artifacts and needs_ort and source.get("checkpoint"):
+        if "fp32" not in artifacts and needs_ort and source.get("fingerprint"):
             cached_dir = work / "onnx-fp32"
-            if o.export or (cached_dir / "manifest.json").is_file():
-                r = runner.run("export", {"out": str(cached_dir), "checkpoint": source["checkpoint"],
+            if must_export:
+                r = runner.run("export", {"out": str(cached_dir), "source": source_spec, "build": o.export,
                                           "fingerprint": source["fingerprint"], "threads": o.threads},
                                "export ONNX (ours)")
-                if r["ok"]:
+                if r["ok"] and r["result"]["artifacts"] is None:
+                    notes.append("the cached ONNX export is stale (other weights or exporter code) and exporting is "
+                                 "off (--no-export / --quick): the ort backend is skipped")
+                elif r["ok"]:
                     artifacts["fp32"] = r["result"]["artifacts"]
                     source["export_s"] = r["result"]["seconds"]
                 else:
                     notes.append(f"our ONNX export failed: {r['error'].splitlines()[0]} (log: {r['log']})")
             else:
-                notes.append("no ONNX artifacts for the ort backend in --quick mode (export skipped: pass --artifacts "
-                             "DIR or run without --quick once to export them into the cache)")
+                notes.append("no ONNX artifacts for the ort backend (exporting is off with --quick / --no-export: pass "
+                             "--artifacts DIR, or run once without them to export into the cache)")
         if ("int4" not in artifacts and "fp32" in artifacts and "int4" in _precisions(o, "ort")
                 and "text" in o.sections and "ort" in o.backends):
             int4_dir = work / "onnx-int4"
@@ -387,7 +395,7 @@ def run_bench(options: BenchOptions) -> BenchReport:
 
         # -- the machine's limits --------------------------------------------------------------------
         limits = None
-        if "roofline" in o.sections:
+        if "roofline" in o.sections and not o.prepare_only:
             small = o.quick
             r = runner.run("limits", {"threads": o.threads, "copy_mb": 64 if small else 512,
                                       "matmul_size": 1024 if small else 2048, "repeats": 3 if small else 7},
@@ -399,16 +407,17 @@ def run_bench(options: BenchOptions) -> BenchReport:
 
         # -- the multimodal pipeline ----------------------------------------------------------------------
         pipeline: dict[str, Any] = {}
-        if "pipeline" in o.sections:
+        if "pipeline" in o.sections and not o.prepare_only:
             for backend in o.backends:
                 payload = {"backend": backend, "threads": o.threads, "modes": o.modes, "images": o.images,
                            "new_tokens": o.new_tokens, "warmup": o.warmup, "repeats": o.repeats, "seed": 0}
                 if backend == "torch":
-                    if not source.get("checkpoint"):
-                        pipeline[backend] = {"status": "unavailable", "reason": "no source checkpoint"}
+                    if not source_spec:
+                        pipeline[backend] = {"status": "unavailable", "reason": "no source model"}
                         bars.finish()
                         continue
-                    payload["checkpoint"] = source["checkpoint"]
+                    payload["checkpoint"] = source.get("checkpoint")
+                    payload["source"] = source_spec
                 else:
                     if "fp32" not in artifacts:
                         pipeline[backend] = {"status": "unavailable", "reason": "no fp32 ONNX artifacts"}
@@ -429,8 +438,8 @@ def run_bench(options: BenchOptions) -> BenchReport:
                    "artifacts": artifacts, "threads": o.threads}
             for engine in [b for b in o.backends] + list(o.anchors):
                 for precision in _precisions(o, engine):
-                    r = runner.run("text", {"engine": engine, "precision": precision, "ctx": ctx, "spec": spec},
-                                   f"text {engine} {precision}")
+                    r = runner.run("text", {"engine": engine, "precision": precision, "ctx": ctx, "spec": spec,
+                                            "prepare_only": o.prepare_only}, f"text {engine} {precision}")
                     if r["ok"]:
                         row = r["result"]
                     else:
@@ -440,7 +449,7 @@ def run_bench(options: BenchOptions) -> BenchReport:
                     row.setdefault("precision", precision)
                     row["job_s"] = r.get("seconds")
                     text.append(row)
-                    if row.get("status") != "measured":
+                    if row.get("status") not in ("measured", "prepared"):
                         bars.write(f"text {engine} {precision}: {row.get('status')} ({row.get('reason', '')})")
     finally:
         bars.close()

@@ -49,45 +49,66 @@ def task_limits(job: dict[str, Any]) -> dict[str, Any]:
     return limits.to_dict()
 
 
+def exporter_key() -> str:
+    """Identity of the exporter code: a cached export is redone when export/*.py changes."""
+    import hashlib
+
+    root = Path(__file__).resolve().parent.parent / "export"
+    h = hashlib.sha256()
+    for f in sorted(root.glob("*.py")):
+        h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _load_source(job: dict[str, Any]) -> Any:
+    from model_src.checkpoint import load_model
+
+    return load_model(checkpoint=job.get("checkpoint"), preset=job.get("preset"), overrides=job.get("overrides"),
+                      seed=job.get("seed"))
+
+
 def task_source(job: dict[str, Any]) -> dict[str, Any]:
-    """Checkpoint + HF-format decoder in the work dir; returns their paths and the fingerprint."""
+    """Fingerprint the model; save the checkpoint and/or the HF-format decoder into the work dir
+    when asked (``save_checkpoint`` / ``save_hf``); reused when the fingerprint matches."""
     import torch
 
     from export.onnx_export import model_fingerprint
-    from model_src.checkpoint import load_model, save_checkpoint
+    from model_src.checkpoint import save_checkpoint
     from model_src.hf_import import save_hf_llama
 
     torch.set_num_threads(int(job.get("threads", 1)))
     work = Path(job["work_dir"])
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    model = load_model(checkpoint=job.get("checkpoint"), preset=job.get("preset"), overrides=job.get("overrides"),
-                       seed=job.get("seed"))
+    model = _load_source(job)
     load_s = time.perf_counter() - t0
     fingerprint = model_fingerprint(model)
-    ckpt = work / "checkpoint"
-    hf = work / "hf"
-    stamp = work / "source.json"
-    cached = False
-    if stamp.is_file():
-        try:
-            cached = json.loads(stamp.read_text()).get("fingerprint") == fingerprint
-        except ValueError:
-            cached = False
-    if not cached:
+    ckpt, hf, stamp = work / "checkpoint", work / "hf", work / "source.json"
+    try:
+        saved = json.loads(stamp.read_text())
+    except (OSError, ValueError):
+        saved = {}
+    if saved.get("fingerprint") != fingerprint:
+        saved = {"fingerprint": fingerprint}
+    if job.get("save_checkpoint") and not saved.get("checkpoint"):
+        log(f"saving the checkpoint to {ckpt}")
         save_checkpoint(model, ckpt)
+        saved["checkpoint"] = True
+    if job.get("save_hf") and not saved.get("hf"):
+        log(f"saving the HF-format decoder to {hf}")
         save_hf_llama(model.llm, hf, tokenizer=model.tokenizer)
         # AutoTokenizer (onnxruntime-genai builder, Optimum) must load tokenizer.json as it is.
         (hf / "tokenizer_config.json").write_text(json.dumps({
             "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model.config.llm.max_position_embeddings,
             "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>",
         }, indent=2))
-        stamp.write_text(json.dumps({"fingerprint": fingerprint}))
+        saved["hf"] = True
+    stamp.write_text(json.dumps(saved))
     cfg = model.config
     return {
         "fingerprint": fingerprint,
-        "checkpoint": str(ckpt),
-        "hf_dir": str(hf),
+        "checkpoint": str(ckpt) if saved.get("checkpoint") else None,
+        "hf_dir": str(hf) if saved.get("hf") else None,
         "hf_class": "Qwen2ForCausalLM" if cfg.llm.attention_bias else "LlamaForCausalLM",
         "config": cfg.to_dict(),
         "preset": cfg.name,
@@ -96,33 +117,40 @@ def task_source(job: dict[str, Any]) -> dict[str, Any]:
         "llm_params": sum(p.numel() for p in model.llm.parameters()),
         "model_params": sum(p.numel() for p in model.parameters()),
         "build_s": load_s,
-        "cached": cached,
     }
 
 
 def task_export(job: dict[str, Any]) -> dict[str, Any]:
-    """fp32 artifacts with our exporter (reused when the manifest's fingerprint matches)."""
+    """fp32 artifacts with our exporter (reused when the weights and the exporter code are unchanged)."""
     import torch
 
     from export.manifest import load_manifest
     from export.onnx_export import ExportOptions, export_model, model_fingerprint
-    from model_src.checkpoint import load_checkpoint
 
     torch.set_num_threads(int(job.get("threads", 1)))
     out = Path(job["out"])
     fingerprint = job["fingerprint"]
+    key = {"fingerprint": fingerprint, "exporter": exporter_key()}
     try:
         manifest = load_manifest(out, verify=False)
-        if (manifest.extra or {}).get("model_fingerprint") == fingerprint:
+        if (manifest.extra or {}).get("model_fingerprint") == fingerprint and \
+                json.loads((out / ".bench-exporter.json").read_text()) == key:
             return {"artifacts": str(out), "seconds": 0.0, "cached": True}
     except Exception:  # noqa: BLE001 - anything unusable is re-exported
         pass
-    model = load_checkpoint(job["checkpoint"])
+    if not job.get("build", True):
+        return {"artifacts": None, "seconds": 0.0, "cached": False}
+    model = _load_source(job["source"])
     if model_fingerprint(model) != fingerprint:
-        raise RuntimeError("the checkpoint in the work directory does not match the source fingerprint")
+        raise RuntimeError("the source model does not match the fingerprint it had a moment ago")
+    src = job["source"]
+    source = ({"kind": "checkpoint", "path": src["checkpoint"], "overrides": src.get("overrides")}
+              if src.get("checkpoint") else
+              {"kind": "preset", "preset": src.get("preset"), "overrides": src.get("overrides") or [],
+               "seed": model.config.seed if src.get("seed") is None else src["seed"]})
     t0 = time.perf_counter()
-    export_model(model, ExportOptions(out=out, progress=False, force=True),
-                 source={"checkpoint": job["checkpoint"], "fingerprint": fingerprint}, log=log)
+    export_model(model, ExportOptions(out=out, progress=False, force=True), source=source, log=log)
+    (out / ".bench-exporter.json").write_text(json.dumps(key))
     return {"artifacts": str(out), "seconds": time.perf_counter() - t0, "cached": False}
 
 
@@ -150,7 +178,11 @@ def task_text(job: dict[str, Any]) -> dict[str, Any]:
         return {"status": "unavailable", "reason": why, "reference": engine.reference(), **engine.describe()}
     total = spec.warmup + spec.repeats + 2
     progress(0, total, "prepare")
+    t0 = time.perf_counter()
     prepared = engine.prepare()
+    if job.get("prepare_only"):
+        return {"status": "prepared", "reason": f"prepared in {time.perf_counter() - t0:.0f} s (--prepare-only)",
+                **engine.describe(), "prepared": {"path": prepared.path, "bytes": prepared.bytes}}
     progress(1, total, "load")
     rss0 = rss_bytes()
     t0 = time.perf_counter()
@@ -206,7 +238,10 @@ def task_pipeline(job: dict[str, Any]) -> dict[str, Any]:
         from benchmarks.anchors.base import set_torch_threads
 
         set_torch_threads(threads)
-        pipe = MavenPipeline.from_checkpoint(job["checkpoint"])
+        if job.get("checkpoint"):
+            pipe = MavenPipeline.from_checkpoint(job["checkpoint"])
+        else:  # seeded preset: rebuilt here rather than saved (paper geometry is several GB)
+            pipe = MavenPipeline.from_model(_load_source(job["source"]))
     else:
         from runtime.backends.ort_backend import SessionConfig
 
