@@ -1,0 +1,143 @@
+"""Evaluation: refusals on bad checkpoints, batched greedy == generate(), the shipped tiny model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from model_src.checkpoint import SHIPPED_TINY, build_model, save_checkpoint  # noqa: E402
+from model_src.config import get_config  # noqa: E402
+from model_src.data import iter_samples  # noqa: E402
+from model_src.errors import CheckpointError, InputError  # noqa: E402
+from model_src.preprocess import preprocess_images  # noqa: E402
+from model_src.sampling import GenerationConfig  # noqa: E402
+from model_src.train.evaluate import evaluate, greedy_batch  # noqa: E402
+
+SMALL = [
+    "vision.hidden_size=32", "vision.num_heads=2", "vision.num_layers=1", "vision.intermediate_size=32",
+    "discrete.hidden_size=32", "discrete.num_heads=2", "discrete.num_layers=1",
+    "discrete.intermediate_size=32", "discrete.codebook_size=64", "discrete.code_dim=16",
+    "llm.hidden_size=32", "llm.num_layers=1", "llm.num_heads=2", "llm.num_kv_heads=1",
+    "llm.intermediate_size=32", "selector.hidden_size=32",
+]
+SAMPLES_DIR = Path(__file__).resolve().parents[1] / "model_src" / "samples"
+needs_shipped = pytest.mark.skipif(
+    not (SHIPPED_TINY / "model.safetensors").is_file(), reason="shipped tiny checkpoint not trained yet"
+)
+
+
+@pytest.fixture(scope="module")
+def small_ckpt(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ckpt")
+    save_checkpoint(build_model(get_config("tiny", SMALL), seed=3), d)
+    return d
+
+
+def _cli(*args):
+    from runtime.cli import main
+
+    return main(["eval", *args])
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
+    assert _cli("--checkpoint", str(tmp_path / "nope"), "--limit", "2") == 2
+    assert "checkpoint directory not found" in capsys.readouterr().err
+
+
+def test_corrupt_weights_are_a_clear_error(tmp_path, small_ckpt, capsys):
+    d = tmp_path / "bad"
+    d.mkdir()
+    for f in ("config.json", "tokenizer.json"):
+        (d / f).write_bytes((small_ckpt / f).read_bytes())
+    (d / "model.safetensors").write_bytes(b"not a safetensors file")
+    assert _cli("--checkpoint", str(d), "--limit", "2") == 2
+    assert "corrupt" in capsys.readouterr().err
+
+
+def test_config_not_matching_weights_is_a_clear_error(tmp_path, small_ckpt, capsys):
+    d = tmp_path / "mismatch"
+    d.mkdir()
+    for f in ("model.safetensors", "tokenizer.json"):
+        (d / f).write_bytes((small_ckpt / f).read_bytes())
+    cfg = json.loads((small_ckpt / "config.json").read_text())
+    cfg["llm"]["intermediate_size"] = 48
+    (d / "config.json").write_text(json.dumps(cfg))
+    assert _cli("--checkpoint", str(d), "--limit", "2") == 2
+    assert "does not match its config" in capsys.readouterr().err
+    with pytest.raises(CheckpointError):
+        from model_src.checkpoint import load_checkpoint
+
+        load_checkpoint(d)
+
+
+def test_bad_options_are_clear_errors(small_ckpt):
+    from model_src.checkpoint import load_checkpoint
+
+    model = load_checkpoint(small_ckpt)
+    with pytest.raises(InputError, match="unknown split"):
+        evaluate(model, split="dev", limit=1, quiet=True)
+    with pytest.raises(InputError, match="keep-ratio"):
+        evaluate(model, keep_ratio=1.5, limit=1, quiet=True)
+
+
+def test_eval_report_shape(small_ckpt, capsys):
+    assert _cli("--checkpoint", str(small_ckpt), "--limit", "9", "--json", "--quiet") == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["num_questions"] == 9
+    assert set(report["family_accuracy"]) == {"caption", "single", "multi"}
+    assert report["visual_tokens_per_image"] == 48
+    assert report["mean_prefill_tokens"] > 48
+
+
+def _generate_answers(model, samples, mode="hybrid", keep_ratio=None):
+    out = []
+    for s in samples:
+        px = torch.from_numpy(preprocess_images(s.images, model.config.preprocess))
+        out.append(model.generate(px, s.prompt, GenerationConfig(), mode, keep_ratio)[1])
+    return out
+
+
+def test_batched_greedy_matches_generate_random_model(small_ckpt):
+    from model_src.checkpoint import load_checkpoint
+
+    model = load_checkpoint(small_ckpt)
+    samples = list(iter_samples("test", 6))
+    for mode in ("hybrid", "discrete"):
+        batched, _, _ = greedy_batch(model, samples, mode)
+        assert batched == _generate_answers(model, samples, mode)
+
+
+@needs_shipped
+def test_shipped_checkpoint_answers_and_matches_generate():
+    from model_src.checkpoint import load_checkpoint
+
+    model = load_checkpoint(SHIPPED_TINY)
+    samples = list(iter_samples("test", 18, families=["single", "multi"]))
+    batched, _, _ = greedy_batch(model, samples, "hybrid")
+    assert batched == _generate_answers(model, samples)
+    correct = sum(b.strip() == s.answer for b, s in zip(batched, samples, strict=True))
+    assert correct >= 12, list(zip(batched, [s.answer for s in samples], strict=True))
+
+
+@needs_shipped
+def test_shipped_eval_report_exists_and_is_consistent():
+    report = json.loads((SHIPPED_TINY / "eval_report.json").read_text())
+    assert report["mode"] == "hybrid" and report["keep_ratio"] == 0.25
+    assert report["num_questions"] == 600
+    assert set(report["family_accuracy"]) == {"caption", "single", "multi"}
+
+
+@needs_shipped
+@pytest.mark.skipif(not (SAMPLES_DIR / "demo.json").is_file(), reason="demo sample not written yet")
+def test_readme_demo_question_is_answered_correctly():
+    from model_src.checkpoint import load_checkpoint
+
+    demo = json.loads((SAMPLES_DIR / "demo.json").read_text())
+    model = load_checkpoint(SHIPPED_TINY)
+    px = torch.from_numpy(preprocess_images([str(SAMPLES_DIR / f) for f in demo["images"]], model.config.preprocess))
+    _, text = model.generate(px, demo["prompt"])
+    assert text.strip() == demo["answer"]
