@@ -49,6 +49,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--modes", type=_list("modes"), default=None,
                    help="visual modes (default hybrid,continuous,discrete)")
     p.add_argument("--new-tokens", type=int, default=None, help="new tokens per generation (default 64)")
+    p.add_argument("--pipeline-new-tokens", type=int, default=None,
+                   help="new tokens per multimodal pipeline request (default: --new-tokens)")
     p.add_argument("--prompt-len", type=int, default=None, help="text-protocol prompt tokens (default 256)")
     p.add_argument("--repeats", type=int, default=None, help="measured runs per configuration (default 3)")
     p.add_argument("--warmup", type=int, default=None, help="unmeasured warm-up runs (default 1)")
@@ -86,7 +88,8 @@ def command_line(args: argparse.Namespace) -> str:
         parts.append("--quick")
     for flag, value in (("--backends", args.backends), ("--images", args.images), ("--modes", args.modes),
                         ("--anchors", args.anchors), ("--precisions", args.precisions), ("--sections", args.sections),
-                        ("--new-tokens", args.new_tokens), ("--prompt-len", args.prompt_len),
+                        ("--new-tokens", args.new_tokens), ("--pipeline-new-tokens", args.pipeline_new_tokens),
+                        ("--prompt-len", args.prompt_len),
                         ("--repeats", args.repeats), ("--warmup", args.warmup), ("--threads", args.threads),
                         ("--figures-dir", args.figures_dir)):
         if value is not None:
@@ -117,8 +120,8 @@ def options_from_args(args: argparse.Namespace):
         prepare_only=args.prepare_only,
         progress=not args.no_progress, command=command_line(args),
     )
-    for name in ("backends", "images", "modes", "sections", "new_tokens", "prompt_len", "repeats", "warmup",
-                 "threads"):
+    for name in ("backends", "images", "modes", "sections", "new_tokens", "pipeline_new_tokens", "prompt_len", "repeats",
+                 "warmup", "threads"):
         value = getattr(args, name)
         if value is not None:
             kw[name] = value

@@ -30,7 +30,8 @@ def _plt():
 
 def _title(report: Any) -> str:
     m = report.machine
-    return f"{report.source.get('preset', '?')} · {m.get('cpu', 'CPU')} · {m.get('threads_used')} threads"
+    t = m.get("threads_used")
+    return f"{report.source.get('preset', '?')} · {m.get('cpu', 'CPU')} · {t} thread{'s' if t != 1 else ''}"
 
 
 def draw_stages(report: Any, path: Path) -> Path | None:
@@ -111,7 +112,8 @@ def draw_decode(report: Any, path: Path) -> Path | None:
     for r in report.roofline:
         roof.setdefault(r["precision"], r["decode_roofline_tok_s"])
     fig, ax = plt.subplots(figsize=(9, 0.45 * len(rows) + 1.6))
-    labels, vals = [], []
+    labels = []
+    xmax = max(r["decode_tok_s"] for r in rows) * 1.6
     for i, r in enumerate(rows):
         ours = r["engine"] in ("ort", "torch")
         ref = r["status"] == "reference"
@@ -120,15 +122,16 @@ def draw_decode(report: Any, path: Path) -> Path | None:
                 edgecolor="black" if ref else color)
         if r.get("decode_min") is not None and r.get("decode_max") is not None:
             ax.plot([r["decode_min"], r["decode_max"]], [i, i], color="black", lw=1)
-        ax.text(r["decode_tok_s"], i, f" {r['decode_tok_s']:.1f}" + (" (reference, not measured here)" if ref else ""),
+        ax.text(max(r["decode_tok_s"], r.get("decode_max") or 0), i, f" {r['decode_tok_s']:.1f}" + (" (reference, not measured here)" if ref else ""),
                 va="center", fontsize=7)
-        if r["precision"] in roof:
+        if r["precision"] in roof and roof[r["precision"]] <= xmax:
             ax.plot([roof[r["precision"]]] * 2, [i - 0.4, i + 0.4], color="black", ls=":", lw=1.2)
+        elif r["precision"] in roof:
+            ax.text(xmax, i, f"roofline {roof[r['precision']]:.0f} →", ha="right", va="center", fontsize=6)
         labels.append(f"{r['label']} · {r['precision']}")
-        vals.append(max(r["decode_tok_s"], roof.get(r["precision"], 0)))
     ax.set_yticks(range(len(rows)), labels, fontsize=8)
     ax.invert_yaxis()
-    ax.set_xlim(0, max(vals) * 1.35)
+    ax.set_xlim(0, xmax)
     ax.set_xlabel("decode tokens/s (median; whiskers min–max; dotted: bandwidth roofline for that precision)")
     o = report.options
     ax.set_title(f"Text decode, {o['prompt_len']}-token prompt, {o['new_tokens']} new tokens — {_title(report)}",

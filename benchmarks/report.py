@@ -304,7 +304,9 @@ def markdown(report: Any) -> str:
         lines.append("")
     srows = stage_rows(report)
     if srows:
-        lines += ["## Multimodal pipeline: per-stage latency (median ms)", "",
+        lines += [f"## Multimodal pipeline: per-stage latency (median ms of {o['repeats']}, up to "
+                  f"{o.get('pipeline_new_tokens') or o['new_tokens']} new tokens, {o['threads']} "
+                  f"thread{'s' if o['threads'] != 1 else ''})", "",
                   "| backend | mode | images | prompt tokens | " + " | ".join(STAGES[:-1]) +
                   " | TTFT | decode ms/token | end-to-end |",
                   "|" + "---|" * (len(STAGES) + 6)]

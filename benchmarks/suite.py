@@ -62,6 +62,7 @@ class BenchOptions:
     images: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     modes: list[str] = field(default_factory=lambda: list(MODES))
     new_tokens: int = 64
+    pipeline_new_tokens: int | None = None  # new tokens per pipeline request (default: new_tokens)
     prompt_len: int = 256  # text protocol prompt length
     repeats: int = 3
     warmup: int = 1
@@ -111,7 +112,9 @@ class BenchOptions:
                 raise InputError(f"unknown section {s!r}; choose from {', '.join(SECTIONS)}")
         if not o.images or any(n < 0 for n in o.images):
             raise InputError(f"--images must be image counts >= 0, got {o.images}")
-        if o.new_tokens < 2:
+        if o.pipeline_new_tokens is None or o.quick:
+            o.pipeline_new_tokens = min(o.pipeline_new_tokens or o.new_tokens, o.new_tokens)
+        if o.new_tokens < 2 or o.pipeline_new_tokens < 2:
             raise InputError("--new-tokens must be >= 2 (decode speed needs at least one step after the first token)")
         if o.prompt_len < 1:
             raise InputError("--prompt-len must be >= 1")
@@ -410,7 +413,7 @@ def run_bench(options: BenchOptions) -> BenchReport:
         if "pipeline" in o.sections and not o.prepare_only:
             for backend in o.backends:
                 payload = {"backend": backend, "threads": o.threads, "modes": o.modes, "images": o.images,
-                           "new_tokens": o.new_tokens, "warmup": o.warmup, "repeats": o.repeats, "seed": 0}
+                           "new_tokens": o.pipeline_new_tokens, "warmup": o.warmup, "repeats": o.repeats, "seed": 0}
                 if backend == "torch":
                     if not source_spec:
                         pipeline[backend] = {"status": "unavailable", "reason": "no source model"}
