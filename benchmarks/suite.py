@@ -422,11 +422,12 @@ def run_bench(options: BenchOptions) -> BenchReport:
                     payload["checkpoint"] = source.get("checkpoint")
                     payload["source"] = source_spec
                 else:
-                    if "fp32" not in artifacts:
-                        pipeline[backend] = {"status": "unavailable", "reason": "no fp32 ONNX artifacts"}
+                    chosen = str(Path(o.artifacts).resolve()) if o.artifacts else artifacts.get("fp32")
+                    if not chosen:
+                        pipeline[backend] = {"status": "unavailable", "reason": "no ONNX artifacts"}
                         bars.finish()
                         continue
-                    payload["artifacts"] = artifacts["fp32"]
+                    payload["artifacts"] = chosen
                 r = runner.run("pipeline", payload, f"pipeline {backend}")
                 pipeline[backend] = ({"status": "measured", **r["result"]} if r["ok"] else
                                      {"status": "failed", "reason": r["error"], "log": r["log"]})

@@ -43,7 +43,7 @@ class HFTransformersEngine(Engine):
         from transformers import AutoModelForCausalLM
 
         set_torch_threads(self.ctx.threads)
-        self.model: Any = AutoModelForCausalLM.from_pretrained(prepared.path, torch_dtype=torch.float32).eval()
+        self.model: Any = AutoModelForCausalLM.from_pretrained(prepared.path, dtype=torch.float32).eval()
         self.attn = getattr(self.model.config, "_attn_implementation", None)
 
     def generate(self, spec: TextSpec) -> TextRun:

@@ -253,10 +253,20 @@ class LlamaCppEngine(Engine):
         tokens: list[int] = []
         clock.start()
         llm.eval(ids)
-        tokens.append(argmax(llm.scores[llm.n_tokens - 1]))
+        tokens.append(argmax(_last_logits(llm)))
         clock.first()
         while len(tokens) < spec.new_tokens:
             llm.eval([tokens[-1]])
-            tokens.append(argmax(llm.scores[llm.n_tokens - 1]))
+            tokens.append(argmax(_last_logits(llm)))
         clock.last()
         return clock.run(tokens)
+
+
+def _last_logits(llm: Any) -> np.ndarray:
+    """Logits of the last evaluated position. Recent llama-cpp-python no longer copies them into
+    ``Llama.scores`` unless ``logits_all=True``, so read llama.cpp's output buffer: with only the
+    last position requesting logits, its first row is that position."""
+    ctx = getattr(llm, "_ctx", None)
+    if ctx is not None and hasattr(ctx, "get_logits"):
+        return np.ctypeslib.as_array(ctx.get_logits(), shape=(llm.n_vocab(),))
+    return np.asarray(llm.scores[llm.n_tokens - 1])
