@@ -105,9 +105,9 @@ class ValidationReport:
 
     def format_table(self) -> str:
         lines = [f"validate {self.artifacts} (inputs: {self.inputs}; onnxruntime CPUExecutionProvider vs torch)",
-                 f"{'component':<20} {'case':<24} {'output':<18} {'max abs diff':>13} {'tol':>8}  ok"]
+                 f"{'component':<20} {'case':<26} {'output':<18} {'max abs diff':>13} {'tol':>8}  ok"]
         for c in _group_layers(self.outputs):
-            lines.append(f"{c.component:<20} {c.case:<24} {c.output:<18} {c.max_abs_diff:>13.3e} "
+            lines.append(f"{c.component:<20} {c.case:<26} {c.output:<18} {c.max_abs_diff:>13.3e} "
                          f"{c.tolerance:>8.1e}  {'ok' if c.ok else 'FAIL'}")
         if self.questions:
             lines.append("")

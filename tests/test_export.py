@@ -372,3 +372,11 @@ def test_paper_width_export_crosses_2gb_with_external_data(tmp_path: Path) -> No
     report = validate_artifacts(ValidateOptions(out, questions=1, max_new_tokens=2))
     print(f"paper export {seconds:.0f} s, decoder data {dec.external_data[0].size_bytes / 1e9:.2f} GB")
     assert report.ok, report.format_table()
+
+
+@SLOW
+def test_edge_small_exports_and_validates(tmp_path: Path) -> None:
+    """`edge-small` (random weights): the full-depth export validates (numbers in docs/usage/export.md)."""
+    out = tmp_path / "edge-small"
+    assert cli(["export", "--preset", "edge-small", "--out", str(out), "--no-progress"]) == 0
+    assert cli(["validate", str(out), "--questions", "2", "--max-new-tokens", "8"]) == 0
