@@ -1,0 +1,107 @@
+"""ORT vs torch on every test question: token-for-token greedy parity and exact-match accuracy.
+
+    python -m runtime.parity_check                               # shipped tiny model, all 600 test questions
+    python -m runtime.parity_check --checkpoint DIR --artifacts DIR --limit 100
+
+Runs each question of the split through the ORT pipeline (CPU) and the torch reference pipeline
+with the default greedy options (32 new tokens), compares the token ids, and scores both answers
+with the training evaluator's exact-match rule. When the checkpoint has an ``eval_report.json``
+its overall accuracy is printed beside ours. Without ``--artifacts`` the checkpoint is exported
+to ``artifacts/tiny`` like ``maven-edge demo`` does (once). Imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from runtime.commands import DEMO_ARTIFACTS, SHIPPED_TINY, ensure_demo_artifacts
+
+
+def normalize(text: str) -> str:
+    """The exact-match rule of model_src.train.evaluate."""
+    return " ".join(text.strip().lower().split())
+
+
+def run(checkpoint: Path, artifacts: Path | None, split: str, limit: int | None, max_new_tokens: int,
+        threads: int) -> dict[str, Any]:
+    from model_src.data.splits import iter_samples, num_samples
+    from runtime.backends.ort_backend import SessionConfig
+    from runtime.pipeline import MavenPipeline
+
+    if artifacts is None:
+        artifacts = ensure_demo_artifacts(DEMO_ARTIFACTS, checkpoint, log=lambda m: print(m, file=sys.stderr))
+    ort_pipe = MavenPipeline.from_artifacts(artifacts, session_options=SessionConfig(intra_op_num_threads=threads))
+    torch_pipe = MavenPipeline.from_checkpoint(checkpoint)
+    cfg = torch_pipe.config
+    n = num_samples(split) if limit is None else min(limit, num_samples(split))
+    samples = iter_samples(split, n, image_size=cfg.vision.image_size, patch_size=cfg.vision.patch_size)
+    same, hits_ort, hits_torch = 0, 0, 0
+    by_family: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])  # same, ort hits, count
+    mismatches = []
+    t0 = time.time()
+    for i, s in enumerate(samples):
+        a = ort_pipe.generate(s.images, s.prompt, max_new_tokens=max_new_tokens)
+        b = torch_pipe.generate(s.images, s.prompt, max_new_tokens=max_new_tokens)
+        eq = a.token_ids == b.token_ids
+        ok_a = normalize(a.text) == normalize(s.answer)
+        same += eq
+        hits_ort += ok_a
+        hits_torch += normalize(b.text) == normalize(s.answer)
+        fam = by_family[s.family]
+        fam[0] += eq
+        fam[1] += ok_a
+        fam[2] += 1
+        if not eq and len(mismatches) < 20:
+            mismatches.append({"index": i, "prompt": s.prompt, "ort": a.text, "torch": b.text})
+        if (i + 1) % 50 == 0:
+            print(f"  {i + 1}/{n}: identical {same}/{i + 1}", file=sys.stderr, flush=True)
+    report: dict[str, Any] = {
+        "checkpoint": str(checkpoint), "artifacts": str(artifacts), "split": split, "questions": n,
+        "max_new_tokens": max_new_tokens, "identical_token_ids": same,
+        "ort_accuracy": hits_ort / n, "torch_accuracy": hits_torch / n,
+        "family": {k: {"identical": v[0], "ort_accuracy": v[1] / v[2], "n": v[2]} for k, v in sorted(by_family.items())},
+        "mismatches": mismatches, "seconds": round(time.time() - t0, 1),
+    }
+    eval_report = checkpoint / "eval_report.json"
+    if eval_report.is_file():
+        try:
+            ev = json.loads(eval_report.read_text())
+            report["eval_report_accuracy"] = ev.get("accuracy", ev.get("test", {}).get("accuracy"))
+        except (json.JSONDecodeError, AttributeError):
+            pass
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m runtime.parity_check", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", default=str(SHIPPED_TINY))
+    ap.add_argument("--artifacts", help="an export of --checkpoint (default: artifacts/tiny, exported if needed)")
+    ap.add_argument("--split", default="test")
+    ap.add_argument("--limit", type=int)
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--out", help="write the JSON report here")
+    args = ap.parse_args(argv)
+    report = run(Path(args.checkpoint), Path(args.artifacts) if args.artifacts else None, args.split, args.limit,
+                 args.max_new_tokens, args.threads)
+    text = json.dumps(report, indent=2)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    print(text)
+    print(f"identical greedy token ids: {report['identical_token_ids']}/{report['questions']}; exact match: "
+          f"ort {100 * report['ort_accuracy']:.1f}%, torch {100 * report['torch_accuracy']:.1f}%"
+          + (f", eval_report {100 * report['eval_report_accuracy']:.1f}%"
+             if isinstance(report.get("eval_report_accuracy"), (int, float)) else ""))
+    return 0 if report["identical_token_ids"] == report["questions"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
