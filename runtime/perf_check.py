@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -243,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pasts", default="64,512")
     ap.add_argument("--rss-runs", type=int, default=200)
     ap.add_argument("--rss-artifacts", help="artifacts for the memory run (default: random tiny export)")
-    ap.add_argument("--only", choices=("decode", "rss"), help="run one part")
+    ap.add_argument("--only", choices=("decode", "kv", "rss"),
+                    help="run one part: decode = end to end + KV cache, kv = KV cache only, rss = memory")
     ap.add_argument("--no-torch", action="store_true", help="skip the torch eager baseline")
     ap.add_argument("--threads", type=int, default=0,
                     help="onnxruntime intra-op threads and torch threads (0 = their defaults)")
@@ -259,11 +261,12 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.root)
     report: dict[str, Any] = {
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "onnxruntime": ort.__version__,
-                    "python": platform.python_version()},
-        "command": "python -m runtime.perf_check " + " ".join(argv if argv is not None else []),
+                    "python": platform.python_version(),
+                    "load_average_at_start": [round(x, 1) for x in os.getloadavg()]},
+        "command": "python -m runtime.perf_check " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     so = SessionConfig(intra_op_num_threads=args.threads)
-    if args.only in (None, "decode"):
+    if args.only in (None, "decode", "kv"):
         import torch
 
         if args.threads:
@@ -273,15 +276,17 @@ def main(argv: list[str] | None = None) -> int:
         model, art = export_random(args.preset, root)
         ort_pipe = MavenPipeline.from_artifacts(art, session_options=so, verify=False)
         torch_pipe = None if args.no_torch else MavenPipeline.from_model(model)
-        print(f"{args.preset}: {args.images} images, {args.new_tokens} new tokens", flush=True)
-        e2e = {"ort": end_to_end(ort_pipe, args.images, args.new_tokens)}
-        print(f"  ort:   {e2e['ort']}", flush=True)
-        if torch_pipe is not None:
-            e2e["torch"] = end_to_end(torch_pipe, args.images, args.new_tokens)
-            print(f"  torch: {e2e['torch']}", flush=True)
-            e2e["torch_over_ort_decode_step"] = round(
-                e2e["torch"]["decode_step_mean_ms"] / e2e["ort"]["decode_step_mean_ms"], 2)
-        report["end_to_end"] = {"preset": args.preset, "images": args.images, "new_tokens": args.new_tokens, **e2e}
+        if args.only != "kv":
+            print(f"{args.preset}: {args.images} images, {args.new_tokens} new tokens", flush=True)
+            e2e = {"ort": end_to_end(ort_pipe, args.images, args.new_tokens)}
+            print(f"  ort:   {e2e['ort']}", flush=True)
+            if torch_pipe is not None:
+                e2e["torch"] = end_to_end(torch_pipe, args.images, args.new_tokens)
+                print(f"  torch: {e2e['torch']}", flush=True)
+                e2e["torch_over_ort_decode_step"] = round(
+                    e2e["torch"]["decode_step_mean_ms"] / e2e["ort"]["decode_step_mean_ms"], 2)
+            report["end_to_end"] = {"preset": args.preset, "images": args.images, "new_tokens": args.new_tokens,
+                                    **e2e}
         print("KV cache: decode-step time vs past length", flush=True)
         pasts = tuple(int(p) for p in args.pasts.split(","))
         report["kv_cache"] = kv_report(ort_pipe.backend, None if torch_pipe is None else torch_pipe.backend, pasts,
@@ -298,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"memory: {args.rss_runs} generations on {art}", flush=True)
         report["rss"] = {"artifacts": str(art), **rss_growth(pipe, images, question(3), n=args.rss_runs)}
         print(f"  {report['rss']}", flush=True)
+    report["machine"]["load_average_at_end"] = [round(x, 1) for x in os.getloadavg()]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
