@@ -38,6 +38,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="overwrite a directory holding another model's export")
     p.add_argument("--external-data-threshold-mb", type=float, default=None,
                    help="weights per file above this go to <file>.onnx.data (default 2000 MB, under protobuf's 2 GiB)")
+    p.add_argument("--genai", action="store_true",
+                   help="also write genai_config.json + tokenizer_config.json (onnxruntime-genai, text only)")
     p.add_argument("--json", action="store_true", help="print the export report as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_export)
@@ -70,7 +72,7 @@ def run_export(args: argparse.Namespace) -> int:
     threshold = (EXTERNAL_DATA_THRESHOLD if args.external_data_threshold_mb is None
                  else int(args.external_data_threshold_mb * 1e6))
     options = ExportOptions(out=args.out, opset=args.opset, target_ort=args.target_ort, optimize=args.optimize,
-                            force=args.force, external_data_threshold=threshold,
+                            force=args.force, external_data_threshold=threshold, genai=args.genai,
                             progress=not args.no_progress and not args.json)
     result = export_model(model, options, source=source)
     if args.json:

@@ -43,6 +43,7 @@ from export import graph_tools, ort_compat
 from export.manifest import (
     MANIFEST,
     Component,
+    FileEntry,
     Manifest,
     TensorSpec,
     file_entry,
@@ -74,6 +75,7 @@ class ExportOptions:
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD  # bytes of weights per file
     check_load: bool = True  # open every file in onnxruntime and run it once against torch
     progress: bool = True  # tqdm bar over the components
+    genai: bool = False  # also write genai_config.json + tokenizer_config.json (onnxruntime-genai, text only)
 
 
 @dataclass
@@ -322,6 +324,7 @@ def _listed_files(old: Any, out: Path) -> list[str]:
             files.append(comp["file"]["path"])
             files.extend(e["path"] for e in comp.get("external_data", []))
         files.append(old["tokenizer"]["path"])
+        files.extend(e["path"] for e in old.get("extra", {}).get("genai", []))
     except (KeyError, TypeError, AttributeError):
         pass
     keep = []
@@ -505,6 +508,8 @@ def export_model(
     for comp in manifest.components.values():
         comp.file = file_entry(out, out / comp.file.path)
         comp.external_data = [file_entry(out, out / e.path) for e in comp.external_data]
+    if options.genai:
+        manifest.extra["genai"] = [asdict(e) for e in write_genai_config(manifest, out)]
     write_manifest(manifest, out)
     seconds["total"] = round(time.perf_counter() - t_start, 2)
     return ExportResult(manifest, reports, parity, seconds, out)
@@ -641,8 +646,9 @@ def optimize_artifact(src: str | Path, dst: str | Path, tool: str = "onnxscript"
         dst.mkdir(parents=True, exist_ok=True)
         for rel in old:
             (dst / rel).unlink(missing_ok=True)
-        for entry in manifest.all_files():
-            shutil.copy2(resolve_inside(src, entry.path), dst / entry.path)
+        extras = [e["path"] for e in manifest.extra.get("genai", [])]
+        for rel in [e.path for e in manifest.all_files()] + extras:
+            shutil.copy2(resolve_inside(src, rel), dst / rel)
     threshold = int(manifest.extra.get("external_data_threshold", EXTERNAL_DATA_THRESHOLD))
     vocab = int(manifest.vocab["vocab_size"])
     for comp in manifest.components.values():
@@ -658,3 +664,56 @@ def optimize_artifact(src: str | Path, dst: str | Path, tool: str = "onnxscript"
     manifest.extra["optimized"] = tool
     write_manifest(manifest, dst)
     return manifest
+
+
+GENAI_CONFIG = "genai_config.json"
+
+
+def write_genai_config(manifest: Manifest, out: str | Path, max_length: int | None = None) -> list[FileEntry]:
+    """`genai_config.json` (+ `tokenizer_config.json`) for text-only generation in onnxruntime-genai.
+
+    The decoder takes `inputs_embeds`, so the config is a `decoder-pipeline`: `embed_tokens.onnx`
+    (input_ids -> inputs_embeds) then `decoder.onnx`, both on every step; the KV cache grows by
+    concatenation (no shared past/present buffer). onnxruntime-genai picks tokens over the whole
+    unified vocabulary (visual codes included), while maven-edge's sampler only picks text
+    tokens. Returns the entries of the files written.
+    """
+    out = Path(out)
+    dec, emb = manifest.components["decoder"], manifest.components["embed_tokens"]
+    info, special = dec.extra, manifest.vocab["special_ids"]
+    context = int(info["max_position_embeddings"])
+    config = {
+        "model": {
+            "type": "decoder-pipeline",
+            "bos_token_id": special["<bos>"], "eos_token_id": special["<eos>"], "pad_token_id": special["<pad>"],
+            "vocab_size": int(manifest.vocab["vocab_size"]), "context_length": context,
+            "decoder": {
+                "hidden_size": info["hidden_size"], "num_attention_heads": info["num_heads"],
+                "num_key_value_heads": info["num_kv_heads"], "num_hidden_layers": info["num_layers"],
+                "head_size": info["head_dim"],
+                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
+                           "position_ids": "position_ids", "past_key_names": info["past_key_name"],
+                           "past_value_names": info["past_value_name"]},
+                "outputs": {"logits": "logits", "present_key_names": info["present_key_name"],
+                            "present_value_names": info["present_value_name"]},
+                "pipeline": [
+                    {"embeddings": {"filename": emb.file.path, "inputs": [t.name for t in emb.inputs],
+                                    "outputs": [t.name for t in emb.outputs],
+                                    "run_on_prompt": True, "run_on_token_gen": True}},
+                    {"decoder": {"filename": dec.file.path, "inputs": [t.name for t in dec.inputs],
+                                 "outputs": [t.name for t in dec.outputs],
+                                 "run_on_prompt": True, "run_on_token_gen": True}},
+                ],
+            },
+        },
+        "search": {"max_length": max_length or context, "min_length": 0, "do_sample": False, "num_beams": 1,
+                   "past_present_share_buffer": False},
+    }
+    tokenizer_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<bos>", "eos_token": "<eos>",
+        "pad_token": "<pad>", "add_bos_token": False, "add_eos_token": False,
+        "clean_up_tokenization_spaces": False, "model_max_length": context,
+    }
+    (out / GENAI_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+    return [file_entry(out, out / GENAI_CONFIG), file_entry(out, out / "tokenizer_config.json")]

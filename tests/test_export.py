@@ -61,7 +61,8 @@ def model():
 def artifacts(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("export") / "tiny"
     # 1 MB threshold: the larger files (decoder, vision, discrete) take the external-data path.
-    argv = ["export", "--preset", "tiny", "--out", str(out), "--external-data-threshold-mb", "1", "--no-progress"]
+    argv = ["export", "--preset", "tiny", "--out", str(out), "--external-data-threshold-mb", "1", "--genai",
+            "--no-progress"]
     for o in FAST:
         argv += ["--set", o]
     assert cli(argv) == 0
@@ -348,6 +349,37 @@ def test_optimize_rejects_a_changed_result(artifacts: Path, tmp_path: Path, monk
     monkeypatch.setattr(graph_tools, "optimize_model", breaking)
     with pytest.raises(ExportError, match="changed output"):
         optimize_artifact(artifacts, tmp_path / "broken", "onnxscript")
+
+
+# ---- onnxruntime-genai ---------------------------------------------------------------------------------
+
+
+def test_genai_config_runs_text_generation(artifacts: Path, model) -> None:
+    """`--genai`: onnxruntime-genai runs embed_tokens + decoder; greedy tokens equal torch's."""
+    m = load_manifest(artifacts, verify=False)
+    assert [e["path"] for e in m.extra["genai"]] == ["genai_config.json", "tokenizer_config.json"]
+    for e in m.extra["genai"]:
+        assert sha256_file(artifacts / e["path"]) == e["sha256"]
+    og = pytest.importorskip("onnxruntime_genai", reason="pip install onnxruntime-genai (extra: genai)")
+    gm = og.Model(str(artifacts))
+    ids = model.tokenizer.encode_prompt("What color is the circle?")
+    assert [int(t) for t in og.Tokenizer(gm).encode("What color is the circle?")] == ids[1:]
+    params = og.GeneratorParams(gm)
+    params.set_search_options(max_length=len(ids) + 10, do_sample=False)
+    gen = og.Generator(gm, params)
+    gen.append_tokens(np.asarray([ids], dtype=np.int32))
+    got = []
+    while not gen.is_done():
+        gen.generate_next_token()
+        got.append(int(gen.get_next_tokens()[0]))
+    want, mask = [], torch.ones(1, len(ids), dtype=torch.long)
+    with torch.no_grad():  # greedy over the whole unified vocabulary, as onnxruntime-genai does
+        logits, _, past = model.llm(model.embed_ids(torch.tensor([ids])), mask)
+        while len(want) < len(got):
+            want.append(int(logits[0, -1].argmax()))
+            mask = torch.cat([mask, torch.ones(1, 1, dtype=torch.long)], 1)
+            logits, _, past = model.llm(model.embed_ids(torch.tensor([want[-1:]])), mask, None, past)
+    assert got == want and len(got) >= 1
 
 
 # ---- opt-in long checks -------------------------------------------------------------------------------------
