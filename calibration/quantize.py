@@ -305,31 +305,65 @@ def _node_counts(model: Any) -> dict[str, int]:
 # ---- one component, one method --------------------------------------------------------------------
 
 
+#: Histogram settings of the entropy / percentile calibrators: 2048 bins, as TensorRT's entropy
+#: calibrator (onnxruntime's quantize_static default of 128 bins makes entropy equal MinMax).
+HISTOGRAM_BINS = 2048
+QUANTIZED_BINS = 128
+
+
+def calibrate_ranges(src: Path, reader: Any, method: str, percentile: float = 99.999) -> Any:
+    """Activation ranges (onnxruntime ``TensorsData``) of the inputs/outputs of every weight op."""
+    import tempfile
+
+    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
+
+    options: dict[str, Any] = {}
+    if method == "minmax":
+        cm = CalibrationMethod.MinMax
+        options["max_intermediate_outputs"] = 8  # fold ranges every 8 batches: bounded memory
+    elif method == "entropy":
+        cm = CalibrationMethod.Entropy
+        options.update(num_bins=HISTOGRAM_BINS, num_quantized_bins=QUANTIZED_BINS)
+    else:
+        cm = CalibrationMethod.Percentile
+        options.update(num_bins=HISTOGRAM_BINS, percentile=percentile)
+    with tempfile.TemporaryDirectory(prefix="maven-calib-") as tmp, quiet_quantizer():
+        cal = create_calibrator(str(src), list(WEIGHT_OPS), augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+                                calibrate_method=cm, extra_options=options)
+        cal.collect_data(reader)
+        return cal.compute_data()
+
+
 def _int8_static(src: Path, dst: Path, reader: Any, opts: QuantizeOptions, cache: Path | None) -> dict[str, Any]:
+    import tempfile
+
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.calibrate import save_tensors_data
 
     model = _load(src)
     exclude = discrete_sensitive_nodes(model) if opts.keep_discrete_fp32 else []
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
               "percentile": CalibrationMethod.Percentile}[opts.calib_method]
-    extra: dict[str, Any] = {}
-    if opts.calib_method == "minmax":
-        extra["CalibMaxIntermediateOutputs"] = 8  # fold ranges every 8 batches: bounded memory on large models
-    if opts.calib_method == "percentile":
-        extra["CalibPercentile"] = opts.percentile
     act = QuantType.QInt8 if opts.activation_type == "int8" else QuantType.QUInt8
     big = sum(t.ByteSize() for t in model.graph.initializer) > EXTERNAL_DATA_BYTES
-    with quiet_quantizer():
-        quantize_static(
-            str(src), str(dst), reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=list(WEIGHT_OPS),
-            per_channel=opts.per_channel, activation_type=act, weight_type=QuantType.QInt8,
-            nodes_to_exclude=exclude, calibrate_method=method, extra_options=extra,
-            use_external_data_format=big, calibration_cache_path=str(cache) if cache else None,
-        )
+    del model
+    with tempfile.TemporaryDirectory(prefix="maven-quant-") as tmp:
+        ranges_path = cache if cache is not None else Path(tmp) / "ranges.json"
+        cached = ranges_path.is_file()
+        if not cached:  # our calibrator settings, handed to quantize_static as its calibration cache
+            save_tensors_data(calibrate_ranges(src, reader, opts.calib_method, opts.percentile), ranges_path)
+        with quiet_quantizer():
+            quantize_static(
+                str(src), str(dst), None, quant_format=QuantFormat.QDQ, op_types_to_quantize=list(WEIGHT_OPS),
+                per_channel=opts.per_channel, activation_type=act, weight_type=QuantType.QInt8,
+                nodes_to_exclude=exclude, calibrate_method=method, use_external_data_format=big,
+                calibration_cache_path=str(ranges_path),
+            )
     return {"format": "QDQ", "weights": "int8 per-channel" if opts.per_channel else "int8 per-tensor",
             "activations": opts.activation_type, "calibration": opts.calib_method,
             **({"percentile": opts.percentile} if opts.calib_method == "percentile" else {}),
-            "ops": list(WEIGHT_OPS), "kept_fp32": exclude}
+            **({"histogram_bins": HISTOGRAM_BINS} if opts.calib_method != "minmax" else {}),
+            "ranges_from_cache": cached, "ops": list(WEIGHT_OPS), "kept_fp32": exclude}
 
 
 def _int4_weight(src: Path, dst: Path, opts: QuantizeOptions) -> dict[str, Any]:

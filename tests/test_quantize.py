@@ -80,7 +80,9 @@ def _graph(nodes, inputs, outputs, inits=()):
     from onnx import helper
 
     g = helper.make_graph(nodes, "g", inputs, outputs, list(inits))
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 10  # what onnxruntime 1.18+ loads (onnx's newest IR may be newer)
+    return model
 
 
 def test_discrete_sensitive_nodes_and_lm_head():
@@ -129,7 +131,7 @@ def test_fit_target_caps_a_newer_ir_version(tmp_path):
 
     model = _graph([helper.make_node("Relu", ["x"], ["y"])], [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
                    [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
-    model.ir_version = 11
+    model.ir_version = 11  # newer than onnxruntime 1.18 loads
     path = tmp_path / "m.onnx"
     onnx.save(model, path)
     release, notes = fit_target(path, "1.18")
@@ -367,3 +369,38 @@ def test_report_metrics_and_markdown():
     assert "| int4-weight | 33.3 |" in md and "**int4-weight**: decoder=int4-weight." in md
     assert "| int4-weight | 4.00 | 2.00 | 6.00 | 0.43 |" in md and "| no |" in md
     assert "0.50x" in md
+
+
+def test_calibration_methods_give_different_ranges(artifacts, manifest, tmp_path):
+    """onnxruntime's quantize_static default (128 histogram bins) makes entropy equal MinMax; ours do not."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from calibration.quantize import calibrate_ranges
+    from calibration.readers import ComponentFeeds, make_ort_reader, resolve_calibration_set
+
+    def width(r, n):
+        lo, hi = r[n].range_value
+        return float(np.max(hi) - np.min(lo))
+
+    # entropy (2048 bins: slow in pure Python) on a one-MatMul graph with heavy-tailed activations
+    w = numpy_helper.from_array(np.eye(8, dtype=np.float32), "w")
+    model = _graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8])], [w])
+    onnx.save(model, tmp_path / "mm.onnx")
+    rng = np.random.default_rng(0)
+    rows = [{"x": rng.standard_t(2, (64, 8)).astype(np.float32)} for _ in range(4)]
+    mm = {m: calibrate_ranges(tmp_path / "mm.onnx", make_ort_reader(rows, single_images=False), m)
+          for m in ("minmax", "entropy")}
+    assert width(mm["entropy"], "x") < 0.8 * width(mm["minmax"], "x")
+
+    # percentile on the real vision encoder
+    cs = resolve_calibration_set(None, manifest, 3)
+    feeds = ComponentFeeds(artifacts, cs, manifest).feeds("vision_encoder")
+    path = artifacts / "vision_encoder.onnx"
+    ranges = {m: calibrate_ranges(path, make_ort_reader(feeds), m) for m in ("minmax", "percentile")}
+    names = list(ranges["minmax"].keys())
+    assert names and set(names) == set(ranges["percentile"].keys())
+    assert all(width(ranges["percentile"], n) <= width(ranges["minmax"], n) + 1e-5 for n in names)
+    assert any(width(ranges["percentile"], n) < width(ranges["minmax"], n) - 1e-5 for n in names)
