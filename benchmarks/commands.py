@@ -65,6 +65,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="a small run (tiny preset unless a model is given, images 1,2, 8 new tokens, 32-token prompt, "
                    "2 repeats, 1 thread, anchors hf, no export): under 2 minutes")
     p.add_argument("--no-export", action="store_true", help="never export / quantize artifacts (use the cache only)")
+    p.add_argument("--reexport", action="store_true",
+                   help="redo our ONNX export and int4 quantization even when the cache holds the same weights (after "
+                   "an exporter change)")
     p.add_argument("--prepare-only", action="store_true",
                    help="only build the cache (checkpoints, our export, each anchor's converted model); measure nothing")
     p.add_argument("--cache-dir", default=None, help="where converted models are kept (default artifacts/bench-cache)")
@@ -98,6 +101,8 @@ def command_line(args: argparse.Namespace) -> str:
         parts.append("--no-export")
     if args.prepare_only:
         parts.append("--prepare-only")
+    if args.reexport:
+        parts.append("--reexport")
     parts += ["--out", str(args.out)]
     return " ".join(shlex.quote(p) for p in parts)
 
@@ -117,7 +122,7 @@ def options_from_args(args: argparse.Namespace):
         out=args.out, artifacts=args.artifacts, int4_artifacts=args.int4_artifacts, preset=args.preset,
         checkpoint=args.checkpoint, overrides=list(args.overrides), seed=args.seed, anchors=anchors,
         precisions=args.precisions, quick=args.quick, export=not args.no_export, figures_dir=args.figures_dir,
-        prepare_only=args.prepare_only,
+        prepare_only=args.prepare_only, reexport=args.reexport,
         progress=not args.no_progress, command=command_line(args),
     )
     for name in ("backends", "images", "modes", "sections", "new_tokens", "pipeline_new_tokens", "prompt_len", "repeats",

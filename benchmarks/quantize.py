@@ -2,8 +2,8 @@
 
 Same recipe ``maven-edge quantize --recipe int4-weight`` applies (MatMulNBits, block 32,
 accuracy level 4 = int8 compute on CPU, LM head included), i.e. the settings of the
-onnxruntime-genai int4 anchor, so the two int4 decoders compare like for like. Reused when the
-output's manifest already records this fp32 export as its source.
+onnxruntime-genai int4 anchor, so the two int4 decoders compare like for like. Reused when it was
+made from this very fp32 export (its manifest's sha256), unless ``force``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from pathlib import Path
 from model_src.errors import BackendError
 
 
-def quantize_int4(fp32: str | Path, out: str | Path, log: Callable[[str], None] | None = None) -> Path:
+def quantize_int4(fp32: str | Path, out: str | Path, log: Callable[[str], None] | None = None,
+                  force: bool = False) -> Path:
     try:
         from calibration.quantize import QuantizeOptions, quantize_artifacts
     except ImportError as exc:
@@ -24,10 +25,9 @@ def quantize_int4(fp32: str | Path, out: str | Path, log: Callable[[str], None] 
 
     fp32, out = Path(fp32), Path(out)
     stamp = out / ".bench-source.json"
-    quantizer = Path(__file__).resolve().parent.parent / "calibration" / "quantize.py"
-    key = {"fp32_manifest_sha256": sha256_file(fp32 / MANIFEST), "quantizer_sha256": sha256_file(quantizer)}
+    key = {"fp32_manifest_sha256": sha256_file(fp32 / MANIFEST)}
     try:
-        if json.loads(stamp.read_text()) == key and (out / MANIFEST).is_file():
+        if not force and json.loads(stamp.read_text()) == key and (out / MANIFEST).is_file():
             return out
     except (OSError, ValueError):
         pass

@@ -73,6 +73,7 @@ class BenchOptions:
     quick: bool = False
     export: bool = True  # export (and quantize) artifacts for --preset/--checkpoint when missing
     prepare_only: bool = False  # build every converted model into the cache, measure nothing
+    reexport: bool = False  # redo our export (and int4) even when the cache holds one of the same weights
     cache_dir: str | Path = REPO / "artifacts" / "bench-cache"
     figures_dir: str | None = None  # also write the plots here (e.g. docs/figures)
     figure_prefix: str = "bench_"
@@ -372,11 +373,12 @@ def run_bench(options: BenchOptions) -> BenchReport:
             cached_dir = work / "onnx-fp32"
             if must_export:
                 r = runner.run("export", {"out": str(cached_dir), "source": source_spec, "build": o.export,
+                                          "reexport": o.reexport,
                                           "fingerprint": source["fingerprint"], "threads": o.threads},
                                "export ONNX (ours)")
                 if r["ok"] and r["result"]["artifacts"] is None:
-                    notes.append("the cached ONNX export is stale (other weights or exporter code) and exporting is "
-                                 "off (--no-export / --quick): the ort backend is skipped")
+                    notes.append("the cached ONNX export holds other weights and exporting is off (--no-export / "
+                                 "--quick): the ort backend is skipped")
                 elif r["ok"]:
                     artifacts["fp32"] = r["result"]["artifacts"]
                     source["export_s"] = r["result"]["seconds"]
@@ -389,7 +391,8 @@ def run_bench(options: BenchOptions) -> BenchReport:
                 and "text" in o.sections and "ort" in o.backends):
             int4_dir = work / "onnx-int4"
             if o.export or (int4_dir / "manifest.json").is_file():
-                r = runner.run("quantize", {"fp32": artifacts["fp32"], "out": str(int4_dir)}, "quantize int4 (ours)")
+                r = runner.run("quantize", {"fp32": artifacts["fp32"], "out": str(int4_dir), "force": o.reexport},
+                               "quantize int4 (ours)")
                 if r["ok"]:
                     artifacts["int4"] = r["result"]["artifacts"]
                 else:

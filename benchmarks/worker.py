@@ -49,17 +49,6 @@ def task_limits(job: dict[str, Any]) -> dict[str, Any]:
     return limits.to_dict()
 
 
-def exporter_key() -> str:
-    """Identity of the exporter code: a cached export is redone when export/*.py changes."""
-    import hashlib
-
-    root = Path(__file__).resolve().parent.parent / "export"
-    h = hashlib.sha256()
-    for f in sorted(root.glob("*.py")):
-        h.update(f.name.encode() + f.read_bytes())
-    return h.hexdigest()[:16]
-
-
 def _load_source(job: dict[str, Any]) -> Any:
     from model_src.checkpoint import load_model
 
@@ -121,7 +110,7 @@ def task_source(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def task_export(job: dict[str, Any]) -> dict[str, Any]:
-    """fp32 artifacts with our exporter (reused when the weights and the exporter code are unchanged)."""
+    """fp32 artifacts with our exporter (reused when they hold the same weights, unless ``reexport``)."""
     import torch
 
     from export.manifest import load_manifest
@@ -130,11 +119,9 @@ def task_export(job: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(int(job.get("threads", 1)))
     out = Path(job["out"])
     fingerprint = job["fingerprint"]
-    key = {"fingerprint": fingerprint, "exporter": exporter_key()}
     try:
         manifest = load_manifest(out, verify=False)
-        if (manifest.extra or {}).get("model_fingerprint") == fingerprint and \
-                json.loads((out / ".bench-exporter.json").read_text()) == key:
+        if (manifest.extra or {}).get("model_fingerprint") == fingerprint and not job.get("reexport"):
             return {"artifacts": str(out), "seconds": 0.0, "cached": True}
     except Exception:  # noqa: BLE001 - anything unusable is re-exported
         pass
@@ -150,7 +137,6 @@ def task_export(job: dict[str, Any]) -> dict[str, Any]:
                "seed": model.config.seed if src.get("seed") is None else src["seed"]})
     t0 = time.perf_counter()
     export_model(model, ExportOptions(out=out, progress=False, force=True), source=source, log=log)
-    (out / ".bench-exporter.json").write_text(json.dumps(key))
     return {"artifacts": str(out), "seconds": time.perf_counter() - t0, "cached": False}
 
 
@@ -159,7 +145,7 @@ def task_quantize(job: dict[str, Any]) -> dict[str, Any]:
     from benchmarks.quantize import quantize_int4
 
     t0 = time.perf_counter()
-    out = quantize_int4(job["fp32"], job["out"], log=log)
+    out = quantize_int4(job["fp32"], job["out"], log=log, force=bool(job.get("force")))
     return {"artifacts": str(out), "seconds": time.perf_counter() - t0}
 
 
