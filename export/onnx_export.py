@@ -404,7 +404,18 @@ def _export_one(spec: ComponentSpec, opset: int) -> Any:
                 f"{spec.name}: the torch exporter failed at opset {opset}: {type(exc).__name__}: "
                 f"{str(exc).splitlines()[0] if str(exc) else ''}. Try the default --opset"
             ) from exc
-    return program.model
+    model = program.model
+    got = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
+    if got != opset:
+        # The exporter emits opset 18 and converts; when an op cannot be expressed at the requested
+        # opset (e.g. ReduceL2 with axes as an input, opset 18, to the attribute form of opset 17)
+        # it logs the failure and keeps opset 18. Refuse instead of writing another opset.
+        ops = sorted({n.op_type for n in model.graph.all_nodes() if n.domain in ("", "ai.onnx")})
+        raise ExportError(
+            f"{spec.name} cannot be exported at --opset {opset}: the exporter could not convert its ops "
+            f"({', '.join(ops)}) and produced opset {got}; use --opset {got} or newer"
+        )
+    return model
 
 
 def _save(ir_model: Any, path: Path, threshold: int) -> list[str]:

@@ -301,6 +301,16 @@ def test_refuses_bad_opset_target_and_mismatched_checkpoint(tmp_path: Path, caps
         export_model(build_model(get_config("tiny", ["llm.num_layers=1"])), ExportOptions(out=out, optimize="magic"))
 
 
+def test_refuses_an_opset_too_old_for_the_ops(model) -> None:
+    """opset 17 passes the floor, but the discrete tokenizer's ReduceL2 (F.normalize) cannot be
+    converted to it: refused, not silently written at opset 18."""
+    from export.onnx_export import _export_one, component_specs
+
+    spec = next(s for s in component_specs(model) if s.name == "discrete_tokenizer")
+    with pytest.raises(ExportError, match="cannot be exported at --opset 17.*use --opset 18"):
+        _export_one(spec, 17)
+
+
 def test_external_data_escaping_the_artifact_dir_is_refused(artifacts: Path, tmp_path: Path) -> None:
     bad = tmp_path / "bad"
     shutil.copytree(artifacts, bad)
