@@ -277,7 +277,7 @@ def _preprocess(images: np.ndarray, cfg: Any) -> np.ndarray:
 # ---- the validation --------------------------------------------------------------------------------
 
 
-def reference_model(manifest: Manifest, options: ValidateOptions):
+def reference_model(manifest: Manifest, options: ValidateOptions) -> Any:
     """The torch model to compare with: --checkpoint / --preset, else the manifest's recorded source."""
     from model_src.checkpoint import build_model, load_model
     from model_src.config import MavenConfig

@@ -422,3 +422,15 @@ def test_edge_small_exports_and_validates(tmp_path: Path) -> None:
     out = tmp_path / "edge-small"
     assert cli(["export", "--preset", "edge-small", "--out", str(out), "--no-progress"]) == 0
     assert cli(["validate", str(out), "--questions", "2", "--max-new-tokens", "8"]) == 0
+
+
+@SLOW
+def test_shipped_tiny_checkpoint_validates(tmp_path: Path) -> None:
+    """The shipped, trained tiny model: every component within 1e-4 and identical greedy tokens."""
+    from model_src.checkpoint import SHIPPED_TINY
+
+    if not (SHIPPED_TINY / "model.safetensors").is_file():
+        pytest.skip("model_src/checkpoints/tiny is not there yet")
+    out = tmp_path / "shipped"
+    assert cli(["export", "--checkpoint", str(SHIPPED_TINY), "--out", str(out), "--no-progress"]) == 0
+    assert cli(["validate", str(out), "--questions", "8"]) == 0
