@@ -32,6 +32,8 @@ class GenerationConfig:
             raise InputError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
         if self.do_sample and not self.temperature > 0:
             raise InputError(f"temperature must be > 0 when sampling, got {self.temperature}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
+            raise InputError(f"seed must be an integer >= 0, got {self.seed!r}")
         if self.top_k < 0:
             raise InputError(f"top_k must be >= 0, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
