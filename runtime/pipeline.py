@@ -31,6 +31,7 @@ This module is torch-free: the torch backend is imported only when asked for.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -76,11 +77,21 @@ class GenerateOptions:
     cancel: threading.Event | None = None  # set it from another thread to stop the request
 
     def sampling(self) -> GenerationConfig:
+        if self.greedy is not None and not isinstance(self.greedy, (bool, np.bool_)):
+            raise InputError(f"greedy must be True, False or None, got {self.greedy!r}")
+        try:  # numbers first: comparing a str option below would raise a bare TypeError
+            temperature = None if self.temperature is None else float(self.temperature)
+            top_k = None if self.top_k is None else int(self.top_k)
+            top_p = None if self.top_p is None else float(self.top_p)
+        except (TypeError, ValueError) as exc:
+            raise InputError(
+                f"bad generation option: temperature, top_k and top_p must be numbers ({exc})"
+            ) from None
         if self.greedy is None:
             do_sample = (
-                (self.temperature is not None and self.temperature > 0)
-                or bool(self.top_k)
-                or (self.top_p is not None and self.top_p < 1.0)
+                (temperature is not None and temperature > 0)
+                or bool(top_k)
+                or (top_p is not None and top_p < 1.0)
             )
         else:
             do_sample = not self.greedy
@@ -90,9 +101,9 @@ class GenerateOptions:
             return GenerationConfig(
                 max_new_tokens=self.max_new_tokens,
                 do_sample=do_sample,
-                temperature=1.0 if self.temperature is None else float(self.temperature),
-                top_k=0 if self.top_k is None else int(self.top_k),
-                top_p=1.0 if self.top_p is None else float(self.top_p),
+                temperature=1.0 if temperature is None else temperature,
+                top_k=0 if top_k is None else top_k,
+                top_p=1.0 if top_p is None else top_p,
                 seed=int(self.seed),
                 stop_token_ids=tuple(int(t) for t in self.stop_token_ids),
                 stop_strings=tuple(str(s) for s in self.stop if s),
@@ -258,12 +269,16 @@ class _Detokenizer:
         return piece
 
 
-def _as_image_list(images: Any) -> list[Any]:
+def _as_image_list(images: Any, limit: int | None = None) -> list[Any]:
+    """The images of a request as a list. An iterable without a length (a generator, possibly
+    endless) is read up to `limit` items only, so it cannot hang or fill memory."""
     if images is None:
         return []
     if isinstance(images, _SINGLE_IMAGE_TYPES):
         return [images]
     try:
+        if limit is not None and not hasattr(images, "__len__"):
+            return list(itertools.islice(images, limit))
         return list(images)
     except TypeError:
         raise InputError(
@@ -417,7 +432,7 @@ class MavenPipeline:
     def select_patches(self, images: Any, keep_ratio: float | None = None) -> PatchSelection:
         """Run only the visual stages in hybrid mode: which patches each image keeps, and why
         (selector scores). No prompt and no decoding; used by ``maven-edge inspect``."""
-        image_list = _as_image_list(images)
+        image_list = _as_image_list(images, limit=self.limits.max_images + 1)
         if not image_list:
             raise InputError("give at least one image")
         if len(image_list) > self.limits.max_images:
@@ -465,11 +480,12 @@ class MavenPipeline:
                 f"the prompt has {len(prompt)} characters, over the limit of {self.limits.max_prompt_chars}; "
                 "shorten it or raise PipelineLimits.max_prompt_chars"
             )
-        image_list = _as_image_list(images)
+        image_list = _as_image_list(images, limit=self.limits.max_images + 1)
         n = len(image_list)
         if n > self.limits.max_images:
+            count = n if hasattr(images, "__len__") else f"more than {self.limits.max_images}"
             raise InputError(
-                f"{n} images exceed the limit of {self.limits.max_images} per request; send fewer images "
+                f"{count} images exceed the limit of {self.limits.max_images} per request; send fewer images "
                 "or raise PipelineLimits.max_images"
             )
         placeholders = count_image_placeholders(prompt)
