@@ -157,6 +157,18 @@ class MavenConfig:
     # ---- validation / (de)serialisation ------------------------------------------------
     def validate(self) -> MavenConfig:
         v, llm = self.vision, self.llm
+        d = self.discrete
+        sizes = {
+            "vision.image_size": v.image_size, "vision.patch_size": v.patch_size,
+            "vision.hidden_size": v.hidden_size, "vision.num_heads": v.num_heads,
+            "llm.hidden_size": llm.hidden_size, "llm.num_heads": llm.num_heads,
+            "llm.num_kv_heads": llm.num_kv_heads,
+            "discrete.hidden_size": d.hidden_size, "discrete.num_heads": d.num_heads,
+        }
+        bad = [f"{k} must be an integer >= 1, got {x!r}" for k, x in sizes.items()
+               if isinstance(x, bool) or not isinstance(x, int) or x < 1]
+        if bad:  # before the divisibility checks below, which would divide by them
+            raise ConfigError("invalid config: " + "; ".join(bad))
         problems = []
         if v.image_size % v.patch_size:
             problems.append(f"vision.image_size {v.image_size} is not a multiple of patch_size {v.patch_size}")
