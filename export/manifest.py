@@ -1,14 +1,16 @@
 """`manifest.json`: the only contract between export and every runtime (Python, C++, ...).
 
 torch-free. The exporter writes it with :func:`write_manifest`; runtimes read it with
-:func:`load_manifest`, which verifies the format version, that every listed file exists inside
-the artifact directory (no path traversal), and each file's sha256.
+:func:`load_manifest`, which verifies the format version, the field types, that every listed file
+exists inside the artifact directory (no path traversal), each file's sha256, and that every
+external-data location written inside an ONNX file is one of the files listed for it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -133,8 +135,123 @@ def resolve_inside(directory: Path, relative: str) -> Path:
     return candidate
 
 
+_ENTRY_TYPES = {"path": str, "sha256": str, "size_bytes": int}
+_TOP_TYPES: dict[str, type | tuple[type, ...]] = {
+    "preset": str, "config": dict, "vocab": dict, "preprocess": dict, "mode": str, "keep_ratio": (int, float),
+    "num_patches": int, "num_kept_patches": int, "components": dict, "tokenizer": dict, "target_ort": str,
+    "exporter": dict, "recipe": str, "extra": dict,
+}
+_COMPONENT_TYPES: dict[str, type] = {
+    "file": dict, "precision": str, "inputs": list, "outputs": list, "opsets": dict, "ir_version": int,
+    "external_data": list, "extra": dict,
+}
+
+
+def _check_types(raw: dict[str, Any]) -> str | None:
+    """What is wrong with the types of the fields a runtime reads (None when nothing is)."""
+
+    def bad(where: str, value: Any, want: type | tuple[type, ...]) -> str | None:
+        if isinstance(value, bool) or not isinstance(value, want):
+            return f"{where} is {type(value).__name__}, expected {getattr(want, '__name__', 'a number')}"
+        return None
+
+    def entry(where: str, value: Any) -> str | None:
+        if not isinstance(value, dict):
+            return f"{where} is {type(value).__name__}, expected an object"
+        problems = (bad(f"{where}.{k}", value[k], t) for k, t in _ENTRY_TYPES.items() if k in value)
+        return next((p for p in problems if p), None)
+
+    for key, want in _TOP_TYPES.items():
+        if key in raw and (problem := bad(key, raw[key], want)):
+            return problem
+    if not isinstance(raw.get("vocab"), dict):
+        return "vocab is missing"
+    for key in ("text_vocab_size", "tokenizer_size", "codebook_size"):
+        if problem := bad(f"vocab.{key}", raw["vocab"].get(key), int):
+            return problem
+    if not isinstance(raw["vocab"].get("special_ids"), dict) or not all(
+            isinstance(v, int) for v in raw["vocab"]["special_ids"].values()):
+        return "vocab.special_ids must map token names to integer ids"
+    if "tokenizer" in raw and (problem := entry("tokenizer", raw["tokenizer"])):
+        return problem
+    for name, comp in (raw.get("components") or {}).items():
+        if not isinstance(comp, dict):
+            return f"components.{name} is {type(comp).__name__}, expected an object"
+        for key, want in _COMPONENT_TYPES.items():
+            if key in comp and (problem := bad(f"components.{name}.{key}", comp[key], want)):
+                return problem
+        for i, e in enumerate([comp.get("file")] + list(comp.get("external_data", []))):
+            if problem := entry(f"components.{name}." + ("file" if i == 0 else f"external_data[{i - 1}]"), e):
+                return problem
+    return None
+
+
+def external_data_locations(path: Path) -> list[str]:
+    """The external-data locations written inside an ONNX file, in every tensor it holds (graph
+    initializers, node attributes, subgraphs, functions); [] when it has none.
+
+    The file is scanned for the bytes ``location`` first (every external-data entry holds them), so
+    a file without external data is never parsed. Parsing needs the ``onnx`` package.
+    """
+    import mmap
+
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            return []
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            if mm.find(b"location") < 0:
+                return []
+    try:
+        import onnx
+    except ImportError:
+        raise ArtifactError(
+            f"{path.name} may reference external data; checking where it points needs the onnx package "
+            "(pip install onnx)"
+        ) from None
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf DecodeError and friends
+        raise ArtifactError(f"{path.name} is not a valid ONNX file ({exc}); re-export the artifacts") from exc
+    found: list[str] = []
+    stack: list[Any] = [model]
+    while stack:
+        msg = stack.pop()
+        if isinstance(msg, onnx.TensorProto) and msg.data_location == onnx.TensorProto.EXTERNAL:
+            for e in msg.external_data:
+                if e.key == "location" and e.value not in found:
+                    found.append(e.value)
+        for fd, value in msg.ListFields():
+            if fd.message_type is not None:
+                stack.extend([value] if hasattr(value, "ListFields") else value)
+    return found
+
+
+def check_external_references(directory: Path, component: Component) -> None:
+    """Refuse an ONNX file whose tensors point at external data outside the artifact directory or
+    at any file the component's manifest entry does not list (and hash). Done before onnxruntime
+    opens the file: older onnxruntime releases follow any location, even ``../../etc/shadow``."""
+    onnx_path = resolve_inside(directory, component.file.path)
+    listed = {resolve_inside(directory, e.path) for e in component.external_data}
+    base = Path(component.file.path).parent
+    for loc in external_data_locations(onnx_path):
+        try:
+            target = resolve_inside(directory, str(base / loc))
+        except ArtifactError:
+            raise ArtifactError(
+                f"{component.file.path} references external data {loc!r} outside the artifact directory; "
+                "refusing to load it (the file was tampered with): re-export the artifacts"
+            ) from None
+        if target not in listed:
+            raise ArtifactError(
+                f"{component.file.path} references external data {loc!r} that {MANIFEST} does not list for "
+                "it; refusing to load unverified data: re-export the artifacts"
+            )
+
+
 def load_manifest(directory: str | Path, verify: bool = True) -> Manifest:
-    """Read and check `manifest.json`. With `verify`, every file's sha256 is checked."""
+    """Read and check `manifest.json`. With `verify`, every file's sha256 is checked. Always: the
+    field types, that every listed file is inside `directory`, and that the ONNX files reference
+    external data only from the files listed for them."""
     directory = Path(directory)
     path = directory / MANIFEST
     if not path.is_file():
@@ -153,10 +270,14 @@ def load_manifest(directory: str | Path, verify: bool = True) -> Manifest:
             f"{path} has format version {version!r}; this maven-edge reads up to {FORMAT_VERSION}. "
             "Upgrade maven-edge or re-export with this version"
         )
+    problem = None
     try:
+        problem = _check_types(raw)
         manifest = Manifest.from_dict(raw)
-    except (TypeError, KeyError) as exc:
-        raise ArtifactError(f"{path} does not follow the manifest schema: {exc}") from exc
+    except (TypeError, KeyError, AttributeError, ValueError) as exc:
+        problem = problem or f"{type(exc).__name__}: {exc}"
+    if problem:
+        raise ArtifactError(f"{path} does not follow the manifest schema: {problem}; re-export the artifacts")
     missing = [name for name in COMPONENTS if name not in manifest.components]
     if missing:
         raise ArtifactError(f"{path} lacks component(s) {missing}")
@@ -169,4 +290,6 @@ def load_manifest(directory: str | Path, verify: bool = True) -> Manifest:
                 f"artifact file {entry.path} does not match the sha256 in {MANIFEST}: it was modified or "
                 "corrupted; re-export the artifacts"
             )
+    for comp in manifest.components.values():
+        check_external_references(directory, comp)
     return manifest
