@@ -1,0 +1,248 @@
+"""The paper's analyses on our model, each re-creatable by one command:
+
+    maven-edge ablations --checkpoint model_src/checkpoints/tiny --run artifacts/runs/tiny --out docs
+
+* ``table4``   Table-4 analogue: from the same stage-3 weights, stage 4 is re-run once per visual
+               encoding (discrete-only, continuous-only, hybrid) with the same step budget, then each
+               variant is evaluated in its own mode (needs ``--run`` holding ``stage3/``).
+* ``keep``     Figure-4 analogue: keep-ratio sweep (0.1, 0.25, 0.5, 1.0) of the checkpoint:
+               exact match per family and visual tokens per image.
+* ``selector`` Figure-5 analogue: kept patches over the image next to the selector's score map.
+* ``codes``    discrete-code visualisation: for a few frequent codes, the images that contain them.
+
+Results go to ``OUT/ablations.md`` (tables), ``OUT/ablations.json`` and ``OUT/figures/*.png``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from model_src.checkpoint import SHIPPED_TINY, load_checkpoint
+from model_src.data.splits import iter_samples
+from model_src.errors import TrainingError
+from model_src.train import batches as B
+from model_src.train.common import set_threads, visual_features
+from model_src.train.evaluate import evaluate
+
+KEEP_RATIOS = (0.1, 0.25, 0.5, 1.0)
+ANALYSES = ("table4", "keep", "selector", "codes")
+TABLE4_DEFAULT_SCALE = 0.15  # share of the recipe's stage-4 steps each variant gets
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _fam_row(r: dict[str, Any]) -> str:
+    f = r["family_accuracy"]
+    return " | ".join(f"{100 * f.get(k, float('nan')):.1f}" for k in ("single", "multi", "caption")) + (
+        f" | {100 * r['accuracy']:.1f}"
+    )
+
+
+def keep_ratio_sweep(model, figures: Path, limit: int | None, quiet: bool) -> dict[str, Any]:
+    rows = []
+    for r in KEEP_RATIOS:
+        rep = evaluate(model, "test", "hybrid", keep_ratio=r, limit=limit, quiet=quiet)
+        rows.append({"keep_ratio": r, "visual_tokens_per_image": rep["visual_tokens_per_image"],
+                     "accuracy": rep["accuracy"], "family_accuracy": rep["family_accuracy"],
+                     "mean_prefill_tokens": rep["mean_prefill_tokens"]})
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for fam in ("single", "multi", "caption"):
+        ax.plot([r["keep_ratio"] for r in rows], [100 * r["family_accuracy"][fam] for r in rows], "o-", label=fam)
+    ax.plot([r["keep_ratio"] for r in rows], [100 * r["accuracy"] for r in rows], "k--", label="overall")
+    for r in rows:
+        ax.annotate(f"{r['visual_tokens_per_image']} tok", (r["keep_ratio"], 100 * r["accuracy"]),
+                    textcoords="offset points", xytext=(0, -14), ha="center", fontsize=7)
+    ax.set_xlabel("keep ratio (kept patches / 64)")
+    ax.set_ylabel("exact match (%)")
+    ax.set_xscale("log")
+    ax.set_xticks(list(KEEP_RATIOS), [str(k) for k in KEEP_RATIOS])
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("keep-ratio sweep (hybrid, test split)")
+    fig.tight_layout()
+    fig.savefig(figures / "keep_ratio_sweep.png", dpi=110)
+    plt.close(fig)
+    return {"rows": rows}
+
+
+@torch.no_grad()
+def selector_figure(model, figures: Path, n: int = 4) -> dict[str, Any]:
+    samples = list(iter_samples("test", n * 3, families=["single"]))[:n]
+    plt = _plt()
+    g = model.config.vision.image_size // model.config.vision.patch_size
+    p = model.config.vision.patch_size
+    fig, axes = plt.subplots(n, 3, figsize=(7.5, 2.6 * n))
+    out = []
+    for row, s in enumerate(samples):
+        px = B.pixel_tensor([s], model.config)
+        vf = visual_features(model, px, "hybrid")
+        scores = torch.sigmoid(vf.logits[0]).view(g, g).numpy()
+        kept = vf.indices[0].tolist()
+        img = np.asarray(s.images[0])
+        ax0, ax1, ax2 = axes[row]
+        ax0.imshow(img)
+        ax0.set_title(s.prompt.split("Question: ")[-1].split("\n")[0][:38], fontsize=7)
+        ax1.imshow(img)
+        for k in kept:
+            r, c = divmod(k, g)
+            ax1.add_patch(plt.Rectangle((c * p - 0.5, r * p - 0.5), p, p, fill=False, ec="black", lw=1.2))
+        ax1.set_title(f"kept {len(kept)} of {g * g} patches", fontsize=7)
+        im = ax2.imshow(scores, cmap="viridis", vmin=0, vmax=1)
+        ax2.set_title("selector score", fontsize=7)
+        fig.colorbar(im, ax=ax2, fraction=0.046)
+        for ax in (ax0, ax1, ax2):
+            ax.set_xticks([])
+            ax.set_yticks([])
+        lab = s.patch_labels[0]
+        hit = sum(lab[k] for k in kept)
+        out.append({"prompt": s.prompt, "kept": kept, "precision": float(hit / len(kept)),
+                    "recall": float(hit / max(1, lab.sum()))})
+    fig.tight_layout()
+    fig.savefig(figures / "selector_patches.png", dpi=110)
+    plt.close(fig)
+    return {"examples": out}
+
+
+@torch.no_grad()
+def code_figure(model, figures: Path, n_images: int = 400, n_codes: int = 6, per_code: int = 6) -> dict[str, Any]:
+    samples = list(iter_samples("val", n_images, families=["caption", "single"]))
+    px = B.pixel_tensor(samples, model.config)
+    codes = (model.discrete(model.vision(px)) - model.config.visual_offset).numpy()
+    counts = np.bincount(codes.ravel(), minlength=model.config.discrete.codebook_size)
+    # codes that occur in some images but not all: the informative ones
+    present = np.array([(codes == c).any(1).sum() for c in range(len(counts))])
+    cand = [c for c in np.argsort(-present) if 0 < present[c] < 0.5 * len(samples)][:n_codes]
+    plt = _plt()
+    fig, axes = plt.subplots(len(cand), per_code, figsize=(1.3 * per_code, 1.4 * max(1, len(cand))), squeeze=False)
+    out = []
+    for row, c in enumerate(cand):
+        imgs = [i for i in range(len(samples)) if (codes[i] == c).any()][:per_code]
+        captions = [samples[i].answer if samples[i].task == "caption" else "" for i in imgs]
+        for col in range(per_code):
+            ax = axes[row][col]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if col < len(imgs):
+                ax.imshow(np.asarray(samples[imgs[col]].images[0]))
+            if col == 0:
+                ax.set_ylabel(f"code {c}\n{present[c]} imgs", fontsize=7)
+        out.append({"code": int(c), "images_with_code": int(present[c]), "examples": captions})
+    fig.suptitle("images whose discrete tokens include a code", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(figures / "discrete_codes.png", dpi=110)
+    plt.close(fig)
+    p = counts / counts.sum()
+    return {"codes": out, "codebook_usage": float((counts > 0).mean()),
+            "code_perplexity": float(np.exp(-(p[p > 0] * np.log(p[p > 0])).sum())), "images": len(samples)}
+
+
+def table4(run: Path, work: Path, steps_scale: float, limit: int | None, quiet: bool) -> dict[str, Any]:
+    from model_src.train.loop import run_phase
+    from model_src.train.recipe import get_recipe
+    from model_src.train.stages import phase_llm
+
+    if not (run / "stage3" / "stage.json").is_file():
+        raise TrainingError(f"table4 needs a training run with stage3/ (got --run {run}); train stages 0-3 first")
+    base = get_recipe("tiny")["4-instruct"]
+    cfg0 = base.scaled(steps_scale)
+    rows = {}
+    for mode in ("discrete", "continuous", "hybrid"):
+        model = load_checkpoint(run / "stage3")
+        model.train()
+        cfg = dataclasses.replace(cfg0, mode=mode)
+        phase = phase_llm(model, cfg, 0, "4-instruct", ("llm", "projector"), ())
+        summary = run_phase(phase, work / mode, resume=True, quiet=quiet)
+        model.eval()
+        rep = evaluate(model, "test", mode, limit=limit, quiet=quiet)
+        rows[mode] = {"steps": cfg.steps, "train_time_s": summary["wall_time_s"], "accuracy": rep["accuracy"],
+                      "family_accuracy": rep["family_accuracy"], "task_accuracy": rep["task_accuracy"],
+                      "visual_tokens_per_image": rep["visual_tokens_per_image"]}
+    return {"steps_scale": steps_scale, "steps": cfg0.steps, "rows": rows}
+
+
+def run_ablations(checkpoint: str | None, run: str | None, out: str, only: list[str], steps_scale: float | None,
+                  limit: int | None, quiet: bool) -> dict[str, Any]:
+    set_threads()
+    todo = only or list(ANALYSES)
+    bad = [a for a in todo if a not in ANALYSES]
+    if bad:
+        raise TrainingError(f"unknown analysis {bad[0]!r}; choose from {', '.join(ANALYSES)}")
+    out_dir = Path(out)
+    figures = out_dir / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    results_path = out_dir / "ablations.json"
+    results: dict[str, Any] = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    ckpt = Path(checkpoint) if checkpoint else SHIPPED_TINY
+    model = load_checkpoint(ckpt) if any(a != "table4" for a in todo) else None
+    if "keep" in todo:
+        results["keep"] = keep_ratio_sweep(model, figures, limit, quiet)
+    if "selector" in todo:
+        results["selector"] = selector_figure(model, figures)
+    if "codes" in todo:
+        results["codes"] = code_figure(model, figures)
+    if "table4" in todo:
+        if run is None:
+            raise TrainingError("table4 needs --run DIR (a training run directory with stage3/)")
+        results["table4"] = table4(Path(run), Path(run) / "ablations_table4",
+                                   steps_scale or TABLE4_DEFAULT_SCALE, limit, quiet)
+    results_path.write_text(json.dumps(results, indent=2) + "\n")
+    (out_dir / "ablations.md").write_text(render_markdown(results))
+    return results
+
+
+def render_markdown(results: dict[str, Any]) -> str:
+    lines = ["# Ablations on the shipped tiny model", "",
+             "Generated by `maven-edge ablations` (see `model_src/train/ablations.py`); numbers are exact-match",
+             "accuracy (%) on the test split unless stated. Re-create with",
+             "",
+             "    maven-edge ablations --checkpoint model_src/checkpoints/tiny --run artifacts/runs/tiny --out docs",
+             ""]
+    if "table4" in results:
+        t = results["table4"]
+        lines += ["## Table 4 analogue: granularity of the visual tokens", "",
+                  f"Each variant starts from the same stage-3 weights and runs stage 4 for {t['steps']} steps "
+                  f"({t['steps_scale']:.2f} of the recipe's stage-4 budget), then is evaluated in its own mode.", "",
+                  "| variant | visual tokens / image | single | multi | caption | overall |",
+                  "|---|---|---|---|---|---|"]
+        for mode, r in t["rows"].items():
+            lines.append(f"| {mode} | {r['visual_tokens_per_image']} | {_fam_row(r)} |")
+        lines.append("")
+    if "keep" in results:
+        lines += ["## Figure 4 analogue: keep-ratio sweep", "", "![keep-ratio sweep](figures/keep_ratio_sweep.png)",
+                  "", "| keep ratio | visual tokens / image | mean prefill tokens | single | multi | caption | overall |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in results["keep"]["rows"]:
+            lines.append(f"| {r['keep_ratio']} | {r['visual_tokens_per_image']} | {r['mean_prefill_tokens']:.1f} | "
+                         f"{_fam_row(r)} |")
+        lines.append("")
+    if "selector" in results:
+        lines += ["## Figure 5 analogue: selected patches and selector scores", "",
+                  "![selector](figures/selector_patches.png)", "",
+                  "Left: the test image and question; middle: the kept patches (top-k of the selector logits,",
+                  "black boxes); right: the selector's sigmoid score per patch. Precision / recall of the kept",
+                  "patches against the question's pseudo-label mask:", ""]
+        for e in results["selector"]["examples"]:
+            q = e["prompt"].split("\n")[1]
+            lines.append(f"- `{q}`: precision {e['precision']:.2f}, recall {e['recall']:.2f}")
+        lines.append("")
+    if "codes" in results:
+        c = results["codes"]
+        lines += ["## Discrete codes", "", "![codes](figures/discrete_codes.png)", "",
+                  f"Over {c['images']} validation images the tokenizer uses {100 * c['codebook_usage']:.0f}% of the "
+                  f"codebook (code perplexity {c['code_perplexity']:.1f}). Each row shows images whose 32 codes "
+                  "include that code.", ""]
+    return "\n".join(lines) + "\n"
