@@ -117,7 +117,7 @@ def test_same_seed_same_losses_and_resume_matches(tmp_path, smoke_run):
             _train(c, stage="0", steps_scale=0.006)
     finally:
         loop.save_resume = real
-    _train(c, stage="0", steps_scale=0.008, resume=True)
+    _train(c, stage="0", steps_scale=0.006, resume=True)
     assert _losses(c / "stage0", "0-vision") == la
     from safetensors.torch import load_file
 
