@@ -165,11 +165,11 @@ def image_pool() -> dict[str, Any]:
     pool["empty"] = b""
     pool["text"] = b"GET / HTTP/1.1\r\nHost: example\r\n\r\n"
     pool["too_wide"] = _png(_noise(600, 5, 10))  # 120:1, over the aspect limit
-    pool["bomb"] = _bomb_png(60000, 60000)
+    pool["bomb"] = bomb_png(10000, 10000)  # 100 MP in a 69-byte file
     return pool
 
 
-def _bomb_png(w: int, h: int) -> bytes:
+def bomb_png(w: int, h: int) -> bytes:
     """A tiny PNG whose header claims w x h pixels (a decompression bomb's signature)."""
     import struct
     import zlib
@@ -509,23 +509,34 @@ def run_sequential(
     race_every: int = 10,
     seed: int = 0,
 ) -> PhaseReport:
-    """`n` requests one after another (cycling through the mix), RSS sampled after each one.
-    Every `race_every`-th request is cancelled from another thread at a random moment instead."""
+    """`n` generations one after another (cycling through the mix), RSS sampled after each one.
+    The mix's refused requests run in between (they do not count towards `n`). Every
+    `race_every`-th generation is cancelled from another thread at a random moment instead."""
+    if all(r.expect_error is not None for r in reqs):
+        raise ValueError("the mix has no request that generates")
     rep, lock = PhaseReport(), threading.Lock()
     rng = random.Random(seed)
-    racers = {i for i, r in enumerate(reqs) if r.action == "generate" and r.expect_error is None}
+    racers = sorted(i for i, r in enumerate(reqs) if r.action == "generate" and r.expect_error is None)
     rss: list[float] = []
     races: Counter = Counter()
     took: list[float] = []  # durations of complete generations, to time the cancellations
+    refusals = 0
     gc.collect()
     rss_before = rss_mb()
     t0 = time.perf_counter()
+    cursor = 0
     for i in range(n):
+        while reqs[cursor % len(reqs)].expect_error is not None:  # refusals in between
+            j = cursor % len(reqs)
+            _record(
+                rep, lock, reqs[j], lambda j=j: run_one(pipe, reqs[j], pool, max_new_tokens), reference[j]
+            )
+            refusals += 1
+            cursor += 1
         if race_every and i % race_every == race_every - 1 and racers:
-            j = sorted(racers)[(i // race_every) % len(racers)]
-            delay = rng.uniform(
-                0.0, 1.2 * (sum(took) / len(took) if took else 0.05)
-            )  # within a request's time
+            j = racers[(i // race_every) % len(racers)]
+            mean = sum(took) / len(took) if took else 0.05
+            delay = rng.uniform(0.0, 1.2 * mean)  # somewhere within a request's time
             _record(
                 rep,
                 lock,
@@ -534,12 +545,13 @@ def run_sequential(
                 reference[j],
             )
         else:
-            j = i % len(reqs)
+            j = cursor % len(reqs)
+            cursor += 1
             t1 = time.perf_counter()
             _record(
                 rep, lock, reqs[j], lambda j=j: run_one(pipe, reqs[j], pool, max_new_tokens), reference[j]
             )
-            if j in racers:
+            if reqs[j].action == "generate":
                 took.append(time.perf_counter() - t1)
         rss.append(rss_mb())
     rep.seconds = time.perf_counter() - t0
@@ -548,7 +560,8 @@ def run_sequential(
     after_warmup = rss[w - 1] if w else rss_before
     half = rss[(n + w) // 2 - 1] if n > w + 1 else after_warmup
     rep.extra.update(
-        requests=n,
+        generations=n,
+        refusals_in_between=refusals,
         warmup=w,
         cancel_races=dict(races),
         rss_before_mb=round(rss_before, 1),
