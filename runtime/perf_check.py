@@ -10,7 +10,8 @@
 2. KV cache: the decode-step time at past length 64 vs 512 on the ORT backend (IOBinding, the
    cache stays in OrtValues), next to a naive loop that round-trips the whole cache through numpy
    every step, the torch eager backend, and the time one full-cache copy takes at that length.
-   The three loops run interleaved step by step, so load from other processes hits them alike.
+   All loops (both past lengths x three kinds) advance one step in turn, so load from other
+   processes, and its drift over time, hits them alike.
 3. Memory: resident set size over N consecutive generations in one process (``tiny`` geometry,
    random weights unless ``--rss-artifacts`` names an export), growth after a warm-up.
 
@@ -181,22 +182,26 @@ def cache_copy_ms(cfg: Any, length: int, repeats: int = 5) -> tuple[float, float
 
 
 def kv_report(ort_backend: Any, torch_backend: Any | None, pasts: tuple[int, ...], steps: int) -> dict[str, Any]:
-    """Decode-step medians at each past length. The loops are interleaved step by step (ort, naive,
-    torch, ort, ...) so that load from other processes hits all of them alike."""
-    out: dict[str, Any] = {}
+    """Decode-step medians at each past length. All loops (every past length x ort, naive, torch)
+    advance one step in turn, round after round, so load from other processes and its drift over
+    time hit all of them alike."""
     pipeline_stepper(ort_backend, 8, 2)()  # warm-up
+    steppers: dict[tuple[int, str], Any] = {}
     for past in pasts:
-        steppers = {"ort_iobinding": pipeline_stepper(ort_backend, past, steps),
-                    "ort_naive_numpy": naive_stepper(ort_backend, past)}
+        steppers[past, "ort_iobinding"] = pipeline_stepper(ort_backend, past, steps)
+        steppers[past, "ort_naive_numpy"] = naive_stepper(ort_backend, past)
         if torch_backend is not None:
-            steppers["torch_eager"] = pipeline_stepper(torch_backend, past, steps)
-        times: dict[str, list[float]] = {k: [] for k in steppers}
-        for _ in range(steps):
-            for name, step in steppers.items():
-                t0 = time.perf_counter()
-                step()
-                times[name].append((time.perf_counter() - t0) * 1e3)
-        row: dict[str, Any] = {f"{k}_median_ms": round(statistics.median(v), 2) for k, v in times.items()}
+            steppers[past, "torch_eager"] = pipeline_stepper(torch_backend, past, steps)
+    times: dict[tuple[int, str], list[float]] = {k: [] for k in steppers}
+    for _ in range(steps):
+        for key, step in steppers.items():
+            t0 = time.perf_counter()
+            step()
+            times[key].append((time.perf_counter() - t0) * 1e3)
+    out: dict[str, Any] = {}
+    for past in pasts:
+        row: dict[str, Any] = {f"{kind}_median_ms": round(statistics.median(v), 2)
+                               for (p, kind), v in times.items() if p == past}
         if torch_backend is not None:
             row["torch_over_ort"] = round(row["torch_eager_median_ms"] / row["ort_iobinding_median_ms"], 2)
         mb, ms = cache_copy_ms(ort_backend.config, past)
@@ -204,6 +209,10 @@ def kv_report(ort_backend: Any, torch_backend: Any | None, pasts: tuple[int, ...
         row["one_full_cache_copy_ms"] = round(ms, 2)
         out[str(past)] = row
         print(f"  past {past}: {row}", flush=True)
+    if len(pasts) >= 2:
+        lo, hi = str(min(pasts)), str(max(pasts))
+        out["ort_step_ratio_longest_over_shortest"] = round(
+            out[hi]["ort_iobinding_median_ms"] / out[lo]["ort_iobinding_median_ms"], 3)
     return out
 
 
