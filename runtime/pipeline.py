@@ -83,7 +83,7 @@ class GenerateOptions:
             temperature = None if self.temperature is None else float(self.temperature)
             top_k = None if self.top_k is None else int(self.top_k)
             top_p = None if self.top_p is None else float(self.top_p)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, OverflowError) as exc:  # int(inf) overflows
             raise InputError(
                 f"bad generation option: temperature, top_k and top_p must be numbers ({exc})"
             ) from None
@@ -108,7 +108,7 @@ class GenerateOptions:
                 stop_token_ids=tuple(int(t) for t in self.stop_token_ids),
                 stop_strings=tuple(str(s) for s in self.stop if s),
             ).validate()
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, OverflowError) as exc:
             raise InputError(f"bad generation option: {exc}") from exc
 
 

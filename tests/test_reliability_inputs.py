@@ -36,6 +36,7 @@ FUZZ = dict(
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 ONE_IMAGE = "<image>\nQuestion: what color is the circle?\nAnswer:"
+DEMO_IMAGE = str(Path(__file__).resolve().parents[1] / "model_src" / "samples" / "demo_1.png")
 
 
 # ---- fixtures ----------------------------------------------------------------------------------
@@ -440,11 +441,15 @@ def test_animated_gif_is_answered_from_its_first_frame(pipe, pool):
         ({"top_k": "many"}, "must be numbers"),
         ({"top_p": [0.5]}, "must be numbers"),
         ({"greedy": "false"}, "greedy must be True, False or None"),
+        ({"top_k": math.inf}, "must be numbers.*infinity"),
+        ({"seed": math.inf}, "cannot convert float infinity"),
+        ({"stop_token_ids": [math.nan]}, "cannot convert float NaN"),
     ],
 )
 def test_bad_option_values_are_refused_before_anything_runs(pipe, runs, opts, match):
     """Regression: a negative seed raised numpy's ValueError after the prefill had run, and a
-    non-numeric temperature a bare TypeError; greedy="false" silently meant greedy."""
+    non-numeric temperature a bare TypeError, an infinite top_k/seed an OverflowError (found by
+    the MAVEN_SOAK=1 option fuzz); greedy="false" silently meant greedy."""
     refused(runs, lambda: pipe.generate([Tripwire()], "<image>", max_new_tokens=2, **opts), InputError, match)
 
 
@@ -507,13 +512,13 @@ _OPTION_NAMES = [
 
 @settings(max_examples=OPTION_FUZZ_EXAMPLES, **FUZZ)
 @given(opts=st.dictionaries(st.sampled_from(_OPTION_NAMES), _OPTION_VALUES, max_size=4))
-def test_fuzz_generation_options_only_input_errors(pipe, pool, opts):
+def test_fuzz_generation_options_only_input_errors(pipe, opts):
     """Any combination of option values: an answer or an InputError, never another exception."""
     m = opts.setdefault("max_new_tokens", 2)
     if isinstance(m, int) and not isinstance(m, bool) and m > 2:
         opts["max_new_tokens"] = 2  # keep it quick (context overflow is tested above)
     try:
-        res = pipe.generate([pool["scene0"]], ONE_IMAGE, **opts)
+        res = pipe.generate([DEMO_IMAGE], ONE_IMAGE, **opts)
     except InputError:
         return
     assert res.finish_reason in ("eos", "stop_token", "stop_string", "length")
