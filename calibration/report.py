@@ -132,8 +132,12 @@ def evaluate_sets(sets: dict[str, Path], split: str, limit: int | None, max_new_
     pipes = {name: _pipeline(path, threads) for name, path in sets.items()}
     records: dict[str, list[dict[str, Any]]] = {name: [] for name in sets}
     samples = iter_samples(split, n, image_size=first.vision.image_size, patch_size=first.vision.patch_size)
-    for s in tqdm(samples, total=n, desc=f"eval {split} x{len(sets)}", disable=not progress, mininterval=5.0):
-        for name, pipe in pipes.items():
+    order = list(pipes)
+    for i, s in enumerate(tqdm(samples, total=n, desc=f"eval {split} x{len(sets)}", disable=not progress,
+                               mininterval=5.0)):
+        # Rotate which set goes first: the first call after a pause measures slower decode steps.
+        for name in order[i % len(order):] + order[: i % len(order)]:
+            pipe = pipes[name]
             res = pipe.generate(s.images, s.prompt, max_new_tokens=max_new_tokens, greedy=True)
             t = res.timings
             records[name].append({
@@ -209,7 +213,8 @@ def decode_step_latency(sets: dict[str, Path], past: int, steps: int, rounds: in
     cfg = next(iter(backends.values())).config
     embeds = (rng.standard_normal((1, past, cfg.llm.hidden_size)) * 0.02).astype(np.float32)
     tokens = rng.integers(0, cfg.llm.text_vocab_size, steps + 1)
-    work = [(r, n) for r in range(rounds) for n in sets]
+    names = list(sets)
+    work = [(r, names[(r + j) % len(names)]) for r in range(rounds) for j in range(len(names))]  # rotated order
     for _, name in tqdm(work, desc="decode-step latency", disable=not progress):
         be = backends[name]
         _, state = be.prefill(embeds, past + steps + 2)
@@ -426,7 +431,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += [
         "",
         "Ratios are quantized / fp32 time (below 1 = faster). The recipes run interleaved, sample by sample, "
-        "on a machine shared with other jobs: treat differences under ~15% as noise. fp16 is a GPU recipe "
+        "with the order rotated (the first call after a pause is slower), on a machine shared with other jobs: "
+        "treat differences under ~15% as noise. fp16 is a GPU recipe "
         "(CUDA / TensorRT); on a CPU without native fp16 kernels it is expected to be slower.",
     ]
     edge = report.get("edge")
