@@ -67,7 +67,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     r = sub.add_parser("quantize-report", help="accuracy / size / latency report of every recipe (docs/)",
                        description="Quantize the fp32 artifacts with every recipe, evaluate each on the test "
                        "split through the runtime pipeline and write docs/quantization.md + .json.")
-    r.add_argument("--artifacts", required=True, help="fp32 artifacts of the model to evaluate (tiny)")
+    r.add_argument("--artifacts", default=None, help="fp32 artifacts of the model to evaluate (tiny)")
+    r.add_argument("--render-only", default=None, metavar="JSON",
+                   help="only re-write the markdown from an existing quantization.json")
     r.add_argument("--out", default="docs", help="where quantization.md and quantization.json go (default docs)")
     r.add_argument("--work", default="artifacts/quant-report", help="where the quantized artifacts go")
     r.add_argument("--recipes", default=",".join(RECIPES), help=f"comma-separated (default {','.join(RECIPES)})")
@@ -149,8 +151,14 @@ def _calib_set(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from calibration.report import ReportOptions, run_report
+    from calibration.report import ReportOptions, render_from_json, run_report
+    from model_src.errors import InputError
 
+    if args.render_only:
+        print(f"wrote {render_from_json(args.render_only)}")
+        return 0
+    if not args.artifacts:
+        raise InputError("give --artifacts DIR (fp32 export to evaluate), or --render-only JSON")
     opts = ReportOptions(
         artifacts=args.artifacts, out=args.out, work=args.work,
         recipes=tuple(r.strip() for r in args.recipes.split(",") if r.strip()), split=args.split,

@@ -331,7 +331,7 @@ def test_quantized_artifacts_run_in_the_pipeline(artifacts, quantized):
 # ---- the report ------------------------------------------------------------------------------------------
 
 
-def test_report_metrics_and_markdown():
+def test_report_metrics_and_markdown(tmp_path, capsys):
     from calibration.report import TARGETS, agreement, checks, render_markdown, summarize
 
     assert agreement([5, 6, 7], [5, 6, 7], "eos", "eos") == (4, 4)
@@ -369,6 +369,12 @@ def test_report_metrics_and_markdown():
     assert "| int4-weight | 33.3 |" in md and "**int4-weight**: decoder=int4-weight." in md
     assert "| int4-weight | 4.00 | 2.00 | 6.00 | 0.43 |" in md and "| no |" in md
     assert "0.50x" in md
+    # --render-only re-writes the page from the JSON, without measuring anything
+    from runtime.cli import main
+
+    (tmp_path / "quantization.json").write_text(json.dumps(report))
+    assert main(["quantize-report", "--render-only", str(tmp_path / "quantization.json")]) == 0
+    assert (tmp_path / "quantization.md").read_text() == md
 
 
 def test_calibration_methods_give_different_ranges(artifacts, manifest, tmp_path):
