@@ -65,9 +65,6 @@ def tiny_recipe() -> dict[str, PhaseConfig]:
         "3-projector": PhaseConfig(steps=80, batch_size=32, lr=1e-3, warmup=10, mode="hybrid",
                                    families=("caption",)),
         "4-instruct": PhaseConfig(steps=1400, batch_size=32, lr=1.5e-3, warmup=50, mode="hybrid"),
-        # second cosine cycle (warm restart at a lower peak) on the QA questions only (no captions)
-        "4-instruct-b": PhaseConfig(steps=800, batch_size=32, lr=7e-4, warmup=20, mode="hybrid",
-                                    families=("single", "multi")),
     }
 
 
@@ -76,7 +73,7 @@ STAGE_PHASES = {
     "1": ("1-selector",),
     "2": ("2-discrete",),
     "3": ("3-projector",),
-    "4": ("4-instruct", "4-instruct-b"),
+    "4": ("4-instruct",),
 }
 
 

@@ -360,8 +360,6 @@ def build_phases(model: MavenModel, stage: str, recipe: dict[str, PhaseConfig], 
                                          ("projector",)),
         "4-instruct": lambda: phase_llm(model, recipe["4-instruct"], seed, "4-instruct", ("llm", "projector"),
                                         ("embed", "projector")),
-        "4-instruct-b": lambda: phase_llm(model, recipe["4-instruct-b"], seed, "4-instruct-b", ("llm", "projector"),
-                                          ("embed", "projector")),
     }
     return [(name, makers[name]) for name in STAGE_PHASES[stage]]
 
