@@ -186,7 +186,7 @@ def ensure_demo_artifacts(out: Path, checkpoint: Path, log: Any = print) -> Path
             if manifest.extra.get("model_fingerprint") == model_fingerprint(model):
                 return out
             log(f"{out} holds the export of another model; re-exporting {checkpoint}")
-    log(f"exporting {checkpoint} to {out} (once; takes a minute or two) ...")
+    log(f"exporting {checkpoint} to {out} (once; a few minutes on a small CPU) ...")
     from export.onnx_export import ExportOptions, export_model
     from model_src.checkpoint import load_checkpoint
 
