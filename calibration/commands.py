@@ -78,6 +78,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--edge-artifacts", default=None, metavar="DIR",
                    help="fp32 artifacts of edge-small: adds the decoder size and decode-step latency section")
     r.add_argument("--edge-recipes", default="int4-weight,int8-dynamic", help="recipes for the edge-small section")
+    r.add_argument("--sections", default="accuracy,calib,edge",
+                   help="what to measure (default all); a subset updates the quantization.json in --out")
     r.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads (default 2)")
     r.add_argument("--reuse", action="store_true", help="reuse quantized artifacts already in --work")
     r.add_argument("--quiet", action="store_true")
@@ -164,6 +166,7 @@ def _report(args: argparse.Namespace) -> int:
         recipes=tuple(r.strip() for r in args.recipes.split(",") if r.strip()), split=args.split,
         limit=args.limit, edge_artifacts=args.edge_artifacts,
         edge_recipes=tuple(r.strip() for r in args.edge_recipes.split(",") if r.strip()),
+        sections=tuple(x.strip() for x in args.sections.split(",") if x.strip()),
         threads=args.threads, reuse=args.reuse, progress=not args.quiet,
     )
     paths = run_report(opts)

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import json
 import logging
 import os
@@ -212,7 +213,7 @@ class QuantizeResult:
 
 @contextlib.contextmanager
 def quiet_quantizer() -> Iterator[None]:
-    """onnxruntime.quantization logs every node at INFO; keep it to warnings."""
+    """onnxruntime.quantization logs every node at INFO and prints calibration progress; keep it quiet."""
     loggers = [logging.getLogger(n) for n in ("onnxruntime.quantization", "onnxruntime.quantization.matmul_nbits_quantizer",
                                               "onnxruntime.transformers")]
     root = logging.getLogger()
@@ -221,7 +222,8 @@ def quiet_quantizer() -> Iterator[None]:
         lg.setLevel(logging.WARNING)
     root.setLevel(max(root.level, logging.ERROR))  # "consider pre-processing" hints go to the root logger
     try:
-        yield
+        with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print() their progress
+            yield
     finally:
         for lg, lvl in zip([*loggers, root], old, strict=True):
             lg.setLevel(lvl)

@@ -51,6 +51,8 @@ class ReportOptions:
     edge_past: int = 128
     edge_steps: int = 24
     edge_rounds: int = 3
+    calib_test_samples: int = 48  # test-split samples for the calibration-method comparison
+    sections: tuple[str, ...] = ("accuracy", "calib", "edge")
     threads: int = 2
     reuse: bool = False
     progress: bool = True
@@ -59,6 +61,9 @@ class ReportOptions:
         bad = [r for r in (*self.recipes, *self.edge_recipes) if r not in RECIPES]
         if bad:
             raise InputError(f"unknown recipe(s) {bad}; choose from {', '.join(RECIPES)}")
+        unknown = [x for x in self.sections if x not in SECTIONS]
+        if unknown or not self.sections:
+            raise InputError(f"--sections must name some of {', '.join(SECTIONS)}, got {list(self.sections)}")
         if self.limit is not None and self.limit < 1:
             raise InputError(f"--limit must be >= 1, got {self.limit}")
         return self
@@ -290,43 +295,101 @@ def _model_source(manifest: Any) -> str:
     return "unknown source (exported through the Python API)"
 
 
+SECTIONS = ("accuracy", "calib", "edge")
+
+
 def run_report(opts: ReportOptions) -> list[Path]:
+    """Measure the requested sections and write quantization.json + .md into ``opts.out``.
+
+    With a subset of sections, the other sections are kept from the quantization.json already
+    in ``opts.out`` (so one section can be re-measured without repeating the others).
+    """
     opts.validate()
     t0 = time.perf_counter()
     src, work, out = Path(opts.artifacts), Path(opts.work), Path(opts.out)
+    jpath, mpath = out / "quantization.json", out / "quantization.md"
+    sections = tuple(opts.sections)
+    report: dict[str, Any] = {}
+    if set(sections) != set(SECTIONS):
+        if not jpath.is_file():
+            raise InputError(f"--sections {','.join(sections)} updates an existing report, but {jpath} does not "
+                             "exist; run all sections first")
+        report = json.loads(jpath.read_text())
     manifest = load_manifest(src)
     if manifest.recipe != "fp32":
         raise InputError(f"--artifacts must be an fp32 export; {src} holds recipe {manifest.recipe!r}")
     work.mkdir(parents=True, exist_ok=True)
-    sets: dict[str, Path] = {"fp32": src}
-    quant_seconds = {}
-    for r in opts.recipes:
-        sets[r], quant_seconds[r] = ensure_quantized(src, work / manifest.preset, r, opts.reuse, opts.calib_samples,
-                                                     opts.progress)
-    size_table = {name: sizes(path) for name, path in sets.items()}
-    records = evaluate_sets(sets, opts.split, opts.limit, opts.max_new_tokens, opts.threads, opts.progress)
-    summary = summarize(records)
-    report: dict[str, Any] = {
-        "command": _command(opts),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": machine(),
-        "model": {"preset": manifest.preset, "source": _model_source(manifest),
-                  "fingerprint": manifest.extra.get("model_fingerprint"), "artifacts": str(src),
-                  "export_command": _export_command(manifest, str(src))},
-        "split": opts.split, "threads": opts.threads, "max_new_tokens": opts.max_new_tokens,
-        "recipes": list(opts.recipes), "quantize_seconds": quant_seconds, "sizes": size_table,
-        "plans": {r: load_manifest(p, verify=False).extra.get("quantization", {}).get("plan") for r, p in sets.items()},
-        "summary": summary, "targets": TARGETS,
-    }
-    if opts.edge_artifacts:
+    if "accuracy" in sections:
+        sets: dict[str, Path] = {"fp32": src}
+        quant_seconds = {}
+        for r in opts.recipes:
+            sets[r], quant_seconds[r] = ensure_quantized(src, work / manifest.preset, r, opts.reuse,
+                                                         opts.calib_samples, opts.progress)
+        size_table = {name: sizes(path) for name, path in sets.items()}
+        records = evaluate_sets(sets, opts.split, opts.limit, opts.max_new_tokens, opts.threads, opts.progress)
+        report.update({
+            "command": _command(opts),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "machine": machine(),
+            "model": {"preset": manifest.preset, "source": _model_source(manifest),
+                      "fingerprint": manifest.extra.get("model_fingerprint"), "artifacts": str(src),
+                      "export_command": _export_command(manifest, str(src))},
+            "split": opts.split, "threads": opts.threads, "max_new_tokens": opts.max_new_tokens,
+            "recipes": list(opts.recipes), "quantize_seconds": quant_seconds, "sizes": size_table,
+            "plans": {r: load_manifest(p, verify=False).extra.get("quantization", {}).get("plan")
+                      for r, p in sets.items()},
+            "summary": summarize(records), "targets": TARGETS,
+        })
+    if "calib" in sections:
+        report["calibration_methods"] = calib_section(src, work, opts)
+    if "edge" in sections and opts.edge_artifacts:
         report["edge"] = edge_section(Path(opts.edge_artifacts), work, opts)
+    if set(sections) != set(SECTIONS):
+        report.setdefault("updates", []).append(
+            {"sections": list(sections), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+             "command": _command(opts)})
     report["checks"] = checks(report)
-    report["seconds"] = round(time.perf_counter() - t0, 1)
+    elapsed = time.perf_counter() - t0
+    partial = set(sections) != set(SECTIONS)
+    report["seconds"] = round((report.get("seconds", 0.0) if partial else 0.0) + elapsed, 1)
     out.mkdir(parents=True, exist_ok=True)
-    jpath, mpath = out / "quantization.json", out / "quantization.md"
     jpath.write_text(json.dumps(report, indent=2, default=float) + "\n")
     mpath.write_text(render_markdown(report))
     return [mpath, jpath]
+
+
+def calib_section(src: Path, work: Path, opts: ReportOptions) -> dict[str, Any]:
+    """int8-static with each calibration method: per-component error vs fp32 on test-split images.
+
+    Every component gets fp32 inputs (so errors do not compound): relative L2 of float outputs,
+    mismatch rate of the discrete codes and of the kept-patch indices."""
+    from calibration.quantize import CALIB_METHODS, QuantizeOptions, parity, quantize_artifacts
+    from calibration.readers import ComponentFeeds, synthetic_calibration_set
+
+    manifest = load_manifest(src)
+    cfg = manifest.maven_config()
+    test = synthetic_calibration_set(manifest.preprocess, opts.calib_test_samples, opts.split,
+                                     patch_size=cfg.vision.patch_size, preset=manifest.preset)
+    feeds = ComponentFeeds(src, test, manifest, threads=opts.threads)
+    rows: dict[str, Any] = {}
+    try:
+        for method in CALIB_METHODS:
+            out = work / manifest.preset / f"calib-{method}"
+            t0 = time.perf_counter()
+            quantize_artifacts(src, out, QuantizeOptions(recipe="int8-static", calib_method=method,
+                                                         calib_samples=opts.calib_samples, force=True,
+                                                         progress=opts.progress, check_samples=0))
+            seconds = time.perf_counter() - t0
+            errors = {}
+            for comp in ("vision_encoder", "discrete_tokenizer", "patch_selector", "projector"):
+                if comp in manifest.components:
+                    f = manifest.components[comp].file.path
+                    errors[comp] = parity(src / f, out / f, feeds.feeds(comp))
+            rows[method] = {"seconds": round(seconds, 1), "errors": errors}
+    finally:
+        feeds.close()
+    return {"split": opts.split, "test_samples": test.num_samples, "test_images": test.num_images,
+            "calib_samples": opts.calib_samples, "methods": rows}
 
 
 def edge_section(src: Path, work: Path, opts: ReportOptions) -> dict[str, Any]:
@@ -381,6 +444,8 @@ def _command(opts: ReportOptions) -> str:
     parts = ["maven-edge quantize-report", f"--artifacts {opts.artifacts}", f"--out {opts.out}",
              f"--work {opts.work}", f"--recipes {','.join(opts.recipes)}", f"--split {opts.split}",
              f"--threads {opts.threads}"]
+    if tuple(opts.sections) != SECTIONS:
+        parts.append(f"--sections {','.join(opts.sections)}")
     if opts.limit:
         parts.append(f"--limit {opts.limit}")
     if opts.edge_artifacts:
@@ -481,6 +546,33 @@ def render_markdown(report: dict[str, Any]) -> str:
         "treat differences under ~15% as noise. fp16 is a GPU recipe "
         "(CUDA / TensorRT); on a CPU without native fp16 kernels it is expected to be slower.",
     ]
+    cm = report.get("calibration_methods")
+    if cm:
+        lines += [
+            "",
+            "## Calibration methods (int8-static)",
+            "",
+            f"The int8-static vision side calibrated with each method on {cm['calib_samples']} validation samples, "
+            f"then run on {cm['test_images']} images of {cm['test_samples']} `{cm['split']}` samples with fp32 "
+            "inputs per component (errors do not compound): relative L2 error of the float outputs, and the "
+            "share of discrete codes and kept patches that differ from fp32.",
+            "",
+            "| method | vision features rel. L2 | codes changed | kept patches changed | kept embeds rel. L2 | "
+            "projector rel. L2 | calibration + quantization s |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for method, row in cm["methods"].items():
+            e = row["errors"]
+
+            def g(comp: str, key: str, pct: bool = False, e: dict[str, Any] = e) -> str:
+                v = e.get(comp, {}).get(key)
+                return "-" if v is None else (f"{100 * v:.1f}%" if pct else f"{v:.4f}")
+
+            lines.append(f"| {method} | {g('vision_encoder', 'patch_features.rel_l2')} | "
+                         f"{g('discrete_tokenizer', 'visual_codes.mismatch', True)} | "
+                         f"{g('patch_selector', 'selected_indices.mismatch', True)} | "
+                         f"{g('patch_selector', 'selected_embeds.rel_l2')} | {g('projector', 'projected_embeds.rel_l2')} | "
+                         f"{row['seconds']:.0f} |")
     edge = report.get("edge")
     if edge:
         llm = edge["llm"]
