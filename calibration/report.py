@@ -267,6 +267,17 @@ def _export_command(manifest: Any, artifacts: str) -> str:
     return f"(artifacts {artifacts} exported through the Python API)"
 
 
+def _fill_export_commands(report: dict[str, Any]) -> None:
+    """Reports written before export_command existed: derive it from the artifacts' manifests."""
+    for section in (report.get("model"), report.get("edge")):
+        if section and not section.get("export_command") and section.get("artifacts"):
+            try:
+                m = load_manifest(section["artifacts"], verify=False)
+                section["export_command"] = _export_command(m, section["artifacts"])
+            except ArtifactError:
+                pass
+
+
 def render_from_json(path: str | Path) -> Path:
     """Re-write quantization.md next to `path` from an existing quantization.json (no measuring)."""
     path = Path(path)
@@ -274,13 +285,7 @@ def render_from_json(path: str | Path) -> Path:
         report = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise InputError(f"cannot read the report {path}: {exc}") from exc
-    for section in (report.get("model"), report.get("edge")):  # reports written before export_command existed
-        if section and not section.get("export_command") and section.get("artifacts"):
-            try:
-                m = load_manifest(section["artifacts"], verify=False)
-                section["export_command"] = _export_command(m, section["artifacts"])
-            except ArtifactError:
-                pass
+    _fill_export_commands(report)
     out = path.with_suffix(".md")
     out.write_text(render_markdown(report))
     return out
@@ -348,6 +353,7 @@ def run_report(opts: ReportOptions) -> list[Path]:
         report.setdefault("updates", []).append(
             {"sections": list(sections), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
              "command": _command(opts)})
+    _fill_export_commands(report)
     report["checks"] = checks(report)
     elapsed = time.perf_counter() - t0
     partial = set(sections) != set(SECTIONS)

@@ -433,19 +433,53 @@ class BuildResult:
         return "\n".join(rows)
 
 
+def discrete_head_layers(layers: Sequence[tuple[str, Sequence[str], Sequence[str]]]) -> set[int]:
+    """Indices of the layers between a MatMul and a TopK (TensorRT's ArgMax) that it feeds, the
+    MatMul included: the VQ codebook lookup and the selector's score head. They stay FP32, as the
+    int8-static recipe keeps them fp32 in onnxruntime: reduced precision there flips codes and
+    kept patches. `layers` are (trt.LayerType name, input tensor names, output tensor names)."""
+    producer = {t: i for i, (_, _, outs) in enumerate(layers) for t in outs}
+    pinned: set[int] = set()
+    for ltype, ins, _ in layers:
+        if ltype != "TOPK":
+            continue
+        path: set[int] = set()
+        stack, seen, found = [producer[t] for t in ins if t in producer], set(), False
+        while stack:
+            j = stack.pop()
+            if j in seen:
+                continue
+            seen.add(j)
+            jtype, jins, _ = layers[j]
+            if jtype == "CONSTANT":
+                continue
+            path.add(j)
+            if jtype == "MATRIX_MULTIPLY":
+                found = True
+                continue  # stop at the first MatMul on each path
+            stack.extend(producer[t] for t in jins if t in producer)
+        if found:
+            pinned |= path
+    return pinned
+
+
 def _apply_fp32_layers(trt: Any, network: Any) -> int:
-    """Pin normalisation / reduction / softmax / pow / sqrt layers to FP32; returns how many."""
+    """Pin normalisation / reduction / softmax / pow / sqrt layers and the discrete heads
+    (:func:`discrete_head_layers`) to FP32; returns how many layers were pinned."""
     casts = {"ELEMENTWISE": trt.IElementWiseLayer, "UNARY": trt.IUnaryLayer}
+    all_layers = [network.get_layer(i) for i in range(network.num_layers)]
+    graph = [(lay.type.name, [lay.get_input(k).name for k in range(lay.num_inputs) if lay.get_input(k) is not None],
+              [lay.get_output(k).name for k in range(lay.num_outputs)]) for lay in all_layers]
+    heads = discrete_head_layers(graph)
     pinned = 0
-    for i in range(network.num_layers):
-        layer = network.get_layer(i)
+    for i, layer in enumerate(all_layers):
         ltype = layer.type.name
         op = None
         if ltype in casts:
             layer.__class__ = casts[ltype]  # the TensorRT Python API's way to reach the subclass
             op = layer.op.name
         floats = [j for j in range(layer.num_outputs) if layer.get_output(j).dtype in (trt.float32, trt.float16)]
-        if floats and keep_fp32_layer(ltype, op):  # integer / shape arithmetic is left alone
+        if floats and (i in heads or keep_fp32_layer(ltype, op)):  # integer / shape arithmetic is left alone
             layer.precision = trt.float32
             for j in floats:
                 layer.set_output_type(j, trt.float32)

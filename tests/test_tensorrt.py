@@ -144,6 +144,12 @@ def test_engine_plans_per_precision(manifest, artifacts):
         plan_engines(manifest, _opts(artifacts, components=("lm",)))
 
     assert keep_fp32_layer("NORMALIZATION") and keep_fp32_layer("SOFTMAX") and keep_fp32_layer("REDUCE")
+    from export.tensorrt import discrete_head_layers
+
+    graph = [("MATRIX_MULTIPLY", ["x", "w1"], ["a"]), ("ELEMENTWISE", ["a"], ["b"]), ("CONSTANT", [], ["cb"]),
+             ("MATRIX_MULTIPLY", ["b", "cb"], ["sim"]), ("ELEMENTWISE", ["sim"], ["neg"]), ("TOPK", ["neg"], ["idx"]),
+             ("MATRIX_MULTIPLY", ["b", "w2"], ["proj"])]
+    assert discrete_head_layers(graph) == {3, 4}  # codebook MatMul + the op before TopK; not the encoder
     assert keep_fp32_layer("ELEMENTWISE", "POW") and keep_fp32_layer("UNARY", "SQRT")
     assert not keep_fp32_layer("ELEMENTWISE", "SUM") and not keep_fp32_layer("MATRIX_MULTIPLY")
 
@@ -272,14 +278,20 @@ def _fake_trt(rec: _Rec, layers):
         dtype = "float16"
 
     class Layer:
-        def __init__(self, ltype, op=None):
+        def __init__(self, ltype, op=None, ins=(), outs=None):
             self.type = types.SimpleNamespace(name=ltype)
             self.op = types.SimpleNamespace(name=op) if op else None
-            self.num_outputs = 1
+            self.ins, self.outs = list(ins), list(outs or [f"{ltype}:{op}:{id(self)}"])
+            self.num_inputs, self.num_outputs = len(self.ins), len(self.outs)
             self.precision = None
 
+        def get_input(self, i):
+            return types.SimpleNamespace(name=self.ins[i])
+
         def get_output(self, i):
-            return Out()
+            out = Out()
+            out.name = self.outs[i]
+            return out
 
         def set_output_type(self, i, dtype):
             rec.calls.append(("output_type", self.type.name, dtype))
@@ -292,11 +304,15 @@ def _fake_trt(rec: _Rec, layers):
 
     trt.IElementWiseLayer, trt.IUnaryLayer = IElementWiseLayer, IUnaryLayer
 
+    built = [Layer(*spec) for spec in layers]
+
     class Network:
         num_layers = len(layers)
 
         def get_layer(self, i):
-            return Layer(*layers[i])
+            lay = built[i]
+            lay.__class__ = Layer
+            return lay
 
     class Profile:
         def __init__(self):
@@ -373,7 +389,8 @@ def test_builder_configuration_from_the_plan(manifest, artifacts):
                                         workspace_gb=1.5, builder_optimization_level=4))[0]
     rec = _Rec()
     layers = [("MATRIX_MULTIPLY", None), ("NORMALIZATION", None), ("ELEMENTWISE", "POW"), ("ELEMENTWISE", "SUM"),
-              ("UNARY", "SQRT"), ("SOFTMAX", None)]
+              ("UNARY", "SQRT"), ("SOFTMAX", None),
+              ("MATRIX_MULTIPLY", None, ["h"], ["sim"]), ("TOPK", None, ["sim"], ["code"])]
     trt = _fake_trt(rec, layers)
     engine, timing = _build_one(trt, None, None, plan, plan.onnx, b"old-timing", calibrator=object())
     assert engine == b"engine-bytes" and timing == b"timing-bytes"
@@ -383,7 +400,7 @@ def test_builder_configuration_from_the_plan(manifest, artifacts):
     assert ("set", "builder_optimization_level", 4) in calls
     assert [c[1] for c in calls if c[0] == "flag"] == ["INT8", "FP16", "PREFER_PRECISION_CONSTRAINTS"]
     pinned = [c[1] for c in calls if c[0] == "output_type"]
-    assert pinned == ["NORMALIZATION", "ELEMENTWISE", "UNARY", "SOFTMAX"]
+    assert pinned == ["NORMALIZATION", "ELEMENTWISE", "UNARY", "SOFTMAX", "MATRIX_MULTIPLY"]  # + the codebook MatMul
     profiles = [c[1] for c in calls if c[0] == "profile"]
     assert profiles == [plan.profiles[0].shapes]
     assert [c[1] for c in calls if c[0] == "calibration_profile"] == [plan.calibration.shapes]
