@@ -470,6 +470,11 @@ def _ratio(x: float | None) -> str:
     return "-" if x is None or not np.isfinite(x) else f"{x:.2f}x"
 
 
+def _local(text: str) -> str:
+    """Paths under the working directory, shown relative to it."""
+    return str(text).replace(str(Path.cwd()) + os.sep, "")
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     s = report["summary"]
     names = list(s)
@@ -492,8 +497,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         "Re-run these to re-create this page and `quantization.json` (raw numbers); "
         "`maven-edge quantize-report --render-only docs/quantization.json` re-writes the page from the JSON.",
+        *[f"Section(s) {', '.join(u['sections'])} re-measured on {u['date']} by `{u['command']}`."
+          for u in report.get("updates", [])],
         "",
-        f"Model: `{report['model']['preset']}`, {report['model']['source']}"
+        f"Model: `{report['model']['preset']}`, {_local(report['model']['source'])}"
         + (f" (weights fingerprint `{fp[:12]}`)" if fp else "") + ". Evaluation: "
         f"{s['fp32']['questions']} questions of the `{report['split']}` split, answered by the runtime "
         "pipeline (onnxruntime CPU, greedy, at most "
