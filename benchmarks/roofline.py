@@ -12,13 +12,14 @@ so ``tokens/s <= bandwidth / bytes_per_token``. Prefill is compute-bound: it nee
 achieved FLOP/s is compared with a measured large-matmul FLOP/s on the same threads.
 
 Bandwidth is measured two ways and the larger is the ceiling used: a multi-threaded copy of a
-large array (numpy, read + write bytes counted) and a large matrix-vector product (the access
-pattern of decode itself: a weight matrix far larger than the caches read once per call). Both
+large array (numpy, read + write bytes counted) and a large matrix-vector product with ONNX
+Runtime's MatMul (the access pattern and kernel of decode itself: a constant weight far larger
+than the caches, read once per call). Both
 are lower bounds on what the memory system can do; an engine beating them is possible (better
 prefetching), which shows as a fraction above 1.
 
-This module imports numpy only; torch is used for the matmul/GEMV probes when it is installed
-(its thread count is settable), numpy otherwise.
+This module imports numpy only at import time; the probes use onnxruntime (GEMV) and torch
+(matmul) when installed, numpy otherwise.
 """
 
 from __future__ import annotations
@@ -105,30 +106,59 @@ def _torch(threads: int):
     return torch
 
 
-def gemv_bandwidth(mb: int = 256, threads: int = 1, repeats: int = 5) -> float:
-    """Best weight-read GB/s of an fp32 matrix-vector product over an `mb` MB matrix."""
+def _ort_gemv(rows: int, cols: int, threads: int):
+    """A [1, cols] x [cols, rows] MatMul session with a constant weight (prepacked like a decoder's)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(0).standard_normal((cols, rows), dtype=np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"])], "gemv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, cols])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, rows])],
+        [numpy_helper.from_array(w, "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = max(1, threads)
+    so.inter_op_num_threads = 1
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    del model, w
+    x = np.ones((1, cols), np.float32)
+    return lambda: sess.run(None, {"x": x})
+
+
+def gemv_bandwidth(mb: int = 256, threads: int = 1, repeats: int = 5) -> tuple[float, str]:
+    """Best weight-read GB/s of an fp32 matrix-vector product over an `mb` MB matrix: the access
+    pattern of a decode step. Uses ONNX Runtime's MatMul (the kernel our decoder runs) when
+    installed, else torch.mv, else numpy. Returns (GB/s, which engine)."""
     cols = 4096
     rows = max(1, mb * (1 << 20) // 4 // cols)
-    torch = _torch(threads)
-    if torch is not None:
-        w = torch.randn(rows, cols)
-        x = torch.randn(cols)
+    try:
+        run = _ort_gemv(rows, cols, threads)
+        how = "onnxruntime MatMul"
+    except ImportError:
+        torch = _torch(threads)
+        if torch is not None:
+            w, x = torch.randn(rows, cols), torch.randn(cols)
 
-        def run() -> None:
-            torch.mv(w, x)
-    else:
-        w_np = np.random.default_rng(0).standard_normal((rows, cols), dtype=np.float32)
-        x_np = np.ones(cols, np.float32)
+            def run() -> None:
+                torch.mv(w, x)
+            how = "torch.mv"
+        else:
+            w_np = np.random.default_rng(0).standard_normal((rows, cols), dtype=np.float32)
+            x_np = np.ones(cols, np.float32)
 
-        def run() -> None:
-            w_np @ x_np
+            def run() -> None:
+                w_np @ x_np
+            how = "numpy"
     run()
     best = 0.0
     for _ in range(repeats):
         t0 = time.perf_counter()
         run()
         best = max(best, rows * cols * 4 / (time.perf_counter() - t0) / 1e9)
-    return best
+    return best, how
 
 
 def matmul_gflops(size: int = 2048, threads: int = 1, repeats: int = 5) -> float:
@@ -159,11 +189,12 @@ def measure_limits(threads: int = 1, copy_mb: int = 256, matmul_size: int = 2048
                    ) -> MachineLimits:
     """Copy bandwidth (best of 1 and `threads` threads), GEMV bandwidth and matmul FLOP/s."""
     copy = max(copy_bandwidth(copy_mb, 1, repeats), copy_bandwidth(copy_mb, threads, repeats))
-    gemv = gemv_bandwidth(copy_mb, threads, repeats)
+    gemv, gemv_how = gemv_bandwidth(copy_mb, threads, repeats)
     flops = matmul_gflops(matmul_size, threads, repeats)
-    method = "torch" if _torch(threads) is not None else "numpy"
+    mm = "torch.mm" if _torch(threads) is not None else "numpy matmul"
     return MachineLimits(copy_gbs=copy, gemv_gbs=gemv, matmul_gflops=flops, threads=threads, copy_mb=copy_mb,
-                         method=f"numpy copy ({copy_mb} MB), {method} mv ({copy_mb} MB) and mm ({matmul_size}^3)")
+                         method=f"numpy copy ({copy_mb} MB, read + write counted), {gemv_how} GEMV ({copy_mb} MB "
+                         f"weight), {mm} ({matmul_size}^3)")
 
 
 # ---- the decoder's cost model --------------------------------------------------------------
