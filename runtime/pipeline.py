@@ -2,7 +2,7 @@
 
     from runtime.pipeline import MavenPipeline
     pipe = MavenPipeline.from_artifacts("artifacts/tiny")            # onnxruntime, CPU
-    res = pipe.generate(["a.png", "b.png"], "<image><image>\\nQuestion: what changed?\\nAnswer:")
+    res = pipe.generate(["a.png", "b.png"], "Image 1: <image>\\nImage 2: <image>\\nQuestion: what changed?\\nAnswer:")
     res.text, res.token_ids, res.timings.ttft_ms, res.visual_tokens_per_image
     for piece in pipe.stream(images, prompt, max_new_tokens=16):
         print(piece, end="", flush=True)

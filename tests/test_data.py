@@ -32,6 +32,7 @@ from model_src.data import (
     write_demo_samples,
 )
 from model_src.data.shapes import make_object
+from model_src.data.tasks import image_block
 from model_src.tokenizer import IMAGE_TOKEN, count_image_placeholders
 
 SAMPLES_DIR = Path(__file__).resolve().parents[1] / "model_src" / "samples"
@@ -87,7 +88,9 @@ def test_heldout_pairs_only_in_test(samples) -> None:
 def test_prompt_format_and_placeholder_count(samples) -> None:
     for s in (s for split in SPLITS for s in samples[split]):
         assert count_image_placeholders(s.prompt) == len(s.images) == len(s.patch_labels) == len(s.scenes)
-        assert s.prompt.startswith(IMAGE_TOKEN * len(s.images) + "\n") and s.prompt.endswith("\nAnswer:")
+        assert s.prompt.startswith(image_block(len(s.images)) + "\n") and s.prompt.endswith("\nAnswer:")
+        if len(s.images) > 1:
+            assert s.prompt.startswith(f"Image 1: {IMAGE_TOKEN}\nImage 2: {IMAGE_TOKEN}\n")
         assert s.family == TASK_FAMILY[s.task]
         if s.family == "caption":
             assert s.prompt == f"{IMAGE_TOKEN}\nDescribe the image.\nAnswer:"

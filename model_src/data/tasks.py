@@ -1,11 +1,13 @@
 """Samples of the shapes world: captions, single-image QA and multi-image QA.
 
-Prompt format: all ``<image>`` placeholders first (one per image, nothing between them), then a
-newline, the text line and ``"\\nAnswer:"``::
+Prompt format: the ``<image>`` placeholders first, then a newline, the text line and
+``"\\nAnswer:"``. With several images each placeholder sits on its own line after an
+``Image k:`` label (as multi-image chat models such as LLaVA-Interleave do), so the model can
+refer to "image 2" without counting image blocks::
 
     <image>\\nDescribe the image.\\nAnswer:
     <image>\\nQuestion: what color is the circle?\\nAnswer:
-    <image><image><image>\\nQuestion: which image has a red square?\\nAnswer:
+    Image 1: <image>\\nImage 2: <image>\\nImage 3: <image>\\nQuestion: which image has a red square?\\nAnswer:
 
 The training text is ``prompt + " " + answer`` (:attr:`Sample.text`). Answers are lower-case,
 without a final period, and checked by exact string match (task: question -> answer):
@@ -138,9 +140,16 @@ class Sample:
         return f"{self.prompt} {self.answer}"
 
 
+def image_block(num_images: int) -> str:
+    """The image part of a prompt: ``<image>`` for one image, else ``Image k: <image>`` lines."""
+    if num_images == 1:
+        return IMAGE_TOKEN
+    return "\n".join(f"Image {k + 1}: {IMAGE_TOKEN}" for k in range(num_images))
+
+
 def make_prompt(num_images: int, text: str) -> str:
-    """``num_images`` placeholders, then ``text`` and the answer cue on their own lines."""
-    return f"{IMAGE_TOKEN * num_images}\n{text}\nAnswer:"
+    """The image block (:func:`image_block`), then ``text`` and the answer cue on their own lines."""
+    return f"{image_block(num_images)}\n{text}\nAnswer:"
 
 
 class _Gen:

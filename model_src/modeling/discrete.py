@@ -54,7 +54,8 @@ class DiscreteTokenizer(nn.Module):
         self.visual_offset = visual_offset
         self.input_proj = nn.Linear(vision_width, cfg.hidden_size)
         self.input_norm = nn.LayerNorm(cfg.hidden_size)
-        self.queries = nn.Parameter(torch.randn(cfg.num_codes, cfg.hidden_size) * 0.02)
+        # unit-scale queries: with 0.02-scale ones every query attends alike and all 32 codes start identical
+        self.queries = nn.Parameter(torch.randn(cfg.num_codes, cfg.hidden_size))
         self.blocks = nn.ModuleList(QueryBlock(cfg) for _ in range(cfg.num_layers))
         self.out_norm = nn.LayerNorm(cfg.hidden_size)
         self.to_code = nn.Linear(cfg.hidden_size, cfg.code_dim)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from model_src.config import MavenConfig
-from model_src.data import COLORS, SHAPES, SIZES, Sample, get_sample
+from model_src.data import ALL_PAIRS, COLORS, SHAPES, SIZES, Sample, get_sample
 from model_src.data.splits import DEFAULT_DATA, num_samples
 from model_src.data.tasks import TASK_FAMILY
 from model_src.preprocess import preprocess_images
@@ -23,8 +23,16 @@ from model_src.tokenizer import TextTokenizer
 COLOR_IDS = {c: i + 1 for i, c in enumerate(COLORS)}  # 0 = no object
 SHAPE_IDS = {s: i + 1 for i, s in enumerate(SHAPES)}
 SIZE_IDS = {s: i + 1 for i, s in enumerate(SIZES)}
-# Dense per-patch targets: (name, number of classes)
+# Dense per-patch object targets: (name, number of classes). `dense_targets` adds the patch's row
+# and column (grid-size classes each), so the features say where they are after selection.
 TARGETS = (("color", len(COLORS) + 1), ("shape", len(SHAPES) + 1), ("size", len(SIZES) + 1), ("center", 2))
+PAIR_IDS = {p: i for i, p in enumerate(ALL_PAIRS)}
+MAX_OBJECTS = 8  # count classes of the scene-summary target: 0 .. MAX_OBJECTS - 1
+
+
+def dense_targets(grid: int) -> tuple[tuple[str, int], ...]:
+    """TARGETS plus ("row", grid) and ("col", grid): the columns of `vision_targets`."""
+    return TARGETS + (("row", grid), ("col", grid))
 
 
 def rng_for(seed: int, phase: str, step: int) -> np.random.Generator:
@@ -55,15 +63,16 @@ def pixel_tensor(samples: Sequence[Sample], cfg: MavenConfig) -> torch.Tensor:
 
 
 def vision_targets(sample: Sample, patch_size: int) -> np.ndarray:
-    """int64 [n_images, N, 4]: per patch the colour, shape, size of the object covering most of
-    it (0 = background) and whether the object's centre lies in it."""
+    """int64 [n_images, N, 6]: per patch the colour, shape, size of the object covering most of
+    it (0 = background), whether the object's centre lies in it, and the patch's row and column."""
     out = []
     for scene in sample.scenes:
         size = scene.image_size
         g = size // patch_size
         best = np.zeros((g * g,), dtype=np.int64) - 1
         best_px = np.zeros((g * g,), dtype=np.int64)
-        tgt = np.zeros((g * g, 4), dtype=np.int64)
+        tgt = np.zeros((g * g, 6), dtype=np.int64)
+        tgt[:, 4], tgt[:, 5] = np.divmod(np.arange(g * g), g)
         for k, obj in enumerate(scene.objects):
             px = obj.mask.reshape(g, patch_size, g, patch_size).sum(axis=(1, 3)).reshape(-1)
             take = px > best_px
@@ -78,6 +87,18 @@ def vision_targets(sample: Sample, patch_size: int) -> np.ndarray:
             tgt[p, 3] = 1
         out.append(tgt)
     return np.stack(out)
+
+
+def scene_targets(sample: Sample) -> tuple[np.ndarray, np.ndarray]:
+    """Per image the scene summary the discrete codes must carry: float32 [n_images, 30] multi-hot
+    of the (colour, shape) pairs present, and int64 [n_images] object count (capped)."""
+    pairs = np.zeros((len(sample.scenes), len(ALL_PAIRS)), dtype=np.float32)
+    counts = np.zeros((len(sample.scenes),), dtype=np.int64)
+    for i, scene in enumerate(sample.scenes):
+        for obj in scene.objects:
+            pairs[i, PAIR_IDS[(obj.color, obj.shape)]] = 1.0
+        counts[i] = min(len(scene.objects), MAX_OBJECTS - 1)
+    return pairs, counts
 
 
 def answer_ids(tokenizer: TextTokenizer, answer: str) -> list[int]:

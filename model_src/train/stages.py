@@ -2,12 +2,17 @@
 
 Stage 0 (pretraining what MaVEn takes pretrained), three phases:
   0-vision  the ViT, with a linear head on every patch feature predicting the colour, shape and size of
-            the object covering the patch and whether the object's centre is in it (dense attribute
+            the object covering the patch, whether the object's centre is in it, and the patch's row
+            and column (dense attribute
             objective on the synthetic scenes; the head is training-only).
   0-vq      the discrete tokenizer (Q-Former queries + VQ codebook) on the frozen ViT features: a
-            training-only decoder must rebuild those per-patch targets from the 32 quantized codes;
-            VQ codebook + commitment loss; dead codes (unused for 20 steps) are restarted from
-            random query outputs of the batch. Logs perplexity and codebook usage.
+            training-only head must predict the scene summary (which colour-shape pairs are present,
+            how many objects) from the set of 32 code vectors -- the image's global meaning, which is
+            what the decoder reads the codes for. The first quarter of the steps trains unquantized,
+            then the codebook is seeded from encoder outputs (avoids an input-independent collapse
+            that a dense reconstruction target fell into); VQ codebook + commitment loss; dead codes
+            (unused for 20 steps) are restarted from random query outputs of the batch. Logs
+            perplexity and codebook usage.
   0-text    the decoder as a text-only LM on the sample texts (image placeholders dropped).
 Stage 1: the patch selector only, binary cross-entropy against the pseudo-labels of caption samples
   (patches overlapping the objects the caption names: every object). Logs precision/recall of the
@@ -40,57 +45,44 @@ from model_src.config import MavenConfig, get_config
 from model_src.errors import CheckpointError, TrainingError
 from model_src.modeling.maven import MavenModel
 from model_src.modeling.selector import select_patches
-from model_src.modeling.vision import MultiHeadAttention
 from model_src.train import batches as B
 from model_src.train.common import answer_loss, set_threads, visual_embeds, visual_features
 from model_src.train.loop import Phase, plot_losses, read_jsonl, run_phase
 from model_src.train.recipe import STAGE_PHASES, PhaseConfig, get_recipe, parse_stages
 
-N_TARGET_CLASSES = sum(n for _, n in B.TARGETS)
 DEAD_CODE_WINDOW = 20
 
 
-def _split_targets(logits: torch.Tensor) -> list[torch.Tensor]:
-    return list(torch.split(logits, [n for _, n in B.TARGETS], dim=-1))
-
-
-def dense_target_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-    """Sum of the per-target cross-entropies; accuracies on object patches (colour/shape/size)."""
+def dense_target_loss(logits: torch.Tensor, targets: torch.Tensor, grid: int) -> tuple[torch.Tensor, dict[str, float]]:
+    """Sum of the per-target cross-entropies (`B.dense_targets(grid)`); accuracies on object
+    patches (colour/shape/size), centre patches (center) or every patch (row/col)."""
+    spec = B.dense_targets(grid)
     total = logits.new_zeros(())
     metrics = {}
     obj = targets[..., 0] > 0
-    for (name, n), lg, k in zip(B.TARGETS, _split_targets(logits), range(len(B.TARGETS)), strict=True):
+    chunks = torch.split(logits, [n for _, n in spec], dim=-1)
+    for k, ((name, n), lg) in enumerate(zip(spec, chunks, strict=True)):
         tgt = targets[..., k]
         total = total + F.cross_entropy(lg.reshape(-1, n), tgt.reshape(-1))
         pred = lg.argmax(-1)
-        mask = obj if name != "center" else tgt > 0
+        mask = {"center": tgt > 0, "row": torch.ones_like(obj), "col": torch.ones_like(obj)}.get(name, obj)
         metrics[f"acc_{name}"] = float((pred[mask] == tgt[mask]).float().mean()) if mask.any() else 1.0
     return total, metrics
 
 
-class CodeDecoder(nn.Module):
-    """Training-only: rebuilds per-patch targets from the quantized codes (position queries
-    cross-attending to the 32 code vectors)."""
+class SceneHead(nn.Module):
+    """Training-only: predicts the scene summary (which colour-shape pairs are present, how many
+    objects) from the set of quantized code vectors (per-code MLP, mean over codes, MLP)."""
 
-    def __init__(self, code_dim: int, width: int, num_patches: int, num_heads: int, n_out: int, layers: int = 2):
+    def __init__(self, code_dim: int, width: int, n_pairs: int, n_counts: int):
         super().__init__()
-        self.inp = nn.Linear(code_dim, width)
-        self.pos = nn.Parameter(torch.randn(num_patches, width) * 0.02)
-        self.norms = nn.ModuleList(nn.LayerNorm(width) for _ in range(layers))
-        self.attn = nn.ModuleList(MultiHeadAttention(width, num_heads) for _ in range(layers))
-        self.mlps = nn.ModuleList(
-            nn.Sequential(nn.LayerNorm(width), nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width))
-            for _ in range(layers)
-        )
-        self.out = nn.Linear(width, n_out)
+        self.per_code = nn.Sequential(nn.Linear(code_dim, width), nn.GELU(), nn.Linear(width, width))
+        self.out = nn.Sequential(nn.GELU(), nn.Linear(width, width), nn.GELU(), nn.Linear(width, n_pairs + n_counts))
+        self.n_pairs = n_pairs
 
-    def forward(self, z_q: torch.Tensor) -> torch.Tensor:
-        kv = self.inp(z_q)
-        q = self.pos.expand(z_q.shape[0], -1, -1)
-        for norm, attn, mlp in zip(self.norms, self.attn, self.mlps, strict=True):
-            q = q + attn(norm(q), kv)
-            q = q + mlp(q)
-        return self.out(q)
+    def forward(self, z_q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.out(self.per_code(z_q).mean(1))
+        return h[:, : self.n_pairs], h[:, self.n_pairs :]
 
 
 def _seeded(seed: int, fn):
@@ -127,7 +119,9 @@ def _samples(model: MavenModel, cfg: PhaseConfig, seed: int, phase: str, step: i
 
 # ---- stage 0 -------------------------------------------------------------------------------------
 def phase_vision(model: MavenModel, cfg: PhaseConfig, seed: int) -> Phase:
-    head = _seeded(seed + 1, lambda: nn.Linear(model.config.vision.hidden_size, N_TARGET_CLASSES))
+    grid = model.config.vision.image_size // model.config.vision.patch_size
+    n_classes = sum(n for _, n in B.dense_targets(grid))
+    head = _seeded(seed + 1, lambda: nn.Linear(model.config.vision.hidden_size, n_classes))
     params = _trainable(model, "vision") + _named("vit_head", head)
     fam = ("caption", "single")  # one image per sample
 
@@ -137,7 +131,7 @@ def phase_vision(model: MavenModel, cfg: PhaseConfig, seed: int) -> Phase:
         px = B.pixel_tensor(samples, model.config)
         tgt = torch.from_numpy(np.concatenate([B.vision_targets(s, model.config.vision.patch_size) for s in samples]))
         feats = model.vision(px)
-        loss, metrics = dense_target_loss(head(feats), tgt)
+        loss, metrics = dense_target_loss(head(feats), tgt, grid)
         loss.backward()
         return {"loss": float(loss.detach()), **metrics}
 
@@ -145,51 +139,65 @@ def phase_vision(model: MavenModel, cfg: PhaseConfig, seed: int) -> Phase:
 
 
 def phase_vq(model: MavenModel, cfg: PhaseConfig, seed: int) -> Phase:
+    """The first quarter of the steps trains the query encoder unquantized (the head reads z), then
+    the codebook is re-seeded from encoder outputs and training continues through the quantizer."""
     dc = model.config.discrete
-    dec = _seeded(seed + 2, lambda: CodeDecoder(dc.code_dim, dc.hidden_size, model.config.num_patches,
-                                                dc.num_heads, N_TARGET_CLASSES))
-    params = _trainable(model, "discrete") + _named("code_decoder", dec)
+    n_pairs = len(B.PAIR_IDS)
+    head = _seeded(seed + 2, lambda: SceneHead(dc.code_dim, dc.hidden_size, n_pairs, B.MAX_OBJECTS))
+    params = _trainable(model, "discrete") + _named("scene_head", head)
     usage = torch.zeros(dc.codebook_size)
     last_z: dict[str, torch.Tensor] = {}
     fam = ("caption", "single")
+    warm = max(1, cfg.steps // 4)
 
     def step_fn(step: int) -> dict[str, float]:
         rng = B.rng_for(seed, "0-vq", step)
         samples = B.samples_for("train", B.train_indices(rng, cfg.batch_size, fam), model.config)
         px = B.pixel_tensor(samples, model.config)
-        tgt = torch.from_numpy(np.concatenate([B.vision_targets(s, model.config.vision.patch_size) for s in samples]))
+        tg = [B.scene_targets(s) for s in samples]
+        pairs = torch.from_numpy(np.concatenate([t[0] for t in tg]))
+        counts = torch.from_numpy(np.concatenate([t[1] for t in tg]))
         with torch.no_grad():
             feats = model.vision(px)
         z = model.discrete.encode(feats)
         q = model.discrete.quantize(z)
-        rec, metrics = dense_target_loss(dec(q.z_q), tgt)
-        loss = rec + q.loss
+        pair_logits, count_logits = head(z if step < warm else q.z_q)
+        rec = F.binary_cross_entropy_with_logits(pair_logits, pairs) * n_pairs / 4 + F.cross_entropy(count_logits, counts)
+        loss = rec + (q.loss if step >= warm else 0.0)
         loss.backward()
-        usage.add_(torch.bincount(q.codes.flatten(), minlength=dc.codebook_size).float())
+        if step >= warm:
+            usage.add_(torch.bincount(q.codes.flatten(), minlength=dc.codebook_size).float())
         last_z["z"] = z.detach().reshape(-1, z.shape[-1])
+        exact = ((pair_logits.detach() > 0).float() == pairs).all(-1).float().mean()
         return {"loss": float(loss.detach()), "rec_loss": float(rec.detach()), "vq_loss": float(q.loss.detach()),
-                "perplexity": float(q.perplexity), **metrics}
+                "perplexity": float(q.perplexity), "acc_pairs_exact": float(exact),
+                "acc_count": float((count_logits.argmax(-1) == counts).float().mean())}
+
+    @torch.no_grad()
+    def reseed(idx: torch.Tensor, step: int) -> None:
+        gen = torch.Generator().manual_seed(seed * 100_003 + step)
+        z = last_z["z"]
+        pick = torch.randint(0, z.shape[0], (len(idx),), generator=gen)
+        model.discrete.codebook.weight[idx] = z[pick] + torch.randn(len(idx), z.shape[1], generator=gen) * 0.01
 
     @torch.no_grad()
     def after_step(step: int) -> dict[str, float]:
         out: dict[str, float] = {}
-        if (step + 1) % DEAD_CODE_WINDOW == 0:
+        if step + 1 == warm and "z" in last_z:
+            reseed(torch.arange(dc.codebook_size), step)
+        elif step >= warm and (step + 1 - warm) % DEAD_CODE_WINDOW == 0:
             dead = (usage == 0).nonzero().flatten()
             out["codebook_usage"] = float((usage > 0).float().mean())
             out["dead_restarts"] = float(len(dead))
             if len(dead) and "z" in last_z:
-                gen = torch.Generator().manual_seed(seed * 100_003 + step)
-                z = last_z["z"]
-                pick = torch.randint(0, z.shape[0], (len(dead),), generator=gen)
-                noise = torch.randn(len(dead), z.shape[1], generator=gen) * 0.01
-                model.discrete.codebook.weight[dead] = z[pick] + noise
+                reseed(dead, step)
             usage.zero_()
         return out
 
     def finish() -> dict[str, Any]:
         return _codebook_report(model, seed)
 
-    return Phase("0-vq", cfg, {"model": model, "code_decoder": dec}, params, step_fn, after_step,
+    return Phase("0-vq", cfg, {"model": model, "scene_head": head}, params, step_fn, after_step,
                  {"usage": usage}, finish)
 
 
