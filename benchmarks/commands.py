@@ -64,6 +64,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true",
                    help="a small run (tiny preset unless a model is given, images 1,2, 8 new tokens, 32-token prompt, "
                    "2 repeats, 1 thread, anchors hf, no export): under 2 minutes")
+    p.add_argument("--decoder", choices=("genai", "torch"), default=None,
+                   help="how our decoder.onnx is made for the ort backend: genai (onnxruntime-genai's model builder, "
+                   "fused GroupQueryAttention + shared KV buffer; int4 = its MatMulNBits build) or torch (torch.onnx; "
+                   "int4 = our int4-weight quantizer). Default genai when onnxruntime-genai is installed. With genai "
+                   "the torch.onnx decoder is also measured (ort fp32-dynamo) so the choice shows in the report")
     p.add_argument("--no-export", action="store_true", help="never export / quantize artifacts (use the cache only)")
     p.add_argument("--reexport", action="store_true",
                    help="redo our ONNX export and int4 quantization even when the cache holds the same weights (after "
@@ -97,6 +102,8 @@ def command_line(args: argparse.Namespace) -> str:
                         ("--figures-dir", args.figures_dir)):
         if value is not None:
             parts += [flag, ",".join(str(v) for v in value) or "none" if isinstance(value, list) else str(value)]
+    if args.decoder:
+        parts += ["--decoder", args.decoder]
     if args.no_export:
         parts.append("--no-export")
     if args.prepare_only:
@@ -122,7 +129,7 @@ def options_from_args(args: argparse.Namespace):
         out=args.out, artifacts=args.artifacts, int4_artifacts=args.int4_artifacts, preset=args.preset,
         checkpoint=args.checkpoint, overrides=list(args.overrides), seed=args.seed, anchors=anchors,
         precisions=args.precisions, quick=args.quick, export=not args.no_export, figures_dir=args.figures_dir,
-        prepare_only=args.prepare_only, reexport=args.reexport,
+        prepare_only=args.prepare_only, reexport=args.reexport, decoder=args.decoder,
         progress=not args.no_progress, command=command_line(args),
     )
     for name in ("backends", "images", "modes", "sections", "new_tokens", "pipeline_new_tokens", "prompt_len", "repeats",

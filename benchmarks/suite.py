@@ -43,7 +43,7 @@ BACKENDS = ("ort", "torch")
 DEFAULT_ANCHORS = ("hf", "genai", "optimum", "llamacpp")
 #: Precisions per engine measured by default (int4 for ours only when int4 artifacts exist or
 #: can be made with the project's quantizer).
-ENGINE_PRECISIONS = {"ort": ("fp32", "int4"), "torch": ("fp32",), "hf": ("fp32",), "genai": ("fp32", "int4"),
+ENGINE_PRECISIONS = {"ort": ("fp32", "int4", "fp32-dynamo"), "torch": ("fp32",), "hf": ("fp32",), "genai": ("fp32", "int4"),
                      "optimum": ("fp32",), "llamacpp": ("fp32", "q8_0", "q4_0")}
 
 
@@ -74,6 +74,7 @@ class BenchOptions:
     export: bool = True  # export (and quantize) artifacts for --preset/--checkpoint when missing
     prepare_only: bool = False  # build every converted model into the cache, measure nothing
     reexport: bool = False  # redo our export (and int4) even when the cache holds one of the same weights
+    decoder: str | None = None  # our decoder.onnx: "genai" (model builder) or "torch"; None: genai if installed
     cache_dir: str | Path = REPO / "artifacts" / "bench-cache"
     figures_dir: str | None = None  # also write the plots here (e.g. docs/figures)
     figure_prefix: str = "bench_"
@@ -124,6 +125,12 @@ class BenchOptions:
         if o.threads < 0:
             raise InputError("--threads must be >= 0 (0 = all cores)")
         o.threads = o.threads or (os.cpu_count() or 1)
+        if o.decoder is None:
+            from export.genai_decoder import builder_unavailable
+
+            o.decoder = "torch" if builder_unavailable() else "genai"
+        if o.decoder not in ("genai", "torch"):
+            raise InputError(f"unknown --decoder {o.decoder!r}; choose genai or torch")
         return o
 
 
@@ -321,6 +328,8 @@ def _precisions(o: BenchOptions, engine: str) -> list[str]:
         ps = [p for p in ps if p in want]
     if o.quick and engine in ("genai", "ort"):
         ps = [p for p in ps if p == "fp32"]
+    if engine == "ort" and o.decoder != "genai":
+        ps = [p for p in ps if p != "fp32-dynamo"]  # fp32 already is the torch.onnx decoder
     return ps
 
 
@@ -343,7 +352,6 @@ def run_bench(options: BenchOptions) -> BenchReport:
         # -- the model, the HF-format decoder, our artifacts --------------------------------------
         source: dict[str, Any] = {"spec": source_spec, "work_dir": str(work)}
         needs_ort = "ort" in o.backends and ("pipeline" in o.sections or "text" in o.sections)
-        must_export = needs_ort and not o.artifacts and (o.export or (work / "onnx-fp32" / "manifest.json").is_file())
         save_checkpoint = "text" in o.sections and "torch" in o.backends
         save_hf = "text" in o.sections and bool(o.anchors)
         if source_spec:
@@ -369,25 +377,37 @@ def run_bench(options: BenchOptions) -> BenchReport:
             source.setdefault("preset", m.preset)
         if o.int4_artifacts:
             artifacts["int4"] = str(Path(o.int4_artifacts).resolve())
-        if "fp32" not in artifacts and needs_ort and source.get("fingerprint"):
-            cached_dir = work / "onnx-fp32"
-            if must_export:
-                r = runner.run("export", {"out": str(cached_dir), "source": source_spec, "build": o.export,
-                                          "reexport": o.reexport,
-                                          "fingerprint": source["fingerprint"], "threads": o.threads},
-                               "export ONNX (ours)")
-                if r["ok"] and r["result"]["artifacts"] is None:
-                    notes.append("the cached ONNX export holds other weights and exporting is off (--no-export / "
-                                 "--quick): the ort backend is skipped")
-                elif r["ok"]:
-                    artifacts["fp32"] = r["result"]["artifacts"]
+        # Our artifacts per ort "precision": fp32 / int4 with the chosen decoder; with --decoder genai
+        # also the torch.onnx decoder (fp32-dynamo), so the report shows which decoder wins.
+        wanted = {"fp32": (o.decoder, "onnx-fp32" if o.decoder == "torch" else "onnx-fp32-genai")}
+        if "text" in o.sections and "ort" in o.backends:
+            if o.decoder == "genai" and "int4" in _precisions(o, "ort"):
+                wanted["int4"] = ("genai-int4", "onnx-int4-genai")
+            if "fp32-dynamo" in _precisions(o, "ort"):
+                wanted["fp32-dynamo"] = ("torch", "onnx-fp32")
+        for key, (decoder, dirname) in wanted.items():
+            if key in artifacts or not needs_ort or not source.get("fingerprint"):
+                continue
+            cached_dir = work / dirname
+            if not (o.export or (cached_dir / "manifest.json").is_file()):
+                if key == "fp32":
+                    notes.append("no ONNX artifacts for the ort backend (exporting is off with --quick / --no-export: "
+                                 "pass --artifacts DIR, or run once without them to export into the cache)")
+                continue
+            r = runner.run("export", {"out": str(cached_dir), "source": source_spec, "build": o.export,
+                                      "reexport": o.reexport, "decoder": decoder,
+                                      "fingerprint": source["fingerprint"], "threads": o.threads},
+                           f"export ONNX (ours, {key}, decoder {decoder})")
+            if r["ok"] and r["result"]["artifacts"] is None:
+                notes.append(f"the cached ONNX export ({key}) holds other weights and exporting is off (--no-export / "
+                             "--quick): skipped")
+            elif r["ok"]:
+                artifacts[key] = r["result"]["artifacts"]
+                if key == "fp32":
                     source["export_s"] = r["result"]["seconds"]
-                else:
-                    notes.append(f"our ONNX export failed: {r['error'].splitlines()[0]} (log: {r['log']})")
             else:
-                notes.append("no ONNX artifacts for the ort backend (exporting is off with --quick / --no-export: pass "
-                             "--artifacts DIR, or run once without them to export into the cache)")
-        if ("int4" not in artifacts and "fp32" in artifacts and "int4" in _precisions(o, "ort")
+                notes.append(f"our ONNX export ({key}) failed: {r['error'].splitlines()[0]} (log: {r['log']})")
+        if ("int4" not in artifacts and o.decoder == "torch" and "fp32" in artifacts and "int4" in _precisions(o, "ort")
                 and "text" in o.sections and "ort" in o.backends):
             int4_dir = work / "onnx-int4"
             if o.export or (int4_dir / "manifest.json").is_file():

@@ -110,7 +110,8 @@ def task_source(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def task_export(job: dict[str, Any]) -> dict[str, Any]:
-    """fp32 artifacts with our exporter (reused when they hold the same weights, unless ``reexport``)."""
+    """Artifacts with our exporter, decoder made by ``decoder`` (torch, genai, genai-int4); reused when
+    they hold the same weights and decoder kind, unless ``reexport``."""
     import torch
 
     from export.manifest import load_manifest
@@ -119,9 +120,13 @@ def task_export(job: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(int(job.get("threads", 1)))
     out = Path(job["out"])
     fingerprint = job["fingerprint"]
+    decoder = job.get("decoder", "torch")
     try:
         manifest = load_manifest(out, verify=False)
-        if (manifest.extra or {}).get("model_fingerprint") == fingerprint and not job.get("reexport"):
+        made_with = "torch" if "builder" not in manifest.components["decoder"].extra else (
+            "genai-int4" if manifest.components["decoder"].precision == "int4" else "genai")
+        if ((manifest.extra or {}).get("model_fingerprint") == fingerprint and made_with == decoder
+                and not job.get("reexport")):
             return {"artifacts": str(out), "seconds": 0.0, "cached": True}
     except Exception:  # noqa: BLE001 - anything unusable is re-exported
         pass
@@ -136,7 +141,7 @@ def task_export(job: dict[str, Any]) -> dict[str, Any]:
               {"kind": "preset", "preset": src.get("preset"), "overrides": src.get("overrides") or [],
                "seed": model.config.seed if src.get("seed") is None else src["seed"]})
     t0 = time.perf_counter()
-    export_model(model, ExportOptions(out=out, progress=False, force=True), source=source, log=log)
+    export_model(model, ExportOptions(out=out, progress=False, force=True, decoder=decoder), source=source, log=log)
     return {"artifacts": str(out), "seconds": time.perf_counter() - t0, "cached": False}
 
 

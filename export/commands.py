@@ -40,6 +40,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="weights per file above this go to <file>.onnx.data (default 2000 MB, under protobuf's 2 GiB)")
     p.add_argument("--genai", action="store_true",
                    help="also write genai_config.json + tokenizer_config.json (onnxruntime-genai, text only)")
+    p.add_argument("--decoder", default="torch", choices=("torch", "genai", "genai-int4"),
+                   help="how decoder.onnx is made: torch (torch.onnx export, default), genai (onnxruntime-genai's "
+                   "model builder: fused GroupQueryAttention / SkipSimplifiedLayerNormalization and a shared "
+                   "past/present KV buffer; the fastest CPU decode), genai-int4 (the same with int4 MatMulNBits "
+                   "weights). genai* need the genai extra, and onnxruntime as recent as the builder's on the device")
     p.add_argument("--json", action="store_true", help="print the export report as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_export)
@@ -72,7 +77,7 @@ def run_export(args: argparse.Namespace) -> int:
     threshold = (EXTERNAL_DATA_THRESHOLD if args.external_data_threshold_mb is None
                  else int(args.external_data_threshold_mb * 1e6))
     options = ExportOptions(out=args.out, opset=args.opset, target_ort=args.target_ort, optimize=args.optimize,
-                            force=args.force, external_data_threshold=threshold, genai=args.genai,
+                            force=args.force, external_data_threshold=threshold, genai=args.genai, decoder=args.decoder,
                             progress=not args.no_progress and not args.json)
     result = export_model(model, options, source=source)
     if args.json:

@@ -76,6 +76,7 @@ class ExportOptions:
     check_load: bool = True  # open every file in onnxruntime and run it once against torch
     progress: bool = True  # tqdm bar over the components
     genai: bool = False  # also write genai_config.json + tokenizer_config.json (onnxruntime-genai, text only)
+    decoder: str = "torch"  # "torch" (torch.onnx), "genai" / "genai-int4" (onnxruntime-genai model builder)
 
 
 @dataclass
@@ -433,8 +434,8 @@ def _save(ir_model: Any, path: Path, threshold: int) -> list[str]:
     return []
 
 
-def _run_ort(path: Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    return _ort_session(path).run(None, feeds)
+def _run_ort(path: Path, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> list[np.ndarray]:
+    return _ort_session(path).run(outputs, feeds)
 
 
 # ---- the export -----------------------------------------------------------------------------------
@@ -468,7 +469,10 @@ def export_model(
         for spec in bar:
             bar.set_postfix_str(spec.name)
             t0 = time.perf_counter()
-            comp, rep, par = _export_component(spec, staging, opset, target, options)
+            if spec.name == "decoder" and options.decoder != "torch":
+                comp, rep, par = _builder_decoder(model, spec, staging, target, options)
+            else:
+                comp, rep, par = _export_component(spec, staging, opset, target, options)
             components[spec.name] = comp
             reports.append(rep)
             parity[spec.name] = par
@@ -524,6 +528,60 @@ def export_model(
     write_manifest(manifest, out)
     seconds["total"] = round(time.perf_counter() - t_start, 2)
     return ExportResult(manifest, reports, parity, seconds, out)
+
+
+def _builder_decoder(
+    model: MavenModel, spec: ComponentSpec, staging: Path, target: ort_compat.OrtTarget, options: ExportOptions
+) -> tuple[Component, graph_tools.GraphReport, dict[str, float]]:
+    """decoder.onnx from onnxruntime-genai's model builder (export/genai_decoder.py), checked like ours."""
+    from export import genai_decoder
+
+    path = staging / spec.file
+    data_files = genai_decoder.build_decoder(model, staging, options.decoder)
+    # No onnx.checker here: the builder uses onnxruntime-only ops in the ai.onnx domain
+    # (SimplifiedLayerNormalization); loading and running the file in onnxruntime below is the check.
+    graph_tools.check_external_data(path, staging, set(data_files))
+    problems = ort_compat.compat_problems(graph_tools.load_structure(path), target)
+    if problems:
+        raise ExportError(f"decoder.onnx from the onnxruntime-genai builder does not fit onnxruntime {target.release}: "
+                          f"{'; '.join(problems)}. Use --target-ort installed (or a newer release)")
+    inputs = [t for t in spec.inputs if t.name != "position_ids"]
+    # GroupQueryAttention takes several new tokens on top of a past only at batch 1, so check the
+    # two calls the runtime makes: a batched prompt with an empty past (h_eos) and batch-1 steps.
+    embeds, mask, positions, past = spec.args
+    seq = embeds.shape[1]
+    cases = [
+        (embeds, torch.ones(embeds.shape[0], seq, dtype=torch.long), torch.arange(seq).expand(embeds.shape[0], seq),
+         [(k[:, :, :0], v[:, :, :0]) for k, v in past]),
+        (embeds[:1], mask[:1], positions[:1], [(k[:1], v[:1]) for k, v in past]),
+    ]
+    par: dict[str, float] = {}
+    for args in cases:
+        with torch.no_grad():
+            expected = _to_numpy(spec.module(*args))
+        feeds = {t.name: v for t, v in zip(spec.inputs, _to_numpy(args), strict=True) if t.name != "position_ids"}
+        got = _run_ort(path, feeds, [t.name for t in spec.outputs])
+        for t, g, e in zip(spec.outputs, got, expected, strict=True):
+            par[t.name] = max(par.get(t.name, 0.0), max_abs_diff(g, e))
+    worst = max(par.values())
+    if genai_decoder.PRECISION[options.decoder] == "fp32" and worst > OPTIMIZE_ATOL:
+        raise ExportError(
+            f"the onnxruntime-genai decoder differs from torch by {worst:.2e} (> {OPTIMIZE_ATOL}) on the example "
+            f"inputs ({par}); export with --decoder torch"
+        )
+    structure = graph_tools.load_structure(path)
+    comp = Component(
+        name=spec.name,
+        file=file_entry(staging, path),
+        precision=genai_decoder.PRECISION[options.decoder],
+        inputs=inputs,
+        outputs=spec.outputs,
+        opsets={op.domain: op.version for op in structure.opset_import},
+        ir_version=structure.ir_version,
+        external_data=[file_entry(staging, staging / d) for d in data_files],
+        extra=genai_decoder.decoder_extra(options.decoder, spec.extra),
+    )
+    return comp, graph_tools.report(path), par
 
 
 def _export_component(

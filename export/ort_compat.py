@@ -194,6 +194,11 @@ def resolve_opset(requested: int | None, target: OrtTarget) -> int:
     return requested
 
 
+#: Ops onnxruntime registers itself in the ai.onnx domain (contrib kernels without an ONNX schema),
+#: as the onnxruntime-genai model builder emits them.
+ORT_ONNX_DOMAIN_OPS = frozenset({"SimplifiedLayerNormalization"})
+
+
 def lowering_problems(nodes: Iterable[tuple[str, str, str]], imports: dict[str, int], target: OrtTarget) -> list[str]:
     """Ops that need a newer opset than the target loads: (domain, op_type, node name) triples.
 
@@ -206,7 +211,7 @@ def lowering_problems(nodes: Iterable[tuple[str, str, str]], imports: dict[str, 
     for domain, op_type, name in nodes:
         domain = "" if domain == "ai.onnx" else domain
         cap = target.max_domain_version(domain)
-        if domain not in (AI_ONNX, AI_ONNX_ML) or cap is None:
+        if domain not in (AI_ONNX, AI_ONNX_ML) or cap is None or (domain == AI_ONNX and op_type in ORT_ONNX_DOMAIN_OPS):
             continue
         version = imports.get(domain, imports.get("ai.onnx", cap)) if domain == AI_ONNX else imports.get(domain, cap)
         try:

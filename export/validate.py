@@ -161,7 +161,8 @@ class OnnxComponents:
 
     def run(self, name: str, **feeds: np.ndarray) -> dict[str, np.ndarray]:
         sess = self.sessions[name]
-        outs = sess.run(None, feeds)
+        takes = {i.name for i in sess.get_inputs()}
+        outs = sess.run(None, {k: v for k, v in feeds.items() if k in takes})  # position_ids is optional
         return {o.name: v for o, v in zip(sess.get_outputs(), outs, strict=True)}
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
@@ -363,8 +364,10 @@ def validate_artifacts(options: ValidateOptions, model: Any = None) -> Validatio
                 f"past_key_values.{i}.{kv}": past[i][j].numpy()
                 for i in range(len(past)) for j, kv in enumerate(("key", "value"))}
             positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -x.shape[1]:]
-            outs = onnx.sessions["decoder"].run(None, {"inputs_embeds": x.numpy(), "attention_mask": mask.numpy(),
-                                                       "position_ids": positions.numpy(), **past_np})
+            feeds = {"inputs_embeds": x.numpy(), "attention_mask": mask.numpy(), "position_ids": positions.numpy(),
+                     **past_np}
+            takes = {i.name for i in onnx.sessions["decoder"].get_inputs()}
+            outs = onnx.sessions["decoder"].run(None, {k: v for k, v in feeds.items() if k in takes})
             want = {"logits": logits, "hidden_states": hidden}
             for i, (k, v) in enumerate(present):
                 want[f"present.{i}.key"], want[f"present.{i}.value"] = k, v

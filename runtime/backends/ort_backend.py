@@ -9,12 +9,14 @@ chosen by short name: ``cpu``, ``cuda`` (CUDAExecutionProvider) and ``tensorrt``
 nodes TensorRT does not take).
 
 The decode loop keeps the KV cache where ONNX Runtime put it (host memory for CPU, device
-memory for CUDA/TensorRT) using IOBinding: each step binds the previous step's ``present.*``
-OrtValues as the next ``past_key_values.*`` inputs and lets ONNX Runtime allocate the outputs
-on the device, so no cache tensor goes through numpy or host memory. (The exported decoder
-appends inside the graph with a Concat, present = past + new; a decoder exported with a shared
-past/present buffer, e.g. GroupQueryAttention, would let a step write only the new token. The
-artifacts do not have one yet; ``past_present_share_buffer`` in the manifest is refused.)
+memory for CUDA/TensorRT) using IOBinding, so no cache tensor goes through numpy. Two decoder kinds:
+
+* ``torch.onnx`` export (default): the graph appends with a Concat, present = past + new; each
+  step binds the previous step's ``present.*`` OrtValues as the next ``past_key_values.*``.
+* ``past_present_share_buffer`` in the manifest (``maven-edge export --decoder genai``: the
+  onnxruntime-genai builder's GroupQueryAttention): one ``[1, kv_heads, capacity, head_dim]``
+  buffer per layer is allocated at prefill and bound as both past and present, so a step writes
+  only the new token and allocates nothing for the cache.
 """
 
 from __future__ import annotations
@@ -262,11 +264,10 @@ class OrtBackend(Backend):
             )
         self.uses_position_ids = "position_ids" in dec.inputs
         dec_extra = self.manifest.components["decoder"].extra or {}
-        if dec_extra.get("past_present_share_buffer"):
-            raise ArtifactError(
-                "decoder.onnx was exported with a shared past/present KV buffer, which this runtime does not "
-                "drive yet; export the decoder with the default (Concat) cache"
-            )
+        # A decoder whose attention writes into a preallocated cache (onnxruntime-genai builder,
+        # GroupQueryAttention): past and present are bound to one [1, kv, capacity, hd] buffer.
+        self.shared_kv = bool(dec_extra.get("past_present_share_buffer"))
+        self.mask_dtype = dec.dtype("attention_mask")
         self.kv_dtype = dec.dtype(self.past_names[0]) if self.past_names else np.float32
         self.embed_dtype = dec.dtype("inputs_embeds")
         self.k = int(self.manifest.num_kept_patches)
@@ -359,25 +360,32 @@ class OrtBackend(Backend):
         assert state.past is not None
         binding = self.dec.sess.io_binding()
         binding.bind_ortvalue_input("inputs_embeds", embeds)
-        mask = np.ones((1, length), dtype=np.int64)
+        mask = np.ones((1, length), dtype=self.mask_dtype)
         binding.bind_cpu_input("attention_mask", mask)
         if self.uses_position_ids:
             binding.bind_cpu_input("position_ids", np.arange(length - seq, length, dtype=np.int64)[None])
         for name, value in zip(self.past_names, state.past, strict=True):
             binding.bind_ortvalue_input(name, value)
         binding.bind_output("logits", self.io_device, self.device_id)
-        for name in self.present_names:  # allocated by onnxruntime where the provider works
-            binding.bind_output(name, self.io_device, self.device_id)
+        if self.shared_kv:  # the attention writes the new positions into the same buffers
+            for name, value in zip(self.present_names, state.past, strict=True):
+                binding.bind_ortvalue_output(name, value)
+        else:
+            for name in self.present_names:  # allocated by onnxruntime where the provider works
+                binding.bind_output(name, self.io_device, self.device_id)
         self.dec.sess.run_with_iobinding(binding)
         outs = binding.get_outputs()
-        state.past = list(outs[1:])  # the next step's past: the same OrtValues, not copies
+        if not self.shared_kv:
+            state.past = list(outs[1:])  # the next step's past: the same OrtValues, not copies
         logits = outs[0].numpy()
         return logits[0, -1].astype(np.float32)
 
     def prefill(self, inputs_embeds: np.ndarray, capacity: int) -> tuple[np.ndarray, OrtDecodeState]:
         t = inputs_embeds.shape[1]
         c = self.config.llm
-        shape = [1, c.num_kv_heads, 0, c.head_dim]
+        # Shared buffers: one per tensor for the whole generation, owned by onnxruntime on the
+        # provider's device; the attention reads only the positions the mask covers.
+        shape = [1, c.num_kv_heads, capacity if self.shared_kv else 0, c.head_dim]
         past = [ort.OrtValue.ortvalue_from_shape_and_type(shape, self.kv_dtype, self.io_device, self.device_id)
                 for _ in self.past_names]
         state = OrtDecodeState(past, t, capacity)
@@ -407,5 +415,7 @@ class OrtBackend(Backend):
             "providers": self.dec.sess.get_providers(),
             "artifacts": os.fspath(self.artifacts),
             "recipe": self.manifest.recipe,
-            "kv_cache": "IOBinding: present OrtValues become the next past, on the provider's device",
+            "kv_cache": ("IOBinding: one preallocated buffer per layer bound as past and present (shared)"
+                         if self.shared_kv else
+                         "IOBinding: present OrtValues become the next past, on the provider's device"),
         }
