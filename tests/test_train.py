@@ -137,3 +137,23 @@ def test_encode_visual_matches_encode_images():
         ref = model.encode_images(px, mode)
         got = encode_visual(model, px, mode)
         assert torch.allclose(ref.embeds, got.embeds, atol=1e-6)
+
+
+def test_dense_and_scene_targets_match_the_scene():
+    """0-vision targets carry each patch's row/column; 0-vq targets the pairs present and the count."""
+    import numpy as np
+
+    from model_src.config import get_config
+    from model_src.train import batches as B
+
+    cfg = get_config("tiny")
+    sample = B.samples_for("train", [0], cfg)[0]
+    tgt = B.vision_targets(sample, cfg.vision.patch_size)
+    grid = cfg.vision.image_size // cfg.vision.patch_size
+    assert tgt.shape == (1, grid * grid, len(B.dense_targets(grid)))
+    assert (tgt[0, :, 4] == np.arange(grid * grid) // grid).all() and (tgt[0, :, 5] == np.arange(grid * grid) % grid).all()
+    pairs, counts = B.scene_targets(sample)
+    objs = sample.scenes[0].objects
+    assert counts.tolist() == [len(objs)]
+    assert pairs.shape == (1, len(B.PAIR_IDS)) and pairs.sum() == len({(o.color, o.shape) for o in objs})
+    assert all(pairs[0, B.PAIR_IDS[(o.color, o.shape)]] == 1 for o in objs)
