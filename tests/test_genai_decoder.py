@@ -132,3 +132,15 @@ def test_unknown_builder_kind_is_refused(tmp_path: Path) -> None:
 
     with pytest.raises(ExportError, match="unknown decoder builder"):
         run_builder(tmp_path, tmp_path / "out", "genai-fp8")
+
+
+def test_missing_builder_is_a_clear_error(tmp_path: Path, monkeypatch) -> None:
+    import importlib.util
+
+    from export import genai_decoder
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime_genai" else real(name, *a))
+    assert "onnxruntime-genai is not installed" in str(genai_decoder.builder_unavailable())
+    with pytest.raises(ExportError, match="--decoder torch"):
+        genai_decoder.run_builder(tmp_path, tmp_path / "out", "genai")
