@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from export.genai_decoder import DECODER_CHOICES
 from export.ort_compat import DEFAULT_TARGET
 
 OPTIMIZER_CHOICES = ("onnxscript", "onnxslim")
@@ -40,7 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="weights per file above this go to <file>.onnx.data (default 2000 MB, under protobuf's 2 GiB)")
     p.add_argument("--genai", action="store_true",
                    help="also write genai_config.json + tokenizer_config.json (onnxruntime-genai, text only)")
-    p.add_argument("--decoder", default="torch", choices=("torch", "genai", "genai-int4"),
+    p.add_argument("--decoder", default="torch", choices=DECODER_CHOICES,
                    help="how decoder.onnx is made: torch (torch.onnx export, default), genai (onnxruntime-genai's "
                    "model builder: fused GroupQueryAttention / SkipSimplifiedLayerNormalization and a shared "
                    "past/present KV buffer; the fastest CPU decode), genai-int4 (the same with int4 MatMulNBits "

@@ -25,7 +25,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -117,15 +116,13 @@ def rename_onnx(src: Path, dst: Path) -> list[str]:
     return []
 
 
-def build_decoder(model: Any, staging: Path, kind: str, keep_build_dir: Path | None = None) -> list[str]:
+def build_decoder(model: Any, staging: Path, kind: str) -> list[str]:
     """Build decoder.onnx (+ decoder.onnx.data) into `staging`; returns the data file names."""
     with tempfile.TemporaryDirectory(prefix="maven-genai-") as tmp:
         tmp_path = Path(tmp)
         hf = write_hf_checkpoint(model, tmp_path / "hf")
         built = tmp_path / "built"
         run_builder(hf, built, kind)
-        if keep_build_dir is not None:
-            shutil.copy(built / "build.log", keep_build_dir / "decoder_build.log")
         return rename_onnx(built / "model.onnx", staging / "decoder.onnx")
 
 

@@ -34,18 +34,11 @@ from typing import Any
 
 import numpy as np
 
+from runtime.soak import rss_mb
+
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "model_src" / "samples"
 
-
-def rss_mb() -> float:
-    try:
-        import psutil
-
-        return psutil.Process().memory_info().rss / 2**20
-    except ImportError:  # minimal device install: Linux /proc
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def export_random(preset: str, root: Path, seed: int = 0, overrides: list[str] | None = None) -> tuple[Any, Path]:

@@ -76,18 +76,24 @@ def rss_mb() -> float:
 # ---- artifacts -----------------------------------------------------------------------------------
 
 
-def cached_test_artifacts(cache_root: str | Path) -> Path:
-    """Export the seeded random test model under `cache_root` once and reuse it afterwards.
-
-    The directory name is the model's fingerprint plus a hash of the exporter, the same layout as
-    ``tests/test_runtime.py`` uses, so one export serves every test module. Imports torch.
-    """
-    from export.manifest import MANIFEST, load_manifest
-    from export.onnx_export import ExportOptions, export_model, model_fingerprint
+def build_test_model() -> Any:
+    """The seeded random test model (imports torch)."""
     from model_src.checkpoint import build_model
     from model_src.config import get_config
 
-    model = build_model(get_config(TEST_PRESET, list(TEST_OVERRIDES)), seed=TEST_SEED)
+    return build_model(get_config(TEST_PRESET, list(TEST_OVERRIDES)), seed=TEST_SEED)
+
+
+def cached_test_artifacts(cache_root: str | Path, model: Any = None) -> Path:
+    """Export `model` (default: :func:`build_test_model`) under `cache_root` once and reuse it.
+
+    The directory name is the model's fingerprint plus a hash of the exporter, so one export
+    serves every test module and a changed exporter re-exports. Imports torch.
+    """
+    from export.manifest import MANIFEST, load_manifest
+    from export.onnx_export import ExportOptions, export_model, model_fingerprint
+
+    model = model if model is not None else build_test_model()
     exporter = REPO / "export" / "onnx_export.py"
     key = model_fingerprint(model)[:16] + hashlib.sha256(exporter.read_bytes()).hexdigest()[:8]
     out = Path(cache_root) / key
@@ -108,12 +114,9 @@ def export_if_missing(directory: Path) -> None:
     if (directory / MANIFEST).is_file():
         return
     from export.onnx_export import ExportOptions, export_model
-    from model_src.checkpoint import build_model
-    from model_src.config import get_config
 
     print(f"exporting the seeded random test model to {directory} ...", file=sys.stderr, flush=True)
-    model = build_model(get_config(TEST_PRESET, list(TEST_OVERRIDES)), seed=TEST_SEED)
-    export_model(model, ExportOptions(out=directory, force=True, progress=False, check_load=False))
+    export_model(build_test_model(), ExportOptions(out=directory, force=True, progress=False, check_load=False))
 
 
 def load_pipeline(artifacts: str | Path, intra_op_threads: int = 1) -> Any:

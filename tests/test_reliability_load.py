@@ -100,13 +100,11 @@ def test_threads_no_crash_no_cross_talk(pipe, pool, mix):
 
 def test_torch_backend_threads_match_too(pool, mix):
     """The torch reference backend shared by threads (a smaller run: it is the slower backend)."""
-    from model_src.checkpoint import build_model
-    from model_src.config import get_config
     from runtime.pipeline import MavenPipeline
-    from runtime.soak import TEST_OVERRIDES, TEST_SEED, reference_answers, run_concurrent
+    from runtime.soak import build_test_model, reference_answers, run_concurrent
 
     reqs, _ = mix
-    tp = MavenPipeline.from_model(build_model(get_config("tiny", list(TEST_OVERRIDES)), seed=TEST_SEED))
+    tp = MavenPipeline.from_model(build_test_model())
     subset = [r for r in reqs if r.action == "generate"][:6]
     ref = reference_answers(tp, subset, pool)
     rep = run_concurrent(tp, subset, ref, pool, threads=THREADS, per_thread=3)
@@ -262,12 +260,10 @@ def test_same_output_in_a_new_process(artifacts, pipe, pool):
 
 def test_torch_and_ort_agree_at_fp32(pipe, pool):
     """Greedy tokens identical across backends (and seeded sampling, whose logits agree closely)."""
-    from model_src.checkpoint import build_model
-    from model_src.config import get_config
     from runtime.pipeline import MavenPipeline
-    from runtime.soak import TEST_OVERRIDES, TEST_SEED
+    from runtime.soak import build_test_model
 
-    model = build_model(get_config("tiny", list(TEST_OVERRIDES)), seed=TEST_SEED)
+    model = build_test_model()
     from export.manifest import load_manifest
     from export.onnx_export import model_fingerprint
 

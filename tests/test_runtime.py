@@ -10,7 +10,6 @@ in ``python -m runtime.perf_check`` and in the opt-in ``MAVEN_SLOW=1`` tests at 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import threading
@@ -27,38 +26,17 @@ from model_src.errors import (
     MavenError,
     PromptError,
 )
+from runtime import soak
 
-TEST_OVERRIDES = ["vision.num_layers=1", "discrete.num_layers=1", "llm.num_layers=2"]
 SAMPLES = Path(__file__).resolve().parent.parent / "model_src" / "samples"
 DEMO = json.loads((SAMPLES / "demo.json").read_text())
 DEMO_IMAGES = [str(SAMPLES / n) for n in DEMO["images"]]
 DEMO_PROMPT = DEMO["prompt"]
 
 
-def build_test_model():
-    from model_src.checkpoint import build_model
-    from model_src.config import get_config
-
-    return build_model(get_config("tiny", TEST_OVERRIDES), seed=0)
-
-
-def export_test_artifacts(cache_dir: Path, model=None) -> Path:
-    """Export the test model into `cache_dir` unless an export of the same weights is already there."""
-    from export.manifest import MANIFEST, load_manifest
-    from export.onnx_export import ExportOptions, export_model, model_fingerprint
-
-    model = model or build_test_model()
-    exporter = Path(__file__).resolve().parent.parent / "export" / "onnx_export.py"
-    key = model_fingerprint(model)[:16] + hashlib.sha256(exporter.read_bytes()).hexdigest()[:8]
-    out = cache_dir / key
-    if (out / MANIFEST).is_file():
-        try:
-            load_manifest(out, verify=True)
-            return out
-        except MavenError:
-            pass
-    export_model(model, ExportOptions(out=out, force=True, progress=False, check_load=False))
-    return out
+# One test model and one cached export for every test module (runtime/soak.py).
+build_test_model = soak.build_test_model
+export_test_artifacts = soak.cached_test_artifacts
 
 
 @pytest.fixture(scope="session")
