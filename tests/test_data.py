@@ -262,3 +262,76 @@ def test_bundled_demo_matches_generator(tmp_path: Path) -> None:
         ours = np.asarray(Image.open(tmp_path / name).convert("RGB"))
         shipped = np.asarray(Image.open(SAMPLES_DIR / name).convert("RGB"))
         assert shipped.shape == (64, 64, 3) and np.array_equal(ours, shipped)
+
+
+def _check_followup(scenes, question: str, answer: str) -> str:
+    """Re-derive the answer of a follow-up question from the scenes; returns the task it asks."""
+    import re
+
+    def one(scene, **kw):
+        (obj,) = scene.find(**kw)  # the referring expression names a unique object
+        return obj
+
+    q = question.removeprefix("Question: ")
+    by_plural = {s + ("es" if s.endswith("s") else "s"): s for s in SHAPES}
+    if m := re.fullmatch(r"what color is the (\w+)\?", q):
+        assert answer == one(scenes[0], shape=m[1]).color
+        return "color"
+    if m := re.fullmatch(r"what shape is the (\w+) object\?", q):
+        assert answer == one(scenes[0], color=m[1]).shape
+        return "shape"
+    if m := re.fullmatch(r"how many (\w+)(?: shapes)? are there( in all the images)?\?", q):
+        word = m[1]
+        def n_in(sc):
+            if word == "shapes":
+                return len(sc.objects)
+            return len(sc.find(color=word)) if word in COLORS else len(sc.find(shape=by_plural[word]))
+        assert answer == str(sum(n_in(sc) for sc in scenes)) and answer != "0"
+        return "count_across" if m[2] else "count"
+    if m := re.fullmatch(r"is the (\w+) (\w+) (left or right of|above or below) the (\w+) (\w+)\?", q):
+        a, b = one(scenes[0], color=m[1], shape=m[2]), one(scenes[0], color=m[4], shape=m[5])
+        axis = 0 if m[3].startswith("left") else 1
+        if axis == 0:
+            assert abs(a.center[0] - b.center[0]) >= 8
+        assert answer == (("left", "above") if a.center[axis] < b.center[axis] else ("right", "below"))[axis]
+        return "position"
+    if m := re.fullmatch(r"which image has an? (\w+) (\w+)\?", q):
+        having = [i + 1 for i, sc in enumerate(scenes) for _ in sc.find(m[1], m[2])]
+        assert having == [int(answer.removeprefix("image "))]
+        return "which_image"
+    if m := re.fullmatch(r"is the (\w+) in image 1 the same color as the \1 in image 2\?", q):
+        a, b = (one(sc, shape=m[1]) for sc in scenes[:2])
+        assert answer == ("yes" if a.color == b.color else "no")
+        return "same"
+    if m := re.fullmatch(r"is the (\w+) object in image 1 the same shape as the \1 object in image 2\?", q):
+        a, b = (one(sc, color=m[1]) for sc in scenes[:2])
+        assert answer == ("yes" if a.shape == b.shape else "no")
+        return "same"
+    if m := re.fullmatch(r"(what .*|how many shapes are there) in image (\d)\?", q):
+        k = int(m[2])
+        assert _check_followup([scenes[k - 1]], f"Question: {m[1]}?", answer) in ("color", "shape", "count")
+        return "in_image"
+    raise AssertionError(f"unexpected follow-up question {question!r}")
+
+
+def test_followups_are_valid_questions_about_the_same_images(samples) -> None:
+    from model_src.data.followups import MULTI_POOL, SINGLE_POOL, followup_questions
+    from model_src.train.batches import question_line
+
+    rng = np.random.default_rng(0)
+    asked: dict[str, set[str]] = {"single": set(), "multi": set()}
+    for s in samples["train"]:
+        own = question_line(s)
+        assert own in s.prompt.split("\n")
+        qas = followup_questions(s.scenes, rng, 3, skip=[own])
+        questions = [q for q, _ in qas]
+        assert own not in questions and len(set(questions)) == len(questions)
+        assert 1 <= len(qas) <= 3  # every scene has at least "how many shapes" / one which-image pair
+        kind = "single" if len(s.scenes) == 1 else "multi"
+        for q, a in qas:
+            asked[kind].add(_check_followup(s.scenes, q, a))
+    assert asked == {"single": set(SINGLE_POOL), "multi": set(MULTI_POOL)}
+    scenes = samples["train"][0].scenes
+    again = [followup_questions(scenes, np.random.default_rng(5), 4) for _ in range(2)]
+    assert again[0] == again[1]  # seeded
+    assert followup_questions(scenes, rng, 0) == [] and followup_questions([], rng, 3) == []

@@ -115,7 +115,8 @@ def test_assemble_batch_splices_and_pads(tiny_model, make_pixels):
         b = tok.encode_prompt("<image>")
         for pad_left in (False, True):
             batch = tiny_model.assemble_batch(
-                [a, b], [vis, vis[:1]], answer_starts=[len(a) - 1, len(b)], pad_left=pad_left
+                [a, b], [vis, vis[:1]], targets=[[False] * (len(a) - 1) + [True], [False] * len(b)],
+                pad_left=pad_left,
             )
             len_a, len_b = len(a) - 2 + 2 * t_img, len(b) - 1 + t_img
             assert batch.inputs_embeds.shape == (2, len_a, tiny_model.config.llm.hidden_size)

@@ -157,3 +157,34 @@ def test_dense_and_scene_targets_match_the_scene():
     assert counts.tolist() == [len(objs)]
     assert pairs.shape == (1, len(B.PAIR_IDS)) and pairs.sum() == len({(o.color, o.shape) for o in objs})
     assert all(pairs[0, B.PAIR_IDS[(o.color, o.shape)]] == 1 for o in objs)
+
+
+def test_multi_turn_batch_labels_exactly_the_answers():
+    """Stage 4's follow-up turns: every answer (and its <eos>) is a target, no question token is."""
+    import numpy as np
+
+    from model_src.checkpoint import build_model
+    from model_src.config import get_config
+    from model_src.data.followups import followup_questions
+    from model_src.train import batches as B
+
+    model = build_model(get_config("tiny", SMALL), seed=0)
+    tok = model.tokenizer
+    samples = B.samples_for("train", [3, 5], model.config)  # a single-image and a multi-image sample
+    rng = np.random.default_rng(0)
+    extra = [followup_questions(s.scenes, rng, 3, skip=[B.question_line(s)]) for s in samples]
+    plain, multi = B.text_batch(samples, tok), B.text_batch(samples, tok, extra)
+    for s, qas, p, seq, tgt in zip(samples, extra, plain.sequences, multi.sequences, multi.targets, strict=True):
+        assert len(qas) == 3
+        assert seq[: len(p)] == p  # the first turn is the sample itself
+        answers = [s.answer] + [a for _, a in qas]
+        assert tok.decode([t for t, g in zip(seq, tgt, strict=True) if g], skip_special=False) == "".join(
+            f" {a}<eos>" for a in answers
+        )
+        text = tok.decode(seq, skip_special=False)
+        assert all(f"\n{q}\nAnswer: {a}<eos>" in text for q, a in qas)
+    with torch.no_grad():
+        vis = model.encode_images(B.pixel_tensor(samples, model.config)).embeds
+    asm = model.assemble_batch(multi.sequences, [vis[:1], vis[1:]], multi.targets)
+    for b, tgt in enumerate(multi.targets):
+        assert int((asm.labels[b] != -100).sum()) == sum(tgt)

@@ -129,24 +129,27 @@ class MavenModel(nn.Module):
         self,
         sequences: list[list[int]],
         visual: list[torch.Tensor],
-        answer_starts: list[int] | None = None,
+        targets: list[list[bool]] | None = None,
         pad_left: bool = False,
     ) -> Assembled:
         """Splice each sample's visual embeddings [n_i, T_img, D] into its token ids at <image>.
 
-        `answer_starts[b]` is the index in `sequences[b]` from which tokens are training targets
-        (labels); everything before it (prompt, visual tokens) is -100.
+        `targets[b][i]` says whether token `sequences[b][i]` is a training target (its label is the
+        token id); every other position, visual tokens included, is labelled -100. Without
+        `targets` nothing is labelled.
         """
         rows, label_rows = [], []
         for b, ids in enumerate(sequences):
             self.check_prompt_images(ids, visual[b].shape[0])
-            start = len(ids) if answer_starts is None else answer_starts[b]
+            is_target = torch.tensor(targets[b] if targets is not None else [False] * len(ids), dtype=torch.bool)
+            if is_target.shape[0] != len(ids):
+                raise ValueError(f"targets[{b}] has {is_target.shape[0]} flags for {len(ids)} token ids")
             ids_t = torch.tensor(ids, dtype=torch.long)
             text_emb = self.embed_ids(ids_t)
             pieces, labels, img, prev = [], [], 0, 0
             for pos in [i for i, t in enumerate(ids) if t == self.tokenizer.image_id] + [len(ids)]:
                 pieces.append(text_emb[prev:pos])
-                labels.append(torch.where(torch.arange(prev, pos) >= start, ids_t[prev:pos], -100))
+                labels.append(torch.where(is_target[prev:pos], ids_t[prev:pos], -100))
                 if pos < len(ids):
                     pieces.append(visual[b][img])
                     labels.append(torch.full((visual[b].shape[1],), -100, dtype=torch.long))

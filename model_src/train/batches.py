@@ -15,6 +15,7 @@ import torch
 
 from model_src.config import MavenConfig
 from model_src.data import ALL_PAIRS, COLORS, SHAPES, SIZES, Sample, get_sample
+from model_src.data.followups import QA
 from model_src.data.splits import DEFAULT_DATA, num_samples
 from model_src.data.tasks import TASK_FAMILY
 from model_src.preprocess import preprocess_images
@@ -108,20 +109,40 @@ def answer_ids(tokenizer: TextTokenizer, answer: str) -> list[int]:
 
 @dataclass
 class TextBatch:
-    """Token sequences with the index where the answer starts (training targets from there on)."""
+    """Token sequences with, per token, whether it is a training target (answer tokens and the
+    `<eos>` after each answer; the prompt, questions and image placeholders are not)."""
 
     sequences: list[list[int]]
-    answer_starts: list[int]
+    targets: list[list[bool]]
     image_counts: list[int]
 
 
-def text_batch(samples: Sequence[Sample], tokenizer: TextTokenizer) -> TextBatch:
-    seqs, starts = [], []
-    for s in samples:
-        prompt = tokenizer.encode_prompt(s.prompt)
-        seqs.append(prompt + answer_ids(tokenizer, s.answer))
-        starts.append(len(prompt))
-    return TextBatch(seqs, starts, [len(s.images) for s in samples])
+def text_batch(
+    samples: Sequence[Sample], tokenizer: TextTokenizer, followups: Sequence[Sequence[QA]] | None = None
+) -> TextBatch:
+    """One sequence per sample: its prompt and answer, then each follow-up turn as
+    ``"\n" + question line + "\nAnswer:"`` and its answer (multi-turn, as in LLaVA's data)."""
+    seqs, targets = [], []
+    for k, s in enumerate(samples):
+        ids = tokenizer.encode_prompt(s.prompt)
+        tgt = [False] * len(ids)
+        turns = [(None, s.answer)] + list(followups[k] if followups is not None else ())
+        for question, answer in turns:
+            if question is not None:
+                q = tokenizer.encode(f"\n{question}\nAnswer:")
+                ids += q
+                tgt += [False] * len(q)
+            a = answer_ids(tokenizer, answer)
+            ids += a
+            tgt += [True] * len(a)
+        seqs.append(ids)
+        targets.append(tgt)
+    return TextBatch(seqs, targets, [len(s.images) for s in samples])
+
+
+def question_line(sample: Sample) -> str:
+    """The text line of a sample's prompt (``"Question: ..."`` or the caption instruction)."""
+    return sample.prompt.split("\n")[-2]
 
 
 def micro_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:

@@ -32,6 +32,7 @@ class PhaseConfig:
     max_tokens_per_micro: int = 2400  # micro-batch token budget (sorted by length, less padding)
     mode: str = "hybrid"  # visual encoding mode for the LLM stages
     families: tuple[str, ...] = ()  # data families (empty: every family)
+    followups: int = 0  # extra questions about the same images per sample (multi-turn; LLM stages)
 
     def scaled(self, scale: float) -> PhaseConfig:
         if not scale > 0:
@@ -64,7 +65,7 @@ def tiny_recipe() -> dict[str, PhaseConfig]:
                                   families=("caption",)),
         "3-projector": PhaseConfig(steps=80, batch_size=32, lr=1e-3, warmup=10, mode="hybrid",
                                    families=("caption",)),
-        "4-instruct": PhaseConfig(steps=1700, batch_size=32, lr=1.5e-3, warmup=50, mode="hybrid"),
+        "4-instruct": PhaseConfig(steps=1400, batch_size=32, lr=1.5e-3, warmup=50, mode="hybrid", followups=4),
     }
 
 

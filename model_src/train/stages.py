@@ -42,6 +42,7 @@ from torch import nn
 
 from model_src.checkpoint import build_model, load_checkpoint, save_checkpoint
 from model_src.config import MavenConfig, get_config
+from model_src.data.followups import followup_questions
 from model_src.errors import CheckpointError, TrainingError
 from model_src.modeling.maven import MavenModel
 from model_src.modeling.selector import select_patches
@@ -314,7 +315,11 @@ def phase_llm(model: MavenModel, cfg: PhaseConfig, seed: int, name: str, parts: 
 
     def step_fn(step: int) -> dict[str, float]:
         samples = _samples(model, cfg, seed, name, step)
-        tb = B.text_batch(samples, tok)
+        extra = None
+        if cfg.followups:
+            rng = B.rng_for(seed, f"{name}-followups", step)
+            extra = [followup_questions(s.scenes, rng, cfg.followups, skip=[B.question_line(s)]) for s in samples]
+        tb = B.text_batch(samples, tok, extra)
         px = B.pixel_tensor(samples, model.config)
         vf = visual_features(model, px, cfg.mode)
         offsets = np.concatenate([[0], np.cumsum(tb.image_counts)])
@@ -327,7 +332,7 @@ def phase_llm(model: MavenModel, cfg: PhaseConfig, seed: int, name: str, parts: 
             for i in group:
                 per.append(emb[j : j + tb.image_counts[i]])
                 j += tb.image_counts[i]
-            asm = model.assemble_batch([tb.sequences[i] for i in group], per, [tb.answer_starts[i] for i in group])
+            asm = model.assemble_batch([tb.sequences[i] for i in group], per, [tb.targets[i] for i in group])
             logits, _, _ = model.llm(asm.inputs_embeds, asm.attention_mask)
             loss_sum, _ = answer_loss(logits, asm.labels)
             (loss_sum / len(samples)).backward()

@@ -1,0 +1,149 @@
+"""Follow-up questions about an already drawn image set (multi-turn instruction samples).
+
+A generated sample (:mod:`model_src.data.tasks`) draws its scenes *for* its question. Stage 4
+additionally asks further questions about the same scenes, so one pass over the visual tokens
+supervises several answers (LLaVA's instruction data is multi-turn for the same reason). The
+follow-ups use the question templates and answer formats of :mod:`model_src.data.tasks` and keep
+its rule that every referring expression names a unique object:
+
+* one image: ``color`` (a shape that occurs once), ``shape`` (a colour that occurs once),
+  ``count`` (all shapes, or a colour / shape that occurs), ``position`` (two objects with unique
+  colour-shape pairs; left/right only when their centres are ``min_offset`` px apart in x);
+* several images: ``which_image`` (a colour-shape pair that occurs exactly once in the set),
+  ``count_across`` (a colour or shape that occurs), ``same`` (a shape / colour that occurs exactly
+  once in image 1 and once in image 2), and ``in_image``: the single-image colour / shape / count
+  questions about one labelled image (``"what color is the circle in image 2?"``), a template the
+  evaluation does not ask; it trains the label -> image lookup the multi-image tasks need.
+
+Answers are computed from the scenes' ground truth. Each follow-up picks a task uniformly among
+those with a valid question, then a question uniformly, never repeating a question.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from model_src.data.shapes import COLORS, SHAPES, Scene
+from model_src.data.tasks import DEFAULT_TASKS, TaskConfig, plural, with_article
+
+QA = tuple[str, str]  # (question line, answer)
+
+
+def _q(text: str) -> str:
+    return f"Question: {text}"
+
+
+def _color(scenes: Sequence[Scene], cfg: TaskConfig) -> list[QA]:
+    (s,) = scenes
+    return [(_q(f"what color is the {shape}?"), found[0].color)
+            for shape in SHAPES if len(found := s.find(shape=shape)) == 1]
+
+
+def _shape(scenes: Sequence[Scene], cfg: TaskConfig) -> list[QA]:
+    (s,) = scenes
+    return [(_q(f"what shape is the {color} object?"), found[0].shape)
+            for color in COLORS if len(found := s.find(color=color)) == 1]
+
+
+def _count(scenes: Sequence[Scene], cfg: TaskConfig) -> list[QA]:
+    (s,) = scenes
+    out = [(_q("how many shapes are there?"), str(len(s.objects)))]
+    out += [(_q(f"how many {c} shapes are there?"), str(n)) for c in COLORS if (n := len(s.find(color=c)))]
+    out += [(_q(f"how many {plural(sh)} are there?"), str(n)) for sh in SHAPES if (n := len(s.find(shape=sh)))]
+    return out
+
+
+def _position(scenes: Sequence[Scene], cfg: TaskConfig) -> list[QA]:
+    (s,) = scenes
+    unique = [o for o in s.objects if len(s.find(*o.pair)) == 1]
+    min_dx = cfg.min_offset * s.image_size / 64
+    out = []
+    for a in unique:
+        for b in unique:
+            if a is b:
+                continue
+            dx, dy = a.center[0] - b.center[0], a.center[1] - b.center[1]
+            names = f"{a.color} {a.shape}", f"{b.color} {b.shape}"
+            out.append((_q(f"is the {names[0]} above or below the {names[1]}?"), "above" if dy < 0 else "below"))
+            if abs(dx) >= min_dx:
+                out.append((_q(f"is the {names[0]} left or right of the {names[1]}?"), "left" if dx < 0 else "right"))
+    return out
+
+
+def _which_image(scenes: Sequence[Scene], cfg: TaskConfig) -> list[QA]:
+    where: dict[tuple[str, str], list[int]] = {}
+    for k, s in enumerate(scenes):
+        for o in s.objects:
+            where.setdefault(o.pair, []).append(k)
+    return [(_q(f"which image has {with_article(' '.join(p))}?"), f"image {ks[0] + 1}")
+            for p, ks in sorted(where.items()) if len(ks) == 1]
+
+
+def _count_across(scenes: Sequence[Scene], cfg: TaskConfig) -> list[QA]:
+    out = []
+    for c in COLORS:
+        if n := sum(len(s.find(color=c)) for s in scenes):
+            out.append((_q(f"how many {c} shapes are there in all the images?"), str(n)))
+    for sh in SHAPES:
+        if n := sum(len(s.find(shape=sh)) for s in scenes):
+            out.append((_q(f"how many {plural(sh)} are there in all the images?"), str(n)))
+    return out
+
+
+def _same(scenes: Sequence[Scene], cfg: TaskConfig) -> list[QA]:
+    a, b = scenes[0], scenes[1]
+    out = []
+    for sh in SHAPES:
+        if len(x := a.find(shape=sh)) == 1 and len(y := b.find(shape=sh)) == 1:
+            text = f"is the {sh} in image 1 the same color as the {sh} in image 2?"
+            out.append((_q(text), "yes" if x[0].color == y[0].color else "no"))
+    for c in COLORS:
+        if len(x := a.find(color=c)) == 1 and len(y := b.find(color=c)) == 1:
+            text = f"is the {c} object in image 1 the same shape as the {c} object in image 2?"
+            out.append((_q(text), "yes" if x[0].shape == y[0].shape else "no"))
+    return out
+
+
+def _in_image(scenes: Sequence[Scene], cfg: TaskConfig) -> list[QA]:
+    """Single-image questions about one labelled image of the set ("... in image 2?"): they
+    exercise the label -> image-block lookup that which_image, same and changed rely on."""
+    out = []
+    for k, s in enumerate(scenes, 1):
+        out.append((_q(f"how many shapes are there in image {k}?"), str(len(s.objects))))
+        out += [(_q(f"what color is the {shape} in image {k}?"), found[0].color)
+                for shape in SHAPES if len(found := s.find(shape=shape)) == 1]
+        out += [(_q(f"what shape is the {color} object in image {k}?"), found[0].shape)
+                for color in COLORS if len(found := s.find(color=color)) == 1]
+    return out
+
+
+_Pool = dict[str, Callable[[Sequence[Scene], TaskConfig], list[QA]]]
+SINGLE_POOL: _Pool = {"color": _color, "shape": _shape, "count": _count, "position": _position}
+MULTI_POOL: _Pool = {"which_image": _which_image, "count_across": _count_across, "same": _same,
+                     "in_image": _in_image}
+
+
+def followup_questions(
+    scenes: Sequence[Scene],
+    rng: np.random.Generator,
+    n: int,
+    skip: Sequence[str] = (),
+    config: TaskConfig = DEFAULT_TASKS,
+) -> list[QA]:
+    """Up to ``n`` (question line, answer) pairs about ``scenes``, none of whose question lines
+    is in ``skip`` (e.g. the sample's own question)."""
+    if not scenes or n <= 0:
+        return []
+    pool = SINGLE_POOL if len(scenes) == 1 else MULTI_POOL
+    seen = set(skip)
+    candidates = {task: [qa for qa in make(scenes, config) if qa[0] not in seen] for task, make in pool.items()}
+    out: list[QA] = []
+    while len(out) < n:
+        tasks = [t for t, qas in candidates.items() if qas]
+        if not tasks:
+            break
+        qas = candidates[tasks[int(rng.integers(len(tasks)))]]
+        out.append(qas.pop(int(rng.integers(len(qas)))))
+    return out
