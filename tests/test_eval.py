@@ -143,19 +143,8 @@ def test_shipped_eval_report_exists_and_is_consistent():
     assert set(report["family_accuracy"]) == {"caption", "single", "multi"}
 
 
-def _demo_xfail() -> bool:
-    """The current tiny checkpoint misses the accuracy target (docs/training.md) and answers the
-    demo wrongly; the test runs in strict mode again once eval_report.json reaches the target."""
-    path = SHIPPED_TINY / "eval_report.json"
-    if not path.is_file():
-        return False
-    fam = json.loads(path.read_text()).get("family_accuracy", {})
-    return fam.get("multi", 0.0) < 0.75
-
-
 @needs_shipped
 @pytest.mark.skipif(not (SAMPLES_DIR / "demo.json").is_file(), reason="demo sample not written yet")
-@pytest.mark.xfail(_demo_xfail(), reason="shipped tiny model is below the multi-image accuracy target", strict=False)
 def test_readme_demo_question_is_answered_correctly():
     from model_src.checkpoint import load_checkpoint
 
