@@ -188,3 +188,37 @@ def test_multi_turn_batch_labels_exactly_the_answers():
     asm = model.assemble_batch(multi.sequences, [vis[:1], vis[1:]], multi.targets)
     for b, tgt in enumerate(multi.targets):
         assert int((asm.labels[b] != -100).sum()) == sum(tgt)
+
+
+def test_gray_share_drops_colour_targets_and_probe_reports_both_groups(tmp_path):
+    """0-vision with grey-scale images: no colour target for them, nothing changes at share 0;
+    the held-out probe reports seen and held-out object patches."""
+    import numpy as np
+
+    from model_src.checkpoint import build_model
+    from model_src.config import get_config
+    from model_src.train import batches as B
+    from model_src.train.probes import heldout_probe
+    from model_src.train.stages import dense_target_loss
+
+    assert not B.gray_images(np.random.default_rng(0), 8, 0.0).any()
+    assert B.gray_images(np.random.default_rng(0), 400, 0.5).mean() == pytest.approx(0.5, abs=0.1)
+    sample = B.samples_for("train", [1], get_config("tiny"))[0]
+    gray = np.asarray(B.in_gray(sample).images[0])
+    assert (gray[..., 0] == gray[..., 1]).all() and (gray[..., 1] == gray[..., 2]).all()
+    assert np.asarray(sample.images[0]).std(-1).max() > 0  # the original is untouched
+
+    grid, spec = 8, B.dense_targets(8)
+    logits = torch.randn(2, grid * grid, sum(n for _, n in spec))
+    tgt = torch.from_numpy(np.concatenate([B.vision_targets(sample, 8)] * 2))
+    full, _ = dense_target_loss(logits, tgt, grid)
+    no_colour = tgt.clone()
+    no_colour[..., 0] = -1
+    partial, _ = dense_target_loss(logits, no_colour, grid)
+    assert torch.isfinite(partial) and partial < full
+
+    model = build_model(get_config("tiny", SMALL), seed=0)
+    head = torch.nn.Linear(model.config.vision.hidden_size, logits.shape[-1])
+    report = heldout_probe(model, head, n=30)
+    assert report["seen"]["patches"] > 0 and report["heldout"]["patches"] > 0
+    assert all(0.0 <= report[g][k] <= 1.0 for g in ("seen", "heldout") for k in ("color", "shape"))

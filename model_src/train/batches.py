@@ -8,7 +8,7 @@ generated on the fly from its index), so a resumed run sees exactly the batches 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -88,6 +88,19 @@ def vision_targets(sample: Sample, patch_size: int) -> np.ndarray:
             tgt[p, 3] = 1
         out.append(tgt)
     return np.stack(out)
+
+
+def gray_images(rng: np.random.Generator, n: int, share: float) -> np.ndarray:
+    """bool [n]: which of n single-image samples to show in grey scale (none when share is 0,
+    without drawing from rng, so a run without grey images is unchanged)."""
+    if share <= 0:
+        return np.zeros(n, dtype=bool)
+    return rng.random(n) < share
+
+
+def in_gray(sample: Sample) -> Sample:
+    """The sample with its images converted to grey scale (kept as 3-channel RGB)."""
+    return replace(sample, images=[im.convert("L").convert("RGB") for im in sample.images])
 
 
 def scene_targets(sample: Sample) -> tuple[np.ndarray, np.ndarray]:

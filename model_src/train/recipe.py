@@ -33,6 +33,7 @@ class PhaseConfig:
     mode: str = "hybrid"  # visual encoding mode for the LLM stages
     families: tuple[str, ...] = ()  # data families (empty: every family)
     followups: int = 0  # extra questions about the same images per sample (multi-turn; LLM stages)
+    gray_share: float = 0.0  # 0-vision: share of images shown in grey scale (no colour target)
 
     def scaled(self, scale: float) -> PhaseConfig:
         if not scale > 0:

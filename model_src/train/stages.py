@@ -55,8 +55,9 @@ DEAD_CODE_WINDOW = 20
 
 
 def dense_target_loss(logits: torch.Tensor, targets: torch.Tensor, grid: int) -> tuple[torch.Tensor, dict[str, float]]:
-    """Sum of the per-target cross-entropies (`B.dense_targets(grid)`); accuracies on object
-    patches (colour/shape/size), centre patches (center) or every patch (row/col)."""
+    """Sum of the per-target cross-entropies (`B.dense_targets(grid)`, -1 = no target); accuracies
+    on object patches of colour images (colour/shape/size), centre patches (center) or every patch
+    (row/col)."""
     spec = B.dense_targets(grid)
     total = logits.new_zeros(())
     metrics = {}
@@ -64,7 +65,8 @@ def dense_target_loss(logits: torch.Tensor, targets: torch.Tensor, grid: int) ->
     chunks = torch.split(logits, [n for _, n in spec], dim=-1)
     for k, ((name, n), lg) in enumerate(zip(spec, chunks, strict=True)):
         tgt = targets[..., k]
-        total = total + F.cross_entropy(lg.reshape(-1, n), tgt.reshape(-1))
+        if (tgt >= 0).any():  # -1: no target (e.g. the colour of a grey-scale image)
+            total = total + F.cross_entropy(lg.reshape(-1, n), tgt.reshape(-1), ignore_index=-1)
         pred = lg.argmax(-1)
         mask = {"center": tgt > 0, "row": torch.ones_like(obj), "col": torch.ones_like(obj)}.get(name, obj)
         metrics[f"acc_{name}"] = float((pred[mask] == tgt[mask]).float().mean()) if mask.any() else 1.0
@@ -129,8 +131,11 @@ def phase_vision(model: MavenModel, cfg: PhaseConfig, seed: int) -> Phase:
     def step_fn(step: int) -> dict[str, float]:
         rng = B.rng_for(seed, "0-vision", step)
         samples = B.samples_for("train", B.train_indices(rng, cfg.batch_size, fam), model.config)
+        gray = B.gray_images(B.rng_for(seed, "0-vision-gray", step), len(samples), cfg.gray_share)
+        samples = [B.in_gray(s) if g else s for s, g in zip(samples, gray, strict=True)]
         px = B.pixel_tensor(samples, model.config)
         tgt = torch.from_numpy(np.concatenate([B.vision_targets(s, model.config.vision.patch_size) for s in samples]))
+        tgt[torch.from_numpy(gray), :, 0] = -1  # no colour target in a grey-scale image
         feats = model.vision(px)
         loss, metrics = dense_target_loss(head(feats), tgt, grid)
         loss.backward()
