@@ -40,7 +40,6 @@ REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "model_src" / "samples"
 
 
-
 def export_random(preset: str, root: Path, seed: int = 0, overrides: list[str] | None = None) -> tuple[Any, Path]:
     """A seeded random model of `preset` and its export under `root` (reused when the weights match)."""
     from export.manifest import MANIFEST, load_manifest

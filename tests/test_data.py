@@ -316,7 +316,7 @@ def _check_followup(scenes, question: str, answer: str) -> str:
 
 def test_followups_are_valid_questions_about_the_same_images(samples) -> None:
     from model_src.data.followups import MULTI_POOL, SINGLE_POOL, followup_questions
-    from model_src.train.batches import question_line
+    from model_src.data.tasks import question_line
 
     rng = np.random.default_rng(0)
     asked: dict[str, set[str]] = {"single": set(), "multi": set()}

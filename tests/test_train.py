@@ -166,13 +166,14 @@ def test_multi_turn_batch_labels_exactly_the_answers():
     from model_src.checkpoint import build_model
     from model_src.config import get_config
     from model_src.data.followups import followup_questions
+    from model_src.data.tasks import question_line
     from model_src.train import batches as B
 
     model = build_model(get_config("tiny", SMALL), seed=0)
     tok = model.tokenizer
     samples = B.samples_for("train", [3, 5], model.config)  # a single-image and a multi-image sample
     rng = np.random.default_rng(0)
-    extra = [followup_questions(s.scenes, rng, 3, skip=[B.question_line(s)]) for s in samples]
+    extra = [followup_questions(s.scenes, rng, 3, skip=[question_line(s)]) for s in samples]
     plain, multi = B.text_batch(samples, tok), B.text_batch(samples, tok, extra)
     for s, qas, p, seq, tgt in zip(samples, extra, plain.sequences, multi.sequences, multi.targets, strict=True):
         assert len(qas) == 3

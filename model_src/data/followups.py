@@ -27,12 +27,9 @@ import numpy as np
 
 from model_src.data.shapes import COLORS, SHAPES, Scene
 from model_src.data.tasks import DEFAULT_TASKS, TaskConfig, plural, with_article
+from model_src.data.tasks import question as _q
 
 QA = tuple[str, str]  # (question line, answer)
-
-
-def _q(text: str) -> str:
-    return f"Question: {text}"
 
 
 def _color(scenes: Sequence[Scene], cfg: TaskConfig) -> list[QA]:
@@ -111,11 +108,8 @@ def _in_image(scenes: Sequence[Scene], cfg: TaskConfig) -> list[QA]:
     exercise the label -> image-block lookup that which_image, same and changed rely on."""
     out = []
     for k, s in enumerate(scenes, 1):
-        out.append((_q(f"how many shapes are there in image {k}?"), str(len(s.objects))))
-        out += [(_q(f"what color is the {shape} in image {k}?"), found[0].color)
-                for shape in SHAPES if len(found := s.find(shape=shape)) == 1]
-        out += [(_q(f"what shape is the {color} object in image {k}?"), found[0].shape)
-                for color in COLORS if len(found := s.find(color=color)) == 1]
+        qas = [(_q("how many shapes are there?"), str(len(s.objects)))] + _color([s], cfg) + _shape([s], cfg)
+        out += [(q.removesuffix("?") + f" in image {k}?", a) for q, a in qas]
     return out
 
 

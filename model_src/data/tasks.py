@@ -152,6 +152,12 @@ def make_prompt(num_images: int, text: str) -> str:
     return f"{image_block(num_images)}\n{text}\nAnswer:"
 
 
+def question_line(sample: Sample) -> str:
+    """The text line of a sample's prompt (``"Question: ..."`` or the caption instruction): the
+    inverse of :func:`make_prompt`'s ``text``."""
+    return sample.prompt.split("\n")[-2]
+
+
 class _Gen:
     """Random helpers bound to one generator, pair pool, image size and config."""
 
@@ -196,7 +202,8 @@ class _Gen:
 _Out = tuple[list[Scene], str, str, list[list[ShapeObject] | None], dict[str, Any]]
 
 
-def _question(text: str) -> str:
+def question(text: str) -> str:
+    """The text line of a question: ``"Question: " + text``."""
     return f"Question: {text}"
 
 
@@ -208,20 +215,20 @@ def _caption(g: _Gen) -> _Out:
 def _color(g: _Gen) -> _Out:
     color, shape = g.pair_by(0)
     s = g.scene([(color, shape)], exclude=lambda p: p[1] == shape)
-    return [s], _question(f"what color is the {shape}?"), color, [s.find(shape=shape)], {}
+    return [s], question(f"what color is the {shape}?"), color, [s.find(shape=shape)], {}
 
 
 def _shape(g: _Gen) -> _Out:
     color, shape = g.pair_by(1)
     s = g.scene([(color, shape)], exclude=lambda p: p[0] == color)
-    return [s], _question(f"what shape is the {color} object?"), shape, [s.find(color=color)], {}
+    return [s], question(f"what shape is the {color} object?"), shape, [s.find(color=color)], {}
 
 
 def _count(g: _Gen) -> _Out:
     variant = g.pick(("all", "color", "shape"))
     if variant == "all":
         s = g.scene()
-        return [s], _question("how many shapes are there?"), str(len(s.objects)), [None], {"variant": variant}
+        return [s], question("how many shapes are there?"), str(len(s.objects)), [None], {"variant": variant}
     axis = 0 if variant == "color" else 1
     value = g.pair_by(axis)[axis]
     matching = [p for p in g.pairs if p[axis] == value]
@@ -229,7 +236,7 @@ def _count(g: _Gen) -> _Out:
     s = g.scene([g.pick(matching) for _ in range(k)], exclude=lambda p: p[axis] == value)
     named = s.find(color=value) if axis == 0 else s.find(shape=value)
     noun = f"{value} shapes" if axis == 0 else plural(value)
-    return [s], _question(f"how many {noun} are there?"), str(k), [named], {"variant": variant}
+    return [s], question(f"how many {noun} are there?"), str(k), [named], {"variant": variant}
 
 
 def _position(g: _Gen) -> _Out:
@@ -255,7 +262,7 @@ def _position(g: _Gen) -> _Out:
             f"is the {a[0]} {a[1]} above or below the {b[0]} {b[1]}?",
             "above" if dy < 0 else "below",
         )
-    return [s], _question(text), answer, [[oa, ob]], {"axis": "x" if horizontal else "y"}
+    return [s], question(text), answer, [[oa, ob]], {"axis": "x" if horizontal else "y"}
 
 
 def _which_image(g: _Gen) -> _Out:
@@ -275,7 +282,7 @@ def _which_image(g: _Gen) -> _Out:
         scenes.append(s)
         named.append(s.find(*target))
     text = f"which image has {with_article(' '.join(target))}?"
-    return scenes, _question(text), f"image {t + 1}", named, {"target_image": t + 1}
+    return scenes, question(text), f"image {t + 1}", named, {"target_image": t + 1}
 
 
 def _changed(g: _Gen) -> _Out:
@@ -297,7 +304,7 @@ def _changed(g: _Gen) -> _Out:
         named = [[obj], [obj]]
         phrase = f"{color} {shape}"
         answer = f"the {phrase} was removed" if edit == "removed" else f"{with_article(phrase)} was added"
-    return [first, second], _question(CHANGE_QUESTION), answer, named, {"edit": edit}
+    return [first, second], question(CHANGE_QUESTION), answer, named, {"edit": edit}
 
 
 def _count_across(g: _Gen) -> _Out:
@@ -315,7 +322,7 @@ def _count_across(g: _Gen) -> _Out:
         named.append(s.find(color=value) if axis == 0 else s.find(shape=value))
     noun = f"{value} shapes" if axis == 0 else plural(value)
     text = f"how many {noun} are there in all the images?"
-    return scenes, _question(text), str(int(ks.sum())), named, {"variant": ("color", "shape")[axis]}
+    return scenes, question(text), str(int(ks.sum())), named, {"variant": ("color", "shape")[axis]}
 
 
 def _same(g: _Gen) -> _Out:
@@ -333,7 +340,7 @@ def _same(g: _Gen) -> _Out:
     else:
         text = f"is the {key} object in image 1 the same shape as the {key} object in image 2?"
         named = [s.find(color=key) for s in scenes]
-    return scenes, _question(text), "yes" if same else "no", named, {"variant": ("color", "shape")[axis]}
+    return scenes, question(text), "yes" if same else "no", named, {"variant": ("color", "shape")[axis]}
 
 
 _GENERATORS: dict[str, Callable[[_Gen], _Out]] = {

@@ -153,11 +153,6 @@ def text_batch(
     return TextBatch(seqs, targets, [len(s.images) for s in samples])
 
 
-def question_line(sample: Sample) -> str:
-    """The text line of a sample's prompt (``"Question: ..."`` or the caption instruction)."""
-    return sample.prompt.split("\n")[-2]
-
-
 def micro_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
     """Group sample positions, sorted by length, into micro-batches of at most `max_tokens`
     padded tokens (at least one sample each); deterministic."""

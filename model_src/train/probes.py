@@ -39,10 +39,10 @@ def heldout_probe(model: MavenModel, head: nn.Linear, n: int = 400, split: str =
     model.eval()
     samples = list(iter_samples(split, n, families=["caption", "single"]))
     tgt = np.concatenate([B.vision_targets(s, model.config.vision.patch_size) for s in samples])
-    logits = head(model.vision(B.pixel_tensor(samples, model.config))).numpy()
-    n_color = len(B.COLOR_IDS) + 1
-    color = logits[..., :n_color].argmax(-1)
-    shape = logits[..., n_color : n_color + len(B.SHAPE_IDS) + 1].argmax(-1)
+    logits = head(model.vision(B.pixel_tensor(samples, model.config)))
+    spec = B.dense_targets(model.config.vision.image_size // model.config.vision.patch_size)
+    chunks = dict(zip([name for name, _ in spec], torch.split(logits, [n for _, n in spec], dim=-1), strict=True))
+    color, shape = (chunks[name].argmax(-1).numpy() for name in ("color", "shape"))
     heldout_ids = {(B.COLOR_IDS[c], B.SHAPE_IDS[s]) for c, s in HELDOUT_PAIRS}
     held = np.vectorize(lambda c, s: (c, s) in heldout_ids)(tgt[..., 0], tgt[..., 1])
     obj = tgt[..., 0] > 0

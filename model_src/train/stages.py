@@ -43,6 +43,7 @@ from torch import nn
 from model_src.checkpoint import build_model, load_checkpoint, save_checkpoint
 from model_src.config import MavenConfig, get_config
 from model_src.data.followups import followup_questions
+from model_src.data.tasks import question_line
 from model_src.errors import CheckpointError, TrainingError
 from model_src.modeling.maven import MavenModel
 from model_src.modeling.selector import select_patches
@@ -323,7 +324,7 @@ def phase_llm(model: MavenModel, cfg: PhaseConfig, seed: int, name: str, parts: 
         extra = None
         if cfg.followups:
             rng = B.rng_for(seed, f"{name}-followups", step)
-            extra = [followup_questions(s.scenes, rng, cfg.followups, skip=[B.question_line(s)]) for s in samples]
+            extra = [followup_questions(s.scenes, rng, cfg.followups, skip=[question_line(s)]) for s in samples]
         tb = B.text_batch(samples, tok, extra)
         px = B.pixel_tensor(samples, model.config)
         vf = visual_features(model, px, cfg.mode)
