@@ -212,6 +212,8 @@ class OnnxComponents:
             raise ArtifactError(f"prompt has {n_img} <image> placeholders but {pixel_values.shape[0]} images")
         text = self.embed(np.asarray([ids]))[0]
         visual = self.encode_images(pixel_values) if n_img else None
+        if n_img and self.manifest.config.get("image_slots", False):  # slot k's vector on the k-th image
+            visual = visual + self.embed(np.asarray([tok.layout.image_slot_ids(n_img)]))[0][:, None, :]
         pieces, img, prev = [], 0, 0
         for pos in [i for i, t in enumerate(ids) if t == tok.image_id] + [len(ids)]:
             pieces.append(text[prev:pos])

@@ -123,6 +123,9 @@ class MavenConfig:
     mode: str = "hybrid"
     seed: int = 0
     max_images: int = 8
+    # Add a learned vector per image position (1st, 2nd, ...) to every token of that image's visual
+    # sequence, so "which image" is a property of the tokens themselves (see tokenizer.VocabLayout).
+    image_slots: bool = False
 
     # ---- derived geometry -------------------------------------------------------------
     @property

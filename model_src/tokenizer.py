@@ -2,8 +2,12 @@
 
 Layout of the unified vocabulary (DESIGN.md §2)::
 
-    [ byte-level BPE text tokens | special tokens | (unused padding) | visual codes ]
-      0 ..                         specials follow BPE                  visual_offset + c
+    [ byte-level BPE text tokens | special tokens | image slots | (unused padding) | visual codes ]
+      0 ..                         specials follow BPE               visual_offset + c
+
+Image slots (only when `MavenConfig.image_slots`): the rows right after the tokenizer's ids hold
+one learned vector per image position in a prompt (1st, 2nd, ...), added to every token of that
+image's visual sequence. The tokenizer never produces these ids.
 
 The tokenizer is a Hugging Face `tokenizers` byte-level BPE saved as `tokenizer.json`, loadable
 by `transformers.PreTrainedTokenizerFast` and by C++ tokenizer libraries. This module is
@@ -23,7 +27,7 @@ from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from model_src.errors import CheckpointError, PromptError
+from model_src.errors import CheckpointError, ConfigError, PromptError
 
 IMAGE_TOKEN = "<image>"
 IMG_START = "<img_start>"
@@ -81,6 +85,16 @@ class VocabLayout:
 
     def __getitem__(self, token: str) -> int:
         return self.special_ids[token]
+
+    def image_slot_ids(self, n: int) -> list[int]:
+        """Ids of the image-slot rows 1..n (`MavenConfig.image_slots`): the padding ids right after
+        the tokenizer's own, so they never collide with text and are never decoded."""
+        if self.tokenizer_size + n > self.text_vocab_size:
+            raise ConfigError(
+                f"image slots for {n} images need ids {self.tokenizer_size}..{self.tokenizer_size + n - 1} but the "
+                f"text vocabulary ends at {self.text_vocab_size - 1}; lower max_images or raise llm.text_vocab_size"
+            )
+        return list(range(self.tokenizer_size, self.tokenizer_size + n))
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -11,7 +11,8 @@ The flow of one request: validate (placeholder count, image count, context lengt
 anything runs) -> preprocess -> vision encoder (all images in one batch) -> discrete tokenizer
 -> one batched decoder pass over ``[codes, <eos_vis>]`` per image (h_eos) -> patch selector +
 projector (batched) -> prompt assembly (embeddings of the text ids, each ``<image>`` replaced by
-``<img_start> codes patches <img_end>``) -> prefill -> decode loop on the backend's KV cache ->
+``<img_start> codes patches <img_end>``, plus image slot k's vector on the k-th image's tokens when
+the model has ``image_slots``) -> prefill -> decode loop on the backend's KV cache ->
 incremental detokenization. Every stage is timed.
 
 Sampling and stopping use :mod:`model_src.sampling` for every backend, so greedy output is
@@ -488,6 +489,11 @@ class MavenPipeline:
                 f"{count} images exceed the limit of {self.limits.max_images} per request; send fewer images "
                 "or raise PipelineLimits.max_images"
             )
+        if self.config.image_slots and n > self.config.max_images:
+            raise InputError(
+                f"{n} images in one request, but this model has image slots for {self.config.max_images}; "
+                "send fewer images"
+            )
         placeholders = count_image_placeholders(prompt)
         if placeholders != n:
             raise PromptError(
@@ -605,6 +611,9 @@ class MavenPipeline:
         with clock.stage("assemble"):
             ids = np.asarray([req.prompt_ids], dtype=np.int64)
             text = self._call(be.embed, ids)[0]
+            if self.config.image_slots and n:  # slot k's vector on every token of the k-th image
+                slot_ids = np.asarray([tok.layout.image_slot_ids(n)], dtype=np.int64)
+                visual = visual + self._call(be.embed, slot_ids)[0][:, None, :]
             pieces, prev, img = [], 0, 0
             for pos in [i for i, t in enumerate(req.prompt_ids) if t == tok.image_id] + [len(req.prompt_ids)]:
                 pieces.append(text[prev:pos])

@@ -130,6 +130,42 @@ def test_assemble_batch_splices_and_pads(tiny_model, make_pixels):
             torch.testing.assert_close(batch.inputs_embeds[0, 1 : 1 + t_img], vis[0])
 
 
+def test_image_slots_add_slot_k_to_the_kth_image(make_pixels):
+    from model_src.checkpoint import build_model
+    from model_src.config import get_config
+    from model_src.errors import ConfigError
+    from model_src.train.stages import enable_image_slots
+
+    model = build_model(get_config("tiny"), seed=0)
+    tok = model.tokenizer
+    assert model.image_slot_embeds(2) is None
+    ids = tok.encode_prompt("Image 1: <image>\nImage 2: <image>\nQuestion: which?")
+    with torch.no_grad():
+        vis = model.encode_images(make_pixels(2)).embeds
+        plain = model.assemble_batch([ids], [vis]).inputs_embeds
+        enable_image_slots(model)  # zero vectors: the model is unchanged
+        assert model.config.image_slots
+        torch.testing.assert_close(model.assemble_batch([ids], [vis]).inputs_embeds, plain, rtol=0, atol=0)
+        slot_rows = tok.layout.image_slot_ids(model.config.max_images)
+        model.llm.embed_tokens.weight[slot_rows] = torch.randn(len(slot_rows), plain.shape[-1])
+        with_slots = model.assemble_batch([ids], [vis]).inputs_embeds
+    diff = (with_slots - plain)[0]
+    t_img = vis.shape[1]
+    starts = [i for i, t in enumerate(ids) if t == tok.image_id]
+    starts = [starts[0], starts[1] + t_img - 1]  # positions after splicing the first image
+    slots = model.image_slot_embeds(2)
+    for k, s in enumerate(starts):
+        torch.testing.assert_close(diff[s : s + t_img], slots[k].expand(t_img, -1))
+    covered = torch.zeros(diff.shape[0], dtype=torch.bool)
+    for s in starts:
+        covered[s : s + t_img] = True
+    assert (diff[~covered] == 0).all()  # text tokens untouched
+    with pytest.raises(ImageError, match="exceed the limit"):
+        model.image_slot_embeds(model.config.max_images + 1)
+    with pytest.raises(ConfigError, match="lower max_images"):
+        build_model(get_config("tiny", ["image_slots=true", "max_images=64"]), seed=0)
+
+
 def test_placeholder_count_mismatch(tiny_model, make_pixels):
     tok = tiny_model.tokenizer
     px = make_pixels(1)

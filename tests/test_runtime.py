@@ -95,6 +95,48 @@ def test_ort_greedy_tokens_equal_torch(ort_pipe, torch_pipe, test_model):
     assert torch_pipe.generate(images, prompt, max_new_tokens=10).token_ids == ids
 
 
+def test_image_slots_are_added_the_same_way_everywhere(pytestconfig, monkeypatch):
+    """A test model with `image_slots`: every backend's assembled prompt equals the reference
+    `assemble_batch` (slot k on the k-th image), and the slots do change it."""
+    import torch
+
+    from export.validate import OnnxComponents
+    from model_src.checkpoint import build_model
+    from model_src.config import get_config
+    from model_src.preprocess import preprocess_images
+    from runtime.pipeline import MavenPipeline
+
+    model = build_model(get_config(soak.TEST_PRESET, [*soak.TEST_OVERRIDES, "image_slots=true"]), seed=soak.TEST_SEED)
+    artifacts = export_test_artifacts(Path(pytestconfig.cache.mkdir("maven-runtime-artifacts")), model)
+    images, prompt = _questions(3)[2]  # four images
+    assert len(images) == 4
+    seen = {}
+    for name, pipe in (("ort", MavenPipeline.from_artifacts(artifacts, providers=["cpu"])),
+                       ("torch", MavenPipeline.from_model(model))):
+        assert pipe.config.image_slots
+        orig = pipe.backend.prefill
+
+        def capture(embeds, capacity, _orig=orig, _name=name):
+            seen[_name] = np.array(embeds)
+            return _orig(embeds, capacity)
+
+        monkeypatch.setattr(pipe.backend, "prefill", capture)
+        pipe.generate(images, prompt, max_new_tokens=1)
+    pv = torch.from_numpy(preprocess_images(images, model.config.preprocess))
+    with torch.no_grad():
+        vis = model.encode_images(pv).embeds
+        ids = model.tokenizer.encode_prompt(prompt)
+        ref = model.assemble_batch([ids], [vis]).inputs_embeds.numpy()
+        model.config.image_slots = False
+        without = model.assemble_batch([ids], [vis]).inputs_embeds.numpy()
+        model.config.image_slots = True
+    np.testing.assert_allclose(seen["torch"], ref, atol=1e-6)
+    np.testing.assert_allclose(seen["ort"], ref, atol=1e-4)
+    assert np.abs(ref - without).max() > 1e-3
+    # the manifest-only reader (export.validate) applies them too
+    assert OnnxComponents(artifacts).generate(pv.numpy(), prompt) == model.generate(pv, prompt)[0]
+
+
 @pytest.mark.parametrize("opts", [{"mode": "discrete"}, {"mode": "continuous"}, {"keep_ratio": 0.5},
                                   {"keep_ratio": 0.05}])
 def test_modes_and_keep_ratio_match(ort_pipe, torch_pipe, opts):

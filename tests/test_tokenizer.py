@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from model_src.errors import CheckpointError, MavenError, PromptError
+from model_src.errors import CheckpointError, ConfigError, MavenError, PromptError
 from model_src.tokenizer import (
     BOS,
     EOS,
@@ -91,6 +91,18 @@ def test_layout_ids(tok):
     )
     d = lay.to_dict()
     assert d["visual_offset"] == TEXT_VOCAB and d["vocab_size"] == TEXT_VOCAB + CODEBOOK
+
+
+def test_image_slot_ids_follow_the_tokenizer(tok):
+    lay = tok.layout
+    ids = lay.image_slot_ids(8)
+    assert ids == list(range(lay.tokenizer_size, lay.tokenizer_size + 8))
+    assert ids[-1] < lay.text_vocab_size and not any(lay.is_visual(i) for i in ids)
+    assert tok.decode(ids) == ""  # never decoded as text
+    room = lay.text_vocab_size - lay.tokenizer_size
+    assert len(lay.image_slot_ids(room)) == room
+    with pytest.raises(ConfigError, match="lower max_images"):
+        lay.image_slot_ids(room + 1)
 
 
 def test_layout_json_round_trip(tok, tmp_path):

@@ -8,6 +8,9 @@ Per image (DESIGN.md §3):
     selector(patch_features, h_eos) -> top-k patches in raster order -> projector
     visual sequence = <img_start> embed(codes) projected_patches <img_end>
 
+With `config.image_slots`, the k-th image's visual sequence in a prompt also gets image slot k's
+learned vector added to every token (which image a token came from, without extra tokens).
+
 Modes: `hybrid` (codes + kept patches), `discrete` (codes only), `continuous` (all N patches,
 LLaVA-1.5 style). Each `<image>` in the prompt is replaced by one image's visual sequence.
 """
@@ -68,6 +71,8 @@ class MavenModel(nn.Module):
         self.llm = LlamaDecoder(cfg.llm, cfg.vocab_size)
         self.selector = PatchSelector(cfg.selector, dv, d)
         self.projector = Projector(dv, d)
+        if cfg.image_slots:
+            tokenizer.layout.image_slot_ids(cfg.max_images)  # ConfigError if the vocabulary has no room
 
     # ---- visual side ---------------------------------------------------------------------
     def check_pixel_values(self, pixel_values: torch.Tensor) -> None:
@@ -117,6 +122,14 @@ class MavenModel(nn.Module):
         return VisualEncoding(torch.cat(parts, dim=1), codes, patch_features, h_eos, logits, indices)
 
     # ---- prompt assembly -------------------------------------------------------------------
+    def image_slot_embeds(self, n: int) -> torch.Tensor | None:
+        """[n, D]: the vectors added to the 1st..n-th image's visual tokens (None without image slots)."""
+        if not self.config.image_slots:
+            return None
+        if n > self.config.max_images:
+            raise ImageError(f"{n} images exceed the limit of {self.config.max_images} per request")
+        return self.embed_ids(torch.tensor(self.tokenizer.layout.image_slot_ids(n), dtype=torch.long))
+
     def check_prompt_images(self, prompt_ids: list[int], num_images: int) -> None:
         n = sum(1 for t in prompt_ids if t == self.tokenizer.image_id)
         if n != num_images:
@@ -132,7 +145,8 @@ class MavenModel(nn.Module):
         targets: list[list[bool]] | None = None,
         pad_left: bool = False,
     ) -> Assembled:
-        """Splice each sample's visual embeddings [n_i, T_img, D] into its token ids at <image>.
+        """Splice each sample's visual embeddings [n_i, T_img, D] into its token ids at <image>
+        (plus the image-slot vectors, with `config.image_slots`).
 
         `targets[b][i]` says whether token `sequences[b][i]` is a training target (its label is the
         token id); every other position, visual tokens included, is labelled -100. Without
@@ -146,12 +160,13 @@ class MavenModel(nn.Module):
                 raise ValueError(f"targets[{b}] has {is_target.shape[0]} flags for {len(ids)} token ids")
             ids_t = torch.tensor(ids, dtype=torch.long)
             text_emb = self.embed_ids(ids_t)
+            slots = self.image_slot_embeds(visual[b].shape[0])
             pieces, labels, img, prev = [], [], 0, 0
             for pos in [i for i, t in enumerate(ids) if t == self.tokenizer.image_id] + [len(ids)]:
                 pieces.append(text_emb[prev:pos])
                 labels.append(torch.where(is_target[prev:pos], ids_t[prev:pos], -100))
                 if pos < len(ids):
-                    pieces.append(visual[b][img])
+                    pieces.append(visual[b][img] if slots is None else visual[b][img] + slots[img])
                     labels.append(torch.full((visual[b].shape[1],), -100, dtype=torch.long))
                     img += 1
                 prev = pos + 1

@@ -313,8 +313,18 @@ def reinit_visual_rows(model: MavenModel, seed: int) -> None:
             head[off:] = head[:text].mean(0, keepdim=True)
 
 
+def enable_image_slots(model: MavenModel) -> None:
+    """Turn on `config.image_slots` with zero slot vectors, so the model starts out unchanged."""
+    ids = model.tokenizer.layout.image_slot_ids(model.config.max_images)
+    model.config.image_slots = True
+    with torch.no_grad():
+        model.llm.embed_tokens.weight[ids] = 0.0
+
+
 def phase_llm(model: MavenModel, cfg: PhaseConfig, seed: int, name: str, parts: tuple[str, ...],
               grad: tuple[str, ...]) -> Phase:
+    if cfg.image_slots:  # before a resume restores the trained rows
+        enable_image_slots(model)
     params = _trainable(model, *parts)
     tok = model.tokenizer
     t_img = model.config.visual_tokens_per_image(cfg.mode) + 2
