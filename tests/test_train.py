@@ -57,6 +57,9 @@ def test_every_stage_runs_and_writes_outputs(smoke_run):
 
     model = load_checkpoint(out / "final")
     assert model.config.llm.hidden_size == 32
+    # stage 4 turns the image slots on (zero vectors) and trains them
+    assert model.config.image_slots and not load_checkpoint(out / "stage3").config.image_slots
+    assert model.image_slot_embeds(model.config.max_images).abs().sum() > 0
 
 
 def test_log_lines_are_json_with_loss(smoke_run):
