@@ -57,9 +57,31 @@ def test_every_stage_runs_and_writes_outputs(smoke_run):
 
     model = load_checkpoint(out / "final")
     assert model.config.llm.hidden_size == 32
-    # stage 4 turns the image slots on (zero vectors) and trains them
-    assert model.config.image_slots and not load_checkpoint(out / "stage3").config.image_slots
-    assert model.image_slot_embeds(model.config.max_images).abs().sum() > 0
+    assert not model.config.image_slots  # the recipe's default
+
+
+def test_image_slots_phase_turns_them_on_and_trains_them(tmp_path, smoke_run, monkeypatch):
+    import dataclasses
+    import shutil
+
+    from model_src.checkpoint import load_checkpoint
+    from model_src.train import stages
+
+    out, _ = smoke_run
+    for st in "0123":
+        shutil.copytree(out / f"stage{st}", tmp_path / f"stage{st}")
+    real = stages.get_recipe
+
+    def with_slots(*args, **kw):
+        recipe = real(*args, **kw)
+        recipe["4-instruct"] = dataclasses.replace(recipe["4-instruct"], image_slots=True)
+        return recipe
+
+    monkeypatch.setattr(stages, "get_recipe", with_slots)
+    _train(tmp_path, stage="4")
+    model = load_checkpoint(tmp_path / "final")
+    assert model.config.image_slots and not load_checkpoint(tmp_path / "stage3").config.image_slots
+    assert model.image_slot_embeds(model.config.max_images).abs().sum() > 0  # trained from zero
 
 
 def test_log_lines_are_json_with_loss(smoke_run):

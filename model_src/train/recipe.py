@@ -59,7 +59,7 @@ class PhaseConfig:
 def tiny_recipe() -> dict[str, PhaseConfig]:
     """Phase name -> config for the `tiny` preset (sized for under an hour on one CPU thread)."""
     return {
-        "0-vision": PhaseConfig(steps=750, batch_size=32, lr=3e-3, warmup=30, gray_share=0.5),
+        "0-vision": PhaseConfig(steps=750, batch_size=32, lr=3e-3, warmup=30),
         "0-vq": PhaseConfig(steps=1000, batch_size=32, lr=2e-3, warmup=20),
         "0-text": PhaseConfig(steps=200, batch_size=32, lr=2e-3, warmup=15),
         "1-selector": PhaseConfig(steps=150, batch_size=32, lr=1e-3, warmup=10, families=("caption",)),
@@ -67,8 +67,7 @@ def tiny_recipe() -> dict[str, PhaseConfig]:
                                   families=("caption",)),
         "3-projector": PhaseConfig(steps=80, batch_size=32, lr=1e-3, warmup=10, mode="hybrid",
                                    families=("caption",)),
-        "4-instruct": PhaseConfig(steps=1400, batch_size=32, lr=1.5e-3, warmup=50, mode="hybrid", followups=4,
-                                  image_slots=True),
+        "4-instruct": PhaseConfig(steps=1400, batch_size=32, lr=1.5e-3, warmup=50, mode="hybrid", followups=4),
     }
 
 
