@@ -609,11 +609,12 @@ class MavenPipeline:
             result.selector_scores = vis.scores
         # -- prompt assembly --------------------------------------------------------------------
         with clock.stage("assemble"):
-            ids = np.asarray([req.prompt_ids], dtype=np.int64)
-            text = self._call(be.embed, ids)[0]
-            if self.config.image_slots and n:  # slot k's vector on every token of the k-th image
-                slot_ids = np.asarray([tok.layout.image_slot_ids(n)], dtype=np.int64)
-                visual = visual + self._call(be.embed, slot_ids)[0][:, None, :]
+            # one embed call for the prompt ids and, with image slots, the n slot ids after them
+            slot_ids = tok.layout.image_slot_ids(n) if self.config.image_slots and n else []
+            rows = self._call(be.embed, np.asarray([list(req.prompt_ids) + slot_ids], dtype=np.int64))[0]
+            text = rows[: len(req.prompt_ids)]
+            if slot_ids:  # slot k's vector on every token of the k-th image
+                visual = visual + rows[len(req.prompt_ids) :][:, None, :]
             pieces, prev, img = [], 0, 0
             for pos in [i for i, t in enumerate(req.prompt_ids) if t == tok.image_id] + [len(req.prompt_ids)]:
                 pieces.append(text[prev:pos])

@@ -135,6 +135,13 @@ def test_image_slots_are_added_the_same_way_everywhere(pytestconfig, monkeypatch
     assert np.abs(ref - without).max() > 1e-3
     # the manifest-only reader (export.validate) applies them too
     assert OnnxComponents(artifacts).generate(pv.numpy(), prompt) == model.generate(pv, prompt)[0]
+    # more images than slots is refused before anything runs, even when the limits would allow it
+    from runtime.pipeline import PipelineLimits
+
+    n = model.config.max_images + 1
+    wide = MavenPipeline.from_model(model, PipelineLimits(max_images=n))
+    with pytest.raises(InputError, match="image slots for 8"):
+        wide.generate([images[0]] * n, "<image>" * n + "\nQuestion: which?\nAnswer:", max_new_tokens=1)
 
 
 @pytest.mark.parametrize("opts", [{"mode": "discrete"}, {"mode": "continuous"}, {"keep_ratio": 0.5},
