@@ -337,8 +337,7 @@ def phase_llm(model: MavenModel, cfg: PhaseConfig, seed: int, name: str, parts: 
             extra = [followup_questions(s.scenes, rng, cfg.followups, skip=[question_line(s)]) for s in samples]
         tb = B.text_batch(samples, tok, extra)
         px = B.pixel_tensor(samples, model.config)
-        with torch.no_grad():  # frozen ViT/tokenizer/selector; h_eos only picks patches (no gradient)
-            vf = visual_features(model, px, cfg.mode)
+        vf = visual_features(model, px, cfg.mode)
         offsets = np.concatenate([[0], np.cumsum(tb.image_counts)])
         lengths = [len(s) + c * (t_img - 1) for s, c in zip(tb.sequences, tb.image_counts, strict=True)]
         total = 0.0
