@@ -153,3 +153,41 @@ def test_readme_demo_question_is_answered_correctly():
     px = torch.from_numpy(preprocess_images([str(SAMPLES_DIR / f) for f in demo["images"]], model.config.preprocess))
     _, text = model.generate(px, demo["prompt"])
     assert text.strip() == demo["answer"]
+
+
+@needs_shipped
+def test_diagnose_shows_the_shipped_model_reads_colour_from_patches_and_count_from_codes():
+    """model_src.train.diagnose on the shipped weights: giving each image another image's kept
+    patches breaks colour answers but not counts (counts come from the codes); the answer
+    position's attention is a distribution over the prompt, and for colour questions its last
+    layer looks at the named object's patches more than at the other kept patches."""
+    from model_src.checkpoint import load_checkpoint
+    from model_src.train.diagnose import diagnose
+
+    model = load_checkpoint(SHIPPED_TINY)
+    report = diagnose(model, "val", per_task=20, tasks=["color", "count"], attention_per_task=6)
+    abl = report["patch_ablation"]
+    assert abl["color"]["own_patches"] >= 0.9 and abl["color"]["other_image_patches"] <= 0.5
+    assert abl["count"]["other_image_patches"] >= abl["count"]["own_patches"] - 0.15
+    for layers in report["answer_attention"].values():
+        assert len(layers) == model.config.llm.num_layers
+        assert all(sum(row.values()) == pytest.approx(1.0, abs=1e-3) for row in layers)
+    last = report["answer_attention"]["color"][-1]
+    assert last["named_patches"] > last["other_patches"]
+    rms = report["embedding_rms"]
+    assert rms["projected_patches"] > 10 * rms["text"] > 0
+    assert all(layer.self_attn.record is None for layer in model.llm.layers)  # recording switched off
+
+
+def test_diagnose_refuses_bad_options(small_ckpt, capsys):
+    from model_src.checkpoint import load_checkpoint
+    from model_src.errors import InputError
+    from model_src.train.diagnose import diagnose, main
+
+    model = load_checkpoint(small_ckpt)
+    with pytest.raises(InputError, match="unknown task"):
+        diagnose(model, "val", tasks=["colour"])
+    with pytest.raises(InputError, match="unknown split"):
+        diagnose(model, "dev")
+    with pytest.raises(SystemExit, match="--per-task"):
+        main(["--checkpoint", str(small_ckpt), "--per-task", "0"])

@@ -57,6 +57,9 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=False)
+        # Diagnostics only (model_src.train.diagnose): when a list, each forward appends its
+        # attention probabilities [batch, heads, queries, keys]. None (the default) records nothing.
+        self.record: list[torch.Tensor] | None = None
 
     def forward(self, x, cos, sin, mask, past: tuple[torch.Tensor, torch.Tensor] | None):
         b, t, _ = x.shape
@@ -75,7 +78,10 @@ class Attention(nn.Module):
             v = v[:, :, None].expand(b, self.num_kv_heads, rep, v.shape[2], self.head_dim).reshape(
                 b, self.num_heads, v.shape[2], self.head_dim)
         scores = (q @ k.transpose(-1, -2)) * self.head_dim**-0.5 + mask
-        out = torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        if self.record is not None:
+            self.record.append(probs.detach())
+        out = probs @ v
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1)), present
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -22,7 +22,7 @@ from model_src.data.splits import SPLITS, iter_samples, num_samples
 from model_src.errors import InputError
 from model_src.modeling.maven import MavenModel
 from model_src.train import batches as B
-from model_src.train.common import set_threads, visual_embeds, visual_features
+from model_src.train.common import VisualFeatures, set_threads, visual_embeds, visual_features
 
 DEFAULT_MAX_NEW_TOKENS = 32  # GenerationConfig's default
 
@@ -34,8 +34,10 @@ def greedy_batch(
     mode: str,
     keep_ratio: float | None = None,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    features_hook: Callable[[VisualFeatures], VisualFeatures] | None = None,
 ) -> tuple[list[str], list[int], list[torch.Tensor | None]]:
-    """(decoded answers, prefill lengths, selected patch indices per sample) for a batch."""
+    """(decoded answers, prefill lengths, selected patch indices per sample) for a batch.
+    `features_hook` (diagnostics) may replace the batch's visual features before they are embedded."""
     tok = model.tokenizer
     ids = [tok.encode_prompt(s.prompt) for s in samples]
     counts = [len(s.images) for s in samples]
@@ -43,6 +45,8 @@ def greedy_batch(
         model.check_prompt_images(i, c)
     px = B.pixel_tensor(samples, model.config)
     vf = visual_features(model, px, mode, keep_ratio)
+    if features_hook is not None:
+        vf = features_hook(vf)
     emb = visual_embeds(model, vf, mode)
     per, sel, j = [], [], 0
     for c in counts:
@@ -86,8 +90,10 @@ def evaluate(
     quiet: bool = False,
     samples: Sequence[Sample] | None = None,
     return_predictions: bool = False,
+    features_hook: Callable[[VisualFeatures], VisualFeatures] | None = None,
 ) -> dict[str, Any]:
-    """Exact-match accuracy per family, per task and overall on `split` (or given samples)."""
+    """Exact-match accuracy per family, per task and overall on `split` (or given samples);
+    `features_hook` is passed to :func:`greedy_batch` (diagnostics)."""
     check_mode(mode)
     if split not in SPLITS:
         raise InputError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
@@ -107,7 +113,8 @@ def evaluate(
     t0 = time.time()
     chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     for chunk in tqdm(chunks, desc=f"eval {split} {mode}", disable=quiet, mininterval=3.0):
-        answers, lens, _ = greedy_batch(model, [samples[i] for i in chunk], mode, keep_ratio)
+        answers, lens, _ = greedy_batch(model, [samples[i] for i in chunk], mode, keep_ratio,
+                                        features_hook=features_hook)
         for i, a, n in zip(chunk, answers, lens, strict=True):
             preds[i], prefill[i] = a, n
     hits: dict[str, list[int]] = defaultdict(list)

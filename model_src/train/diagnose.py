@@ -1,0 +1,158 @@
+"""Where a trained model gets its answers from (docs/training.md, "Diagnosis").
+
+Three measurements on the evaluation split, all for hybrid mode:
+
+* **patch ablation**: exact-match accuracy per task with each image's own kept patches, and with
+  every image given the kept patches of the previous image in its evaluation batch (its codes stay).
+  A task whose accuracy collapses reads the continuous patches; one that does not move is answered
+  from the codes and the text (or is at chance either way).
+* **answer attention**: for the prompt's last position (the one that predicts the first answer
+  token), the attention mass per layer (mean over heads) on the visual codes, on the kept patches
+  of the objects the question names (the selector's pseudo-label mask), on the other kept patches,
+  and on the text. Answering "is the A left of the B?" needs A and B retrieved separately.
+* **embedding scale**: RMS of the projected kept patches, of the code embeddings and of the text
+  embeddings (the decoder reads each token through RMSNorm, but a token much larger than the
+  layers' updates passes them unchanged).
+
+    python -m model_src.train.diagnose --checkpoint model_src/checkpoints/tiny --split val
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import torch
+
+from model_src.data import Sample
+from model_src.data.splits import SPLITS, iter_samples
+from model_src.data.tasks import TASKS
+from model_src.errors import InputError
+from model_src.modeling.maven import MavenModel
+from model_src.modeling.selector import gather_patches
+from model_src.train import batches as B
+from model_src.train.common import VisualFeatures, set_threads, visual_embeds, visual_features
+from model_src.train.evaluate import evaluate
+
+ATTENTION_PARTS = ("codes", "named_patches", "other_patches", "text")
+
+
+def roll_patches(vf: VisualFeatures) -> VisualFeatures:
+    """Give every image the kept patches (features and indices) of the previous image in the batch."""
+    if vf.indices is None:
+        raise InputError("patch ablation needs hybrid mode (kept patches)")
+    return dataclasses.replace(vf, feats=vf.feats.roll(1, 0), indices=vf.indices.roll(1, 0))
+
+
+def patch_ablation(model: MavenModel, samples: Sequence[Sample]) -> dict[str, dict[str, float]]:
+    """Per task: accuracy with the images' own kept patches and with another image's."""
+    own = evaluate(model, samples=samples, quiet=True)
+    rolled = evaluate(model, samples=samples, quiet=True, features_hook=roll_patches)
+    return {task: {"own_patches": own["task_accuracy"][task], "other_image_patches": rolled["task_accuracy"][task]}
+            for task in own["task_accuracy"]}
+
+
+@contextmanager
+def record_attention(model: MavenModel) -> Iterator[list[torch.Tensor]]:
+    """Collect every decoder attention map (one per layer per forward) while the block runs."""
+    store: list[torch.Tensor] = []
+    layers = [layer.self_attn for layer in model.llm.layers]
+    for attn in layers:
+        attn.record = store
+    try:
+        yield store
+    finally:
+        for attn in layers:
+            attn.record = None
+
+
+@torch.no_grad()
+def answer_attention(model: MavenModel, samples: Sequence[Sample]) -> dict[str, list[dict[str, float]]]:
+    """Per task, per layer: mean attention mass of the answer position on each part of the prompt
+    (`ATTENTION_PARTS`), over the given samples (one forward each, hybrid mode)."""
+    model.eval()
+    tok = model.tokenizer
+    q = model.config.discrete.num_codes
+    t_img = model.config.visual_tokens_per_image("hybrid") + 2  # <img_start> codes patches <img_end>
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = defaultdict(int)
+    for s in samples:
+        vf = visual_features(model, B.pixel_tensor([s], model.config), "hybrid")
+        ids = tok.encode_prompt(s.prompt)
+        asm = model.assemble_batch([ids], [visual_embeds(model, vf, "hybrid")])
+        with record_attention(model) as maps:
+            model.llm(asm.inputs_embeds, asm.attention_mask)
+        part = np.full(asm.inputs_embeds.shape[1], 3)  # text unless marked below
+        for k, pos in enumerate(i for i, t in enumerate(ids) if t == tok.image_id):
+            start = pos + k * (t_img - 1)
+            part[start + 1 : start + 1 + q] = 0
+            named = s.patch_labels[k][vf.indices[k].numpy()] > 0
+            part[start + 1 + q : start + t_img - 1] = np.where(named, 1, 2)
+        onehot = np.eye(len(ATTENTION_PARTS))[part]  # [T, parts]
+        mass = np.stack([m[0, :, -1].mean(0).float().numpy() @ onehot for m in maps])  # [layers, parts]
+        sums[s.task] = sums.get(s.task, 0) + mass
+        counts[s.task] += 1
+    return {task: [dict(zip(ATTENTION_PARTS, (round(float(x), 4) for x in row), strict=True))
+                   for row in sums[task] / counts[task]] for task in sums}
+
+
+@torch.no_grad()
+def embedding_scale(model: MavenModel, samples: Sequence[Sample]) -> dict[str, float]:
+    """RMS per token of the projected kept patches, the code embeddings and the text embeddings."""
+    vf = visual_features(model, B.pixel_tensor(samples, model.config), "hybrid")
+
+    def rms(x: torch.Tensor) -> float:
+        return float(x.pow(2).mean(-1).sqrt().mean())
+
+    return {"projected_patches": rms(model.projector(gather_patches(vf.feats, vf.indices))),
+            "visual_codes": rms(model.embed_ids(vf.codes)),
+            "text": rms(model.llm.embed_tokens.weight[: model.tokenizer.layout.tokenizer_size])}
+
+
+def diagnose(model: MavenModel, split: str = "val", per_task: int = 40, tasks: Sequence[str] = TASKS,
+             attention_per_task: int = 20) -> dict[str, Any]:
+    """The three measurements on `per_task` questions of each task of `split`."""
+    if split not in SPLITS:
+        raise InputError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    unknown = sorted(set(tasks) - set(TASKS))
+    if unknown:
+        raise InputError(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")
+    if per_task < 1 or attention_per_task < 1:
+        raise InputError("--per-task and --attention-per-task must be >= 1")
+    set_threads()
+    size, patch = model.config.vision.image_size, model.config.vision.patch_size
+    samples = [s for t in tasks for s in iter_samples(split, per_task, tasks=[t], image_size=size, patch_size=patch)]
+    few = [s for t in tasks for s in [x for x in samples if x.task == t][:attention_per_task]]
+    return {"split": split, "questions_per_task": per_task, "attention_questions_per_task": attention_per_task,
+            "patch_ablation": patch_ablation(model, samples),
+            "answer_attention": answer_attention(model, few),
+            "embedding_rms": embedding_scale(model, [s for s in samples if s.family != "multi"][:64])}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", required=True, help="checkpoint directory to diagnose")
+    ap.add_argument("--split", default="val", choices=SPLITS)
+    ap.add_argument("--per-task", type=int, default=40, help="questions per task for the patch ablation")
+    ap.add_argument("--attention-per-task", type=int, default=20, help="questions per task for the attention")
+    ap.add_argument("--tasks", nargs="*", default=list(TASKS), help=f"subset of: {' '.join(TASKS)}")
+    args = ap.parse_args(argv)
+    from model_src.checkpoint import load_checkpoint
+    from model_src.errors import MavenError
+
+    try:
+        report = diagnose(load_checkpoint(args.checkpoint), args.split, args.per_task, args.tasks,
+                          args.attention_per_task)
+    except MavenError as exc:
+        raise SystemExit(f"error: {exc}") from exc
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
