@@ -106,9 +106,18 @@ class SelectorConfig:
 
 @dataclass
 class ProjectorConfig:
-    """LLaVA-1.5 projector: Linear -> GELU -> Linear."""
+    """LLaVA-1.5 projector: Linear -> GELU -> Linear, times a constant `output_scale`.
+
+    `output_scale` (1.0 = LLaVA) is a fixed multiplier on the projector's output that keeps the
+    projected patches at the scale of the text and code embeddings (docs/training.md,
+    "Diagnosis"). A ViT's patch features are large, so an unscaled projector emits vectors ~100x
+    the RMS of the embeddings; under pre-norm the decoder reads them fine, but its layers' updates
+    are then too small to change a patch token (it cannot take in its image's label or slot). A
+    constant multiplier, unlike a rescaled initialisation, is not undone by Adam's updates.
+    """
 
     hidden_act: str = "gelu"
+    output_scale: float = 1.0
 
 
 @dataclass
@@ -191,6 +200,9 @@ class MavenConfig:
             problems.append("discrete.hidden_size must be divisible by discrete.num_heads")
         if not 0.0 < self.selector.keep_ratio <= 1.0:
             problems.append(f"selector.keep_ratio must be in (0, 1], got {self.selector.keep_ratio}")
+        scale = self.projector.output_scale
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0.0 < scale < math.inf:
+            problems.append(f"projector.output_scale must be a number > 0, got {scale!r}")
         if self.mode not in MODES:
             problems.append(f"mode must be one of {MODES}, got {self.mode!r}")
         for name in ("num_layers",):

@@ -167,7 +167,7 @@ def assemble_model(cfg, tokenizer, seed: int, vision=None, llm=None):
         model.vision = vision if vision is not None else VisionEncoder(cfg.vision)
         model.discrete = DiscreteTokenizer(cfg.discrete, dv, cfg.visual_offset)
         model.selector = PatchSelector(cfg.selector, dv, d)
-        model.projector = Projector(dv, d)
+        model.projector = Projector(dv, d, cfg.projector.output_scale)
     finally:
         torch.random.set_rng_state(rng)
     if llm is None:

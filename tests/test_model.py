@@ -166,6 +166,27 @@ def test_image_slots_add_slot_k_to_the_kth_image(make_pixels):
         build_model(get_config("tiny", ["image_slots=true", "max_images=64"]), seed=0)
 
 
+def test_projector_output_scale_is_a_constant_multiplier(make_pixels):
+    """`projector.output_scale` multiplies the projector's output (same weights, same seed) and is
+    not a parameter; configs without it load as 1.0 (LLaVA); a scale <= 0 is refused."""
+    from model_src.checkpoint import build_model
+    from model_src.config import MavenConfig, get_config
+    from model_src.errors import ConfigError
+
+    plain = build_model(get_config("tiny"), seed=0)
+    scaled = build_model(get_config("tiny", ["projector.output_scale=0.025"]), seed=0)
+    assert {n for n, _ in plain.projector.named_parameters()} == {n for n, _ in scaled.projector.named_parameters()}
+    feats = torch.randn(2, 5, plain.config.vision.hidden_size)
+    with torch.no_grad():
+        torch.testing.assert_close(scaled.projector(feats), plain.projector(feats) * 0.025)
+    legacy = plain.config.to_dict()
+    del legacy["projector"]["output_scale"]
+    assert MavenConfig.from_dict(legacy).projector.output_scale == 1.0
+    for bad in ("0", "-1", "nan"):
+        with pytest.raises(ConfigError, match="output_scale"):
+            get_config("tiny", [f"projector.output_scale={bad}"])
+
+
 def test_placeholder_count_mismatch(tiny_model, make_pixels):
     tok = tiny_model.tokenizer
     px = make_pixels(1)

@@ -96,8 +96,9 @@ def test_ort_greedy_tokens_equal_torch(ort_pipe, torch_pipe, test_model):
 
 
 def test_image_slots_are_added_the_same_way_everywhere(pytestconfig, monkeypatch):
-    """A test model with `image_slots`: every backend's assembled prompt equals the reference
-    `assemble_batch` (slot k on the k-th image), and the slots do change it."""
+    """A test model with `image_slots` (and a projector `output_scale`): every backend's assembled
+    prompt equals the reference `assemble_batch` (slot k on the k-th image, the scaled projected
+    patches), and the slots do change it."""
     import torch
 
     from export.validate import OnnxComponents
@@ -106,7 +107,9 @@ def test_image_slots_are_added_the_same_way_everywhere(pytestconfig, monkeypatch
     from model_src.preprocess import preprocess_images
     from runtime.pipeline import MavenPipeline
 
-    model = build_model(get_config(soak.TEST_PRESET, [*soak.TEST_OVERRIDES, "image_slots=true"]), seed=soak.TEST_SEED)
+    model = build_model(get_config(soak.TEST_PRESET, [*soak.TEST_OVERRIDES, "image_slots=true",
+                                                                      "projector.output_scale=0.05"]),
+                        seed=soak.TEST_SEED)
     artifacts = export_test_artifacts(Path(pytestconfig.cache.mkdir("maven-runtime-artifacts")), model)
     images, prompt = _questions(3)[2]  # four images
     assert len(images) == 4

@@ -70,7 +70,7 @@ class MavenModel(nn.Module):
         self.discrete = DiscreteTokenizer(cfg.discrete, dv, cfg.visual_offset)
         self.llm = LlamaDecoder(cfg.llm, cfg.vocab_size)
         self.selector = PatchSelector(cfg.selector, dv, d)
-        self.projector = Projector(dv, d)
+        self.projector = Projector(dv, d, cfg.projector.output_scale)
         if cfg.image_slots:
             tokenizer.layout.image_slot_ids(cfg.max_images)  # ConfigError if the vocabulary has no room
 

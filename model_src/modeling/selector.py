@@ -44,10 +44,12 @@ def gather_patches(patch_features: torch.Tensor, indices: torch.Tensor) -> torch
 class Projector(nn.Module):
     """LLaVA-1.5 `mlp2x_gelu`: Linear(Dv, D) -> GELU -> Linear(D, D)."""
 
-    def __init__(self, vision_width: int, llm_width: int):
+    def __init__(self, vision_width: int, llm_width: int, output_scale: float = 1.0):
         super().__init__()
         self.linear_1 = nn.Linear(vision_width, llm_width)
         self.linear_2 = nn.Linear(llm_width, llm_width)
+        self.output_scale = output_scale  # ProjectorConfig.output_scale: a constant, not a parameter
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(F.gelu(self.linear_1(x)))
+        y = self.linear_2(F.gelu(self.linear_1(x)))
+        return y if self.output_scale == 1.0 else y * self.output_scale
