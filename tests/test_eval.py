@@ -179,7 +179,7 @@ def test_diagnose_shows_the_shipped_model_reads_colour_from_patches_and_count_fr
     assert all(layer.self_attn.record is None for layer in model.llm.layers)  # recording switched off
 
 
-def test_diagnose_refuses_bad_options(small_ckpt, capsys):
+def test_diagnose_refuses_bad_options(small_ckpt):
     from model_src.checkpoint import load_checkpoint
     from model_src.errors import InputError
     from model_src.train.diagnose import diagnose, main

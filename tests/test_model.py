@@ -166,7 +166,7 @@ def test_image_slots_add_slot_k_to_the_kth_image(make_pixels):
         build_model(get_config("tiny", ["image_slots=true", "max_images=64"]), seed=0)
 
 
-def test_projector_output_scale_is_a_constant_multiplier(make_pixels):
+def test_projector_output_scale_is_a_constant_multiplier():
     """`projector.output_scale` multiplies the projector's output (same weights, same seed) and is
     not a parameter; configs without it load as 1.0 (LLaVA); a scale <= 0 is refused."""
     from model_src.checkpoint import build_model

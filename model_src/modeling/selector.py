@@ -52,4 +52,5 @@ class Projector(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.linear_2(F.gelu(self.linear_1(x)))
+        # No multiply at 1.0, so exported graphs of unscaled models stay exactly as before.
         return y if self.output_scale == 1.0 else y * self.output_scale

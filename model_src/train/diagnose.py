@@ -35,7 +35,6 @@ from model_src.data.splits import SPLITS, iter_samples
 from model_src.data.tasks import TASKS
 from model_src.errors import InputError
 from model_src.modeling.maven import MavenModel
-from model_src.modeling.selector import gather_patches
 from model_src.train import batches as B
 from model_src.train.common import VisualFeatures, set_threads, visual_embeds, visual_features
 from model_src.train.evaluate import evaluate
@@ -106,12 +105,13 @@ def answer_attention(model: MavenModel, samples: Sequence[Sample]) -> dict[str, 
 def embedding_scale(model: MavenModel, samples: Sequence[Sample]) -> dict[str, float]:
     """RMS per token of the projected kept patches, the code embeddings and the text embeddings."""
     vf = visual_features(model, B.pixel_tensor(samples, model.config), "hybrid")
+    seq = visual_embeds(model, vf, "hybrid")  # <img_start> codes patches <img_end>
+    q = model.config.discrete.num_codes
 
     def rms(x: torch.Tensor) -> float:
         return float(x.pow(2).mean(-1).sqrt().mean())
 
-    return {"projected_patches": rms(model.projector(gather_patches(vf.feats, vf.indices))),
-            "visual_codes": rms(model.embed_ids(vf.codes)),
+    return {"projected_patches": rms(seq[:, 1 + q : -1]), "visual_codes": rms(seq[:, 1 : 1 + q]),
             "text": rms(model.llm.embed_tokens.weight[: model.tokenizer.layout.tokenizer_size])}
 
 
