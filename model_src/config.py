@@ -108,12 +108,11 @@ class SelectorConfig:
 class ProjectorConfig:
     """LLaVA-1.5 projector: Linear -> GELU -> Linear, times a constant `output_scale`.
 
-    `output_scale` (1.0 = LLaVA) is a fixed multiplier on the projector's output that keeps the
-    projected patches at the scale of the text and code embeddings (docs/training.md,
-    "Diagnosis"). A ViT's patch features are large, so an unscaled projector emits vectors ~100x
-    the RMS of the embeddings; under pre-norm the decoder reads them fine, but its layers' updates
-    are then too small to change a patch token (it cannot take in its image's label or slot). A
-    constant multiplier, unlike a rescaled initialisation, is not undone by Adam's updates.
+    `output_scale` (1.0 = LLaVA) is a fixed multiplier on the projector's output. A ViT's patch
+    features are large, so an unscaled projector emits vectors ~100x the RMS of the text and code
+    embeddings, and anything added to a patch token at the decoder's input (an image slot) is
+    negligible next to it. A constant multiplier, unlike a rescaled initialisation, is not undone
+    by Adam's updates. Tried in recipe 6 (docs/training.md); the shipped model uses 1.0.
     """
 
     hidden_act: str = "gelu"

@@ -160,7 +160,8 @@ def test_diagnose_shows_the_shipped_model_reads_colour_from_patches_and_count_fr
     """model_src.train.diagnose on the shipped weights: giving each image another image's kept
     patches breaks colour answers but not counts (counts come from the codes); the answer
     position's attention is a distribution over the prompt, and for colour questions its last
-    layer looks at the named object's patches more than at the other kept patches."""
+    layer looks at the named object's patches more than at the other kept patches; the residual
+    stream is reported per layer and token kind."""
     from model_src.checkpoint import load_checkpoint
     from model_src.train.diagnose import diagnose
 
@@ -176,7 +177,16 @@ def test_diagnose_shows_the_shipped_model_reads_colour_from_patches_and_count_fr
     assert last["named_patches"] > last["other_patches"]
     rms = report["embedding_rms"]
     assert rms["projected_patches"] > 10 * rms["text"] > 0
+    res = report["residual_rms"]
+    n = model.config.llm.num_layers
+    assert list(res["stream"]) == ["input"] + [f"after_layer_{i}" for i in range(n)]
+    assert list(res["update"]) == [f"layer_{i}" for i in range(n)]
+    assert res["stream"]["input"]["patches"] == pytest.approx(rms["projected_patches"], rel=0.3)
+    # the first layer writes updates far larger than the text embeddings, and changes patch tokens too
+    assert res["update"]["layer_0"]["text"] > 10 * res["stream"]["input"]["text"]
+    assert all(res["update"][f"layer_{i}"]["patches"] > 0 for i in range(n))
     assert all(layer.self_attn.record is None for layer in model.llm.layers)  # recording switched off
+    assert all(not layer._forward_hooks for layer in model.llm.layers)  # residual hooks removed
 
 
 def test_diagnose_refuses_bad_options(small_ckpt):

@@ -1,6 +1,6 @@
 """Where a trained model gets its answers from (docs/training.md, "Diagnosis").
 
-Three measurements on the evaluation split, all for hybrid mode:
+Four measurements on the evaluation split, all for hybrid mode:
 
 * **patch ablation**: exact-match accuracy per task with each image's own kept patches, and with
   every image given the kept patches of the previous image in its evaluation batch (its codes stay).
@@ -11,8 +11,11 @@ Three measurements on the evaluation split, all for hybrid mode:
   of the objects the question names (the selector's pseudo-label mask), on the other kept patches,
   and on the text. Answering "is the A left of the B?" needs A and B retrieved separately.
 * **embedding scale**: RMS of the projected kept patches, of the code embeddings and of the text
-  embeddings (the decoder reads each token through RMSNorm, but a token much larger than the
-  layers' updates passes them unchanged).
+  embeddings (the decoder reads each token through RMSNorm; something added to a patch token at
+  the input, such as an image slot, is lost if it is much smaller than the patch).
+* **residual stream**: on the same forwards as the attention, per layer the RMS of the residual
+  stream and of what the layer adds to it, for code, kept-patch and text tokens (how much the
+  layers can change a patch token compared with its size).
 
     python -m model_src.train.diagnose --checkpoint model_src/checkpoints/tiny --split val
 """
@@ -40,6 +43,9 @@ from model_src.train.common import VisualFeatures, set_threads, visual_embeds, v
 from model_src.train.evaluate import evaluate
 
 ATTENTION_PARTS = ("codes", "named_patches", "other_patches", "text")
+RESIDUAL_KINDS = ("codes", "patches", "text")
+Attention = dict[str, list[dict[str, float]]]  # task -> per layer: part -> attention mass
+Residuals = dict[str, dict[str, dict[str, float]]]  # "stream" | "update" -> layer -> kind -> RMS
 
 
 def roll_patches(vf: VisualFeatures) -> VisualFeatures:
@@ -71,25 +77,48 @@ def record_attention(model: MavenModel) -> Iterator[list[torch.Tensor]]:
             attn.record = None
 
 
+@contextmanager
+def record_residuals(model: MavenModel) -> Iterator[list[torch.Tensor]]:
+    """Collect the residual stream after every decoder layer (one tensor per layer per forward)."""
+    store: list[torch.Tensor] = []
+    hooks = [layer.register_forward_hook(lambda _m, _i, out: store.append(out[0].detach()))
+             for layer in model.llm.layers]
+    try:
+        yield store
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def _mean_rms(x: torch.Tensor, where: np.ndarray) -> float:
+    return float(x[torch.from_numpy(where)].pow(2).mean(-1).sqrt().mean()) if where.any() else float("nan")
+
+
 @torch.no_grad()
-def answer_attention(model: MavenModel, samples: Sequence[Sample]) -> dict[str, list[dict[str, float]]]:
+def answer_attention(model: MavenModel, samples: Sequence[Sample]) -> tuple[Attention, Residuals]:
     """Per task, per layer: mean attention mass of the answer position on each part of the prompt
-    (`ATTENTION_PARTS`), over the given samples (one forward each, hybrid mode)."""
+    (`ATTENTION_PARTS`), over the given samples (one forward each, hybrid mode); and, from the
+    same forwards, per layer the residual stream's RMS (`input` and after each layer) and the RMS of
+    each layer's update, for code, kept-patch and text tokens (`RESIDUAL_KINDS`), averaged over tokens
+    and samples."""
     model.eval()
     tok = model.tokenizer
     q = model.config.discrete.num_codes
     t_img = model.config.visual_tokens_per_image("hybrid") + 2  # <img_start> codes patches <img_end>
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = defaultdict(int)
+    resid: dict[tuple[str, str, str], list[float]] = defaultdict(list)  # (stream|update, layer, kind)
     for s in samples:
         vf = visual_features(model, B.pixel_tensor([s], model.config), "hybrid")
         ids = tok.encode_prompt(s.prompt)
         asm = model.assemble_batch([ids], [visual_embeds(model, vf, "hybrid")])
-        with record_attention(model) as maps:
+        with record_attention(model) as maps, record_residuals(model) as stream:
             model.llm(asm.inputs_embeds, asm.attention_mask)
         part = np.full(asm.inputs_embeds.shape[1], 3)  # text unless marked below
+        markers = np.zeros(asm.inputs_embeds.shape[1], dtype=bool)
         for k, pos in enumerate(i for i, t in enumerate(ids) if t == tok.image_id):
             start = pos + k * (t_img - 1)
+            markers[[start, start + t_img - 1]] = True
             part[start + 1 : start + 1 + q] = 0
             named = s.patch_labels[k][vf.indices[k].numpy()] > 0
             part[start + 1 + q : start + t_img - 1] = np.where(named, 1, 2)
@@ -97,8 +126,19 @@ def answer_attention(model: MavenModel, samples: Sequence[Sample]) -> dict[str, 
         mass = np.stack([m[0, :, -1].mean(0).float().numpy() @ onehot for m in maps])  # [layers, parts]
         sums[s.task] = sums.get(s.task, 0) + mass
         counts[s.task] += 1
-    return {task: [dict(zip(ATTENTION_PARTS, (round(float(x), 4) for x in row), strict=True))
-                   for row in sums[task] / counts[task]] for task in sums}
+        kinds = dict(zip(RESIDUAL_KINDS, (part == 0, (part == 1) | (part == 2), (part == 3) & ~markers), strict=True))
+        xs = [asm.inputs_embeds[0]] + [x[0] for x in stream]
+        for li, x in enumerate(xs):
+            for kind, where in kinds.items():
+                resid[("stream", "input" if li == 0 else f"after_layer_{li - 1}", kind)].append(_mean_rms(x, where))
+                if li:
+                    resid[("update", f"layer_{li - 1}", kind)].append(_mean_rms(x - xs[li - 1], where))
+    attention = {task: [dict(zip(ATTENTION_PARTS, (round(float(x), 4) for x in row), strict=True))
+                        for row in sums[task] / counts[task]] for task in sums}
+    residuals: Residuals = {"stream": {}, "update": {}}
+    for (what, layer, kind), values in resid.items():
+        residuals[what].setdefault(layer, {})[kind] = round(float(np.nanmean(values)), 4)
+    return attention, residuals
 
 
 @torch.no_grad()
@@ -117,7 +157,7 @@ def embedding_scale(model: MavenModel, samples: Sequence[Sample]) -> dict[str, f
 
 def diagnose(model: MavenModel, split: str = "val", per_task: int = 40, tasks: Sequence[str] = TASKS,
              attention_per_task: int = 20) -> dict[str, Any]:
-    """The three measurements on `per_task` questions of each task of `split`."""
+    """The four measurements on `per_task` questions of each task of `split`."""
     if split not in SPLITS:
         raise InputError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     unknown = sorted(set(tasks) - set(TASKS))
@@ -129,9 +169,11 @@ def diagnose(model: MavenModel, split: str = "val", per_task: int = 40, tasks: S
     size, patch = model.config.vision.image_size, model.config.vision.patch_size
     samples = [s for t in tasks for s in iter_samples(split, per_task, tasks=[t], image_size=size, patch_size=patch)]
     few = [s for t in tasks for s in [x for x in samples if x.task == t][:attention_per_task]]
+    attention, residuals = answer_attention(model, few)
     return {"split": split, "questions_per_task": per_task, "attention_questions_per_task": attention_per_task,
             "patch_ablation": patch_ablation(model, samples),
-            "answer_attention": answer_attention(model, few),
+            "answer_attention": attention,
+            "residual_rms": residuals,
             "embedding_rms": embedding_scale(model, [s for s in samples if s.family != "multi"][:64])}
 
 
