@@ -44,7 +44,7 @@ from model_src.train.evaluate import evaluate
 
 ATTENTION_PARTS = ("codes", "named_patches", "other_patches", "text")
 RESIDUAL_KINDS = ("codes", "patches", "text")
-Attention = dict[str, list[dict[str, float]]]  # task -> per layer: part -> attention mass
+AttentionMass = dict[str, list[dict[str, float]]]  # task -> per layer: part -> attention mass
 Residuals = dict[str, dict[str, dict[str, float]]]  # "stream" | "update" -> layer -> kind -> RMS
 
 
@@ -90,12 +90,13 @@ def record_residuals(model: MavenModel) -> Iterator[list[torch.Tensor]]:
             h.remove()
 
 
-def _mean_rms(x: torch.Tensor, where: np.ndarray) -> float:
-    return float(x[torch.from_numpy(where)].pow(2).mean(-1).sqrt().mean()) if where.any() else float("nan")
+def _rms(x: torch.Tensor) -> float:
+    """Mean over tokens of each token's RMS (x: [..., D]); NaN for no tokens."""
+    return float(x.pow(2).mean(-1).sqrt().mean()) if x.numel() else float("nan")
 
 
 @torch.no_grad()
-def answer_attention(model: MavenModel, samples: Sequence[Sample]) -> tuple[Attention, Residuals]:
+def attention_and_residuals(model: MavenModel, samples: Sequence[Sample]) -> tuple[AttentionMass, Residuals]:
     """Per task, per layer: mean attention mass of the answer position on each part of the prompt
     (`ATTENTION_PARTS`), over the given samples (one forward each, hybrid mode); and, from the
     same forwards, per layer the residual stream's RMS (`input` and after each layer) and the RMS of
@@ -129,10 +130,12 @@ def answer_attention(model: MavenModel, samples: Sequence[Sample]) -> tuple[Atte
         kinds = dict(zip(RESIDUAL_KINDS, (part == 0, (part == 1) | (part == 2), (part == 3) & ~markers), strict=True))
         xs = [asm.inputs_embeds[0]] + [x[0] for x in stream]
         for li, x in enumerate(xs):
+            delta = x - xs[li - 1] if li else None
             for kind, where in kinds.items():
-                resid[("stream", "input" if li == 0 else f"after_layer_{li - 1}", kind)].append(_mean_rms(x, where))
-                if li:
-                    resid[("update", f"layer_{li - 1}", kind)].append(_mean_rms(x - xs[li - 1], where))
+                rows = torch.from_numpy(where)
+                resid[("stream", "input" if li == 0 else f"after_layer_{li - 1}", kind)].append(_rms(x[rows]))
+                if delta is not None:
+                    resid[("update", f"layer_{li - 1}", kind)].append(_rms(delta[rows]))
     attention = {task: [dict(zip(ATTENTION_PARTS, (round(float(x), 4) for x in row), strict=True))
                         for row in sums[task] / counts[task]] for task in sums}
     residuals: Residuals = {"stream": {}, "update": {}}
@@ -147,12 +150,8 @@ def embedding_scale(model: MavenModel, samples: Sequence[Sample]) -> dict[str, f
     vf = visual_features(model, B.pixel_tensor(samples, model.config), "hybrid")
     seq = visual_embeds(model, vf, "hybrid")  # <img_start> codes patches <img_end>
     q = model.config.discrete.num_codes
-
-    def rms(x: torch.Tensor) -> float:
-        return float(x.pow(2).mean(-1).sqrt().mean())
-
-    return {"projected_patches": rms(seq[:, 1 + q : -1]), "visual_codes": rms(seq[:, 1 : 1 + q]),
-            "text": rms(model.llm.embed_tokens.weight[: model.tokenizer.layout.tokenizer_size])}
+    return {"projected_patches": _rms(seq[:, 1 + q : -1]), "visual_codes": _rms(seq[:, 1 : 1 + q]),
+            "text": _rms(model.llm.embed_tokens.weight[: model.tokenizer.layout.tokenizer_size])}
 
 
 def diagnose(model: MavenModel, split: str = "val", per_task: int = 40, tasks: Sequence[str] = TASKS,
@@ -169,7 +168,7 @@ def diagnose(model: MavenModel, split: str = "val", per_task: int = 40, tasks: S
     size, patch = model.config.vision.image_size, model.config.vision.patch_size
     samples = [s for t in tasks for s in iter_samples(split, per_task, tasks=[t], image_size=size, patch_size=patch)]
     few = [s for t in tasks for s in [x for x in samples if x.task == t][:attention_per_task]]
-    attention, residuals = answer_attention(model, few)
+    attention, residuals = attention_and_residuals(model, few)
     return {"split": split, "questions_per_task": per_task, "attention_questions_per_task": attention_per_task,
             "patch_ablation": patch_ablation(model, samples),
             "answer_attention": attention,
