@@ -84,6 +84,31 @@ def test_image_slots_phase_turns_them_on_and_trains_them(tmp_path, smoke_run, mo
     assert model.image_slot_embeds(model.config.max_images).abs().sum() > 0  # trained from zero
 
 
+@pytest.mark.parametrize("mode", ["hybrid", "continuous", "discrete"])
+def test_attention_targets_phase_logs_its_loss(tmp_path, smoke_run, monkeypatch, mode):
+    """Stage 4 with attention targets in every visual mode (the Table-4 ablation trains all three)."""
+    import dataclasses
+    import shutil
+
+    from model_src.train import stages
+
+    out, _ = smoke_run
+    for st in "0123":
+        shutil.copytree(out / f"stage{st}", tmp_path / f"stage{st}")
+    real = stages.get_recipe
+
+    def with_targets(*args, **kw):
+        recipe = real(*args, **kw)
+        recipe["4-instruct"] = dataclasses.replace(recipe["4-instruct"], attention_targets=0.5, mode=mode)
+        return recipe
+
+    monkeypatch.setattr(stages, "get_recipe", with_targets)
+    _train(tmp_path, stage="4", max_batch=6)
+    recs = [json.loads(x) for x in (tmp_path / "stage4" / "training_log.jsonl").read_text().splitlines()]
+    steps = [r for r in recs if r.get("phase") == "4-instruct" and "loss" in r]
+    assert steps and all(r["attention_loss"] > 0 for r in steps)
+
+
 def test_log_lines_are_json_with_loss(smoke_run):
     out, _ = smoke_run
     lines = (out / "final" / "training_log.jsonl").read_text().splitlines()

@@ -59,7 +59,10 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=False)
         # Diagnostics only (model_src.train.diagnose): when a list, each forward appends its
         # attention probabilities [batch, heads, queries, keys]. None (the default) records nothing.
+        # Training with attention targets (model_src.train.attention_targets) sets record_grad so
+        # the recorded probabilities stay in the autograd graph.
         self.record: list[torch.Tensor] | None = None
+        self.record_grad = False
 
     def forward(self, x, cos, sin, mask, past: tuple[torch.Tensor, torch.Tensor] | None):
         b, t, _ = x.shape
@@ -80,7 +83,7 @@ class Attention(nn.Module):
         scores = (q @ k.transpose(-1, -2)) * self.head_dim**-0.5 + mask
         probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
         if self.record is not None:
-            self.record.append(probs.detach())
+            self.record.append(probs if self.record_grad else probs.detach())
         out = probs @ v
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1)), present
 

@@ -35,6 +35,7 @@ class PhaseConfig:
     followups: int = 0  # extra questions about the same images per sample (multi-turn; LLM stages)
     gray_share: float = 0.0  # 0-vision: share of images shown in grey scale (no colour target)
     image_slots: bool = False  # turn on the model's image-slot vectors (zero-initialised) for this phase
+    attention_targets: float = 0.0  # LLM stages: weight of the attention-target loss (attention_targets.py)
 
     def scaled(self, scale: float) -> PhaseConfig:
         if not scale > 0:
@@ -67,7 +68,8 @@ def tiny_recipe() -> dict[str, PhaseConfig]:
                                   families=("caption",)),
         "3-projector": PhaseConfig(steps=80, batch_size=32, lr=1e-3, warmup=10, mode="hybrid",
                                    families=("caption",)),
-        "4-instruct": PhaseConfig(steps=1400, batch_size=32, lr=1.5e-3, warmup=50, mode="hybrid", followups=4),
+        "4-instruct": PhaseConfig(steps=1400, batch_size=32, lr=1.5e-3, warmup=50, mode="hybrid", followups=4,
+                                  attention_targets=1.0),
     }
 
 

@@ -48,6 +48,12 @@ from model_src.errors import CheckpointError, TrainingError
 from model_src.modeling.maven import MavenModel
 from model_src.modeling.selector import select_patches
 from model_src.train import batches as B
+from model_src.train.attention_targets import (
+    AttentionSupervision,
+    answer_turns,
+    attention_loss,
+    build_targets,
+)
 from model_src.train.common import answer_loss, set_threads, visual_embeds, visual_features
 from model_src.train.loop import Phase, plot_losses, read_jsonl, run_phase
 from model_src.train.recipe import STAGE_PHASES, PhaseConfig, get_recipe, parse_stages
@@ -328,6 +334,9 @@ def phase_llm(model: MavenModel, cfg: PhaseConfig, seed: int, name: str, parts: 
     params = _trainable(model, *parts)
     tok = model.tokenizer
     t_img = model.config.visual_tokens_per_image(cfg.mode) + 2
+    sup = AttentionSupervision.for_decoder(model.config.llm, cfg.attention_targets)
+    colon_id = tok.encode(":")[0]
+    patch_offset = model.config.discrete.num_codes if cfg.mode == "hybrid" else 0
 
     def step_fn(step: int) -> dict[str, float]:
         samples = _samples(model, cfg, seed, name, step)
@@ -340,7 +349,16 @@ def phase_llm(model: MavenModel, cfg: PhaseConfig, seed: int, name: str, parts: 
         vf = visual_features(model, px, cfg.mode)
         offsets = np.concatenate([[0], np.cumsum(tb.image_counts)])
         lengths = [len(s) + c * (t_img - 1) for s, c in zip(tb.sequences, tb.image_counts, strict=True)]
-        total = 0.0
+        total = att_total = 0.0
+
+        def patches_in(lo: int, hi: int) -> np.ndarray | None:
+            """Raster indices of the patches in images lo..hi-1's sequences (None: no patches)."""
+            if cfg.mode == "hybrid":
+                return vf.indices[lo:hi].numpy()
+            if cfg.mode == "continuous":
+                return np.tile(np.arange(vf.feats.shape[1]), (hi - lo, 1))
+            return None
+
         for group in B.micro_batches(lengths, cfg.max_tokens_per_micro):
             rows = [r for i in group for r in range(offsets[i], offsets[i + 1])]
             emb = visual_embeds(model, vf, cfg.mode, rows)
@@ -349,11 +367,35 @@ def phase_llm(model: MavenModel, cfg: PhaseConfig, seed: int, name: str, parts: 
                 per.append(emb[j : j + tb.image_counts[i]])
                 j += tb.image_counts[i]
             asm = model.assemble_batch([tb.sequences[i] for i in group], per, [tb.targets[i] for i in group])
+            targets = None
+            if sup.weight > 0:
+                targets = build_targets(
+                    sup, [tb.sequences[i] for i in group],
+                    [answer_turns(samples[i], extra[i] if extra else [], tb.targets[i]) for i in group],
+                    [samples[i].scenes for i in group], [patches_in(offsets[i], offsets[i + 1]) for i in group],
+                    tok.image_id, t_img, patch_offset, model.config.vision.patch_size, colon_id)
+                for layer in sup.layers:
+                    attn = model.llm.layers[layer].self_attn
+                    attn.record, attn.record_grad = [], True
             logits, _, _ = model.llm(asm.inputs_embeds, asm.attention_mask)
             loss_sum, _ = answer_loss(logits, asm.labels)
-            (loss_sum / len(samples)).backward()
+            loss = loss_sum / len(samples)
+            if targets is not None:
+                probs = {}
+                for layer in sup.layers:
+                    attn = model.llm.layers[layer].self_attn
+                    probs[layer] = attn.record[0]
+                    attn.record, attn.record_grad = None, False
+                att = attention_loss(probs, targets)
+                if att is not None:
+                    loss = loss + sup.weight * att * len(group) / len(samples)
+                    att_total += float(att.detach()) * len(group)
+            loss.backward()
             total += float(loss_sum.detach())
-        return {"loss": total / len(samples)}
+        out = {"loss": total / len(samples)}
+        if sup.weight > 0:
+            out["attention_loss"] = att_total / len(samples)
+        return out
 
     return Phase(name, cfg, {"model": model}, params, step_fn)
 

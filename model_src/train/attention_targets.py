@@ -1,0 +1,204 @@
+"""Attention supervision for stage 4 (training only; nothing of it is exported).
+
+The diagnosis (docs/training.md) found that the decoder retrieves the patches of the object a
+question names, but (a) for a comparison it retrieves both objects with the same attention, so
+their places are averaged instead of compared, and (b) a retrieved patch does not say which
+labelled image it belongs to. Both are steps the selector's pseudo-labels already know the answer
+to, so this module turns them into targets for a few attention heads:
+
+* **role heads** (layer ``role_layer``): at every position that predicts an answer token, head
+  ``role_heads[r]`` should put its attention on the kept patches of the ``r``-th object the
+  question names ("is the *red circle* left of the *blue square*?": role 0 and role 1). The two
+  heads use different key/value groups, so each object's features reach the answer separately.
+* **label head** (layer ``label_layer``, head ``label_head``): in a multi-image prompt, every
+  visual token of image ``k`` should attend to the ``" k"`` token of its ``Image k:`` label, so a
+  retrieved patch carries the label it must be answered with.
+
+The loss for one (query, head) is ``-log`` of the attention mass on its target keys, averaged
+over all such pairs of the micro-batch. The objects a question names are read back from the
+question's template (:func:`referents`), so follow-up turns are covered as well as each sample's
+own question.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from model_src.config import LLMConfig
+from model_src.data.labels import patch_labels
+from model_src.data.shapes import Scene, ShapeObject
+from model_src.data.tasks import Sample, question_line
+
+# (pattern, roles): each role is (image group index or None for "the only / any image",
+# colour group or None, shape group or None). Patterns match the text after "Question: ".
+_IMG = r"(?: in image (\d))?"
+_TEMPLATES: tuple[tuple[re.Pattern[str], tuple[tuple[int | None, int | None, int | None], ...]], ...] = (
+    (re.compile(rf"what color is the (\w+){_IMG}\?"), ((2, None, 1),)),
+    (re.compile(rf"what shape is the (\w+) object{_IMG}\?"), ((2, 1, None),)),
+    (re.compile(r"is the (\w+) (\w+) (?:left or right of|above or below) the (\w+) (\w+)\?"),
+     ((None, 1, 2), (None, 3, 4))),
+    (re.compile(r"which image has an? (\w+) (\w+)\?"), ((None, 1, 2),)),
+    (re.compile(r"is the (\w+) in image 1 the same color as the \1 in image 2\?"), ((-1, None, 1), (-2, None, 1))),
+    (re.compile(r"is the (\w+) object in image 1 the same shape as the \1 object in image 2\?"),
+     ((-1, 1, None), (-2, 1, None))),
+)
+
+
+def referents(question: str, scenes: Sequence[Scene]) -> list[tuple[int, ShapeObject]]:
+    """The objects a question names, in the order it names them, as (image index, object).
+
+    ``question`` is a question line (``"Question: ..."``). Questions that name no single object
+    (captions, counts, "what changed") give ``[]``; so does a question whose referring expression
+    does not pick exactly one object of ``scenes`` (never the case for generated questions)."""
+    text = question.removeprefix("Question: ")
+    for pattern, roles in _TEMPLATES:
+        m = pattern.fullmatch(text)
+        if not m:
+            continue
+        out = []
+        for img_group, color_group, shape_group in roles:
+            color = m.group(color_group) if color_group else None
+            shape = m.group(shape_group) if shape_group else None
+            if img_group is not None and img_group < 0:  # fixed image 1 / image 2
+                images = [-img_group - 1]
+            elif img_group is not None and m.group(img_group):
+                images = [int(m.group(img_group)) - 1]
+            else:
+                images = list(range(len(scenes)))
+            found = [(k, o) for k in images if k < len(scenes) for o in scenes[k].find(color=color, shape=shape)]
+            if len(found) != 1:
+                return []
+            out.append(found[0])
+        return out
+    return []
+
+
+@dataclass(frozen=True)
+class AttentionSupervision:
+    """Which heads are supervised, and the loss weight (0 turns the whole thing off)."""
+
+    weight: float = 0.0
+    role_layer: int = 2
+    role_heads: tuple[int, ...] = (0, 3)  # one per named object, in different KV groups
+    label_layer: int = 0
+    label_head: int = 0
+
+    @classmethod
+    def for_decoder(cls, cfg: LLMConfig, weight: float) -> AttentionSupervision:
+        """The heads for a decoder: role heads in the middle layer (layer 2 of 4), the first head
+        of each half of the heads (so of different KV groups whenever there are several), and
+        the label head as head 0 of layer 0."""
+        return cls(weight, cfg.num_layers // 2, (0, cfg.num_heads // 2) if cfg.num_heads > 1 else (0,), 0, 0)
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return tuple(sorted({self.role_layer, self.label_layer}))
+
+
+@dataclass
+class Targets:
+    """Flat lists, one entry per supervised (batch row, layer, head, query position), with the
+    key positions as a boolean mask row."""
+
+    rows: list[int]
+    layers: list[int]
+    heads: list[int]
+    queries: list[int]
+    keys: list[np.ndarray]
+
+
+def build_targets(
+    sup: AttentionSupervision,
+    sequences: Sequence[Sequence[int]],
+    turns: Sequence[Sequence[tuple[str, list[int]]]],
+    scenes: Sequence[Sequence[Scene]],
+    kept: Sequence[np.ndarray | None],
+    image_id: int,
+    tokens_per_image: int,
+    patch_offset: int,
+    patch_size: int,
+    colon_id: int,
+) -> Targets:
+    """Targets for one micro-batch laid out as ``MavenModel.assemble_batch`` does without left
+    padding (``<image>`` at id position p becomes ``tokens_per_image`` tokens).
+
+    ``turns[b]``: per answer turn of row b, its question line and the id positions of the answer
+    tokens it predicts (without the final ``<eos>``). ``kept[b]``: int [n_images, k] raster
+    indices of the patches in each image's sequence, which start ``patch_offset`` tokens after
+    ``<img_start>`` (hybrid: the kept patches after the codes; continuous: all patches, offset 0;
+    None in discrete mode, where there are no patches and so no role targets). The label of image k is the token before the last ``colon_id``
+    (``:``) that precedes its ``<image>`` (``Image 2: <image>``: ``" 2"``; ``"3"`` where the
+    tokenizer splits ``" 3"``)."""
+    t = Targets([], [], [], [], [])
+
+    def add(row: int, layer: int, head: int, queries, keys: np.ndarray) -> None:
+        for q in queries:
+            t.rows.append(row)
+            t.layers.append(layer)
+            t.heads.append(head)
+            t.queries.append(int(q))
+            t.keys.append(keys)
+
+    for b, ids in enumerate(sequences):
+        is_image = np.asarray(ids) == image_id
+        img_pos = np.flatnonzero(is_image)
+        # sequence index of each id position: every earlier <image> adds tokens_per_image - 1
+        seq = np.arange(len(ids)) + (np.cumsum(is_image) - is_image) * (tokens_per_image - 1)
+        width = len(ids) + len(img_pos) * (tokens_per_image - 1)
+        for question, answer_positions in turns[b]:
+            queries = seq[np.asarray(answer_positions, dtype=np.int64)] - 1  # predicts the token
+            named = referents(question, scenes[b]) if kept[b] is not None else []
+            for r, (k, obj) in enumerate(named[: len(sup.role_heads)]):
+                on = patch_labels([obj.mask], scenes[b][k].image_size, patch_size)[kept[b][k]] > 0
+                if on.any():
+                    keys = np.zeros(width, dtype=bool)
+                    keys[seq[img_pos[k]] + 1 + patch_offset + np.flatnonzero(on)] = True
+                    add(b, sup.role_layer, sup.role_heads[r], queries, keys)
+        if len(img_pos) > 1:
+            for k, p in enumerate(img_pos):
+                colons = [i for i in range(img_pos[k - 1] + 1 if k else 0, p) if ids[i] == colon_id]
+                if colons and colons[-1] > 0:
+                    keys = np.zeros(width, dtype=bool)
+                    keys[seq[colons[-1] - 1]] = True
+                    add(b, sup.label_layer, sup.label_head, range(seq[p] + 1, seq[p] + tokens_per_image), keys)
+    return t
+
+
+def attention_loss(probs: dict[int, torch.Tensor], targets: Targets) -> torch.Tensor | None:
+    """Mean over the targets of ``-log`` (attention mass on the target keys); ``probs[layer]`` is
+    that layer's attention [batch, heads, queries, keys]. None when there are no targets."""
+    if not targets.rows:
+        return None
+    losses = []
+    for layer in sorted(set(targets.layers)):
+        sel = [i for i, lay in enumerate(targets.layers) if lay == layer]
+        p = probs[layer]
+        rows = torch.tensor([targets.rows[i] for i in sel])
+        heads = torch.tensor([targets.heads[i] for i in sel])
+        queries = torch.tensor([targets.queries[i] for i in sel])
+        width = p.shape[-1]
+        keys = torch.from_numpy(np.stack([np.pad(targets.keys[i], (0, width - len(targets.keys[i]))) for i in sel]))
+        mass = (p[rows, heads, queries].float() * keys).sum(-1)
+        losses.append(-torch.log(mass.clamp_min(1e-6)))
+    return torch.cat(losses).mean()
+
+
+def answer_turns(sample: Sample, followups: Sequence[tuple[str, str]], targets: Sequence[bool]) -> list[tuple[str, list[int]]]:
+    """Per answer turn of a `batches.text_batch` row: its question line and the id positions of
+    its answer tokens without the closing ``<eos>`` (each turn is a run of target flags)."""
+    questions = [question_line(sample)] + [q for q, _ in followups]
+    runs, cur = [], []
+    for i, flag in enumerate(targets):
+        if flag:
+            cur.append(i)
+        elif cur:
+            runs.append(cur)
+            cur = []
+    if cur:
+        runs.append(cur)
+    return [(q, run[:-1]) for q, run in zip(questions, runs, strict=True)]

@@ -1,0 +1,148 @@
+"""Stage 4's attention targets: the objects a question names, where their patches and the image
+labels sit in the assembled sequence, and the loss on the recorded attention."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from model_src.data.followups import followup_questions  # noqa: E402
+from model_src.data.labels import patch_labels  # noqa: E402
+from model_src.data.splits import iter_samples  # noqa: E402
+from model_src.data.tasks import question_line  # noqa: E402
+from model_src.train.attention_targets import (  # noqa: E402
+    AttentionSupervision,
+    answer_turns,
+    attention_loss,
+    build_targets,
+    referents,
+)
+
+NAMING = ("color", "shape", "position", "which_image", "same")
+
+
+def test_referents_are_the_objects_the_generator_named():
+    """For every question that names single objects, the objects read back from the template are
+    the ones the generator labelled for the selector (same images, same patches), in text order."""
+    for s in iter_samples("train", 90, tasks=NAMING + ("count", "caption", "changed", "count_across")):
+        refs = referents(question_line(s), s.scenes)
+        if s.task not in NAMING:
+            assert refs == [], s.prompt
+            continue
+        assert len(refs) == (2 if s.task in ("position", "same") else 1), s.prompt
+        for k, scene in enumerate(s.scenes):
+            mine = [o for j, o in refs if j == k]
+            if mine:
+                assert np.array_equal(patch_labels([o.mask for o in mine], scene.image_size, 8), s.patch_labels[k])
+        if s.task == "position":
+            q = question_line(s)
+            a, b = (f"{o.color} {o.shape}" for _, o in refs)
+            assert q.index(a) < q.index(b)
+        if s.task == "same":
+            assert [k for k, _ in refs] == [0, 1]
+
+
+def test_follow_up_in_image_questions_name_the_labelled_image():
+    rng = np.random.default_rng(0)
+    seen = 0
+    for s in iter_samples("train", 40, tasks=("which_image", "count_across")):
+        for q, _ in followup_questions(s.scenes, rng, 6, skip=[question_line(s)]):
+            if q.startswith("Question: what") and " in image " in q:
+                ((k, obj),) = referents(q, s.scenes)
+                assert k == int(q[-2]) - 1 and obj in s.scenes[k].objects
+                seen += 1
+    assert seen > 5
+
+
+@pytest.fixture(scope="module")
+def batch():
+    from model_src.checkpoint import build_model
+    from model_src.config import get_config
+    from model_src.train import batches as B
+    from model_src.train.common import visual_embeds, visual_features
+
+    model = build_model(get_config("tiny", ["llm.num_layers=3", "vision.num_layers=1", "discrete.num_layers=1"]),
+                        seed=0)
+    tok = model.tokenizer
+    samples = list(iter_samples("train", 6, tasks=("position", "which_image", "same")))
+    rng = np.random.default_rng(1)
+    extra = [followup_questions(s.scenes, rng, 3, skip=[question_line(s)]) for s in samples]
+    tb = B.text_batch(samples, tok, extra)
+    vf = visual_features(model, B.pixel_tensor(samples, model.config), "hybrid")
+    offsets = np.concatenate([[0], np.cumsum(tb.image_counts)])
+    emb = visual_embeds(model, vf, "hybrid")
+    asm = model.assemble_batch(tb.sequences, [emb[offsets[i]:offsets[i + 1]] for i in range(len(samples))],
+                               tb.targets)
+    sup = AttentionSupervision.for_decoder(model.config.llm, 1.0)
+    t_img = model.config.visual_tokens_per_image("hybrid") + 2
+    kept = [vf.indices[offsets[i]:offsets[i + 1]].numpy() for i in range(len(samples))]
+    targets = build_targets(
+        sup, tb.sequences, [answer_turns(s, e, t) for s, e, t in zip(samples, extra, tb.targets, strict=True)],
+        [s.scenes for s in samples], kept, tok.image_id, t_img, model.config.discrete.num_codes, 8,
+        tok.encode(":")[0])
+    return model, samples, tb, asm, sup, kept, targets, t_img
+
+
+def test_targets_point_at_named_patches_and_image_labels(batch):
+    model, samples, tb, asm, sup, kept, t, t_img = batch
+    tok, codes = model.tokenizer, model.config.discrete.num_codes
+    assert sup.role_layer == 1 and sup.role_heads == (0, 3) and sup.label_layer == 0
+    n_role = n_label = 0
+    for b, layer, head, q, keys in zip(t.rows, t.layers, t.heads, t.queries, t.keys, strict=True):
+        ids = tb.sequences[b]
+        is_image = np.asarray(ids) == tok.image_id
+        seq = np.arange(len(ids)) + (np.cumsum(is_image) - is_image) * (t_img - 1)
+        starts = seq[is_image]
+        (key_pos,) = np.nonzero(keys)
+        if layer == sup.label_layer:
+            assert head == sup.label_head
+            # a visual token of image k attends to the digit of "Image k:"
+            k = int(np.searchsorted(starts, q, side="right")) - 1
+            assert starts[k] < q < starts[k] + t_img
+            token = ids[int(np.flatnonzero(seq == key_pos[0])[0])]
+            assert tok.decode([token]).strip() == str(k + 1)
+            n_label += 1
+        else:
+            assert head in sup.role_heads and asm.labels[b, q + 1] != -100  # the query predicts an answer
+            k = int(np.searchsorted(starts, key_pos[0], side="right")) - 1
+            slots = key_pos - starts[k] - 1 - codes
+            assert ((0 <= slots) & (slots < kept[b].shape[1])).all()
+            scene = samples[b].scenes[k]
+            overlap = [patch_labels([o.mask], 64, 8)[kept[b][k][slots]] for o in scene.objects]
+            assert any(o.all() for o in overlap)  # all keys lie on one object of that image
+            n_role += 1
+    assert n_role > 10 and n_label > 100
+
+
+def test_without_patches_only_the_label_head_is_supervised(batch):
+    """Discrete mode has no patches to point the role heads at."""
+    from model_src.train import batches as B
+
+    model, samples, _, _, sup, _, _, t_img = batch
+    tok = model.tokenizer
+    tb = B.text_batch(samples, tok)
+    no_patches = build_targets(
+        sup, tb.sequences, [answer_turns(s, [], tg) for s, tg in zip(samples, tb.targets, strict=True)],
+        [s.scenes for s in samples], [None] * len(samples), tok.image_id, t_img, 0, 8, tok.encode(":")[0])
+    assert no_patches.rows and set(no_patches.layers) == {sup.label_layer}
+
+
+def test_attention_loss_is_minus_log_of_the_target_mass_and_trains_the_heads(batch):
+    model, _, _, asm, sup, _, t, _ = batch
+    for layer in sup.layers:
+        model.llm.layers[layer].self_attn.record, model.llm.layers[layer].self_attn.record_grad = [], True
+    model.llm(asm.inputs_embeds, asm.attention_mask)
+    probs = {layer: model.llm.layers[layer].self_attn.record[0] for layer in sup.layers}
+    for layer in sup.layers:
+        model.llm.layers[layer].self_attn.record, model.llm.layers[layer].self_attn.record_grad = None, False
+    loss = attention_loss(probs, t)
+    by_hand = np.mean([
+        -np.log(float(probs[lay][b, h, q, : len(k)][torch.from_numpy(k)].sum().detach()))
+        for b, lay, h, q, k in zip(t.rows, t.layers, t.heads, t.queries, t.keys, strict=True)
+    ])
+    assert float(loss.detach()) == pytest.approx(by_hand, rel=1e-4)
+    loss.backward()
+    assert model.llm.layers[sup.role_layer].self_attn.q_proj.weight.grad.abs().sum() > 0
+    assert model.llm.layers[-1].self_attn.q_proj.weight.grad is None  # above the supervised layers
