@@ -60,11 +60,11 @@ def test_every_stage_runs_and_writes_outputs(smoke_run):
     assert not model.config.image_slots  # the recipe's default
 
 
-def test_image_slots_phase_turns_them_on_and_trains_them(tmp_path, smoke_run, monkeypatch):
+def _stage4_with(tmp_path, smoke_run, monkeypatch, max_batch=2, **changes):
+    """Stage 4 again from the smoke run's stages 0-3 with the 4-instruct config changed."""
     import dataclasses
     import shutil
 
-    from model_src.checkpoint import load_checkpoint
     from model_src.train import stages
 
     out, _ = smoke_run
@@ -72,13 +72,19 @@ def test_image_slots_phase_turns_them_on_and_trains_them(tmp_path, smoke_run, mo
         shutil.copytree(out / f"stage{st}", tmp_path / f"stage{st}")
     real = stages.get_recipe
 
-    def with_slots(*args, **kw):
+    def changed(*args, **kw):
         recipe = real(*args, **kw)
-        recipe["4-instruct"] = dataclasses.replace(recipe["4-instruct"], image_slots=True)
+        recipe["4-instruct"] = dataclasses.replace(recipe["4-instruct"], **changes)
         return recipe
 
-    monkeypatch.setattr(stages, "get_recipe", with_slots)
-    _train(tmp_path, stage="4")
+    monkeypatch.setattr(stages, "get_recipe", changed)
+    _train(tmp_path, stage="4", max_batch=max_batch)
+
+
+def test_image_slots_phase_turns_them_on_and_trains_them(tmp_path, smoke_run, monkeypatch):
+    from model_src.checkpoint import load_checkpoint
+
+    _stage4_with(tmp_path, smoke_run, monkeypatch, image_slots=True)
     model = load_checkpoint(tmp_path / "final")
     assert model.config.image_slots and not load_checkpoint(tmp_path / "stage3").config.image_slots
     assert model.image_slot_embeds(model.config.max_images).abs().sum() > 0  # trained from zero
@@ -87,23 +93,7 @@ def test_image_slots_phase_turns_them_on_and_trains_them(tmp_path, smoke_run, mo
 @pytest.mark.parametrize("mode", ["hybrid", "continuous", "discrete"])
 def test_attention_targets_phase_logs_its_loss(tmp_path, smoke_run, monkeypatch, mode):
     """Stage 4 with attention targets in every visual mode (the Table-4 ablation trains all three)."""
-    import dataclasses
-    import shutil
-
-    from model_src.train import stages
-
-    out, _ = smoke_run
-    for st in "0123":
-        shutil.copytree(out / f"stage{st}", tmp_path / f"stage{st}")
-    real = stages.get_recipe
-
-    def with_targets(*args, **kw):
-        recipe = real(*args, **kw)
-        recipe["4-instruct"] = dataclasses.replace(recipe["4-instruct"], attention_targets=0.5, mode=mode)
-        return recipe
-
-    monkeypatch.setattr(stages, "get_recipe", with_targets)
-    _train(tmp_path, stage="4", max_batch=6)
+    _stage4_with(tmp_path, smoke_run, monkeypatch, max_batch=6, attention_targets=0.5, mode=mode)
     recs = [json.loads(x) for x in (tmp_path / "stage4" / "training_log.jsonl").read_text().splitlines()]
     steps = [r for r in recs if r.get("phase") == "4-instruct" and "loss" in r]
     assert steps and all(r["attention_loss"] > 0 for r in steps)
