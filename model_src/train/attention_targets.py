@@ -23,7 +23,7 @@ own question.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -131,12 +131,12 @@ def build_targets(
     tokens it predicts (without the final ``<eos>``). ``kept[b]``: int [n_images, k] raster
     indices of the patches in each image's sequence, which start ``patch_offset`` tokens after
     ``<img_start>`` (hybrid: the kept patches after the codes; continuous: all patches, offset 0;
-    None in discrete mode, where there are no patches and so no role targets). The label of image k is the token before the last ``colon_id``
-    (``:``) that precedes its ``<image>`` (``Image 2: <image>``: ``" 2"``; ``"3"`` where the
-    tokenizer splits ``" 3"``)."""
+    None in discrete mode, where there are no patches and so no role targets). The label of
+    image k is the token before the last ``colon_id`` (``:``) that precedes its ``<image>``
+    (``Image 2: <image>``: ``" 2"``; ``"3"`` where the tokenizer splits ``" 3"``)."""
     t = Targets([], [], [], [], [])
 
-    def add(row: int, layer: int, head: int, queries, keys: np.ndarray) -> None:
+    def add(row: int, layer: int, head: int, queries: Iterable[int], keys: np.ndarray) -> None:
         for q in queries:
             t.rows.append(row)
             t.layers.append(layer)
