@@ -95,6 +95,9 @@ def test_targets_point_at_named_patches_and_image_labels(batch):
         is_image = np.asarray(ids) == tok.image_id
         seq = np.arange(len(ids)) + (np.cumsum(is_image) - is_image) * (t_img - 1)
         starts = seq[is_image]
+        text = torch.from_numpy(np.flatnonzero(~is_image))  # the id -> sequence map is assemble_batch's
+        assert torch.equal(asm.inputs_embeds[b, torch.from_numpy(seq)[text]],
+                           model.embed_ids(torch.tensor(ids)[text]).detach())
         (key_pos,) = np.nonzero(keys)
         if layer == sup.label_layer:
             assert head == sup.label_head
@@ -131,12 +134,11 @@ def test_without_patches_only_the_label_head_is_supervised(batch):
 
 def test_attention_loss_is_minus_log_of_the_target_mass_and_trains_the_heads(batch):
     model, _, _, asm, sup, _, t, _ = batch
-    for layer in sup.layers:
-        model.llm.layers[layer].self_attn.record, model.llm.layers[layer].self_attn.record_grad = [], True
-    model.llm(asm.inputs_embeds, asm.attention_mask)
-    probs = {layer: model.llm.layers[layer].self_attn.record[0] for layer in sup.layers}
-    for layer in sup.layers:
-        model.llm.layers[layer].self_attn.record, model.llm.layers[layer].self_attn.record_grad = None, False
+    from model_src.modeling.decoder import record_attention
+
+    with record_attention(model.llm, sup.layers, grad=True) as maps:
+        model.llm(asm.inputs_embeds, asm.attention_mask)
+    probs = dict(zip(sup.layers, maps, strict=True))
     loss = attention_loss(probs, t)
     by_hand = np.mean([
         -np.log(float(probs[lay][b, h, q, : len(k)][torch.from_numpy(k)].sum().detach()))

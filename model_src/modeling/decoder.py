@@ -14,6 +14,9 @@ with 1 and padding with 0; attention is causal on top of it.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -57,10 +60,9 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=False)
-        # Diagnostics only (model_src.train.diagnose): when a list, each forward appends its
-        # attention probabilities [batch, heads, queries, keys]. None (the default) records nothing.
-        # Training with attention targets (model_src.train.attention_targets) sets record_grad so
-        # the recorded probabilities stay in the autograd graph.
+        # Set by `record_attention` (diagnostics, attention targets): when a list, each forward
+        # appends its attention probabilities [batch, heads, queries, keys], detached unless
+        # record_grad. None (the default) records nothing.
         self.record: list[torch.Tensor] | None = None
         self.record_grad = False
 
@@ -86,6 +88,24 @@ class Attention(nn.Module):
             self.record.append(probs if self.record_grad else probs.detach())
         out = probs @ v
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1)), present
+
+
+@contextmanager
+def record_attention(
+    decoder: LlamaDecoder, layers: Sequence[int] | None = None, grad: bool = False
+) -> Iterator[list[torch.Tensor]]:
+    """Collect the attention maps of `layers` (all if None) while the block runs: one tensor per
+    recorded layer per forward, in layer order. With `grad` they stay in the autograd graph (for a
+    loss on them); otherwise they are detached."""
+    attns = [decoder.layers[i].self_attn for i in (range(len(decoder.layers)) if layers is None else layers)]
+    store: list[torch.Tensor] = []
+    for attn in attns:
+        attn.record, attn.record_grad = store, grad
+    try:
+        yield store
+    finally:
+        for attn in attns:
+            attn.record, attn.record_grad = None, False
 
 
 class MLP(nn.Module):

@@ -37,6 +37,7 @@ from model_src.data import Sample
 from model_src.data.splits import SPLITS, iter_samples
 from model_src.data.tasks import TASKS
 from model_src.errors import InputError
+from model_src.modeling.decoder import record_attention
 from model_src.modeling.maven import MavenModel
 from model_src.train import batches as B
 from model_src.train.common import VisualFeatures, set_threads, visual_embeds, visual_features
@@ -61,20 +62,6 @@ def patch_ablation(model: MavenModel, samples: Sequence[Sample]) -> dict[str, di
     rolled = evaluate(model, samples=samples, quiet=True, features_hook=roll_patches)
     return {task: {"own_patches": own["task_accuracy"][task], "other_image_patches": rolled["task_accuracy"][task]}
             for task in own["task_accuracy"]}
-
-
-@contextmanager
-def record_attention(model: MavenModel) -> Iterator[list[torch.Tensor]]:
-    """Collect every decoder attention map (one per layer per forward) while the block runs."""
-    store: list[torch.Tensor] = []
-    layers = [layer.self_attn for layer in model.llm.layers]
-    for attn in layers:
-        attn.record = store
-    try:
-        yield store
-    finally:
-        for attn in layers:
-            attn.record = None
 
 
 @contextmanager
@@ -113,7 +100,7 @@ def attention_and_residuals(model: MavenModel, samples: Sequence[Sample]) -> tup
         vf = visual_features(model, B.pixel_tensor([s], model.config), "hybrid")
         ids = tok.encode_prompt(s.prompt)
         asm = model.assemble_batch([ids], [visual_embeds(model, vf, "hybrid")])
-        with record_attention(model) as maps, record_residuals(model) as stream:
+        with record_attention(model.llm) as maps, record_residuals(model) as stream:
             model.llm(asm.inputs_embeds, asm.attention_mask)
         part = np.full(asm.inputs_embeds.shape[1], 3)  # text unless marked below
         markers = np.zeros(asm.inputs_embeds.shape[1], dtype=bool)

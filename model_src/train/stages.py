@@ -45,6 +45,7 @@ from model_src.config import MavenConfig, get_config
 from model_src.data.followups import followup_questions
 from model_src.data.tasks import question_line
 from model_src.errors import CheckpointError, TrainingError
+from model_src.modeling.decoder import record_attention
 from model_src.modeling.maven import MavenModel
 from model_src.modeling.selector import select_patches
 from model_src.train import batches as B
@@ -367,26 +368,17 @@ def phase_llm(model: MavenModel, cfg: PhaseConfig, seed: int, name: str, parts: 
                 per.append(emb[j : j + tb.image_counts[i]])
                 j += tb.image_counts[i]
             asm = model.assemble_batch([tb.sequences[i] for i in group], per, [tb.targets[i] for i in group])
-            targets = None
+            with record_attention(model.llm, sup.layers if sup.weight > 0 else (), grad=True) as maps:
+                logits, _, _ = model.llm(asm.inputs_embeds, asm.attention_mask)
+            loss_sum, _ = answer_loss(logits, asm.labels)
+            loss = loss_sum / len(samples)
             if sup.weight > 0:
                 targets = build_targets(
                     sup, [tb.sequences[i] for i in group],
                     [answer_turns(samples[i], extra[i] if extra else [], tb.targets[i]) for i in group],
                     [samples[i].scenes for i in group], [patches_in(offsets[i], offsets[i + 1]) for i in group],
                     tok.image_id, t_img, patch_offset, model.config.vision.patch_size, colon_id)
-                for layer in sup.layers:
-                    attn = model.llm.layers[layer].self_attn
-                    attn.record, attn.record_grad = [], True
-            logits, _, _ = model.llm(asm.inputs_embeds, asm.attention_mask)
-            loss_sum, _ = answer_loss(logits, asm.labels)
-            loss = loss_sum / len(samples)
-            if targets is not None:
-                probs = {}
-                for layer in sup.layers:
-                    attn = model.llm.layers[layer].self_attn
-                    probs[layer] = attn.record[0]
-                    attn.record, attn.record_grad = None, False
-                att = attention_loss(probs, targets)
+                att = attention_loss(dict(zip(sup.layers, maps, strict=True)), targets)
                 if att is not None:
                     loss = loss + sup.weight * att * len(group) / len(samples)
                     att_total += float(att.detach()) * len(group)
