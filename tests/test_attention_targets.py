@@ -24,36 +24,52 @@ NAMING = ("color", "shape", "position", "which_image", "same")
 
 
 def test_referents_are_the_objects_the_generator_named():
-    """For every question that names single objects, the objects read back from the template are
-    the ones the generator labelled for the selector (same images, same patches), in text order."""
-    for s in iter_samples("train", 90, tasks=NAMING + ("count", "caption", "changed", "count_across")):
-        refs = referents(question_line(s), s.scenes)
-        if s.task not in NAMING:
-            assert refs == [], s.prompt
+    """Read back from the question templates: the objects a question names (one role each, in
+    text order), every object a count question counts (one role), and the edited object of
+    "what changed" (one role per image) are the ones the generator labelled for the selector."""
+    for s in iter_samples("train", 120):
+        roles = referents(question_line(s), s.scenes)
+        if s.task == "caption":
+            assert roles == [], s.prompt
             continue
-        assert len(refs) == (2 if s.task in ("position", "same") else 1), s.prompt
+        if s.task in NAMING:
+            assert [len(r) for r in roles] == [1, 1] if s.task in ("position", "same") else [1], s.prompt
+        elif s.task == "changed":
+            edit = s.meta["edit"]
+            assert [len(r) for r in roles] == {"recolor": [1, 1], "removed": [1, 0], "added": [0, 1]}[edit]
+            assert all(k == r for r, role in enumerate(roles) for k, _ in role)  # role r: image r+1
+            assert edit != "recolor" or roles[0][0][1].color != roles[1][0][1].color
+        else:  # count, count_across: one role with every counted object
+            assert len(roles) == 1 and len(roles[0]) == int(s.answer), s.prompt
         for k, scene in enumerate(s.scenes):
-            mine = [o for j, o in refs if j == k]
-            if mine:
+            mine = [o for role in roles for j, o in role if j == k]
+            if mine and s.task != "changed":
                 assert np.array_equal(patch_labels([o.mask for o in mine], scene.image_size, 8), s.patch_labels[k])
         if s.task == "position":
             q = question_line(s)
-            a, b = (f"{o.color} {o.shape}" for _, o in refs)
+            a, b = (f"{role[0][1].color} {role[0][1].shape}" for role in roles)
             assert q.index(a) < q.index(b)
         if s.task == "same":
-            assert [k for k, _ in refs] == [0, 1]
+            assert [role[0][0] for role in roles] == [0, 1]
 
 
 def test_follow_up_in_image_questions_name_the_labelled_image():
     rng = np.random.default_rng(0)
-    seen = 0
+    seen = counted = 0
     for s in iter_samples("train", 40, tasks=("which_image", "count_across")):
-        for q, _ in followup_questions(s.scenes, rng, 6, skip=[question_line(s)]):
-            if q.startswith("Question: what") and " in image " in q:
-                ((k, obj),) = referents(q, s.scenes)
-                assert k == int(q[-2]) - 1 and obj in s.scenes[k].objects
+        for q, a in followup_questions(s.scenes, rng, 6, skip=[question_line(s)]):
+            if " the same " in q or " in image " not in q:
+                continue
+            k = int(q[-2]) - 1
+            (role,) = referents(q, s.scenes)
+            assert all(j == k and obj in s.scenes[k].objects for j, obj in role)
+            if q.startswith("Question: what"):
+                assert len(role) == 1
                 seen += 1
-    assert seen > 5
+            else:  # "how many shapes are there in image k?"
+                assert len(role) == int(a) == len(s.scenes[k].objects)
+                counted += 1
+    assert seen > 5 and counted > 5
 
 
 @pytest.fixture(scope="module")
@@ -109,12 +125,14 @@ def test_targets_point_at_named_patches_and_image_labels(batch):
             n_label += 1
         else:
             assert head in sup.role_heads and asm.labels[b, q + 1] != -100  # the query predicts an answer
-            k = int(np.searchsorted(starts, key_pos[0], side="right")) - 1
-            slots = key_pos - starts[k] - 1 - codes
-            assert ((0 <= slots) & (slots < kept[b].shape[1])).all()
-            scene = samples[b].scenes[k]
-            overlap = [patch_labels([o.mask], 64, 8)[kept[b][k][slots]] for o in scene.objects]
-            assert any(o.all() for o in overlap)  # all keys lie on one object of that image
+            for k in np.unique(np.searchsorted(starts, key_pos, side="right") - 1):
+                mine = key_pos[(key_pos > starts[k]) & (key_pos < starts[k] + t_img)]
+                slots = mine - starts[k] - 1 - codes
+                assert ((0 <= slots) & (slots < kept[b].shape[1])).all()
+                on_object = np.zeros(len(slots), dtype=bool)
+                for o in samples[b].scenes[k].objects:
+                    on_object |= patch_labels([o.mask], 64, 8)[kept[b][k][slots]] > 0
+                assert on_object.all()  # every key is a kept patch of a named object of its image
             n_role += 1
     assert n_role > 10 and n_label > 100
 

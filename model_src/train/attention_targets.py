@@ -10,14 +10,16 @@ to, so this module turns them into targets for a few attention heads:
   ``role_heads[r]`` should put its attention on the kept patches of the ``r``-th object the
   question names ("is the *red circle* left of the *blue square*?": role 0 and role 1). The two
   heads use different key/value groups, so each object's features reach the answer separately.
+  A count question has one role holding every object it counts, and "what changed" one role per
+  image holding its edited object (see :func:`referents`).
 * **label head** (layer ``label_layer``, head ``label_head``): in a multi-image prompt, every
   visual token of image ``k`` should attend to the ``" k"`` token of its ``Image k:`` label, so a
   retrieved patch carries the label it must be answered with.
 
 The loss for one (query, head) is ``-log`` of the attention mass on its target keys, averaged
-over all such pairs of the micro-batch. The objects a question names are read back from the
-question's template (:func:`referents`), so follow-up turns are covered as well as each sample's
-own question.
+over all such pairs of the micro-batch. The objects are read back from the question's template
+and the scenes (:func:`referents`), so follow-up turns are covered as well as each sample's own
+question.
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ import torch
 
 from model_src.config import LLMConfig
 from model_src.data.labels import patch_labels
-from model_src.data.shapes import Scene, ShapeObject
-from model_src.data.tasks import Sample, question_line
+from model_src.data.shapes import COLORS, SHAPES, Scene, ShapeObject
+from model_src.data.tasks import CHANGE_QUESTION, Sample, plural, question_line
 
 # (pattern, roles): each role is (image group index or None for "the only / any image",
 # colour group or None, shape group or None). Patterns match the text after "Question: ".
@@ -47,17 +49,17 @@ _TEMPLATES: tuple[tuple[re.Pattern[str], tuple[tuple[int | None, int | None, int
     (re.compile(r"is the (\w+) object in image 1 the same shape as the \1 object in image 2\?"),
      ((-1, 1, None), (-2, 1, None))),
 )
+# "how many {shapes | red shapes | circles} are there[ in image k | in all the images]?"
+_COUNT = re.compile(r"how many (.+) are there(?: in image (\d)| (in all the images))?\?")
+_SHAPE_OF_PLURAL = {plural(s): s for s in SHAPES}
+
+Role = list[tuple[int, ShapeObject]]
 
 
-def referents(question: str, scenes: Sequence[Scene]) -> list[tuple[int, ShapeObject]]:
-    """The objects a question names, in the order it names them, as (image index, object).
-
-    ``question`` is a question line (``"Question: ..."``). Questions that name no single object
-    (captions, counts, "what changed") give ``[]``; so does a question whose referring expression
-    does not pick exactly one object of ``scenes`` (never the case for generated questions)."""
-    text = question.removeprefix("Question: ")
+def _named(question: str, scenes: Sequence[Scene]) -> list[Role] | None:
+    """Templates naming single objects: one role per object, or None if no template matches."""
     for pattern, roles in _TEMPLATES:
-        m = pattern.fullmatch(text)
+        m = pattern.fullmatch(question)
         if not m:
             continue
         out = []
@@ -73,8 +75,62 @@ def referents(question: str, scenes: Sequence[Scene]) -> list[tuple[int, ShapeOb
             found = [(k, o) for k in images if k < len(scenes) for o in scenes[k].find(color=color, shape=shape)]
             if len(found) != 1:
                 return []
-            out.append(found[0])
+            out.append(found)
         return out
+    return None
+
+
+def _counted(question: str, scenes: Sequence[Scene]) -> list[Role] | None:
+    """A count question: one role holding every object it counts (all images for "in all the
+    images", image k for "in image k", else the only image)."""
+    m = _COUNT.fullmatch(question)
+    if not m:
+        return None
+    noun = m.group(1)
+    if noun == "shapes":
+        color = shape = None
+    elif noun.endswith(" shapes") and noun.removesuffix(" shapes") in COLORS:
+        color, shape = noun.removesuffix(" shapes"), None
+    elif noun in _SHAPE_OF_PLURAL:
+        color, shape = None, _SHAPE_OF_PLURAL[noun]
+    else:
+        return []
+    if m.group(2):
+        images = [int(m.group(2)) - 1]
+    elif m.group(3) or len(scenes) == 1:
+        images = list(range(len(scenes)))
+    else:
+        return []
+    found = [(k, o) for k in images if k < len(scenes) for o in scenes[k].find(color=color, shape=shape)]
+    return [found] if found else []
+
+
+def _changes(question: str, scenes: Sequence[Scene]) -> list[Role] | None:
+    """"What changed between image 1 and image 2?": role 0 holds the objects of image 1 that
+    image 2 does not have (recoloured or removed), role 1 those of image 2 that image 1 does not
+    have (recoloured or added). Edited scenes keep the other objects (identity), so this is a
+    plain difference."""
+    if question != CHANGE_QUESTION or len(scenes) != 2:
+        return None
+    first, second = scenes
+    return [[(0, o) for o in first.objects if not any(o is p for p in second.objects)],
+            [(1, o) for o in second.objects if not any(o is p for p in first.objects)]]
+
+
+def referents(question: str, scenes: Sequence[Scene]) -> list[Role]:
+    """The objects a question is about, one role per head: role r is the list of (image index,
+    object) the r-th supervised head should attend to (an empty role gets no target).
+
+    ``question`` is a question line (``"Question: ..."``). Questions naming objects give one role
+    per named object, in the order they are named; count questions one role with every object
+    counted; "what changed" one role per image with its edited object. Captions give ``[]``; so
+    does a question whose referring expression does not pick exactly one object of ``scenes``
+    (never the case for generated questions)."""
+    text = question.removeprefix("Question: ")
+    for parse in (_named, _counted, _changes):
+        roles = parse(text, scenes)
+        if roles is not None:
+            return roles
     return []
 
 
@@ -153,11 +209,13 @@ def build_targets(
         for question, answer_positions in turns[b]:
             queries = seq[np.asarray(answer_positions, dtype=np.int64)] - 1  # predicts the token
             named = referents(question, scenes[b]) if kept[b] is not None else []
-            for r, (k, obj) in enumerate(named[: len(sup.role_heads)]):
-                on = patch_labels([obj.mask], scenes[b][k].image_size, patch_size)[kept[b][k]] > 0
-                if on.any():
-                    keys = np.zeros(width, dtype=bool)
+            for r, role in enumerate(named[: len(sup.role_heads)]):
+                keys = np.zeros(width, dtype=bool)
+                for k in sorted({k for k, _ in role}):
+                    masks = [obj.mask for j, obj in role if j == k]
+                    on = patch_labels(masks, scenes[b][k].image_size, patch_size)[kept[b][k]] > 0
                     keys[seq[img_pos[k]] + 1 + patch_offset + np.flatnonzero(on)] = True
+                if keys.any():
                     add(b, sup.role_layer, sup.role_heads[r], queries, keys)
         if len(img_pos) > 1:
             for k, p in enumerate(img_pos):
