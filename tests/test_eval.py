@@ -156,9 +156,10 @@ def test_readme_demo_question_is_answered_correctly():
 
 
 @needs_shipped
-def test_diagnose_shows_the_shipped_model_reads_colour_from_patches_and_count_from_codes():
+def test_diagnose_shows_the_shipped_model_reads_colour_and_count_from_the_patches():
     """model_src.train.diagnose on the shipped weights: giving each image another image's kept
-    patches breaks colour answers but not counts (counts come from the codes); the answer
+    patches breaks colour answers and costs counts (the count attention targets made counting
+    read the counted objects' patches; before them counts came from the codes alone); the answer
     position's attention is a distribution over the prompt, and for colour questions its last
     layer looks at the named object's patches more than at the other kept patches; the residual
     stream is reported per layer and token kind."""
@@ -169,7 +170,7 @@ def test_diagnose_shows_the_shipped_model_reads_colour_from_patches_and_count_fr
     report = diagnose(model, "val", per_task=20, tasks=["color", "count"], attention_per_task=6)
     abl = report["patch_ablation"]
     assert abl["color"]["own_patches"] >= 0.9 and abl["color"]["other_image_patches"] <= 0.5
-    assert abl["count"]["other_image_patches"] >= abl["count"]["own_patches"] - 0.15
+    assert abl["count"]["own_patches"] >= 0.7 and abl["count"]["other_image_patches"] < abl["count"]["own_patches"]
     for layers in report["answer_attention"].values():
         assert len(layers) == model.config.llm.num_layers
         assert all(sum(row.values()) == pytest.approx(1.0, abs=1e-3) for row in layers)
