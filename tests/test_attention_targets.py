@@ -33,7 +33,7 @@ def test_referents_are_the_objects_the_generator_named():
             assert roles == [], s.prompt
             continue
         if s.task in NAMING:
-            assert [len(r) for r in roles] == [1, 1] if s.task in ("position", "same") else [1], s.prompt
+            assert [len(r) for r in roles] == ([1, 1] if s.task in ("position", "same") else [1]), s.prompt
         elif s.task == "changed":
             edit = s.meta["edit"]
             assert [len(r) for r in roles] == {"recolor": [1, 1], "removed": [1, 0], "added": [0, 1]}[edit]
