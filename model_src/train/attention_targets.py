@@ -56,6 +56,11 @@ _SHAPE_OF_PLURAL = {plural(s): s for s in SHAPES}
 Role = list[tuple[int, ShapeObject]]
 
 
+def _objects(scenes: Sequence[Scene], images: Sequence[int], color: str | None, shape: str | None) -> Role:
+    """The (image index, object) pairs of ``images`` matching ``color`` / ``shape`` (None: any)."""
+    return [(k, o) for k in images if k < len(scenes) for o in scenes[k].find(color=color, shape=shape)]
+
+
 def _named(question: str, scenes: Sequence[Scene]) -> list[Role] | None:
     """Templates naming single objects: one role per object, or None if no template matches."""
     for pattern, roles in _TEMPLATES:
@@ -72,7 +77,7 @@ def _named(question: str, scenes: Sequence[Scene]) -> list[Role] | None:
                 images = [int(m.group(img_group)) - 1]
             else:
                 images = list(range(len(scenes)))
-            found = [(k, o) for k in images if k < len(scenes) for o in scenes[k].find(color=color, shape=shape)]
+            found = _objects(scenes, images, color, shape)
             if len(found) != 1:
                 return []
             out.append(found)
@@ -101,7 +106,7 @@ def _counted(question: str, scenes: Sequence[Scene]) -> list[Role] | None:
         images = list(range(len(scenes)))
     else:
         return []
-    found = [(k, o) for k in images if k < len(scenes) for o in scenes[k].find(color=color, shape=shape)]
+    found = _objects(scenes, images, color, shape)
     return [found] if found else []
 
 
