@@ -6,7 +6,7 @@ their places are averaged instead of compared, and (b) a retrieved patch does no
 labelled image it belongs to. Both are steps the selector's pseudo-labels already know the answer
 to, so this module turns them into targets for a few attention heads:
 
-* **role heads** (layer ``role_layer``): at every position that predicts an answer token, head
+* **role heads** (each layer of ``role_layers``): at every position that predicts an answer token, head
   ``role_heads[r]`` should put its attention on the kept patches of the ``r``-th object the
   question names ("is the *red circle* left of the *blue square*?": role 0 and role 1). The two
   heads use different key/value groups, so each object's features reach the answer separately.
@@ -144,7 +144,7 @@ class AttentionSupervision:
     """Which heads are supervised, and the loss weight (0 turns the whole thing off)."""
 
     weight: float = 0.0
-    role_layer: int = 2
+    role_layers: tuple[int, ...] = (2,)  # the same role heads are supervised in each of these layers
     role_heads: tuple[int, ...] = (0, 3)  # one per named object, in different KV groups
     label_layer: int = 0
     label_head: int = 0
@@ -154,11 +154,11 @@ class AttentionSupervision:
         """The heads for a decoder: role heads in the middle layer (layer 2 of 4), the first head
         of each half of the heads (so of different KV groups whenever there are several), and
         the label head as head 0 of layer 0."""
-        return cls(weight, cfg.num_layers // 2, (0, cfg.num_heads // 2) if cfg.num_heads > 1 else (0,), 0, 0)
+        return cls(weight, (cfg.num_layers // 2,), (0, cfg.num_heads // 2) if cfg.num_heads > 1 else (0,), 0, 0)
 
     @property
     def layers(self) -> tuple[int, ...]:
-        return tuple(sorted({self.role_layer, self.label_layer}))
+        return tuple(sorted({*self.role_layers, self.label_layer}))
 
 
 @dataclass
@@ -221,7 +221,8 @@ def build_targets(
                     on = patch_labels(masks, scenes[b][k].image_size, patch_size)[kept[b][k]] > 0
                     keys[seq[img_pos[k]] + 1 + patch_offset + np.flatnonzero(on)] = True
                 if keys.any():
-                    add(b, sup.role_layer, sup.role_heads[r], queries, keys)
+                    for layer in sup.role_layers:
+                        add(b, layer, sup.role_heads[r], queries, keys)
         if len(img_pos) > 1:
             for k, p in enumerate(img_pos):
                 colons = [i for i in range(img_pos[k - 1] + 1 if k else 0, p) if ids[i] == colon_id]
