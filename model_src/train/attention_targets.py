@@ -144,17 +144,19 @@ class AttentionSupervision:
     """Which heads are supervised, and the loss weight (0 turns the whole thing off)."""
 
     weight: float = 0.0
-    role_layers: tuple[int, ...] = (2,)  # the same role heads are supervised in each of these layers
+    role_layers: tuple[int, ...] = (2, 3)  # the same role heads are supervised in each of these layers
     role_heads: tuple[int, ...] = (0, 3)  # one per named object, in different KV groups
     label_layer: int = 0
     label_head: int = 0
 
     @classmethod
     def for_decoder(cls, cfg: LLMConfig, weight: float) -> AttentionSupervision:
-        """The heads for a decoder: role heads in the middle layer (layer 2 of 4), the first head
-        of each half of the heads (so of different KV groups whenever there are several), and
-        the label head as head 0 of layer 0."""
-        return cls(weight, (cfg.num_layers // 2,), (0, cfg.num_heads // 2) if cfg.num_heads > 1 else (0,), 0, 0)
+        """The heads for a decoder: role heads in the middle layer and the last one (layers 2 and
+        3 of 4; the last layer's role heads read the objects' attributes straight into the answer
+        logits), the first head of each half of the heads (so of different KV groups whenever
+        there are several), and the label head as head 0 of layer 0."""
+        role_layers = tuple(sorted({cfg.num_layers // 2, cfg.num_layers - 1}))
+        return cls(weight, role_layers, (0, cfg.num_heads // 2) if cfg.num_heads > 1 else (0,), 0, 0)
 
     @property
     def layers(self) -> tuple[int, ...]:
