@@ -151,6 +151,7 @@ def code_figure(model, figures: Path, n_images: int = 400, n_codes: int = 6, per
 
 
 def table4(run: Path, work: Path, steps_scale: float, limit: int | None, quiet: bool) -> dict[str, Any]:
+    from model_src.train.attention_targets import AttentionSupervision
     from model_src.train.loop import run_phase
     from model_src.train.recipe import get_recipe
     from model_src.train.stages import phase_llm
@@ -159,12 +160,13 @@ def table4(run: Path, work: Path, steps_scale: float, limit: int | None, quiet: 
         raise TrainingError(f"table4 needs a training run with stage3/ (got --run {run}); train stages 0-3 first")
     base = get_recipe("tiny")["4-instruct"]
     cfg0 = base.scaled(steps_scale)
-    rows = {}
+    rows, role_layers = {}, ()
     for mode in ("discrete", "continuous", "hybrid"):
         model = load_checkpoint(run / "stage3")
         model.train()
         cfg = dataclasses.replace(cfg0, mode=mode)
         phase = phase_llm(model, cfg, 0, "4-instruct", ("llm", "projector"), ())
+        role_layers = AttentionSupervision.for_decoder(model.config.llm, cfg.attention_targets).role_layers
         summary = run_phase(phase, work / mode, resume=True, quiet=quiet)
         model.eval()
         rep = evaluate(model, "test", mode, limit=limit, quiet=quiet)
@@ -172,7 +174,7 @@ def table4(run: Path, work: Path, steps_scale: float, limit: int | None, quiet: 
                       "family_accuracy": rep["family_accuracy"], "task_accuracy": rep["task_accuracy"],
                       "family_counts": rep.get("family_counts", {}),
                       "visual_tokens_per_image": rep["visual_tokens_per_image"]}
-    return {"steps_scale": steps_scale, "steps": cfg0.steps, "rows": rows}
+    return {"steps_scale": steps_scale, "steps": cfg0.steps, "role_layers": list(role_layers), "rows": rows}
 
 
 def run_ablations(checkpoint: str | None, run: str | None, out: str, only: list[str], steps_scale: float | None,
@@ -216,7 +218,9 @@ def render_markdown(results: dict[str, Any]) -> str:
         t = results["table4"]
         lines += ["## Table 4 analogue: granularity of the visual tokens", "",
                   f"Each variant starts from the same stage-3 weights and runs stage 4 for {t['steps']} steps "
-                  f"({t['steps_scale']:.2f} of the recipe's stage-4 budget), then is evaluated in its own mode.", "",
+                  f"({t['steps_scale']:.2f} of the recipe's stage-4 budget), then is evaluated in its own mode."
+                  + (f" Attention targets' role heads in decoder layer(s) {', '.join(map(str, t['role_layers']))}."
+                     if "role_layers" in t else ""), "",
                   "| variant | visual tokens / image | single | multi | caption | overall |",
                   "|---|---|---|---|---|---|"]
         for mode, r in t["rows"].items():
