@@ -153,7 +153,9 @@ class PeakRSS:
     """Samples this process's RSS in a background thread; ``peak_bytes`` after the block.
 
     ``start_bytes`` is the RSS when the block began and ``delta_bytes`` the peak growth within it
-    (what the block itself needed on top of what was already resident).
+    (what the block itself needed on top of what was already resident). It is a sampled peak: memory
+    held for less than about ``interval_s`` (or while the sampler thread is not scheduled, on a
+    loaded machine) can be missed.
     """
 
     def __init__(self, interval_s: float = 0.005):

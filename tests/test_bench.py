@@ -47,7 +47,11 @@ def test_repeat_discards_warmup() -> None:
 def test_peak_rss_sees_an_allocation() -> None:
     with PeakRSS(interval_s=0.001) as mem:
         block = np.ones(64 * 1024 * 1024 // 8)  # 64 MB, touched
-        time.sleep(0.05)
+        # held until the sampler thread has run (up to 5 s): on a loaded machine it may not be
+        # scheduled within a fixed short sleep, and a freed block is then never seen
+        deadline = time.monotonic() + 5.0
+        while mem.peak_bytes - mem.start_bytes <= 32 * 1024 * 1024 and time.monotonic() < deadline:
+            time.sleep(0.01)
         del block
     assert mem.peak_bytes >= mem.start_bytes
     assert mem.delta_bytes > 32 * 1024 * 1024
