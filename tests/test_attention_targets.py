@@ -94,15 +94,18 @@ def batch():
     sup = AttentionSupervision.for_decoder(model.config.llm, 1.0)
     t_img = model.config.visual_tokens_per_image("hybrid") + 2
     kept = [vf.indices[offsets[i]:offsets[i + 1]].numpy() for i in range(len(samples))]
-    targets = build_targets(
-        sup, tb.sequences, [answer_turns(s, e, t) for s, e, t in zip(samples, extra, tb.targets, strict=True)],
-        [s.scenes for s in samples], kept, tok.image_id, t_img, model.config.discrete.num_codes, 8,
-        tok.encode(":")[0])
-    return model, samples, tb, asm, sup, kept, targets, t_img
+    turns = [answer_turns(s, e, t) for s, e, t in zip(samples, extra, tb.targets, strict=True)]
+
+    def targets_for(supervision: AttentionSupervision):
+        return build_targets(supervision, tb.sequences, turns, [s.scenes for s in samples], kept, tok.image_id,
+                             t_img, model.config.discrete.num_codes, 8, tok.encode(":")[0])
+
+    targets = targets_for(sup)
+    return model, samples, tb, asm, sup, kept, targets, t_img, targets_for
 
 
 def test_targets_point_at_named_patches_and_image_labels(batch):
-    model, samples, tb, asm, sup, kept, t, t_img = batch
+    model, samples, tb, asm, sup, kept, t, t_img, _ = batch
     tok, codes = model.tokenizer, model.config.discrete.num_codes
     assert sup.role_layers == (1, 2) and sup.role_heads == (0, 3) and sup.label_layer == 0
     n_role = n_label = 0
@@ -141,7 +144,7 @@ def test_without_patches_only_the_label_head_is_supervised(batch):
     """Discrete mode has no patches to point the role heads at."""
     from model_src.train import batches as B
 
-    model, samples, _, _, sup, _, _, t_img = batch
+    model, samples, _, _, sup, _, _, t_img, _ = batch
     tok = model.tokenizer
     tb = B.text_batch(samples, tok)
     no_patches = build_targets(
@@ -151,7 +154,7 @@ def test_without_patches_only_the_label_head_is_supervised(batch):
 
 
 def test_attention_loss_is_minus_log_of_the_target_mass_and_trains_the_heads(batch):
-    model, _, _, asm, sup, _, t, _ = batch
+    model, _, _, asm, sup, _, t, _, _ = batch
     from model_src.modeling.decoder import record_attention
 
     with record_attention(model.llm, sup.layers, grad=True) as maps:
@@ -175,15 +178,9 @@ def test_every_role_layer_gets_the_same_role_targets(batch):
     import dataclasses
     from collections import Counter
 
-    model, samples, tb, _, sup, kept, t, t_img = batch
-    tok = model.tokenizer
-    rng = np.random.default_rng(1)  # the fixture's follow-ups again
-    extra = [followup_questions(s.scenes, rng, 3, skip=[question_line(s)]) for s in samples]
+    _, _, _, _, sup, _, t, _, targets_for = batch
     one = dataclasses.replace(sup, role_layers=(1,))
-    t1 = build_targets(
-        one, tb.sequences, [answer_turns(s, e, tg) for s, e, tg in zip(samples, extra, tb.targets, strict=True)],
-        [s.scenes for s in samples], kept, tok.image_id, t_img, model.config.discrete.num_codes, 8,
-        tok.encode(":")[0])
+    t1 = targets_for(one)
 
     def entries(tg, layer):
         return Counter((r, h, q, k.tobytes()) for r, lay, h, q, k in

@@ -160,13 +160,12 @@ def table4(run: Path, work: Path, steps_scale: float, limit: int | None, quiet: 
         raise TrainingError(f"table4 needs a training run with stage3/ (got --run {run}); train stages 0-3 first")
     base = get_recipe("tiny")["4-instruct"]
     cfg0 = base.scaled(steps_scale)
-    rows, role_layers = {}, ()
+    rows = {}
     for mode in ("discrete", "continuous", "hybrid"):
         model = load_checkpoint(run / "stage3")
         model.train()
         cfg = dataclasses.replace(cfg0, mode=mode)
         phase = phase_llm(model, cfg, 0, "4-instruct", ("llm", "projector"), ())
-        role_layers = AttentionSupervision.for_decoder(model.config.llm, cfg.attention_targets).role_layers
         summary = run_phase(phase, work / mode, resume=True, quiet=quiet)
         model.eval()
         rep = evaluate(model, "test", mode, limit=limit, quiet=quiet)
@@ -174,6 +173,7 @@ def table4(run: Path, work: Path, steps_scale: float, limit: int | None, quiet: 
                       "family_accuracy": rep["family_accuracy"], "task_accuracy": rep["task_accuracy"],
                       "family_counts": rep.get("family_counts", {}),
                       "visual_tokens_per_image": rep["visual_tokens_per_image"]}
+    role_layers = AttentionSupervision.for_decoder(model.config.llm, cfg0.attention_targets).role_layers
     return {"steps_scale": steps_scale, "steps": cfg0.steps, "role_layers": list(role_layers), "rows": rows}
 
 
