@@ -226,7 +226,8 @@ def render_markdown(results: dict[str, Any]) -> str:
         for mode, r in t["rows"].items():
             lines.append(f"| {mode} | {r['visual_tokens_per_image']} | {_fam_row(r)} |")
         rows = t["rows"]
-        if {"hybrid", "discrete", "continuous"} <= set(rows):
+        modes = ("hybrid", "discrete", "continuous")
+        if all(m in rows and "multi" in rows[m]["family_accuracy"] for m in modes):  # --limit may ask none
             h = rows["hybrid"]["family_accuracy"]["multi"]
             others = {m: rows[m]["family_accuracy"]["multi"] for m in ("discrete", "continuous")}
             best = max(others, key=others.get)

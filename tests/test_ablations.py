@@ -1,0 +1,28 @@
+"""`maven-edge ablations` report rendering (the analyses themselves are long CLI runs)."""
+
+from __future__ import annotations
+
+from model_src.train.ablations import render_markdown
+
+
+def _row(families: dict[str, float], tokens: int) -> dict:
+    return {"accuracy": sum(families.values()) / len(families), "family_accuracy": families,
+            "family_counts": {k: 100 for k in families}, "visual_tokens_per_image": tokens}
+
+
+def test_table4_verdict_and_role_layers():
+    rows = {"discrete": _row({"single": 0.3, "multi": 0.2}, 32),
+            "continuous": _row({"single": 0.5, "multi": 0.3}, 64),
+            "hybrid": _row({"single": 0.5, "multi": 0.4}, 48)}
+    md = render_markdown({"table4": {"steps": 210, "steps_scale": 0.15, "role_layers": [2, 3], "rows": rows}})
+    assert "role heads in decoder layer(s) 2, 3." in md
+    assert "hybrid (40.0 %) beats both single-granularity variants" in md
+
+
+def test_table4_without_multi_image_questions_renders_without_a_verdict():
+    """`--limit` can leave a variant with no multi-image question: the table says nan, no verdict."""
+    rows = {m: _row({"single": 0.5, "caption": 0.0}, t) for m, t in (("discrete", 32), ("continuous", 64),
+                                                                     ("hybrid", 48))}
+    md = render_markdown({"table4": {"steps": 3, "steps_scale": 0.002, "rows": rows}})
+    assert "| hybrid | 48 | 50.0 | nan | 0.0 | 25.0 |" in md
+    assert "On multi-image questions" not in md and "role heads" not in md
