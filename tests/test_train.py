@@ -9,7 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from model_src.errors import TrainingError  # noqa: E402
-from model_src.train.recipe import get_recipe, parse_stages  # noqa: E402
+from model_src.train.recipe import PhaseConfig, get_recipe, parse_stages  # noqa: E402
 
 # tiny geometry (64 px, 8 px patches, 32 codes) with narrow one-layer networks
 SMALL = [
@@ -248,6 +248,21 @@ def test_gray_share_drops_colour_targets_and_probe_reports_both_groups(tmp_path)
     gray = np.asarray(B.in_gray(sample).images[0])
     assert (gray[..., 0] == gray[..., 1]).all() and (gray[..., 1] == gray[..., 2]).all()
     assert np.asarray(sample.images[0]).std(-1).max() > 0  # the original is untouched
+    # gray_levels="random": each object gets its own seeded grey level on its mask, the rest is luma
+    rand = np.asarray(B.in_gray(sample, np.random.default_rng(3)).images[0])[..., 0]
+    again = np.asarray(B.in_gray(sample, np.random.default_rng(3)).images[0])[..., 0]
+    assert (rand == again).all()
+    objects = sample.scenes[0].objects
+    for obj in objects:
+        level = rand[obj.mask]
+        assert (level == level[0]).all() and B.RANDOM_GRAY_RANGE[0] <= level[0] <= B.RANDOM_GRAY_RANGE[1]
+    rest = ~np.any([o.mask for o in objects], axis=0)
+    assert (rand[rest] == gray[..., 0][rest]).all()
+    levels = [int(np.asarray(B.in_gray(sample, np.random.default_rng(k)).images[0])[objects[0].mask][0, 0])
+              for k in range(8)]
+    assert len(set(levels)) > 1  # the level does not follow the object's colour
+    with pytest.raises(TrainingError, match="gray_levels"):
+        PhaseConfig(steps=2, batch_size=2, lr=1e-3, gray_levels="hue")
 
     grid, spec = 8, B.dense_targets(8)
     logits = torch.randn(2, grid * grid, sum(n for _, n in spec))

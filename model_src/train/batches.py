@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
+from PIL import Image
 
 from model_src.config import MavenConfig
 from model_src.data import ALL_PAIRS, COLORS, SHAPES, SIZES, Sample, get_sample
@@ -98,9 +99,26 @@ def gray_images(rng: np.random.Generator, n: int, share: float) -> np.ndarray:
     return rng.random(n) < share
 
 
-def in_gray(sample: Sample) -> Sample:
-    """The sample with its images converted to grey scale (kept as 3-channel RGB)."""
-    return replace(sample, images=[im.convert("L").convert("RGB") for im in sample.images])
+GRAY_LEVELS = ("luma", "random")
+RANDOM_GRAY_RANGE = (0, 190)  # object grey levels of gray_levels="random" (backgrounds are ~240)
+
+
+def in_gray(sample: Sample, rng: np.random.Generator | None = None) -> Sample:
+    """The sample with its images converted to grey scale (kept as 3-channel RGB).
+
+    Without ``rng`` each pixel keeps its luminance, so an object's grey level still tells its
+    colour (red, blue and purple are all ~92-99, yellow ~190). With ``rng`` every object is
+    repainted on its mask with its own random grey level from ``RANDOM_GRAY_RANGE``, so nothing
+    in a grey image says which colour an object had: its shape has to be read from its outline.
+    """
+    images = []
+    for im, scene in zip(sample.images, sample.scenes, strict=True):
+        gray = np.array(im.convert("L"))
+        if rng is not None:
+            for obj in scene.objects:
+                gray[obj.mask] = rng.integers(RANDOM_GRAY_RANGE[0], RANDOM_GRAY_RANGE[1] + 1)
+        images.append(Image.fromarray(gray, "L").convert("RGB"))
+    return replace(sample, images=images)
 
 
 def scene_targets(sample: Sample) -> tuple[np.ndarray, np.ndarray]:

@@ -65,8 +65,10 @@ def head_from_state(path: str | Path, model: MavenModel) -> nn.Linear:
     return head
 
 
-def train_vision(gray_share: float, out: Path, steps_scale: float = 1.0, quiet: bool = False) -> tuple[MavenModel, nn.Linear]:
-    """The recipe's 0-vision phase on a fresh tiny model with ``gray_share`` grey-scale images."""
+def train_vision(gray_share: float, out: Path, steps_scale: float = 1.0, quiet: bool = False,
+                 gray_levels: str = "luma") -> tuple[MavenModel, nn.Linear]:
+    """The recipe's 0-vision phase on a fresh tiny model with ``gray_share`` grey-scale images
+    (``gray_levels``: see ``PhaseConfig.gray_levels``)."""
     from model_src.checkpoint import build_model
     from model_src.config import get_config
     from model_src.train.common import set_threads
@@ -77,7 +79,8 @@ def train_vision(gray_share: float, out: Path, steps_scale: float = 1.0, quiet: 
     set_threads()
     cfg = get_config("tiny")
     model = build_model(cfg, seed=0)
-    pc = dataclasses.replace(get_recipe("tiny", steps_scale)["0-vision"], gray_share=gray_share)
+    pc = dataclasses.replace(get_recipe("tiny", steps_scale)["0-vision"], gray_share=gray_share,
+                             gray_levels=gray_levels)
     phase = phase_vision(model, pc, seed=0)
     run_phase(phase, out, False, quiet)
     return model, phase.modules["vit_head"]
@@ -89,12 +92,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--head", help="the 0-vision phase's resume/state.safetensors (holds vit_head)")
     ap.add_argument("--train-vision", action="store_true", help="train 0-vision from scratch first")
     ap.add_argument("--gray-share", type=float, default=0.0)
+    ap.add_argument("--gray-levels", choices=("luma", "random"), default="luma",
+                    help="grey images keep each pixel's luminance, or paint each object a random grey")
     ap.add_argument("--steps-scale", type=float, default=1.0)
     ap.add_argument("--samples", type=int, default=400)
     args = ap.parse_args(argv)
     if args.train_vision:
         with tempfile.TemporaryDirectory() as tmp:
-            model, head = train_vision(args.gray_share, Path(tmp) / "0-vision", args.steps_scale)
+            model, head = train_vision(args.gray_share, Path(tmp) / "0-vision", args.steps_scale,
+                                           gray_levels=args.gray_levels)
     else:
         if not (args.checkpoint and args.head):
             ap.error("give --checkpoint and --head, or --train-vision")
@@ -104,6 +110,7 @@ def main(argv: list[str] | None = None) -> None:
         head = head_from_state(args.head, model)
     report = heldout_probe(model, head, args.samples)
     report["gray_share"] = args.gray_share if args.train_vision else None
+    report["gray_levels"] = args.gray_levels if args.train_vision else None
     print(json.dumps(report, indent=2))
 
 

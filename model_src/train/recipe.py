@@ -34,8 +34,13 @@ class PhaseConfig:
     families: tuple[str, ...] = ()  # data families (empty: every family)
     followups: int = 0  # extra questions about the same images per sample (multi-turn; LLM stages)
     gray_share: float = 0.0  # 0-vision: share of images shown in grey scale (no colour target)
+    gray_levels: str = "luma"  # 0-vision grey images: "luma" (each pixel's luminance) or "random" (per object)
     image_slots: bool = False  # turn on the model's image-slot vectors (zero-initialised) for this phase
     attention_targets: float = 0.0  # LLM stages: weight of the attention-target loss (attention_targets.py)
+
+    def __post_init__(self) -> None:
+        if self.gray_levels not in ("luma", "random"):
+            raise TrainingError(f"gray_levels must be 'luma' or 'random', got {self.gray_levels!r}")
 
     def scaled(self, scale: float) -> PhaseConfig:
         if not scale > 0:

@@ -140,7 +140,8 @@ def phase_vision(model: MavenModel, cfg: PhaseConfig, seed: int) -> Phase:
         rng = B.rng_for(seed, "0-vision", step)
         samples = B.samples_for("train", B.train_indices(rng, cfg.batch_size, fam), model.config)
         gray = B.gray_images(B.rng_for(seed, "0-vision-gray", step), len(samples), cfg.gray_share)
-        samples = [B.in_gray(s) if g else s for s, g in zip(samples, gray, strict=True)]
+        levels = B.rng_for(seed, "0-vision-gray-levels", step) if cfg.gray_levels == "random" else None
+        samples = [B.in_gray(s, levels) if g else s for s, g in zip(samples, gray, strict=True)]
         px = B.pixel_tensor(samples, model.config)
         tgt = torch.from_numpy(np.concatenate([B.vision_targets(s, model.config.vision.patch_size) for s in samples]))
         tgt[torch.from_numpy(gray), :, 0] = -1  # no colour target in a grey-scale image
