@@ -190,3 +190,59 @@ def test_every_role_layer_gets_the_same_role_targets(batch):
     assert entries(t1, 1) and not entries(t1, 2)
     assert entries(t, 1) == entries(t, 2) == entries(t1, 1)
     assert entries(t, 0) == entries(t1, 0)
+
+
+def test_count_head_spreads_over_one_patch_per_counted_object_and_bos(batch):
+    """With a count head, a count question's answer positions get <bos> plus one kept patch per
+    counted object as keys (so a count n has n + 1 keys), and its loss is the cross-entropy
+    against the uniform distribution over them; the other targets are unchanged."""
+    import dataclasses
+
+    from model_src.modeling.decoder import record_attention
+    from model_src.train import batches as B
+    from model_src.train.common import visual_embeds, visual_features
+
+    model, _, _, _, sup, _, _, t_img, _ = batch
+    tok = model.tokenizer
+    samples = list(iter_samples("train", 8, tasks=("count", "count_across")))
+    tb = B.text_batch(samples, tok)
+    vf = visual_features(model, B.pixel_tensor(samples, model.config), "hybrid")
+    offsets = np.concatenate([[0], np.cumsum(tb.image_counts)])
+    kept = [vf.indices[offsets[i]:offsets[i + 1]].numpy() for i in range(len(samples))]
+    turns = [answer_turns(s, [], tg) for s, tg in zip(samples, tb.targets, strict=True)]
+    counting = AttentionSupervision.for_decoder(model.config.llm, 1.0, count_head=True)
+    assert counting.count_layer == 1 and counting.count_head == 1 and counting.layers == (0, 1, 2)
+    assert AttentionSupervision.for_decoder(model.config.llm, 1.0).count_layer is None
+
+    def targets(s):
+        return build_targets(s, tb.sequences, turns, [x.scenes for x in samples], kept, tok.image_id, t_img,
+                             model.config.discrete.num_codes, 8, tok.encode(":")[0])
+
+    with_count, without = targets(counting), targets(dataclasses.replace(counting, count_layer=None))
+    plain = [(r, lay, h, q) for r, lay, h, q, u in zip(with_count.rows, with_count.layers, with_count.heads,
+                                                        with_count.queries, with_count.uniform, strict=True) if not u]
+    assert plain == list(zip(without.rows, without.layers, without.heads, without.queries, strict=True))
+    assert sum(with_count.uniform) >= len(samples)  # every answer token of every count question
+    for r, lay, h, k, u in zip(with_count.rows, with_count.layers, with_count.heads, with_count.keys,
+                                with_count.uniform, strict=True):
+        if u:
+            assert (lay, h) == (1, 1) and k[0]
+            counted = referents(question_line(samples[r]), samples[r].scenes)
+            assert len(counted[0] if counted else []) == int(samples[r].answer)
+            # one key per counted object that has a kept patch (this untrained selector drops some)
+            visible = sum(bool((patch_labels([o.mask], 64, 8)[kept[r][img]] > 0).any())
+                          for img, o in (counted[0] if counted else []))
+            assert k.sum() == 1 + visible
+
+    emb = visual_embeds(model, vf, "hybrid")
+    asm = model.assemble_batch(tb.sequences, [emb[offsets[i]:offsets[i + 1]] for i in range(len(samples))],
+                               tb.targets)
+    with record_attention(model.llm, counting.layers, grad=True) as maps:
+        model.llm(asm.inputs_embeds, asm.attention_mask)
+    probs = dict(zip(counting.layers, maps, strict=True))
+    by_hand = []
+    for b, lay, h, q, k, u in zip(with_count.rows, with_count.layers, with_count.heads, with_count.queries,
+                                  with_count.keys, with_count.uniform, strict=True):
+        p = probs[lay][b, h, q, : len(k)].detach().double()[torch.from_numpy(k)]
+        by_hand.append(float(-torch.log(p).mean()) if u else float(-torch.log(p.sum())))
+    assert float(attention_loss(probs, with_count).detach()) == pytest.approx(np.mean(by_hand), rel=1e-4)

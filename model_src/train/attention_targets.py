@@ -12,6 +12,11 @@ to, so this module turns them into targets for a few attention heads:
   heads use different key/value groups, so each object's features reach the answer separately.
   A count question has one role holding every object it counts, and "what changed" one role per
   image holding its edited object (see :func:`referents`).
+* **count head** (optional: layer ``count_layer``, head ``count_head``; off when ``count_layer`` is
+  None): at the positions answering a count question it should spread its attention *evenly* over
+  one kept patch per counted object (the one holding most of the object) and the ``<bos>`` token,
+  so the share left on ``<bos>`` is ``1 / (n + 1)`` and says the count ``n`` (the objects may lie in
+  several images). Its loss is the cross-entropy against that uniform distribution.
 * **label head** (layer ``label_layer``, head ``label_head``): in a multi-image prompt, every
   visual token of image ``k`` should attend to the ``" k"`` token of its ``Image k:`` label, so a
   retrieved patch carries the label it must be answered with.
@@ -148,31 +153,39 @@ class AttentionSupervision:
     role_heads: tuple[int, ...] = (0, 3)  # one per named object, in different KV groups
     label_layer: int = 0
     label_head: int = 0
+    count_layer: int | None = None  # None: no count head
+    count_head: int = 1
 
     @classmethod
-    def for_decoder(cls, cfg: LLMConfig, weight: float) -> AttentionSupervision:
+    def for_decoder(cls, cfg: LLMConfig, weight: float, count_head: bool = False) -> AttentionSupervision:
         """The heads for a decoder: role heads in the middle layer and the last one (layers 2 and
         3 of 4; the last layer's role heads read the objects' attributes straight into the answer
         logits), the first head of each half of the heads (so of different KV groups whenever
-        there are several), and the label head as head 0 of layer 0."""
+        there are several), and the label head as head 0 of layer 0. With ``count_head``, head 1 of the
+        middle layer counts (so the last layer can read its result)."""
         role_layers = tuple(sorted({cfg.num_layers // 2, cfg.num_layers - 1}))
-        return cls(weight, role_layers, (0, cfg.num_heads // 2) if cfg.num_heads > 1 else (0,), 0, 0)
+        role_heads = (0, cfg.num_heads // 2) if cfg.num_heads > 1 else (0,)
+        count_layer = cfg.num_layers // 2 if count_head and cfg.num_heads > 2 else None
+        return cls(weight, role_layers, role_heads, 0, 0, count_layer, 1)
 
     @property
     def layers(self) -> tuple[int, ...]:
-        return tuple(sorted({*self.role_layers, self.label_layer}))
+        extra = () if self.count_layer is None else (self.count_layer,)
+        return tuple(sorted({*self.role_layers, self.label_layer, *extra}))
 
 
 @dataclass
 class Targets:
     """Flat lists, one entry per supervised (batch row, layer, head, query position), with the
-    key positions as a boolean mask row."""
+    key positions as a boolean mask row; ``uniform`` marks the targets whose attention should be
+    spread evenly over their keys (the count head) rather than just land on them."""
 
     rows: list[int]
     layers: list[int]
     heads: list[int]
     queries: list[int]
     keys: list[np.ndarray]
+    uniform: list[bool]
 
 
 def build_targets(
@@ -197,15 +210,16 @@ def build_targets(
     None in discrete mode, where there are no patches and so no role targets). The label of
     image k is the token before the last ``colon_id`` (``:``) that precedes its ``<image>``
     (``Image 2: <image>``: ``" 2"``; ``"3"`` where the tokenizer splits ``" 3"``)."""
-    t = Targets([], [], [], [], [])
+    t = Targets([], [], [], [], [], [])
 
-    def add(row: int, layer: int, head: int, queries: Iterable[int], keys: np.ndarray) -> None:
+    def add(row: int, layer: int, head: int, queries: Iterable[int], keys: np.ndarray, uniform: bool = False) -> None:
         for q in queries:
             t.rows.append(row)
             t.layers.append(layer)
             t.heads.append(head)
             t.queries.append(int(q))
             t.keys.append(keys)
+            t.uniform.append(uniform)
 
     for b, ids in enumerate(sequences):
         is_image = np.asarray(ids) == image_id
@@ -225,6 +239,16 @@ def build_targets(
                 if keys.any():
                     for layer in sup.role_layers:
                         add(b, layer, sup.role_heads[r], queries, keys)
+            counted = _counted(question.removeprefix("Question: "), scenes[b]) if kept[b] is not None else None
+            if sup.count_layer is not None and counted is not None:
+                keys = np.zeros(width, dtype=bool)
+                keys[0] = True  # <bos>: the sink whose share says the count (all of it when nothing is counted)
+                for k, obj in (counted[0] if counted else []):
+                    g = scenes[b][k].image_size // patch_size
+                    pixels = obj.mask.reshape(g, patch_size, g, patch_size).sum(axis=(1, 3)).reshape(-1)[kept[b][k]]
+                    if pixels.max() > 0:
+                        keys[seq[img_pos[k]] + 1 + patch_offset + int(pixels.argmax())] = True
+                add(b, sup.count_layer, sup.count_head, queries, keys, uniform=True)
         if len(img_pos) > 1:
             for k, p in enumerate(img_pos):
                 colons = [i for i in range(img_pos[k - 1] + 1 if k else 0, p) if ids[i] == colon_id]
@@ -249,8 +273,11 @@ def attention_loss(probs: dict[int, torch.Tensor], targets: Targets) -> torch.Te
         queries = torch.tensor([targets.queries[i] for i in sel])
         width = p.shape[-1]
         keys = torch.from_numpy(np.stack([np.pad(targets.keys[i], (0, width - len(targets.keys[i]))) for i in sel]))
-        mass = (p[rows, heads, queries].float() * keys).sum(-1)
-        losses.append(-torch.log(mass.clamp_min(1e-6)))
+        att = p[rows, heads, queries].float()
+        uniform = torch.tensor([targets.uniform[i] for i in sel])
+        mass = -torch.log((att * keys).sum(-1).clamp_min(1e-6))
+        spread = -(torch.log(att.clamp_min(1e-6)) * keys).sum(-1) / keys.sum(-1).clamp_min(1)
+        losses.append(torch.where(uniform, spread, mass))
     return torch.cat(losses).mean()
 
 

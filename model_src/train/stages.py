@@ -336,7 +336,7 @@ def phase_llm(model: MavenModel, cfg: PhaseConfig, seed: int, name: str, parts: 
     params = _trainable(model, *parts)
     tok = model.tokenizer
     t_img = model.config.visual_tokens_per_image(cfg.mode) + 2
-    sup = AttentionSupervision.for_decoder(model.config.llm, cfg.attention_targets)
+    sup = AttentionSupervision.for_decoder(model.config.llm, cfg.attention_targets, cfg.count_head)
     colon_id = tok.encode(":")[0]
     patch_offset = model.config.discrete.num_codes if cfg.mode == "hybrid" else 0
 
