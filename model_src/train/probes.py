@@ -8,9 +8,11 @@ and shape accuracy on the patches of objects whose colour-shape pair never occur
     python -m model_src.train.probes --checkpoint model_src/checkpoints/tiny \\
         --head artifacts/runs/tiny/stage0/0-vision/resume/state.safetensors
     python -m model_src.train.probes --train-vision --gray-share 0.5    # 0-vision from scratch, then probe
+    python -m model_src.train.probes --train-vision --gray-share 0.8 --gray-levels random
 
 ``--train-vision`` runs the recipe's 0-vision phase on a fresh ``tiny`` model (seed 0) with the
-given share of grey-scale images (their colour target dropped), which is how the colour-independent
+given share of grey-scale images (their colour target dropped; ``--gray-levels random`` paints
+each object its own random grey instead of its luminance), which is how the colour-independent
 shape objective was measured.
 """
 

@@ -37,6 +37,7 @@ class PhaseConfig:
     gray_levels: str = "luma"  # 0-vision grey images: "luma" (each pixel's luminance) or "random" (per object)
     image_slots: bool = False  # turn on the model's image-slot vectors (zero-initialised) for this phase
     attention_targets: float = 0.0  # LLM stages: weight of the attention-target loss (attention_targets.py)
+    count_head: bool = False  # with attention_targets: also supervise a counting head (attention_targets.py)
 
     def __post_init__(self) -> None:
         if self.gray_levels not in ("luma", "random"):
@@ -65,7 +66,7 @@ class PhaseConfig:
 def tiny_recipe() -> dict[str, PhaseConfig]:
     """Phase name -> config for the `tiny` preset (sized for under an hour on one CPU thread)."""
     return {
-        "0-vision": PhaseConfig(steps=750, batch_size=32, lr=3e-3, warmup=30),
+        "0-vision": PhaseConfig(steps=750, batch_size=32, lr=3e-3, warmup=30, gray_share=0.5),
         "0-vq": PhaseConfig(steps=1000, batch_size=32, lr=2e-3, warmup=20),
         "0-text": PhaseConfig(steps=200, batch_size=32, lr=2e-3, warmup=15),
         "1-selector": PhaseConfig(steps=150, batch_size=32, lr=1e-3, warmup=10, families=("caption",)),
