@@ -260,8 +260,10 @@ def build_targets(
 
 
 def attention_loss(probs: dict[int, torch.Tensor], targets: Targets) -> torch.Tensor | None:
-    """Mean over the targets of ``-log`` (attention mass on the target keys); ``probs[layer]`` is
-    that layer's attention [batch, heads, queries, keys]. None when there are no targets."""
+    """Mean over the targets of ``-log`` (attention mass on the target keys), or for ``uniform``
+    targets of the mean ``-log`` attention over the keys (the cross-entropy against the uniform
+    distribution over them); ``probs[layer]`` is that layer's attention [batch, heads, queries,
+    keys]. None when there are no targets."""
     if not targets.rows:
         return None
     losses = []
@@ -275,9 +277,9 @@ def attention_loss(probs: dict[int, torch.Tensor], targets: Targets) -> torch.Te
         keys = torch.from_numpy(np.stack([np.pad(targets.keys[i], (0, width - len(targets.keys[i]))) for i in sel]))
         att = p[rows, heads, queries].float()
         uniform = torch.tensor([targets.uniform[i] for i in sel])
-        mass = -torch.log((att * keys).sum(-1).clamp_min(1e-6))
-        spread = -(torch.log(att.clamp_min(1e-6)) * keys).sum(-1) / keys.sum(-1).clamp_min(1)
-        losses.append(torch.where(uniform, spread, mass))
+        mass_loss = -torch.log((att * keys).sum(-1).clamp_min(1e-6))  # land on the keys
+        spread_loss = -(torch.log(att.clamp_min(1e-6)) * keys).sum(-1) / keys.sum(-1).clamp_min(1)  # evenly
+        losses.append(torch.where(uniform, spread_loss, mass_loss))
     return torch.cat(losses).mean()
 
 

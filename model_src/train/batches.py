@@ -99,7 +99,6 @@ def gray_images(rng: np.random.Generator, n: int, share: float) -> np.ndarray:
     return rng.random(n) < share
 
 
-GRAY_LEVELS = ("luma", "random")
 RANDOM_GRAY_RANGE = (0, 190)  # object grey levels of gray_levels="random" (backgrounds are ~240)
 
 

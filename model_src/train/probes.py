@@ -32,6 +32,7 @@ from torch import nn
 from model_src.data.splits import HELDOUT_PAIRS, iter_samples
 from model_src.modeling.maven import MavenModel
 from model_src.train import batches as B
+from model_src.train.recipe import GRAY_LEVELS
 
 
 @torch.no_grad()
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--head", help="the 0-vision phase's resume/state.safetensors (holds vit_head)")
     ap.add_argument("--train-vision", action="store_true", help="train 0-vision from scratch first")
     ap.add_argument("--gray-share", type=float, default=0.0)
-    ap.add_argument("--gray-levels", choices=("luma", "random"), default="luma",
+    ap.add_argument("--gray-levels", choices=GRAY_LEVELS, default="luma",
                     help="grey images keep each pixel's luminance, or paint each object a random grey")
     ap.add_argument("--steps-scale", type=float, default=1.0)
     ap.add_argument("--samples", type=int, default=400)

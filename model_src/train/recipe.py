@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from model_src.errors import TrainingError
 
 STAGES = ("0", "1", "2", "3", "4")
+GRAY_LEVELS = ("luma", "random")  # PhaseConfig.gray_levels
 
 
 @dataclass
@@ -40,8 +41,8 @@ class PhaseConfig:
     count_head: bool = False  # with attention_targets: also supervise a counting head (attention_targets.py)
 
     def __post_init__(self) -> None:
-        if self.gray_levels not in ("luma", "random"):
-            raise TrainingError(f"gray_levels must be 'luma' or 'random', got {self.gray_levels!r}")
+        if self.gray_levels not in GRAY_LEVELS:
+            raise TrainingError(f"gray_levels must be one of {GRAY_LEVELS}, got {self.gray_levels!r}")
 
     def scaled(self, scale: float) -> PhaseConfig:
         if not scale > 0:
