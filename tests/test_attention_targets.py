@@ -213,6 +213,13 @@ def test_count_head_spreads_over_one_patch_per_counted_object_and_bos(batch):
     counting = AttentionSupervision.for_decoder(model.config.llm, 1.0, count_head=True)
     assert counting.count_layer == 1 and counting.count_head == 1 and counting.layers == (0, 1, 2)
     assert AttentionSupervision.for_decoder(model.config.llm, 1.0).count_layer is None
+    three = dataclasses.replace(model.config.llm, num_heads=3, num_kv_heads=1)
+    odd = AttentionSupervision.for_decoder(three, 1.0, count_head=True)
+    assert odd.count_head not in odd.role_heads  # never one of the role heads
+    from model_src.errors import TrainingError
+
+    with pytest.raises(TrainingError, match="count_head"):
+        AttentionSupervision.for_decoder(dataclasses.replace(three, num_heads=2), 1.0, count_head=True)
 
     def targets(s):
         return build_targets(s, tb.sequences, turns, [x.scenes for x in samples], kept, tok.image_id, t_img,

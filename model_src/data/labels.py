@@ -14,6 +14,13 @@ import numpy as np
 from model_src.data.shapes import Scene, ShapeObject
 
 
+def patch_pixel_counts(mask: np.ndarray, patch_size: int) -> np.ndarray:
+    """int ``[(H // patch_size) ** 2]``: how many pixels of ``mask`` (bool ``[H, H]``) each patch
+    holds, patches in raster order."""
+    g = mask.shape[0] // patch_size
+    return mask.reshape(g, patch_size, g, patch_size).sum(axis=(1, 3)).reshape(-1)
+
+
 def patch_labels(masks: Sequence[np.ndarray], image_size: int, patch_size: int) -> np.ndarray:
     """float32 ``[(image_size // patch_size) ** 2]``: 1.0 where a patch holds any pixel of the union
     of ``masks`` (bool ``[image_size, image_size]`` each), else 0.0. No masks give all zeros."""

@@ -37,9 +37,10 @@ import numpy as np
 import torch
 
 from model_src.config import LLMConfig
-from model_src.data.labels import patch_labels
+from model_src.data.labels import patch_labels, patch_pixel_counts
 from model_src.data.shapes import COLORS, SHAPES, Scene, ShapeObject
 from model_src.data.tasks import CHANGE_QUESTION, Sample, plural, question_line
+from model_src.errors import TrainingError
 
 # (pattern, roles): each role is (image group index or None for "the only / any image",
 # colour group or None, shape group or None). Patterns match the text after "Question: ".
@@ -161,12 +162,17 @@ class AttentionSupervision:
         """The heads for a decoder: role heads in the middle layer and the last one (layers 2 and
         3 of 4; the last layer's role heads read the objects' attributes straight into the answer
         logits), the first head of each half of the heads (so of different KV groups whenever
-        there are several), and the label head as head 0 of layer 0. With ``count_head``, head 1 of the
-        middle layer counts (so the last layer can read its result)."""
+        there are several), and the label head as head 0 of layer 0. With ``count_head``, the first
+        head of the middle layer that is not a role head counts (so the last layer can read its
+        result)."""
         role_layers = tuple(sorted({cfg.num_layers // 2, cfg.num_layers - 1}))
         role_heads = (0, cfg.num_heads // 2) if cfg.num_heads > 1 else (0,)
-        count_layer = cfg.num_layers // 2 if count_head and cfg.num_heads > 2 else None
-        return cls(weight, role_layers, role_heads, 0, 0, count_layer, 1)
+        free = [h for h in range(cfg.num_heads) if h not in role_heads]
+        if count_head and not free:
+            raise TrainingError(f"count_head needs a head besides the role heads {role_heads}; "
+                                f"the decoder has {cfg.num_heads}")
+        count_layer = cfg.num_layers // 2 if count_head else None
+        return cls(weight, role_layers, role_heads, 0, 0, count_layer, free[0] if free else 1)
 
     @property
     def layers(self) -> tuple[int, ...]:
@@ -239,13 +245,14 @@ def build_targets(
                 if keys.any():
                     for layer in sup.role_layers:
                         add(b, layer, sup.role_heads[r], queries, keys)
-            counted = _counted(question.removeprefix("Question: "), scenes[b]) if kept[b] is not None else None
-            if sup.count_layer is not None and counted is not None:
+            counted = None
+            if sup.count_layer is not None and kept[b] is not None:
+                counted = _counted(question.removeprefix("Question: "), scenes[b])
+            if counted is not None:
                 keys = np.zeros(width, dtype=bool)
                 keys[0] = True  # <bos>: the sink whose share says the count (all of it when nothing is counted)
                 for k, obj in (counted[0] if counted else []):
-                    g = scenes[b][k].image_size // patch_size
-                    pixels = obj.mask.reshape(g, patch_size, g, patch_size).sum(axis=(1, 3)).reshape(-1)[kept[b][k]]
+                    pixels = patch_pixel_counts(obj.mask, patch_size)[kept[b][k]]
                     if pixels.max() > 0:
                         keys[seq[img_pos[k]] + 1 + patch_offset + int(pixels.argmax())] = True
                 add(b, sup.count_layer, sup.count_head, queries, keys, uniform=True)

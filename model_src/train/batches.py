@@ -17,6 +17,7 @@ from PIL import Image
 from model_src.config import MavenConfig
 from model_src.data import ALL_PAIRS, COLORS, SHAPES, SIZES, Sample, get_sample
 from model_src.data.followups import QA
+from model_src.data.labels import patch_pixel_counts
 from model_src.data.splits import DEFAULT_DATA, num_samples
 from model_src.data.tasks import TASK_FAMILY
 from model_src.preprocess import preprocess_images
@@ -76,7 +77,7 @@ def vision_targets(sample: Sample, patch_size: int) -> np.ndarray:
         tgt = np.zeros((g * g, 6), dtype=np.int64)
         tgt[:, 4], tgt[:, 5] = np.divmod(np.arange(g * g), g)
         for k, obj in enumerate(scene.objects):
-            px = obj.mask.reshape(g, patch_size, g, patch_size).sum(axis=(1, 3)).reshape(-1)
+            px = patch_pixel_counts(obj.mask, patch_size)
             take = px > best_px
             best[take], best_px[take] = k, px[take]
         for p in range(g * g):
