@@ -278,3 +278,25 @@ def test_gray_share_drops_colour_targets_and_probe_reports_both_groups(tmp_path)
     report = heldout_probe(model, head, n=30)
     assert report["seen"]["patches"] > 0 and report["heldout"]["patches"] > 0
     assert all(0.0 <= report[g][k] <= 1.0 for g in ("seen", "heldout") for k in ("color", "shape"))
+
+
+def test_seed_offset_shifts_only_its_phase(tmp_path):
+    """`PhaseConfig.seed_offset` gives that phase the batches of the run's seed + offset; the
+    other phases keep the run's seed."""
+    import dataclasses
+
+    from model_src.checkpoint import build_model
+    from model_src.config import get_config
+    from model_src.train.stages import build_phases
+
+    def first_losses(seed: int, offset: int) -> dict[str, float]:
+        recipe = get_recipe("tiny", SCALE, max_batch=2)
+        recipe["1-selector"] = dataclasses.replace(recipe["1-selector"], seed_offset=offset)
+        model = build_model(get_config("tiny", SMALL), seed=0)  # same weights every time
+        return {name: make().step_fn(0)["loss"] for name, make in build_phases(model, "1", recipe, seed)
+                } | {name: make().step_fn(0)["loss"] for name, make in build_phases(model, "0", recipe, seed)
+                     if name == "0-text"}
+
+    base, shifted, reseeded = first_losses(0, 0), first_losses(0, 1), first_losses(1, 0)
+    assert shifted["1-selector"] == reseeded["1-selector"] != base["1-selector"]
+    assert shifted["0-text"] == base["0-text"] != reseeded["0-text"]

@@ -39,6 +39,7 @@ class PhaseConfig:
     image_slots: bool = False  # turn on the model's image-slot vectors (zero-initialised) for this phase
     attention_targets: float = 0.0  # LLM stages: weight of the attention-target loss (attention_targets.py)
     count_head: bool = False  # with attention_targets: also supervise a counting head (attention_targets.py)
+    seed_offset: int = 0  # added to the run's --seed for this phase (its batches, follow-ups, head inits)
 
     def __post_init__(self) -> None:
         if self.gray_levels not in GRAY_LEVELS:
@@ -67,7 +68,8 @@ class PhaseConfig:
 def tiny_recipe() -> dict[str, PhaseConfig]:
     """Phase name -> config for the `tiny` preset (sized for under an hour on one CPU thread)."""
     return {
-        "0-vision": PhaseConfig(steps=750, batch_size=32, lr=3e-3, warmup=30, gray_share=0.5),
+        "0-vision": PhaseConfig(steps=750, batch_size=32, lr=3e-3, warmup=30, gray_share=0.8,
+                                gray_levels="random"),
         "0-vq": PhaseConfig(steps=1000, batch_size=32, lr=2e-3, warmup=20),
         "0-text": PhaseConfig(steps=200, batch_size=32, lr=2e-3, warmup=15),
         "1-selector": PhaseConfig(steps=150, batch_size=32, lr=1e-3, warmup=10, families=("caption",)),
@@ -76,7 +78,7 @@ def tiny_recipe() -> dict[str, PhaseConfig]:
         "3-projector": PhaseConfig(steps=80, batch_size=32, lr=1e-3, warmup=10, mode="hybrid",
                                    families=("caption",)),
         "4-instruct": PhaseConfig(steps=1400, batch_size=32, lr=1.5e-3, warmup=50, mode="hybrid", followups=4,
-                                  attention_targets=1.0),
+                                  attention_targets=1.0, seed_offset=1),
     }
 
 

@@ -413,17 +413,22 @@ def _load_previous(out: Path, stage: str) -> MavenModel:
 
 
 def build_phases(model: MavenModel, stage: str, recipe: dict[str, PhaseConfig], seed: int) -> list:
-    """(phase name, factory) for a stage; factories run lazily, right before their phase."""
+    """(phase name, factory) for a stage; factories run lazily, right before their phase. Each phase
+    gets the run's seed plus its own `seed_offset`."""
+    def s(name: str) -> int:
+        return seed + recipe[name].seed_offset
+
     makers = {
-        "0-vision": lambda: phase_vision(model, recipe["0-vision"], seed),
-        "0-vq": lambda: phase_vq(model, recipe["0-vq"], seed),
-        "0-text": lambda: phase_text(model, recipe["0-text"], seed),
-        "1-selector": lambda: phase_selector(model, recipe["1-selector"], seed),
-        "2-discrete": lambda: phase_llm(model, recipe["2-discrete"], seed, "2-discrete", ("llm",), ("embed",)),
-        "3-projector": lambda: phase_llm(model, recipe["3-projector"], seed, "3-projector", ("projector",),
-                                         ("projector",)),
-        "4-instruct": lambda: phase_llm(model, recipe["4-instruct"], seed, "4-instruct", ("llm", "projector"),
-                                        ("embed", "projector")),
+        "0-vision": lambda: phase_vision(model, recipe["0-vision"], s("0-vision")),
+        "0-vq": lambda: phase_vq(model, recipe["0-vq"], s("0-vq")),
+        "0-text": lambda: phase_text(model, recipe["0-text"], s("0-text")),
+        "1-selector": lambda: phase_selector(model, recipe["1-selector"], s("1-selector")),
+        "2-discrete": lambda: phase_llm(model, recipe["2-discrete"], s("2-discrete"), "2-discrete", ("llm",),
+                                        ("embed",)),
+        "3-projector": lambda: phase_llm(model, recipe["3-projector"], s("3-projector"), "3-projector",
+                                         ("projector",), ("projector",)),
+        "4-instruct": lambda: phase_llm(model, recipe["4-instruct"], s("4-instruct"), "4-instruct",
+                                        ("llm", "projector"), ("embed", "projector")),
     }
     return [(name, makers[name]) for name in STAGE_PHASES[stage]]
 
