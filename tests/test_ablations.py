@@ -26,3 +26,29 @@ def test_table4_without_multi_image_questions_renders_without_a_verdict():
     md = render_markdown({"table4": {"steps": 3, "steps_scale": 0.002, "rows": rows}})
     assert "| hybrid | 48 | 50.0 | nan | 0.0 | 25.0 |" in md
     assert "On multi-image questions" not in md and "role heads" not in md
+
+
+def test_sections_merge_into_the_report_as_it_is_when_written(tmp_path, monkeypatch):
+    """A section is written into ablations.json as the file is at the end of the run, so a long
+    run (table4) does not overwrite sections another run wrote meanwhile."""
+    import json
+
+    from model_src.train import ablations as A
+
+    rows = {m: _row({"single": 0.5, "multi": 0.25}, t) for m, t in (("discrete", 32), ("continuous", 64),
+                                                                    ("hybrid", 48))}
+    table4 = {"steps": 3, "steps_scale": 0.002, "rows": rows}
+    old_t4 = {**table4, "steps": 2}
+    other = {"images": 280, "codebook_usage": 1.0, "code_perplexity": 200.0, "codes": []}
+    report = tmp_path / "ablations.json"
+    report.write_text(json.dumps({"table4": old_t4}))
+
+    def slow_table4(*args, **kwargs):  # meanwhile another run writes its section
+        report.write_text(json.dumps({"table4": old_t4, "codes": other}))
+        return table4
+
+    monkeypatch.setattr(A, "table4", slow_table4)
+    A.run_ablations(None, str(tmp_path), str(tmp_path), ["table4"], None, None, True)
+    merged = json.loads(report.read_text())
+    assert merged == {"table4": table4, "codes": other}
+    assert (tmp_path / "ablations.md").read_text() == A.render_markdown(merged)

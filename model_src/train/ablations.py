@@ -188,20 +188,24 @@ def run_ablations(checkpoint: str | None, run: str | None, out: str, only: list[
     figures = out_dir / "figures"
     figures.mkdir(parents=True, exist_ok=True)
     results_path = out_dir / "ablations.json"
-    results: dict[str, Any] = json.loads(results_path.read_text()) if results_path.is_file() else {}
     ckpt = Path(checkpoint) if checkpoint else SHIPPED_TINY
     model = load_checkpoint(ckpt) if any(a != "table4" for a in todo) else None
+    fresh: dict[str, Any] = {}
     if "keep" in todo:
-        results["keep"] = keep_ratio_sweep(model, figures, limit, quiet)
+        fresh["keep"] = keep_ratio_sweep(model, figures, limit, quiet)
     if "selector" in todo:
-        results["selector"] = selector_figure(model, figures)
+        fresh["selector"] = selector_figure(model, figures)
     if "codes" in todo:
-        results["codes"] = code_figure(model, figures)
+        fresh["codes"] = code_figure(model, figures)
     if "table4" in todo:
         if run is None:
             raise TrainingError("table4 needs --run DIR (a training run directory with stage3/)")
-        results["table4"] = table4(Path(run), Path(run) / "ablations_table4",
-                                   steps_scale or TABLE4_DEFAULT_SCALE, limit, quiet)
+        fresh["table4"] = table4(Path(run), Path(run) / "ablations_table4",
+                                 steps_scale or TABLE4_DEFAULT_SCALE, limit, quiet)
+    # merge into the file as it is now, not as it was at the start: a long table4 run must not
+    # overwrite sections another `maven-edge ablations --only ...` wrote meanwhile
+    results: dict[str, Any] = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    results.update(fresh)
     results_path.write_text(json.dumps(results, indent=2) + "\n")
     (out_dir / "ablations.md").write_text(render_markdown(results))
     return results
