@@ -289,14 +289,14 @@ def test_seed_offset_shifts_only_its_phase(tmp_path):
     from model_src.config import get_config
     from model_src.train.stages import build_phases
 
-    def first_losses(seed: int, offset: int) -> dict[str, float]:
+    def first_loss(stage: str, phase: str, seed: int, offset: int) -> float:
+        """Step 0's loss of `phase` with 1-selector's seed_offset set to `offset`."""
         recipe = get_recipe("tiny", SCALE, max_batch=2)
         recipe["1-selector"] = dataclasses.replace(recipe["1-selector"], seed_offset=offset)
         model = build_model(get_config("tiny", SMALL), seed=0)  # same weights every time
-        return {name: make().step_fn(0)["loss"] for name, make in build_phases(model, "1", recipe, seed)
-                } | {name: make().step_fn(0)["loss"] for name, make in build_phases(model, "0", recipe, seed)
-                     if name == "0-text"}
+        return dict(build_phases(model, stage, recipe, seed))[phase]().step_fn(0)["loss"]
 
-    base, shifted, reseeded = first_losses(0, 0), first_losses(0, 1), first_losses(1, 0)
-    assert shifted["1-selector"] == reseeded["1-selector"] != base["1-selector"]
-    assert shifted["0-text"] == base["0-text"] != reseeded["0-text"]
+    base, shifted, reseeded = (first_loss("1", "1-selector", s, o) for s, o in ((0, 0), (0, 1), (1, 0)))
+    assert shifted == reseeded != base
+    base, shifted, reseeded = (first_loss("0", "0-text", s, o) for s, o in ((0, 0), (0, 1), (1, 0)))
+    assert shifted == base != reseeded

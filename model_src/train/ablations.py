@@ -184,6 +184,8 @@ def run_ablations(checkpoint: str | None, run: str | None, out: str, only: list[
     bad = [a for a in todo if a not in ANALYSES]
     if bad:
         raise TrainingError(f"unknown analysis {bad[0]!r}; choose from {', '.join(ANALYSES)}")
+    if "table4" in todo and run is None:  # before the other analyses' minutes of work
+        raise TrainingError("table4 needs --run DIR (a training run directory with stage3/)")
     out_dir = Path(out)
     figures = out_dir / "figures"
     figures.mkdir(parents=True, exist_ok=True)
@@ -198,8 +200,6 @@ def run_ablations(checkpoint: str | None, run: str | None, out: str, only: list[
     if "codes" in todo:
         fresh["codes"] = code_figure(model, figures)
     if "table4" in todo:
-        if run is None:
-            raise TrainingError("table4 needs --run DIR (a training run directory with stage3/)")
         fresh["table4"] = table4(Path(run), Path(run) / "ablations_table4",
                                  steps_scale or TABLE4_DEFAULT_SCALE, limit, quiet)
     # merge into the file as it is now, not as it was at the start: a long table4 run must not

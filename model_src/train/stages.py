@@ -32,6 +32,7 @@ import json
 import shutil
 import time
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -414,23 +415,18 @@ def _load_previous(out: Path, stage: str) -> MavenModel:
 
 def build_phases(model: MavenModel, stage: str, recipe: dict[str, PhaseConfig], seed: int) -> list:
     """(phase name, factory) for a stage; factories run lazily, right before their phase. Each phase
-    gets the run's seed plus its own `seed_offset`."""
-    def s(name: str) -> int:
-        return seed + recipe[name].seed_offset
-
+    gets its config and the run's seed plus its own `seed_offset`."""
     makers = {
-        "0-vision": lambda: phase_vision(model, recipe["0-vision"], s("0-vision")),
-        "0-vq": lambda: phase_vq(model, recipe["0-vq"], s("0-vq")),
-        "0-text": lambda: phase_text(model, recipe["0-text"], s("0-text")),
-        "1-selector": lambda: phase_selector(model, recipe["1-selector"], s("1-selector")),
-        "2-discrete": lambda: phase_llm(model, recipe["2-discrete"], s("2-discrete"), "2-discrete", ("llm",),
-                                        ("embed",)),
-        "3-projector": lambda: phase_llm(model, recipe["3-projector"], s("3-projector"), "3-projector",
-                                         ("projector",), ("projector",)),
-        "4-instruct": lambda: phase_llm(model, recipe["4-instruct"], s("4-instruct"), "4-instruct",
-                                        ("llm", "projector"), ("embed", "projector")),
+        "0-vision": phase_vision,
+        "0-vq": phase_vq,
+        "0-text": phase_text,
+        "1-selector": phase_selector,
+        "2-discrete": lambda m, c, s: phase_llm(m, c, s, "2-discrete", ("llm",), ("embed",)),
+        "3-projector": lambda m, c, s: phase_llm(m, c, s, "3-projector", ("projector",), ("projector",)),
+        "4-instruct": lambda m, c, s: phase_llm(m, c, s, "4-instruct", ("llm", "projector"), ("embed", "projector")),
     }
-    return [(name, makers[name]) for name in STAGE_PHASES[stage]]
+    return [(name, partial(makers[name], model, recipe[name], seed + recipe[name].seed_offset))
+            for name in STAGE_PHASES[stage]]
 
 
 def train(
