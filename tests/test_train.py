@@ -300,3 +300,37 @@ def test_seed_offset_shifts_only_its_phase(tmp_path):
     assert shifted == reseeded != base
     base, shifted, reseeded = (first_loss("0", "0-text", s, o) for s, o in ((0, 0), (0, 1), (1, 0)))
     assert shifted == base != reseeded
+
+
+def test_gray_consistency_learns_shape_from_grey_copies_only(monkeypatch):
+    """0-vision with `gray_consistency`: colour images come first without a shape target, then a
+    grey copy of every sample without a colour target; the KL term is logged when there are
+    colour images and the phase still learns (loss finite, gradients on the ViT)."""
+    import dataclasses
+
+    import numpy as np
+
+    from model_src.checkpoint import build_model
+    from model_src.config import get_config
+    from model_src.train import stages
+
+    with pytest.raises(TrainingError, match="gray_consistency"):
+        PhaseConfig(steps=2, batch_size=2, lr=1e-3, gray_consistency=-1.0)
+    seen: list[torch.Tensor] = []
+    real = stages.dense_target_loss
+    monkeypatch.setattr(stages, "dense_target_loss", lambda lg, tgt, grid: (seen.append(tgt), real(lg, tgt, grid))[1])
+    base = dataclasses.replace(get_recipe("tiny", SCALE)["0-vision"], batch_size=6, gray_levels="random",
+                               gray_consistency=1.0)
+    for share, n_colour in ((0.0, 6), (1.0, 0)):
+        model = build_model(get_config("tiny", SMALL), seed=0)
+        phase = stages.phase_vision(model, dataclasses.replace(base, gray_share=share), seed=0)
+        metrics = phase.step_fn(0)
+        tgt = seen.pop()
+        assert tgt.shape[0] == 6 + n_colour  # the colour images, then a grey copy of each sample
+        colour, copies = tgt[:n_colour], tgt[n_colour:]
+        assert (colour[..., 1] == -1).all() and (colour[..., 0] >= 0).all()
+        assert (copies[..., 0] == -1).all() and (copies[..., 1] > 0).any()
+        if n_colour:
+            assert np.array_equal(colour[..., 2:].numpy(), copies[..., 2:].numpy())  # same scenes, same order
+        assert ("shape_kl" in metrics) == bool(n_colour) and np.isfinite(metrics["loss"])
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.vision.parameters())

@@ -9,6 +9,7 @@ and shape accuracy on the patches of objects whose colour-shape pair never occur
         --head artifacts/runs/tiny/stage0/0-vision/resume/state.safetensors
     python -m model_src.train.probes --train-vision --gray-share 0.5    # 0-vision from scratch, then probe
     python -m model_src.train.probes --train-vision --gray-share 0.8 --gray-levels random
+    python -m model_src.train.probes --train-vision --gray-share 0.5 --gray-levels random --gray-consistency 1
 
 ``--train-vision`` runs the recipe's 0-vision phase on a fresh ``tiny`` model (seed 0) with the
 given share of grey-scale images (their colour target dropped; ``--gray-levels random`` paints
@@ -69,9 +70,9 @@ def head_from_state(path: str | Path, model: MavenModel) -> nn.Linear:
 
 
 def train_vision(gray_share: float, out: Path, steps_scale: float = 1.0, quiet: bool = False,
-                 gray_levels: str = "luma") -> tuple[MavenModel, nn.Linear]:
+                 gray_levels: str = "luma", gray_consistency: float = 0.0) -> tuple[MavenModel, nn.Linear]:
     """The recipe's 0-vision phase on a fresh tiny model with ``gray_share`` grey-scale images
-    (``gray_levels``: see ``PhaseConfig.gray_levels``)."""
+    (``gray_levels``, ``gray_consistency``: see ``PhaseConfig``)."""
     from model_src.checkpoint import build_model
     from model_src.config import get_config
     from model_src.train.common import set_threads
@@ -83,7 +84,7 @@ def train_vision(gray_share: float, out: Path, steps_scale: float = 1.0, quiet: 
     cfg = get_config("tiny")
     model = build_model(cfg, seed=0)
     pc = dataclasses.replace(get_recipe("tiny", steps_scale)["0-vision"], gray_share=gray_share,
-                             gray_levels=gray_levels)
+                             gray_levels=gray_levels, gray_consistency=gray_consistency)
     phase = phase_vision(model, pc, seed=0)
     run_phase(phase, out, False, quiet)
     return model, phase.modules["vit_head"]
@@ -97,13 +98,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--gray-share", type=float, default=0.0)
     ap.add_argument("--gray-levels", choices=GRAY_LEVELS, default="luma",
                     help="grey images keep each pixel's luminance, or paint each object a random grey")
+    ap.add_argument("--gray-consistency", type=float, default=0.0,
+                    help="> 0: shape learnt from grey copies only, colour images pulled to them (KL weight)")
     ap.add_argument("--steps-scale", type=float, default=1.0)
     ap.add_argument("--samples", type=int, default=400)
     args = ap.parse_args(argv)
     if args.train_vision:
         with tempfile.TemporaryDirectory() as tmp:
             model, head = train_vision(args.gray_share, Path(tmp) / "0-vision", args.steps_scale,
-                                           gray_levels=args.gray_levels)
+                                       gray_levels=args.gray_levels, gray_consistency=args.gray_consistency)
     else:
         if not (args.checkpoint and args.head):
             ap.error("give --checkpoint and --head, or --train-vision")
@@ -114,6 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     report = heldout_probe(model, head, args.samples)
     report["gray_share"] = args.gray_share if args.train_vision else None
     report["gray_levels"] = args.gray_levels if args.train_vision else None
+    report["gray_consistency"] = args.gray_consistency if args.train_vision else None
     print(json.dumps(report, indent=2))
 
 

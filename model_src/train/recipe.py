@@ -36,6 +36,10 @@ class PhaseConfig:
     followups: int = 0  # extra questions about the same images per sample (multi-turn; LLM stages)
     gray_share: float = 0.0  # 0-vision: share of images shown in grey scale (no colour target)
     gray_levels: str = "luma"  # 0-vision grey images: "luma" (each pixel's luminance) or "random" (per object)
+    # 0-vision, > 0: every image also gets a grey copy; shape is learnt from the grey copies only and
+    # each colour image's shape prediction is pulled (KL, this weight) to its copy's (gray_share:
+    # the share of samples shown as the grey copy only)
+    gray_consistency: float = 0.0
     image_slots: bool = False  # turn on the model's image-slot vectors (zero-initialised) for this phase
     attention_targets: float = 0.0  # LLM stages: weight of the attention-target loss (attention_targets.py)
     count_head: bool = False  # with attention_targets: also supervise a counting head (attention_targets.py)
@@ -44,6 +48,8 @@ class PhaseConfig:
     def __post_init__(self) -> None:
         if self.gray_levels not in GRAY_LEVELS:
             raise TrainingError(f"gray_levels must be one of {GRAY_LEVELS}, got {self.gray_levels!r}")
+        if not self.gray_consistency >= 0:
+            raise TrainingError(f"gray_consistency must be >= 0, got {self.gray_consistency}")
 
     def scaled(self, scale: float) -> PhaseConfig:
         if not scale > 0:

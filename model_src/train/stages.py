@@ -65,19 +65,19 @@ DEAD_CODE_WINDOW = 20
 
 def dense_target_loss(logits: torch.Tensor, targets: torch.Tensor, grid: int) -> tuple[torch.Tensor, dict[str, float]]:
     """Sum of the per-target cross-entropies (`B.dense_targets(grid)`, -1 = no target); accuracies
-    on object patches of colour images (colour/shape/size), centre patches (center) or every patch
-    (row/col)."""
+    on the object patches that have the target (colour/shape/size), centre patches (center) or
+    every patch (row/col)."""
     spec = B.dense_targets(grid)
     total = logits.new_zeros(())
     metrics = {}
-    obj = targets[..., 0] > 0
+    obj = targets[..., 2] > 0  # object patches (every object has a size, grey or not)
     chunks = torch.split(logits, [n for _, n in spec], dim=-1)
     for k, ((name, n), lg) in enumerate(zip(spec, chunks, strict=True)):
         tgt = targets[..., k]
         if (tgt >= 0).any():  # -1: no target (e.g. the colour of a grey-scale image)
             total = total + F.cross_entropy(lg.reshape(-1, n), tgt.reshape(-1), ignore_index=-1)
         pred = lg.argmax(-1)
-        mask = {"center": tgt > 0, "row": torch.ones_like(obj), "col": torch.ones_like(obj)}.get(name, obj)
+        mask = {"center": tgt > 0, "row": torch.ones_like(obj), "col": torch.ones_like(obj)}.get(name, obj & (tgt >= 0))
         metrics[f"acc_{name}"] = float((pred[mask] == tgt[mask]).float().mean()) if mask.any() else 1.0
     return total, metrics
 
@@ -136,18 +136,48 @@ def phase_vision(model: MavenModel, cfg: PhaseConfig, seed: int) -> Phase:
     head = _seeded(seed + 1, lambda: nn.Linear(model.config.vision.hidden_size, n_classes))
     params = _trainable(model, "vision") + _named("vit_head", head)
     fam = ("caption", "single")  # one image per sample
+    names = [name for name, _ in B.dense_targets(grid)]
+    offsets = np.cumsum([0] + [n for _, n in B.dense_targets(grid)])
+    k = names.index("shape")
+    shape_slice = slice(int(offsets[k]), int(offsets[k + 1]))
+
+    def targets(samples: list) -> torch.Tensor:
+        return torch.from_numpy(np.concatenate([B.vision_targets(s, model.config.vision.patch_size) for s in samples]))
 
     def step_fn(step: int) -> dict[str, float]:
         rng = B.rng_for(seed, "0-vision", step)
         samples = B.samples_for("train", B.train_indices(rng, cfg.batch_size, fam), model.config)
         gray = B.gray_images(B.rng_for(seed, "0-vision-gray", step), len(samples), cfg.gray_share)
         levels = B.rng_for(seed, "0-vision-gray-levels", step) if cfg.gray_levels == "random" else None
+        if cfg.gray_consistency > 0:
+            return paired_step(samples, gray, levels)
         samples = [B.in_gray(s, levels) if g else s for s, g in zip(samples, gray, strict=True)]
-        px = B.pixel_tensor(samples, model.config)
-        tgt = torch.from_numpy(np.concatenate([B.vision_targets(s, model.config.vision.patch_size) for s in samples]))
+        tgt = targets(samples)
         tgt[torch.from_numpy(gray), :, 0] = -1  # no colour target in a grey-scale image
-        feats = model.vision(px)
-        loss, metrics = dense_target_loss(head(feats), tgt, grid)
+        loss, metrics = dense_target_loss(head(model.vision(B.pixel_tensor(samples, model.config))), tgt, grid)
+        loss.backward()
+        return {"loss": float(loss.detach()), **metrics}
+
+    def paired_step(samples: list, gray: np.ndarray, levels: np.random.Generator | None) -> dict[str, float]:
+        """Colour images (those not drawn grey) first, then a grey copy of every sample. Shape is
+        supervised on the copies only, where colour cannot predict it (held-out pairs never occur
+        in training, so on colour images a shape head also learns which shapes a colour never
+        has); the colour images' shape distributions are pulled to their copies' (KL, copies
+        detached), so the ViT's shape features of a colour image become those of its outline."""
+        colour = [s for s, g in zip(samples, gray, strict=True) if not g]
+        copies = [B.in_gray(s, levels) for s in samples]
+        tgt = targets(colour + copies)
+        tgt[: len(colour), :, 1] = -1  # no shape target on a colour image
+        tgt[len(colour) :, :, 0] = -1  # no colour target on a grey copy
+        logits = head(model.vision(B.pixel_tensor(colour + copies, model.config)))
+        loss, metrics = dense_target_loss(logits, tgt, grid)
+        if colour:
+            pair = len(colour) + torch.from_numpy(np.flatnonzero(~gray))  # each colour image's copy
+            obj = tgt[: len(colour), :, 2] > 0  # object patches (size target > 0)
+            kl = F.kl_div(F.log_softmax(logits[: len(colour), :, shape_slice][obj], -1),
+                          F.softmax(logits[pair, :, shape_slice][obj].detach(), -1), reduction="batchmean")
+            loss = loss + cfg.gray_consistency * kl
+            metrics["shape_kl"] = float(kl.detach())
         loss.backward()
         return {"loss": float(loss.detach()), **metrics}
 
