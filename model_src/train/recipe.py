@@ -74,8 +74,8 @@ class PhaseConfig:
 def tiny_recipe() -> dict[str, PhaseConfig]:
     """Phase name -> config for the `tiny` preset (sized for under an hour on one CPU thread)."""
     return {
-        "0-vision": PhaseConfig(steps=750, batch_size=32, lr=3e-3, warmup=30, gray_share=0.8,
-                                gray_levels="random"),
+        "0-vision": PhaseConfig(steps=1125, batch_size=32, lr=3e-3, warmup=30, gray_share=0.5,
+                                gray_levels="random", gray_consistency=1.0),
         "0-vq": PhaseConfig(steps=1000, batch_size=32, lr=2e-3, warmup=20),
         "0-text": PhaseConfig(steps=200, batch_size=32, lr=2e-3, warmup=15),
         "1-selector": PhaseConfig(steps=150, batch_size=32, lr=1e-3, warmup=10, families=("caption",)),
@@ -84,7 +84,7 @@ def tiny_recipe() -> dict[str, PhaseConfig]:
         "3-projector": PhaseConfig(steps=80, batch_size=32, lr=1e-3, warmup=10, mode="hybrid",
                                    families=("caption",)),
         "4-instruct": PhaseConfig(steps=1400, batch_size=32, lr=1.5e-3, warmup=50, mode="hybrid", followups=4,
-                                  attention_targets=1.0, seed_offset=1),
+                                  attention_targets=1.0),
     }
 
 
