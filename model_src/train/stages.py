@@ -4,7 +4,10 @@ Stage 0 (pretraining what MaVEn takes pretrained), three phases:
   0-vision  the ViT, with a linear head on every patch feature predicting the colour, shape and size of
             the object covering the patch, whether the object's centre is in it, and the patch's row
             and column (dense attribute
-            objective on the synthetic scenes; the head is training-only).
+            objective on the synthetic scenes; the head is training-only). With
+            ``gray_consistency`` (the recipe) every image also gets a random-grey copy: shape is
+            learnt on the copies only and colour images are pulled to their copy's shape
+            prediction, so colour never predicts shape (held-out colour-shape pairs).
   0-vq      the discrete tokenizer (Q-Former queries + VQ codebook) on the frozen ViT features: a
             training-only head must predict the scene summary (which colour-shape pairs are present,
             how many objects) from the set of 32 code vectors -- the image's global meaning, which is
