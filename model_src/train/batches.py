@@ -38,6 +38,12 @@ def dense_targets(grid: int) -> tuple[tuple[str, int], ...]:
     return TARGETS + (("row", grid), ("col", grid))
 
 
+def split_dense_logits(logits: torch.Tensor, grid: int) -> dict[str, torch.Tensor]:
+    """The 0-vision head's logits (last dim: every `dense_targets(grid)` class) by target name."""
+    spec = dense_targets(grid)
+    return dict(zip([name for name, _ in spec], torch.split(logits, [n for _, n in spec], dim=-1), strict=True))
+
+
 def rng_for(seed: int, phase: str, step: int) -> np.random.Generator:
     phase_id = sum((i + 1) * ord(ch) for i, ch in enumerate(phase))
     return np.random.default_rng([seed, phase_id, step])

@@ -70,15 +70,13 @@ def dense_target_loss(logits: torch.Tensor, targets: torch.Tensor, grid: int) ->
     """Sum of the per-target cross-entropies (`B.dense_targets(grid)`, -1 = no target); accuracies
     on the object patches that have the target (colour/shape/size), centre patches (center) or
     every patch (row/col)."""
-    spec = B.dense_targets(grid)
     total = logits.new_zeros(())
     metrics = {}
     obj = targets[..., 2] > 0  # object patches (every object has a size, grey or not)
-    chunks = torch.split(logits, [n for _, n in spec], dim=-1)
-    for k, ((name, n), lg) in enumerate(zip(spec, chunks, strict=True)):
+    for k, (name, lg) in enumerate(B.split_dense_logits(logits, grid).items()):
         tgt = targets[..., k]
         if (tgt >= 0).any():  # -1: no target (e.g. the colour of a grey-scale image)
-            total = total + F.cross_entropy(lg.reshape(-1, n), tgt.reshape(-1), ignore_index=-1)
+            total = total + F.cross_entropy(lg.reshape(-1, lg.shape[-1]), tgt.reshape(-1), ignore_index=-1)
         pred = lg.argmax(-1)
         mask = {"center": tgt > 0, "row": torch.ones_like(obj), "col": torch.ones_like(obj)}.get(name, obj & (tgt >= 0))
         metrics[f"acc_{name}"] = float((pred[mask] == tgt[mask]).float().mean()) if mask.any() else 1.0
@@ -139,10 +137,6 @@ def phase_vision(model: MavenModel, cfg: PhaseConfig, seed: int) -> Phase:
     head = _seeded(seed + 1, lambda: nn.Linear(model.config.vision.hidden_size, n_classes))
     params = _trainable(model, "vision") + _named("vit_head", head)
     fam = ("caption", "single")  # one image per sample
-    names = [name for name, _ in B.dense_targets(grid)]
-    offsets = np.cumsum([0] + [n for _, n in B.dense_targets(grid)])
-    k = names.index("shape")
-    shape_slice = slice(int(offsets[k]), int(offsets[k + 1]))
 
     def targets(samples: list) -> torch.Tensor:
         return torch.from_numpy(np.concatenate([B.vision_targets(s, model.config.vision.patch_size) for s in samples]))
@@ -177,8 +171,9 @@ def phase_vision(model: MavenModel, cfg: PhaseConfig, seed: int) -> Phase:
         if colour:
             pair = len(colour) + torch.from_numpy(np.flatnonzero(~gray))  # each colour image's copy
             obj = tgt[: len(colour), :, 2] > 0  # object patches (size target > 0)
-            kl = F.kl_div(F.log_softmax(logits[: len(colour), :, shape_slice][obj], -1),
-                          F.softmax(logits[pair, :, shape_slice][obj].detach(), -1), reduction="batchmean")
+            shape = B.split_dense_logits(logits, grid)["shape"]
+            kl = F.kl_div(F.log_softmax(shape[: len(colour)][obj], -1),
+                          F.softmax(shape[pair][obj].detach(), -1), reduction="batchmean")
             loss = loss + cfg.gray_consistency * kl
             metrics["shape_kl"] = float(kl.detach())
         loss.backward()
