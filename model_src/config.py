@@ -288,7 +288,7 @@ def _tiny() -> MavenConfig:
             intermediate_size=512,
         ),
         llm=LLMConfig(
-            hidden_size=192, num_layers=4, num_heads=6, num_kv_heads=2, intermediate_size=512,
+            hidden_size=192, num_layers=6, num_heads=6, num_kv_heads=2, intermediate_size=512,
             text_vocab_size=512, max_position_embeddings=1024, rope_theta=10000.0, rms_norm_eps=1e-5,
         ),
         selector=SelectorConfig(hidden_size=256, num_layers=3, keep_ratio=0.25),

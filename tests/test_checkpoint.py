@@ -145,7 +145,7 @@ def test_bad_tokenizer_file(copy_ckpt):
     "section,field,value,match",
     [
         ("llm", "num_layers", 2, r"\d+ unexpected tensor\(s\).*llm\.layers\.2"),
-        ("llm", "num_layers", 6, r"\d+ missing tensor\(s\).*llm\.layers\.4"),
+        ("llm", "num_layers", 8, r"\d+ missing tensor\(s\).*llm\.layers\.6"),
         ("llm", "intermediate_size", 1000, r"shape mismatch llm\.layers\.0\.mlp\.gate_proj\.weight"),
         ("discrete", "codebook_size", 128, r"shape mismatch"),
         ("llm", "nope", 1, r"unknown LLMConfig field"),
