@@ -334,3 +334,28 @@ def test_gray_consistency_learns_shape_from_grey_copies_only(monkeypatch):
             assert np.array_equal(colour[..., 2:].numpy(), copies[..., 2:].numpy())  # same scenes, same order
         assert ("shape_kl" in metrics) == bool(n_colour) and np.isfinite(metrics["loss"])
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.vision.parameters())
+
+
+def test_task_weights_reweight_the_primary_tasks_and_default_to_the_uniform_stream():
+    import numpy as np
+
+    from model_src.data.splits import DEFAULT_DATA
+    from model_src.train import batches as B
+
+    schedule = DEFAULT_DATA.schedule
+    uniform = B.train_indices(np.random.default_rng([0, 4, 7]), 64)
+    # no weights: the stream every earlier run used (block, then slot, both uniform)
+    rng = np.random.default_rng([0, 4, 7])
+    blocks = rng.integers(0, B.num_samples("train") // len(schedule), size=64)
+    slots = rng.integers(0, len(schedule), size=64)
+    assert uniform == [int(b) * len(schedule) + int(s) for b, s in zip(blocks, slots, strict=True)]
+    weights = (("changed", 50.0), ("caption", 0.01))
+    drawn = B.train_indices(np.random.default_rng([0, 4, 7]), 400, (), weights)
+    assert drawn == B.train_indices(np.random.default_rng([0, 4, 7]), 400, (), weights)  # seeded
+    tasks = [schedule[i % len(schedule)] for i in drawn]
+    assert tasks.count("changed") > 300 and tasks.count("caption") < 5
+    with pytest.raises(TrainingError, match="unknown task 'nope'"):
+        PhaseConfig(steps=2, batch_size=2, lr=1e-3, task_weights=(("nope", 1.0),))
+    with pytest.raises(TrainingError, match="must be > 0"):
+        PhaseConfig(steps=2, batch_size=2, lr=1e-3, task_weights=(("changed", 0.0),))
+    assert PhaseConfig(steps=2, batch_size=2, lr=1e-3, task_weights=[["changed", 2]]).task_weights == (("changed", 2.0),)

@@ -49,13 +49,21 @@ def rng_for(seed: int, phase: str, step: int) -> np.random.Generator:
     return np.random.default_rng([seed, phase_id, step])
 
 
-def train_indices(rng: np.random.Generator, n: int, families: Sequence[str] = ()) -> list[int]:
-    """n random train-split indices whose task is in `families` (all families if empty)."""
+def train_indices(
+    rng: np.random.Generator, n: int, families: Sequence[str] = (), task_weights: Sequence[tuple[str, float]] = ()
+) -> list[int]:
+    """n random train-split indices whose task is in `families` (all families if empty), the task
+    drawn uniformly or, with `task_weights` ((task, weight) pairs, others 1), with those weights."""
     schedule = DEFAULT_DATA.schedule
     slots = [i for i, t in enumerate(schedule) if not families or TASK_FAMILY[t] in families]
     blocks = num_samples("train") // len(schedule)
     b = rng.integers(0, blocks, size=n)
-    s = rng.integers(0, len(slots), size=n)
+    if task_weights:
+        w = dict(task_weights)
+        p = np.array([w.get(schedule[i], 1.0) for i in slots], dtype=np.float64)
+        s = rng.choice(len(slots), size=n, p=p / p.sum())
+    else:
+        s = rng.integers(0, len(slots), size=n)
     return [int(bi) * len(schedule) + slots[int(si)] for bi, si in zip(b, s, strict=True)]
 
 

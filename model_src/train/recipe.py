@@ -11,6 +11,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from model_src.data.tasks import TASKS
 from model_src.errors import TrainingError
 
 STAGES = ("0", "1", "2", "3", "4")
@@ -44,12 +45,21 @@ class PhaseConfig:
     attention_targets: float = 0.0  # LLM stages: weight of the attention-target loss (attention_targets.py)
     count_head: bool = False  # with attention_targets: also supervise a counting head (attention_targets.py)
     seed_offset: int = 0  # added to the run's --seed for this phase (its batches, follow-ups, head inits)
+    # (task, weight) pairs: draw the primary task of each sample with these relative weights (tasks
+    # not named: 1); empty: uniform over the tasks of `families`, the stream every earlier run used
+    task_weights: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         if self.gray_levels not in GRAY_LEVELS:
             raise TrainingError(f"gray_levels must be one of {GRAY_LEVELS}, got {self.gray_levels!r}")
         if not self.gray_consistency >= 0:
             raise TrainingError(f"gray_consistency must be >= 0, got {self.gray_consistency}")
+        self.task_weights = tuple((str(t), float(w)) for t, w in self.task_weights)
+        for task, weight in self.task_weights:
+            if task not in TASKS:
+                raise TrainingError(f"task_weights: unknown task {task!r}; expected one of {', '.join(TASKS)}")
+            if not weight > 0:
+                raise TrainingError(f"task_weights: weight of {task!r} must be > 0, got {weight}")
 
     def scaled(self, scale: float) -> PhaseConfig:
         if not scale > 0:

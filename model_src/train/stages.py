@@ -126,7 +126,7 @@ def _trainable(model: MavenModel, *parts: str) -> list[tuple[str, nn.Parameter]]
 
 def _samples(model: MavenModel, cfg: PhaseConfig, seed: int, phase: str, step: int, n: int | None = None):
     rng = B.rng_for(seed, phase, step)
-    idx = B.train_indices(rng, n or cfg.batch_size, cfg.families)
+    idx = B.train_indices(rng, n or cfg.batch_size, cfg.families, cfg.task_weights)
     return B.samples_for("train", idx, model.config)
 
 
