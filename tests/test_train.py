@@ -359,3 +359,17 @@ def test_task_weights_reweight_the_primary_tasks_and_default_to_the_uniform_stre
     with pytest.raises(TrainingError, match="must be > 0"):
         PhaseConfig(steps=2, batch_size=2, lr=1e-3, task_weights=(("changed", 0.0),))
     assert PhaseConfig(steps=2, batch_size=2, lr=1e-3, task_weights=[["changed", 2]]).task_weights == (("changed", 2.0),)
+
+
+def test_a_phase_config_saved_before_a_knob_existed_still_matches():
+    from dataclasses import asdict
+
+    from model_src.train.loop import _same_config
+
+    cfg = PhaseConfig(steps=2, batch_size=2, lr=1e-3)
+    saved = json.loads(json.dumps(asdict(cfg)))
+    assert _same_config(saved, cfg)
+    del saved["task_weights"]  # a run directory written before PhaseConfig.task_weights
+    assert _same_config(saved, cfg)
+    assert not _same_config(saved, PhaseConfig(steps=2, batch_size=2, lr=1e-3, task_weights=(("same", 2.0),)))
+    assert not _same_config({**saved, "steps": 3}, cfg) and not _same_config(None, cfg)

@@ -20,7 +20,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,16 @@ class Phase:
     after_step: Callable[[int], dict[str, float]] | None = None  # e.g. dead-code restarts
     buffers: dict[str, torch.Tensor] = field(default_factory=dict)  # extra state saved for resume
     finish: Callable[[], dict[str, Any]] | None = None  # final metrics for phase.json
+
+
+def _same_config(saved: dict | None, cfg: PhaseConfig) -> bool:
+    """Whether a phase config saved in a run directory is `cfg`. Fields the saved one lacks (knobs
+    added to PhaseConfig after it was written) count as their defaults, so older runs still resume."""
+    if not isinstance(saved, dict):
+        return False
+    defaults = {f.name: f.default for f in fields(PhaseConfig) if f.default is not MISSING}
+    filled = json.loads(json.dumps({**defaults, **saved}))
+    return filled == json.loads(json.dumps(asdict(cfg)))
 
 
 def _atomic_json(path: Path, data: Any) -> None:
@@ -92,7 +102,7 @@ def load_resume(phase: Phase, opt: torch.optim.Optimizer, directory: Path) -> in
         opt_state = load_file(str(directory / "optimizer.safetensors"))
     except (OSError, ValueError, SafetensorError) as exc:
         raise TrainingError(f"cannot resume from {directory}: {exc}; delete it to start the phase again") from exc
-    if progress.get("config") != json.loads(json.dumps(asdict(phase.config))):
+    if not _same_config(progress.get("config"), phase.config):
         raise TrainingError(
             f"{directory} was written with a different {phase.name} config; resume with the same "
             "--steps-scale/--preset, or delete the directory to start again"
@@ -139,7 +149,7 @@ def run_phase(phase: Phase, directory: Path, resume: bool, quiet: bool = False) 
     done = directory / "phase.json"
     if done.is_file():
         summary = json.loads(done.read_text())
-        if summary.get("config") == json.loads(json.dumps(asdict(cfg))) and resume:
+        if _same_config(summary.get("config"), cfg) and resume:
             _load_final(phase, directory)
             return summary
     resume_dir = directory / "resume"
