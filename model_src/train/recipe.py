@@ -11,7 +11,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from model_src.data.tasks import TASKS
+from model_src.data.tasks import TASK_FAMILY, TASKS
 from model_src.errors import TrainingError
 
 STAGES = ("0", "1", "2", "3", "4")
@@ -60,6 +60,11 @@ class PhaseConfig:
                 raise TrainingError(f"task_weights: unknown task {task!r}; expected one of {', '.join(TASKS)}")
             if not weight > 0:
                 raise TrainingError(f"task_weights: weight of {task!r} must be > 0, got {weight}")
+            if self.families and TASK_FAMILY[task] not in self.families:
+                raise TrainingError(
+                    f"task_weights names {task!r} (family {TASK_FAMILY[task]!r}), which this phase never draws "
+                    f"(families {', '.join(self.families)}); drop it or add its family"
+                )
 
     def scaled(self, scale: float) -> PhaseConfig:
         if not scale > 0:
