@@ -360,7 +360,8 @@ def test_task_weights_reweight_the_primary_tasks_and_default_to_the_uniform_stre
         PhaseConfig(steps=2, batch_size=2, lr=1e-3, task_weights=(("changed", 0.0),))
     with pytest.raises(TrainingError, match="never draws"):  # not silently ignored
         PhaseConfig(steps=2, batch_size=2, lr=1e-3, families=("single",), task_weights=(("changed", 2.0),))
-    assert PhaseConfig(steps=2, batch_size=2, lr=1e-3, families=("multi",), task_weights=(("changed", 2.0),))
+    in_family = PhaseConfig(steps=2, batch_size=2, lr=1e-3, families=("multi",), task_weights=(("changed", 2.0),))
+    assert in_family.task_weights == (("changed", 2.0),)
     assert PhaseConfig(steps=2, batch_size=2, lr=1e-3, task_weights=[["changed", 2]]).task_weights == (("changed", 2.0),)
 
 
