@@ -53,6 +53,20 @@ def test_referents_are_the_objects_the_generator_named():
             assert [role[0][0] for role in roles] == [0, 1]
 
 
+def test_backwards_change_question_swaps_the_images_roles():
+    """"What changed between image 2 and image 1?" (the reverse_change follow-up): role 0 is the
+    edited object in image 2, role 1 the one in image 1 -- the forward roles, swapped."""
+    n = 0
+    for s in iter_samples("train", 120, tasks=("changed",)):
+        forward = referents(question_line(s), s.scenes)
+        (q, _), *_ = followup_questions(s.scenes, np.random.default_rng(0), 1, skip=[question_line(s)],
+                                        reverse_change=True)
+        assert q == "Question: what changed between image 2 and image 1?"
+        assert referents(q, s.scenes) == forward[::-1]
+        n += 1
+    assert n > 5
+
+
 def test_follow_up_in_image_questions_name_the_labelled_image():
     rng = np.random.default_rng(0)
     seen = counted = 0

@@ -307,6 +307,22 @@ def _check_followup(scenes, question: str, answer: str) -> str:
         a, b = (one(sc, color=m[1]) for sc in scenes[:2])
         assert answer == ("yes" if a.shape == b.shape else "no")
         return "same"
+    if q == "what changed between image 2 and image 1?":
+        # attribute-level difference (not the generator's object identity): what image 1 has that
+        # image 2 lacks was added going backwards, and the reverse was removed
+        key = lambda o: (o.color, o.shape, o.bbox)  # noqa: E731
+        only2 = [o for o in scenes[1].objects if key(o) not in {key(p) for p in scenes[0].objects}]
+        only1 = [o for o in scenes[0].objects if key(o) not in {key(p) for p in scenes[1].objects}]
+        if only1 and only2:
+            (b,), (a,) = only2, only1
+            assert (a.shape, a.bbox) == (b.shape, b.bbox) and answer == f"the {a.shape} turned {a.color}"
+        elif only1:
+            (a,) = only1
+            assert answer == f"{'an' if a.color[0] in 'aeiou' else 'a'} {a.color} {a.shape} was added"
+        else:
+            (b,) = only2
+            assert answer == f"the {b.color} {b.shape} was removed"
+        return "reverse_change"
     if m := re.fullmatch(r"(what .*|how many shapes are there) in image (\d)\?", q):
         k = int(m[2])
         assert _check_followup([scenes[k - 1]], f"Question: {m[1]}?", answer) in ("color", "shape", "count")
@@ -335,3 +351,30 @@ def test_followups_are_valid_questions_about_the_same_images(samples) -> None:
     again = [followup_questions(scenes, np.random.default_rng(5), 4) for _ in range(2)]
     assert again[0] == again[1]  # seeded
     assert followup_questions(scenes, rng, 0) == [] and followup_questions([], rng, 3) == []
+
+
+def test_reverse_change_followup_asks_a_changed_samples_edit_backwards(samples) -> None:
+    """With ``reverse_change`` every ``changed`` sample (and only those) gets the backwards change
+    question first, answered from the scenes; the forward answer is ``describe_change``'s."""
+    from model_src.data.followups import followup_questions
+    from model_src.data.tasks import describe_change, question_line
+
+    rng = np.random.default_rng(1)
+    edits = set()
+    for s in samples["train"] + samples["test"]:
+        qas = followup_questions(s.scenes, rng, 4, skip=[question_line(s)], reverse_change=True)
+        backwards = [k for k, (q, _) in enumerate(qas) if "between image 2 and image 1" in q]
+        if s.task == "changed":
+            assert backwards == [0] and len(qas) == 4
+            assert _check_followup(s.scenes, *qas[0]) == "reverse_change"
+            assert describe_change(*s.scenes) == s.answer
+            edits.add(s.meta["edit"])
+        else:
+            assert backwards == []
+            if len(s.scenes) >= 2:  # independently drawn images are not an edit pair
+                assert describe_change(s.scenes[0], s.scenes[1]) is None
+        plain = followup_questions(s.scenes, np.random.default_rng(2), 4, skip=[question_line(s)])
+        assert not any("between image 2 and image 1" in q for q, _ in plain)  # off by default
+    assert edits == {"recolor", "removed", "added"}
+    a, b = (s for s in samples["train"] if s.task == "changed").__next__().scenes
+    assert describe_change(a, a) is None  # no edit

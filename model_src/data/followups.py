@@ -17,6 +17,12 @@ its rule that every referring expression names a unique object:
 
 Answers are computed from the scenes' ground truth. Each follow-up picks a task uniformly among
 those with a valid question, then a question uniformly, never repeating a question.
+
+With ``reverse_change``, two images that are one edit apart (a ``changed`` sample's) are first
+asked the edit backwards, ``"what changed between image 2 and image 1?"`` (``the square turned
+red`` for a square that turned blue, ``a red circle was added`` for one that was removed): a
+second answer from the same comparison, which the evaluation's forward question needs, without
+drawing fewer samples of the other tasks.
 """
 
 from __future__ import annotations
@@ -26,7 +32,14 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from model_src.data.shapes import COLORS, SHAPES, Scene
-from model_src.data.tasks import DEFAULT_TASKS, TaskConfig, plural, with_article
+from model_src.data.tasks import (
+    DEFAULT_TASKS,
+    REVERSE_CHANGE_QUESTION,
+    TaskConfig,
+    describe_change,
+    plural,
+    with_article,
+)
 from model_src.data.tasks import question as _q
 
 QA = tuple[str, str]  # (question line, answer)
@@ -125,15 +138,20 @@ def followup_questions(
     n: int,
     skip: Sequence[str] = (),
     config: TaskConfig = DEFAULT_TASKS,
+    reverse_change: bool = False,
 ) -> list[QA]:
     """Up to ``n`` (question line, answer) pairs about ``scenes``, none of whose question lines
-    is in ``skip`` (e.g. the sample's own question)."""
+    is in ``skip`` (e.g. the sample's own question); with ``reverse_change`` an edit pair's first
+    one is the backwards change question (module docstring)."""
     if not scenes or n <= 0:
         return []
     pool = SINGLE_POOL if len(scenes) == 1 else MULTI_POOL
     seen = set(skip)
     candidates = {task: [qa for qa in make(scenes, config) if qa[0] not in seen] for task, make in pool.items()}
     out: list[QA] = []
+    if reverse_change and len(scenes) == 2 and _q(REVERSE_CHANGE_QUESTION) not in seen:
+        if (answer := describe_change(scenes[1], scenes[0])) is not None:
+            out.append((_q(REVERSE_CHANGE_QUESTION), answer))
     while len(out) < n:
         tasks = [t for t, qas in candidates.items() if qas]
         if not tasks:

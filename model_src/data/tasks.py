@@ -79,11 +79,32 @@ TASK_FAMILY: dict[str, str] = {
 TASKS: tuple[str, ...] = tuple(TASK_FAMILY)
 CAPTION_TEXT = "Describe the image."
 CHANGE_QUESTION = "what changed between image 1 and image 2?"
+# training-only follow-up on a `changed` sample's images (the same edit read backwards); never evaluated
+REVERSE_CHANGE_QUESTION = "what changed between image 2 and image 1?"
 
 
 def with_article(phrase: str) -> str:
     """``"red circle"`` -> ``"a red circle"``, ``"orange cross"`` -> ``"an orange cross"``."""
     return ("an " if phrase[0] in "aeiou" else "a ") + phrase
+
+
+def describe_change(before: Scene, after: Scene) -> str | None:
+    """The ``changed`` answer for going from ``before`` to ``after`` when ``after`` is ``before``
+    with one edit (:meth:`Scene.recolored`, :meth:`Scene.without`, or the reverse of the latter:
+    same background and clutter, every other object the same object), else ``None``."""
+    if before.background != after.background or before.clutter != after.clutter:
+        return None
+    gone = [o for o in before.objects if not any(o is p for p in after.objects)]
+    new = [o for o in after.objects if not any(o is p for p in before.objects)]
+    if len(gone) == 1 and len(new) == 1:
+        a, b = gone[0], new[0]
+        if a.shape == b.shape and a.bbox == b.bbox and a.color != b.color:
+            return f"the {a.shape} turned {b.color}"
+    elif len(gone) == 1 and not new:
+        return f"the {gone[0].color} {gone[0].shape} was removed"
+    elif len(new) == 1 and not gone:
+        return f"{with_article(f'{new[0].color} {new[0].shape}')} was added"
+    return None
 
 
 def plural(shape: str) -> str:
@@ -295,15 +316,14 @@ def _changed(g: _Gen) -> _Out:
         obj = first.find(shape=shape)[0]
         second = first.recolored(obj, new_color)
         named = [[obj], second.find(shape=shape)]
-        answer = f"the {shape} turned {new_color}"
     else:
         color, shape = g.pick(g.pairs)
         full = g.scene([(color, shape)], exclude=lambda p: p == (color, shape), min_objects=2)
         obj = full.find(color, shape)[0]
         first, second = (full, full.without(obj)) if edit == "removed" else (full.without(obj), full)
         named = [[obj], [obj]]
-        phrase = f"{color} {shape}"
-        answer = f"the {phrase} was removed" if edit == "removed" else f"{with_article(phrase)} was added"
+    answer = describe_change(first, second)
+    assert answer is not None  # one edit by construction
     return [first, second], question(CHANGE_QUESTION), answer, named, {"edit": edit}
 
 

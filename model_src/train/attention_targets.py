@@ -39,7 +39,7 @@ import torch
 from model_src.config import LLMConfig
 from model_src.data.labels import patch_labels, patch_pixel_counts
 from model_src.data.shapes import COLORS, SHAPES, Scene, ShapeObject
-from model_src.data.tasks import CHANGE_QUESTION, Sample, plural, question_line
+from model_src.data.tasks import CHANGE_QUESTION, REVERSE_CHANGE_QUESTION, Sample, plural, question_line
 from model_src.errors import TrainingError
 
 # (pattern, roles): each role is (image group index or None for "the only / any image",
@@ -120,12 +120,12 @@ def _changes(question: str, scenes: Sequence[Scene]) -> list[Role] | None:
     """"What changed between image 1 and image 2?": role 0 holds the objects of image 1 that
     image 2 does not have (recoloured or removed), role 1 those of image 2 that image 1 does not
     have (recoloured or added). Edited scenes keep the other objects (identity), so this is a
-    plain difference."""
-    if question != CHANGE_QUESTION or len(scenes) != 2:
+    plain difference. The backwards question ("... between image 2 and image 1?") swaps the
+    images: role 0 in image 2, role 1 in image 1."""
+    if question not in (CHANGE_QUESTION, REVERSE_CHANGE_QUESTION) or len(scenes) != 2:
         return None
-    first, second = scenes
-    return [[(0, o) for o in first.objects if not any(o is p for p in second.objects)],
-            [(1, o) for o in second.objects if not any(o is p for p in first.objects)]]
+    order = (0, 1) if question == CHANGE_QUESTION else (1, 0)
+    return [[(k, o) for o in scenes[k].objects if not any(o is p for p in scenes[1 - k].objects)] for k in order]
 
 
 def referents(question: str, scenes: Sequence[Scene]) -> list[Role]:

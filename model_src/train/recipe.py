@@ -35,6 +35,8 @@ class PhaseConfig:
     mode: str = "hybrid"  # visual encoding mode for the LLM stages
     families: tuple[str, ...] = ()  # data families (empty: every family)
     followups: int = 0  # extra questions about the same images per sample (multi-turn; LLM stages)
+    # with followups: a `changed` sample's first follow-up is its edit asked backwards (followups.py)
+    reverse_change: bool = False
     gray_share: float = 0.0  # 0-vision: share of images shown in grey scale (no colour target)
     gray_levels: str = "luma"  # 0-vision grey images: "luma" (each pixel's luminance) or "random" (per object)
     # 0-vision, > 0: every image also gets a grey copy; shape is learnt from the grey copies only and
