@@ -376,5 +376,5 @@ def test_reverse_change_followup_asks_a_changed_samples_edit_backwards(samples) 
         plain = followup_questions(s.scenes, np.random.default_rng(2), 4, skip=[question_line(s)])
         assert not any("between image 2 and image 1" in q for q, _ in plain)  # off by default
     assert edits == {"recolor", "removed", "added"}
-    a, b = (s for s in samples["train"] if s.task == "changed").__next__().scenes
-    assert describe_change(a, a) is None  # no edit
+    first = next(s for s in samples["train"] if s.task == "changed").scenes[0]
+    assert describe_change(first, first) is None  # no edit

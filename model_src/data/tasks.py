@@ -88,14 +88,21 @@ def with_article(phrase: str) -> str:
     return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
 
+def edited_objects(before: Scene, after: Scene) -> tuple[list[ShapeObject], list[ShapeObject]]:
+    """(objects of ``before`` that ``after`` lacks, objects of ``after`` that ``before`` lacks), by
+    identity: an edited scene keeps its other objects, so for an edit pair this is the edit."""
+    gone = [o for o in before.objects if not any(o is p for p in after.objects)]
+    new = [o for o in after.objects if not any(o is p for p in before.objects)]
+    return gone, new
+
+
 def describe_change(before: Scene, after: Scene) -> str | None:
     """The ``changed`` answer for going from ``before`` to ``after`` when ``after`` is ``before``
     with one edit (:meth:`Scene.recolored`, :meth:`Scene.without`, or the reverse of the latter:
     same background and clutter, every other object the same object), else ``None``."""
     if before.background != after.background or before.clutter != after.clutter:
         return None
-    gone = [o for o in before.objects if not any(o is p for p in after.objects)]
-    new = [o for o in after.objects if not any(o is p for p in before.objects)]
+    gone, new = edited_objects(before, after)
     if len(gone) == 1 and len(new) == 1:
         a, b = gone[0], new[0]
         if a.shape == b.shape and a.bbox == b.bbox and a.color != b.color:

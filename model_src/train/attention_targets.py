@@ -39,7 +39,14 @@ import torch
 from model_src.config import LLMConfig
 from model_src.data.labels import patch_labels, patch_pixel_counts
 from model_src.data.shapes import COLORS, SHAPES, Scene, ShapeObject
-from model_src.data.tasks import CHANGE_QUESTION, REVERSE_CHANGE_QUESTION, Sample, plural, question_line
+from model_src.data.tasks import (
+    CHANGE_QUESTION,
+    REVERSE_CHANGE_QUESTION,
+    Sample,
+    edited_objects,
+    plural,
+    question_line,
+)
 from model_src.errors import TrainingError
 
 # (pattern, roles): each role is (image group index or None for "the only / any image",
@@ -124,8 +131,9 @@ def _changes(question: str, scenes: Sequence[Scene]) -> list[Role] | None:
     images: role 0 in image 2, role 1 in image 1."""
     if question not in (CHANGE_QUESTION, REVERSE_CHANGE_QUESTION) or len(scenes) != 2:
         return None
-    order = (0, 1) if question == CHANGE_QUESTION else (1, 0)
-    return [[(k, o) for o in scenes[k].objects if not any(o is p for p in scenes[1 - k].objects)] for k in order]
+    k, j = (0, 1) if question == CHANGE_QUESTION else (1, 0)
+    gone, new = edited_objects(scenes[k], scenes[j])
+    return [[(k, o) for o in gone], [(j, o) for o in new]]
 
 
 def referents(question: str, scenes: Sequence[Scene]) -> list[Role]:
