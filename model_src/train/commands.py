@@ -42,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--out", default="docs", help="where ablations.md and figures/ go (default docs)")
     a.add_argument("--only", action="append", default=[],
                    help="table4, keep, selector, codes (repeatable; default all)")
-    a.add_argument("--steps-scale", type=float, default=None, help="stage-4 budget for the Table-4 variants")
+    a.add_argument("--steps-scale", type=float, default=None, help="share of the recipe's stage-4 steps each Table-4 variant trains (default 0.1: 210 steps)")
     a.add_argument("--limit", type=int, default=None, help="test questions per evaluation")
     a.add_argument("--quiet", action="store_true")
     a.set_defaults(func=_ablations)
