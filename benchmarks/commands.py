@@ -1,4 +1,4 @@
-"""`maven-edge bench`: the benchmark suite from the command line (nothing heavy imported here)."""
+"""`maven-edge bench` and `maven-edge quantize-report` (nothing heavy imported here)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import json
 import shlex
 from pathlib import Path
 
-from model_src.errors import InputError
+from maven_edge.calibration.quantize import QUANT_RECIPES
+from maven_edge.core.errors import InputError
 
 ANCHOR_NAMES = ("hf", "genai", "optimum", "llamacpp")
 
@@ -75,12 +76,37 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "an exporter change)")
     p.add_argument("--prepare-only", action="store_true",
                    help="only build the cache (checkpoints, our export, each anchor's converted model); measure nothing")
-    p.add_argument("--cache-dir", default=None, help="where converted models are kept (default artifacts/bench-cache)")
+    p.add_argument("--cache-dir", default=None, help="where converted models are kept (default: bench/ in the user cache directory)")
     p.add_argument("--figures-dir", default=None, help="also copy the plots here (e.g. docs/figures)")
     p.add_argument("--no-progress", action="store_true", help="no progress display")
     p.add_argument("--json", action="store_true", help="print the ratios and file paths as JSON at the end")
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=run_bench_command)
+
+    r = subparsers.add_parser("quantize-report", help="accuracy / size / latency report of every recipe (docs/)",
+                       description="Quantize the fp32 artifacts with every recipe, evaluate each on the test "
+                       "split through the runtime pipeline and write docs/quantization.md + .json.")
+    r.add_argument("--artifacts", default=None, help="fp32 artifacts of the model to evaluate (tiny)")
+    r.add_argument("--render-only", default=None, metavar="JSON",
+                   help="only re-write the markdown from an existing quantization.json")
+    r.add_argument("--out", metavar="DIR",
+                   help="where quantization.md and quantization.json go (the project's: docs); required unless "
+                   "--render-only")
+    r.add_argument("--work", default=None,
+                   help="where the quantized artifacts go (default: quant-report/ in the user cache directory)")
+    r.add_argument("--recipes", default=",".join(QUANT_RECIPES.names()),
+                   help=f"comma-separated (default {','.join(QUANT_RECIPES.names())})")
+    r.add_argument("--split", default="test")
+    r.add_argument("--limit", type=int, default=None, help="evaluate the first N questions only")
+    r.add_argument("--edge-artifacts", default=None, metavar="DIR",
+                   help="fp32 artifacts of edge-small: adds the decoder size and decode-step latency section")
+    r.add_argument("--edge-recipes", default="int4-weight,int8-dynamic", help="recipes for the edge-small section")
+    r.add_argument("--sections", default="accuracy,calib,edge",
+                   help="what to measure (default all); a subset updates the quantization.json in --out")
+    r.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads (default 2)")
+    r.add_argument("--reuse", action="store_true", help="reuse quantized artifacts already in --work")
+    r.add_argument("--quiet", action="store_true")
+    r.set_defaults(func=_report)
 
 
 def command_line(args: argparse.Namespace) -> str:
@@ -115,7 +141,7 @@ def command_line(args: argparse.Namespace) -> str:
 
 
 def options_from_args(args: argparse.Namespace):
-    from benchmarks.suite import BenchOptions
+    from maven_edge.benchmarks.suite import BenchOptions
 
     given = sum(x is not None for x in (args.artifacts, args.preset, args.checkpoint))
     if args.preset and args.checkpoint:
@@ -143,7 +169,7 @@ def options_from_args(args: argparse.Namespace):
 
 
 def run_bench_command(args: argparse.Namespace) -> int:
-    from benchmarks.suite import run_bench
+    from maven_edge.benchmarks.suite import run_bench
 
     report = run_bench(options_from_args(args))
     out = Path(args.out)
@@ -163,4 +189,26 @@ def run_bench_command(args: argparse.Namespace) -> int:
                 print(f"  {eff['preset']}: 4-image hybrid TTFT {c['ttft_speedup']:.2f}x faster than continuous")
         for n in report.notes:
             print(f"  note: {n}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from maven_edge.benchmarks.quantize_report import ReportOptions, render_from_json, run_report
+
+    if args.render_only:
+        print(f"wrote {render_from_json(args.render_only)}")
+        return 0
+    if not args.artifacts or not args.out:
+        raise InputError("give --artifacts DIR (fp32 export to evaluate) and --out DIR, or --render-only JSON")
+    opts = ReportOptions(
+        artifacts=args.artifacts, out=args.out, work=args.work,
+        recipes=tuple(r.strip() for r in args.recipes.split(",") if r.strip()), split=args.split,
+        limit=args.limit, edge_artifacts=args.edge_artifacts,
+        edge_recipes=tuple(r.strip() for r in args.edge_recipes.split(",") if r.strip()),
+        sections=tuple(x.strip() for x in args.sections.split(",") if x.strip()),
+        threads=args.threads, reuse=args.reuse, progress=not args.quiet,
+    )
+    paths = run_report(opts)
+    for p in paths:
+        print(f"wrote {p}")
     return 0

@@ -22,10 +22,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from benchmarks.roofline import DecoderCost
-from model_src.config import MODES, MavenConfig
+from maven_edge.benchmarks.roofline import DecoderCost
+from maven_edge.core.config import VISUAL_MODES, MavenConfig
 
-#: Tokens of the benchmark prompt besides the images (see benchmarks.worker.pipeline_prompt).
+#: Tokens of the benchmark prompt besides the images (see maven_edge.benchmarks.worker.pipeline_prompt).
 PROMPT_TEXT = "\nQuestion: what is in the images?\nAnswer:"
 
 
@@ -33,7 +33,7 @@ def token_table(cfg: MavenConfig, images: list[int], text_tokens: int = 0) -> li
     """Per mode and image count: visual tokens per image (without start/end markers) and the
     prompt length (each image adds its tokens + <img_start> + <img_end>)."""
     rows = []
-    for mode in MODES:
+    for mode in VISUAL_MODES:
         per = cfg.visual_tokens_per_image(mode)
         for n in images:
             rows.append({"mode": mode, "images": n, "visual_tokens_per_image": per,
@@ -55,7 +55,7 @@ def summarize(pipeline: dict[str, Any], cfg: MavenConfig, backend: str) -> dict[
     rows = []
     for n in images:
         row: dict[str, Any] = {"images": n}
-        for mode in MODES:
+        for mode in VISUAL_MODES:
             c = by.get((mode, n))
             if c is None:
                 continue

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from runtime.pipeline import STAGES
+from maven_edge.runtime.pipeline import STAGES
 
 STAGE_COLORS = {"preprocess": "#9e9e9e", "vision": "#1f77b4", "discrete": "#17becf", "h_eos": "#9467bd",
                 "selector": "#e377c2", "assemble": "#bcbd22", "prefill": "#ff7f0e", "decode": "#2ca02c"}
@@ -35,7 +35,7 @@ def _title(report: Any) -> str:
 
 
 def draw_stages(report: Any, path: Path) -> Path | None:
-    from benchmarks.report import stage_rows
+    from maven_edge.benchmarks.report import stage_rows
 
     rows = stage_rows(report)
     if not rows:
@@ -70,7 +70,7 @@ def draw_stages(report: Any, path: Path) -> Path | None:
 
 
 def draw_ttft(report: Any, path: Path) -> Path | None:
-    from benchmarks.report import stage_rows
+    from maven_edge.benchmarks.report import stage_rows
 
     rows = stage_rows(report)
     if not rows:
@@ -102,7 +102,7 @@ def draw_ttft(report: Any, path: Path) -> Path | None:
 
 
 def draw_decode(report: Any, path: Path) -> Path | None:
-    from benchmarks.report import text_rows
+    from maven_edge.benchmarks.report import text_rows
 
     rows = [r for r in text_rows(report) if r["decode_tok_s"]]
     if not rows:

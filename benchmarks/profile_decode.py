@@ -1,6 +1,6 @@
 """Where a decode step's time goes: ONNX Runtime's profiler over one decoder file, by op type.
 
-    python -m benchmarks.profile_decode artifacts/bench-cache/<model>/onnx-fp32/decoder.onnx \\
+    python -m maven_edge.benchmarks.profile_decode artifacts/bench-cache/<model>/onnx-fp32/decoder.onnx \\
         artifacts/bench-cache/<model>/genai-fp32/model.onnx --past 288 --steps 16 --threads 2
 
 For each decoder (ours: ``inputs_embeds`` in; onnxruntime-genai's: ``input_ids`` in), it builds

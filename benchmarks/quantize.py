@@ -12,16 +12,16 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from model_src.errors import BackendError
+from maven_edge.core.errors import BackendError
 
 
 def quantize_int4(fp32: str | Path, out: str | Path, log: Callable[[str], None] | None = None,
                   force: bool = False) -> Path:
     try:
-        from calibration.quantize import QuantizeOptions, quantize_artifacts
+        from maven_edge.calibration.quantize import QuantizeOptions, quantize_artifacts
     except ImportError as exc:
-        raise BackendError(f"the int4 quantizer (calibration.quantize) is not available: {exc}") from None
-    from export.manifest import MANIFEST, sha256_file
+        raise BackendError(f"the int4 quantizer (maven_edge.calibration.quantize) is not available: {exc}") from None
+    from maven_edge.core.manifest import MANIFEST, sha256_file
 
     fp32, out = Path(fp32), Path(out)
     stamp = out / ".bench-source.json"

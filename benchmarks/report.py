@@ -7,7 +7,7 @@ Files written into the output directory:
 - ``stages.csv``: one row per backend x mode x image count (per-stage medians, TTFT, tokens);
 - ``efficiency.csv``: hybrid vs continuous vs discrete per image count;
 - ``summary.md``: the Markdown tables ``docs/benchmarks.md`` shows;
-- ``bench_*.png``: the plots (:mod:`benchmarks.plots`).
+- ``bench_*.png``: the plots (:mod:`maven_edge.benchmarks.plots`).
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import describe_machine
-from benchmarks.roofline import DecoderCost, MachineLimits, roofline_row
-from model_src.config import MavenConfig
-from runtime.pipeline import STAGES
+from maven_edge.benchmarks.harness import describe_machine
+from maven_edge.benchmarks.roofline import DecoderCost, MachineLimits, roofline_row
+from maven_edge.core.config import MavenConfig
+from maven_edge.runtime.pipeline import STAGES
 
 #: Engine precision -> the roofline's bytes-per-parameter key.
 _ROOF_PRECISION = {"fp32": "fp32", "fp16": "fp16", "int8": "int8", "int4": "int4", "q8_0": "q8_0", "q4_0": "q4_0"}
@@ -151,7 +151,7 @@ def analyse(report: Any, o: Any) -> None:
                                          "kv_bytes_per_position_fp32": cost.kv_bytes_per_position()}
 
     if cfg_dict:
-        from benchmarks.efficiency import summarize
+        from maven_edge.benchmarks.efficiency import summarize
 
         cfg = MavenConfig.from_dict(cfg_dict)
         report.efficiency = {b: summarize(p, cfg, b) for b, p in report.pipeline.items()
@@ -359,7 +359,7 @@ def write_outputs(report: Any, out: Path, figures_dir: str | None = None, prefix
     _write_csv(out / "stages.csv", stage_rows(report))
     _write_csv(out / "efficiency.csv", efficiency_rows(report))
     try:
-        from benchmarks.plots import draw_all
+        from maven_edge.benchmarks.plots import draw_all
 
         for name, path in draw_all(report, out, prefix=prefix).items():
             files[f"plot_{name}"] = str(path)

@@ -1,12 +1,12 @@
 """The benchmark suite: plan, run every job in its own worker process, collect, report.
 
-    from benchmarks.suite import BenchOptions, run_bench
+    from maven_edge.benchmarks.suite import BenchOptions, run_bench
     report = run_bench(BenchOptions(preset="edge-small", out="artifacts/bench/edge-small"))
     report.ratios["ort_fp32_vs_genai_fp32"], report.files["json"]
 
 Sections (all by default):
 
-- ``roofline``: the machine's memory bandwidth and matmul FLOP/s (:mod:`benchmarks.roofline`);
+- ``roofline``: the machine's memory bandwidth and matmul FLOP/s (:mod:`maven_edge.benchmarks.roofline`);
 - ``pipeline``: the multimodal pipeline per backend over modes x image counts: per-stage latency
   (preprocess, vision, discrete tokenizer, h_eos pass, selector, assemble, prefill, decode),
   TTFT, per-token decode, end-to-end and peak memory;
@@ -33,11 +33,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import describe_machine, machine_info
-from model_src.config import MODES
-from model_src.errors import BackendError, InputError
+from maven_edge.benchmarks.harness import describe_machine, machine_info
+from maven_edge.core import paths
+from maven_edge.core.config import VISUAL_MODES
+from maven_edge.core.errors import BackendError, InputError
 
-REPO = Path(__file__).resolve().parent.parent
 SECTIONS = ("roofline", "pipeline", "text")
 BACKENDS = ("ort", "torch")
 DEFAULT_ANCHORS = ("hf", "genai", "optimum", "llamacpp")
@@ -60,7 +60,7 @@ class BenchOptions:
     seed: int | None = None
     backends: list[str] = field(default_factory=lambda: list(BACKENDS))
     images: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
-    modes: list[str] = field(default_factory=lambda: list(MODES))
+    modes: list[str] = field(default_factory=lambda: list(VISUAL_MODES))
     new_tokens: int = 64
     pipeline_new_tokens: int | None = None  # new tokens per pipeline request (default: new_tokens)
     prompt_len: int = 256  # text protocol prompt length
@@ -75,7 +75,7 @@ class BenchOptions:
     prepare_only: bool = False  # build every converted model into the cache, measure nothing
     reexport: bool = False  # redo our export (and int4) even when the cache holds one of the same weights
     decoder: str | None = None  # our decoder.onnx: "genai" (model builder) or "torch"; None: genai if installed
-    cache_dir: str | Path = REPO / "artifacts" / "bench-cache"
+    cache_dir: str | Path = field(default_factory=lambda: paths.cache_dir("bench"))  # converted models, reused
     figures_dir: str | None = None  # also write the plots here (e.g. docs/figures)
     figure_prefix: str = "bench_"
     progress: bool = True
@@ -107,8 +107,8 @@ class BenchOptions:
             if a not in DEFAULT_ANCHORS:
                 raise InputError(f"unknown anchor {a!r}; choose from {', '.join(DEFAULT_ANCHORS)} (or none)")
         for m in o.modes:
-            if m not in MODES:
-                raise InputError(f"unknown mode {m!r}; choose from {', '.join(MODES)}")
+            if m not in VISUAL_MODES:
+                raise InputError(f"unknown mode {m!r}; choose from {', '.join(VISUAL_MODES)}")
         for s in o.sections:
             if s not in SECTIONS:
                 raise InputError(f"unknown section {s!r}; choose from {', '.join(SECTIONS)}")
@@ -126,7 +126,7 @@ class BenchOptions:
             raise InputError("--threads must be >= 0 (0 = all cores)")
         o.threads = o.threads or (os.cpu_count() or 1)
         if o.decoder is None:
-            from export.genai_decoder import builder_unavailable
+            from maven_edge.export.genai_decoder import builder_unavailable
 
             o.decoder = "torch" if builder_unavailable() else "genai"
         if o.decoder not in ("genai", "torch"):
@@ -219,7 +219,6 @@ class Runner:
         env.update({"OMP_NUM_THREADS": t, "MKL_NUM_THREADS": t, "OPENBLAS_NUM_THREADS": t,
                     "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1",
                     "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "TQDM_DISABLE": "1"})
-        env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
         return env
 
     def run(self, task: str, payload: dict[str, Any], label: str) -> dict[str, Any]:
@@ -232,11 +231,11 @@ class Runner:
         result_path.unlink(missing_ok=True)
         self.bars.start(label)
         t0 = time.perf_counter()
-        from benchmarks.worker import PROGRESS
+        from maven_edge.benchmarks.worker import PROGRESS
 
         with open(log_path, "w") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "benchmarks.worker", str(job_path), str(result_path)],
-                                    stdout=subprocess.PIPE, stderr=log, text=True, env=self.env(), cwd=str(REPO))
+            proc = subprocess.Popen([sys.executable, "-m", "maven_edge.benchmarks.worker", str(job_path), str(result_path)],
+                                    stdout=subprocess.PIPE, stderr=log, text=True, env=self.env())
             assert proc.stdout is not None
             try:
                 deadline = time.monotonic() + self.timeout_s
@@ -290,7 +289,7 @@ def _source_spec(o: BenchOptions) -> tuple[dict[str, Any], str]:
         spec = {"preset": o.preset, "overrides": o.overrides or None, "seed": o.seed}
         name = o.preset
     else:
-        from export.manifest import load_manifest
+        from maven_edge.core.manifest import load_manifest
 
         manifest = load_manifest(o.artifacts, verify=False)
         src = (manifest.extra or {}).get("source") or {}
@@ -365,7 +364,7 @@ def run_bench(options: BenchOptions) -> BenchReport:
                          "need it and are skipped")
         artifacts: dict[str, str] = {}
         if o.artifacts:
-            from export.manifest import load_manifest
+            from maven_edge.core.manifest import load_manifest
 
             m = load_manifest(o.artifacts, verify=False)
             artifacts[m.recipe if m.recipe in ("fp32", "int4") else m.recipe] = str(Path(o.artifacts).resolve())
@@ -481,7 +480,7 @@ def run_bench(options: BenchOptions) -> BenchReport:
     finally:
         bars.close()
 
-    from benchmarks.report import analyse, write_outputs
+    from maven_edge.benchmarks.report import analyse, write_outputs
 
     load = machine.get("load_average")
     cores = machine.get("logical_cores") or 1

@@ -1,18 +1,18 @@
-"""One benchmark job in its own process: ``python -m benchmarks.worker JOB.json RESULT.json``.
+"""One benchmark job in its own process: ``python -m maven_edge.benchmarks.worker JOB.json RESULT.json``.
 
 Each engine, backend and probe runs in a fresh process so that its peak resident memory, its
 thread pools and its import side effects (torch, onnxruntime, transformers, llama.cpp) are its
-own. The parent (:mod:`benchmarks.suite`) writes the job, reads progress lines
+own. The parent (:mod:`maven_edge.benchmarks.suite`) writes the job, reads progress lines
 (``@@progress {"done": i, "total": n, "label": ...}``) from stdout, and reads the result file.
 
 Jobs (``job["task"]``):
 
-- ``limits``: memory bandwidth and matmul FLOP/s (:mod:`benchmarks.roofline`);
+- ``limits``: memory bandwidth and matmul FLOP/s (:mod:`maven_edge.benchmarks.roofline`);
 - ``source``: build or load the model, save the maven-edge checkpoint and the HF-format
   decoder checkpoint into the work directory, fingerprint the weights;
 - ``export``: export ONNX artifacts of that checkpoint (our exporter), and int4 artifacts when a
   quantizer is available;
-- ``text``: one engine x precision under the text protocol (:mod:`benchmarks.anchors.base`);
+- ``text``: one engine x precision under the text protocol (:mod:`maven_edge.benchmarks.anchors.base`);
 - ``pipeline``: the multimodal pipeline over a grid of modes x image counts, per-stage timings.
 """
 
@@ -25,7 +25,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import PeakRSS, max_rss_bytes, rss_bytes
+from maven_edge.benchmarks.harness import PeakRSS, max_rss_bytes, rss_bytes
 
 PROGRESS = "@@progress "
 
@@ -42,7 +42,7 @@ def log(msg: str) -> None:
 
 
 def task_limits(job: dict[str, Any]) -> dict[str, Any]:
-    from benchmarks.roofline import measure_limits
+    from maven_edge.benchmarks.roofline import measure_limits
 
     limits = measure_limits(threads=int(job["threads"]), copy_mb=int(job.get("copy_mb", 256)),
                             matmul_size=int(job.get("matmul_size", 2048)), repeats=int(job.get("repeats", 5)))
@@ -50,7 +50,7 @@ def task_limits(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def _load_source(job: dict[str, Any]) -> Any:
-    from model_src.checkpoint import load_model
+    from maven_edge.model_src.checkpoint import load_model
 
     return load_model(checkpoint=job.get("checkpoint"), preset=job.get("preset"), overrides=job.get("overrides"),
                       seed=job.get("seed"))
@@ -61,9 +61,9 @@ def task_source(job: dict[str, Any]) -> dict[str, Any]:
     when asked (``save_checkpoint`` / ``save_hf``); reused when the fingerprint matches."""
     import torch
 
-    from export.onnx_export import model_fingerprint
-    from model_src.checkpoint import save_checkpoint
-    from model_src.hf_import import save_hf_llama
+    from maven_edge.export.onnx_export import model_fingerprint
+    from maven_edge.model_src.checkpoint import save_checkpoint
+    from maven_edge.model_src.hf_import import save_hf_llama
 
     torch.set_num_threads(int(job.get("threads", 1)))
     work = Path(job["work_dir"])
@@ -114,8 +114,8 @@ def task_export(job: dict[str, Any]) -> dict[str, Any]:
     they hold the same weights and decoder kind, unless ``reexport``."""
     import torch
 
-    from export.manifest import load_manifest
-    from export.onnx_export import ExportOptions, export_model, model_fingerprint
+    from maven_edge.core.manifest import load_manifest
+    from maven_edge.export.onnx_export import ExportOptions, export_model, model_fingerprint
 
     torch.set_num_threads(int(job.get("threads", 1)))
     out = Path(job["out"])
@@ -147,7 +147,7 @@ def task_export(job: dict[str, Any]) -> dict[str, Any]:
 
 def task_quantize(job: dict[str, Any]) -> dict[str, Any]:
     """int4 artifacts from fp32 ones, through the project's quantizer when it is installed."""
-    from benchmarks.quantize import quantize_int4
+    from maven_edge.benchmarks.quantize import quantize_int4
 
     t0 = time.perf_counter()
     out = quantize_int4(job["fp32"], job["out"], log=log, force=bool(job.get("force")))
@@ -155,8 +155,8 @@ def task_quantize(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def task_text(job: dict[str, Any]) -> dict[str, Any]:
-    from benchmarks.anchors import EngineContext, TextSpec, make_engine
-    from benchmarks.harness import summarize_records
+    from maven_edge.benchmarks.anchors import EngineContext, TextSpec, make_engine
+    from maven_edge.benchmarks.harness import summarize_records
 
     c = job["ctx"]
     ctx = EngineContext(work_dir=Path(c["work_dir"]), hf_dir=Path(c["hf_dir"]) if c.get("hf_dir") else None,
@@ -217,16 +217,16 @@ def pipeline_prompt(n: int) -> str:
 
 def task_pipeline(job: dict[str, Any]) -> dict[str, Any]:
     """Per-stage timings of the multimodal pipeline over modes x image counts."""
-    from benchmarks.harness import summarize_records
-    from model_src.errors import MavenError
-    from runtime.pipeline import STAGES, MavenPipeline, PipelineLimits
+    from maven_edge.benchmarks.harness import summarize_records
+    from maven_edge.core.errors import MavenError
+    from maven_edge.runtime.pipeline import STAGES, MavenPipeline, PipelineLimits
 
     threads = int(job["threads"])
     backend = job["backend"]
     t0 = time.perf_counter()
     rss0 = rss_bytes()
     if backend == "torch":
-        from benchmarks.anchors.base import set_torch_threads
+        from maven_edge.benchmarks.anchors.base import set_torch_threads
 
         set_torch_threads(threads)
         if job.get("checkpoint"):
@@ -234,7 +234,7 @@ def task_pipeline(job: dict[str, Any]) -> dict[str, Any]:
         else:  # seeded preset: rebuilt here rather than saved (paper geometry is several GB)
             pipe = MavenPipeline.from_model(_load_source(job["source"]))
     else:
-        from runtime.backends.ort_backend import SessionConfig
+        from maven_edge.runtime.backends.ort_backend import SessionConfig
 
         pipe = MavenPipeline.from_artifacts(job["artifacts"], backend=backend,
                                             session_options=SessionConfig(intra_op_num_threads=threads,

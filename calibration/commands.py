@@ -1,7 +1,7 @@
-"""CLI: `maven-edge quantize`, `calib-set`, `quantize-report` and `build-trt`.
+"""CLI: `maven-edge quantize`, `calib-set` and `build-trt`.
 
-Nothing heavy is imported here: onnxruntime's quantization tools, TensorRT and (for the
-report's torch-free pipeline) onnxruntime are imported inside the commands.
+Nothing heavy is imported here: onnxruntime's quantization tools and TensorRT are imported
+inside the commands.
 """
 
 from __future__ import annotations
@@ -10,9 +10,8 @@ import argparse
 import json
 import sys
 
-from calibration.quantize import CALIB_METHODS, RECIPES
-
-TRT_PRECISIONS = ("fp16", "int8", "fp8")  # export.tensorrt.PRECISIONS (not imported: keeps this module light)
+from maven_edge.calibration.quantize import CALIB_METHODS, QUANT_METHODS, QUANT_RECIPES
+from maven_edge.calibration.tensorrt import PRECISIONS as TRT_PRECISIONS
 
 
 def _calib_args(p: argparse.ArgumentParser) -> None:
@@ -33,7 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "component's precision and the recipe. See docs/usage/quantization.md.")
     q.add_argument("--artifacts", required=True, help="fp32 artifact directory (maven-edge export)")
     q.add_argument("--out", required=True, help="new artifact directory")
-    q.add_argument("--recipe", required=True, choices=RECIPES)
+    q.add_argument("--recipe", required=True, choices=QUANT_RECIPES.names(), metavar="RECIPE",
+                   help="; ".join(f"{name}: {r.help}" for name, r in QUANT_RECIPES.items()))
     q.add_argument("--calib-method", default="minmax", choices=CALIB_METHODS, help="int8-static calibration")
     _calib_args(q)
     q.add_argument("--percentile", type=float, default=99.999, help="--calib-method percentile (default 99.999)")
@@ -48,7 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--asymmetric", action="store_true", help="int4-weight with zero points")
     q.add_argument("--keep-lm-head", action="store_true", help="leave the vocabulary projection in fp32")
     q.add_argument("--component", action="append", default=[], metavar="NAME=METHOD",
-                   help="override one component's method (fp32, int8-static, int8-dynamic, int4-weight, fp16)")
+                   help=f"override one component's method ({', '.join(QUANT_METHODS)})")
     q.add_argument("--calib-cache", default=None, metavar="DIR", help="reuse calibration ranges across runs")
     q.add_argument("--force", action="store_true", help="replace the contents of a non-empty --out")
     q.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -63,27 +63,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--images-per-sample", type=int, default=1, help="folder sources: images per sample")
     _calib_args(c)
     c.set_defaults(func=_calib_set)
-
-    r = sub.add_parser("quantize-report", help="accuracy / size / latency report of every recipe (docs/)",
-                       description="Quantize the fp32 artifacts with every recipe, evaluate each on the test "
-                       "split through the runtime pipeline and write docs/quantization.md + .json.")
-    r.add_argument("--artifacts", default=None, help="fp32 artifacts of the model to evaluate (tiny)")
-    r.add_argument("--render-only", default=None, metavar="JSON",
-                   help="only re-write the markdown from an existing quantization.json")
-    r.add_argument("--out", default="docs", help="where quantization.md and quantization.json go (default docs)")
-    r.add_argument("--work", default="artifacts/quant-report", help="where the quantized artifacts go")
-    r.add_argument("--recipes", default=",".join(RECIPES), help=f"comma-separated (default {','.join(RECIPES)})")
-    r.add_argument("--split", default="test")
-    r.add_argument("--limit", type=int, default=None, help="evaluate the first N questions only")
-    r.add_argument("--edge-artifacts", default=None, metavar="DIR",
-                   help="fp32 artifacts of edge-small: adds the decoder size and decode-step latency section")
-    r.add_argument("--edge-recipes", default="int4-weight,int8-dynamic", help="recipes for the edge-small section")
-    r.add_argument("--sections", default="accuracy,calib,edge",
-                   help="what to measure (default all); a subset updates the quantization.json in --out")
-    r.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads (default 2)")
-    r.add_argument("--reuse", action="store_true", help="reuse quantized artifacts already in --work")
-    r.add_argument("--quiet", action="store_true")
-    r.set_defaults(func=_report)
 
     t = sub.add_parser(
         "build-trt", help="build TensorRT engines (one per component) from artifacts",
@@ -114,7 +93,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _quantize(args: argparse.Namespace) -> int:
-    from calibration.quantize import QuantizeOptions, parse_overrides, quantize_artifacts
+    from maven_edge.calibration.quantize import QuantizeOptions, parse_overrides, quantize_artifacts
 
     opts = QuantizeOptions(
         recipe=args.recipe, calib_method=args.calib_method, calib_images=args.calib_images,
@@ -139,8 +118,8 @@ def _quantize(args: argparse.Namespace) -> int:
 
 
 def _calib_set(args: argparse.Namespace) -> int:
-    from calibration.readers import resolve_calibration_set
-    from export.manifest import load_manifest
+    from maven_edge.calibration.readers import resolve_calibration_set
+    from maven_edge.core.manifest import load_manifest
 
     manifest = load_manifest(args.artifacts, verify=False)
     cs = resolve_calibration_set(args.calib_images, manifest, args.calib_samples, args.calib_split,
@@ -152,31 +131,8 @@ def _calib_set(args: argparse.Namespace) -> int:
     return 0
 
 
-def _report(args: argparse.Namespace) -> int:
-    from calibration.report import ReportOptions, render_from_json, run_report
-    from model_src.errors import InputError
-
-    if args.render_only:
-        print(f"wrote {render_from_json(args.render_only)}")
-        return 0
-    if not args.artifacts:
-        raise InputError("give --artifacts DIR (fp32 export to evaluate), or --render-only JSON")
-    opts = ReportOptions(
-        artifacts=args.artifacts, out=args.out, work=args.work,
-        recipes=tuple(r.strip() for r in args.recipes.split(",") if r.strip()), split=args.split,
-        limit=args.limit, edge_artifacts=args.edge_artifacts,
-        edge_recipes=tuple(r.strip() for r in args.edge_recipes.split(",") if r.strip()),
-        sections=tuple(x.strip() for x in args.sections.split(",") if x.strip()),
-        threads=args.threads, reuse=args.reuse, progress=not args.quiet,
-    )
-    paths = run_report(opts)
-    for p in paths:
-        print(f"wrote {p}")
-    return 0
-
-
 def _build_trt(args: argparse.Namespace) -> int:
-    from export.tensorrt import TrtBuildOptions, build_engines, plan_engines, plan_summary
+    from maven_edge.calibration.tensorrt import TrtBuildOptions, build_engines, plan_engines, plan_summary
 
     opts = TrtBuildOptions(
         artifacts=args.artifacts, out=args.out, precision=args.precision, max_images=args.max_images,
@@ -188,7 +144,7 @@ def _build_trt(args: argparse.Namespace) -> int:
         force=args.force, progress=not args.quiet,
     )
     if args.dry_run:
-        from export.manifest import load_manifest
+        from maven_edge.core.manifest import load_manifest
 
         print(plan_summary(plan_engines(load_manifest(args.artifacts, verify=False), opts)))
         return 0

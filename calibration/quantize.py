@@ -1,6 +1,6 @@
 """Reduced-precision artifacts: INT8 static (QDQ), INT8 dynamic, INT4 weight-only, FP16.
 
-    from calibration.quantize import QuantizeOptions, quantize_artifacts
+    from maven_edge.calibration.quantize import QuantizeOptions, quantize_artifacts
     result = quantize_artifacts("artifacts/tiny", "artifacts/tiny-int8", QuantizeOptions(recipe="int8-static"))
     result.manifest.components["vision_encoder"].precision   # "int8"
 
@@ -19,7 +19,7 @@ int4-weight, fp16), so components may mix precisions freely.
 
 - **int8-static**: ``onnxruntime.quantization.quantize_static`` in QDQ format, weights int8
   per channel, activations int8 (S8S8, onnxruntime's recommended first choice), calibrated with
-  MinMax, Entropy or Percentile on :mod:`calibration.readers` feeds. Only MatMul/Gemm/Conv are
+  MinMax, Entropy or Percentile on :mod:`maven_edge.calibration.readers` feeds. Only MatMul/Gemm/Conv are
   quantized, and a MatMul whose result reaches an ArgMax/TopK without another MatMul in between
   (the VQ codebook lookup, the selector's score head) stays fp32: int8 noise there flips
   discrete choices.
@@ -55,14 +55,15 @@ from typing import Any
 
 import numpy as np
 
-from calibration.readers import (
+from maven_edge.calibration.readers import (
     DEFAULT_SPLIT,
     CalibrationSet,
     ComponentFeeds,
     make_ort_reader,
     resolve_calibration_set,
 )
-from export.manifest import (
+from maven_edge.core.errors import ArtifactError, CalibrationError, ExportError, InputError
+from maven_edge.core.manifest import (
     MANIFEST,
     Component,
     Manifest,
@@ -72,14 +73,10 @@ from export.manifest import (
     sha256_file,
     write_manifest,
 )
-from model_src.errors import ArtifactError, CalibrationError, ExportError, InputError
+from maven_edge.core.registry import Registry
 
-RECIPES = ("int8-static", "int8-dynamic", "int4-weight", "int8-int4", "fp16")
-METHODS = ("fp32", "int8-static", "int8-dynamic", "int4-weight", "fp16")
 CALIB_METHODS = ("minmax", "entropy", "percentile")
 VISION_SIDE = ("vision_encoder", "discrete_tokenizer", "patch_selector", "projector")
-#: method -> the precision recorded in the manifest
-PRECISION = {"fp32": "fp32", "int8-static": "int8", "int8-dynamic": "int8", "int4-weight": "int4", "fp16": "fp16"}
 #: ops the fp16 recipe keeps in fp32 (on top of the converter's DEFAULT_OP_BLOCK_LIST)
 FP16_KEEP_FP32_OPS = ("Pow", "ReduceMean", "Sqrt", "Reciprocal", "Softmax", "Cos", "Sin", "Range", "ReduceL2",
                       "ArgMax", "TopK", "CumSum")
@@ -92,26 +89,16 @@ EXTERNAL_DATA_BYTES = 1_800_000_000
 
 def recipe_plan(recipe: str, components: Sequence[str], overrides: dict[str, str] | None = None) -> dict[str, str]:
     """component -> method for `recipe` over the artifacts' `components`, with overrides."""
-    if recipe not in RECIPES:
-        raise InputError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
-    plan = dict.fromkeys(components, "fp32")
-    for c in components:
-        if recipe in ("int8-static", "int8-int4") and c in VISION_SIDE:
-            plan[c] = "int8-static"
-        if c == "decoder" and recipe in ("int4-weight", "int8-int4"):
-            plan[c] = "int4-weight"
-        if c == "decoder" and recipe == "int8-dynamic":
-            plan[c] = "int8-dynamic"
-        if recipe == "fp16":
-            plan[c] = "fp16"
+    r = QUANT_RECIPES.get(recipe)
+    plan = {c: r.method_for(c) for c in components}
     for c, m in (overrides or {}).items():
         if c not in plan:
             raise InputError(f"--component {c}={m}: the artifacts have no component {c!r} (they have "
                              f"{', '.join(components)})")
-        if m not in METHODS:
-            raise InputError(f"--component {c}={m}: unknown method; choose one of {', '.join(METHODS)}")
+        if m not in QUANT_METHODS:
+            raise InputError(f"--component {c}={m}: unknown method; choose one of {', '.join(QUANT_METHODS)}")
         plan[c] = m
-    if plan.get("embed_tokens") in ("int8-static", "int8-dynamic", "int4-weight"):
+    if "embed_tokens" in plan and not QUANT_METHODS.get(plan["embed_tokens"]).table_lookup_ok:
         raise InputError("embed_tokens is a Gather (a table lookup): it can be fp32 or fp16, not "
                          f"{plan['embed_tokens']}")
     return plan
@@ -152,8 +139,7 @@ class QuantizeOptions:
     check_samples: int = 4  # samples used for the parity check against fp32 (0 = skip)
 
     def validate(self) -> QuantizeOptions:
-        if self.recipe not in RECIPES:
-            raise InputError(f"unknown recipe {self.recipe!r}; choose one of {', '.join(RECIPES)}")
+        QUANT_RECIPES.get(self.recipe)  # InputError for an unknown recipe
         if self.calib_method not in CALIB_METHODS:
             raise InputError(f"unknown calibration method {self.calib_method!r}; choose one of {', '.join(CALIB_METHODS)}")
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
@@ -336,7 +322,7 @@ def calibrate_ranges(src: Path, reader: Any, method: str, percentile: float = 99
         return cal.compute_data()
 
 
-def _int8_static(src: Path, dst: Path, reader: Any, opts: QuantizeOptions, cache: Path | None) -> dict[str, Any]:
+def _int8_static(src: Path, dst: Path, opts: QuantizeOptions, calib: CalibrationInput | None) -> dict[str, Any]:
     import tempfile
 
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -349,11 +335,12 @@ def _int8_static(src: Path, dst: Path, reader: Any, opts: QuantizeOptions, cache
     act = QuantType.QInt8 if opts.activation_type == "int8" else QuantType.QUInt8
     big = sum(t.ByteSize() for t in model.graph.initializer) > EXTERNAL_DATA_BYTES
     del model
+    assert calib is not None, "int8-static needs calibration inputs"
     with tempfile.TemporaryDirectory(prefix="maven-quant-") as tmp:
-        ranges_path = cache if cache is not None else Path(tmp) / "ranges.json"
+        ranges_path = calib.cache if calib.cache is not None else Path(tmp) / "ranges.json"
         cached = ranges_path.is_file()
         if not cached:  # our calibrator settings, handed to quantize_static as its calibration cache
-            save_tensors_data(calibrate_ranges(src, reader, opts.calib_method, opts.percentile), ranges_path)
+            save_tensors_data(calibrate_ranges(src, calib.reader, opts.calib_method, opts.percentile), ranges_path)
         with quiet_quantizer():
             quantize_static(
                 str(src), str(dst), None, quant_format=QuantFormat.QDQ, op_types_to_quantize=list(WEIGHT_OPS),
@@ -368,7 +355,7 @@ def _int8_static(src: Path, dst: Path, reader: Any, opts: QuantizeOptions, cache
             "ranges_from_cache": cached, "ops": list(WEIGHT_OPS), "kept_fp32": exclude}
 
 
-def _int4_weight(src: Path, dst: Path, opts: QuantizeOptions) -> dict[str, Any]:
+def _int4_weight(src: Path, dst: Path, opts: QuantizeOptions, calib: CalibrationInput | None) -> dict[str, Any]:
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     model = _load(src)
@@ -388,7 +375,7 @@ def _int4_weight(src: Path, dst: Path, opts: QuantizeOptions) -> dict[str, Any]:
             "kept_fp32": exclude}
 
 
-def _int8_dynamic(src: Path, dst: Path, opts: QuantizeOptions) -> dict[str, Any]:
+def _int8_dynamic(src: Path, dst: Path, opts: QuantizeOptions, calib: CalibrationInput | None) -> dict[str, Any]:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     model = _load(src)
@@ -402,7 +389,7 @@ def _int8_dynamic(src: Path, dst: Path, opts: QuantizeOptions) -> dict[str, Any]
             "activations": "int8, quantized at run time", "ops": ["MatMul"], "kept_fp32": exclude}
 
 
-def _fp16(src: Path, dst: Path) -> dict[str, Any]:
+def _fp16(src: Path, dst: Path, opts: QuantizeOptions, calib: CalibrationInput | None) -> dict[str, Any]:
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
     model = _load(src)
@@ -414,6 +401,61 @@ def _fp16(src: Path, dst: Path) -> dict[str, Any]:
     _save(out, dst)
     return {"converter": "onnxruntime.transformers.float16 (onnxconverter-common)", "io": "float32 (kept)",
             "fp32_ops": list(FP16_KEEP_FP32_OPS), "fp32_nodes": keep_nodes}
+
+
+# ---- the tables: methods (what is done to one file) and recipes (a method per component) ----------
+
+
+@dataclass(frozen=True)
+class CalibrationInput:
+    """What a calibrated method gets for one component: its feeds, and where its ranges are cached."""
+
+    reader: Any  # an onnxruntime CalibrationDataReader
+    cache: Path | None = None
+
+
+@dataclass(frozen=True)
+class QuantMethod:
+    """One way to rewrite one ONNX file. `apply(src, dst, opts, calib)` returns the manifest's details."""
+
+    precision: str  # what the manifest records for the component
+    apply: Callable[[Path, Path, QuantizeOptions, CalibrationInput | None], dict[str, Any]] | None  # None: copy
+    calibrated: bool = False  # needs calibration inputs (CalibrationInput)
+    table_lookup_ok: bool = True  # may rewrite embed_tokens (a Gather)
+
+
+QUANT_METHODS: Registry[QuantMethod] = Registry("quantization method")
+QUANT_METHODS.add("fp32", QuantMethod("fp32", None))
+QUANT_METHODS.add("int8-static", QuantMethod("int8", _int8_static, calibrated=True, table_lookup_ok=False))
+QUANT_METHODS.add("int8-dynamic", QuantMethod("int8", _int8_dynamic, table_lookup_ok=False))
+QUANT_METHODS.add("int4-weight", QuantMethod("int4", _int4_weight, table_lookup_ok=False))
+QUANT_METHODS.add("fp16", QuantMethod("fp16", _fp16))
+
+
+@dataclass(frozen=True)
+class QuantRecipe:
+    """A method for each group of components (vision side, decoder, embed_tokens)."""
+
+    help: str
+    vision: str = "fp32"  # vision_encoder, discrete_tokenizer, patch_selector, projector
+    decoder: str = "fp32"
+    embed: str = "fp32"  # embed_tokens
+
+    def method_for(self, component: str) -> str:
+        if component == "decoder":
+            return self.decoder
+        if component == "embed_tokens":
+            return self.embed
+        return self.vision if component in VISION_SIDE else "fp32"
+
+
+QUANT_RECIPES: Registry[QuantRecipe] = Registry("quantization recipe")
+QUANT_RECIPES.add("int8-static", QuantRecipe("vision side int8 static QDQ (calibrated)", vision="int8-static"))
+QUANT_RECIPES.add("int8-dynamic", QuantRecipe("decoder int8 dynamic", decoder="int8-dynamic"))
+QUANT_RECIPES.add("int4-weight", QuantRecipe("decoder int4 MatMulNBits", decoder="int4-weight"))
+QUANT_RECIPES.add("int8-int4", QuantRecipe("vision side int8 static + decoder int4", vision="int8-static",
+                                           decoder="int4-weight"))
+QUANT_RECIPES.add("fp16", QuantRecipe("every component fp16", vision="fp16", decoder="fp16", embed="fp16"))
 
 
 def dedupe_nodes(model: Any) -> int:
@@ -454,7 +496,7 @@ def fit_target(path: Path, release: str) -> tuple[str, list[str]]:
     """
     import onnx
 
-    from export import ort_compat
+    from maven_edge.export import ort_compat
 
     model = onnx.load(str(path), load_external_data=False)
     target = ort_compat.get_target(release)
@@ -582,7 +624,7 @@ def quantize_artifacts(
     manifest_sha = sha256_file(src / MANIFEST)
 
     # Calibration inputs: only for the components that need them (and for the parity check).
-    static = [c for c, m in plan.items() if m == "int8-static"]
+    static = [c for c, m in plan.items() if QUANT_METHODS.get(m).calibrated]
     feeds_src: ComponentFeeds | None = None
     calib_info: dict[str, Any] | None = None
     if static:
@@ -614,27 +656,23 @@ def quantize_artifacts(
             dst_path = staging / comp.file.path
             dst_path.parent.mkdir(parents=True, exist_ok=True)
             details: dict[str, Any] = {"method": method}
-            if method == "fp32":
+            spec = QUANT_METHODS.get(method)
+            if spec.apply is None:
                 _link_or_copy(src_path, dst_path)
                 for e in comp.external_data:
                     _link_or_copy(src / e.path, staging / e.path)
             else:
-                if method == "int8-static":
+                calib = None
+                if spec.calibrated:
                     assert feeds_src is not None
-                    reader = make_ort_reader(feeds_src.feeds(name), name)
                     cache = None
                     if opts.calib_cache:
                         Path(opts.calib_cache).mkdir(parents=True, exist_ok=True)
                         key = f"{name}-{comp.file.sha256[:12]}-{feeds_src.cs.digest()[:12]}-{opts.calib_method}"
                         cache = Path(opts.calib_cache) / f"{key}.json"
                         details["calibration_cache"] = str(cache)
-                    details.update(_int8_static(src_path, dst_path, reader, opts, cache))
-                elif method == "int4-weight":
-                    details.update(_int4_weight(src_path, dst_path, opts))
-                elif method == "int8-dynamic":
-                    details.update(_int8_dynamic(src_path, dst_path, opts))
-                elif method == "fp16":
-                    details.update(_fp16(src_path, dst_path))
+                    calib = CalibrationInput(make_ort_reader(feeds_src.feeds(name), name), cache)
+                details.update(spec.apply(src_path, dst_path, opts, calib))
                 release, n = fit_target(dst_path, manifest.target_ort)
                 notes.extend(n)
                 if release != manifest.target_ort:
@@ -647,10 +685,10 @@ def quantize_artifacts(
                     if check is None:
                         check = _component_check_feeds(name, comp, cfg, feeds_src, opts.check_samples)
                     details["parity"] = parity(src_path, dst_path, check)
-            new_components[name] = _component_entry(comp, staging, dst_path, PRECISION[method], details)
+            new_components[name] = _component_entry(comp, staging, dst_path, spec.precision, details)
             size = new_components[name].file.size_bytes + sum(e.size_bytes for e in new_components[name].external_data)
             fp32_size = comp.file.size_bytes + sum(e.size_bytes for e in comp.external_data)
-            results.append(ComponentResult(name, method, PRECISION[method], fp32_size, size,
+            results.append(ComponentResult(name, method, spec.precision, fp32_size, size,
                                            round(time.perf_counter() - t1, 2), details))
             if log:
                 log(f"{name}: {method}, {fp32_size / 1e6:.2f} MB -> {size / 1e6:.2f} MB")

@@ -36,8 +36,9 @@ from typing import Any
 
 import numpy as np
 
-from model_src.config import PreprocessConfig
-from model_src.errors import CalibrationError, ImageError, MavenError
+from maven_edge.core.config import PreprocessConfig
+from maven_edge.core.errors import CalibrationError, ImageError, MavenError
+from maven_edge.export.onnx_components import OnnxComponents
 
 CALIB_META = "calibration.json"
 CALIB_ARRAYS = "calibration.npz"
@@ -146,8 +147,8 @@ def synthetic_calibration_set(
     patch_size: int = 8, preset: str | None = None,
 ) -> CalibrationSet:
     """`num_samples` samples (images + prompt) of a shapes-world split, rendered at the model's size."""
-    from model_src.data import iter_samples
-    from model_src.preprocess import preprocess_images
+    from maven_edge.core.preprocess import preprocess_images
+    from maven_edge.model_src.data import iter_samples
 
     cfg = _preprocess_config(preprocess)
     if num_samples < 1:
@@ -176,7 +177,7 @@ def folder_calibration_set(
     `allow_upscale`: the runtime would upscale them, and calibrating on upscaled pixels gives
     activation ranges that real camera frames do not have.
     """
-    from model_src.preprocess import load_image, preprocess_images
+    from maven_edge.core.preprocess import load_image, preprocess_images
 
     cfg = _preprocess_config(preprocess)
     folder = Path(folder)
@@ -332,13 +333,10 @@ class ComponentFeeds:
     """
 
     def __init__(self, artifacts: str | Path, cs: CalibrationSet, manifest: Any = None, threads: int = 0):
-        from runtime.backends.ort_backend import OrtBackend, SessionConfig
-
         self.artifacts = Path(artifacts)
         self.cs = cs
-        self.backend = OrtBackend(self.artifacts, providers=["cpu"], manifest=manifest,
-                                  session_options=SessionConfig(intra_op_num_threads=threads))
-        self.manifest = self.backend.manifest
+        self.onnx = OnnxComponents(self.artifacts, manifest, threads=threads)
+        self.manifest = self.onnx.manifest
         if self.manifest.recipe != "fp32":
             raise CalibrationError(
                 f"calibration inputs must come from fp32 artifacts; {self.artifacts} holds recipe "
@@ -350,21 +348,24 @@ class ComponentFeeds:
 
     def patch_features(self) -> list[np.ndarray]:
         if self._patch is None:
-            self._patch = [self.backend.vision(px) for px in self.cs.pixel_values]
+            self._patch = [self.onnx.run("vision_encoder", pixel_values=px)["patch_features"]
+                           for px in self.cs.pixel_values]
         return self._patch
 
     def _h_eos_pass(self) -> list[tuple[dict[str, np.ndarray], np.ndarray]]:
         """Per sample: the decoder feeds of the [codes, <eos_vis>] pass, and h_eos."""
         if self._heos is None:
-            be, out = self.backend, []
-            eos_vis = be.tokenizer.eos_vis_id
-            for pf in self.patch_features():
-                codes = np.asarray(be.discrete(pf), dtype=np.int64)
+            onnx, out = self.onnx, []
+            eos_vis = onnx.tokenizer.eos_vis_id
+            for px, pf in zip(self.cs.pixel_values, self.patch_features(), strict=True):
+                # the discrete tokenizer reads patch_features, or pixel_values when it has its own encoder
+                codes = np.asarray(onnx.run("discrete_tokenizer", patch_features=pf, pixel_values=px)["visual_codes"],
+                                   dtype=np.int64)
                 ids = np.concatenate([codes, np.full((codes.shape[0], 1), eos_vis, np.int64)], axis=1)
-                embeds = be.embed(ids)
+                embeds = onnx.embed(ids)
                 mask = np.ones_like(ids)
                 feeds: dict[str, np.ndarray] = {"input_ids": ids, "inputs_embeds": embeds, "attention_mask": mask}
-                hidden = be.hidden_states(embeds, mask)
+                _, hidden, _ = onnx.decode(embeds, mask, onnx.empty_past(ids.shape[0]))
                 out.append((feeds, np.ascontiguousarray(hidden[:, -1])))
             self._heos = out
         return self._heos
@@ -399,7 +400,7 @@ class ComponentFeeds:
 
     def _decoder_feeds(self, f: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
         b, t = f["attention_mask"].shape
-        llm = self.backend.config.llm
+        llm = self.manifest.maven_config().llm
         out = {"inputs_embeds": f["inputs_embeds"], "attention_mask": f["attention_mask"],
                "position_ids": np.broadcast_to(np.arange(t, dtype=np.int64), (b, t)).copy()}
         empty = np.zeros((b, llm.num_kv_heads, 0, llm.head_dim), np.float32)
@@ -409,7 +410,7 @@ class ComponentFeeds:
         return out
 
     def close(self) -> None:
-        self.backend.close()
+        self.onnx.sessions.clear()
 
 
 class FeedReader:

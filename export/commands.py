@@ -7,8 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from export.genai_decoder import DECODER_CHOICES
-from export.ort_compat import DEFAULT_TARGET
+from maven_edge.export.genai_decoder import DECODER_CHOICES
+from maven_edge.export.ort_compat import DEFAULT_TARGET
 
 OPTIMIZER_CHOICES = ("onnxscript", "onnxslim")
 
@@ -65,9 +65,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from export.graph_tools import format_reports
-    from export.onnx_export import EXTERNAL_DATA_THRESHOLD, ExportOptions, export_model
-    from model_src.checkpoint import load_model
+    from maven_edge.export.graph_tools import format_reports
+    from maven_edge.export.onnx_export import EXTERNAL_DATA_THRESHOLD, ExportOptions, export_model
+    from maven_edge.model_src.checkpoint import load_model
 
     model = load_model(args.checkpoint, args.preset, args.overrides or None, args.seed)
     if args.checkpoint is not None:
@@ -96,7 +96,7 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_validate(args: argparse.Namespace) -> int:
-    from export.validate import ValidateOptions, report_json, validate_artifacts
+    from maven_edge.export.validate import ValidateOptions, report_json, validate_artifacts
 
     report = validate_artifacts(ValidateOptions(
         artifacts=args.artifacts, checkpoint=args.checkpoint, preset=args.preset, overrides=args.overrides,

@@ -14,7 +14,7 @@ decode step writes only the new token (``past_present_share_buffer`` in the mani
 with an empty past (the batched ``h_eos`` pass), the same graph behaves like a Concat cache.
 
 How: our decoder is written out as an HF ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` checkpoint
-(`model_src.hf_import.save_hf_llama`), the builder runs in a child process (it imports torch and
+(`maven_edge.model_src.hf_import.save_hf_llama`), the builder runs in a child process (it imports torch and
 transformers), and its ``model.onnx`` (+ ``.data``) becomes ``decoder.onnx`` (+ ``decoder.onnx.data``)
 with the external-data location rewritten. The exporter then checks it against torch like every
 other component. Needs the ``genai`` extra (onnxruntime-genai, onnx-ir).
@@ -31,7 +31,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from model_src.errors import ExportError
+from maven_edge.core.errors import ExportError
 
 #: `--decoder` choices: our torch.onnx export, or the builder at fp32 / int4 (MatMulNBits, block 32,
 #: accuracy level 4: int8 activations, the builder's CPU default).
@@ -64,7 +64,7 @@ def builder_version() -> str:
 
 def write_hf_checkpoint(model: Any, directory: Path) -> Path:
     """Our decoder as an HF checkpoint the builder (and AutoTokenizer) can read."""
-    from model_src.hf_import import save_hf_llama
+    from maven_edge.model_src.hf_import import save_hf_llama
 
     save_hf_llama(model.llm, directory, tokenizer=model.tokenizer)
     (directory / "tokenizer_config.json").write_text(json.dumps({

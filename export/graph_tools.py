@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from export.manifest import resolve_inside
-from model_src.errors import ArtifactError, ExportError
+from maven_edge.core.errors import ArtifactError, ExportError
+from maven_edge.core.manifest import resolve_inside
 
 #: Optimizers `--optimize` accepts. `onnxscript` ships with the project's dependencies;
 #: `onnxslim` is used only when that package is installed (pip install onnxslim).
@@ -92,7 +92,7 @@ def check_external_data(path: str | Path, root: str | Path, allowed: set[str] | 
     """Refuse external-data locations that escape `root` or are not in `allowed`; return them.
 
     This is where an artifact's ONNX files are checked before onnxruntime opens them: the manifest
-    check (:func:`export.manifest.load_manifest`) covers the files the manifest lists, this one the
+    check (:func:`maven_edge.core.manifest.load_manifest`) covers the files the manifest lists, this one the
     locations written *inside* each .onnx file, which a tampered file could point anywhere.
     """
     locations = external_locations(load_structure(path))
@@ -141,7 +141,7 @@ def optimize_model(ir_model: Any, tool: str = "onnxscript") -> Any:
     """Simplify an `onnx_ir.Model`: constant folding, common subexpressions, rewrite rules.
 
     The result is only kept after it has been checked against the plain export (see
-    :mod:`export.onnx_export`); every transformation here keeps standard ai.onnx ops only.
+    :mod:`maven_edge.export.onnx_export`); every transformation here keeps standard ai.onnx ops only.
     """
     if tool not in OPTIMIZERS:
         raise ExportError(f"unknown optimizer {tool!r}; choose one of {', '.join(OPTIMIZERS)}")

@@ -1,6 +1,6 @@
 """Per-component ONNX export of a MavenModel, as DESIGN.md §4 specifies, plus `manifest.json`.
 
-    from export.onnx_export import ExportOptions, export_model
+    from maven_edge.export.onnx_export import ExportOptions, export_model
     result = export_model(model, ExportOptions(out="artifacts/tiny-onnx"))
     result.manifest, result.reports, result.seconds
 
@@ -17,7 +17,7 @@ Files (names, inputs, outputs and symbolic axes in :func:`component_specs`):
 Every component goes through the torch dynamo exporter (``torch.onnx.export(dynamo=True)``), which
 handles all of them here, including the empty-past first decoder step, so the legacy TorchScript
 exporter is not used. Each file is then cleaned (unused initializers), optionally optimized,
-stamped for the target onnxruntime release (:mod:`export.ort_compat`), saved (weights above
+stamped for the target onnxruntime release (:mod:`maven_edge.export.ort_compat`), saved (weights above
 `external_data_threshold` bytes go to ``<file>.data`` beside it), checked with the ONNX checker
 (full check), loaded in onnxruntime and run once against torch.
 """
@@ -39,8 +39,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from export import graph_tools, ort_compat
-from export.manifest import (
+from maven_edge.core.errors import ArtifactError, ExportError
+from maven_edge.core.manifest import (
     MANIFEST,
     Component,
     FileEntry,
@@ -50,9 +50,9 @@ from export.manifest import (
     resolve_inside,
     write_manifest,
 )
-from model_src.errors import ArtifactError, ExportError
-from model_src.modeling.maven import MavenModel
-from model_src.modeling.selector import gather_patches, select_patches
+from maven_edge.export import graph_tools, ort_compat
+from maven_edge.model_src.modeling.maven import MavenModel
+from maven_edge.model_src.modeling.selector import gather_patches, select_patches
 
 #: Weights per file above this many bytes go to external data (protobuf caps a file at 2 GiB).
 EXTERNAL_DATA_THRESHOLD = 2_000_000_000
@@ -534,7 +534,7 @@ def _builder_decoder(
     model: MavenModel, spec: ComponentSpec, staging: Path, target: ort_compat.OrtTarget, options: ExportOptions
 ) -> tuple[Component, graph_tools.GraphReport, dict[str, float]]:
     """decoder.onnx from onnxruntime-genai's model builder (export/genai_decoder.py), checked like ours."""
-    from export import genai_decoder
+    from maven_edge.export import genai_decoder
 
     path = staging / spec.file
     data_files = genai_decoder.build_decoder(model, staging, options.decoder)
@@ -703,7 +703,7 @@ def optimize_artifact(src: str | Path, dst: str | Path, tool: str = "onnxscript"
     (integers exactly, floats within OPTIMIZE_ATOL) and pass the checker and the target checks;
     the manifest is rewritten with the new hashes and `extra.optimized`.
     """
-    from export.manifest import load_manifest
+    from maven_edge.core.manifest import load_manifest
 
     src, dst = Path(src), Path(dst)
     manifest = load_manifest(src)

@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from model_src.errors import ExportError
+from maven_edge.core.errors import ExportError
 
 #: Domain names as they appear in opset imports.
 AI_ONNX = ""

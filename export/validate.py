@@ -24,11 +24,10 @@ from typing import Any
 
 import numpy as np
 
-from export import graph_tools
-from export.manifest import Manifest, load_manifest, resolve_inside
-from model_src.errors import ArtifactError
-from model_src.sampling import GenerationConfig, Sampler, StopChecker
-from model_src.tokenizer import TextTokenizer
+from maven_edge.core.errors import ArtifactError
+from maven_edge.core.manifest import Manifest, load_manifest
+from maven_edge.core.sampling import GenerationConfig
+from maven_edge.export.onnx_components import OnnxComponents
 
 FALLBACK_QUESTIONS = (
     ("<image> What color is the circle?", 1),
@@ -135,124 +134,20 @@ def _group_layers(checks: list[OutputCheck]) -> list[OutputCheck]:
     return list(rows.values())
 
 
-# ---- the ONNX side: sessions + a small reference generation loop ----------------------------------
-
-
-class OnnxComponents:
-    """onnxruntime sessions for every component of an artifact directory, from its manifest only."""
-
-    def __init__(self, directory: str | Path, manifest: Manifest | None = None, providers: list[str] | None = None):
-        import onnxruntime as ort
-
-        self.directory = Path(directory)
-        self.manifest = manifest or load_manifest(self.directory)
-        self.sessions = {}
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        for name, comp in self.manifest.components.items():
-            path = resolve_inside(self.directory, comp.file.path)
-            graph_tools.check_external_data(path, self.directory, {e.path for e in comp.external_data})
-            self.sessions[name] = ort.InferenceSession(
-                str(path), opts, providers=providers or ["CPUExecutionProvider"])
-        layout = self.manifest.vocab_layout()
-        self.tokenizer = TextTokenizer.from_file(
-            resolve_inside(self.directory, self.manifest.tokenizer.path), layout.text_vocab_size, layout.codebook_size)
-        self.decoder_info = self.manifest.components["decoder"].extra
-
-    def run(self, name: str, **feeds: np.ndarray) -> dict[str, np.ndarray]:
-        sess = self.sessions[name]
-        takes = {i.name for i in sess.get_inputs()}
-        outs = sess.run(None, {k: v for k, v in feeds.items() if k in takes})  # position_ids is optional
-        return {o.name: v for o, v in zip(sess.get_outputs(), outs, strict=True)}
-
-    def embed(self, ids: np.ndarray) -> np.ndarray:
-        return self.run("embed_tokens", input_ids=np.asarray(ids, dtype=np.int64))["inputs_embeds"]
-
-    def empty_past(self, batch: int) -> dict[str, np.ndarray]:
-        info = self.decoder_info
-        z = np.zeros((batch, info["num_kv_heads"], 0, info["head_dim"]), dtype=np.float32)
-        return {f"past_key_values.{i}.{kv}": z for i in range(info["num_layers"]) for kv in ("key", "value")}
-
-    def decode(self, embeds: np.ndarray, mask: np.ndarray, past: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, dict]:
-        """One decoder call; returns (logits, hidden_states, next past)."""
-        seq = embeds.shape[1]
-        positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)[:, -seq:].astype(np.int64)
-        out = self.run("decoder", inputs_embeds=embeds.astype(np.float32), attention_mask=mask.astype(np.int64),
-                       position_ids=positions, **past)
-        nxt = {k.replace("present.", "past_key_values.", 1): v for k, v in out.items() if k.startswith("present.")}
-        return out["logits"], out["hidden_states"], nxt
-
-    def encode_images(self, pixel_values: np.ndarray, mode: str | None = None) -> np.ndarray:
-        """Visual sequences [n, T_img, D]: <img_start> codes / patches <img_end> (DESIGN.md §3)."""
-        mode = mode or self.manifest.mode
-        ids = self.manifest.vocab["special_ids"]
-        n = pixel_values.shape[0]
-        feats = self.run("vision_encoder", pixel_values=pixel_values.astype(np.float32))["patch_features"]
-        codes = self.run("discrete_tokenizer", patch_features=feats)["visual_codes"]
-        parts = [self.embed(np.full((n, 1), ids["<img_start>"]))]
-        if mode in ("hybrid", "discrete"):
-            parts.append(self.embed(codes))
-        if mode == "hybrid":
-            seq = np.concatenate([codes, np.full((n, 1), ids["<eos_vis>"])], axis=1)
-            _, hidden, _ = self.decode(self.embed(seq), np.ones(seq.shape, np.int64), self.empty_past(n))
-            parts.append(self.run("patch_selector", patch_features=feats, h_eos=hidden[:, -1])["selected_embeds"])
-        elif mode == "continuous":
-            parts.append(self.run(self.manifest.extra.get("continuous_component", "projector"),
-                                  patch_features=feats)["projected_embeds"])
-        parts.append(self.embed(np.full((n, 1), ids["<img_end>"])))
-        return np.concatenate(parts, axis=1)
-
-    def generate(self, pixel_values: np.ndarray, prompt: str, gen: GenerationConfig | None = None) -> list[int]:
-        """Greedy (or seeded sampled) tokens, the same algorithm as MavenModel.stream_tokens."""
-        gen = (gen or GenerationConfig()).validate()
-        tok = self.tokenizer
-        ids = tok.encode_prompt(prompt)
-        n_img = sum(1 for t in ids if t == tok.image_id)
-        if n_img != pixel_values.shape[0]:
-            raise ArtifactError(f"prompt has {n_img} <image> placeholders but {pixel_values.shape[0]} images")
-        text = self.embed(np.asarray([ids]))[0]
-        visual = self.encode_images(pixel_values) if n_img else None
-        if n_img and self.manifest.config.get("image_slots", False):  # slot k's vector on the k-th image
-            visual = visual + self.embed(np.asarray([tok.layout.image_slot_ids(n_img)]))[0][:, None, :]
-        pieces, img, prev = [], 0, 0
-        for pos in [i for i, t in enumerate(ids) if t == tok.image_id] + [len(ids)]:
-            pieces.append(text[prev:pos])
-            if pos < len(ids):
-                pieces.append(visual[img])
-                img += 1
-            prev = pos + 1
-        embeds = np.concatenate(pieces)[None]
-        mask = np.ones((1, embeds.shape[1]), np.int64)
-        logits, _, past = self.decode(embeds, mask, self.empty_past(1))
-        sampler = Sampler(gen, tok.layout.tokenizer_size)
-        stop = StopChecker(gen, tok.eos_id)
-        out: list[int] = []
-        for step in range(gen.max_new_tokens):
-            token = sampler(logits[0, -1])
-            if stop.is_stop_token(token):
-                break
-            out.append(token)
-            if step == gen.max_new_tokens - 1:
-                break
-            mask = np.ones((1, mask.shape[1] + 1), np.int64)
-            logits, _, past = self.decode(self.embed(np.asarray([[token]])), mask, past)
-        return out
-
-
 # ---- inputs ----------------------------------------------------------------------------------------
 
 
 def load_questions(cfg: Any, n: int, split: str = "test") -> tuple[list[tuple[np.ndarray, str]], str]:
     """`n` (pixel_values, prompt) pairs and a description of where they came from."""
     try:
-        from model_src.data import get_sample
-        from model_src.preprocess import preprocess_images
+        from maven_edge.core.preprocess import preprocess_images
+        from maven_edge.model_src.data import get_sample
 
         out = []
         for i in range(n):
             sample = get_sample(split, i)
             out.append((preprocess_images(sample.images, cfg.preprocess), sample.prompt))
-        return out, f"model_src.data {split} split, samples 0..{n - 1}"
+        return out, f"maven_edge.model_src.data {split} split, samples 0..{n - 1}"
     except (ImportError, AttributeError, TypeError):
         pass
     rng = np.random.default_rng(1234)
@@ -261,14 +156,14 @@ def load_questions(cfg: Any, n: int, split: str = "test") -> tuple[list[tuple[np
         prompt, k = FALLBACK_QUESTIONS[i % len(FALLBACK_QUESTIONS)]
         images = rng.integers(0, 256, size=(k, cfg.preprocess.image_size, cfg.preprocess.image_size, 3), dtype=np.uint8)
         out.append((_preprocess(images, cfg), prompt))
-    return out, "seeded random images (model_src.data not available) and fixed questions"
+    return out, "seeded random images (maven_edge.model_src.data not available) and fixed questions"
 
 
 def _preprocess(images: np.ndarray, cfg: Any) -> np.ndarray:
     try:
         from PIL import Image
 
-        from model_src.preprocess import preprocess_images
+        from maven_edge.core.preprocess import preprocess_images
 
         return preprocess_images([Image.fromarray(im) for im in images], cfg.preprocess)
     except ImportError:
@@ -282,8 +177,8 @@ def _preprocess(images: np.ndarray, cfg: Any) -> np.ndarray:
 
 def reference_model(manifest: Manifest, options: ValidateOptions) -> Any:
     """The torch model to compare with: --checkpoint / --preset, else the manifest's recorded source."""
-    from model_src.checkpoint import build_model, load_model
-    from model_src.config import MavenConfig
+    from maven_edge.core.config import MavenConfig
+    from maven_edge.model_src.checkpoint import build_model, load_model
 
     if options.checkpoint is not None or options.preset is not None:
         return load_model(options.checkpoint, options.preset, options.overrides or None, options.seed)
@@ -302,7 +197,7 @@ def validate_artifacts(options: ValidateOptions, model: Any = None) -> Validatio
     """Compare every component and N end-to-end greedy generations with torch."""
     import torch
 
-    from export.onnx_export import model_fingerprint
+    from maven_edge.export.onnx_export import model_fingerprint
 
     t0 = time.perf_counter()
     directory = Path(options.artifacts)
@@ -335,7 +230,7 @@ def validate_artifacts(options: ValidateOptions, model: Any = None) -> Validatio
             add("discrete_tokenizer", label, onnx.run("discrete_tokenizer", patch_features=f), {"visual_codes": codes})
             h_eos = model.compute_h_eos(codes)
             logits = model.selector(feats, h_eos)
-            from model_src.modeling.selector import gather_patches, select_patches
+            from maven_edge.model_src.modeling.selector import gather_patches, select_patches
 
             idx = select_patches(logits, model.config.num_kept_patches())
             add("patch_selector", label, onnx.run("patch_selector", patch_features=f, h_eos=h_eos.numpy()),
@@ -401,4 +296,4 @@ def report_json(report: ValidationReport) -> str:
     return json.dumps(report.to_dict(), indent=2)
 
 
-__all__ = ["OnnxComponents", "ValidateOptions", "ValidationReport", "validate_artifacts"]
+__all__ = ["ValidateOptions", "ValidationReport", "validate_artifacts"]

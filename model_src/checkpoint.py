@@ -16,16 +16,17 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from model_src.config import MavenConfig, get_config
-from model_src.errors import CheckpointError, ConfigError
-from model_src.modeling.maven import MavenModel
-from model_src.tokenizer import TextTokenizer
+from maven_edge.core.config import MavenConfig, get_config
+from maven_edge.core.errors import CheckpointError, ConfigError
+from maven_edge.core.tokenizer import TextTokenizer
+from maven_edge.model_src.modeling.maven import MavenModel
+from maven_edge.model_src.resources import shipped_checkpoint
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 TOKENIZER = "tokenizer.json"
 
-SHIPPED_TINY = Path(__file__).resolve().parent / "checkpoints" / "tiny"
+SHIPPED_TINY = shipped_checkpoint("tiny")
 
 
 def build_model(cfg: MavenConfig, seed: int | None = None, tokenizer: TextTokenizer | None = None) -> MavenModel:
@@ -69,7 +70,7 @@ def load_checkpoint(directory: str | Path, overrides: list[str] | None = None) -
         raise CheckpointError(f"checkpoint directory not found: {directory}")
     cfg = load_config(directory)
     if overrides:
-        from model_src.config import apply_overrides
+        from maven_edge.core.config import apply_overrides
 
         cfg = apply_overrides(cfg, overrides)
     weights = directory / WEIGHTS

@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from model_src.errors import CheckpointError, ConfigError
+from maven_edge.core.errors import CheckpointError, ConfigError
 
 HELP = "build a maven-edge checkpoint from local Hugging Face LLM (+ CLIP vision) folders"
 
@@ -128,7 +128,7 @@ def import_tokenizer(path: Path | None, hf_vocab_size: int, codebook_size: int):
     """(TextTokenizer with maven-edge's special tokens added, text_vocab_size, origin string)."""
     from tokenizers import Tokenizer
 
-    from model_src.tokenizer import SPECIAL_TOKENS, TextTokenizer, build_default_tokenizer
+    from maven_edge.core.tokenizer import SPECIAL_TOKENS, TextTokenizer, build_default_tokenizer
 
     if path is not None:
         if not path.is_file():
@@ -153,10 +153,10 @@ def assemble_model(cfg, tokenizer, seed: int, vision=None, llm=None):
     that are replaced anyway."""
     import torch
 
-    from model_src.modeling.discrete import DiscreteTokenizer
-    from model_src.modeling.maven import MavenModel
-    from model_src.modeling.selector import PatchSelector, Projector
-    from model_src.modeling.vision import VisionEncoder
+    from maven_edge.model_src.modeling.discrete import DiscreteTokenizer
+    from maven_edge.model_src.modeling.maven import MavenModel
+    from maven_edge.model_src.modeling.selector import PatchSelector, Projector
+    from maven_edge.model_src.modeling.vision import VisionEncoder
 
     with torch.device("meta"):
         model = MavenModel(cfg, tokenizer)
@@ -221,15 +221,15 @@ def import_hf(
     if out.exists() and any(out.iterdir()) and not force:
         raise CheckpointError(f"--out {out} exists and is not empty; pass --force to write into it")
 
-    from model_src.config import apply_overrides, get_config
+    from maven_edge.core.config import apply_overrides, get_config
 
     cfg = get_config(preset)  # fail fast on a bad preset before the slow imports
 
     import torch
     import transformers
 
-    from model_src.checkpoint import save_checkpoint
-    from model_src.hf_import import decoder_from_hf, llm_config_from_hf, vision_config_from_hf
+    from maven_edge.model_src.checkpoint import save_checkpoint
+    from maven_edge.model_src.hf_import import decoder_from_hf, llm_config_from_hf, vision_config_from_hf
 
     def load(cls, path: Path, what: str):
         try:
@@ -288,8 +288,8 @@ def import_hf(
             )
 
     if vision_path is not None:
-        from model_src.hf_import import load_clip_vision
-        from model_src.modeling.vision import VisionEncoder
+        from maven_edge.model_src.hf_import import load_clip_vision
+        from maven_edge.model_src.modeling.vision import VisionEncoder
 
         with torch.device("meta"):
             encoder = VisionEncoder(cfg.vision)

@@ -30,16 +30,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from model_src.config import LLMConfig, VisionConfig
-from model_src.errors import CheckpointError, ConfigError
+from maven_edge.core.config import LLMConfig, VisionConfig
+from maven_edge.core.errors import CheckpointError, ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from model_src.modeling.decoder import LlamaDecoder
-    from model_src.modeling.vision import VisionEncoder
+    from maven_edge.model_src.modeling.decoder import LlamaDecoder
+    from maven_edge.model_src.modeling.vision import VisionEncoder
 
-# HF activation names -> names model_src.modeling.vision.activation understands.
+# HF activation names -> names maven_edge.model_src.modeling.vision.activation understands.
 _VISION_ACT = {
     "quick_gelu": "quick_gelu",
     "gelu": "gelu",
@@ -168,7 +168,7 @@ def vision_encoder_from_hf(hf_model: Any, feature_layer: int = -2) -> VisionEnco
     """Our :class:`VisionEncoder` with the weights of a `CLIPVisionModel` / `CLIPModel`."""
     import torch
 
-    from model_src.modeling.vision import VisionEncoder
+    from maven_edge.model_src.modeling.vision import VisionEncoder
 
     with torch.device("meta"):
         encoder = VisionEncoder(vision_config_from_hf(hf_model.config, feature_layer))
@@ -276,12 +276,12 @@ def decoder_from_hf(
 
     The result has ``text_vocab_size + codebook_size`` rows; rows below the HF vocab size are
     the HF weights, the rest (new special tokens, visual codes) are initialised by
-    :func:`~model_src.modeling.decoder.expand_vocab` with `seed`. The decoder's config has
+    :func:`~maven_edge.model_src.modeling.decoder.expand_vocab` with `seed`. The decoder's config has
     ``text_vocab_size`` set, so visual code ``c`` is id ``text_vocab_size + c``.
     """
     import torch
 
-    from model_src.modeling.decoder import LlamaDecoder, expand_vocab
+    from maven_edge.model_src.modeling.decoder import LlamaDecoder, expand_vocab
 
     cfg = llm_config_from_hf(hf_model.config, text_vocab_size)
     with torch.device("meta"):
@@ -350,7 +350,7 @@ def to_hf_llama(decoder: LlamaDecoder, **config_extra: Any):
 def save_hf_llama(decoder: LlamaDecoder, directory: str | Path, tokenizer: Any = None) -> Path:
     """Save `decoder` as a transformers model directory (config.json + model.safetensors).
 
-    With a :class:`~model_src.tokenizer.TextTokenizer`, its ``tokenizer.json`` is written too and
+    With a :class:`~maven_edge.core.tokenizer.TextTokenizer`, its ``tokenizer.json`` is written too and
     the bos/eos/pad ids are set in the config, so tools that read HF directories can use it.
     """
     directory = Path(directory)

@@ -13,13 +13,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from model_src.errors import CheckpointError, InputError, MavenError
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-SAMPLES = REPO_ROOT / "model_src" / "samples"
-DEMO_ARTIFACTS = REPO_ROOT / "artifacts" / "tiny"
-SHIPPED_TINY = REPO_ROOT / "model_src" / "checkpoints" / "tiny"  # = model_src.checkpoint.SHIPPED_TINY (no torch)
-
+from maven_edge.core.errors import CheckpointError, InputError, MavenError
+from maven_edge.core.paths import cache_dir
+from maven_edge.model_src.resources import samples_dir, shipped_checkpoint
+from maven_edge.runtime.backends import BACKENDS
+from maven_edge.runtime.backends.providers import PROVIDERS
+from maven_edge.runtime.options import PipelineOptions, open_pipeline
 
 # ---- shared arguments ------------------------------------------------------------------------
 
@@ -28,13 +27,12 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     src = p.add_mutually_exclusive_group(required=required)
     src.add_argument("--artifacts", metavar="DIR", help="exported artifacts (manifest.json + ONNX files)")
     src.add_argument("--checkpoint", metavar="DIR", help="a checkpoint directory (runs the torch reference)")
-    p.add_argument("--backend", choices=("torch", "ort", "trt"),
-                   help="default: ort for --artifacts, torch for --checkpoint")
-    p.add_argument("--provider", action="append", choices=("cpu", "cuda", "tensorrt"),
-                   help="onnxruntime execution provider (repeat for a preference order; default cpu)")
-    p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0 = its default)")
+    p.add_argument("--backend", choices=BACKENDS.names(),
+                   help="; ".join(f"{name}: {spec.help}" for name, spec in BACKENDS.items())
+                   + " (default: ort for --artifacts, torch for --checkpoint)")
+    _add_ort_args(p)
     p.add_argument("--opt-level", default="all", choices=("disable", "basic", "extended", "all"),
-                   help="onnxruntime graph optimization level")
+                   help="onnxruntime graph optimization level (default all)")
     p.add_argument("--trt-cache", metavar="DIR", help="TensorRT engine cache (default: <artifacts>/trt_cache)")
     p.add_argument("--trt-fp16", action="store_true", help="let the TensorRT provider build fp16 engines")
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the artifact files")
@@ -42,38 +40,21 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--max-pixels", type=int, help="most pixels per image, checked before decoding it")
 
 
-def _limits(args: argparse.Namespace, default_max_images: int) -> Any:
-    from model_src.preprocess import ImageLimits
-    from runtime.pipeline import PipelineLimits
-
-    image = ImageLimits(max_pixels=args.max_pixels) if args.max_pixels else ImageLimits()
-    max_images = default_max_images if args.max_images is None else args.max_images
-    return PipelineLimits(max_images=max_images, image=image)
+def _add_ort_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--provider", action="append", choices=PROVIDERS.names(),
+                   help="onnxruntime execution provider (repeat for a preference order; default cpu)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="onnxruntime intra-op threads (default 0 = onnxruntime's choice, one per physical core)")
 
 
-def open_pipeline(args: argparse.Namespace) -> Any:
-    """The pipeline a command's --artifacts/--checkpoint/--backend/--provider ask for."""
-    from runtime.backends import load_backend
-    from runtime.pipeline import MavenPipeline
-
-    backend = args.backend or ("torch" if args.checkpoint else "ort")
-    if backend == "torch" and args.artifacts:
-        raise InputError("--backend torch runs a checkpoint: give --checkpoint DIR instead of --artifacts")
-    if backend != "torch" and args.checkpoint:
-        raise InputError(f"--backend {backend} runs exported artifacts: give --artifacts DIR (export them with "
-                         "`maven-edge export --checkpoint DIR --out DIR`)")
-    if backend == "ort":
-        from runtime.backends.ort_backend import SessionConfig
-
-        so = SessionConfig(graph_optimization_level=args.opt_level, intra_op_num_threads=args.threads,
-                           trt_engine_cache_path=args.trt_cache, trt_fp16=args.trt_fp16)
-        be = load_backend("ort", artifacts=args.artifacts, providers=args.provider or ["cpu"], session_options=so,
-                          verify=not args.no_verify)
-    elif backend == "trt":
-        be = load_backend("trt", artifacts=args.artifacts, verify=not args.no_verify)
-    else:
-        be = load_backend("torch", checkpoint=args.checkpoint)
-    return MavenPipeline(be, _limits(args, be.config.max_images))
+def pipeline_options(args: argparse.Namespace) -> PipelineOptions:
+    """The PipelineOptions a command's --artifacts/--checkpoint/--backend/--provider/... ask for."""
+    return PipelineOptions(
+        artifacts=args.artifacts, checkpoint=args.checkpoint, backend=args.backend,
+        providers=tuple(args.provider or ("cpu",)), threads=args.threads, opt_level=args.opt_level,
+        trt_cache=args.trt_cache, trt_fp16=args.trt_fp16, verify=not args.no_verify,
+        max_images=args.max_images, max_pixels=args.max_pixels,
+    )
 
 
 def _gen_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -115,7 +96,7 @@ def _print_result(res: Any, images: list[str], file: Any) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    pipe = open_pipeline(args)
+    pipe = open_pipeline(pipeline_options(args))
     images = args.image or []
     opts = _gen_options(args)
     if args.stream:
@@ -158,7 +139,7 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
 
 def ensure_demo_artifacts(out: Path, checkpoint: Path, log: Any = print) -> Path:
     """Export `checkpoint` to `out` unless `out` already holds the export of exactly these weights."""
-    from export.manifest import MANIFEST, load_manifest, sha256_file
+    from maven_edge.core.manifest import MANIFEST, load_manifest, sha256_file
 
     weights = checkpoint / "model.safetensors"
     if not weights.is_file():
@@ -179,16 +160,16 @@ def ensure_demo_artifacts(out: Path, checkpoint: Path, log: Any = print) -> Path
             if source.get("weights_sha256") == digest:
                 return out
             # Exported some other way (e.g. `maven-edge export`): compare the model fingerprints.
-            from export.onnx_export import model_fingerprint
-            from model_src.checkpoint import load_checkpoint
+            from maven_edge.export.onnx_export import model_fingerprint
+            from maven_edge.model_src.checkpoint import load_checkpoint
 
             model = load_checkpoint(checkpoint)
             if manifest.extra.get("model_fingerprint") == model_fingerprint(model):
                 return out
             log(f"{out} holds the export of another model; re-exporting {checkpoint}")
     log(f"exporting {checkpoint} to {out} (once; a few minutes on a small CPU) ...")
-    from export.onnx_export import ExportOptions, export_model
-    from model_src.checkpoint import load_checkpoint
+    from maven_edge.export.onnx_export import ExportOptions, export_model
+    from maven_edge.model_src.checkpoint import load_checkpoint
 
     model = model or load_checkpoint(checkpoint)
     source = {"checkpoint": str(checkpoint), "weights_sha256": digest}
@@ -196,18 +177,22 @@ def ensure_demo_artifacts(out: Path, checkpoint: Path, log: Any = print) -> Path
     return out
 
 
+def demo_artifacts_dir() -> Path:
+    """Where the demo keeps its export of the shipped checkpoint: the user cache directory."""
+    return cache_dir("demo", "tiny")
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    demo = json.loads((SAMPLES / "demo.json").read_text())
-    images = [str(SAMPLES / name) for name in demo["images"]]
+    samples = samples_dir()
+    demo = json.loads((samples / "demo.json").read_text())
+    images = [str(samples / name) for name in demo["images"]]
     if args.artifacts:
         artifacts = Path(args.artifacts)
     else:
-        artifacts = ensure_demo_artifacts(DEMO_ARTIFACTS, Path(args.checkpoint_dir),
-                                          log=lambda m: print(m, file=sys.stderr))
-    ns = argparse.Namespace(artifacts=str(artifacts), checkpoint=None, backend="ort", provider=args.provider,
-                            threads=args.threads, opt_level="all", trt_cache=None, trt_fp16=False,
-                            no_verify=False, max_images=None, max_pixels=None)
-    pipe = open_pipeline(ns)
+        checkpoint = Path(args.checkpoint) if args.checkpoint else shipped_checkpoint()
+        artifacts = ensure_demo_artifacts(demo_artifacts_dir(), checkpoint, log=lambda m: print(m, file=sys.stderr))
+    pipe = open_pipeline(PipelineOptions(artifacts=artifacts, providers=tuple(args.provider or ("cpu",)),
+                                         threads=args.threads))
     res = pipe.generate(images, demo["prompt"], max_new_tokens=args.max_new_tokens)
     if args.json:
         d = res.to_dict()
@@ -236,7 +221,7 @@ def draw_selection(images: list[Any], selection: Any, cfg: Any, out: Path, cell:
     selected ones outlined, with the patch grid; images side by side."""
     from PIL import Image, ImageDraw
 
-    from model_src.preprocess import load_image, pad_to_square
+    from maven_edge.core.preprocess import load_image, pad_to_square
 
     fill = tuple(int(round(m * 255)) for m in cfg.preprocess.mean)
     g = selection.grid
@@ -271,7 +256,7 @@ def draw_selection(images: list[Any], selection: Any, cfg: Any, out: Path, cell:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    pipe = open_pipeline(args)
+    pipe = open_pipeline(pipeline_options(args))
     if not args.image:
         raise InputError("give at least one --image")
     sel = pipe.select_patches(args.image, keep_ratio=args.keep_ratio)
@@ -307,22 +292,24 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_generate)
 
     d = sub.add_parser("demo", help="export the shipped tiny model if needed and answer the bundled demo question",
-                       description="On a fresh clone: exports model_src/checkpoints/tiny to artifacts/tiny (once), "
-                       "then answers the multi-image question of model_src/samples/demo.json with onnxruntime, "
-                       "printing the answer, per-stage timings and visual-token counts.")
+                       description="Exports the shipped tiny checkpoint into the user cache directory (once; "
+                       "$MAVEN_EDGE_CACHE or the platform's cache folder), then answers the bundled multi-image "
+                       "question with onnxruntime, printing the answer, per-stage timings and visual-token counts.")
     d.add_argument("--artifacts", metavar="DIR", help="use these artifacts instead of exporting the shipped model")
-    d.add_argument("--checkpoint-dir", default=str(SHIPPED_TINY),
+    d.add_argument("--checkpoint", metavar="DIR",
                    help="checkpoint to export when artifacts are needed (default: the shipped tiny model)")
-    d.add_argument("--provider", action="append", choices=("cpu", "cuda", "tensorrt"))
-    d.add_argument("--threads", type=int, default=0)
-    d.add_argument("--max-new-tokens", type=int, default=16)
-    d.add_argument("--json", action="store_true")
+    _add_ort_args(d)
+    d.add_argument("--max-new-tokens", type=int, default=16, help="most tokens to generate (default 16)")
+    d.add_argument("--json", action="store_true", help="print one JSON object instead of the summary")
     d.set_defaults(func=cmd_demo)
 
-    i = sub.add_parser("inspect", help="draw the patches the selector keeps over each image (PNG)")
+    i = sub.add_parser("inspect", help="draw the patches the selector keeps over each image (PNG)",
+                       description="Runs the visual stages in hybrid mode and writes one PNG: each image as the "
+                       "model sees it, the patches the selector keeps outlined, the rest dimmed.")
     _add_model_args(i)
-    i.add_argument("--image", action="append", metavar="PATH", required=True)
-    i.add_argument("--keep-ratio", type=float)
-    i.add_argument("--out", default="artifacts/inspect.png", help="PNG to write")
-    i.add_argument("--json", action="store_true")
+    i.add_argument("--image", action="append", metavar="PATH", required=True, help="an image (repeat for several)")
+    i.add_argument("--keep-ratio", type=float,
+                   help="fraction of patches to keep (default: the artifacts' keep ratio)")
+    i.add_argument("--out", required=True, metavar="PNG", help="the PNG to write")
+    i.add_argument("--json", action="store_true", help="print the kept indices and the PNG path as JSON")
     i.set_defaults(func=cmd_inspect)

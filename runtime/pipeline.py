@@ -1,6 +1,6 @@
 """MavenPipeline: multi-image question answering over any backend (DESIGN.md §5).
 
-    from runtime.pipeline import MavenPipeline
+    from maven_edge.runtime.pipeline import MavenPipeline
     pipe = MavenPipeline.from_artifacts("artifacts/tiny")            # onnxruntime, CPU
     res = pipe.generate(["a.png", "b.png"], "Image 1: <image>\\nImage 2: <image>\\nQuestion: what changed?\\nAnswer:")
     res.text, res.token_ids, res.timings.ttft_ms, res.visual_tokens_per_image
@@ -15,7 +15,7 @@ projector (batched) -> prompt assembly (embeddings of the text ids, each ``<imag
 the model has ``image_slots``) -> prefill -> decode loop on the backend's KV cache ->
 incremental detokenization. Every stage is timed.
 
-Sampling and stopping use :mod:`model_src.sampling` for every backend, so greedy output is
+Sampling and stopping use :mod:`maven_edge.core.sampling` for every backend, so greedy output is
 identical across backends whenever their logits agree on the argmax, and seeded sampling is
 identical when the logits agree closely.
 
@@ -44,12 +44,13 @@ import numpy as np
 import numpy.random  # noqa: F401 - numpy imports it lazily (~0.2 s); do it at load, not in the first request
 from PIL import Image
 
-from model_src.config import MODES, MavenConfig
-from model_src.errors import GenerationCancelled, InputError, PromptError
-from model_src.preprocess import ImageLimits, preprocess_images
-from model_src.sampling import GenerationConfig, Sampler, StopChecker
-from model_src.tokenizer import TextTokenizer, count_image_placeholders
-from runtime.backends.base import Backend, DecodeState
+from maven_edge.core.config import VISUAL_MODES, MavenConfig
+from maven_edge.core.errors import GenerationCancelled, InputError, PromptError
+from maven_edge.core.preprocess import ImageLimits, preprocess_images
+from maven_edge.core.prompt import PromptPlan, check_context, plan_prompt, splice
+from maven_edge.core.sampling import GenerationConfig, Sampler, StopChecker
+from maven_edge.core.tokenizer import TextTokenizer
+from maven_edge.runtime.backends.base import Backend, DecodeState
 
 #: Stage names in the order they run; their times add up to the end-to-end time.
 STAGES = ("preprocess", "vision", "discrete", "h_eos", "selector", "assemble", "prefill", "decode")
@@ -294,14 +295,17 @@ def _as_image_list(images: Any, limit: int | None = None) -> list[Any]:
 class _Request:
     images: list[Any]
     prompt_ids: list[int]
+    plan: PromptPlan  # where the images go, and the assembled length
     gen: GenerationConfig
     mode: str
     keep_ratio: float | None
     k: int | None
-    tokens_per_image: int
-    prompt_tokens: int
     cancel: threading.Event | None
     validate_ms: float = 0.0  # tokenization and checks, counted in the preprocess stage
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.plan.total_tokens
 
 
 @dataclass
@@ -365,29 +369,32 @@ class MavenPipeline:
 
         backend: "ort" (onnxruntime) or "trt" (TensorRT engines).
         providers: for "ort", any of "cpu", "cuda", "tensorrt" (first = preferred); default cpu.
-        session_options: a :class:`runtime.backends.ort_backend.SessionConfig` (threads, graph
+        session_options: a :class:`maven_edge.runtime.backends.ort_backend.SessionConfig` (threads, graph
             optimisation level, TensorRT engine cache, ...).
         verify: check every file's sha256 against the manifest at load.
+        A shortcut for :func:`maven_edge.open_pipeline` (which takes every option by name).
         """
-        from runtime.backends import load_backend
+        from maven_edge.runtime.backends import load_backend
+        from maven_edge.runtime.options import PipelineOptions
 
-        be = load_backend(backend, artifacts=directory, providers=providers, session_options=session_options,
-                          verify=verify, **backend_kwargs)
-        return cls(be, limits)
+        opts = PipelineOptions(artifacts=directory, backend=backend, providers=providers or ("cpu",),
+                               session_options=session_options, verify=verify, extra=backend_kwargs)
+        return cls(load_backend(opts), limits)
 
     @classmethod
     def from_checkpoint(
         cls, directory: str | Path, device: str = "cpu", limits: PipelineLimits | None = None
     ) -> MavenPipeline:
         """The torch reference backend over a checkpoint directory (imports torch)."""
-        from runtime.backends import load_backend
+        from maven_edge.runtime.backends import load_backend
+        from maven_edge.runtime.options import PipelineOptions
 
-        return cls(load_backend("torch", checkpoint=directory, device=device), limits)
+        return cls(load_backend(PipelineOptions(checkpoint=directory, device=device)), limits)
 
     @classmethod
     def from_model(cls, model: Any, limits: PipelineLimits | None = None) -> MavenPipeline:
         """The torch reference backend over an in-memory MavenModel (imports torch)."""
-        from runtime.backends.torch_backend import TorchBackend
+        from maven_edge.runtime.backends.torch_backend import TorchBackend
 
         return cls(TorchBackend(model), limits)
 
@@ -494,18 +501,11 @@ class MavenPipeline:
                 f"{n} images in one request, but this model has image slots for {self.config.max_images}; "
                 "send fewer images"
             )
-        placeholders = count_image_placeholders(prompt)
-        if placeholders != n:
-            raise PromptError(
-                f"the prompt has {placeholders} <image> placeholder(s) but {n} image(s) were given; "
-                "put exactly one <image> in the prompt for each image, in order"
-            )
         mode = opt.mode or self.config.mode
-        if mode not in MODES:
-            raise InputError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        spec = VISUAL_MODES.get(mode)  # InputError for an unknown mode
         self.backend.check_mode(mode)
         keep_ratio = k = None
-        if mode == "hybrid":
+        if spec.patches == "selected":
             keep_ratio = self.backend.default_keep_ratio if opt.keep_ratio is None else opt.keep_ratio
             k = self.backend.check_keep_ratio(keep_ratio)
         try:
@@ -514,20 +514,11 @@ class MavenPipeline:
             raise
         except Exception as exc:  # tokenizers raises plain exceptions on e.g. lone surrogates
             raise PromptError(f"the prompt cannot be tokenized: {exc}") from None
-        tokens_per_image = self.config.visual_tokens_per_image(mode, keep_ratio)
-        prompt_tokens = len(prompt_ids) + n * (tokens_per_image + 1)  # <image> -> start + tokens + end
-        limit = self.config.llm.max_position_embeddings
-        if prompt_tokens + gen.max_new_tokens > limit:
-            raise PromptError(
-                f"the request needs {prompt_tokens} prompt tokens ({len(prompt_ids) - n} text, {n} image(s) x "
-                f"{tokens_per_image + 2} visual) + {gen.max_new_tokens} new tokens = "
-                f"{prompt_tokens + gen.max_new_tokens}, over the context limit of {limit}; use fewer images, "
-                "a shorter prompt, a smaller keep_ratio or fewer new tokens"
-            )
+        plan = plan_prompt(prompt_ids, self.tokenizer.image_id, n, self.config.visual_tokens_per_image(mode, keep_ratio))
+        check_context(plan, gen.max_new_tokens, self.config.llm.max_position_embeddings)
         if opt.cancel is not None and not hasattr(opt.cancel, "is_set"):
             raise InputError("cancel must be a threading.Event (or have an is_set() method)")
-        return _Request(image_list, prompt_ids, gen, mode, keep_ratio, k, tokens_per_image, prompt_tokens,
-                        opt.cancel)
+        return _Request(image_list, prompt_ids, plan, gen, mode, keep_ratio, k, opt.cancel)
 
     # ---- running -----------------------------------------------------------------------------
     def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -550,13 +541,14 @@ class MavenPipeline:
         with clock.stage("vision"):
             patch_features = self._call(be.vision, pixel_values)
         check_cancel()
+        spec = VISUAL_MODES.get(mode)
         codes = None
-        if mode in ("hybrid", "discrete"):
+        if spec.codes or spec.patches == "selected":  # the selector reads the LLM's reading of the codes
             with clock.stage("discrete"):
                 codes = np.asarray(self._call(be.discrete, patch_features), dtype=np.int64)
             check_cancel()
         patches = None
-        if mode == "hybrid":
+        if spec.patches == "selected":
             assert codes is not None and k is not None
             with clock.stage("h_eos"):  # one batched pass over [codes, <eos_vis>] for all images
                 ids = np.concatenate([codes, np.full((n, 1), tok.eos_vis_id, np.int64)], axis=1)
@@ -566,12 +558,12 @@ class MavenPipeline:
             with clock.stage("selector"):
                 sel = self._call(be.select, patch_features, h_eos, k)
             patches, out.indices, out.scores = sel.embeds, sel.indices, sel.scores
-        elif mode == "continuous":
+        elif spec.patches == "all":
             with clock.stage("selector"):
                 patches = self._call(be.project, patch_features)
         check_cancel()
         with clock.stage("assemble"):
-            rows = codes if codes is not None else np.zeros((n, 0), np.int64)
+            rows = codes if spec.codes and codes is not None else np.zeros((n, 0), np.int64)
             marker_ids = np.concatenate(
                 [np.full((n, 1), tok.img_start_id, np.int64), rows, np.full((n, 1), tok.img_end_id, np.int64)], axis=1)
             markers = self._call(be.embed, marker_ids)  # <img_start> codes <img_end>
@@ -589,7 +581,7 @@ class MavenPipeline:
         n = len(req.images)
         result = GenerationResult(
             text="", token_ids=[], finish_reason="length", timings=timings,
-            visual_tokens_per_image=[req.tokens_per_image] * n, selected_indices=None, mode=req.mode,
+            visual_tokens_per_image=[req.plan.tokens_per_image] * n, selected_indices=None, mode=req.mode,
             keep_ratio=req.keep_ratio, prompt_tokens=req.prompt_tokens, backend=be.name,
         )
 
@@ -615,15 +607,8 @@ class MavenPipeline:
             text = rows[: len(req.prompt_ids)]
             if slot_ids:  # slot k's vector on every token of the k-th image
                 visual = visual + rows[len(req.prompt_ids) :][:, None, :]
-            pieces, prev, img = [], 0, 0
-            for pos in [i for i, t in enumerate(req.prompt_ids) if t == tok.image_id] + [len(req.prompt_ids)]:
-                pieces.append(text[prev:pos])
-                if pos < len(req.prompt_ids):
-                    assert visual is not None
-                    pieces.append(visual[img])
-                    img += 1
-                prev = pos + 1
-            embeds = np.ascontiguousarray(np.concatenate(pieces, axis=0)[None], dtype=np.float32)
+            embeds = splice(req.plan, text, visual, lambda p: np.concatenate(p, axis=0))
+            embeds = np.ascontiguousarray(embeds[None], dtype=np.float32)
         if embeds.shape[1] != req.prompt_tokens:
             raise AssertionError(f"assembled {embeds.shape[1]} positions, expected {req.prompt_tokens}")
         check_cancel()

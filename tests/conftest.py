@@ -52,22 +52,22 @@ REDUCED_PAPER_OVERRIDES = [
 
 @pytest.fixture
 def tiny_cfg():
-    from model_src.config import get_config
+    from maven_edge.core.config import get_config
 
     return get_config("tiny")
 
 
 @pytest.fixture(scope="session")
 def tiny_model():
-    from model_src.checkpoint import build_model
-    from model_src.config import get_config
+    from maven_edge.core.config import get_config
+    from maven_edge.model_src.checkpoint import build_model
 
     return build_model(get_config("tiny"), seed=0)
 
 
 @pytest.fixture(scope="session")
 def reduced_paper_cfg_factory():
-    from model_src.config import get_config
+    from maven_edge.core.config import get_config
 
     return lambda extra=(): get_config("paper", REDUCED_PAPER_OVERRIDES + list(extra))
 
@@ -82,7 +82,7 @@ def make_pixels():
     import torch
 
     def make(n: int, seed: int = 0, cfg=None):
-        from model_src.config import get_config
+        from maven_edge.core.config import get_config
 
         v = (cfg or get_config("tiny")).vision
         gen = torch.Generator().manual_seed(seed)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from model_src.train.ablations import render_markdown
+from maven_edge.model_src.train.ablations import render_markdown
 
 
 def _row(families: dict[str, float], tokens: int) -> dict:
@@ -33,7 +33,7 @@ def test_sections_merge_into_the_report_as_it_is_when_written(tmp_path, monkeypa
     run (table4) does not overwrite sections another run wrote meanwhile."""
     import json
 
-    from model_src.train import ablations as A
+    from maven_edge.model_src.train import ablations as A
 
     rows = {m: _row({"single": 0.5, "multi": 0.25}, t) for m, t in (("discrete", 32), ("continuous", 64),
                                                                     ("hybrid", 48))}

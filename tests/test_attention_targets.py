@@ -8,11 +8,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from model_src.data.followups import followup_questions  # noqa: E402
-from model_src.data.labels import patch_labels  # noqa: E402
-from model_src.data.splits import iter_samples  # noqa: E402
-from model_src.data.tasks import question_line  # noqa: E402
-from model_src.train.attention_targets import (  # noqa: E402
+from maven_edge.model_src.data.followups import followup_questions  # noqa: E402
+from maven_edge.model_src.data.labels import patch_labels  # noqa: E402
+from maven_edge.model_src.data.splits import iter_samples  # noqa: E402
+from maven_edge.model_src.data.tasks import question_line  # noqa: E402
+from maven_edge.model_src.train.attention_targets import (  # noqa: E402
     AttentionSupervision,
     answer_turns,
     attention_loss,
@@ -88,10 +88,10 @@ def test_follow_up_in_image_questions_name_the_labelled_image():
 
 @pytest.fixture(scope="module")
 def batch():
-    from model_src.checkpoint import build_model
-    from model_src.config import get_config
-    from model_src.train import batches as B
-    from model_src.train.common import visual_embeds, visual_features
+    from maven_edge.core.config import get_config
+    from maven_edge.model_src.checkpoint import build_model
+    from maven_edge.model_src.train import batches as B
+    from maven_edge.model_src.train.common import visual_embeds, visual_features
 
     model = build_model(get_config("tiny", ["llm.num_layers=3", "vision.num_layers=1", "discrete.num_layers=1"]),
                         seed=0)
@@ -156,7 +156,7 @@ def test_targets_point_at_named_patches_and_image_labels(batch):
 
 def test_without_patches_only_the_label_head_is_supervised(batch):
     """Discrete mode has no patches to point the role heads at."""
-    from model_src.train import batches as B
+    from maven_edge.model_src.train import batches as B
 
     model, samples, _, _, sup, _, _, t_img, _ = batch
     tok = model.tokenizer
@@ -169,7 +169,7 @@ def test_without_patches_only_the_label_head_is_supervised(batch):
 
 def test_attention_loss_is_minus_log_of_the_target_mass_and_trains_the_heads(batch):
     model, _, _, asm, sup, _, t, _, _ = batch
-    from model_src.modeling.decoder import record_attention
+    from maven_edge.model_src.modeling.decoder import record_attention
 
     with record_attention(model.llm, sup.layers, grad=True) as maps:
         model.llm(asm.inputs_embeds, asm.attention_mask)
@@ -212,9 +212,9 @@ def test_count_head_spreads_over_one_patch_per_counted_object_and_bos(batch):
     against the uniform distribution over them; the other targets are unchanged."""
     import dataclasses
 
-    from model_src.modeling.decoder import record_attention
-    from model_src.train import batches as B
-    from model_src.train.common import visual_embeds, visual_features
+    from maven_edge.model_src.modeling.decoder import record_attention
+    from maven_edge.model_src.train import batches as B
+    from maven_edge.model_src.train.common import visual_embeds, visual_features
 
     model, _, _, _, sup, _, _, t_img, _ = batch
     tok = model.tokenizer
@@ -230,7 +230,7 @@ def test_count_head_spreads_over_one_patch_per_counted_object_and_bos(batch):
     three = dataclasses.replace(model.config.llm, num_heads=3, num_kv_heads=1)
     odd = AttentionSupervision.for_decoder(three, 1.0, count_head=True)
     assert odd.count_head not in odd.role_heads  # never one of the role heads
-    from model_src.errors import TrainingError
+    from maven_edge.core.errors import TrainingError
 
     with pytest.raises(TrainingError, match="count_head"):
         AttentionSupervision.for_decoder(dataclasses.replace(three, num_heads=2), 1.0, count_head=True)

@@ -12,10 +12,23 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from benchmarks.harness import PeakRSS, describe_machine, machine_info, repeat, summarize, summarize_records
-from benchmarks.roofline import BYTES_PER_PARAM, DecoderCost, copy_bandwidth, decode_roofline, roofline_row
-from model_src.config import get_config
-from runtime.cli import main as cli
+from maven_edge.benchmarks.harness import (
+    PeakRSS,
+    describe_machine,
+    machine_info,
+    repeat,
+    summarize,
+    summarize_records,
+)
+from maven_edge.benchmarks.roofline import (
+    BYTES_PER_PARAM,
+    DecoderCost,
+    copy_bandwidth,
+    decode_roofline,
+    roofline_row,
+)
+from maven_edge.cli import main as cli
+from maven_edge.core.config import get_config
 
 # A narrow tiny model: export and every engine stay cheap on a 2-core machine.
 SMALL = ["llm.num_layers=2", "vision.num_layers=1", "discrete.num_layers=1"]
@@ -70,7 +83,7 @@ def test_machine_info_describes_the_machine() -> None:
 
 
 def test_decoder_cost_matches_the_model() -> None:
-    from model_src.checkpoint import build_model
+    from maven_edge.model_src.checkpoint import build_model
 
     cfg = get_config("tiny", SMALL)
     model = build_model(cfg, seed=0)
@@ -112,7 +125,7 @@ def test_copy_bandwidth_is_positive() -> None:
 
 
 def test_token_table_paper_geometry() -> None:
-    from benchmarks.efficiency import token_table
+    from maven_edge.benchmarks.efficiency import token_table
 
     cfg = get_config("paper")
     rows = {(r["mode"], r["images"]): r for r in token_table(cfg, [1, 4])}
@@ -128,8 +141,8 @@ def test_token_table_paper_geometry() -> None:
 @pytest.fixture(scope="module")
 def hf_dirs(tmp_path_factory):
     """HF-format checkpoints of a Llama-style (no biases) and a Qwen2-style (q/k/v biases) decoder."""
-    from model_src.checkpoint import build_model
-    from model_src.hf_import import save_hf_llama
+    from maven_edge.model_src.checkpoint import build_model
+    from maven_edge.model_src.hf_import import save_hf_llama
 
     out = {}
     for name, extra in (("llama", []), ("qwen2", ["llm.attention_bias=true"])):
@@ -143,7 +156,7 @@ def test_gguf_conversion(hf_dirs, tmp_path, arch) -> None:
     gguf = pytest.importorskip("gguf")
     from safetensors.numpy import load_file
 
-    from benchmarks.anchors.llama_cpp import _permute_rope, convert_hf_to_gguf
+    from maven_edge.benchmarks.anchors.llama_cpp import _permute_rope, convert_hf_to_gguf
 
     hf = hf_dirs[arch]
     cfg = json.loads((hf / "config.json").read_text())
@@ -173,14 +186,14 @@ def test_gguf_conversion(hf_dirs, tmp_path, arch) -> None:
 def test_llama_cpp_reports_reference_figures_when_not_installed(tmp_path, monkeypatch) -> None:
     import importlib.util
 
-    from benchmarks.anchors import EngineContext, make_engine
+    from maven_edge.benchmarks.anchors import EngineContext, make_engine
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "llama_cpp" else real(n, *a))
     engine = make_engine("llamacpp", EngineContext(work_dir=tmp_path, hf_dir=tmp_path, checkpoint=None), "q4_0")
     assert "llama-cpp-python" in engine.unavailable()
     assert engine.reference() is None  # tmp_path holds no edge-small config: the figures do not apply
-    from benchmarks.anchors.llama_cpp import REFERENCE_GEOMETRY
+    from maven_edge.benchmarks.anchors.llama_cpp import REFERENCE_GEOMETRY
 
     (tmp_path / "config.json").write_text(json.dumps(REFERENCE_GEOMETRY))
     assert engine.reference()["decode_tok_s"] == 128.0
@@ -190,7 +203,7 @@ def test_llama_cpp_reports_reference_figures_when_not_installed(tmp_path, monkey
 
 
 def _fake_report(tmp_path):
-    from benchmarks.suite import BenchOptions, BenchReport
+    from maven_edge.benchmarks.suite import BenchOptions, BenchReport
 
     cfg = get_config("tiny", SMALL)
 
@@ -227,7 +240,7 @@ def _fake_report(tmp_path):
 
 
 def test_report_ratios_roofline_efficiency_and_files(tmp_path) -> None:
-    from benchmarks.report import analyse, write_outputs
+    from maven_edge.benchmarks.report import analyse, write_outputs
 
     report, o = _fake_report(tmp_path)
     analyse(report, o)
@@ -271,7 +284,7 @@ def test_bad_options_are_refused(argv, message, capsys) -> None:
 
 
 def test_quick_defaults() -> None:
-    from benchmarks.suite import BenchOptions
+    from maven_edge.benchmarks.suite import BenchOptions
 
     o = BenchOptions(out="x", quick=True).resolved()
     assert o.preset == "tiny" and o.images == [1, 2] and o.new_tokens <= 8 and o.repeats <= 2
@@ -284,8 +297,8 @@ def test_quick_defaults() -> None:
 @pytest.fixture(scope="session")
 def small_artifacts(pytestconfig) -> Path:
     """A small tiny-geometry model exported once (cached across sessions like the runtime tests do)."""
-    from export.manifest import load_manifest
-    from model_src.errors import MavenError
+    from maven_edge.core.errors import MavenError
+    from maven_edge.core.manifest import load_manifest
 
     out = Path(pytestconfig.cache.mkdir("maven-bench-artifacts")) / "tiny-small"
     try:

@@ -9,7 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from model_src.checkpoint import (
+from maven_edge.core.config import get_config
+from maven_edge.core.errors import CheckpointError, ConfigError, MavenError
+from maven_edge.core.sampling import GenerationConfig
+from maven_edge.model_src.checkpoint import (
     CONFIG,
     TOKENIZER,
     WEIGHTS,
@@ -18,9 +21,6 @@ from model_src.checkpoint import (
     load_model,
     save_checkpoint,
 )
-from model_src.config import get_config
-from model_src.errors import CheckpointError, ConfigError, MavenError
-from model_src.sampling import GenerationConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 GEN = GenerationConfig(max_new_tokens=6)

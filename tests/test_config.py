@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from model_src.config import MODES, PRESETS, MavenConfig, apply_overrides, get_config
-from model_src.errors import ConfigError, MavenError
+from maven_edge.core.config import PRESETS, VISUAL_MODES, MavenConfig, apply_overrides, get_config
+from maven_edge.core.errors import ConfigError, MavenError
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "usage" / "model.md"
 
@@ -74,7 +74,7 @@ def test_num_kept_patches_is_floor(side, data):
 def test_unknown_mode():
     with pytest.raises(ConfigError, match="unknown mode"):
         get_config("tiny").visual_tokens_per_image("sparse")
-    assert set(MODES) == {"hybrid", "discrete", "continuous"}
+    assert set(VISUAL_MODES) == {"hybrid", "discrete", "continuous"}
 
 
 # ---- presets and overrides --------------------------------------------------------------------

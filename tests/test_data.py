@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model_src.data import (
+from maven_edge.core.tokenizer import IMAGE_TOKEN, count_image_placeholders
+from maven_edge.model_src.data import (
     ALL_PAIRS,
     COLORS,
     FAMILIES,
@@ -31,9 +32,8 @@ from model_src.data import (
     text_corpus,
     write_demo_samples,
 )
-from model_src.data.shapes import make_object
-from model_src.data.tasks import image_block
-from model_src.tokenizer import IMAGE_TOKEN, count_image_placeholders
+from maven_edge.model_src.data.shapes import make_object
+from maven_edge.model_src.data.tasks import image_block
 
 SAMPLES_DIR = Path(__file__).resolve().parents[1] / "model_src" / "samples"
 
@@ -331,8 +331,8 @@ def _check_followup(scenes, question: str, answer: str) -> str:
 
 
 def test_followups_are_valid_questions_about_the_same_images(samples) -> None:
-    from model_src.data.followups import MULTI_POOL, SINGLE_POOL, followup_questions
-    from model_src.data.tasks import question_line
+    from maven_edge.model_src.data.followups import MULTI_POOL, SINGLE_POOL, followup_questions
+    from maven_edge.model_src.data.tasks import question_line
 
     rng = np.random.default_rng(0)
     asked: dict[str, set[str]] = {"single": set(), "multi": set()}
@@ -356,8 +356,8 @@ def test_followups_are_valid_questions_about_the_same_images(samples) -> None:
 def test_reverse_change_followup_asks_a_changed_samples_edit_backwards(samples) -> None:
     """With ``reverse_change`` every ``changed`` sample (and only those) gets the backwards change
     question first, answered from the scenes; the forward answer is ``describe_change``'s."""
-    from model_src.data.followups import followup_questions
-    from model_src.data.tasks import describe_change, question_line
+    from maven_edge.model_src.data.followups import followup_questions
+    from maven_edge.model_src.data.tasks import describe_change, question_line
 
     rng = np.random.default_rng(1)
     edits = set()

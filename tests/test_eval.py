@@ -9,13 +9,13 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from model_src.checkpoint import SHIPPED_TINY, build_model, save_checkpoint  # noqa: E402
-from model_src.config import get_config  # noqa: E402
-from model_src.data import iter_samples  # noqa: E402
-from model_src.errors import CheckpointError, InputError  # noqa: E402
-from model_src.preprocess import preprocess_images  # noqa: E402
-from model_src.sampling import GenerationConfig  # noqa: E402
-from model_src.train.evaluate import evaluate, greedy_batch  # noqa: E402
+from maven_edge.core.config import get_config  # noqa: E402
+from maven_edge.core.errors import CheckpointError, InputError  # noqa: E402
+from maven_edge.core.preprocess import preprocess_images  # noqa: E402
+from maven_edge.core.sampling import GenerationConfig  # noqa: E402
+from maven_edge.model_src.checkpoint import SHIPPED_TINY, build_model, save_checkpoint  # noqa: E402
+from maven_edge.model_src.data import iter_samples  # noqa: E402
+from maven_edge.model_src.train.evaluate import evaluate, greedy_batch  # noqa: E402
 
 SMALL = [
     "vision.hidden_size=32", "vision.num_heads=2", "vision.num_layers=1", "vision.intermediate_size=32",
@@ -38,7 +38,7 @@ def small_ckpt(tmp_path_factory):
 
 
 def _cli(*args):
-    from runtime.cli import main
+    from maven_edge.cli import main
 
     return main(["eval", *args])
 
@@ -69,13 +69,13 @@ def test_config_not_matching_weights_is_a_clear_error(tmp_path, small_ckpt, caps
     assert _cli("--checkpoint", str(d), "--limit", "2") == 2
     assert "does not match its config" in capsys.readouterr().err
     with pytest.raises(CheckpointError):
-        from model_src.checkpoint import load_checkpoint
+        from maven_edge.model_src.checkpoint import load_checkpoint
 
         load_checkpoint(d)
 
 
 def test_bad_options_are_clear_errors(small_ckpt):
-    from model_src.checkpoint import load_checkpoint
+    from maven_edge.model_src.checkpoint import load_checkpoint
 
     model = load_checkpoint(small_ckpt)
     with pytest.raises(InputError, match="unknown split"):
@@ -102,7 +102,7 @@ def _generate_answers(model, samples, mode="hybrid", keep_ratio=None):
 
 
 def test_batched_greedy_matches_generate_random_model(small_ckpt):
-    from model_src.checkpoint import load_checkpoint
+    from maven_edge.model_src.checkpoint import load_checkpoint
 
     model = load_checkpoint(small_ckpt)
     samples = list(iter_samples("test", 6))
@@ -113,7 +113,7 @@ def test_batched_greedy_matches_generate_random_model(small_ckpt):
 
 @needs_shipped
 def test_shipped_checkpoint_answers_and_matches_generate():
-    from model_src.checkpoint import load_checkpoint
+    from maven_edge.model_src.checkpoint import load_checkpoint
 
     model = load_checkpoint(SHIPPED_TINY)
     samples = list(iter_samples("test", 18, families=["single", "multi"]))
@@ -125,8 +125,8 @@ def test_shipped_checkpoint_answers_and_matches_generate():
 def test_shipped_checkpoint_reproduces_its_eval_report():
     """Regression guard: evaluating the shipped weights on the whole test split gives exactly the
     accuracies recorded in its eval_report.json (greedy decoding is deterministic)."""
-    from model_src.checkpoint import load_checkpoint
-    from model_src.train.evaluate import evaluate
+    from maven_edge.model_src.checkpoint import load_checkpoint
+    from maven_edge.model_src.train.evaluate import evaluate
 
     report = json.loads((SHIPPED_TINY / "eval_report.json").read_text())
     got = evaluate(load_checkpoint(SHIPPED_TINY), split="test", mode="hybrid", quiet=True)
@@ -146,7 +146,7 @@ def test_shipped_eval_report_exists_and_is_consistent():
 @needs_shipped
 @pytest.mark.skipif(not (SAMPLES_DIR / "demo.json").is_file(), reason="demo sample not written yet")
 def test_readme_demo_question_is_answered_correctly():
-    from model_src.checkpoint import load_checkpoint
+    from maven_edge.model_src.checkpoint import load_checkpoint
 
     demo = json.loads((SAMPLES_DIR / "demo.json").read_text())
     model = load_checkpoint(SHIPPED_TINY)
@@ -157,14 +157,14 @@ def test_readme_demo_question_is_answered_correctly():
 
 @needs_shipped
 def test_diagnose_shows_the_shipped_model_reads_colour_and_count_from_the_patches():
-    """model_src.train.diagnose on the shipped weights: giving each image another image's kept
+    """maven_edge.model_src.train.diagnose on the shipped weights: giving each image another image's kept
     patches breaks colour answers and costs counts (the count attention targets made counting
     read the counted objects' patches; before them counts came from the codes alone); the answer
     position's attention is a distribution over the prompt, and for colour questions its last
     layer looks at the named object's patches more than at the other kept patches; the residual
     stream is reported per layer and token kind."""
-    from model_src.checkpoint import load_checkpoint
-    from model_src.train.diagnose import diagnose
+    from maven_edge.model_src.checkpoint import load_checkpoint
+    from maven_edge.model_src.train.diagnose import diagnose
 
     model = load_checkpoint(SHIPPED_TINY)
     report = diagnose(model, "val", per_task=20, tasks=["color", "count"], attention_per_task=6)
@@ -191,9 +191,9 @@ def test_diagnose_shows_the_shipped_model_reads_colour_and_count_from_the_patche
 
 
 def test_diagnose_refuses_bad_options(small_ckpt):
-    from model_src.checkpoint import load_checkpoint
-    from model_src.errors import InputError
-    from model_src.train.diagnose import diagnose, main
+    from maven_edge.core.errors import InputError
+    from maven_edge.model_src.checkpoint import load_checkpoint
+    from maven_edge.model_src.train.diagnose import diagnose, main
 
     model = load_checkpoint(small_ckpt)
     with pytest.raises(InputError, match="unknown task"):

@@ -19,9 +19,13 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from export import graph_tools, ort_compat
-from export.manifest import COMPONENTS, load_manifest, sha256_file
-from export.onnx_export import (
+from maven_edge.cli import main as cli
+from maven_edge.core.config import get_config
+from maven_edge.core.errors import ArtifactError, ExportError
+from maven_edge.core.manifest import COMPONENTS, load_manifest, sha256_file
+from maven_edge.export import graph_tools, ort_compat
+from maven_edge.export.onnx_components import OnnxComponents
+from maven_edge.export.onnx_export import (
     ExportOptions,
     decoder_input_names,
     decoder_output_names,
@@ -29,11 +33,8 @@ from export.onnx_export import (
     optimize_artifact,
     prepare_output_dir,
 )
-from export.validate import OnnxComponents, ValidateOptions, validate_artifacts
-from model_src.checkpoint import build_model, save_checkpoint
-from model_src.config import get_config
-from model_src.errors import ArtifactError, ExportError
-from runtime.cli import main as cli
+from maven_edge.export.validate import ValidateOptions, validate_artifacts
+from maven_edge.model_src.checkpoint import build_model, save_checkpoint
 
 # Same preset geometry and widths, fewer layers: the export cost is per layer.
 FAST = ["llm.num_layers=2", "vision.num_layers=2", "discrete.num_layers=1"]
@@ -304,7 +305,7 @@ def test_refuses_bad_opset_target_and_mismatched_checkpoint(tmp_path: Path, caps
 def test_refuses_an_opset_too_old_for_the_ops(model) -> None:
     """opset 17 passes the floor, but the discrete tokenizer's ReduceL2 (F.normalize) cannot be
     converted to it: refused, not silently written at opset 18."""
-    from export.onnx_export import _export_one, component_specs
+    from maven_edge.export.onnx_export import _export_one, component_specs
 
     spec = next(s for s in component_specs(model) if s.name == "discrete_tokenizer")
     with pytest.raises(ExportError, match="cannot be exported at --opset 17.*use --opset 18"):
@@ -427,7 +428,7 @@ def test_edge_small_exports_and_validates(tmp_path: Path) -> None:
 @SLOW
 def test_shipped_tiny_checkpoint_validates(tmp_path: Path) -> None:
     """The shipped, trained tiny model: every component within 1e-4 and identical greedy tokens."""
-    from model_src.checkpoint import SHIPPED_TINY
+    from maven_edge.model_src.checkpoint import SHIPPED_TINY
 
     if not (SHIPPED_TINY / "model.safetensors").is_file():
         pytest.skip("model_src/checkpoints/tiny is not there yet")

@@ -11,14 +11,14 @@ import onnx
 import pytest
 import torch
 
-from export.genai_decoder import builder_unavailable, rename_onnx
-from export.manifest import load_manifest
-from export.validate import ValidateOptions, validate_artifacts
-from model_src.checkpoint import build_model
-from model_src.config import get_config
-from model_src.errors import ExportError
-from model_src.sampling import GenerationConfig
-from runtime.cli import main as cli
+from maven_edge.cli import main as cli
+from maven_edge.core.config import get_config
+from maven_edge.core.errors import ExportError
+from maven_edge.core.manifest import load_manifest
+from maven_edge.core.sampling import GenerationConfig
+from maven_edge.export.genai_decoder import builder_unavailable, rename_onnx
+from maven_edge.export.validate import ValidateOptions, validate_artifacts
+from maven_edge.model_src.checkpoint import build_model
 
 pytestmark = pytest.mark.skipif(builder_unavailable() is not None, reason=str(builder_unavailable()))
 
@@ -65,9 +65,9 @@ def test_validate_passes_against_torch(genai_artifacts: Path, model) -> None:
 
 
 def test_runtime_shared_buffer_loop_matches_torch(genai_artifacts: Path, model) -> None:
-    from model_src.data.splits import iter_samples
-    from model_src.preprocess import preprocess_images
-    from runtime.pipeline import MavenPipeline
+    from maven_edge.core.preprocess import preprocess_images
+    from maven_edge.model_src.data.splits import iter_samples
+    from maven_edge.runtime.pipeline import MavenPipeline
 
     pipe = MavenPipeline.from_artifacts(genai_artifacts)
     assert pipe.backend.shared_kv
@@ -81,7 +81,7 @@ def test_runtime_shared_buffer_loop_matches_torch(genai_artifacts: Path, model) 
 
 def test_decode_steps_match_the_concat_path(genai_artifacts: Path) -> None:
     """Shared buffer vs the same graph driven with a growing (Concat-style) past: same logits."""
-    from runtime.backends.ort_backend import OrtBackend
+    from maven_edge.runtime.backends.ort_backend import OrtBackend
 
     be = OrtBackend(genai_artifacts)
     rng = np.random.default_rng(0)
@@ -103,8 +103,8 @@ def test_int4_builder_decoder_runs(tmp_path: Path) -> None:
     m = load_manifest(out)
     assert m.components["decoder"].precision == "int4"
     assert "MatMulNBits" in _ops(out / "decoder.onnx")
-    from model_src.data.splits import iter_samples
-    from runtime.pipeline import MavenPipeline
+    from maven_edge.model_src.data.splits import iter_samples
+    from maven_edge.runtime.pipeline import MavenPipeline
 
     s = next(iter(iter_samples("test", 1)))
     res = MavenPipeline.from_artifacts(out).generate(s.images, s.prompt, max_new_tokens=4)
@@ -128,7 +128,7 @@ def test_rename_onnx_rewrites_external_data(tmp_path: Path) -> None:
 
 
 def test_unknown_builder_kind_is_refused(tmp_path: Path) -> None:
-    from export.genai_decoder import run_builder
+    from maven_edge.export.genai_decoder import run_builder
 
     with pytest.raises(ExportError, match="unknown decoder builder"):
         run_builder(tmp_path, tmp_path / "out", "genai-fp8")
@@ -137,7 +137,7 @@ def test_unknown_builder_kind_is_refused(tmp_path: Path) -> None:
 def test_missing_builder_is_a_clear_error(tmp_path: Path, monkeypatch) -> None:
     import importlib.util
 
-    from export import genai_decoder
+    from maven_edge.export import genai_decoder
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime_genai" else real(name, *a))

@@ -25,9 +25,9 @@ from transformers import (  # noqa: E402
     Qwen2ForCausalLM,
 )
 
-from model_src.config import LLMConfig, get_config  # noqa: E402
-from model_src.errors import CheckpointError, ConfigError, MavenError  # noqa: E402
-from model_src.hf_import import (  # noqa: E402
+from maven_edge.core.config import LLMConfig, get_config  # noqa: E402
+from maven_edge.core.errors import CheckpointError, ConfigError, MavenError  # noqa: E402
+from maven_edge.model_src.hf_import import (  # noqa: E402
     decoder_from_hf,
     llm_config_from_hf,
     load_clip_vision,
@@ -37,8 +37,8 @@ from model_src.hf_import import (  # noqa: E402
     vision_config_from_hf,
     vision_encoder_from_hf,
 )
-from model_src.modeling.decoder import LlamaDecoder, positions_from_mask  # noqa: E402
-from model_src.modeling.vision import VisionEncoder  # noqa: E402
+from maven_edge.model_src.modeling.decoder import LlamaDecoder, positions_from_mask  # noqa: E402
+from maven_edge.model_src.modeling.vision import VisionEncoder  # noqa: E402
 
 ATOL = 1e-4
 VOCAB = 300
@@ -338,7 +338,7 @@ def test_to_hf_round_trip(llm_pair, tmp_path):
 def test_to_hf_with_unified_vocab_and_tokenizer(tmp_path):
     from transformers import PreTrainedTokenizerFast
 
-    from model_src.tokenizer import TextTokenizer
+    from maven_edge.core.tokenizer import TextTokenizer
 
     cfg = get_config(
         "tiny", ["llm.num_layers=1", "llm.hidden_size=64", "llm.num_heads=4", "llm.intermediate_size=96"]
@@ -466,7 +466,7 @@ def hf_dirs(tmp_path_factory):
 
 
 def _cli(args, capsys):
-    from runtime.cli import main
+    from maven_edge.cli import main
 
     rc = main(args)
     out = capsys.readouterr()
@@ -474,8 +474,8 @@ def _cli(args, capsys):
 
 
 def test_import_hf_qwen2_clip(hf_dirs, tmp_path, capsys, make_pixels):
-    from model_src.checkpoint import load_checkpoint
-    from model_src.tokenizer import SPECIAL_TOKENS
+    from maven_edge.core.tokenizer import SPECIAL_TOKENS
+    from maven_edge.model_src.checkpoint import load_checkpoint
 
     root, clip, bpe_size = hf_dirs
     out = tmp_path / "ckpt"
@@ -527,7 +527,7 @@ def test_import_hf_qwen2_clip(hf_dirs, tmp_path, capsys, make_pixels):
 
 
 def test_import_hf_llama_default_tokenizer(hf_dirs, tmp_path, capsys):
-    from model_src.checkpoint import load_checkpoint
+    from maven_edge.model_src.checkpoint import load_checkpoint
 
     root, _, _ = hf_dirs
     out = tmp_path / "ckpt"
@@ -629,7 +629,7 @@ def test_import_hf_errors(hf_dirs, tmp_path, capsys):
 
 
 def test_import_hf_help(capsys):
-    from runtime.cli import main
+    from maven_edge.cli import main
 
     with pytest.raises(SystemExit) as exc:
         main(["import-hf", "--help"])
@@ -652,7 +652,7 @@ def test_import_hf_help(capsys):
 
 def test_command_modules_import_without_torch():
     code = (
-        "import sys; import model_src.hf_commands, model_src.hf_import; "
+        "import sys; import maven_edge.model_src.hf_commands, maven_edge.model_src.hf_import; "
         "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; assert not bad, bad"
     )
     subprocess.run(

@@ -8,9 +8,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from model_src.errors import ImageError, InputError, MavenError, PromptError
-from model_src.modeling.selector import select_patches
-from model_src.sampling import GenerationConfig
+from maven_edge.core.errors import ImageError, InputError, MavenError, PromptError
+from maven_edge.core.sampling import GenerationConfig
+from maven_edge.model_src.modeling.selector import select_patches
 
 RATIOS = (0.1, 0.25, 0.5, 1.0)
 
@@ -20,7 +20,7 @@ RATIOS = (0.1, 0.25, 0.5, 1.0)
 
 def test_encode_images_paper_geometry(reduced_paper_cfg, make_pixels):
     """576 patches at 336 px / 14 px; r=0.25 -> 144 kept -> 176 tokens, r=0.1 -> 57 -> 89."""
-    from model_src.checkpoint import build_model
+    from maven_edge.model_src.checkpoint import build_model
 
     model = build_model(reduced_paper_cfg, seed=0)
     px = make_pixels(2, cfg=reduced_paper_cfg)
@@ -91,7 +91,7 @@ def test_select_patches_is_sorted_topk(logits, r, batch):
 
 @pytest.mark.parametrize("r", RATIOS)
 def test_selector_counts_on_paper_geometry(r):
-    from model_src.config import get_config
+    from maven_edge.core.config import get_config
 
     cfg = get_config("paper")
     k = cfg.num_kept_patches(r)
@@ -131,10 +131,10 @@ def test_assemble_batch_splices_and_pads(tiny_model, make_pixels):
 
 
 def test_image_slots_add_slot_k_to_the_kth_image(make_pixels):
-    from model_src.checkpoint import build_model
-    from model_src.config import get_config
-    from model_src.errors import ConfigError
-    from model_src.train.stages import enable_image_slots
+    from maven_edge.core.config import get_config
+    from maven_edge.core.errors import ConfigError
+    from maven_edge.model_src.checkpoint import build_model
+    from maven_edge.model_src.train.stages import enable_image_slots
 
     model = build_model(get_config("tiny"), seed=0)
     tok = model.tokenizer
@@ -169,9 +169,9 @@ def test_image_slots_add_slot_k_to_the_kth_image(make_pixels):
 def test_projector_output_scale_is_a_constant_multiplier():
     """`projector.output_scale` multiplies the projector's output (same weights, same seed) and is
     not a parameter; configs without it load as 1.0 (LLaVA); a scale <= 0 is refused."""
-    from model_src.checkpoint import build_model
-    from model_src.config import MavenConfig, get_config
-    from model_src.errors import ConfigError
+    from maven_edge.core.config import MavenConfig, get_config
+    from maven_edge.core.errors import ConfigError
+    from maven_edge.model_src.checkpoint import build_model
 
     plain = build_model(get_config("tiny"), seed=0)
     scaled = build_model(get_config("tiny", ["projector.output_scale=0.025"]), seed=0)

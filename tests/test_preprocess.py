@@ -1,4 +1,4 @@
-"""Tests for model_src.preprocess: every input kind and mode, limits, hostile files, fuzzing."""
+"""Tests for maven_edge.core.preprocess: every input kind and mode, limits, hostile files, fuzzing."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageFile
 
-from model_src.config import CLIP_MEAN, CLIP_STD, PreprocessConfig
-from model_src.errors import ConfigError, ImageError, InputError, MavenError
-from model_src.preprocess import (
+from maven_edge.core.config import CLIP_MEAN, CLIP_STD, PreprocessConfig
+from maven_edge.core.errors import ConfigError, ImageError, InputError, MavenError
+from maven_edge.core.preprocess import (
     DEFAULT_FORMATS,
     ImageLimits,
     check_pixel_values,

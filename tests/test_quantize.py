@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from test_runtime import export_test_artifacts
 
-from model_src.errors import ArtifactError, CalibrationError, InputError
+from maven_edge.core.errors import ArtifactError, CalibrationError, InputError
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def artifacts(pytestconfig) -> Path:
 
 @pytest.fixture(scope="module")
 def manifest(artifacts):
-    from export.manifest import load_manifest
+    from maven_edge.core.manifest import load_manifest
 
     return load_manifest(artifacts)
 
@@ -31,7 +31,7 @@ def manifest(artifacts):
 @pytest.fixture(scope="module")
 def quantized(artifacts, tmp_path_factory):
     """recipe -> QuantizeResult, made once per module (a few seconds each)."""
-    from calibration.quantize import QuantizeOptions, quantize_artifacts
+    from maven_edge.calibration.quantize import QuantizeOptions, quantize_artifacts
 
     root = tmp_path_factory.mktemp("quant")
     out = {}
@@ -48,9 +48,9 @@ COMPONENTS = ["vision_encoder", "discrete_tokenizer", "embed_tokens", "patch_sel
 
 
 def test_recipe_plans():
-    from calibration.quantize import RECIPES, recipe_plan
+    from maven_edge.calibration.quantize import QUANT_RECIPES, recipe_plan
 
-    plans = {r: recipe_plan(r, COMPONENTS) for r in RECIPES}
+    plans = {r: recipe_plan(r, COMPONENTS) for r in QUANT_RECIPES}
     assert plans["int8-static"] == {"vision_encoder": "int8-static", "discrete_tokenizer": "int8-static",
                                     "embed_tokens": "fp32", "patch_selector": "int8-static",
                                     "projector": "int8-static", "decoder": "fp32"}
@@ -60,7 +60,7 @@ def test_recipe_plans():
     assert set(plans["fp16"].values()) == {"fp16"}
     mixed = recipe_plan("int4-weight", COMPONENTS, {"vision_encoder": "fp16", "projector": "int8-dynamic"})
     assert mixed["vision_encoder"] == "fp16" and mixed["projector"] == "int8-dynamic" and mixed["decoder"] == "int4-weight"
-    with pytest.raises(InputError, match="unknown recipe"):
+    with pytest.raises(InputError, match="unknown quantization recipe"):
         recipe_plan("int3", COMPONENTS)
     with pytest.raises(InputError, match="no component"):
         recipe_plan("fp16", COMPONENTS, {"lm": "fp16"})
@@ -69,11 +69,14 @@ def test_recipe_plans():
 
 
 def test_cli_choices_match_the_library():
-    from calibration import commands, quantize
-    from export import tensorrt
+    from maven_edge.calibration import commands, quantize, tensorrt
+    from maven_edge.cli import build_parser
 
-    assert commands.RECIPES == quantize.RECIPES
-    assert commands.TRT_PRECISIONS == tensorrt.PRECISIONS
+    assert commands.QUANT_RECIPES is quantize.QUANT_RECIPES
+    assert commands.TRT_PRECISIONS is tensorrt.PRECISIONS
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert tuple(next(a for a in sub.choices["quantize"]._actions if a.dest == "recipe").choices) == \
+        quantize.QUANT_RECIPES.names()
 
 
 def _graph(nodes, inputs, outputs, inits=()):
@@ -88,7 +91,7 @@ def _graph(nodes, inputs, outputs, inits=()):
 def test_discrete_sensitive_nodes_and_lm_head():
     from onnx import TensorProto, helper, numpy_helper
 
-    from calibration.quantize import discrete_sensitive_nodes, lm_head_nodes
+    from maven_edge.calibration.quantize import discrete_sensitive_nodes, lm_head_nodes
 
     w = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
     nodes = [
@@ -110,7 +113,7 @@ def test_discrete_sensitive_nodes_and_lm_head():
 def test_dedupe_nodes_removes_repeated_casts():
     from onnx import TensorProto, checker, helper
 
-    from calibration.quantize import dedupe_nodes
+    from maven_edge.calibration.quantize import dedupe_nodes
 
     cast = helper.make_node("Cast", ["x"], ["x32"], to=1, name="x_cast")
     nodes = [cast, helper.make_node("Cast", ["x"], ["x32"], to=1, name="x_cast"),
@@ -127,7 +130,7 @@ def test_fit_target_caps_a_newer_ir_version(tmp_path):
     import onnx
     from onnx import TensorProto, helper
 
-    from calibration.quantize import fit_target
+    from maven_edge.calibration.quantize import fit_target
 
     model = _graph([helper.make_node("Relu", ["x"], ["y"])], [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
                    [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
@@ -143,9 +146,9 @@ def test_fit_target_caps_a_newer_ir_version(tmp_path):
 
 
 def test_synthetic_set_matches_runtime_preprocessing(manifest, tmp_path):
-    from calibration.readers import CalibrationSet, resolve_calibration_set
-    from model_src.data import get_sample
-    from model_src.preprocess import preprocess_images
+    from maven_edge.calibration.readers import CalibrationSet, resolve_calibration_set
+    from maven_edge.core.preprocess import preprocess_images
+    from maven_edge.model_src.data import get_sample
 
     cs = resolve_calibration_set(None, manifest, 3)
     assert cs.num_samples == 3 and cs.source == "synthetic:val" and cs.preset == manifest.preset
@@ -166,7 +169,11 @@ def test_synthetic_set_matches_runtime_preprocessing(manifest, tmp_path):
 def test_folder_set_and_refusals(manifest, tmp_path):
     from PIL import Image
 
-    from calibration.readers import arrays_calibration_set, check_calibration_set, resolve_calibration_set
+    from maven_edge.calibration.readers import (
+        arrays_calibration_set,
+        check_calibration_set,
+        resolve_calibration_set,
+    )
 
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -213,7 +220,7 @@ def test_folder_set_and_refusals(manifest, tmp_path):
 
 
 def test_quantize_refuses_bad_calibration_through_the_cli(artifacts, tmp_path, capsys):
-    from runtime.cli import main
+    from maven_edge.cli import main
 
     empty = tmp_path / "imgs"
     empty.mkdir()
@@ -225,7 +232,7 @@ def test_quantize_refuses_bad_calibration_through_the_cli(artifacts, tmp_path, c
 
 
 def test_quantize_refuses_bad_directories(artifacts, quantized, tmp_path):
-    from calibration.quantize import QuantizeOptions, quantize_artifacts
+    from maven_edge.calibration.quantize import QuantizeOptions, quantize_artifacts
 
     with pytest.raises(InputError, match="new directory"):
         quantize_artifacts(artifacts, artifacts, QuantizeOptions(recipe="int4-weight", progress=False))
@@ -250,7 +257,7 @@ def _ops(path: Path) -> set[str]:
 
 
 def test_int8_static_artifacts(quantized):
-    from export.manifest import load_manifest
+    from maven_edge.core.manifest import load_manifest
 
     res = quantized["int8-static"]
     m = load_manifest(res.out)  # every sha256 checks
@@ -271,7 +278,7 @@ def test_int8_static_artifacts(quantized):
 
 
 def test_int4_and_int8_dynamic_decoders(quantized):
-    from export.manifest import load_manifest
+    from maven_edge.core.manifest import load_manifest
 
     m4 = load_manifest(quantized["int4-weight"].out)
     dec = m4.components["decoder"]
@@ -291,7 +298,7 @@ def test_int4_and_int8_dynamic_decoders(quantized):
 def test_fp16_keeps_float32_io_and_norms(quantized):
     import onnx
 
-    from export.manifest import load_manifest
+    from maven_edge.core.manifest import load_manifest
 
     res = quantized["fp16"]
     m = load_manifest(res.out)
@@ -312,9 +319,9 @@ def test_fp16_keeps_float32_io_and_norms(quantized):
 
 
 def test_quantized_artifacts_run_in_the_pipeline(artifacts, quantized):
-    from model_src.data import get_sample
-    from runtime.backends.ort_backend import SessionConfig
-    from runtime.pipeline import MavenPipeline
+    from maven_edge.model_src.data import get_sample
+    from maven_edge.runtime.backends.ort_backend import SessionConfig
+    from maven_edge.runtime.pipeline import MavenPipeline
 
     s = get_sample("test", 1, image_size=64, patch_size=8)
     so = SessionConfig(intra_op_num_threads=1)
@@ -332,7 +339,7 @@ def test_quantized_artifacts_run_in_the_pipeline(artifacts, quantized):
 
 
 def test_report_metrics_and_markdown(tmp_path, capsys):
-    from calibration.report import TARGETS, agreement, checks, render_markdown, summarize
+    from maven_edge.benchmarks.quantize_report import TARGETS, agreement, checks, render_markdown, summarize
 
     assert agreement([5, 6, 7], [5, 6, 7], "eos", "eos") == (4, 4)
     assert agreement([5, 6, 7], [5, 9, 7], "eos", "eos") == (1, 4)
@@ -370,7 +377,7 @@ def test_report_metrics_and_markdown(tmp_path, capsys):
     assert "| int4-weight | 4.00 | 2.00 | 6.00 | 0.43 |" in md and "| no |" in md
     assert "0.50x" in md
     # --render-only re-writes the page from the JSON, without measuring anything
-    from runtime.cli import main
+    from maven_edge.cli import main
 
     (tmp_path / "quantization.json").write_text(json.dumps(report))
     assert main(["quantize-report", "--render-only", str(tmp_path / "quantization.json")]) == 0
@@ -382,8 +389,8 @@ def test_calibration_methods_give_different_ranges(artifacts, manifest, tmp_path
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from calibration.quantize import calibrate_ranges
-    from calibration.readers import ComponentFeeds, make_ort_reader, resolve_calibration_set
+    from maven_edge.calibration.quantize import calibrate_ranges
+    from maven_edge.calibration.readers import ComponentFeeds, make_ort_reader, resolve_calibration_set
 
     def width(r, n):
         lo, hi = r[n].range_value

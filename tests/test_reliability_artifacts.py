@@ -21,8 +21,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from export.manifest import FORMAT_VERSION, MANIFEST, external_data_locations, load_manifest, sha256_file
-from model_src.errors import ArtifactError, CheckpointError, MavenError
+from maven_edge.core.errors import ArtifactError, CheckpointError, MavenError
+from maven_edge.core.manifest import (
+    FORMAT_VERSION,
+    MANIFEST,
+    external_data_locations,
+    load_manifest,
+    sha256_file,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPONENT_NAMES = (
@@ -42,7 +48,7 @@ MANIFEST_FUZZ_EXAMPLES = 1000 if SOAK else 40  # each one that loads builds an O
 
 @pytest.fixture(scope="session")
 def artifacts(pytestconfig) -> Path:
-    from runtime.soak import cached_test_artifacts
+    from tools.soak import cached_test_artifacts
 
     return cached_test_artifacts(pytestconfig.cache.mkdir("maven-runtime-artifacts"))
 
@@ -51,7 +57,7 @@ def to_external_data(directory: Path) -> None:
     """Move every component's weights into `<file>.onnx.data` and rewrite the manifest to match."""
     import onnx
 
-    from export.manifest import file_entry, write_manifest
+    from maven_edge.core.manifest import file_entry, write_manifest
 
     manifest = load_manifest(directory, verify=False)
     for comp in manifest.components.values():
@@ -105,8 +111,8 @@ def no_sessions(monkeypatch):
 
 
 def load_pipeline(directory: Path, **kw: Any):
-    from runtime.backends.ort_backend import SessionConfig
-    from runtime.pipeline import MavenPipeline
+    from maven_edge.runtime.backends.ort_backend import SessionConfig
+    from maven_edge.runtime.pipeline import MavenPipeline
 
     return MavenPipeline.from_artifacts(
         directory, providers=["cpu"], session_options=SessionConfig(intra_op_num_threads=1), **kw
@@ -344,7 +350,7 @@ def test_fuzz_manifest_fields_only_artifact_errors(manifest_dir, data):
         load_manifest(art, verify=False)  # the hashes are tested above; here the structure is the point
     except ArtifactError:
         return
-    from runtime.backends.ort_backend import OrtBackend, SessionConfig
+    from maven_edge.runtime.backends.ort_backend import OrtBackend, SessionConfig
 
     try:
         OrtBackend(art, verify=False, session_options=SessionConfig(intra_op_num_threads=1))
@@ -488,8 +494,15 @@ class _Payload:
 def test_pickle_disguised_as_safetensors_is_refused_without_running_it(tmp_path):
     import torch
 
-    from model_src.checkpoint import CONFIG, TOKENIZER, WEIGHTS, build_model, load_checkpoint, save_checkpoint
-    from model_src.config import get_config
+    from maven_edge.core.config import get_config
+    from maven_edge.model_src.checkpoint import (
+        CONFIG,
+        TOKENIZER,
+        WEIGHTS,
+        build_model,
+        load_checkpoint,
+        save_checkpoint,
+    )
 
     ckpt = save_checkpoint(build_model(get_config("tiny", ["llm.num_layers=1"]), seed=0), tmp_path / "ckpt")
     marker = tmp_path / "pwned"
@@ -543,8 +556,8 @@ def test_exported_artifacts_hold_no_pickles(ext_artifacts):
 def test_config_with_a_zero_divisor_is_a_config_error(artifacts, copy_of, no_sessions, override):
     """Regression (found by the manifest fuzz): a zero head count or patch size in a manifest's or
     checkpoint's config raised ZeroDivisionError from MavenConfig.validate."""
-    from model_src.config import get_config
-    from model_src.errors import ConfigError
+    from maven_edge.core.config import get_config
+    from maven_edge.core.errors import ConfigError
 
     key, value = override.split("=")
     with pytest.raises(ConfigError, match=rf"{re.escape(key)} must be an integer >= 1"):

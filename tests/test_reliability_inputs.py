@@ -23,8 +23,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from model_src.errors import ImageError, InputError, MavenError, PromptError
-from model_src.tokenizer import SPECIAL_TOKENS
+from maven_edge.core.errors import ImageError, InputError, MavenError, PromptError
+from maven_edge.core.tokenizer import SPECIAL_TOKENS
 
 SOAK = bool(os.environ.get("MAVEN_SOAK"))
 PROMPT_FUZZ_EXAMPLES = 3000 if SOAK else 200  # prepare_prompt only: no model runs
@@ -44,21 +44,21 @@ DEMO_IMAGE = str(Path(__file__).resolve().parents[1] / "model_src" / "samples" /
 
 @pytest.fixture(scope="session")
 def artifacts(pytestconfig) -> Path:
-    from runtime.soak import cached_test_artifacts
+    from tools.soak import cached_test_artifacts
 
     return cached_test_artifacts(pytestconfig.cache.mkdir("maven-runtime-artifacts"))
 
 
 @pytest.fixture(scope="module")
 def pipe(artifacts):
-    from runtime.soak import load_pipeline
+    from tools.soak import load_pipeline
 
     return load_pipeline(artifacts)
 
 
 @pytest.fixture(scope="module")
 def pool() -> dict[str, Any]:
-    from runtime.soak import image_pool
+    from tools.soak import image_pool
 
     return image_pool()
 
@@ -132,7 +132,7 @@ def test_empty_prompt_with_an_image_is_refused(pipe, runs):
 
 @pytest.mark.parametrize("case", ["long_text", "visual_tokens", "new_tokens", "text_and_images"])
 def test_context_overflow_is_refused_before_anything_runs(pipe, runs, case):
-    from runtime.pipeline import MavenPipeline, PipelineLimits
+    from maven_edge.runtime.pipeline import MavenPipeline, PipelineLimits
 
     limit = pipe.config.llm.max_position_embeddings
     n_cont = limit // pipe.config.num_patches + 1  # continuous mode: N visual tokens per image
@@ -156,7 +156,7 @@ def test_context_overflow_is_refused_before_anything_runs(pipe, runs, case):
 
 
 def test_prompt_over_the_character_limit_is_refused_before_tokenization(pipe, runs, monkeypatch):
-    from runtime.pipeline import MavenPipeline, PipelineLimits
+    from maven_edge.runtime.pipeline import MavenPipeline, PipelineLimits
 
     small = MavenPipeline(pipe.backend, PipelineLimits(max_prompt_chars=1000))
 
@@ -296,7 +296,7 @@ def test_placeholder_count_mismatch_is_refused(pipe, runs, placeholders, images)
 
 
 def test_too_many_images_are_refused(pipe, runs):
-    from runtime.pipeline import MavenPipeline, PipelineLimits
+    from maven_edge.runtime.pipeline import MavenPipeline, PipelineLimits
 
     n = pipe.limits.max_images + 1
     refused(
@@ -396,13 +396,13 @@ def test_bad_image_paths_end_to_end(pipe, runs, tmp_path):
 
 
 def test_pixel_limit_end_to_end(pipe, pool, runs):
-    from model_src.preprocess import ImageLimits
-    from runtime.pipeline import MavenPipeline, PipelineLimits
+    from maven_edge.core.preprocess import ImageLimits
+    from maven_edge.runtime.pipeline import MavenPipeline, PipelineLimits
 
     refused(
         runs, lambda: pipe.generate([pool["bomb"]], ONE_IMAGE), ImageError, r"10000x10000 = 100\.0 megapixels"
     )
-    from runtime.soak import bomb_png
+    from tools.soak import bomb_png
 
     refused(
         runs, lambda: pipe.generate([bomb_png(60000, 60000)], ONE_IMAGE), ImageError, "too large to decode"
@@ -454,7 +454,7 @@ def test_bad_option_values_are_refused_before_anything_runs(pipe, runs, opts, ma
 
 
 def test_sampling_config_refuses_a_negative_seed():
-    from model_src.sampling import GenerationConfig
+    from maven_edge.core.sampling import GenerationConfig
 
     with pytest.raises(InputError, match="seed"):
         GenerationConfig(seed=-3).validate()

@@ -1,12 +1,12 @@
 """Reliability under load (issue 8, parts 4 and 5): threads, memory, cancellation, determinism.
 
-One pipeline serves a deterministic mix of good and bad requests (runtime/soak.py: 25 kinds:
+One pipeline serves a deterministic mix of good and bad requests (tools/soak.py: 25 kinds:
 sampled and greedy, 0-4 images, every mode, odd image modes, streams closed or cancelled midway,
 and refusals). Each answer must equal the single-threaded answer of the same request.
 
 Default counts are small (the suite runs on a shared 2-core machine); ``MAVEN_SOAK=1`` runs the
 issue's counts (4 threads x 50 requests, 500 sequential generations) and prints the measurements.
-The same run as a command: ``python -m runtime.soak --artifacts DIR``.
+The same run as a command: ``python -m tools.soak --artifacts DIR``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from model_src.errors import GenerationCancelled
+from maven_edge.core.errors import GenerationCancelled
 
 SOAK = bool(os.environ.get("MAVEN_SOAK"))
 THREADS = 4
@@ -36,21 +36,21 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def artifacts(pytestconfig) -> Path:
-    from runtime.soak import cached_test_artifacts
+    from tools.soak import cached_test_artifacts
 
     return cached_test_artifacts(pytestconfig.cache.mkdir("maven-runtime-artifacts"))
 
 
 @pytest.fixture(scope="module")
 def pipe(artifacts):
-    from runtime.soak import load_pipeline
+    from tools.soak import load_pipeline
 
     return load_pipeline(artifacts)
 
 
 @pytest.fixture(scope="module")
 def pool() -> dict[str, Any]:
-    from runtime.soak import image_pool
+    from tools.soak import image_pool
 
     return image_pool()
 
@@ -58,7 +58,7 @@ def pool() -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def mix(pipe, pool):
     """(requests, their single-threaded reference answers)."""
-    from runtime.soak import TEMPLATE_NAMES, mixed_requests, reference_answers
+    from tools.soak import TEMPLATE_NAMES, mixed_requests, reference_answers
 
     reqs = mixed_requests(max(PER_THREAD, 2 * len(TEMPLATE_NAMES)) if SOAK else len(TEMPLATE_NAMES) + 7)
     return reqs, reference_answers(pipe, reqs, pool)
@@ -72,7 +72,7 @@ def _report(name: str, data: dict[str, Any]) -> None:
 
 
 def test_reference_answers_are_what_each_request_should_get(mix):
-    from runtime.soak import check_expectation
+    from tools.soak import check_expectation
 
     reqs, ref = mix
     problems = [p for r, s in zip(reqs, ref, strict=True) if (p := check_expectation(r, s))]
@@ -86,7 +86,7 @@ def test_reference_answers_are_what_each_request_should_get(mix):
 
 
 def test_threads_no_crash_no_cross_talk(pipe, pool, mix):
-    from runtime.soak import run_concurrent
+    from tools.soak import run_concurrent
 
     reqs, ref = mix
     rep = run_concurrent(pipe, reqs, ref, pool, threads=THREADS, per_thread=PER_THREAD, timeout_s=900)
@@ -100,8 +100,8 @@ def test_threads_no_crash_no_cross_talk(pipe, pool, mix):
 
 def test_torch_backend_threads_match_too(pool, mix):
     """The torch reference backend shared by threads (a smaller run: it is the slower backend)."""
-    from runtime.pipeline import MavenPipeline
-    from runtime.soak import build_test_model, reference_answers, run_concurrent
+    from maven_edge.runtime.pipeline import MavenPipeline
+    from tools.soak import build_test_model, reference_answers, run_concurrent
 
     reqs, _ = mix
     tp = MavenPipeline.from_model(build_test_model())
@@ -115,7 +115,7 @@ def test_torch_backend_threads_match_too(pool, mix):
 
 
 def test_sequential_generations_rss_growth_is_bounded(pipe, pool, mix):
-    from runtime.soak import run_sequential
+    from tools.soak import run_sequential
 
     reqs, ref = mix
     rep = run_sequential(pipe, reqs, ref, pool, n=SEQUENTIAL, warmup=WARMUP)
@@ -191,7 +191,7 @@ def test_cancel_races_give_the_answer_or_a_prefix(pipe, pool, mix):
     import random
     from collections import Counter
 
-    from runtime.soak import cancel_race
+    from tools.soak import cancel_race
 
     reqs, ref = mix
     racers = [(r, s) for r, s in zip(reqs, ref, strict=True) if r.action == "generate" and s[0] == "ok"][:6]
@@ -226,7 +226,7 @@ def _det_answers(pipe: Any, pool: dict[str, Any]) -> dict[str, list[int]]:
 
 
 def test_same_input_and_seed_same_output_across_runs_and_pipelines(artifacts, pipe, pool):
-    from runtime.soak import load_pipeline
+    from tools.soak import load_pipeline
 
     first = _det_answers(pipe, pool)
     assert _det_answers(load_pipeline(artifacts), pool) == first  # a fresh load
@@ -241,7 +241,7 @@ def test_same_input_and_seed_same_output_across_runs_and_pipelines(artifacts, pi
 def test_same_output_in_a_new_process(artifacts, pipe, pool):
     code = (
         "import json, sys\n"
-        "from runtime.soak import image_pool, load_pipeline\n"
+        "from tools.soak import image_pool, load_pipeline\n"
         "sys.path.insert(0, 'tests')\n"
         "from test_reliability_load import _det_answers\n"
         f"print(json.dumps(_det_answers(load_pipeline({str(artifacts)!r}), image_pool())))\n"
@@ -260,12 +260,12 @@ def test_same_output_in_a_new_process(artifacts, pipe, pool):
 
 def test_torch_and_ort_agree_at_fp32(pipe, pool):
     """Greedy tokens identical across backends (and seeded sampling, whose logits agree closely)."""
-    from runtime.pipeline import MavenPipeline
-    from runtime.soak import build_test_model
+    from maven_edge.runtime.pipeline import MavenPipeline
+    from tools.soak import build_test_model
 
     model = build_test_model()
-    from export.manifest import load_manifest
-    from export.onnx_export import model_fingerprint
+    from maven_edge.core.manifest import load_manifest
+    from maven_edge.export.onnx_export import model_fingerprint
 
     assert load_manifest(pipe.backend.artifacts, verify=False).extra[
         "model_fingerprint"

@@ -5,7 +5,7 @@ stays quick) are exported once and kept in pytest's cache directory between runs
 (``pytest --cache-clear`` rebuilds them). Until the trained tiny checkpoint ships, random
 weights are what the cross-backend checks compare; they compare token ids, which is what must
 be identical. Measured checks (edge-small speed, cache cost, memory over 200 generations) are
-in ``python -m runtime.perf_check`` and in the opt-in ``MAVEN_SLOW=1`` tests at the end.
+in ``python -m tools.perf_check`` and in the opt-in ``MAVEN_SLOW=1`` tests at the end.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model_src.errors import (
+from maven_edge.core.errors import (
     BackendError,
     GenerationCancelled,
     ImageError,
@@ -26,7 +26,7 @@ from model_src.errors import (
     MavenError,
     PromptError,
 )
-from runtime import soak
+from tools import soak
 
 SAMPLES = Path(__file__).resolve().parent.parent / "model_src" / "samples"
 DEMO = json.loads((SAMPLES / "demo.json").read_text())
@@ -34,7 +34,7 @@ DEMO_IMAGES = [str(SAMPLES / n) for n in DEMO["images"]]
 DEMO_PROMPT = DEMO["prompt"]
 
 
-# One test model and one cached export for every test module (runtime/soak.py).
+# One test model and one cached export for every test module (tools/soak.py).
 build_test_model = soak.build_test_model
 export_test_artifacts = soak.cached_test_artifacts
 
@@ -51,8 +51,8 @@ def artifacts(pytestconfig, test_model) -> Path:
 
 @pytest.fixture(scope="session")
 def ort_pipe(artifacts):
-    from runtime.backends.ort_backend import SessionConfig
-    from runtime.pipeline import MavenPipeline
+    from maven_edge.runtime.backends.ort_backend import SessionConfig
+    from maven_edge.runtime.pipeline import MavenPipeline
 
     return MavenPipeline.from_artifacts(artifacts, providers=["cpu"],
                                         session_options=SessionConfig(intra_op_num_threads=1))
@@ -60,13 +60,13 @@ def ort_pipe(artifacts):
 
 @pytest.fixture(scope="session")
 def torch_pipe(test_model):
-    from runtime.pipeline import MavenPipeline
+    from maven_edge.runtime.pipeline import MavenPipeline
 
     return MavenPipeline.from_model(test_model)
 
 
 def _questions(n: int = 4):
-    from model_src.data import get_sample
+    from maven_edge.model_src.data import get_sample
 
     picks = [0, 1, 5, 3, 4, 2][:n]  # 1-image and 4-image questions
     return [(s.images, s.prompt) for s in (get_sample("test", i) for i in picks)]
@@ -78,8 +78,8 @@ def _questions(n: int = 4):
 def test_ort_greedy_tokens_equal_torch(ort_pipe, torch_pipe, test_model):
     import torch
 
-    from model_src.preprocess import preprocess_images
-    from model_src.sampling import GenerationConfig
+    from maven_edge.core.preprocess import preprocess_images
+    from maven_edge.core.sampling import GenerationConfig
 
     for images, prompt in _questions():
         a = torch_pipe.generate(images, prompt, max_new_tokens=10)
@@ -101,11 +101,11 @@ def test_image_slots_are_added_the_same_way_everywhere(pytestconfig, monkeypatch
     patches), and the slots do change it."""
     import torch
 
-    from export.validate import OnnxComponents
-    from model_src.checkpoint import build_model
-    from model_src.config import get_config
-    from model_src.preprocess import preprocess_images
-    from runtime.pipeline import MavenPipeline
+    from maven_edge.core.config import get_config
+    from maven_edge.core.preprocess import preprocess_images
+    from maven_edge.export.onnx_components import OnnxComponents
+    from maven_edge.model_src.checkpoint import build_model
+    from maven_edge.runtime.pipeline import MavenPipeline
 
     model = build_model(get_config(soak.TEST_PRESET, [*soak.TEST_OVERRIDES, "image_slots=true",
                                                                       "projector.output_scale=0.05"]),
@@ -136,10 +136,10 @@ def test_image_slots_are_added_the_same_way_everywhere(pytestconfig, monkeypatch
     np.testing.assert_allclose(seen["torch"], ref, atol=1e-6)
     np.testing.assert_allclose(seen["ort"], ref, atol=1e-4)
     assert np.abs(ref - without).max() > 1e-3
-    # the manifest-only reader (export.validate) applies them too
+    # the manifest-only reader (maven_edge.export.validate) applies them too
     assert OnnxComponents(artifacts).generate(pv.numpy(), prompt) == model.generate(pv, prompt)[0]
     # more images than slots is refused before anything runs, even when the limits would allow it
-    from runtime.pipeline import PipelineLimits
+    from maven_edge.runtime.pipeline import PipelineLimits
 
     n = model.config.max_images + 1
     wide = MavenPipeline.from_model(model, PipelineLimits(max_images=n))
@@ -201,8 +201,8 @@ def test_stop_strings_and_stop_tokens(ort_pipe):
 
 
 def test_detokenizer_emits_only_complete_characters(ort_pipe):
-    from model_src.sampling import GenerationConfig, StopChecker
-    from runtime.pipeline import _Detokenizer
+    from maven_edge.core.sampling import GenerationConfig, StopChecker
+    from maven_edge.runtime.pipeline import _Detokenizer
 
     tok = ort_pipe.tokenizer
     text = "héllo wörld € 😀 done"
@@ -270,7 +270,7 @@ class _CountingBackend:
 
 
 def test_refusals_happen_before_any_model_runs(ort_pipe):
-    from runtime.pipeline import MavenPipeline, PipelineLimits
+    from maven_edge.runtime.pipeline import MavenPipeline, PipelineLimits
 
     be = _CountingBackend(ort_pipe.backend)
     pipe = MavenPipeline(be, PipelineLimits(max_images=3))  # type: ignore[arg-type]
@@ -304,8 +304,8 @@ def test_refusals_happen_before_any_model_runs(ort_pipe):
 
 
 def test_bad_images_are_image_errors(ort_pipe, tmp_path):
-    from model_src.preprocess import ImageLimits
-    from runtime.pipeline import MavenPipeline, PipelineLimits
+    from maven_edge.core.preprocess import ImageLimits
+    from maven_edge.runtime.pipeline import MavenPipeline, PipelineLimits
 
     p = "<image>\nQuestion: what color?\nAnswer:"
     for bad in (b"", b"not an image", Path(DEMO_IMAGES[0]).read_bytes()[:100], tmp_path / "missing.png"):
@@ -326,14 +326,16 @@ def test_literal_special_tokens_are_text(ort_pipe):
 
 
 def test_backend_errors(artifacts):
-    from runtime.backends import load_backend
-    from runtime.backends.ort_backend import available_providers
-    from runtime.pipeline import MavenPipeline
+    from maven_edge.runtime.backends.providers import available_providers
+    from maven_edge.runtime.options import open_pipeline
+    from maven_edge.runtime.pipeline import MavenPipeline
 
     with pytest.raises(InputError, match="unknown backend"):
-        load_backend("tflite", artifacts=artifacts)
+        open_pipeline(backend="tflite", artifacts=artifacts)
     with pytest.raises(InputError, match="--checkpoint"):
-        load_backend("torch", artifacts=artifacts)
+        open_pipeline(backend="torch", artifacts=artifacts)
+    with pytest.raises(InputError, match="unknown pipeline option"):
+        open_pipeline(artifacts=artifacts, thread=2)
     with pytest.raises(InputError, match="unknown execution provider"):
         MavenPipeline.from_artifacts(artifacts, providers=["npu"])
     for p in ("cuda", "tensorrt"):
@@ -350,8 +352,8 @@ def test_backend_errors(artifacts):
 def test_artifacts_are_verified(artifacts, tmp_path):
     import shutil
 
-    from model_src.errors import ArtifactError
-    from runtime.pipeline import MavenPipeline
+    from maven_edge.core.errors import ArtifactError
+    from maven_edge.runtime.pipeline import MavenPipeline
 
     bad = tmp_path / "art"
     shutil.copytree(artifacts, bad)
@@ -424,7 +426,7 @@ def test_threads_give_single_threaded_answers(ort_pipe, torch_pipe):
 
 def test_unsafe_backends_are_serialised(ort_pipe):
     """A backend that says thread_safe=False never sees two stage calls at once."""
-    from runtime.pipeline import MavenPipeline
+    from maven_edge.runtime.pipeline import MavenPipeline
 
     class Unsafe(_CountingBackend):
         thread_safe = False
@@ -480,8 +482,9 @@ def test_ort_kv_cache_stays_in_ortvalues(ort_pipe):
 
 @pytest.mark.parametrize("provider", ["cuda", "tensorrt"])
 def test_gpu_providers_match_cpu(artifacts, ort_pipe, provider, tmp_path):
-    from runtime.backends.ort_backend import SessionConfig, available_providers
-    from runtime.pipeline import MavenPipeline
+    from maven_edge.runtime.backends.ort_backend import SessionConfig
+    from maven_edge.runtime.backends.providers import available_providers
+    from maven_edge.runtime.pipeline import MavenPipeline
 
     if provider not in available_providers():
         pytest.skip(f"onnxruntime here has no {provider} execution provider (needs onnxruntime-gpu and a GPU)")
@@ -497,7 +500,7 @@ def test_gpu_providers_match_cpu(artifacts, ort_pipe, provider, tmp_path):
 
 
 def test_cli_generate_json(artifacts, capsys):
-    from runtime.cli import main
+    from maven_edge.cli import main
 
     args = ["generate", "--artifacts", str(artifacts), "--prompt", DEMO_PROMPT, "--max-new-tokens", "5", "--json"]
     for im in DEMO_IMAGES:
@@ -516,7 +519,7 @@ def test_cli_generate_json(artifacts, capsys):
 def test_cli_errors_and_inspect(artifacts, capsys, tmp_path):
     from PIL import Image
 
-    from runtime.cli import main
+    from maven_edge.cli import main
 
     assert main(["generate", "--artifacts", str(artifacts), "--image", DEMO_IMAGES[0], "--prompt", "no placeholder"]) == 2
     assert "placeholder" in capsys.readouterr().err
@@ -532,8 +535,8 @@ def test_cli_errors_and_inspect(artifacts, capsys, tmp_path):
 
 
 def test_demo_with_artifacts_and_missing_checkpoint(artifacts, capsys, tmp_path):
-    from runtime.cli import main
-    from runtime.commands import ensure_demo_artifacts
+    from maven_edge.cli import main
+    from maven_edge.runtime.commands import ensure_demo_artifacts
 
     assert main(["demo", "--artifacts", str(artifacts), "--max-new-tokens", "4"]) == 0
     out = capsys.readouterr().out
@@ -547,7 +550,7 @@ def test_demo_with_artifacts_and_missing_checkpoint(artifacts, capsys, tmp_path)
 
 @pytest.mark.skipif(not os.environ.get("MAVEN_SLOW"), reason="slow: set MAVEN_SLOW=1 (200 generations)")
 def test_memory_is_stable_over_200_generations(ort_pipe):
-    from runtime.perf_check import rss_growth
+    from tools.perf_check import rss_growth
 
     report = rss_growth(ort_pipe, DEMO_IMAGES, DEMO_PROMPT, n=200, max_new_tokens=8)
     assert report["growth_after_warmup_mb"] < 20, report

@@ -29,9 +29,9 @@ class Block:
 
 sys.meta_path.insert(0, Block())
 
-import runtime.pipeline, runtime.backends, runtime.backends.ort_backend, runtime.backends.trt_backend
-import runtime.commands, runtime.cli
-from runtime.pipeline import MavenPipeline
+import maven_edge.runtime.pipeline, maven_edge.runtime.backends, maven_edge.runtime.backends.ort_backend, maven_edge.runtime.backends.trt_backend
+import maven_edge.runtime.commands, maven_edge.cli
+from maven_edge.runtime.pipeline import MavenPipeline
 
 artifacts, images, prompt = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
 pipe = MavenPipeline.from_artifacts(artifacts, backend="ort", providers=["cpu"])
@@ -40,7 +40,7 @@ pieces = list(pipe.stream(images, prompt, max_new_tokens=4))
 for mode in ("discrete", "continuous"):
     pipe.generate(images, prompt, max_new_tokens=2, mode=mode)
 # the CLI path too
-rc = runtime.cli.main(["generate", "--artifacts", artifacts, "--prompt", prompt, "--max-new-tokens", "2",
+rc = maven_edge.cli.main(["generate", "--artifacts", artifacts, "--prompt", prompt, "--max-new-tokens", "2",
                        "--quiet"] + sum((["--image", i] for i in images), []))
 heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers"))
 print(json.dumps({"tokens": res.token_ids, "joined": "".join(pieces) == res.text, "heavy": heavy, "rc": rc}))

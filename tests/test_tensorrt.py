@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from test_runtime import export_test_artifacts
 
-from model_src.errors import ArtifactError, BackendError, CalibrationError, InputError
+from maven_edge.core.errors import ArtifactError, BackendError, CalibrationError, InputError
 
 
 def _have_trt_gpu() -> tuple[bool, str]:
@@ -27,7 +27,7 @@ def _have_trt_gpu() -> tuple[bool, str]:
     except Exception:
         return False, "TensorRT is not installed (no NVIDIA GPU on this machine)"
     try:
-        from runtime.backends.trt_backend import Cuda
+        from maven_edge.calibration.trt_runtime import Cuda
 
         Cuda(0)
     except Exception as exc:  # noqa: BLE001 - any failure means: no usable GPU
@@ -45,13 +45,13 @@ def artifacts(pytestconfig) -> Path:
 
 @pytest.fixture(scope="module")
 def manifest(artifacts):
-    from export.manifest import load_manifest
+    from maven_edge.core.manifest import load_manifest
 
     return load_manifest(artifacts)
 
 
 def _opts(artifacts, **kw):
-    from export.tensorrt import TrtBuildOptions
+    from maven_edge.calibration.tensorrt import TrtBuildOptions
 
     return TrtBuildOptions(artifacts=artifacts, out="unused", **kw)
 
@@ -60,7 +60,7 @@ def _opts(artifacts, **kw):
 
 
 def test_profiles_from_manifest_shapes(manifest, artifacts):
-    from export.tensorrt import component_profiles, resolve_limits
+    from maven_edge.calibration.tensorrt import component_profiles, resolve_limits
 
     cfg = manifest.maven_config()
     lim = resolve_limits(manifest, _opts(artifacts, max_images=4, max_seq=512))
@@ -101,7 +101,7 @@ def test_profiles_from_manifest_shapes(manifest, artifacts):
 
 
 def test_limits_are_checked(manifest, artifacts):
-    from export.tensorrt import component_profiles, resolve_limits
+    from maven_edge.calibration.tensorrt import component_profiles, resolve_limits
 
     with pytest.raises(InputError, match="cannot hold --max-images 8"):
         resolve_limits(manifest, _opts(artifacts, max_images=8, max_seq=200))
@@ -119,7 +119,7 @@ def test_limits_are_checked(manifest, artifacts):
 
 
 def test_engine_plans_per_precision(manifest, artifacts):
-    from export.tensorrt import keep_fp32_layer, plan_engines, plan_summary
+    from maven_edge.calibration.tensorrt import keep_fp32_layer, plan_engines, plan_summary
 
     fp16 = {p.component: p for p in plan_engines(manifest, _opts(artifacts))}
     assert set(fp16) == set(manifest.components)
@@ -144,7 +144,7 @@ def test_engine_plans_per_precision(manifest, artifacts):
         plan_engines(manifest, _opts(artifacts, components=("lm",)))
 
     assert keep_fp32_layer("NORMALIZATION") and keep_fp32_layer("SOFTMAX") and keep_fp32_layer("REDUCE")
-    from export.tensorrt import discrete_head_layers
+    from maven_edge.calibration.tensorrt import discrete_head_layers
 
     graph = [("MATRIX_MULTIPLY", ["x", "w1"], ["a"]), ("ELEMENTWISE", ["a"], ["b"]), ("CONSTANT", [], ["cb"]),
              ("MATRIX_MULTIPLY", ["b", "cb"], ["sim"]), ("ELEMENTWISE", ["sim"], ["neg"]), ("TOPK", ["neg"], ["idx"]),
@@ -155,8 +155,8 @@ def test_engine_plans_per_precision(manifest, artifacts):
 
 
 def test_plans_for_quantized_artifacts(artifacts, tmp_path):
-    from calibration.quantize import QuantizeOptions, quantize_artifacts
-    from export.tensorrt import plan_engines
+    from maven_edge.calibration.quantize import QuantizeOptions, quantize_artifacts
+    from maven_edge.calibration.tensorrt import plan_engines
 
     res = quantize_artifacts(artifacts, tmp_path / "q", QuantizeOptions(recipe="int8-int4", calib_samples=2,
                                                                          progress=False, check_samples=0))
@@ -171,7 +171,7 @@ def test_plans_for_quantized_artifacts(artifacts, tmp_path):
 
 
 def test_engine_cache_key(manifest, artifacts):
-    from export.tensorrt import engine_cache_key, plan_engines, timing_cache_name
+    from maven_edge.calibration.tensorrt import engine_cache_key, plan_engines, timing_cache_name
 
     gpu = {"name": "Orin (nvgpu)", "compute_capability": "8.7"}
     plan = plan_engines(manifest, _opts(artifacts, components=("decoder",)))[0]
@@ -191,7 +191,7 @@ def test_engine_cache_key(manifest, artifacts):
 
 
 def test_calibration_cache_format(tmp_path):
-    from export.tensorrt import (
+    from maven_edge.calibration.tensorrt import (
         CalibrationTable,
         calibration_cache_path,
         format_calibration_cache,
@@ -224,8 +224,12 @@ def test_calibration_cache_from_onnxruntime_ranges(artifacts, manifest):
     """The INT8 cache computed on the CPU from the calibration readers names real network tensors."""
     import onnx
 
-    from calibration.readers import ComponentFeeds, FeedReader, resolve_calibration_set
-    from export.tensorrt import format_calibration_cache, ort_calibration_table, parse_calibration_cache
+    from maven_edge.calibration.readers import ComponentFeeds, FeedReader, resolve_calibration_set
+    from maven_edge.calibration.tensorrt import (
+        format_calibration_cache,
+        ort_calibration_table,
+        parse_calibration_cache,
+    )
 
     cs = resolve_calibration_set(None, manifest, 2)
     feeds = ComponentFeeds(artifacts, cs, manifest)
@@ -246,8 +250,8 @@ def test_calibration_cache_from_onnxruntime_ranges(artifacts, manifest):
 def test_fp8_qdq_onnx_is_made_on_the_cpu(artifacts, manifest, tmp_path):
     import onnx
 
-    from calibration.readers import ComponentFeeds, FeedReader, resolve_calibration_set
-    from export.tensorrt import _fp8_onnx, plan_engines
+    from maven_edge.calibration.readers import ComponentFeeds, FeedReader, resolve_calibration_set
+    from maven_edge.calibration.tensorrt import _fp8_onnx, plan_engines
 
     plan = plan_engines(manifest, _opts(artifacts, precision="fp8", components=("projector",)))[0]
     cs = resolve_calibration_set(None, manifest, 2)
@@ -383,7 +387,7 @@ def _fake_trt(rec: _Rec, layers):
 
 
 def test_builder_configuration_from_the_plan(manifest, artifacts):
-    from export.tensorrt import _build_one, plan_engines
+    from maven_edge.calibration.tensorrt import _build_one, plan_engines
 
     plan = plan_engines(manifest, _opts(artifacts, precision="int8", components=("patch_selector",),
                                         workspace_gb=1.5, builder_optimization_level=4))[0]
@@ -420,9 +424,9 @@ def test_builder_configuration_from_the_plan(manifest, artifacts):
 
 @pytest.mark.skipif(HAVE_GPU, reason="TensorRT and a GPU are available: the refusal path is not reachable")
 def test_build_and_backend_refuse_clearly_without_tensorrt(artifacts, tmp_path, capsys):
-    from export.tensorrt import TrtBuildOptions, build_engines
-    from runtime.backends.trt_backend import TrtBackend, load_engine_index
-    from runtime.cli import main
+    from maven_edge.calibration.tensorrt import TrtBuildOptions, build_engines
+    from maven_edge.cli import main
+    from maven_edge.runtime.backends.trt_backend import TrtBackend, load_engine_index
 
     with pytest.raises(BackendError, match="TensorRT|cuda|GPU"):
         build_engines(TrtBuildOptions(artifacts, tmp_path / "e"))
@@ -430,13 +434,13 @@ def test_build_and_backend_refuse_clearly_without_tensorrt(artifacts, tmp_path, 
     rc = main(["build-trt", "--artifacts", str(artifacts), "--out", str(tmp_path / "e"), "--precision", "int8"])
     assert rc == 2 and ("TensorRT" in capsys.readouterr().err)
     with pytest.raises(BackendError, match="TensorRT"):
-        TrtBackend.from_artifacts(artifacts)
+        TrtBackend(artifacts)
     with pytest.raises(ArtifactError, match="build-trt"):
         load_engine_index(artifacts)
 
 
 def test_dry_run_prints_the_plan_without_tensorrt(artifacts, capsys):
-    from runtime.cli import main
+    from maven_edge.cli import main
 
     rc = main(["build-trt", "--artifacts", str(artifacts), "--out", "unused", "--dry-run", "--max-images", "2",
                "--max-seq", "256"])
@@ -445,8 +449,8 @@ def test_dry_run_prints_the_plan_without_tensorrt(artifacts, capsys):
 
 
 def test_engine_index_checks(tmp_path):
-    from export.manifest import sha256_file
-    from runtime.backends.trt_backend import ENGINES_JSON, check_engine_compat, load_engine_index
+    from maven_edge.core.manifest import sha256_file
+    from maven_edge.runtime.backends.trt_backend import ENGINES_JSON, check_engine_compat, load_engine_index
 
     (tmp_path / "tokenizer.json").write_text("{}")
     (tmp_path / "decoder.engine").write_bytes(b"x")
@@ -477,9 +481,9 @@ def test_engine_index_checks(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAVE_GPU, reason=NO_GPU_REASON)
 def test_fp16_engines_generate_like_ort(artifacts, tmp_path):
-    from export.tensorrt import TrtBuildOptions, build_engines
-    from model_src.data import get_sample
-    from runtime.pipeline import MavenPipeline
+    from maven_edge.calibration.tensorrt import TrtBuildOptions, build_engines
+    from maven_edge.model_src.data import get_sample
+    from maven_edge.runtime.pipeline import MavenPipeline
 
     out = tmp_path / "engines"
     res = build_engines(TrtBuildOptions(artifacts, out, precision="fp16", max_images=4, max_seq=512, progress=False))

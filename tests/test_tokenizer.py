@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from model_src.errors import CheckpointError, ConfigError, MavenError, PromptError
-from model_src.tokenizer import (
+from maven_edge.core.errors import CheckpointError, ConfigError, MavenError, PromptError
+from maven_edge.core.tokenizer import (
     BOS,
     EOS,
     EOS_VIS,

@@ -8,8 +8,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from model_src.errors import TrainingError  # noqa: E402
-from model_src.train.recipe import PhaseConfig, get_recipe, parse_stages  # noqa: E402
+from maven_edge.core.errors import TrainingError  # noqa: E402
+from maven_edge.model_src.train.recipe import PhaseConfig, get_recipe, parse_stages  # noqa: E402
 
 # tiny geometry (64 px, 8 px patches, 32 codes) with narrow one-layer networks
 SMALL = [
@@ -23,7 +23,7 @@ SCALE = 0.001  # every phase runs 2 steps
 
 
 def _train(out, stage="all", **kw):
-    from model_src.train.stages import train
+    from maven_edge.model_src.train.stages import train
 
     args = dict(preset="tiny", stage=stage, out=out, steps_scale=SCALE, seed=0, overrides=SMALL, quiet=True,
                 final_eval=False, max_batch=2)
@@ -53,7 +53,7 @@ def test_every_stage_runs_and_writes_outputs(smoke_run):
     assert 0 <= sel["selector_precision"] <= 1 and 0 <= sel["selector_recall"] <= 1
     for name in ("model.safetensors", "config.json", "tokenizer.json", "training_log.jsonl"):
         assert (out / "final" / name).is_file()
-    from model_src.checkpoint import load_checkpoint
+    from maven_edge.model_src.checkpoint import load_checkpoint
 
     model = load_checkpoint(out / "final")
     assert model.config.llm.hidden_size == 32
@@ -65,7 +65,7 @@ def _stage4_with(tmp_path, smoke_run, monkeypatch, max_batch=2, **changes):
     import dataclasses
     import shutil
 
-    from model_src.train import stages
+    from maven_edge.model_src.train import stages
 
     out, _ = smoke_run
     for st in "0123":
@@ -82,7 +82,7 @@ def _stage4_with(tmp_path, smoke_run, monkeypatch, max_batch=2, **changes):
 
 
 def test_image_slots_phase_turns_them_on_and_trains_them(tmp_path, smoke_run, monkeypatch):
-    from model_src.checkpoint import load_checkpoint
+    from maven_edge.model_src.checkpoint import load_checkpoint
 
     _stage4_with(tmp_path, smoke_run, monkeypatch, image_slots=True)
     model = load_checkpoint(tmp_path / "final")
@@ -121,7 +121,7 @@ def test_unknown_stage_is_a_clear_error(tmp_path):
 
 
 def test_cli_reports_unknown_stage(tmp_path, capsys):
-    from runtime.cli import main
+    from maven_edge.cli import main
 
     assert main(["train", "--stage", "5", "--out", str(tmp_path)]) == 2
     assert "unknown stage '5'" in capsys.readouterr().err
@@ -140,7 +140,7 @@ def test_same_seed_same_losses_and_resume_matches(tmp_path, smoke_run):
     assert la == lb and len(la) >= 2
     # resume: interrupt after the first checkpoint, resume, compare with the uninterrupted run
     c = tmp_path / "c"
-    from model_src.train import loop
+    from maven_edge.model_src.train import loop
 
     calls = {"n": 0}
     real = loop.save_resume
@@ -167,9 +167,9 @@ def test_same_seed_same_losses_and_resume_matches(tmp_path, smoke_run):
 
 
 def test_encode_visual_matches_encode_images():
-    from model_src.checkpoint import build_model
-    from model_src.config import get_config
-    from model_src.train.common import encode_visual
+    from maven_edge.core.config import get_config
+    from maven_edge.model_src.checkpoint import build_model
+    from maven_edge.model_src.train.common import encode_visual
 
     model = build_model(get_config("tiny", SMALL), seed=1)
     px = torch.randn(3, 3, 64, 64)
@@ -183,8 +183,8 @@ def test_dense_and_scene_targets_match_the_scene():
     """0-vision targets carry each patch's row/column; 0-vq targets the pairs present and the count."""
     import numpy as np
 
-    from model_src.config import get_config
-    from model_src.train import batches as B
+    from maven_edge.core.config import get_config
+    from maven_edge.model_src.train import batches as B
 
     cfg = get_config("tiny")
     sample = B.samples_for("train", [0], cfg)[0]
@@ -203,11 +203,11 @@ def test_multi_turn_batch_labels_exactly_the_answers():
     """Stage 4's follow-up turns: every answer (and its <eos>) is a target, no question token is."""
     import numpy as np
 
-    from model_src.checkpoint import build_model
-    from model_src.config import get_config
-    from model_src.data.followups import followup_questions
-    from model_src.data.tasks import question_line
-    from model_src.train import batches as B
+    from maven_edge.core.config import get_config
+    from maven_edge.model_src.checkpoint import build_model
+    from maven_edge.model_src.data.followups import followup_questions
+    from maven_edge.model_src.data.tasks import question_line
+    from maven_edge.model_src.train import batches as B
 
     model = build_model(get_config("tiny", SMALL), seed=0)
     tok = model.tokenizer
@@ -236,11 +236,11 @@ def test_gray_share_drops_colour_targets_and_probe_reports_both_groups(tmp_path)
     the held-out probe reports seen and held-out object patches."""
     import numpy as np
 
-    from model_src.checkpoint import build_model
-    from model_src.config import get_config
-    from model_src.train import batches as B
-    from model_src.train.probes import heldout_probe
-    from model_src.train.stages import dense_target_loss
+    from maven_edge.core.config import get_config
+    from maven_edge.model_src.checkpoint import build_model
+    from maven_edge.model_src.train import batches as B
+    from maven_edge.model_src.train.probes import heldout_probe
+    from maven_edge.model_src.train.stages import dense_target_loss
 
     assert not B.gray_images(np.random.default_rng(0), 8, 0.0).any()
     assert B.gray_images(np.random.default_rng(0), 400, 0.5).mean() == pytest.approx(0.5, abs=0.1)
@@ -285,9 +285,9 @@ def test_seed_offset_shifts_only_its_phase(tmp_path):
     other phases keep the run's seed."""
     import dataclasses
 
-    from model_src.checkpoint import build_model
-    from model_src.config import get_config
-    from model_src.train.stages import build_phases
+    from maven_edge.core.config import get_config
+    from maven_edge.model_src.checkpoint import build_model
+    from maven_edge.model_src.train.stages import build_phases
 
     def first_loss(stage: str, phase: str, seed: int, offset: int) -> float:
         """Step 0's loss of `phase` with 1-selector's seed_offset set to `offset`."""
@@ -310,9 +310,9 @@ def test_gray_consistency_learns_shape_from_grey_copies_only(monkeypatch):
 
     import numpy as np
 
-    from model_src.checkpoint import build_model
-    from model_src.config import get_config
-    from model_src.train import stages
+    from maven_edge.core.config import get_config
+    from maven_edge.model_src.checkpoint import build_model
+    from maven_edge.model_src.train import stages
 
     with pytest.raises(TrainingError, match="gray_consistency"):
         PhaseConfig(steps=2, batch_size=2, lr=1e-3, gray_consistency=-1.0)
@@ -339,8 +339,8 @@ def test_gray_consistency_learns_shape_from_grey_copies_only(monkeypatch):
 def test_task_weights_reweight_the_primary_tasks_and_default_to_the_uniform_stream():
     import numpy as np
 
-    from model_src.data.splits import DEFAULT_DATA
-    from model_src.train import batches as B
+    from maven_edge.model_src.data.splits import DEFAULT_DATA
+    from maven_edge.model_src.train import batches as B
 
     schedule = DEFAULT_DATA.schedule
     uniform = B.train_indices(np.random.default_rng([0, 4, 7]), 64)
@@ -368,7 +368,7 @@ def test_task_weights_reweight_the_primary_tasks_and_default_to_the_uniform_stre
 def test_a_phase_config_saved_before_a_knob_existed_still_matches():
     from dataclasses import asdict
 
-    from model_src.train.loop import _same_config
+    from maven_edge.model_src.train.loop import _same_config
 
     cfg = PhaseConfig(steps=2, batch_size=2, lr=1e-3)
     saved = json.loads(json.dumps(asdict(cfg)))

@@ -1,4 +1,4 @@
-"""Engines measured under one text-generation protocol (see :mod:`benchmarks.anchors.base`).
+"""Engines measured under one text-generation protocol (see :mod:`maven_edge.benchmarks.anchors.base`).
 
 Ours: ``ort`` (the ONNX Runtime backend over exported artifacts) and ``torch`` (eager reference).
 Anchors, the tools a user would pick instead: ``hf`` (transformers generate), ``genai``
@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import importlib
 
-from benchmarks.anchors.base import Engine, EngineContext, TextRun, TextSpec
-from model_src.errors import InputError
+from maven_edge.benchmarks.anchors.base import Engine, EngineContext, TextRun, TextSpec
+from maven_edge.core.errors import InputError
 
 #: name -> (module, class, precisions measured by default)
 ENGINES: dict[str, tuple[str, str, tuple[str, ...]]] = {
-    "ort": ("benchmarks.anchors.maven", "MavenOrtEngine", ("fp32", "int4")),
-    "torch": ("benchmarks.anchors.maven", "MavenTorchEngine", ("fp32",)),
-    "hf": ("benchmarks.anchors.hf_transformers", "HFTransformersEngine", ("fp32",)),
-    "genai": ("benchmarks.anchors.ort_genai", "GenAIEngine", ("fp32", "int4")),
-    "optimum": ("benchmarks.anchors.optimum_ort", "OptimumORTEngine", ("fp32",)),
-    "llamacpp": ("benchmarks.anchors.llama_cpp", "LlamaCppEngine", ("fp32", "q8_0", "q4_0")),
+    "ort": ("maven_edge.benchmarks.anchors.maven", "MavenOrtEngine", ("fp32", "int4")),
+    "torch": ("maven_edge.benchmarks.anchors.maven", "MavenTorchEngine", ("fp32",)),
+    "hf": ("maven_edge.benchmarks.anchors.hf_transformers", "HFTransformersEngine", ("fp32",)),
+    "genai": ("maven_edge.benchmarks.anchors.ort_genai", "GenAIEngine", ("fp32", "int4")),
+    "optimum": ("maven_edge.benchmarks.anchors.optimum_ort", "OptimumORTEngine", ("fp32",)),
+    "llamacpp": ("maven_edge.benchmarks.anchors.llama_cpp", "LlamaCppEngine", ("fp32", "q8_0", "q4_0")),
 }
 OURS = ("ort", "torch")
 ANCHORS = ("hf", "genai", "optimum", "llamacpp")

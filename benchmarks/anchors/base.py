@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from model_src.errors import BackendError
+from maven_edge.core.errors import BackendError
 
 #: Result states of one (engine, precision) measurement.
 MEASURED, REFERENCE, SKIPPED, FAILED = "measured", "reference (not measured here)", "skipped", "failed"

@@ -1,7 +1,7 @@
 """Anchor: Hugging Face `transformers` ``generate()`` with its KV cache, eager PyTorch, fp32.
 
 Runs the HF-format checkpoint of our decoder (``LlamaForCausalLM``, or ``Qwen2ForCausalLM`` when
-the decoder has q/k/v biases, written by :func:`model_src.hf_import.save_hf_llama`) through the
+the decoder has q/k/v biases, written by :func:`maven_edge.model_src.hf_import.save_hf_llama`) through the
 stock generation loop: what a user gets from ``AutoModelForCausalLM.from_pretrained(...).generate``.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.util
 from typing import Any
 
-from benchmarks.anchors.base import (
+from maven_edge.benchmarks.anchors.base import (
     Engine,
     Prepared,
     TextRun,

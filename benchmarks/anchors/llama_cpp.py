@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.anchors.base import (
+from maven_edge.benchmarks.anchors.base import (
     Engine,
     Prepared,
     StepClock,
@@ -36,7 +36,7 @@ from benchmarks.anchors.base import (
     stamp_ok,
     write_stamp,
 )
-from model_src.errors import BackendError
+from maven_edge.core.errors import BackendError
 
 PRECISIONS = ("fp32", "q8_0", "q4_0")
 

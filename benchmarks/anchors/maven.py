@@ -13,7 +13,15 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.anchors.base import Engine, Prepared, StepClock, TextRun, TextSpec, argmax, dir_bytes
+from maven_edge.benchmarks.anchors.base import (
+    Engine,
+    Prepared,
+    StepClock,
+    TextRun,
+    TextSpec,
+    argmax,
+    dir_bytes,
+)
 
 
 def decoder_bytes(artifacts: str | Path) -> int:
@@ -58,7 +66,7 @@ class MavenOrtEngine(Engine):
                         details={"all_files_bytes": dir_bytes(path, "*.onnx*")})
 
     def load(self, prepared: Prepared) -> None:
-        from runtime.backends.ort_backend import OrtBackend, SessionConfig
+        from maven_edge.runtime.backends.ort_backend import OrtBackend, SessionConfig
 
         self.be = OrtBackend(prepared.path, session_options=SessionConfig(intra_op_num_threads=self.ctx.threads,
                                                                           inter_op_num_threads=1))
@@ -90,8 +98,8 @@ class MavenTorchEngine(Engine):
                         seconds=0.0, cached=True)
 
     def load(self, prepared: Prepared) -> None:
-        from benchmarks.anchors.base import set_torch_threads
-        from runtime.backends.torch_backend import TorchBackend
+        from maven_edge.benchmarks.anchors.base import set_torch_threads
+        from maven_edge.runtime.backends.torch_backend import TorchBackend
 
         set_torch_threads(self.ctx.threads)
         self.be = TorchBackend.from_checkpoint(prepared.path)

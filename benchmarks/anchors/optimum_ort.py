@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.anchors.base import (
+from maven_edge.benchmarks.anchors.base import (
     Engine,
     Prepared,
     TextRun,
@@ -27,7 +27,7 @@ from benchmarks.anchors.base import (
     stamp_ok,
     write_stamp,
 )
-from model_src.errors import BackendError
+from maven_edge.core.errors import BackendError
 
 
 def export_optimum(hf_dir: Path, out: Path, timeout_s: float = 3600) -> float:

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.anchors.base import (
+from maven_edge.benchmarks.anchors.base import (
     Engine,
     Prepared,
     StepClock,
@@ -32,7 +32,7 @@ from benchmarks.anchors.base import (
     stamp_ok,
     write_stamp,
 )
-from model_src.errors import BackendError
+from maven_edge.core.errors import BackendError
 
 #: Builder arguments per precision (the CPU recipe the issue's reference figures used).
 BUILD_ARGS = {

@@ -1,6 +1,6 @@
 """The seeded synthetic "shapes world" (DESIGN.md §6): scenes, tasks, splits and selector labels.
 
-    from model_src.data import get_sample, iter_samples
+    from maven_edge.model_src.data import get_sample, iter_samples
     s = get_sample("train", 0)          # Sample: images, prompt, answer, family, task, patch_labels
     for s in iter_samples("test", 100, families=["multi"]): ...
 
@@ -9,8 +9,8 @@ See ``docs/usage/data.md`` and the module docstrings of :mod:`.shapes` (scene co
 :mod:`.labels` (patch labels).
 """
 
-from model_src.data.labels import patch_labels, scene_patch_labels
-from model_src.data.shapes import (
+from maven_edge.model_src.data.labels import patch_labels, scene_patch_labels
+from maven_edge.model_src.data.shapes import (
     ALL_PAIRS,
     COLORS,
     SHAPES,
@@ -21,7 +21,7 @@ from model_src.data.shapes import (
     render_scene,
     sample_scene,
 )
-from model_src.data.splits import (
+from maven_edge.model_src.data.splits import (
     HELDOUT_PAIRS,
     SPLITS,
     DataConfig,
@@ -35,7 +35,7 @@ from model_src.data.splits import (
     write_demo_samples,
     write_preview,
 )
-from model_src.data.tasks import FAMILIES, TASK_FAMILY, TASKS, Sample, TaskConfig, make_sample
+from maven_edge.model_src.data.tasks import FAMILIES, TASK_FAMILY, TASKS, Sample, TaskConfig, make_sample
 
 __all__ = [
     "ALL_PAIRS",

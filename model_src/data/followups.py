@@ -1,9 +1,9 @@
 """Follow-up questions about an already drawn image set (multi-turn instruction samples).
 
-A generated sample (:mod:`model_src.data.tasks`) draws its scenes *for* its question. Stage 4
+A generated sample (:mod:`maven_edge.model_src.data.tasks`) draws its scenes *for* its question. Stage 4
 additionally asks further questions about the same scenes, so one pass over the visual tokens
 supervises several answers (LLaVA's instruction data is multi-turn for the same reason). The
-follow-ups use the question templates and answer formats of :mod:`model_src.data.tasks` and keep
+follow-ups use the question templates and answer formats of :mod:`maven_edge.model_src.data.tasks` and keep
 its rule that every referring expression names a unique object:
 
 * one image: ``color`` (a shape that occurs once), ``shape`` (a colour that occurs once),
@@ -31,8 +31,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from model_src.data.shapes import COLORS, SHAPES, Scene
-from model_src.data.tasks import (
+from maven_edge.model_src.data.shapes import COLORS, SHAPES, Scene
+from maven_edge.model_src.data.tasks import (
     DEFAULT_TASKS,
     REVERSE_CHANGE_QUESTION,
     TaskConfig,
@@ -40,7 +40,7 @@ from model_src.data.tasks import (
     plural,
     with_article,
 )
-from model_src.data.tasks import question as _q
+from maven_edge.model_src.data.tasks import question as _q
 
 QA = tuple[str, str]  # (question line, answer)
 

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from model_src.data.shapes import Scene, ShapeObject
+from maven_edge.model_src.data.shapes import Scene, ShapeObject
 
 
 def patch_pixel_counts(mask: np.ndarray, patch_size: int) -> np.ndarray:

@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from model_src.data.labels import scene_patch_labels
-from model_src.data.shapes import ALL_PAIRS, Pair
-from model_src.data.tasks import (
+from maven_edge.model_src.data.labels import scene_patch_labels
+from maven_edge.model_src.data.shapes import ALL_PAIRS, Pair
+from maven_edge.model_src.data.tasks import (
     DEFAULT_TASKS,
     FAMILIES,
     TASK_FAMILY,

@@ -30,7 +30,7 @@ without a final period, and checked by exact string match (task: question -> ans
 Families: ``caption``; ``single`` (color, shape, count, position); ``multi`` (the rest).
 
 Captions list every object as ``a {size} {color} {shape}``, joined by ``", "``, in raster order
-(top to bottom by centre; see :mod:`model_src.data.shapes`). Every referring expression in a
+(top to bottom by centre; see :mod:`maven_edge.model_src.data.shapes`). Every referring expression in a
 question names a unique object, which is how the scenes are sampled: e.g. for "what color is the
 circle?" the other objects are never circles; "which image has X" has exactly one answer image.
 Multi-image questions use 2-4 images (``which_image``, ``count_across``) or exactly 2.
@@ -51,8 +51,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from model_src.data.labels import scene_patch_labels
-from model_src.data.shapes import (
+from maven_edge.core.tokenizer import IMAGE_TOKEN
+from maven_edge.model_src.data.labels import scene_patch_labels
+from maven_edge.model_src.data.shapes import (
     ALL_PAIRS,
     DEFAULT_SCENE,
     Pair,
@@ -62,7 +63,6 @@ from model_src.data.shapes import (
     render_scene,
     sample_scene,
 )
-from model_src.tokenizer import IMAGE_TOKEN
 
 FAMILIES: tuple[str, ...] = ("caption", "single", "multi")
 TASK_FAMILY: dict[str, str] = {

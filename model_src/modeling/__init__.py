@@ -1,10 +1,10 @@
 """The MaVEn model in PyTorch: ViT, discrete tokenizer, Llama-style decoder, selector, projector."""
 
-from model_src.modeling.decoder import LlamaDecoder, expand_vocab
-from model_src.modeling.discrete import DiscreteTokenizer
-from model_src.modeling.maven import MavenModel, VisualEncoding
-from model_src.modeling.selector import PatchSelector, Projector, select_patches
-from model_src.modeling.vision import VisionEncoder
+from maven_edge.model_src.modeling.decoder import LlamaDecoder, expand_vocab
+from maven_edge.model_src.modeling.discrete import DiscreteTokenizer
+from maven_edge.model_src.modeling.maven import MavenModel, VisualEncoding
+from maven_edge.model_src.modeling.selector import PatchSelector, Projector, select_patches
+from maven_edge.model_src.modeling.vision import VisionEncoder
 
 __all__ = [
     "DiscreteTokenizer",

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model_src.config import LLMConfig
+from maven_edge.core.config import LLMConfig
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
 

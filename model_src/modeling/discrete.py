@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model_src.config import DiscreteConfig
-from model_src.modeling.vision import MultiHeadAttention
+from maven_edge.core.config import DiscreteConfig
+from maven_edge.model_src.modeling.vision import MultiHeadAttention
 
 
 @dataclass

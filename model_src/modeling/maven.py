@@ -23,14 +23,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from model_src.config import MavenConfig, check_mode
-from model_src.errors import ImageError, PromptError
-from model_src.modeling.decoder import LlamaDecoder
-from model_src.modeling.discrete import DiscreteTokenizer
-from model_src.modeling.selector import PatchSelector, Projector, gather_patches, select_patches
-from model_src.modeling.vision import VisionEncoder
-from model_src.sampling import GenerationConfig, Sampler, StopChecker
-from model_src.tokenizer import TextTokenizer
+from maven_edge.core.config import VISUAL_MODES, MavenConfig, check_mode
+from maven_edge.core.errors import ImageError, PromptError
+from maven_edge.core.prompt import PromptPlan, check_context, plan_prompt, splice
+from maven_edge.core.sampling import GenerationConfig, Sampler, StopChecker
+from maven_edge.core.tokenizer import TextTokenizer
+from maven_edge.model_src.modeling.decoder import LlamaDecoder
+from maven_edge.model_src.modeling.discrete import DiscreteTokenizer
+from maven_edge.model_src.modeling.selector import PatchSelector, Projector, gather_patches, select_patches
+from maven_edge.model_src.modeling.vision import VisionEncoder
 
 
 @dataclass
@@ -82,7 +83,7 @@ class MavenModel(nn.Module):
             got = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
             raise ImageError(
                 f"pixel_values must have shape [images, {want[0]}, {want[1]}, {want[2]}], got {got}; "
-                "preprocess images with model_src.preprocess.preprocess_images"
+                "preprocess images with maven_edge.core.preprocess.preprocess_images"
             )
         if pixel_values.shape[0] > self.config.max_images:
             raise ImageError(
@@ -108,15 +109,16 @@ class MavenModel(nn.Module):
         patch_features = self.vision(pixel_values)
         codes = self.discrete(patch_features)
         h_eos = logits = indices = None
+        spec = VISUAL_MODES.get(mode)
         parts = [self.embed_ids(torch.full((n, 1), self.tokenizer.img_start_id, dtype=torch.long))]
-        if mode in ("hybrid", "discrete"):
+        if spec.codes:
             parts.append(self.embed_ids(codes))
-        if mode == "hybrid":
+        if spec.patches == "selected":
             h_eos = self.compute_h_eos(codes)
             logits = self.selector(patch_features, h_eos)
             indices = select_patches(logits, self.config.num_kept_patches(keep_ratio))
             parts.append(self.projector(gather_patches(patch_features, indices)))
-        elif mode == "continuous":
+        elif spec.patches == "all":
             parts.append(self.projector(patch_features))
         parts.append(self.embed_ids(torch.full((n, 1), self.tokenizer.img_end_id, dtype=torch.long)))
         return VisualEncoding(torch.cat(parts, dim=1), codes, patch_features, h_eos, logits, indices)
@@ -130,13 +132,9 @@ class MavenModel(nn.Module):
             raise ImageError(f"{n} images exceed the limit of {self.config.max_images} per request")
         return self.embed_ids(torch.tensor(self.tokenizer.layout.image_slot_ids(n), dtype=torch.long))
 
-    def check_prompt_images(self, prompt_ids: list[int], num_images: int) -> None:
-        n = sum(1 for t in prompt_ids if t == self.tokenizer.image_id)
-        if n != num_images:
-            raise PromptError(
-                f"the prompt has {n} <image> placeholder(s) but {num_images} image(s) were given; "
-                "put exactly one <image> in the prompt for each image"
-            )
+    def plan_prompt(self, prompt_ids: list[int], num_images: int, tokens_per_image: int) -> PromptPlan:
+        """Where the images go in `prompt_ids` (PromptError when the placeholders do not match)."""
+        return plan_prompt(prompt_ids, self.tokenizer.image_id, num_images, tokens_per_image)
 
     def assemble_batch(
         self,
@@ -154,24 +152,17 @@ class MavenModel(nn.Module):
         """
         rows, label_rows = [], []
         for b, ids in enumerate(sequences):
-            self.check_prompt_images(ids, visual[b].shape[0])
+            plan = self.plan_prompt(ids, visual[b].shape[0], visual[b].shape[1] - 2)
             is_target = torch.tensor(targets[b] if targets is not None else [False] * len(ids), dtype=torch.bool)
             if is_target.shape[0] != len(ids):
                 raise ValueError(f"targets[{b}] has {is_target.shape[0]} flags for {len(ids)} token ids")
             ids_t = torch.tensor(ids, dtype=torch.long)
-            text_emb = self.embed_ids(ids_t)
             slots = self.image_slot_embeds(visual[b].shape[0])
-            pieces, labels, img, prev = [], [], 0, 0
-            for pos in [i for i, t in enumerate(ids) if t == self.tokenizer.image_id] + [len(ids)]:
-                pieces.append(text_emb[prev:pos])
-                labels.append(torch.where(is_target[prev:pos], ids_t[prev:pos], -100))
-                if pos < len(ids):
-                    pieces.append(visual[b][img] if slots is None else visual[b][img] + slots[img])
-                    labels.append(torch.full((visual[b].shape[1],), -100, dtype=torch.long))
-                    img += 1
-                prev = pos + 1
-            rows.append(torch.cat(pieces))
-            label_rows.append(torch.cat(labels))
+            images = visual[b] if slots is None else visual[b] + slots[:, None, :]
+            rows.append(splice(plan, self.embed_ids(ids_t), images, torch.cat))
+            text_labels = torch.where(is_target, ids_t, -100)
+            no_labels = torch.full((visual[b].shape[0], visual[b].shape[1]), -100, dtype=torch.long)
+            label_rows.append(splice(plan, text_labels, no_labels, torch.cat))
         width = max(r.shape[0] for r in rows)
         d = rows[0].shape[1]
         embeds = rows[0].new_zeros(len(rows), width, d)
@@ -196,15 +187,9 @@ class MavenModel(nn.Module):
         gen = (gen or GenerationConfig()).validate()
         self.check_pixel_values(pixel_values)
         ids = self.tokenizer.encode_prompt(prompt) if isinstance(prompt, str) else list(prompt)
-        self.check_prompt_images(ids, pixel_values.shape[0])
         mode = check_mode(mode or self.config.mode)
-        n_tokens = len(ids) + pixel_values.shape[0] * (self.config.visual_tokens_per_image(mode, keep_ratio) + 1)
-        limit = self.config.llm.max_position_embeddings
-        if n_tokens + gen.max_new_tokens > limit:
-            raise PromptError(
-                f"prompt needs {n_tokens} tokens + {gen.max_new_tokens} new tokens, over the context "
-                f"limit of {limit}; use fewer images, a shorter prompt or fewer new tokens"
-            )
+        plan = self.plan_prompt(ids, pixel_values.shape[0], self.config.visual_tokens_per_image(mode, keep_ratio))
+        check_context(plan, gen.max_new_tokens, self.config.llm.max_position_embeddings)
         visual = self.encode_images(pixel_values, mode, keep_ratio) if pixel_values.shape[0] else None
         vis = [visual.embeds if visual is not None else torch.zeros(0, 0, self.config.llm.hidden_size)]
         batch = self.assemble_batch([ids], vis)

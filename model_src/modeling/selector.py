@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model_src.config import SelectorConfig
+from maven_edge.core.config import SelectorConfig
 
 
 class PatchSelector(nn.Module):

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model_src.config import VisionConfig
+from maven_edge.core.config import VisionConfig
 
 
 def activation(name: str):

@@ -23,12 +23,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from model_src.checkpoint import SHIPPED_TINY, load_checkpoint
-from model_src.data.splits import iter_samples
-from model_src.errors import TrainingError
-from model_src.train import batches as B
-from model_src.train.common import set_threads, visual_features
-from model_src.train.evaluate import evaluate
+from maven_edge.core.errors import TrainingError
+from maven_edge.model_src.checkpoint import SHIPPED_TINY, load_checkpoint
+from maven_edge.model_src.data.splits import iter_samples
+from maven_edge.model_src.train import batches as B
+from maven_edge.model_src.train.common import set_threads, visual_features
+from maven_edge.model_src.train.evaluate import evaluate
 
 KEEP_RATIOS = (0.1, 0.25, 0.5, 1.0)
 ANALYSES = ("table4", "keep", "selector", "codes")
@@ -151,10 +151,10 @@ def code_figure(model, figures: Path, n_images: int = 400, n_codes: int = 6, per
 
 
 def table4(run: Path, work: Path, steps_scale: float, limit: int | None, quiet: bool) -> dict[str, Any]:
-    from model_src.train.attention_targets import AttentionSupervision
-    from model_src.train.loop import run_phase
-    from model_src.train.recipe import get_recipe
-    from model_src.train.stages import phase_llm
+    from maven_edge.model_src.train.attention_targets import AttentionSupervision
+    from maven_edge.model_src.train.loop import run_phase
+    from maven_edge.model_src.train.recipe import get_recipe
+    from maven_edge.model_src.train.stages import phase_llm
 
     if not (run / "stage3" / "stage.json").is_file():
         raise TrainingError(f"table4 needs a training run with stage3/ (got --run {run}); train stages 0-3 first")

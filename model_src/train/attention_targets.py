@@ -36,10 +36,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from model_src.config import LLMConfig
-from model_src.data.labels import patch_labels, patch_pixel_counts
-from model_src.data.shapes import COLORS, SHAPES, Scene, ShapeObject
-from model_src.data.tasks import (
+from maven_edge.core.config import LLMConfig
+from maven_edge.core.errors import TrainingError
+from maven_edge.model_src.data.labels import patch_labels, patch_pixel_counts
+from maven_edge.model_src.data.shapes import COLORS, SHAPES, Scene, ShapeObject
+from maven_edge.model_src.data.tasks import (
     CHANGE_QUESTION,
     REVERSE_CHANGE_QUESTION,
     Sample,
@@ -47,7 +48,6 @@ from model_src.data.tasks import (
     plural,
     question_line,
 )
-from model_src.errors import TrainingError
 
 # (pattern, roles): each role is (image group index or None for "the only / any image",
 # colour group or None, shape group or None). Patterns match the text after "Question: ".

@@ -14,14 +14,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from model_src.config import MavenConfig
-from model_src.data import ALL_PAIRS, COLORS, SHAPES, SIZES, Sample, get_sample
-from model_src.data.followups import QA
-from model_src.data.labels import patch_pixel_counts
-from model_src.data.splits import DEFAULT_DATA, num_samples
-from model_src.data.tasks import TASK_FAMILY
-from model_src.preprocess import preprocess_images
-from model_src.tokenizer import TextTokenizer
+from maven_edge.core.config import MavenConfig
+from maven_edge.core.preprocess import preprocess_images
+from maven_edge.core.tokenizer import TextTokenizer
+from maven_edge.model_src.data import ALL_PAIRS, COLORS, SHAPES, SIZES, Sample, get_sample
+from maven_edge.model_src.data.followups import QA
+from maven_edge.model_src.data.labels import patch_pixel_counts
+from maven_edge.model_src.data.splits import DEFAULT_DATA, num_samples
+from maven_edge.model_src.data.tasks import TASK_FAMILY
 
 COLOR_IDS = {c: i + 1 for i, c in enumerate(COLORS)}  # 0 = no object
 SHAPE_IDS = {s: i + 1 for i, s in enumerate(SHAPES)}

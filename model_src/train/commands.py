@@ -49,14 +49,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from model_src.train.stages import train
+    from maven_edge.model_src.train.stages import train
 
     results = train(args.preset, args.stage, args.out, args.steps_scale, args.resume, args.seed,
                     args.overrides, args.quiet, not args.no_eval, args.max_batch)
     for st, summary in results.items():
         if st == "final":
             if "accuracy" in summary:
-                from model_src.train.evaluate import format_report
+                from maven_edge.model_src.train.evaluate import format_report
 
                 print(format_report(summary))
             continue
@@ -66,8 +66,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from model_src.checkpoint import load_checkpoint
-    from model_src.train.evaluate import evaluate, format_report
+    from maven_edge.model_src.checkpoint import load_checkpoint
+    from maven_edge.model_src.train.evaluate import evaluate, format_report
 
     model = load_checkpoint(args.checkpoint)
     report = evaluate(model, args.split, args.mode, args.keep_ratio, args.limit, args.batch_size,
@@ -85,7 +85,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _ablations(args: argparse.Namespace) -> int:
-    from model_src.train.ablations import run_ablations
+    from maven_edge.model_src.train.ablations import run_ablations
 
     run_ablations(args.checkpoint, args.run, args.out, args.only, args.steps_scale, args.limit, args.quiet)
     return 0

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from model_src.config import check_mode
-from model_src.modeling.maven import MavenModel, VisualEncoding
-from model_src.modeling.selector import gather_patches, select_patches
+from maven_edge.core.config import check_mode
+from maven_edge.model_src.modeling.maven import MavenModel, VisualEncoding
+from maven_edge.model_src.modeling.selector import gather_patches, select_patches
 
 
 @dataclass

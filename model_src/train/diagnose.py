@@ -17,7 +17,7 @@ Four measurements on the evaluation split, all for hybrid mode:
   stream and of what the layer adds to it, for code, kept-patch and text tokens (how much the
   layers can change a patch token compared with its size).
 
-    python -m model_src.train.diagnose --checkpoint model_src/checkpoints/tiny --split val
+    python -m maven_edge.model_src.train.diagnose --checkpoint model_src/checkpoints/tiny --split val
 """
 
 from __future__ import annotations
@@ -33,15 +33,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from model_src.data import Sample
-from model_src.data.splits import SPLITS, iter_samples
-from model_src.data.tasks import TASKS
-from model_src.errors import InputError
-from model_src.modeling.decoder import record_attention
-from model_src.modeling.maven import MavenModel
-from model_src.train import batches as B
-from model_src.train.common import VisualFeatures, set_threads, visual_embeds, visual_features
-from model_src.train.evaluate import evaluate
+from maven_edge.core.errors import InputError
+from maven_edge.model_src.data import Sample
+from maven_edge.model_src.data.splits import SPLITS, iter_samples
+from maven_edge.model_src.data.tasks import TASKS
+from maven_edge.model_src.modeling.decoder import record_attention
+from maven_edge.model_src.modeling.maven import MavenModel
+from maven_edge.model_src.train import batches as B
+from maven_edge.model_src.train.common import VisualFeatures, set_threads, visual_embeds, visual_features
+from maven_edge.model_src.train.evaluate import evaluate
 
 ATTENTION_PARTS = ("codes", "named_patches", "other_patches", "text")
 RESIDUAL_KINDS = ("codes", "patches", "text")
@@ -171,8 +171,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--attention-per-task", type=int, default=20, help="questions per task for the attention")
     ap.add_argument("--tasks", nargs="*", default=list(TASKS), help=f"subset of: {' '.join(TASKS)}")
     args = ap.parse_args(argv)
-    from model_src.checkpoint import load_checkpoint
-    from model_src.errors import MavenError
+    from maven_edge.core.errors import MavenError
+    from maven_edge.model_src.checkpoint import load_checkpoint
 
     try:
         report = diagnose(load_checkpoint(args.checkpoint), args.split, args.per_task, args.tasks,

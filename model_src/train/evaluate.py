@@ -16,13 +16,13 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from model_src.config import check_mode
-from model_src.data import Sample
-from model_src.data.splits import SPLITS, iter_samples, num_samples
-from model_src.errors import InputError
-from model_src.modeling.maven import MavenModel
-from model_src.train import batches as B
-from model_src.train.common import VisualFeatures, set_threads, visual_embeds, visual_features
+from maven_edge.core.config import check_mode
+from maven_edge.core.errors import InputError
+from maven_edge.model_src.data import Sample
+from maven_edge.model_src.data.splits import SPLITS, iter_samples, num_samples
+from maven_edge.model_src.modeling.maven import MavenModel
+from maven_edge.model_src.train import batches as B
+from maven_edge.model_src.train.common import VisualFeatures, set_threads, visual_embeds, visual_features
 
 DEFAULT_MAX_NEW_TOKENS = 32  # GenerationConfig's default
 
@@ -42,7 +42,7 @@ def greedy_batch(
     ids = [tok.encode_prompt(s.prompt) for s in samples]
     counts = [len(s.images) for s in samples]
     for i, c in zip(ids, counts, strict=True):
-        model.check_prompt_images(i, c)
+        model.plan_prompt(i, c, model.config.visual_tokens_per_image(mode, keep_ratio))  # PromptError on mismatch
     px = B.pixel_tensor(samples, model.config)
     vf = visual_features(model, px, mode, keep_ratio)
     if features_hook is not None:

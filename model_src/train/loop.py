@@ -30,8 +30,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
-from model_src.errors import TrainingError
-from model_src.train.recipe import PhaseConfig
+from maven_edge.core.errors import TrainingError
+from maven_edge.model_src.train.recipe import PhaseConfig
 
 StepFn = Callable[[int], dict[str, float]]
 

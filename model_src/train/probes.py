@@ -5,11 +5,11 @@ The 0-vision phase trains a linear per-patch head beside the ViT (saved only in 
 and shape accuracy on the patches of objects whose colour-shape pair never occurs in training
 (``HELDOUT_PAIRS``) with the other objects' patches::
 
-    python -m model_src.train.probes --checkpoint model_src/checkpoints/tiny \\
+    python -m maven_edge.model_src.train.probes --checkpoint model_src/checkpoints/tiny \\
         --head artifacts/runs/tiny/stage0/0-vision/resume/state.safetensors
-    python -m model_src.train.probes --train-vision --gray-share 0.5    # 0-vision from scratch, then probe
-    python -m model_src.train.probes --train-vision --gray-share 0.8 --gray-levels random
-    python -m model_src.train.probes --train-vision --gray-share 0.5 --gray-levels random --gray-consistency 1
+    python -m maven_edge.model_src.train.probes --train-vision --gray-share 0.5    # 0-vision from scratch, then probe
+    python -m maven_edge.model_src.train.probes --train-vision --gray-share 0.8 --gray-levels random
+    python -m maven_edge.model_src.train.probes --train-vision --gray-share 0.5 --gray-levels random --gray-consistency 1
 
 ``--train-vision`` runs the recipe's 0-vision phase on a fresh ``tiny`` model (seed 0) with the
 given share of grey-scale images (their colour target dropped; ``--gray-levels random`` paints
@@ -30,10 +30,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from model_src.data.splits import HELDOUT_PAIRS, iter_samples
-from model_src.modeling.maven import MavenModel
-from model_src.train import batches as B
-from model_src.train.recipe import GRAY_LEVELS
+from maven_edge.model_src.data.splits import HELDOUT_PAIRS, iter_samples
+from maven_edge.model_src.modeling.maven import MavenModel
+from maven_edge.model_src.train import batches as B
+from maven_edge.model_src.train.recipe import GRAY_LEVELS
 
 
 @torch.no_grad()
@@ -72,12 +72,12 @@ def train_vision(gray_share: float, out: Path, steps_scale: float = 1.0, quiet: 
                  gray_levels: str = "luma", gray_consistency: float = 0.0) -> tuple[MavenModel, nn.Linear]:
     """The recipe's 0-vision phase on a fresh tiny model with ``gray_share`` grey-scale images
     (``gray_levels``, ``gray_consistency``: see ``PhaseConfig``)."""
-    from model_src.checkpoint import build_model
-    from model_src.config import get_config
-    from model_src.train.common import set_threads
-    from model_src.train.loop import run_phase
-    from model_src.train.recipe import get_recipe
-    from model_src.train.stages import phase_vision
+    from maven_edge.core.config import get_config
+    from maven_edge.model_src.checkpoint import build_model
+    from maven_edge.model_src.train.common import set_threads
+    from maven_edge.model_src.train.loop import run_phase
+    from maven_edge.model_src.train.recipe import get_recipe
+    from maven_edge.model_src.train.stages import phase_vision
 
     set_threads()
     cfg = get_config("tiny")
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         if not (args.checkpoint and args.head):
             ap.error("give --checkpoint and --head, or --train-vision")
-        from model_src.checkpoint import load_checkpoint
+        from maven_edge.model_src.checkpoint import load_checkpoint
 
         model = load_checkpoint(args.checkpoint)
         head = head_from_state(args.head, model)

@@ -11,8 +11,8 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from model_src.data.tasks import TASK_FAMILY, TASKS
-from model_src.errors import TrainingError
+from maven_edge.core.errors import TrainingError
+from maven_edge.model_src.data.tasks import TASK_FAMILY, TASKS
 
 STAGES = ("0", "1", "2", "3", "4")
 GRAY_LEVELS = ("luma", "random")  # PhaseConfig.gray_levels

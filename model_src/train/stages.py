@@ -44,24 +44,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model_src.checkpoint import build_model, load_checkpoint, save_checkpoint
-from model_src.config import MavenConfig, get_config
-from model_src.data.followups import followup_questions
-from model_src.data.tasks import question_line
-from model_src.errors import CheckpointError, TrainingError
-from model_src.modeling.decoder import record_attention
-from model_src.modeling.maven import MavenModel
-from model_src.modeling.selector import select_patches
-from model_src.train import batches as B
-from model_src.train.attention_targets import (
+from maven_edge.core.config import MavenConfig, get_config
+from maven_edge.core.errors import CheckpointError, TrainingError
+from maven_edge.model_src.checkpoint import build_model, load_checkpoint, save_checkpoint
+from maven_edge.model_src.data.followups import followup_questions
+from maven_edge.model_src.data.tasks import question_line
+from maven_edge.model_src.modeling.decoder import record_attention
+from maven_edge.model_src.modeling.maven import MavenModel
+from maven_edge.model_src.modeling.selector import select_patches
+from maven_edge.model_src.train import batches as B
+from maven_edge.model_src.train.attention_targets import (
     AttentionSupervision,
     answer_turns,
     attention_loss,
     build_targets,
 )
-from model_src.train.common import answer_loss, set_threads, visual_embeds, visual_features
-from model_src.train.loop import Phase, plot_losses, read_jsonl, run_phase
-from model_src.train.recipe import STAGE_PHASES, PhaseConfig, get_recipe, parse_stages
+from maven_edge.model_src.train.common import answer_loss, set_threads, visual_embeds, visual_features
+from maven_edge.model_src.train.loop import Phase, plot_losses, read_jsonl, run_phase
+from maven_edge.model_src.train.recipe import STAGE_PHASES, PhaseConfig, get_recipe, parse_stages
 
 DEAD_CODE_WINDOW = 20
 
@@ -317,7 +317,7 @@ def phase_selector(model: MavenModel, cfg: PhaseConfig, seed: int) -> Phase:
 def selector_report(model: MavenModel, n: int = 200, split: str = "val", keep_ratio: float | None = None) -> dict:
     """Precision/recall of the kept patches vs the pseudo-label masks of caption samples (all
     objects) of `split`, and the fraction of object-centre patches kept."""
-    from model_src.data.splits import iter_samples
+    from maven_edge.model_src.data.splits import iter_samples
 
     samples = list(iter_samples(split, n, families=["caption"]))
     px = B.pixel_tensor(samples, model.config)
@@ -531,7 +531,7 @@ def write_final(model: MavenModel, out: Path, final_eval: bool, quiet: bool) -> 
     (final / "recipe_summary.json").write_text(json.dumps(stages, indent=2) + "\n")
     report: dict[str, Any] = {"checkpoint": str(final)}
     if final_eval:
-        from model_src.train.evaluate import evaluate
+        from maven_edge.model_src.train.evaluate import evaluate
 
         report = evaluate(model, split="test", mode="hybrid", quiet=quiet)
         report.update(selector_report(model, n=200, split="test"))

@@ -1,60 +1,64 @@
-"""Backends: torch (reference, from a checkpoint), ort (onnxruntime), trt (TensorRT engines).
+"""Backends: one table, :data:`BACKENDS`, name -> what it runs and how it is built.
 
-Only :func:`load_backend` is imported eagerly; each backend module is imported when asked
-for, so ``backend="ort"`` never imports torch.
+| name  | runs        | module             |
+|-------|-------------|--------------------|
+| torch | checkpoint  | torch_backend.py   | the PyTorch reference (imports torch)
+| ort   | artifacts   | ort_backend.py     | ONNX Runtime, execution providers from providers.PROVIDERS
+| trt   | artifacts   | trt_backend.py     | TensorRT engines from `maven-edge build-trt`
+
+A backend module is imported only when its backend is asked for, so ``backend="ort"`` never
+imports torch. Adding a backend: a module with a :class:`Backend` subclass that implements
+``from_options(options)``, plus one ``BACKENDS.add`` line here; the CLI's ``--backend`` choices
+and help come from this table.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
+import importlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from model_src.errors import BackendError, InputError
-from runtime.backends.base import Backend, DecodeState, SelectorOutput
+from maven_edge.core.errors import BackendError
+from maven_edge.core.registry import Registry
+from maven_edge.runtime.backends.base import Backend, DecodeState, SelectorOutput
 
-BACKENDS = ("torch", "ort", "trt")
+if TYPE_CHECKING:
+    from maven_edge.runtime.options import PipelineOptions
 
-__all__ = ["BACKENDS", "Backend", "DecodeState", "SelectorOutput", "load_backend"]
 
+@dataclass(frozen=True)
+class BackendSpec:
+    runs: str  # "checkpoint" or "artifacts": what --checkpoint / --artifacts it needs
+    module: str  # the module holding `cls`, imported on first use
+    cls: str
+    help: str
+    needs: str = ""  # what to install when the module cannot be imported
 
-def load_backend(
-    name: str,
-    *,
-    artifacts: str | Path | None = None,
-    checkpoint: str | Path | None = None,
-    providers: Any = None,
-    session_options: Any = None,
-    verify: bool = True,
-    device: str = "cpu",
-    **kwargs: Any,
-) -> Backend:
-    """A backend by name. torch needs `checkpoint`; ort and trt need `artifacts`."""
-    if name not in BACKENDS:
-        raise InputError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
-    if name == "torch":
-        if checkpoint is None:
-            raise InputError(
-                "the torch backend runs a checkpoint: give --checkpoint DIR (exported artifacts run with "
-                "--backend ort or trt)"
-            )
+    def load(self) -> type[Backend]:
         try:
-            from runtime.backends.torch_backend import TorchBackend
+            module = importlib.import_module(self.module)
         except ImportError as exc:
-            raise BackendError(
-                f"the torch backend needs PyTorch, which cannot be imported here ({exc}); install the full "
-                "maven-edge package, or run exported artifacts with --backend ort"
-            ) from None
-        return TorchBackend.from_checkpoint(checkpoint, device=device)
-    if artifacts is None:
-        raise InputError(
-            f"the {name} backend runs exported artifacts: give --artifacts DIR (a checkpoint runs with "
-            "--backend torch)"
-        )
-    if name == "ort":
-        from runtime.backends.ort_backend import OrtBackend
+            raise BackendError(f"this backend cannot be imported here ({exc}); {self.needs}") from None
+        return getattr(module, self.cls)
 
-        return OrtBackend(artifacts, providers=providers, session_options=session_options, verify=verify,
-                          **kwargs)
-    from runtime.backends.trt_backend import TrtBackend
 
-    return TrtBackend.from_artifacts(artifacts, verify=verify, **kwargs)
+BACKENDS: Registry[BackendSpec] = Registry("backend")
+BACKENDS.add("torch", BackendSpec(
+    "checkpoint", "maven_edge.runtime.backends.torch_backend", "TorchBackend",
+    "the PyTorch reference over a checkpoint (imports torch)",
+    "it needs PyTorch: install the full maven-edge package, or run exported artifacts with --backend ort"))
+BACKENDS.add("ort", BackendSpec(
+    "artifacts", "maven_edge.runtime.backends.ort_backend", "OrtBackend",
+    "ONNX Runtime over exported artifacts (CPU, CUDA or TensorRT execution providers)",
+    "install onnxruntime (or onnxruntime-gpu)"))
+BACKENDS.add("trt", BackendSpec(
+    "artifacts", "maven_edge.runtime.backends.trt_backend", "TrtBackend",
+    "TensorRT engines written by `maven-edge build-trt` (NVIDIA GPU)",
+    "install maven-edge[tensorrt] on a machine with an NVIDIA GPU"))
+
+__all__ = ["BACKENDS", "Backend", "BackendSpec", "DecodeState", "SelectorOutput", "load_backend"]
+
+
+def load_backend(options: PipelineOptions) -> Backend:
+    """The backend `options` ask for (see :class:`maven_edge.runtime.options.PipelineOptions`)."""
+    return BACKENDS.get(options.backend_name()).load().from_options(options)

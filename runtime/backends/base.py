@@ -3,7 +3,7 @@
 A backend owns the model (torch modules, ONNX Runtime sessions or TensorRT engines) and
 exposes one method per stage. Everything that crosses a stage boundary is a numpy array, so
 orchestration, prompt assembly, sampling and detokenization live once, in
-:mod:`runtime.pipeline`, and every backend produces the same tokens for the same logits.
+:mod:`maven_edge.runtime.pipeline`, and every backend produces the same tokens for the same logits.
 The exception is the KV cache, which stays inside the backend in a :class:`DecodeState`
 (on the device, for GPU providers) for the whole decode loop.
 
@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from model_src.config import MavenConfig
-from model_src.errors import BackendError, InputError
-from model_src.tokenizer import TextTokenizer
+from maven_edge.core.config import MavenConfig
+from maven_edge.core.errors import BackendError, InputError
+from maven_edge.core.tokenizer import TextTokenizer
+
+if TYPE_CHECKING:
+    from maven_edge.runtime.options import PipelineOptions
 
 
 @dataclass
@@ -53,6 +57,11 @@ class Backend(abc.ABC):
     def __init__(self, config: MavenConfig, tokenizer: TextTokenizer):
         self.config = config
         self.tokenizer = tokenizer
+
+    @classmethod
+    @abc.abstractmethod
+    def from_options(cls, options: PipelineOptions) -> Backend:
+        """The backend `options` describe (its artifacts or checkpoint, providers, threads, ...)."""
 
     # ---- capabilities ------------------------------------------------------------------
     @property

@@ -25,21 +25,20 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnxruntime as ort
 
-from export.manifest import Manifest, load_manifest, resolve_inside
-from model_src.errors import ArtifactError, BackendError, InputError
-from model_src.tokenizer import TextTokenizer
-from runtime.backends.base import Backend, DecodeState, SelectorOutput
+from maven_edge.core.errors import ArtifactError, InputError
+from maven_edge.core.manifest import Manifest, load_manifest, resolve_inside
+from maven_edge.core.tokenizer import TextTokenizer
+from maven_edge.runtime.backends.base import Backend, DecodeState, SelectorOutput
+from maven_edge.runtime.backends.providers import PROVIDERS, resolve_providers
 
-PROVIDERS = {
-    "cpu": "CPUExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-    "tensorrt": "TensorrtExecutionProvider",
-}
+if TYPE_CHECKING:
+    from maven_edge.runtime.options import PipelineOptions
+
 _OPT_LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -84,7 +83,7 @@ class SessionConfig:
             try:
                 return cls(**value)
             except TypeError as exc:
-                raise InputError(f"bad session option: {exc}; see runtime.backends.ort_backend.SessionConfig") from None
+                raise InputError(f"bad session option: {exc}; see maven_edge.runtime.backends.ort_backend.SessionConfig") from None
         raise InputError(
             f"session_options must be a SessionConfig or a dict of its fields, got {type(value).__name__}"
         )
@@ -113,60 +112,6 @@ class SessionConfig:
         for k, v in self.extra_config.items():
             so.add_session_config_entry(str(k), str(v))
         return so
-
-
-def available_providers() -> list[str]:
-    """Short names of the providers this onnxruntime build offers (cpu, cuda, tensorrt)."""
-    have = set(ort.get_available_providers())
-    return [short for short, full in PROVIDERS.items() if full in have]
-
-
-def resolve_providers(
-    names: Sequence[str] | str | None, cfg: SessionConfig, artifacts: Path
-) -> list[tuple[str, dict[str, Any]]]:
-    """(provider, options) pairs for InferenceSession, in priority order, with fallbacks."""
-    if names is None:
-        names = ["cpu"]
-    if isinstance(names, str):
-        names = [names]
-    names = [n.lower() for n in names]
-    unknown = [n for n in names if n not in PROVIDERS]
-    if unknown or not names:
-        raise InputError(f"unknown execution provider(s) {unknown}; choose from {', '.join(PROVIDERS)}")
-    have = set(ort.get_available_providers())
-    for n in names:
-        if PROVIDERS[n] not in have:
-            hint = ("install onnxruntime-gpu (with CUDA, cuDNN and, for tensorrt, TensorRT libraries) instead "
-                    "of onnxruntime" if n != "cpu" else "reinstall onnxruntime")
-            raise BackendError(
-                f"execution provider {n} ({PROVIDERS[n]}) is not available in this onnxruntime "
-                f"{ort.__version__} (it has {', '.join(sorted(have))}); {hint}, or use --provider cpu"
-            )
-    # GPU providers fall back to CUDA then CPU for nodes they cannot take.
-    order = list(dict.fromkeys(names + (["cuda"] if "tensorrt" in names and PROVIDERS["cuda"] in have else [])
-                               + ["cpu"]))
-    out = []
-    for n in order:
-        opts: dict[str, Any] = {}
-        if n == "cuda":
-            opts = {"device_id": cfg.device_id}
-        elif n == "tensorrt":
-            cache = Path(cfg.trt_engine_cache_path) if cfg.trt_engine_cache_path else artifacts / "trt_cache"
-            cache.mkdir(parents=True, exist_ok=True)
-            opts = {
-                "device_id": cfg.device_id,
-                "trt_engine_cache_enable": True,
-                "trt_engine_cache_path": str(cache),
-                "trt_timing_cache_enable": True,
-                "trt_timing_cache_path": str(cache),
-                "trt_fp16_enable": cfg.trt_fp16,
-                "trt_int8_enable": cfg.trt_int8,
-            }
-            if cfg.trt_max_workspace_size:
-                opts["trt_max_workspace_size"] = int(cfg.trt_max_workspace_size)
-        opts.update(cfg.provider_options.get(n, {}))
-        out.append((PROVIDERS[n], opts))
-    return out
 
 
 class _Session:
@@ -237,7 +182,8 @@ class OrtBackend(Backend):
         super().__init__(cfg, tokenizer)
         self.session_config = SessionConfig.coerce(session_options)
         self.providers = resolve_providers(providers, self.session_config, self.artifacts)
-        self.io_device = "cuda" if self.providers[0][0] in (PROVIDERS["cuda"], PROVIDERS["tensorrt"]) else "cpu"
+        self.provider_names = [PROVIDERS.by_ort_name(p) for p, _ in self.providers]
+        self.io_device = PROVIDERS.get(self.provider_names[0]).io_device
         self.device_id = self.session_config.device_id
         self.sessions: dict[str, _Session] = {}
         for comp_name, comp in self.manifest.components.items():
@@ -273,6 +219,17 @@ class OrtBackend(Backend):
         self.k = int(self.manifest.num_kept_patches)
         self.keep_ratio = float(self.manifest.keep_ratio)
         self.projector = self._find_projector()
+
+    @classmethod
+    def from_options(cls, options: PipelineOptions) -> OrtBackend:
+        if options.session_options is not None:
+            so = SessionConfig.coerce(options.session_options)
+        else:
+            so = SessionConfig(graph_optimization_level=options.opt_level, intra_op_num_threads=options.threads,
+                               trt_engine_cache_path=options.trt_cache, trt_fp16=options.trt_fp16)
+        assert options.artifacts is not None
+        return cls(options.artifacts, providers=list(options.providers), session_options=so, verify=options.verify,
+                   **options.extra)
 
     # ---- capabilities -----------------------------------------------------------------------
     @property

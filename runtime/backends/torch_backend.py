@@ -1,21 +1,26 @@
 """The torch reference backend: the stage primitives over a :class:`MavenModel` (eager, fp32).
 
-Importing this module imports torch; :mod:`runtime.backends` imports it lazily, only when a
+Importing this module imports torch; :mod:`maven_edge.runtime.backends` imports it lazily, only when a
 caller asks for ``backend="torch"``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from model_src.checkpoint import load_checkpoint
-from model_src.modeling.decoder import KVCache
-from model_src.modeling.maven import MavenModel
-from model_src.modeling.selector import gather_patches, select_patches
-from runtime.backends.base import Backend, DecodeState, SelectorOutput
+from maven_edge.model_src.checkpoint import load_checkpoint
+from maven_edge.model_src.modeling.decoder import KVCache
+from maven_edge.model_src.modeling.maven import MavenModel
+from maven_edge.model_src.modeling.selector import gather_patches, select_patches
+
+if TYPE_CHECKING:
+    from maven_edge.runtime.options import PipelineOptions
+
+from maven_edge.runtime.backends.base import Backend, DecodeState, SelectorOutput
 
 
 class TorchDecodeState(DecodeState):
@@ -42,6 +47,11 @@ class TorchBackend(Backend):
     @classmethod
     def from_checkpoint(cls, directory: str | Path, device: str = "cpu") -> TorchBackend:
         return cls(load_checkpoint(directory), device=device)
+
+    @classmethod
+    def from_options(cls, options: PipelineOptions) -> TorchBackend:
+        assert options.checkpoint is not None
+        return cls.from_checkpoint(options.checkpoint, device=options.device)
 
     @property
     def device(self) -> str:

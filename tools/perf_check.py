@@ -1,8 +1,8 @@
 """Measured runtime checks for docs/usage/runtime.md (issue 6): decode speed, KV-cache cost, memory.
 
-    python -m runtime.perf_check                      # everything below, edge-small + tiny
-    python -m runtime.perf_check --only decode        # edge-small only
-    python -m runtime.perf_check --only rss --rss-runs 500
+    python -m tools.perf_check                      # everything below, edge-small + tiny
+    python -m tools.perf_check --only decode        # edge-small only
+    python -m tools.perf_check --only rss --rss-runs 500
 
 1. ``edge-small`` (random seeded weights, exported once to ``artifacts/perf/``): one request with
    4 images and 32 new tokens through the ORT backend and through our torch eager backend; per-stage
@@ -34,18 +34,19 @@ from typing import Any
 
 import numpy as np
 
-from runtime.soak import rss_mb
+from maven_edge.model_src.resources import samples_dir
+from tools.soak import rss_mb
 
 REPO = Path(__file__).resolve().parent.parent
-SAMPLES = REPO / "model_src" / "samples"
+SAMPLES = samples_dir()
 
 
 def export_random(preset: str, root: Path, seed: int = 0, overrides: list[str] | None = None) -> tuple[Any, Path]:
     """A seeded random model of `preset` and its export under `root` (reused when the weights match)."""
-    from export.manifest import MANIFEST, load_manifest
-    from export.onnx_export import ExportOptions, export_model, model_fingerprint
-    from model_src.checkpoint import build_model
-    from model_src.config import get_config
+    from maven_edge.core.config import get_config
+    from maven_edge.core.manifest import MANIFEST, load_manifest
+    from maven_edge.export.onnx_export import ExportOptions, export_model, model_fingerprint
+    from maven_edge.model_src.checkpoint import build_model
 
     model = build_model(get_config(preset, overrides), seed=seed)
     fp = model_fingerprint(model)
@@ -116,7 +117,7 @@ def _generate_no_eos(pipe: Any, images: list[str], prompt: str, new_tokens: int)
             logits[eos] = -np.inf
             return logits
 
-    from runtime.pipeline import MavenPipeline
+    from maven_edge.runtime.pipeline import MavenPipeline
 
     return MavenPipeline(NoEos(), pipe.limits).generate(images, prompt, max_new_tokens=new_tokens)  # type: ignore[arg-type]
 
@@ -236,7 +237,7 @@ def rss_growth(pipe: Any, images: list[str], prompt: str, n: int = 200, max_new_
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m runtime.perf_check", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m tools.perf_check", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="edge-small")
     ap.add_argument("--images", type=int, default=4)
@@ -256,15 +257,15 @@ def main(argv: list[str] | None = None) -> int:
 
     import onnxruntime as ort
 
-    from runtime.backends.ort_backend import SessionConfig
-    from runtime.pipeline import MavenPipeline
+    from maven_edge.runtime.backends.ort_backend import SessionConfig
+    from maven_edge.runtime.pipeline import MavenPipeline
 
     root = Path(args.root)
     report: dict[str, Any] = {
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "onnxruntime": ort.__version__,
                     "python": platform.python_version(),
                     "load_average_at_start": [round(x, 1) for x in os.getloadavg()]},
-        "command": "python -m runtime.perf_check " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m tools.perf_check " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     so = SessionConfig(intra_op_num_threads=args.threads)
     if args.only in (None, "decode", "kv"):

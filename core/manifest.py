@@ -15,9 +15,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from model_src.config import MavenConfig
-from model_src.errors import ArtifactError
-from model_src.tokenizer import VocabLayout
+from maven_edge.core.config import MavenConfig
+from maven_edge.core.errors import ArtifactError
+from maven_edge.core.tokenizer import VocabLayout
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"

@@ -1,6 +1,6 @@
 """TensorRT engines from exported artifacts: one engine per component (`maven-edge build-trt`).
 
-    from export.tensorrt import TrtBuildOptions, build_engines, plan_engines
+    from maven_edge.calibration.tensorrt import TrtBuildOptions, build_engines, plan_engines
     plans = plan_engines(load_manifest("artifacts/tiny"), TrtBuildOptions("artifacts/tiny", "out"))  # no GPU needed
     result = build_engines(TrtBuildOptions("artifacts/tiny", "artifacts/tiny-trt", precision="fp16"))
 
@@ -15,7 +15,7 @@ What is planned here is pure Python and testable without a GPU (:func:`plan_engi
   layers that need range in FP32 (normalisations, reductions, softmax, pow/sqrt/reciprocal:
   :func:`keep_fp32_layer`). ``int8`` gives the vision side (vision encoder, discrete
   tokenizer, patch selector, projector) INT8 + FP16 and keeps the decoder and embed_tokens
-  FP16: from fp32 artifacts with an entropy calibrator fed by :mod:`calibration.readers`
+  FP16: from fp32 artifacts with an entropy calibrator fed by :mod:`maven_edge.calibration.readers`
   (and a calibration cache), from ``int8-static`` artifacts with their explicit Q/DQ scales.
   ``fp8`` (Ada/Hopper, compute capability >= 8.9) quantizes the vision side to FP8 E4M3 Q/DQ
   with onnxruntime's calibrator first (explicit quantization) and keeps the decoder FP16.
@@ -28,7 +28,7 @@ What is planned here is pure Python and testable without a GPU (:func:`plan_engi
 
 :func:`build_engines` then runs the TensorRT builder (``tensorrt`` and cuda-python imported
 lazily) and writes ``engines.json`` + ``<component>.engine`` + ``tokenizer.json``, which
-:class:`runtime.backends.trt_backend.TrtBackend` runs. Without TensorRT or a GPU it raises a
+:class:`maven_edge.runtime.backends.trt_backend.TrtBackend` runs. Without TensorRT or a GPU it raises a
 :class:`BackendError` that says so, before any work.
 """
 
@@ -46,9 +46,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from export.manifest import MANIFEST, Component, Manifest, file_entry, load_manifest, sha256_file
-from model_src.errors import ArtifactError, BackendError, CalibrationError, InputError
-from runtime.backends.trt_backend import ENGINES_FORMAT, ENGINES_JSON
+from maven_edge.calibration.quantize import WEIGHT_OPS, discrete_sensitive_nodes, quiet_quantizer
+from maven_edge.calibration.readers import (
+    ComponentFeeds,
+    FeedReader,
+    make_ort_reader,
+    resolve_calibration_set,
+)
+from maven_edge.calibration.trt_runtime import ENGINES_FORMAT, ENGINES_JSON, Cuda, import_tensorrt
+from maven_edge.core.errors import ArtifactError, BackendError, CalibrationError, InputError
+from maven_edge.core.manifest import MANIFEST, Component, Manifest, file_entry, load_manifest, sha256_file
 
 PRECISIONS = ("fp16", "int8", "fp8")
 VISION_SIDE = ("vision_encoder", "discrete_tokenizer", "patch_selector", "projector")
@@ -380,8 +387,6 @@ def ort_calibration_table(onnx_path: str | Path, rows: Sequence[dict[str, Any]],
     import numpy as np
     from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
 
-    from calibration.quantize import quiet_quantizer
-    from calibration.readers import make_ort_reader
 
     method = CalibrationMethod.Entropy if algorithm == "entropy" else CalibrationMethod.MinMax
     with tempfile.TemporaryDirectory(prefix="maven-calib-") as tmp, quiet_quantizer():
@@ -532,8 +537,6 @@ def _fp8_onnx(plan: EnginePlan, rows: list[dict[str, Any]], work: Path) -> Path:
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    from calibration.quantize import WEIGHT_OPS, discrete_sensitive_nodes, quiet_quantizer
-    from calibration.readers import make_ort_reader
 
     dst = work / f"{plan.component}.fp8.onnx"
     exclude = discrete_sensitive_nodes(onnx.load(plan.onnx, load_external_data=False))
@@ -590,8 +593,6 @@ def _build_one(trt: Any, logger: Any, cuda: Any, plan: EnginePlan, onnx_path: st
 
 def build_engines(opts: TrtBuildOptions, log: Callable[[str], None] | None = None) -> BuildResult:
     """Build (or fetch from the engine cache) one engine per component and write engines.json."""
-    from runtime.backends.trt_backend import Cuda, import_tensorrt
-
     opts.validate()
     trt = import_tensorrt()  # BackendError here, before any work, on machines without TensorRT
     cuda = Cuda(opts.device_id)  # ... or without cuda-python / a GPU
@@ -618,8 +619,6 @@ def build_engines(opts: TrtBuildOptions, log: Callable[[str], None] | None = Non
     feeds = None
     calib_digest = None
     if any(p.scales in ("calibrate", "fp8-qdq") for p in plans):
-        from calibration.readers import ComponentFeeds, resolve_calibration_set
-
         cs = resolve_calibration_set(opts.calib_images, manifest, opts.calib_samples, opts.calib_split,
                                      opts.allow_upscale)
         feeds = ComponentFeeds(src, cs, manifest)
@@ -646,8 +645,6 @@ def build_engines(opts: TrtBuildOptions, log: Callable[[str], None] | None = Non
                 onnx_path, calibrator, rows = plan.onnx, None, None
                 if uses_calib:
                     assert feeds is not None and calib_digest is not None
-                    from calibration.readers import FeedReader
-
                     rows = list(FeedReader(feeds.feeds(plan.component), plan.component, single_images=True))
                 if plan.scales == "fp8-qdq":
                     onnx_path = str(_fp8_onnx(plan, rows or [], cache_dir))

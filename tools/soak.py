@@ -1,9 +1,9 @@
 """Opt-in soak run of one pipeline: threads, mixed good and bad requests, cancellations, memory.
 
-    python -m runtime.soak --artifacts DIR --threads 4 --requests 50 --sequential 500
-    python -m runtime.soak --artifacts artifacts/soak-tiny --export-missing ...   # export a test model first
+    python -m tools.soak --artifacts DIR --threads 4 --requests 50 --sequential 500
+    python -m tools.soak --artifacts artifacts/soak-tiny --export-missing ...   # export a test model first
 
-Three phases over one :class:`~runtime.pipeline.MavenPipeline` (onnxruntime, CPU):
+Three phases over one :class:`~maven_edge.runtime.pipeline.MavenPipeline` (onnxruntime, CPU):
 
 1. **reference**: every distinct request of a deterministic mix (see :func:`mixed_requests`) is
    run once, single-threaded; its *signature* (token ids, text, finish reason, kept patches, or
@@ -11,7 +11,7 @@ Three phases over one :class:`~runtime.pipeline.MavenPipeline` (onnxruntime, CPU
 2. **concurrent**: ``--threads`` threads each run ``--requests`` requests of the mix on the same
    pipeline at once, each thread starting at a different place in the mix. Every answer must equal
    the reference answer of the same request (no cross-talk), nothing may raise anything but a
-   :class:`~model_src.errors.MavenError` (no crash) and no thread may hang.
+   :class:`~maven_edge.core.errors.MavenError` (no crash) and no thread may hang.
 3. **sequential**: ``--sequential`` requests of the mix one after another; each answer must still
    equal its reference, and the resident set size (RSS) is sampled after every request: its growth
    after a warm-up is reported. Some requests are cancelled from another thread at a random moment
@@ -46,10 +46,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from model_src.errors import GenerationCancelled, MavenError
+from maven_edge.core.errors import GenerationCancelled, MavenError
+from maven_edge.model_src.resources import samples_dir
 
 REPO = Path(__file__).resolve().parent.parent
-SAMPLES = REPO / "model_src" / "samples"
+SAMPLES = samples_dir()
 
 #: The small seeded random model the tests and the soak export (tiny geometry, fewer layers).
 TEST_PRESET = "tiny"
@@ -78,8 +79,8 @@ def rss_mb() -> float:
 
 def build_test_model() -> Any:
     """The seeded random test model (imports torch)."""
-    from model_src.checkpoint import build_model
-    from model_src.config import get_config
+    from maven_edge.core.config import get_config
+    from maven_edge.model_src.checkpoint import build_model
 
     return build_model(get_config(TEST_PRESET, list(TEST_OVERRIDES)), seed=TEST_SEED)
 
@@ -90,8 +91,8 @@ def cached_test_artifacts(cache_root: str | Path, model: Any = None) -> Path:
     The directory name is the model's fingerprint plus a hash of the exporter, so one export
     serves every test module and a changed exporter re-exports. Imports torch.
     """
-    from export.manifest import MANIFEST, load_manifest
-    from export.onnx_export import ExportOptions, export_model, model_fingerprint
+    from maven_edge.core.manifest import MANIFEST, load_manifest
+    from maven_edge.export.onnx_export import ExportOptions, export_model, model_fingerprint
 
     model = model if model is not None else build_test_model()
     exporter = REPO / "export" / "onnx_export.py"
@@ -109,19 +110,19 @@ def cached_test_artifacts(cache_root: str | Path, model: Any = None) -> Path:
 
 def export_if_missing(directory: Path) -> None:
     """Export the seeded random test model into `directory` unless it already holds a manifest."""
-    from export.manifest import MANIFEST
+    from maven_edge.core.manifest import MANIFEST
 
     if (directory / MANIFEST).is_file():
         return
-    from export.onnx_export import ExportOptions, export_model
+    from maven_edge.export.onnx_export import ExportOptions, export_model
 
     print(f"exporting the seeded random test model to {directory} ...", file=sys.stderr, flush=True)
     export_model(build_test_model(), ExportOptions(out=directory, force=True, progress=False, check_load=False))
 
 
 def load_pipeline(artifacts: str | Path, intra_op_threads: int = 1) -> Any:
-    from runtime.backends.ort_backend import SessionConfig
-    from runtime.pipeline import MavenPipeline
+    from maven_edge.runtime.backends.ort_backend import SessionConfig
+    from maven_edge.runtime.pipeline import MavenPipeline
 
     return MavenPipeline.from_artifacts(
         artifacts, providers=["cpu"], session_options=SessionConfig(intra_op_num_threads=intra_op_threads)
@@ -144,7 +145,7 @@ def _noise(w: int, h: int, seed: int, mode: str = "RGB") -> Image.Image:
 
 def image_pool() -> dict[str, Any]:
     """Named image sources: encoded bytes, paths and read-only arrays (safe to share between threads)."""
-    from model_src.data import get_sample
+    from maven_edge.model_src.data import get_sample
 
     pool: dict[str, Any] = {}
     names = json.loads((SAMPLES / "demo.json").read_text())["images"]
@@ -628,7 +629,7 @@ def soak(
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m runtime.soak",
+        prog="python -m tools.soak",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -12,16 +12,16 @@ import argparse
 import importlib
 import sys
 
-from model_src.errors import MavenError
+from maven_edge.core.errors import MavenError
 
 # (module, description) in the order data flows through the project.
 COMMAND_MODULES = (
-    "model_src.hf_commands",  # import-hf
-    "model_src.train.commands",  # train, eval, ablations
-    "export.commands",  # export, validate, build-trt
-    "calibration.commands",  # quantize
-    "runtime.commands",  # generate, demo, inspect
-    "benchmarks.commands",  # bench
+    "maven_edge.model_src.hf_commands",  # import-hf
+    "maven_edge.model_src.train.commands",  # train, eval, ablations
+    "maven_edge.export.commands",  # export, validate, build-trt
+    "maven_edge.calibration.commands",  # quantize
+    "maven_edge.runtime.commands",  # generate, demo, inspect
+    "maven_edge.benchmarks.commands",  # bench
 )
 
 

@@ -1,13 +1,13 @@
 """ORT vs torch on every test question: token-for-token greedy parity and exact-match accuracy.
 
-    python -m runtime.parity_check                               # shipped tiny model, all 600 test questions
-    python -m runtime.parity_check --checkpoint DIR --artifacts DIR --limit 100
+    python -m tools.parity_check                               # shipped tiny model, all 600 test questions
+    python -m tools.parity_check --checkpoint DIR --artifacts DIR --limit 100
 
 Runs each question of the split through the ORT pipeline (CPU) and the torch reference pipeline
 with the default greedy options (32 new tokens), compares the token ids, and scores both answers
 with the training evaluator's exact-match rule. When the checkpoint has an ``eval_report.json``
 its overall accuracy is printed beside ours. Without ``--artifacts`` the checkpoint is exported
-to ``artifacts/tiny`` like ``maven-edge demo`` does (once). Imports torch.
+into the demo's cache folder like ``maven-edge demo`` does (once). Imports torch.
 """
 
 from __future__ import annotations
@@ -20,22 +20,23 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from runtime.commands import DEMO_ARTIFACTS, SHIPPED_TINY, ensure_demo_artifacts
+from maven_edge.model_src.resources import shipped_checkpoint
+from maven_edge.runtime.commands import demo_artifacts_dir, ensure_demo_artifacts
 
 
 def normalize(text: str) -> str:
-    """The exact-match rule of model_src.train.evaluate."""
+    """The exact-match rule of maven_edge.model_src.train.evaluate."""
     return " ".join(text.strip().lower().split())
 
 
 def run(checkpoint: Path, artifacts: Path | None, split: str, limit: int | None, max_new_tokens: int,
         threads: int) -> dict[str, Any]:
-    from model_src.data.splits import iter_samples, num_samples
-    from runtime.backends.ort_backend import SessionConfig
-    from runtime.pipeline import MavenPipeline
+    from maven_edge.model_src.data.splits import iter_samples, num_samples
+    from maven_edge.runtime.backends.ort_backend import SessionConfig
+    from maven_edge.runtime.pipeline import MavenPipeline
 
     if artifacts is None:
-        artifacts = ensure_demo_artifacts(DEMO_ARTIFACTS, checkpoint, log=lambda m: print(m, file=sys.stderr))
+        artifacts = ensure_demo_artifacts(demo_artifacts_dir(), checkpoint, log=lambda m: print(m, file=sys.stderr))
     ort_pipe = MavenPipeline.from_artifacts(artifacts, session_options=SessionConfig(intra_op_num_threads=threads))
     torch_pipe = MavenPipeline.from_checkpoint(checkpoint)
     cfg = torch_pipe.config
@@ -79,10 +80,10 @@ def run(checkpoint: Path, artifacts: Path | None, split: str, limit: int | None,
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m runtime.parity_check", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m tools.parity_check", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", default=str(SHIPPED_TINY))
-    ap.add_argument("--artifacts", help="an export of --checkpoint (default: artifacts/tiny, exported if needed)")
+    ap.add_argument("--checkpoint", default=str(shipped_checkpoint()))
+    ap.add_argument("--artifacts", help="an export of --checkpoint (default: the demo's export in the user cache, made if needed)")
     ap.add_argument("--split", default="test")
     ap.add_argument("--limit", type=int)
     ap.add_argument("--max-new-tokens", type=int, default=32)

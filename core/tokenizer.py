@@ -27,7 +27,7 @@ from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from model_src.errors import CheckpointError, ConfigError, PromptError
+from maven_edge.core.errors import CheckpointError, ConfigError, PromptError
 
 IMAGE_TOKEN = "<image>"
 IMG_START = "<img_start>"

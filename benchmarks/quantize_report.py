@@ -28,9 +28,10 @@ from typing import Any
 
 import numpy as np
 
-from calibration.quantize import RECIPES, QuantizeOptions, quantize_artifacts
-from export.manifest import MANIFEST, load_manifest, sha256_file
-from model_src.errors import ArtifactError, InputError
+from maven_edge.calibration.quantize import QUANT_RECIPES, QuantizeOptions, quantize_artifacts
+from maven_edge.core.errors import ArtifactError, InputError
+from maven_edge.core.manifest import MANIFEST, load_manifest, sha256_file
+from maven_edge.core.paths import cache_dir
 
 #: The issue's targets.
 TARGETS = {"int8_static_max_drop": 2.0, "int4_max_drop": 5.0, "int4_decoder_max_ratio": 0.30}
@@ -40,8 +41,8 @@ TARGETS = {"int8_static_max_drop": 2.0, "int4_max_drop": 5.0, "int4_decoder_max_
 class ReportOptions:
     artifacts: str | Path
     out: str | Path = "docs"
-    work: str | Path = "artifacts/quant-report"
-    recipes: tuple[str, ...] = RECIPES
+    work: str | Path | None = None  # None: quant-report/ in the user cache directory
+    recipes: tuple[str, ...] = QUANT_RECIPES.names()
     split: str = "test"
     limit: int | None = None
     max_new_tokens: int = 32  # the eval command's default
@@ -58,9 +59,9 @@ class ReportOptions:
     progress: bool = True
 
     def validate(self) -> ReportOptions:
-        bad = [r for r in (*self.recipes, *self.edge_recipes) if r not in RECIPES]
+        bad = [r for r in (*self.recipes, *self.edge_recipes) if r not in QUANT_RECIPES]
         if bad:
-            raise InputError(f"unknown recipe(s) {bad}; choose from {', '.join(RECIPES)}")
+            raise InputError(f"unknown recipe(s) {bad}; choose from {', '.join(QUANT_RECIPES)}")
         unknown = [x for x in self.sections if x not in SECTIONS]
         if unknown or not self.sections:
             raise InputError(f"--sections must name some of {', '.join(SECTIONS)}, got {list(self.sections)}")
@@ -70,7 +71,7 @@ class ReportOptions:
 
 
 def normalize(text: str) -> str:
-    """The exact-match normalisation of ``maven-edge eval`` (model_src.train.evaluate.normalize)."""
+    """The exact-match normalisation of ``maven-edge eval`` (maven_edge.model_src.train.evaluate.normalize)."""
     return " ".join(text.strip().lower().split())
 
 
@@ -104,8 +105,8 @@ def sizes(directory: Path) -> dict[str, int]:
 
 
 def _pipeline(directory: Path, threads: int) -> Any:
-    from runtime.backends.ort_backend import SessionConfig
-    from runtime.pipeline import MavenPipeline
+    from maven_edge.runtime.backends.ort_backend import SessionConfig
+    from maven_edge.runtime.pipeline import MavenPipeline
 
     return MavenPipeline.from_artifacts(directory, providers=["cpu"],
                                         session_options=SessionConfig(intra_op_num_threads=threads))
@@ -130,7 +131,7 @@ def evaluate_sets(sets: dict[str, Path], split: str, limit: int | None, max_new_
     """Answer the split with every artifact set, sample by sample. Returns raw per-set records."""
     from tqdm import tqdm
 
-    from model_src.data import iter_samples, num_samples
+    from maven_edge.model_src.data import iter_samples, num_samples
 
     first = load_manifest(next(iter(sets.values())), verify=False).maven_config()
     n = num_samples(split) if limit is None else min(limit, num_samples(split))
@@ -209,7 +210,7 @@ def decode_step_latency(sets: dict[str, Path], past: int, steps: int, rounds: in
     """
     from tqdm import tqdm
 
-    from runtime.backends.ort_backend import OrtBackend, SessionConfig
+    from maven_edge.runtime.backends.ort_backend import OrtBackend, SessionConfig
 
     backends = {n: OrtBackend(p, providers=["cpu"], session_options=SessionConfig(intra_op_num_threads=threads))
                 for n, p in sets.items()}
@@ -311,7 +312,8 @@ def run_report(opts: ReportOptions) -> list[Path]:
     """
     opts.validate()
     t0 = time.perf_counter()
-    src, work, out = Path(opts.artifacts), Path(opts.work), Path(opts.out)
+    src, out = Path(opts.artifacts), Path(opts.out)
+    work = Path(opts.work) if opts.work else cache_dir("quant-report")
     jpath, mpath = out / "quantization.json", out / "quantization.md"
     sections = tuple(opts.sections)
     report: dict[str, Any] = {}
@@ -369,8 +371,8 @@ def calib_section(src: Path, work: Path, opts: ReportOptions) -> dict[str, Any]:
 
     Every component gets fp32 inputs (so errors do not compound): relative L2 of float outputs,
     mismatch rate of the discrete codes and of the kept-patch indices."""
-    from calibration.quantize import CALIB_METHODS, QuantizeOptions, parity, quantize_artifacts
-    from calibration.readers import ComponentFeeds, synthetic_calibration_set
+    from maven_edge.calibration.quantize import CALIB_METHODS, QuantizeOptions, parity, quantize_artifacts
+    from maven_edge.calibration.readers import ComponentFeeds, synthetic_calibration_set
 
     manifest = load_manifest(src)
     cfg = manifest.maven_config()

@@ -17,9 +17,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from model_src.errors import ConfigError
+from maven_edge.core.errors import ConfigError
+from maven_edge.core.registry import Registry
 
-MODES = ("hybrid", "discrete", "continuous")
+
+@dataclass(frozen=True)
+class VisualMode:
+    """What one image contributes to the prompt in a visual mode (between <img_start> and <img_end>)."""
+
+    codes: bool  # its discrete codes
+    patches: str | None  # "selected": the selector's top-k (needs h_eos), "all": every patch, None: none
+    help: str
+
+
+VISUAL_MODES: Registry[VisualMode] = Registry("mode")
+VISUAL_MODES.add("hybrid", VisualMode(True, "selected", "codes + the patches the selector keeps (MaVEn)"))
+VISUAL_MODES.add("discrete", VisualMode(True, None, "codes only"))
+VISUAL_MODES.add("continuous", VisualMode(False, "all", "every projected patch (LLaVA-1.5)"))
 
 # CLIP's normalisation constants (the ViT family MaVEn uses).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -157,13 +171,10 @@ class MavenConfig:
 
     def visual_tokens_per_image(self, mode: str | None = None, keep_ratio: float | None = None) -> int:
         """Tokens one image occupies in the prompt, excluding <img_start>/<img_end>."""
-        mode = mode or self.mode
-        check_mode(mode)
-        if mode == "discrete":
-            return self.discrete.num_codes
-        if mode == "continuous":
-            return self.num_patches
-        return self.discrete.num_codes + self.num_kept_patches(keep_ratio)
+        spec = VISUAL_MODES.get(check_mode(mode or self.mode))
+        patches = {"selected": self.num_kept_patches(keep_ratio) if spec.patches == "selected" else 0,
+                   "all": self.num_patches, None: 0}[spec.patches]
+        return (self.discrete.num_codes if spec.codes else 0) + patches
 
     # ---- validation / (de)serialisation ------------------------------------------------
     def validate(self) -> MavenConfig:
@@ -202,8 +213,8 @@ class MavenConfig:
         scale = self.projector.output_scale
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0.0 < scale < math.inf:
             problems.append(f"projector.output_scale must be a number > 0, got {scale!r}")
-        if self.mode not in MODES:
-            problems.append(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.mode not in VISUAL_MODES:
+            problems.append(f"mode must be one of {VISUAL_MODES.names()}, got {self.mode!r}")
         for name in ("num_layers",):
             for sub in (v, llm, self.discrete):
                 if getattr(sub, name) < 1:
@@ -245,8 +256,9 @@ class MavenConfig:
 
 
 def check_mode(mode: str) -> str:
-    if mode not in MODES:
-        raise ConfigError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    """`mode` if it is a registered visual mode, else a ConfigError naming the known ones."""
+    if mode not in VISUAL_MODES:
+        raise ConfigError(f"unknown mode {mode!r}; choose one of {', '.join(VISUAL_MODES)}")
     return mode
 
 

@@ -7,8 +7,8 @@ imports only numpy and Pillow (never torch).
     pixel_values = preprocess_images([im, b"..."], cfg.preprocess)   # float32 [n, 3, H, W]
     check_pixel_values(pixel_values, cfg.preprocess)   # clear ImageError on a bad array
 
-Every failure is raised as a :class:`~model_src.errors.MavenError` subclass (almost always
-:class:`~model_src.errors.ImageError`) whose message names the image (its path, or
+Every failure is raised as a :class:`~maven_edge.core.errors.MavenError` subclass (almost always
+:class:`~maven_edge.core.errors.ImageError`) whose message names the image (its path, or
 ``image #i`` for the i-th image of a batch, counting from 0) and says what to do. No Pillow,
 numpy or OS exception escapes. Policies (limits, alpha, 16-bit, animation) are documented
 in ``docs/usage/images.md``.
@@ -27,8 +27,8 @@ from typing import Any, BinaryIO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from model_src.config import PreprocessConfig
-from model_src.errors import ConfigError, ImageError, InputError, MavenError
+from maven_edge.core.config import PreprocessConfig
+from maven_edge.core.errors import ConfigError, ImageError, InputError, MavenError
 
 __all__ = [
     "DEFAULT_FORMATS",

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from model_src.errors import InputError
+from maven_edge.core.errors import InputError
 
 
 @dataclass

@@ -1,0 +1,90 @@
+"""Prompt assembly: where each image's visual sequence goes, and whether the request fits.
+
+The one implementation of the splice and of the context-length check, shared by the torch
+reference (:class:`maven_edge.model_src.modeling.maven.MavenModel`), the runtime pipeline and
+the export-time ONNX reference loop. torch-free and array-library agnostic: :func:`splice` works
+on numpy arrays and torch tensors alike (it only slices and concatenates).
+
+A prompt's token ids hold one ``<image>`` placeholder per image. Each placeholder is replaced
+by that image's visual sequence ``<img_start> ... <img_end>`` (``tokens_per_image`` visual
+tokens between the markers), so the assembled prompt has
+``len(prompt_ids) - n + n * (tokens_per_image + 2)`` positions::
+
+    ids:       [t0 t1 <image> t3 <image> t5]
+    segments:  (0, 2, image 0) (3, 4, image 1) (5, 6, None)
+    assembled: t0 t1 | <img_start> v.. <img_end> | t3 | <img_start> v.. <img_end> | t5
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from maven_edge.core.errors import PromptError
+
+
+@dataclass(frozen=True)
+class PromptPlan:
+    """Where the images go in one prompt (see the module docstring)."""
+
+    num_text_ids: int  # len(prompt_ids), placeholders included
+    image_positions: tuple[int, ...]  # index in prompt_ids of each <image>, in order
+    tokens_per_image: int  # visual tokens per image, excluding <img_start> / <img_end>
+
+    @property
+    def num_images(self) -> int:
+        return len(self.image_positions)
+
+    @property
+    def visual_tokens(self) -> int:
+        """Positions the images take, their markers included."""
+        return self.num_images * (self.tokens_per_image + 2)
+
+    @property
+    def total_tokens(self) -> int:
+        """Positions of the assembled prompt."""
+        return self.num_text_ids - self.num_images + self.visual_tokens
+
+    def segments(self) -> Iterator[tuple[int, int, int | None]]:
+        """(start, end, image): the text ids ``[start:end)``, then image number `image` (None at the end)."""
+        prev = 0
+        for k, pos in enumerate(self.image_positions):
+            yield prev, pos, k
+            prev = pos + 1
+        yield prev, self.num_text_ids, None
+
+
+def plan_prompt(prompt_ids: Sequence[int], image_id: int, num_images: int, tokens_per_image: int) -> PromptPlan:
+    """The plan for `prompt_ids`; a PromptError when its placeholders do not match `num_images`."""
+    positions = tuple(i for i, t in enumerate(prompt_ids) if t == image_id)
+    if len(positions) != num_images:
+        raise PromptError(
+            f"the prompt has {len(positions)} <image> placeholder(s) but {num_images} image(s) were given; "
+            "put exactly one <image> in the prompt for each image, in order"
+        )
+    return PromptPlan(len(prompt_ids), positions, int(tokens_per_image))
+
+
+def check_context(plan: PromptPlan, max_new_tokens: int, limit: int) -> None:
+    """PromptError unless the assembled prompt plus `max_new_tokens` fits in `limit` positions."""
+    need = plan.total_tokens + max_new_tokens
+    if need > limit:
+        n = plan.num_images
+        raise PromptError(
+            f"the request needs {plan.total_tokens} prompt tokens ({plan.num_text_ids - n} text, {n} image(s) x "
+            f"{plan.tokens_per_image + 2} visual) + {max_new_tokens} new tokens = {need}, over the context "
+            f"limit of {limit}; use fewer images, a shorter prompt, a smaller keep_ratio or fewer new tokens"
+        )
+
+
+def splice(plan: PromptPlan, text: Any, visual: Any, concat: Callable[[list[Any]], Any]) -> Any:
+    """The assembled prompt: `text` rows [len(prompt_ids), D] with row ``image_positions[k]`` replaced
+    by `visual[k]` [tokens_per_image + 2, D]; `concat` joins the pieces (``np.concatenate``,
+    ``torch.cat``)."""
+    pieces = []
+    for start, end, image in plan.segments():
+        pieces.append(text[start:end])
+        if image is not None:
+            pieces.append(visual[image])
+    return concat(pieces)

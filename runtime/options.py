@@ -1,0 +1,77 @@
+"""How to open a pipeline, as plain options: :class:`PipelineOptions` and :func:`open_pipeline`.
+
+    import maven_edge
+    pipe = maven_edge.open_pipeline(artifacts="artifacts/tiny", threads=2)           # ort, CPU
+    pipe = maven_edge.open_pipeline(artifacts="artifacts/tiny", providers=["cuda"])  # ort, CUDA
+    pipe = maven_edge.open_pipeline(checkpoint="model_src/checkpoints/tiny")         # torch reference
+
+The CLI (`generate`, `demo`, `inspect`, the server) builds its pipeline through this too, so a
+program and the command line get the same pipeline from the same options.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from maven_edge.core.errors import InputError
+from maven_edge.core.preprocess import ImageLimits
+from maven_edge.runtime.backends import BACKENDS, load_backend
+from maven_edge.runtime.pipeline import MavenPipeline, PipelineLimits
+
+
+@dataclass
+class PipelineOptions:
+    """Everything that decides which pipeline is opened. One of `artifacts` / `checkpoint`."""
+
+    artifacts: str | Path | None = None  # exported artifacts (manifest.json + files): ort / trt backends
+    checkpoint: str | Path | None = None  # a checkpoint directory: torch backend
+    backend: str | None = None  # a name in BACKENDS; default: torch for a checkpoint, ort for artifacts
+    providers: Sequence[str] = ("cpu",)  # ort: execution providers in preference order (PROVIDERS)
+    threads: int = 0  # ort: intra-op threads (0 = onnxruntime's default, one per physical core)
+    opt_level: str = "all"  # ort: graph optimization level: disable | basic | extended | all
+    session_options: Any = None  # ort: a SessionConfig (or dict of its fields); overrides the three above
+    trt_cache: str | None = None  # ort + tensorrt provider: engine cache (default <artifacts>/trt_cache)
+    trt_fp16: bool = False  # ort + tensorrt provider: allow fp16 engines
+    verify: bool = True  # check every artifact file's sha256 at load
+    device: str = "cpu"  # torch: the torch device
+    device_id: int = 0  # trt: the GPU
+    max_images: int | None = None  # images per request (default: the model's max_images)
+    max_pixels: int | None = None  # pixels per image, checked before decoding it (default: ImageLimits)
+    extra: dict[str, Any] = field(default_factory=dict)  # further keywords for the backend's constructor
+
+    def backend_name(self) -> str:
+        if self.artifacts is not None and self.checkpoint is not None:
+            raise InputError("give either artifacts (ort / trt) or a checkpoint (torch), not both")
+        if self.artifacts is None and self.checkpoint is None:
+            raise InputError("give artifacts=DIR (exported with `maven-edge export`) or checkpoint=DIR")
+        name = self.backend or ("torch" if self.checkpoint is not None else "ort")
+        spec = BACKENDS.get(name)
+        if spec.runs == "checkpoint" and self.checkpoint is None:
+            raise InputError(f"the {name} backend runs a checkpoint: give --checkpoint DIR instead of --artifacts")
+        if spec.runs == "artifacts" and self.artifacts is None:
+            raise InputError(f"the {name} backend runs exported artifacts: give --artifacts DIR (export them with "
+                             "`maven-edge export --checkpoint DIR --out DIR`)")
+        return name
+
+    def limits(self, default_max_images: int) -> PipelineLimits:
+        image = ImageLimits(max_pixels=self.max_pixels) if self.max_pixels else ImageLimits()
+        max_images = default_max_images if self.max_images is None else self.max_images
+        return PipelineLimits(max_images=max_images, image=image)
+
+
+def open_pipeline(options: PipelineOptions | None = None, **kwargs: Any) -> MavenPipeline:
+    """A pipeline from a :class:`PipelineOptions` or from its fields as keywords (not both)."""
+    if options is not None and kwargs:
+        raise InputError("pass either a PipelineOptions or its fields as keywords, not both")
+    if options is None:
+        known = {f.name for f in dataclasses.fields(PipelineOptions)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise InputError(f"unknown pipeline option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        options = PipelineOptions(**kwargs)
+    backend = load_backend(options)
+    return MavenPipeline(backend, options.limits(backend.config.max_images))
