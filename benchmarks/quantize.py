@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from maven_edge.core.errors import BackendError
+from maven_edge.core.manifest import MANIFEST, sha256_file
 
 
 def quantize_int4(fp32: str | Path, out: str | Path, log: Callable[[str], None] | None = None,
@@ -21,7 +22,6 @@ def quantize_int4(fp32: str | Path, out: str | Path, log: Callable[[str], None] 
         from maven_edge.calibration.quantize import QuantizeOptions, quantize_artifacts
     except ImportError as exc:
         raise BackendError(f"the int4 quantizer (maven_edge.calibration.quantize) is not available: {exc}") from None
-    from maven_edge.core.manifest import MANIFEST, sha256_file
 
     fp32, out = Path(fp32), Path(out)
     stamp = out / ".bench-source.json"

@@ -37,6 +37,7 @@ from maven_edge.benchmarks.harness import describe_machine, machine_info
 from maven_edge.core import paths
 from maven_edge.core.config import VISUAL_MODES
 from maven_edge.core.errors import BackendError, InputError
+from maven_edge.core.manifest import load_manifest
 
 SECTIONS = ("roofline", "pipeline", "text")
 BACKENDS = ("ort", "torch")
@@ -289,7 +290,6 @@ def _source_spec(o: BenchOptions) -> tuple[dict[str, Any], str]:
         spec = {"preset": o.preset, "overrides": o.overrides or None, "seed": o.seed}
         name = o.preset
     else:
-        from maven_edge.core.manifest import load_manifest
 
         manifest = load_manifest(o.artifacts, verify=False)
         src = (manifest.extra or {}).get("source") or {}
@@ -364,7 +364,6 @@ def run_bench(options: BenchOptions) -> BenchReport:
                          "need it and are skipped")
         artifacts: dict[str, str] = {}
         if o.artifacts:
-            from maven_edge.core.manifest import load_manifest
 
             m = load_manifest(o.artifacts, verify=False)
             artifacts[m.recipe if m.recipe in ("fp32", "int4") else m.recipe] = str(Path(o.artifacts).resolve())

@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from maven_edge.benchmarks.harness import PeakRSS, max_rss_bytes, rss_bytes
+from maven_edge.core.errors import MavenError
+from maven_edge.core.manifest import load_manifest
 
 PROGRESS = "@@progress "
 
@@ -114,7 +116,6 @@ def task_export(job: dict[str, Any]) -> dict[str, Any]:
     they hold the same weights and decoder kind, unless ``reexport``."""
     import torch
 
-    from maven_edge.core.manifest import load_manifest
     from maven_edge.export.onnx_export import ExportOptions, export_model, model_fingerprint
 
     torch.set_num_threads(int(job.get("threads", 1)))
@@ -218,8 +219,8 @@ def pipeline_prompt(n: int) -> str:
 def task_pipeline(job: dict[str, Any]) -> dict[str, Any]:
     """Per-stage timings of the multimodal pipeline over modes x image counts."""
     from maven_edge.benchmarks.harness import summarize_records
-    from maven_edge.core.errors import MavenError
-    from maven_edge.runtime.pipeline import STAGES, MavenPipeline, PipelineLimits
+    from maven_edge.runtime.options import PipelineLimits
+    from maven_edge.runtime.pipeline import STAGES, MavenPipeline
 
     threads = int(job["threads"])
     backend = job["backend"]

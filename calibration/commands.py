@@ -12,6 +12,7 @@ import sys
 
 from maven_edge.calibration.quantize import CALIB_METHODS, QUANT_METHODS, QUANT_RECIPES
 from maven_edge.calibration.tensorrt import PRECISIONS as TRT_PRECISIONS
+from maven_edge.core.manifest import load_manifest
 
 
 def _calib_args(p: argparse.ArgumentParser) -> None:
@@ -119,7 +120,6 @@ def _quantize(args: argparse.Namespace) -> int:
 
 def _calib_set(args: argparse.Namespace) -> int:
     from maven_edge.calibration.readers import resolve_calibration_set
-    from maven_edge.core.manifest import load_manifest
 
     manifest = load_manifest(args.artifacts, verify=False)
     cs = resolve_calibration_set(args.calib_images, manifest, args.calib_samples, args.calib_split,
@@ -144,7 +144,6 @@ def _build_trt(args: argparse.Namespace) -> int:
         force=args.force, progress=not args.quiet,
     )
     if args.dry_run:
-        from maven_edge.core.manifest import load_manifest
 
         print(plan_summary(plan_engines(load_manifest(args.artifacts, verify=False), opts)))
         return 0

@@ -15,7 +15,7 @@ that is empty, has the wrong image size, or does not match the artifacts (anothe
 another preset, more images per sample than the model takes) with a :class:`CalibrationError`.
 
 :class:`ComponentFeeds` turns a set into the inputs of every component by running the fp32
-artifacts with onnxruntime, following the runtime flow of DESIGN.md §5: pixel_values for the
+artifacts with onnxruntime, following the runtime flow of docs/design.md §5: pixel_values for the
 vision encoder; its patch features for the discrete tokenizer and the projector; patch features
 plus ``h_eos`` (the decoder's last hidden state after ``[codes, <eos_vis>]``) for the patch
 selector; the ``[codes, <eos_vis>]`` pass itself for the decoder and embed_tokens.
@@ -38,6 +38,7 @@ import numpy as np
 
 from maven_edge.core.config import PreprocessConfig
 from maven_edge.core.errors import CalibrationError, ImageError, MavenError
+from maven_edge.core.preprocess import load_image, preprocess_images
 from maven_edge.export.onnx_components import OnnxComponents
 
 CALIB_META = "calibration.json"
@@ -147,7 +148,6 @@ def synthetic_calibration_set(
     patch_size: int = 8, preset: str | None = None,
 ) -> CalibrationSet:
     """`num_samples` samples (images + prompt) of a shapes-world split, rendered at the model's size."""
-    from maven_edge.core.preprocess import preprocess_images
     from maven_edge.model_src.data import iter_samples
 
     cfg = _preprocess_config(preprocess)
@@ -177,7 +177,6 @@ def folder_calibration_set(
     `allow_upscale`: the runtime would upscale them, and calibrating on upscaled pixels gives
     activation ranges that real camera frames do not have.
     """
-    from maven_edge.core.preprocess import load_image, preprocess_images
 
     cfg = _preprocess_config(preprocess)
     folder = Path(folder)

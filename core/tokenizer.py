@@ -1,6 +1,6 @@
 """Text tokenizer and the unified vocabulary layout (the one place that maps ids).
 
-Layout of the unified vocabulary (DESIGN.md §2)::
+Layout of the unified vocabulary (docs/design.md §2)::
 
     [ byte-level BPE text tokens | special tokens | image slots | (unused padding) | visual codes ]
       0 ..                         specials follow BPE               visual_offset + c

@@ -26,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "export", help="export the model to ONNX, one file per component, with manifest.json",
         description="Export vision_encoder, discrete_tokenizer, embed_tokens, patch_selector, projector and "
-        "decoder to ONNX (DESIGN.md §4), plus tokenizer.json and manifest.json.",
+        "decoder to ONNX (docs/design.md §4), plus tokenizer.json and manifest.json.",
     )
     _add_model_args(p, required=True)
     p.add_argument("--out", type=Path, required=True, help="artifact directory to write")

@@ -4,7 +4,7 @@ Why: the builder emits the fused CPU/GPU kernels onnxruntime ships for LLM decod
 (``GroupQueryAttention`` with rotary embedding inside, ``SkipSimplifiedLayerNormalization``,
 ``MatMulNBits`` for int4), which a plain dynamo export of our decoder does not get. Run with
 ``exclude_embeds=true include_hidden_states=true`` it produces exactly our decoder contract
-(DESIGN.md §4): ``inputs_embeds``, ``attention_mask``, ``past_key_values.N.key/value`` in;
+(docs/design.md §4): ``inputs_embeds``, ``attention_mask``, ``past_key_values.N.key/value`` in;
 ``logits``, ``hidden_states`` (after the final norm, as ours), ``present.N.key/value`` out, with no
 ``position_ids`` input (rotary positions come from the attention mask inside the graph).
 

@@ -68,7 +68,7 @@ class OnnxComponents:
         return out["logits"], out["hidden_states"], nxt
 
     def encode_images(self, pixel_values: np.ndarray, mode: str | None = None) -> np.ndarray:
-        """Visual sequences [n, T_img, D]: <img_start> codes / patches <img_end> (DESIGN.md §3)."""
+        """Visual sequences [n, T_img, D]: <img_start> codes / patches <img_end> (docs/design.md §3)."""
         mode = mode or self.manifest.mode
         ids = self.manifest.vocab["special_ids"]
         n = pixel_values.shape[0]

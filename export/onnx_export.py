@@ -1,4 +1,4 @@
-"""Per-component ONNX export of a MavenModel, as DESIGN.md §4 specifies, plus `manifest.json`.
+"""Per-component ONNX export of a MavenModel, as docs/design.md §4 specifies, plus `manifest.json`.
 
     from maven_edge.export.onnx_export import ExportOptions, export_model
     result = export_model(model, ExportOptions(out="artifacts/tiny-onnx"))
@@ -47,6 +47,7 @@ from maven_edge.core.manifest import (
     Manifest,
     TensorSpec,
     file_entry,
+    load_manifest,
     resolve_inside,
     write_manifest,
 )
@@ -187,7 +188,7 @@ def decoder_output_names(num_layers: int) -> list[str]:
 
 
 def component_specs(model: MavenModel) -> list[ComponentSpec]:
-    """The six ONNX files of a model with their example inputs and I/O contract (DESIGN.md §4)."""
+    """The six ONNX files of a model with their example inputs and I/O contract (docs/design.md §4)."""
     cfg = model.config
     v, llm = cfg.vision, cfg.llm
     n, dv, d, hd, kvh = cfg.num_patches, v.hidden_size, llm.hidden_size, llm.head_dim, llm.num_kv_heads
@@ -591,7 +592,7 @@ def _export_component(
     _set_io_shapes(ir_model, spec)
     graph_tools.remove_unused_initializers(ir_model)
     ir_model.producer_name = "maven-edge"
-    ir_model.doc_string = f"maven-edge {spec.name} (DESIGN.md §4)"
+    ir_model.doc_string = f"maven-edge {spec.name} (docs/design.md §4)"
     ir_model.metadata_props["maven_edge.component"] = spec.name
     ir_model.metadata_props["maven_edge.target_ort"] = target.release
     ort_compat.cap_ir_model(ir_model, target)
@@ -703,7 +704,6 @@ def optimize_artifact(src: str | Path, dst: str | Path, tool: str = "onnxscript"
     (integers exactly, floats within OPTIMIZE_ATOL) and pass the checker and the target checks;
     the manifest is rewritten with the new hashes and `extra.optimized`.
     """
-    from maven_edge.core.manifest import load_manifest
 
     src, dst = Path(src), Path(dst)
     manifest = load_manifest(src)

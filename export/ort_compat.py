@@ -27,7 +27,7 @@ AI_ONNX = ""
 AI_ONNX_ML = "ai.onnx.ml"
 MS_DOMAIN = "com.microsoft"
 
-#: The oldest opset the exported files may use (DESIGN.md §4: LayerNormalization needs 17).
+#: The oldest opset the exported files may use (docs/design.md §4: LayerNormalization needs 17).
 MIN_OPSET = 17
 #: The opset the torch dynamo exporter (torchlib) emits natively; other opsets go through a
 #: version conversion, so this is the default whenever the target allows it.

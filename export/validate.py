@@ -24,8 +24,10 @@ from typing import Any
 
 import numpy as np
 
+from maven_edge.core.config import MavenConfig
 from maven_edge.core.errors import ArtifactError
 from maven_edge.core.manifest import Manifest, load_manifest
+from maven_edge.core.preprocess import preprocess_images
 from maven_edge.core.sampling import GenerationConfig
 from maven_edge.export.onnx_components import OnnxComponents
 
@@ -140,7 +142,6 @@ def _group_layers(checks: list[OutputCheck]) -> list[OutputCheck]:
 def load_questions(cfg: Any, n: int, split: str = "test") -> tuple[list[tuple[np.ndarray, str]], str]:
     """`n` (pixel_values, prompt) pairs and a description of where they came from."""
     try:
-        from maven_edge.core.preprocess import preprocess_images
         from maven_edge.model_src.data import get_sample
 
         out = []
@@ -163,7 +164,6 @@ def _preprocess(images: np.ndarray, cfg: Any) -> np.ndarray:
     try:
         from PIL import Image
 
-        from maven_edge.core.preprocess import preprocess_images
 
         return preprocess_images([Image.fromarray(im) for im in images], cfg.preprocess)
     except ImportError:
@@ -177,7 +177,6 @@ def _preprocess(images: np.ndarray, cfg: Any) -> np.ndarray:
 
 def reference_model(manifest: Manifest, options: ValidateOptions) -> Any:
     """The torch model to compare with: --checkpoint / --preset, else the manifest's recorded source."""
-    from maven_edge.core.config import MavenConfig
     from maven_edge.model_src.checkpoint import build_model, load_model
 
     if options.checkpoint is not None or options.preset is not None:

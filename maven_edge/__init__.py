@@ -25,10 +25,10 @@ _API = {
     "GenerateOptions": "maven_edge.runtime.pipeline",
     "GenerationResult": "maven_edge.runtime.pipeline",
     "GenerationStream": "maven_edge.runtime.pipeline",
-    "PipelineLimits": "maven_edge.runtime.pipeline",
+    "PipelineLimits": "maven_edge.runtime.options",
     "Timings": "maven_edge.runtime.pipeline",
     "PipelineOptions": "maven_edge.runtime.options",
-    "open_pipeline": "maven_edge.runtime.options",
+    "open_pipeline": "maven_edge.runtime.pipeline",
     # the artifact contract
     "Manifest": "maven_edge.core.manifest",
     "load_manifest": "maven_edge.core.manifest",

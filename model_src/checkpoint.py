@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from maven_edge.core.config import MavenConfig, get_config
+from maven_edge.core.config import MavenConfig, apply_overrides, get_config
 from maven_edge.core.errors import CheckpointError, ConfigError
 from maven_edge.core.tokenizer import TextTokenizer
 from maven_edge.model_src.modeling.maven import MavenModel
@@ -70,7 +70,6 @@ def load_checkpoint(directory: str | Path, overrides: list[str] | None = None) -
         raise CheckpointError(f"checkpoint directory not found: {directory}")
     cfg = load_config(directory)
     if overrides:
-        from maven_edge.core.config import apply_overrides
 
         cfg = apply_overrides(cfg, overrides)
     weights = directory / WEIGHTS

@@ -17,7 +17,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from maven_edge.core.config import apply_overrides, get_config
 from maven_edge.core.errors import CheckpointError, ConfigError
+from maven_edge.core.tokenizer import SPECIAL_TOKENS, TextTokenizer, build_default_tokenizer
 
 HELP = "build a maven-edge checkpoint from local Hugging Face LLM (+ CLIP vision) folders"
 
@@ -128,7 +130,6 @@ def import_tokenizer(path: Path | None, hf_vocab_size: int, codebook_size: int):
     """(TextTokenizer with maven-edge's special tokens added, text_vocab_size, origin string)."""
     from tokenizers import Tokenizer
 
-    from maven_edge.core.tokenizer import SPECIAL_TOKENS, TextTokenizer, build_default_tokenizer
 
     if path is not None:
         if not path.is_file():
@@ -221,7 +222,6 @@ def import_hf(
     if out.exists() and any(out.iterdir()) and not force:
         raise CheckpointError(f"--out {out} exists and is not empty; pass --force to write into it")
 
-    from maven_edge.core.config import apply_overrides, get_config
 
     cfg = get_config(preset)  # fail fast on a bad preset before the slow imports
 

@@ -14,11 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from maven_edge.core.errors import CheckpointError, InputError, MavenError
+from maven_edge.core.manifest import MANIFEST, load_manifest, sha256_file
 from maven_edge.core.paths import cache_dir
+from maven_edge.core.preprocess import load_image, pad_to_square
 from maven_edge.model_src.resources import samples_dir, shipped_checkpoint
 from maven_edge.runtime.backends import BACKENDS
 from maven_edge.runtime.backends.providers import PROVIDERS
-from maven_edge.runtime.options import PipelineOptions, open_pipeline
+from maven_edge.runtime.options import PipelineOptions
+from maven_edge.runtime.pipeline import open_pipeline
 
 # ---- shared arguments ------------------------------------------------------------------------
 
@@ -139,7 +142,6 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
 
 def ensure_demo_artifacts(out: Path, checkpoint: Path, log: Any = print) -> Path:
     """Export `checkpoint` to `out` unless `out` already holds the export of exactly these weights."""
-    from maven_edge.core.manifest import MANIFEST, load_manifest, sha256_file
 
     weights = checkpoint / "model.safetensors"
     if not weights.is_file():
@@ -221,7 +223,6 @@ def draw_selection(images: list[Any], selection: Any, cfg: Any, out: Path, cell:
     selected ones outlined, with the patch grid; images side by side."""
     from PIL import Image, ImageDraw
 
-    from maven_edge.core.preprocess import load_image, pad_to_square
 
     fill = tuple(int(round(m * 255)) for m in cfg.preprocess.mean)
     g = selection.grid

@@ -1,4 +1,4 @@
-"""How to open a pipeline, as plain options: :class:`PipelineOptions` and :func:`open_pipeline`.
+"""How to open a pipeline, as plain options: :class:`PipelineOptions` (and :class:`PipelineLimits`).
 
     import maven_edge
     pipe = maven_edge.open_pipeline(artifacts="artifacts/tiny", threads=2)           # ort, CPU
@@ -11,7 +11,6 @@ program and the command line get the same pipeline from the same options.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +18,23 @@ from typing import Any
 
 from maven_edge.core.errors import InputError
 from maven_edge.core.preprocess import ImageLimits
-from maven_edge.runtime.backends import BACKENDS, load_backend
-from maven_edge.runtime.pipeline import MavenPipeline, PipelineLimits
+from maven_edge.runtime.backends import BACKENDS
+
+
+@dataclass
+class PipelineLimits:
+    """What one request may ask for; everything beyond is refused before any model runs."""
+
+    max_images: int = 8
+    image: ImageLimits = field(default_factory=ImageLimits)  # max pixels, bytes, aspect ratio, ...
+    max_prompt_chars: int = 100_000  # checked before tokenization
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_images, bool) or not isinstance(self.max_images, int) or self.max_images < 0:
+            raise InputError(f"max_images must be an integer >= 0, got {self.max_images!r}")
+        if not isinstance(self.max_prompt_chars, int) or self.max_prompt_chars < 1:
+            raise InputError(f"max_prompt_chars must be an integer >= 1, got {self.max_prompt_chars!r}")
+
 
 
 @dataclass
@@ -61,17 +75,3 @@ class PipelineOptions:
         image = ImageLimits(max_pixels=self.max_pixels) if self.max_pixels else ImageLimits()
         max_images = default_max_images if self.max_images is None else self.max_images
         return PipelineLimits(max_images=max_images, image=image)
-
-
-def open_pipeline(options: PipelineOptions | None = None, **kwargs: Any) -> MavenPipeline:
-    """A pipeline from a :class:`PipelineOptions` or from its fields as keywords (not both)."""
-    if options is not None and kwargs:
-        raise InputError("pass either a PipelineOptions or its fields as keywords, not both")
-    if options is None:
-        known = {f.name for f in dataclasses.fields(PipelineOptions)}
-        unknown = sorted(set(kwargs) - known)
-        if unknown:
-            raise InputError(f"unknown pipeline option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        options = PipelineOptions(**kwargs)
-    backend = load_backend(options)
-    return MavenPipeline(backend, options.limits(backend.config.max_images))

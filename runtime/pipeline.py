@@ -1,4 +1,4 @@
-"""MavenPipeline: multi-image question answering over any backend (DESIGN.md §5).
+"""MavenPipeline: multi-image question answering over any backend (docs/design.md §5).
 
     from maven_edge.runtime.pipeline import MavenPipeline
     pipe = MavenPipeline.from_artifacts("artifacts/tiny")            # onnxruntime, CPU
@@ -32,6 +32,7 @@ This module is torch-free: the torch backend is imported only when asked for.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import threading
 import time
@@ -46,11 +47,13 @@ from PIL import Image
 
 from maven_edge.core.config import VISUAL_MODES, MavenConfig
 from maven_edge.core.errors import GenerationCancelled, InputError, PromptError
-from maven_edge.core.preprocess import ImageLimits, preprocess_images
+from maven_edge.core.preprocess import preprocess_images
 from maven_edge.core.prompt import PromptPlan, check_context, plan_prompt, splice
 from maven_edge.core.sampling import GenerationConfig, Sampler, StopChecker
 from maven_edge.core.tokenizer import TextTokenizer
+from maven_edge.runtime.backends import load_backend
 from maven_edge.runtime.backends.base import Backend, DecodeState
+from maven_edge.runtime.options import PipelineLimits, PipelineOptions
 
 #: Stage names in the order they run; their times add up to the end-to-end time.
 STAGES = ("preprocess", "vision", "discrete", "h_eos", "selector", "assemble", "prefill", "decode")
@@ -112,21 +115,6 @@ class GenerateOptions:
             ).validate()
         except (TypeError, ValueError, OverflowError) as exc:
             raise InputError(f"bad generation option: {exc}") from exc
-
-
-@dataclass
-class PipelineLimits:
-    """What one request may ask for; everything beyond is refused before any model runs."""
-
-    max_images: int = 8
-    image: ImageLimits = field(default_factory=ImageLimits)  # max pixels, bytes, aspect ratio, ...
-    max_prompt_chars: int = 100_000  # checked before tokenization
-
-    def __post_init__(self) -> None:
-        if isinstance(self.max_images, bool) or not isinstance(self.max_images, int) or self.max_images < 0:
-            raise InputError(f"max_images must be an integer >= 0, got {self.max_images!r}")
-        if not isinstance(self.max_prompt_chars, int) or self.max_prompt_chars < 1:
-            raise InputError(f"max_prompt_chars must be an integer >= 1, got {self.max_prompt_chars!r}")
 
 
 @dataclass
@@ -374,9 +362,6 @@ class MavenPipeline:
         verify: check every file's sha256 against the manifest at load.
         A shortcut for :func:`maven_edge.open_pipeline` (which takes every option by name).
         """
-        from maven_edge.runtime.backends import load_backend
-        from maven_edge.runtime.options import PipelineOptions
-
         opts = PipelineOptions(artifacts=directory, backend=backend, providers=providers or ("cpu",),
                                session_options=session_options, verify=verify, extra=backend_kwargs)
         return cls(load_backend(opts), limits)
@@ -386,9 +371,6 @@ class MavenPipeline:
         cls, directory: str | Path, device: str = "cpu", limits: PipelineLimits | None = None
     ) -> MavenPipeline:
         """The torch reference backend over a checkpoint directory (imports torch)."""
-        from maven_edge.runtime.backends import load_backend
-        from maven_edge.runtime.options import PipelineOptions
-
         return cls(load_backend(PipelineOptions(checkpoint=directory, device=device)), limits)
 
     @classmethod
@@ -663,3 +645,17 @@ class MavenPipeline:
         decode_time_s = (timings.total_ms - (first_at or 0.0)) / 1e3
         timings.decode_tokens_per_s = after_first / decode_time_s if after_first > 0 and decode_time_s > 0 else 0.0
         return result
+
+
+def open_pipeline(options: PipelineOptions | None = None, **kwargs: Any) -> MavenPipeline:
+    """A pipeline from a :class:`PipelineOptions` or from its fields as keywords (not both)."""
+    if options is not None and kwargs:
+        raise InputError("pass either a PipelineOptions or its fields as keywords, not both")
+    if options is None:
+        known = {f.name for f in dataclasses.fields(PipelineOptions)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise InputError(f"unknown pipeline option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        options = PipelineOptions(**kwargs)
+    backend = load_backend(options)
+    return MavenPipeline(backend, options.limits(backend.config.max_images))

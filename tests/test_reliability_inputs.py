@@ -132,7 +132,8 @@ def test_empty_prompt_with_an_image_is_refused(pipe, runs):
 
 @pytest.mark.parametrize("case", ["long_text", "visual_tokens", "new_tokens", "text_and_images"])
 def test_context_overflow_is_refused_before_anything_runs(pipe, runs, case):
-    from maven_edge.runtime.pipeline import MavenPipeline, PipelineLimits
+    from maven_edge.runtime.options import PipelineLimits
+    from maven_edge.runtime.pipeline import MavenPipeline
 
     limit = pipe.config.llm.max_position_embeddings
     n_cont = limit // pipe.config.num_patches + 1  # continuous mode: N visual tokens per image
@@ -156,7 +157,8 @@ def test_context_overflow_is_refused_before_anything_runs(pipe, runs, case):
 
 
 def test_prompt_over_the_character_limit_is_refused_before_tokenization(pipe, runs, monkeypatch):
-    from maven_edge.runtime.pipeline import MavenPipeline, PipelineLimits
+    from maven_edge.runtime.options import PipelineLimits
+    from maven_edge.runtime.pipeline import MavenPipeline
 
     small = MavenPipeline(pipe.backend, PipelineLimits(max_prompt_chars=1000))
 
@@ -296,7 +298,8 @@ def test_placeholder_count_mismatch_is_refused(pipe, runs, placeholders, images)
 
 
 def test_too_many_images_are_refused(pipe, runs):
-    from maven_edge.runtime.pipeline import MavenPipeline, PipelineLimits
+    from maven_edge.runtime.options import PipelineLimits
+    from maven_edge.runtime.pipeline import MavenPipeline
 
     n = pipe.limits.max_images + 1
     refused(
@@ -397,7 +400,8 @@ def test_bad_image_paths_end_to_end(pipe, runs, tmp_path):
 
 def test_pixel_limit_end_to_end(pipe, pool, runs):
     from maven_edge.core.preprocess import ImageLimits
-    from maven_edge.runtime.pipeline import MavenPipeline, PipelineLimits
+    from maven_edge.runtime.options import PipelineLimits
+    from maven_edge.runtime.pipeline import MavenPipeline
 
     refused(
         runs, lambda: pipe.generate([pool["bomb"]], ONE_IMAGE), ImageError, r"10000x10000 = 100\.0 megapixels"

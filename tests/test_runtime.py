@@ -139,7 +139,7 @@ def test_image_slots_are_added_the_same_way_everywhere(pytestconfig, monkeypatch
     # the manifest-only reader (maven_edge.export.validate) applies them too
     assert OnnxComponents(artifacts).generate(pv.numpy(), prompt) == model.generate(pv, prompt)[0]
     # more images than slots is refused before anything runs, even when the limits would allow it
-    from maven_edge.runtime.pipeline import PipelineLimits
+    from maven_edge.runtime.options import PipelineLimits
 
     n = model.config.max_images + 1
     wide = MavenPipeline.from_model(model, PipelineLimits(max_images=n))
@@ -270,7 +270,8 @@ class _CountingBackend:
 
 
 def test_refusals_happen_before_any_model_runs(ort_pipe):
-    from maven_edge.runtime.pipeline import MavenPipeline, PipelineLimits
+    from maven_edge.runtime.options import PipelineLimits
+    from maven_edge.runtime.pipeline import MavenPipeline
 
     be = _CountingBackend(ort_pipe.backend)
     pipe = MavenPipeline(be, PipelineLimits(max_images=3))  # type: ignore[arg-type]
@@ -305,7 +306,8 @@ def test_refusals_happen_before_any_model_runs(ort_pipe):
 
 def test_bad_images_are_image_errors(ort_pipe, tmp_path):
     from maven_edge.core.preprocess import ImageLimits
-    from maven_edge.runtime.pipeline import MavenPipeline, PipelineLimits
+    from maven_edge.runtime.options import PipelineLimits
+    from maven_edge.runtime.pipeline import MavenPipeline
 
     p = "<image>\nQuestion: what color?\nAnswer:"
     for bad in (b"", b"not an image", Path(DEMO_IMAGES[0]).read_bytes()[:100], tmp_path / "missing.png"):
@@ -327,8 +329,7 @@ def test_literal_special_tokens_are_text(ort_pipe):
 
 def test_backend_errors(artifacts):
     from maven_edge.runtime.backends.providers import available_providers
-    from maven_edge.runtime.options import open_pipeline
-    from maven_edge.runtime.pipeline import MavenPipeline
+    from maven_edge.runtime.pipeline import MavenPipeline, open_pipeline
 
     with pytest.raises(InputError, match="unknown backend"):
         open_pipeline(backend="tflite", artifacts=artifacts)

@@ -1,4 +1,4 @@
-"""The seeded synthetic "shapes world" (DESIGN.md §6): scenes, tasks, splits and selector labels.
+"""The seeded synthetic "shapes world" (docs/design.md §6): scenes, tasks, splits and selector labels.
 
     from maven_edge.model_src.data import get_sample, iter_samples
     s = get_sample("train", 0)          # Sample: images, prompt, answer, family, task, patch_labels

@@ -1,6 +1,6 @@
 """MavenModel: multi-granularity hybrid visual encoding around a Llama-style decoder.
 
-Per image (DESIGN.md §3):
+Per image (docs/design.md §3):
 
     pixel_values -> vision -> patch_features [N, Dv]
                  -> discrete tokenizer -> codes [32] (unified-vocab ids)

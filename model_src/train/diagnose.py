@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from maven_edge.core.errors import InputError
+from maven_edge.core.errors import InputError, MavenError
 from maven_edge.model_src.data import Sample
 from maven_edge.model_src.data.splits import SPLITS, iter_samples
 from maven_edge.model_src.data.tasks import TASKS
@@ -171,7 +171,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--attention-per-task", type=int, default=20, help="questions per task for the attention")
     ap.add_argument("--tasks", nargs="*", default=list(TASKS), help=f"subset of: {' '.join(TASKS)}")
     args = ap.parse_args(argv)
-    from maven_edge.core.errors import MavenError
     from maven_edge.model_src.checkpoint import load_checkpoint
 
     try:

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from maven_edge.core.config import get_config
 from maven_edge.model_src.data.splits import HELDOUT_PAIRS, iter_samples
 from maven_edge.model_src.modeling.maven import MavenModel
 from maven_edge.model_src.train import batches as B
@@ -72,7 +73,6 @@ def train_vision(gray_share: float, out: Path, steps_scale: float = 1.0, quiet: 
                  gray_levels: str = "luma", gray_consistency: float = 0.0) -> tuple[MavenModel, nn.Linear]:
     """The recipe's 0-vision phase on a fresh tiny model with ``gray_share`` grey-scale images
     (``gray_levels``, ``gray_consistency``: see ``PhaseConfig``)."""
-    from maven_edge.core.config import get_config
     from maven_edge.model_src.checkpoint import build_model
     from maven_edge.model_src.train.common import set_threads
     from maven_edge.model_src.train.loop import run_phase

@@ -1,4 +1,4 @@
-"""What each stage trains (DESIGN.md §6, issue 4), and the driver that chains them.
+"""What each stage trains (docs/design.md §6, issue 4), and the driver that chains them.
 
 Stage 0 (pretraining what MaVEn takes pretrained), three phases:
   0-vision  the ViT, with a linear head on every patch feature predicting the colour, shape and size of

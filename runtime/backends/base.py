@@ -1,4 +1,4 @@
-"""The backend protocol: the stage primitives the pipeline orchestrates (DESIGN.md §5).
+"""The backend protocol: the stage primitives the pipeline orchestrates (docs/design.md §5).
 
 A backend owns the model (torch modules, ONNX Runtime sessions or TensorRT engines) and
 exposes one method per stage. Everything that crosses a stage boundary is a numpy array, so

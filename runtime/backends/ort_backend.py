@@ -1,4 +1,4 @@
-"""The ONNX Runtime backend: the five exported components (DESIGN.md §4), torch-free.
+"""The ONNX Runtime backend: the five exported components (docs/design.md §4), torch-free.
 
     be = OrtBackend("artifacts/tiny", providers=["cpu"], session_options=SessionConfig(intra_op_num_threads=2))
 
@@ -138,7 +138,7 @@ class _Session:
         miss_out = [n for n in outputs if n not in self.outputs]
         if miss_in or miss_out:
             raise ArtifactError(
-                f"{self.name}.onnx does not follow the maven-edge contract (DESIGN.md §4): missing inputs "
+                f"{self.name}.onnx does not follow the maven-edge contract (docs/design.md §4): missing inputs "
                 f"{miss_in}, outputs {miss_out}; re-export it with `maven-edge export`"
             )
 
