@@ -18,9 +18,13 @@ import pytest
 
 
 def pytest_configure(config):
-    """One intra-op thread per test process (override with MAVEN_TEST_THREADS): on a small shared
+    """Tests never write into the user's cache directory: default outputs (the demo's export, the
+    bench cache) go under .pytest_cache/ unless MAVEN_EDGE_CACHE says otherwise.
+
+    One intra-op thread per test process (override with MAVEN_TEST_THREADS): on a small shared
     CI machine, torch's default thread pool oversubscribes the cores and runs the tiny test
     models several times slower."""
+    os.environ.setdefault("MAVEN_EDGE_CACHE", str(config.rootpath / ".pytest_cache" / "maven-edge-cache"))
     try:
         import torch
     except ImportError:  # torch-free environments (runtime-only checks)
