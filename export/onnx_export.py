@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from maven_edge.core.errors import ArtifactError, ExportError
+from maven_edge.core.host_contract import host_section
 from maven_edge.core.manifest import (
     MANIFEST,
     Component,
@@ -514,6 +515,7 @@ def export_model(
             "optimized": options.optimize,
             "external_data_threshold": options.external_data_threshold,
         },
+        host=host_section(cfg, model.tokenizer.layout, "tokenizer.json"),
     )
     # File entries were hashed in staging with staging-relative paths; re-hash in place.
     for comp in manifest.components.values():
