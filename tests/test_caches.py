@@ -105,9 +105,8 @@ def genai_backend(pytestconfig):
 
     if builder_unavailable() is not None:
         pytest.skip(str(builder_unavailable()))
-    from tools.soak import cached_genai_artifacts
-
     from maven_edge.runtime.backends.ort_backend import OrtBackend
+    from tools.soak import cached_genai_artifacts
 
     artifacts = cached_genai_artifacts(pytestconfig.cache.mkdir("maven-runtime-artifacts"))
     return OrtBackend(artifacts, session_options={"intra_op_num_threads": 1})
