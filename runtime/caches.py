@@ -180,8 +180,10 @@ class KVSnapshot:
 def position_keys(prompt_ids: Sequence[int], image_id: int, image_digests: Sequence[str], tokens_per_image: int,
                   image_slots: bool = False) -> np.ndarray:
     """One int64 per assembled prompt position: a text token's id (>= 0), or for a visual position
-    a negative number from the image's digest and the offset in its sequence (with image slots,
-    the image's place in the prompt too: its vectors depend on it)."""
+    a negative number from the image's identity and the offset in its sequence (with image slots,
+    the image's place in the prompt too: its vectors depend on it). An image's identity must
+    name everything its visual sequence depends on: its pixels, and the mode and number of kept
+    patches it was encoded with."""
     out: list[int] = []
     img = 0
     for t in prompt_ids:

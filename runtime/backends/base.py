@@ -97,6 +97,10 @@ class Backend(abc.ABC):
         """The backend `options` describe (its artifacts or checkpoint, providers, threads, ...)."""
 
     # ---- capabilities ------------------------------------------------------------------
+    def fingerprint(self) -> str:
+        """Identifies the model this backend runs (part of every cache key)."""
+        return f"{self.name}:{id(self)}"
+
     @property
     def device(self) -> str:
         """Where the model runs, in words (for reports)."""

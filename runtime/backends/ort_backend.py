@@ -31,7 +31,7 @@ import numpy as np
 import onnxruntime as ort
 
 from maven_edge.core.errors import ArtifactError, InputError
-from maven_edge.core.manifest import Manifest, load_manifest, resolve_inside
+from maven_edge.core.manifest import MANIFEST, Manifest, load_manifest, resolve_inside, sha256_file
 from maven_edge.core.tokenizer import TextTokenizer
 from maven_edge.runtime.backends.base import Backend, DecodeBatch, DecodeState, SelectorOutput
 from maven_edge.runtime.backends.providers import PROVIDERS, resolve_providers
@@ -306,6 +306,10 @@ class OrtBackend(Backend):
                    **options.extra)
 
     # ---- capabilities -----------------------------------------------------------------------
+    def fingerprint(self) -> str:
+        """sha256 of manifest.json: it lists every file's sha256, so other files give another value."""
+        return sha256_file(self.artifacts / MANIFEST)
+
     @property
     def device(self) -> str:
         return self.io_device if self.io_device == "cpu" else f"{self.io_device}:{self.device_id}"
