@@ -2,10 +2,10 @@
 
     python -m tools.node_fixture [--out DIR]     # prints the fixture directory
 
-Exports the seeded random test model of the runtime tests (tools/soak.py: tiny geometry, fewer
-layers) twice, once with the torch.onnx decoder and once with onnxruntime-genai's
-GroupQueryAttention decoder (``past_present_share_buffer``; skipped when the builder is not
-installed), writes a few images (PNG and JPEG of other sizes, RGBA, greyscale) and records what
+Uses the runtime tests' export of their seeded random test model (tools/soak.py: tiny geometry,
+fewer layers; torch.onnx decoder, cached under pytest's cache, made here if missing) and exports
+the same model again with onnxruntime-genai's GroupQueryAttention decoder
+(``past_present_share_buffer``; skipped when the builder is not installed), writes a few images (PNG and JPEG of other sizes, RGBA, greyscale) and records what
 the Python side computes for them in ``golden.json``: tokenizer ids, preprocessed pixel tensors
 (``.f32`` files) and greedy token ids of a handful of requests on each export. The Node tests
 compare against these. Everything is kept under ``--out`` (default: the pytest cache) and rebuilt
@@ -26,6 +26,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / ".pytest_cache" / "node-host-fixture"
+#: Where tests/test_runtime.py keeps its export of the same test model (pytest's cache.mkdir).
+RUNTIME_ARTIFACTS = REPO / ".pytest_cache" / "d" / "maven-runtime-artifacts"
 #: Files whose change invalidates the fixture.
 KEY_FILES = ("export/onnx_export.py", "export/genai_decoder.py", "core/host_contract.py", "core/preprocess.py",
              "core/tokenizer.py", "runtime/pipeline.py", "runtime/backends/ort_backend.py", "tools/soak.py",
@@ -66,7 +68,7 @@ def _images(out: Path) -> list[dict[str, Any]]:
     return [{"path": p.name} for p in made]
 
 
-def _answers(artifacts: Path, images: list[str]) -> list[dict[str, Any]]:
+def _answers(artifacts: Path, image_dir: Path, images: list[str]) -> list[dict[str, Any]]:
     from maven_edge.runtime.backends.ort_backend import SessionConfig
     from maven_edge.runtime.pipeline import MavenPipeline
 
@@ -83,7 +85,7 @@ def _answers(artifacts: Path, images: list[str]) -> list[dict[str, Any]]:
         requests.append({"images": images[:1], "prompt": PROMPTS[0], "options": {"maxNewTokens": 8, "keepRatio": 0.5}})
     for r in requests:
         o = r["options"]
-        res = pipe.generate([artifacts.parent / "images" / p for p in r["images"]], r["prompt"],
+        res = pipe.generate([image_dir / p for p in r["images"]], r["prompt"],
                             max_new_tokens=o["maxNewTokens"], mode=o.get("mode"), keep_ratio=o.get("keepRatio"))
         r.update(token_ids=res.token_ids, text=res.text, finish_reason=res.finish_reason,
                  prompt_tokens=res.prompt_tokens, selected_indices=res.selected_indices)
@@ -102,14 +104,14 @@ def build(out: Path) -> Path:
     target = out / _key()
     if (target / "golden.json").is_file():
         return target
-    shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(out, ignore_errors=True)  # an older fixture
     (target / "images").mkdir(parents=True)
     model = soak.build_test_model()
-    exports = {"torch": target / "torch"}
+    # The torch-decoder export is the runtime tests' cached one (pytest makes it first in CI).
+    exports = {"torch": soak.cached_test_artifacts(RUNTIME_ARTIFACTS, model)}
     if builder_unavailable() is None:
         exports["genai"] = target / "genai"
-    for decoder, path in exports.items():
-        export_model(model, ExportOptions(out=path, progress=False, check_load=False, decoder=decoder))
+        export_model(model, ExportOptions(out=exports["genai"], progress=False, check_load=False, decoder="genai"))
     images = _images(target / "images")
     names = [i["path"] for i in images]
     pre = get_config(soak.TEST_PRESET, list(soak.TEST_OVERRIDES)).preprocess
@@ -121,12 +123,12 @@ def build(out: Path) -> Path:
     tok = TextTokenizer.from_file(exports["torch"] / "tokenizer.json", model.config.llm.text_vocab_size,
                                   model.config.discrete.codebook_size)
     golden = {
-        "exports": {k: v.name for k, v in exports.items()},
+        "exports": {k: str(v) for k, v in exports.items()},
         "texts": [{"text": t, "ids": tok.encode(t)} for t in TEXTS],
         "prompts": [{"prompt": p, "ids": tok.encode_prompt(p)} for p in PROMPTS],
         "decode": [{"ids": ids, "text": tok.decode(ids)} for ids in ([40, 276, 464, 25, 220], [497, 72, 276, 600, 800])],
         "images": images,
-        "answers": {k: _answers(v, names) for k, v in exports.items()},
+        "answers": {k: _answers(v, target / "images", names) for k, v in exports.items()},
     }
     (target / "golden.json").write_text(json.dumps(golden, indent=1) + "\n")
     return target

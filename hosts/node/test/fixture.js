@@ -25,7 +25,7 @@ export function fixture() {
   cached = {
     dir,
     golden,
-    exports: Object.fromEntries(Object.entries(golden.exports).map(([k, v]) => [k, path.join(dir, v)])),
+    exports: Object.fromEntries(Object.entries(golden.exports).map(([k, v]) => [k, path.resolve(dir, v)])),
     image: (name) => path.join(dir, 'images', name),
   };
   return cached;
