@@ -24,7 +24,9 @@ import { loadManifest } from './manifest.js';
 import { Detokenizer, Sampler, generationConfig } from './sampling.js';
 import { TextTokenizer } from './tokenizer.js';
 
-const STAGES = ['preprocess', 'vision', 'discrete', 'h_eos', 'selector', 'assemble', 'prefill', 'decode'];
+/** Stage names in the order they run, and their keys in `timings` (milliseconds; they add up to totalMs). */
+const STAGES = { preprocess: 'preprocessMs', vision: 'visionMs', discrete: 'discreteMs', h_eos: 'hEosMs', selector: 'selectorMs',
+  assemble: 'assembleMs', prefill: 'prefillMs', decode: 'decodeMs' };
 const OPT_LEVELS = { disable: 'disabled', basic: 'basic', extended: 'extended', all: 'all' };
 
 function now() {
@@ -481,14 +483,14 @@ export class MavenPipeline {
   async generate(images, prompt, options = {}) {
     const t0 = now();
     const req = this.validate(images, prompt, options);
-    const timings = Object.fromEntries(STAGES.map((s) => [`${s}Ms`, 0]));
+    const timings = Object.fromEntries(Object.values(STAGES).map((key) => [key, 0]));
     timings.preprocessMs = now() - t0;
     const clock = async (stage, fn) => {
       const start = now();
       try {
         return await fn();
       } finally {
-        timings[`${stage}Ms`] += now() - start;
+        timings[STAGES[stage]] += now() - start;
       }
     };
     const result = {
@@ -589,12 +591,18 @@ export class MavenPipeline {
 
   /** Like generate, as an async iterator of text pieces; `.result` resolves to the full result. */
   stream(images, prompt, options = {}) {
+    // Leaving the loop early (break, return, throw) cancels the generation, like closing a
+    // Python GenerationStream; the caller's own signal still works.
+    const controller = new AbortController();
+    options.signal?.addEventListener?.('abort', () => controller.abort(), { once: true });
+    if (options.signal?.aborted) controller.abort();
     const queue = [];
     let wake = null;
     let done = false;
     let failure = null;
     const result = this.generate(images, prompt, {
       ...options,
+      signal: controller.signal,
       onText: (piece) => {
         options.onText?.(piece);
         queue.push(piece);
@@ -615,19 +623,23 @@ export class MavenPipeline {
     );
     result.catch(() => {});
     const iterator = (async function* () {
-      for (;;) {
-        if (queue.length) {
-          yield queue.shift();
-          continue;
+      try {
+        for (;;) {
+          if (queue.length) {
+            yield queue.shift();
+            continue;
+          }
+          if (done) {
+            if (failure) throw failure;
+            return;
+          }
+          await new Promise((resolve) => {
+            wake = resolve;
+          });
+          wake = null;
         }
-        if (done) {
-          if (failure) throw failure;
-          return;
-        }
-        await new Promise((resolve) => {
-          wake = resolve;
-        });
-        wake = null;
+      } finally {
+        if (!done) controller.abort();
       }
     })();
     iterator.result = result;

@@ -138,6 +138,14 @@ for (const kind of ['torch', 'genai']) {
         assert.equal(cut.text, r.text.slice(0, r.text.indexOf(stop)));
         assert.equal(cut.finishReason, 'stop_string');
       }
+      const early = pipe.stream(r.images.map(image), r.prompt, { ...r.options, maxNewTokens: 30 });
+      for await (const piece of early) {
+        assert.ok(piece.length > 0);
+        break; // leaving the loop cancels the rest of the generation
+      }
+      const outcome = await early.result.catch((err) => err);
+      assert.ok(outcome instanceof GenerationCancelled || outcome.tokenIds.length <= 30);
+      assert.deepEqual((await pipe.generate(r.images.map(image), r.prompt, r.options)).tokenIds, r.token_ids);
       const controller = new AbortController();
       controller.abort();
       await assert.rejects(pipe.generate(r.images.map(image), r.prompt, { signal: controller.signal }),
