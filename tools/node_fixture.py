@@ -3,13 +3,15 @@
     python -m tools.node_fixture [--out DIR]     # prints the fixture directory
 
 Uses the runtime tests' export of their seeded random test model (tools/soak.py: tiny geometry,
-fewer layers; torch.onnx decoder, cached under pytest's cache, made here if missing) and exports
-the same model again with onnxruntime-genai's GroupQueryAttention decoder
-(``past_present_share_buffer``; skipped when the builder is not installed), writes a few images (PNG and JPEG of other sizes, RGBA, greyscale) and records what
-the Python side computes for them in ``golden.json``: tokenizer ids, preprocessed pixel tensors
-(``.f32`` files) and greedy token ids of a handful of requests on each export. The Node tests
-compare against these. Everything is kept under ``--out`` (default: the pytest cache) and rebuilt
-only when the exporter, the host contract or this file change. Imports torch.
+fewer layers; torch.onnx decoder, cached under pytest's cache, made here if missing), exports the
+same model again with onnxruntime-genai's GroupQueryAttention decoder
+(``past_present_share_buffer``; skipped when the builder is not installed) and a variant with
+image slots (``config.image_slots``), writes a few images (PNG and JPEG of other sizes, RGBA,
+greyscale) and records what the Python side computes for them in ``golden.json``: tokenizer ids,
+preprocessed pixel tensors (``.f32`` files) and greedy token ids of a handful of requests on each
+export. The Node tests compare against these. Everything is kept under ``--out`` (default: the
+pytest cache) and rebuilt only when the exporter, the host contract, the runtime or this file
+change. Imports torch.
 """
 
 from __future__ import annotations
@@ -112,6 +114,13 @@ def build(out: Path) -> Path:
     if builder_unavailable() is None:
         exports["genai"] = target / "genai"
         export_model(model, ExportOptions(out=exports["genai"], progress=False, check_load=False, decoder="genai"))
+    # A model with image slots (a learned vector per image position added to its sequence).
+    from maven_edge.model_src.checkpoint import build_model
+
+    slots_cfg = get_config(soak.TEST_PRESET, [*soak.TEST_OVERRIDES, "image_slots=true"])
+    exports["slots"] = target / "slots"
+    export_model(build_model(slots_cfg, seed=soak.TEST_SEED),
+                 ExportOptions(out=exports["slots"], progress=False, check_load=False))
     images = _images(target / "images")
     names = [i["path"] for i in images]
     pre = get_config(soak.TEST_PRESET, list(soak.TEST_OVERRIDES)).preprocess

@@ -98,7 +98,7 @@ describe('preprocessing', () => {
   });
 });
 
-for (const kind of ['torch', 'genai']) {
+for (const kind of ['torch', 'genai', 'slots']) {
   describe(`generation (${kind} decoder)`, () => {
     let pipe = null;
     before(async () => {
@@ -111,6 +111,7 @@ for (const kind of ['torch', 'genai']) {
       const { golden, image } = fixture();
       if (!pipe) return t.skip('this fixture has no genai export (onnxruntime-genai is not installed)');
       assert.equal(pipe.sharedKv, kind === 'genai');
+      assert.equal(pipe.vs.image_slots, kind === 'slots');
       for (const r of golden.answers[kind]) {
         const res = await pipe.generate(r.images.map(image), r.prompt, r.options);
         const what = `${JSON.stringify(r.prompt)} ${JSON.stringify(r.options)}`;
