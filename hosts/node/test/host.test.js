@@ -99,7 +99,7 @@ describe('preprocessing', () => {
 });
 
 for (const kind of ['torch', 'genai', 'slots']) {
-  describe(`generation (${kind} decoder)`, () => {
+  describe(`generation (${kind} export)`, () => {
     let pipe = null;
     before(async () => {
       const { exports } = fixture();
