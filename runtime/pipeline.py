@@ -747,33 +747,45 @@ class _Decoding:
         """Decode in the scheduler's batch: its thread steps and calls `consume`; this thread yields
         the pieces. Cancelling (the request's event, or closing the stream) leaves the batch at the
         next step."""
-        pieces: queue.SimpleQueue[str] = queue.SimpleQueue()
+        pieces: queue.SimpleQueue[tuple[str, int]] = queue.SimpleQueue()  # (text, tokens so far)
         cancel = self.req.cancel
         cancelled = threading.Event()
+        res = self.result
 
-        def on_logits(logits: np.ndarray) -> int | None:
+        def on_logits(logits: np.ndarray) -> tuple[int | None, bool]:
             if cancel is not None and cancel.is_set():
                 cancelled.set()
-                return None
+                return None, False
             piece, nxt = self.consume(logits)
             if piece:
-                pieces.put(piece)
-            return nxt
+                pieces.put((piece, len(res.token_ids)))
+            return nxt, bool(piece)
 
         row = DecodeRow(state, token, on_logits)
-        self.result.cache.batched = True
+        res.cache.batched = True
         scheduler.submit(row)
+        read_tokens = len(res.token_ids)  # the tokens of the pieces the reader has taken
         try:
             while True:
                 with self.clock.stage("decode"):
-                    done = row.done.wait(0.02) if pieces.empty() else False
-                while not pieces.empty():
-                    yield pieces.get()
-                if done or (row.done.is_set() and pieces.empty()):
+                    try:
+                        piece, upto = pieces.get(timeout=0.02)
+                    except queue.Empty:
+                        if row.done.is_set() and pieces.empty():
+                            break
+                        continue
+                scheduler.took(row)
+                if cancel is not None and cancel.is_set():
+                    cancelled.set()
                     break
+                read_tokens = upto
+                yield piece
         finally:
             if not row.done.is_set():
-                row.cancelled = True  # the consumer went away (closed stream, exception)
+                row.cancelled = True  # the reader went away or cancelled: the row leaves at the next step
+        if cancelled.is_set():  # end where the reader stopped, as a request decoding alone does
+            row.done.wait()
+            del res.token_ids[read_tokens:]
         self.result.timings.decode_step_ms.extend(row.step_ms)
         self.result.cache.batch_occupancy = row.occupancy
         if row.error is not None:
