@@ -385,6 +385,7 @@ class MavenPipeline:
         session_options: Any = None,
         limits: PipelineLimits | None = None,
         verify: bool = True,
+        caching: CachingOptions | None = None,
         **backend_kwargs: Any,
     ) -> MavenPipeline:
         """A pipeline over exported artifacts (``manifest.json`` + the files it lists).
@@ -398,21 +399,23 @@ class MavenPipeline:
         """
         opts = PipelineOptions(artifacts=directory, backend=backend, providers=providers or ("cpu",),
                                session_options=session_options, verify=verify, extra=backend_kwargs)
-        return cls(load_backend(opts), limits)
+        return cls(load_backend(opts), limits, caching)
 
     @classmethod
     def from_checkpoint(
-        cls, directory: str | Path, device: str = "cpu", limits: PipelineLimits | None = None
+        cls, directory: str | Path, device: str = "cpu", limits: PipelineLimits | None = None,
+        caching: CachingOptions | None = None,
     ) -> MavenPipeline:
         """The torch reference backend over a checkpoint directory (imports torch)."""
-        return cls(load_backend(PipelineOptions(checkpoint=directory, device=device)), limits)
+        return cls(load_backend(PipelineOptions(checkpoint=directory, device=device)), limits, caching)
 
     @classmethod
-    def from_model(cls, model: Any, limits: PipelineLimits | None = None) -> MavenPipeline:
+    def from_model(cls, model: Any, limits: PipelineLimits | None = None,
+                   caching: CachingOptions | None = None) -> MavenPipeline:
         """The torch reference backend over an in-memory MavenModel (imports torch)."""
         from maven_edge.runtime.backends.torch_backend import TorchBackend
 
-        return cls(TorchBackend(model), limits)
+        return cls(TorchBackend(model), limits, caching)
 
     def close(self) -> None:
         self.backend.close()
