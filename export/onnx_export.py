@@ -78,6 +78,7 @@ class ExportOptions:
     progress: bool = True  # tqdm bar over the components
     genai: bool = False  # also write genai_config.json + tokenizer_config.json (onnxruntime-genai, text only)
     decoder: str = "torch"  # "torch" (torch.onnx), "genai" / "genai-int4" (onnxruntime-genai model builder)
+    target_trt: str | None = None  # TensorRT release the files must parse in (caps the opset: 8.6 -> 17)
 
 
 @dataclass
@@ -489,6 +490,8 @@ def export_model(
     out = Path(options.out)
     target = ort_compat.get_target(options.target_ort)
     opset = ort_compat.resolve_opset(options.opset, target)
+    if options.target_trt is not None:
+        opset = _trt_opset(options, opset)
     if options.optimize is not None and options.optimize not in graph_tools.OPTIMIZERS:
         raise ExportError(f"unknown optimizer {options.optimize!r}; choose one of {', '.join(graph_tools.OPTIMIZERS)}")
     model = model.eval()
@@ -556,6 +559,7 @@ def export_model(
             "h_eos": "decoder hidden_states at <eos_vis> after [codes, <eos_vis>] with an empty past",
             "optimized": options.optimize,
             "external_data_threshold": options.external_data_threshold,
+            "target_trt": options.target_trt,
         },
     )
     # File entries were hashed in staging with staging-relative paths; re-hash in place.
@@ -567,6 +571,23 @@ def export_model(
     write_manifest(manifest, out)
     seconds["total"] = round(time.perf_counter() - t_start, 2)
     return ExportResult(manifest, reports, parity, seconds, out)
+
+
+def _trt_opset(options: ExportOptions, opset: int) -> int:
+    """The opset for `--target-trt`: TensorRT's ONNX parser reads opsets up to a cap per release
+    (8.6: 17, and it misreads the opset-18 reductions' `axes` input rather than refusing them)."""
+    from maven_edge.export import trt_compat
+
+    cap = trt_compat.max_opset(options.target_trt)
+    if options.decoder != "torch":
+        raise ExportError(f"--decoder {options.decoder} writes onnxruntime contrib ops (GroupQueryAttention, ...) that "
+                          f"TensorRT cannot parse; with --target-trt use --decoder torch")
+    if options.opset is None:
+        return min(opset, cap)
+    if options.opset > cap:
+        raise ExportError(f"--opset {options.opset} is newer than TensorRT {options.target_trt}'s ONNX parser reads "
+                          f"({cap}); use --opset {cap} or leave --opset out")
+    return opset
 
 
 def _builder_decoder(
