@@ -385,3 +385,14 @@ def test_gpu_provider_problems_are_explained(manifest, artifacts, monkeypatch):
     genai.precision = "fp16"
     providers.check_decoder_for("tensorrt", genai)
     providers.check_decoder_for("cuda", manifest.components["decoder"])
+
+
+def test_no_extra_installs_onnxruntime_gpu_beside_onnxruntime():
+    """Item 7: the base dependency is onnxruntime; an extra adding onnxruntime-gpu puts two
+    distributions of the same package side by side (the GPU providers can vanish)."""
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    project = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())["project"]
+    assert any(d.startswith("onnxruntime>") for d in project["dependencies"])
+    for name, reqs in project["optional-dependencies"].items():
+        assert not [r for r in reqs if r.startswith("onnxruntime-gpu")], name
+    assert project["optional-dependencies"]["tensorrt"] == ["tensorrt>=10.3,<11"]
