@@ -11,19 +11,29 @@ What is planned here is pure Python and testable without a GPU (:func:`plan_engi
   decoder gets two: ``prefill`` (prompt of 1..max_seq tokens, empty past; batch up to
   max(max_batch, max_images) for the ``[codes, <eos_vis>]`` pass) and ``decode`` (one token,
   past 1..max_seq-1). An INT8-calibrated engine also gets a fixed one-image calibration profile.
-- **Precision per component**: ``fp16`` builds everything with FP16 kernels and keeps the
-  layers that need range in FP32 (normalisations, reductions, softmax, pow/sqrt/reciprocal:
-  :func:`keep_fp32_layer`). ``int8`` gives the vision side (vision encoder, discrete
-  tokenizer, patch selector, projector) INT8 + FP16 and keeps the decoder and embed_tokens
-  FP16: from fp32 artifacts with an entropy calibrator fed by :mod:`maven_edge.calibration.readers`
-  (and a calibration cache), from ``int8-static`` artifacts with their explicit Q/DQ scales.
-  ``fp8`` (Ada/Hopper, compute capability >= 8.9) quantizes the vision side to FP8 E4M3 Q/DQ
-  with onnxruntime's calibrator first (explicit quantization) and keeps the decoder FP16.
+- **Precision per component** (the recipes and the TensorRT releases each supports are in
+  :data:`maven_edge.calibration.trt_support.ENGINE_RECIPES`): ``fp16`` builds everything with
+  FP16 kernels and keeps the layers that need range in FP32 (normalisations, reductions,
+  softmax, pow/sqrt/reciprocal: :func:`keep_fp32_layer`). ``int8`` gives the vision side
+  (vision encoder, discrete tokenizer, patch selector, projector) INT8 + FP16 and keeps the
+  decoder and embed_tokens FP16: from fp32 artifacts with an entropy calibrator fed by
+  :mod:`maven_edge.calibration.readers` (and a calibration cache), from ``int8-trt`` artifacts
+  with their explicit, symmetric Q/DQ scales. ``fp8`` (Ada/Hopper, compute capability >= 8.9)
+  quantizes the vision side to FP8 E4M3 Q/DQ with onnxruntime's calibrator first (explicit
+  quantization) and keeps the decoder FP16. These three are weakly typed (TensorRT 8.6 - 10.x);
+  ``typed`` builds strongly typed networks whose precision comes from the ONNX files (TensorRT
+  >= 10.0, the path TensorRT 11 keeps). Any Q/DQ in a weakly typed network adds its type's flag.
+- **Refusals up front**: each plan checks its ONNX file against the ONNX parser's op / opset
+  table of the TensorRT release (:func:`maven_edge.export.trt_compat.graph_problems`: contrib
+  ops, int8-dynamic's integer ops, opset 18 on TensorRT 8.6, asymmetric Q/DQ) and the recipe's
+  range; :func:`build_engines` stops before building anything when a plan is refused, and
+  ``--dry-run`` (:func:`plan_summary`) prints every plan with its reason.
 - **Caches**: the engine cache key is a sha256 over the manifest hash, the component file's
   hash, GPU name + compute capability, TensorRT version and the build settings
   (:func:`engine_cache_key`); an engine whose key is in the cache is reused, not rebuilt.
-  INT8 calibration caches are keyed by manifest hash + component + calibration set digest and
-  use TensorRT's own text format (:func:`format_calibration_cache`). The timing cache is one
+  INT8 calibration caches are keyed by manifest hash + component + calibration set digest +
+  TensorRT version and use TensorRT's own text format (:func:`format_calibration_cache`), whose
+  header carries the version (:func:`trt_version_tag`). The timing cache is one
   file per GPU + TensorRT version, shared by every build.
 
 :func:`build_engines` then runs the TensorRT builder (``tensorrt`` and cuda-python imported
