@@ -45,6 +45,7 @@ class BenchOptions:
     max_tokens: int = 16
     warmup: int = 2
     timeout_s: float = 300.0
+    wait_ready_s: float = 300.0  # poll GET /health this long before starting
 
     def check(self) -> None:
         if self.concurrency < 1 or self.requests < 1 or self.max_tokens < 1 or self.warmup < 0:
@@ -109,6 +110,27 @@ async def _one(client: Any, opts: BenchOptions, model: str, messages: list[dict[
         return Sample(f"exception:{type(exc).__name__}")
 
 
+async def _wait_ready(client: Any, opts: BenchOptions) -> None:
+    import httpx
+
+    deadline = time.monotonic() + opts.wait_ready_s
+    last = "no answer"
+    while True:
+        try:
+            resp = await client.get("/health")
+            if resp.status_code == 200:
+                return
+            last = f"{resp.status_code} {resp.text[:200]}"
+            if resp.status_code == 503 and resp.json().get("status") == "failed":
+                break
+        except (httpx.HTTPError, ValueError) as exc:
+            last = f"{type(exc).__name__}: {exc}"
+        if time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.5)
+    raise InputError(f"the server at {opts.url} is not ready ({last}); start it with `maven-edge serve`")
+
+
 def _percentiles(values: list[float]) -> dict[str, float | None]:
     if not values:
         return {"p50": None, "p95": None, "p99": None, "mean": None}
@@ -124,6 +146,7 @@ async def _bench(opts: BenchOptions) -> dict[str, Any]:
     limits = httpx.Limits(max_connections=opts.concurrency + 1, max_keepalive_connections=opts.concurrency + 1)
     async with httpx.AsyncClient(base_url=opts.url, headers=headers, timeout=opts.timeout_s, limits=limits,
                                  trust_env=False) as client:
+        await _wait_ready(client, opts)
         models = await client.get("/v1/models")
         if models.status_code != 200:
             raise InputError(f"GET {opts.url}/v1/models answered {models.status_code}: {models.text[:300]}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,15 +18,15 @@ from maven_edge.runtime.commands import _add_model_args, pipeline_options
 
 SERVE_EXAMPLES = """\
 examples:
-  # the shipped tiny model (export it once with `maven-edge demo`), on 127.0.0.1:8000
-  maven-edge demo && maven-edge serve --artifacts ~/.cache/maven-edge/demo/tiny
+  # the shipped tiny model (exported into the user cache on first use, like `maven-edge demo`), on 127.0.0.1:8000
+  maven-edge serve --demo
 
   # 2 generations at once, 8 waiting, 60 s per request, an API key, reachable from the LAN
   MAVEN_EDGE_API_KEY=secret maven-edge serve --artifacts artifacts/tiny --host 0.0.0.0 \\
       --max-concurrency 2 --max-queue 8 --request-timeout 60
 
   # Ray Serve: 2 replicas on this machine (pip install -c constraints.txt 'maven-edge[ray]')
-  maven-edge serve --artifacts artifacts/tiny --ray --replicas 2 --threads 1
+  maven-edge serve --demo --ray --replicas 2 --threads 1
 
   # Ray Serve on a running cluster, autoscaling between 1 and 8 replicas
   maven-edge serve --artifacts /shared/artifacts/tiny --ray --address auto --host 0.0.0.0 \\
@@ -39,6 +40,7 @@ then, with any OpenAI client:
 
 BENCH_EXAMPLES = """\
 examples:
+  maven-edge serve --demo --exit-after 600 &      # a server to measure (stops by itself)
   maven-edge bench-serve --url http://127.0.0.1:8000 --concurrency 4 --requests 200
   maven-edge bench-serve --concurrency 8 --requests 400 --max-tokens 16 --json --out bench.json
 """
@@ -56,6 +58,16 @@ def server_config(args: argparse.Namespace) -> Any:
     from maven_edge.serving.config import API_KEY_ENV, ServerConfig
     from maven_edge.serving.images import SERVER_FORMATS, ImagePolicy
 
+    if args.demo:
+        if args.artifacts or args.checkpoint:
+            raise InputError("--demo serves the shipped tiny model: leave out --artifacts/--checkpoint")
+        from maven_edge.model_src.resources import shipped_checkpoint
+        from maven_edge.runtime.commands import demo_artifacts_dir, ensure_demo_artifacts
+
+        args.artifacts = str(ensure_demo_artifacts(demo_artifacts_dir(), shipped_checkpoint(),
+                                                   log=lambda m: print(m, file=sys.stderr)))
+    elif not (args.artifacts or args.checkpoint):
+        raise InputError("give --artifacts DIR (exported with `maven-edge export`), --checkpoint DIR, or --demo")
     opts = pipeline_options(args)
     opts.backend_name()  # artifacts xor checkpoint, and the backend fits
     if opts.artifacts is not None and not (Path(opts.artifacts) / MANIFEST).is_file():
@@ -109,7 +121,8 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     opts = BenchOptions(url=args.url, api_key=args.api_key if args.api_key is not None
                         else os.environ.get("MAVEN_EDGE_API_KEY") or None,
                         model=args.model, concurrency=args.concurrency, requests=args.requests,
-                        max_tokens=args.max_tokens, warmup=args.warmup, timeout_s=args.timeout)
+                        max_tokens=args.max_tokens, warmup=args.warmup, timeout_s=args.timeout,
+                        wait_ready_s=args.wait_ready)
     report = run_bench(opts)
     if args.out:
         import json
@@ -131,7 +144,10 @@ def register(sub: Any) -> None:
         description="An OpenAI-compatible server: POST /v1/chat/completions (multi-image, image_url parts as "
         "data: URIs, streaming), GET /v1/models, GET /health, GET /metrics (Prometheus). See docs/serving.md.",
         epilog=SERVE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_model_args(p)
+    _add_model_args(p, required=False)
+    p.add_argument("--demo", action="store_true",
+                   help="serve the shipped tiny model (exported into the user cache on first use, as `maven-edge demo` "
+                   "does)")
     net = p.add_argument_group("network")
     net.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     net.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free port, printed)")
@@ -189,6 +205,8 @@ def register(sub: Any) -> None:
     b.add_argument("--max-tokens", type=int, default=16, help="max_tokens per request (default 16)")
     b.add_argument("--warmup", type=int, default=2, help="requests sent first and not counted (default 2)")
     b.add_argument("--timeout", type=float, default=300.0, help="seconds per request (default 300)")
+    b.add_argument("--wait-ready", type=float, default=300.0,
+                   help="seconds to wait for GET /health to say ready before starting (default 300)")
     b.add_argument("--json", action="store_true", help="print the report as JSON")
     b.add_argument("--out", metavar="FILE", help="also write the JSON report here")
     b.set_defaults(func=cmd_bench_serve)

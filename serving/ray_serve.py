@@ -21,7 +21,9 @@ is started and stopped with the command.
 from __future__ import annotations
 
 import logging
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -119,15 +121,26 @@ def run_ray(config: ServerConfig, ray_opts: RayOptions, host: str = "127.0.0.1",
     """`maven-edge serve --ray`: deploy, print the URL, serve until interrupted (or `exit_after_s`)."""
     warn_if_exposed(host, config)
     started = time.monotonic()
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        log.info("signal %s: stopping", signum)
+        stop.set()
+
+    # explicit handlers: a background job's SIGINT is ignored by default, and SIGTERM would skip the cleanup
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         url = deploy(config, ray_opts, host, port)
+        for s in previous:  # ray.init may have installed its own
+            signal.signal(s, on_signal)
         print(f"maven-edge serve: Ray Serve application '{APP_NAME}' ready; listening on {url}",
               file=sys.stderr, flush=True)
-        while exit_after_s is None or time.monotonic() - started < exit_after_s:
-            time.sleep(0.5)
-        log.info("--exit-after %s s reached; stopping", exit_after_s)
-    except KeyboardInterrupt:
-        pass
+        while not stop.wait(0.5):
+            if exit_after_s is not None and time.monotonic() - started >= exit_after_s:
+                log.info("--exit-after %s s reached; stopping", exit_after_s)
+                break
     finally:
         shutdown()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     return 0

@@ -364,6 +364,23 @@ def test_eight_clients_times_25_requests_match_the_requests_run_alone(tiny):
     assert not mismatches, mismatches[:3]
 
 
+def test_bench_serve_reports_throughput_and_percentiles(tiny, capsys):
+    capsys.readouterr()
+    assert cli_main(["bench-serve", "--url", tiny.url, "--api-key", ENV_KEY, "--concurrency", "2", "--requests", "6",
+                     "--max-tokens", "8", "--warmup", "1", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] and report["succeeded"] == 6 and report["errors"] == {}
+    assert report["requests_per_s"] > 0 and report["completion_tokens"] > 0
+    for key in ("ttft_ms", "latency_ms"):
+        d = report[key]
+        assert 0 < d["p50"] <= d["p95"] <= d["p99"]
+    assert report["ttft_ms"]["p50"] <= report["latency_ms"]["p50"]
+    assert sum(report["replicas"].values()) == 6
+    # a server that is not there: a clear error, not a traceback
+    assert cli_main(["bench-serve", "--url", "http://127.0.0.1:9", "--wait-ready", "0.5", "--requests", "1"]) == 2
+    assert "is not ready" in capsys.readouterr().err
+
+
 # ---- models, health, metrics ---------------------------------------------------------------------------------
 
 
