@@ -12,6 +12,7 @@ import argparse
 import importlib
 import sys
 
+from maven_edge import __version__
 from maven_edge.core.errors import MavenError
 
 # (module, description) in the order data flows through the project.
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Edge deployment stack for MaVEn-style multimodal LLMs: train, export to ONNX, "
         "quantize, run multi-image question answering and benchmark it.",
     )
+    parser.add_argument("--version", action="version", version=f"maven-edge {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         try:

@@ -71,8 +71,9 @@ def open_server_pipeline(config: ServerConfig) -> MavenPipeline:
     opts = config.pipeline
     backend = load_backend(opts)
     base = opts.limits(backend.config.max_images)
-    return MavenPipeline(backend, PipelineLimits(max_images=base.max_images, image=config.images.limits,
-                                                 max_prompt_chars=base.max_prompt_chars))
+    limits = PipelineLimits(max_images=base.max_images, image=config.images.limits,
+                            max_prompt_chars=base.max_prompt_chars)
+    return MavenPipeline(backend, limits, opts.caching())
 
 
 # ---- per-request state -------------------------------------------------------------------------
