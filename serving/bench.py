@@ -2,7 +2,8 @@
 
 K concurrent clients (one asyncio task each, over one httpx connection pool) send ``requests``
 streamed chat completions in all, taken in turn from a fixed list of multi-image questions about
-the shipped sample images (sent as data: URIs). Measured per request, at the client: TTFT (until the
+the shipped sample images (sent as data: URIs; by default each request's images differ in one pixel,
+so the server's caches cannot answer for it). Measured per request, at the client: TTFT (until the
 first content chunk), end-to-end latency (until ``[DONE]``), completion tokens (from the usage
 chunk). Reported: requests/s and completion tokens/s over the wall time of the measured requests,
 p50/p95/p99 of TTFT and latency, errors by status, and which replica answered (the
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import json
 import time
 from collections import Counter
@@ -20,6 +22,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from maven_edge.core.errors import InputError
 from maven_edge.model_src.resources import samples_dir
@@ -46,20 +49,39 @@ class BenchOptions:
     warmup: int = 2
     timeout_s: float = 300.0
     wait_ready_s: float = 300.0  # poll GET /health this long before starting
+    same_images: bool = False  # True: every request reuses the sample images as they are (cache hits)
 
     def check(self) -> None:
         if self.concurrency < 1 or self.requests < 1 or self.max_tokens < 1 or self.warmup < 0:
             raise InputError("--concurrency, --requests and --max-tokens must be >= 1, --warmup >= 0")
 
 
-def sample_messages() -> list[list[dict[str, Any]]]:
-    """The benchmark's requests' `messages`, one per entry of QUESTIONS."""
+def sample_messages(count: int, same_images: bool = False) -> list[list[dict[str, Any]]]:
+    """`messages` of `count` requests, taking QUESTIONS in turn. Unless `same_images`, request i's
+    images differ from every other request's in one pixel (set from i), so the server's
+    visual-feature and prefix caches cannot answer for it, as with clients sending new photos."""
     samples = samples_dir()
     names = json.loads((samples / "demo.json").read_text())["images"]
-    uris = ["data:image/png;base64," + base64.b64encode((samples / n).read_bytes()).decode() for n in names]
+    images = [Image.open(samples / n).convert("RGB") for n in names]
+
+    def uri(im: Image.Image) -> str:
+        buf = io.BytesIO()
+        im.save(buf, "PNG")
+        return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+    fixed = [uri(im) for im in images]
     out = []
-    for picks, question in QUESTIONS:
-        parts: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": uris[i]}} for i in picks]
+    for i in range(count):
+        picks, question = QUESTIONS[i % len(QUESTIONS)]
+        parts: list[dict[str, Any]] = []
+        for k in picks:
+            if same_images:
+                url = fixed[k]
+            else:
+                im = images[k].copy()
+                im.putpixel((0, 0), (i % 256, (i // 256) % 256, 255 - k))
+                url = uri(im)
+            parts.append({"type": "image_url", "image_url": {"url": url}})
         parts.append({"type": "text", "text": question})
         out.append([{"role": "user", "content": parts}])
     return out
@@ -151,9 +173,9 @@ async def _bench(opts: BenchOptions) -> dict[str, Any]:
         if models.status_code != 200:
             raise InputError(f"GET {opts.url}/v1/models answered {models.status_code}: {models.text[:300]}")
         model = opts.model or models.json()["data"][0]["id"]
-        requests = sample_messages()
+        requests = sample_messages(opts.warmup + opts.requests, opts.same_images)
         for i in range(opts.warmup):
-            await _one(client, opts, model, requests[i % len(requests)])
+            await _one(client, opts, model, requests[opts.requests + i])
         counter = iter(range(opts.requests))
         samples: list[Sample] = []
 
@@ -191,7 +213,8 @@ def format_report(r: dict[str, Any]) -> str:
     o = r["options"]
     lines = [
         f"bench-serve {r['url']} model {r['model']}: {r['requests']} requests, {o['concurrency']} concurrent clients, "
-        f"max_tokens {o['max_tokens']}, {r['images_per_request']} images per request",
+        f"max_tokens {o['max_tokens']}, {r['images_per_request']} images per request"
+        + (" (the same images every time)" if o["same_images"] else " (new images every request)"),
         f"succeeded {r['succeeded']}/{r['requests']}" + (f", errors {r['errors']}" if r["errors"] else ""),
         f"throughput  {r['requests_per_s']:.2f} requests/s, {r['completion_tokens_per_s']:.1f} completion tokens/s "
         f"(wall {r['wall_s']:.1f} s)",

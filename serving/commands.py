@@ -69,6 +69,10 @@ def server_config(args: argparse.Namespace) -> Any:
     elif not (args.artifacts or args.checkpoint):
         raise InputError("give --artifacts DIR (exported with `maven-edge export`), --checkpoint DIR, or --demo")
     opts = pipeline_options(args)
+    for name in ("visual_cache_mb", "prefix_cache_mb", "max_batch"):
+        if getattr(args, name) is not None:
+            setattr(opts, name, getattr(args, name))
+    opts.caching()  # checks the values
     opts.backend_name()  # artifacts xor checkpoint, and the backend fits
     if opts.artifacts is not None and not (Path(opts.artifacts) / MANIFEST).is_file():
         raise ArtifactError(f"{opts.artifacts} holds no {MANIFEST}; export a model with `maven-edge export "
@@ -122,7 +126,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
                         else os.environ.get("MAVEN_EDGE_API_KEY") or None,
                         model=args.model, concurrency=args.concurrency, requests=args.requests,
                         max_tokens=args.max_tokens, warmup=args.warmup, timeout_s=args.timeout,
-                        wait_ready_s=args.wait_ready)
+                        wait_ready_s=args.wait_ready, same_images=args.same_images)
     report = run_bench(opts)
     if args.out:
         import json
@@ -162,6 +166,12 @@ def register(sub: Any) -> None:
                      help="seconds per request, queue wait + generation (default 120)")
     lim.add_argument("--max-body-mb", type=float, default=8.0, help="request body limit in MiB; beyond: 413 (default 8)")
     lim.add_argument("--max-image-mb", type=float, help="encoded size limit per image in MiB (default: the body limit)")
+    lim.add_argument("--max-batch", type=int,
+                     help="decode steps of up to this many concurrent generations run as one batch (continuous "
+                     "batching; 1 = off; default: the runtime's, 4)")
+    lim.add_argument("--visual-cache-mb", type=int, help="per-image visual-feature cache (0 = off; default: the "
+                     "runtime's)")
+    lim.add_argument("--prefix-cache-mb", type=int, help="prompt-prefix KV cache (0 = off; default: the runtime's)")
     lim.add_argument("--default-max-tokens", type=int, default=64,
                      help="tokens to generate when a request gives no max_tokens (default 64)")
     img = p.add_argument_group("image sources (data: URIs are always accepted)")
@@ -195,7 +205,7 @@ def register(sub: Any) -> None:
     b = sub.add_parser(
         "bench-serve", help="load-test a running server: throughput, TTFT and latency percentiles",
         description="K concurrent clients send a fixed number of streamed multi-image questions built from the "
-        "shipped sample images, and report requests/s, tokens/s, p50/p95/p99 TTFT and end-to-end latency, and "
+        "shipped sample images (each request's images made unique by one pixel unless --same-images), and report requests/s, tokens/s, p50/p95/p99 TTFT and end-to-end latency, and "
         "errors by status.", epilog=BENCH_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     b.add_argument("--url", default="http://127.0.0.1:8000", help="the server (default http://127.0.0.1:8000)")
     b.add_argument("--api-key", help="bearer key (default: $MAVEN_EDGE_API_KEY)")
@@ -205,6 +215,9 @@ def register(sub: Any) -> None:
     b.add_argument("--max-tokens", type=int, default=16, help="max_tokens per request (default 16)")
     b.add_argument("--warmup", type=int, default=2, help="requests sent first and not counted (default 2)")
     b.add_argument("--timeout", type=float, default=300.0, help="seconds per request (default 300)")
+    b.add_argument("--same-images", action="store_true",
+                   help="send the sample images unchanged every time (the server's caches then answer for them); "
+                   "default: each request's images differ in one pixel")
     b.add_argument("--wait-ready", type=float, default=300.0,
                    help="seconds to wait for GET /health to say ready before starting (default 300)")
     b.add_argument("--json", action="store_true", help="print the report as JSON")
