@@ -385,6 +385,7 @@ class MavenPipeline:
         session_options: Any = None,
         limits: PipelineLimits | None = None,
         verify: bool = True,
+        caching: CachingOptions | None = None,
         **backend_kwargs: Any,
     ) -> MavenPipeline:
         """A pipeline over exported artifacts (``manifest.json`` + the files it lists).
@@ -398,21 +399,23 @@ class MavenPipeline:
         """
         opts = PipelineOptions(artifacts=directory, backend=backend, providers=providers or ("cpu",),
                                session_options=session_options, verify=verify, extra=backend_kwargs)
-        return cls(load_backend(opts), limits)
+        return cls(load_backend(opts), limits, caching)
 
     @classmethod
     def from_checkpoint(
-        cls, directory: str | Path, device: str = "cpu", limits: PipelineLimits | None = None
+        cls, directory: str | Path, device: str = "cpu", limits: PipelineLimits | None = None,
+        caching: CachingOptions | None = None,
     ) -> MavenPipeline:
         """The torch reference backend over a checkpoint directory (imports torch)."""
-        return cls(load_backend(PipelineOptions(checkpoint=directory, device=device)), limits)
+        return cls(load_backend(PipelineOptions(checkpoint=directory, device=device)), limits, caching)
 
     @classmethod
-    def from_model(cls, model: Any, limits: PipelineLimits | None = None) -> MavenPipeline:
+    def from_model(cls, model: Any, limits: PipelineLimits | None = None,
+                   caching: CachingOptions | None = None) -> MavenPipeline:
         """The torch reference backend over an in-memory MavenModel (imports torch)."""
         from maven_edge.runtime.backends.torch_backend import TorchBackend
 
-        return cls(TorchBackend(model), limits)
+        return cls(TorchBackend(model), limits, caching)
 
     def close(self) -> None:
         self.backend.close()
@@ -747,33 +750,45 @@ class _Decoding:
         """Decode in the scheduler's batch: its thread steps and calls `consume`; this thread yields
         the pieces. Cancelling (the request's event, or closing the stream) leaves the batch at the
         next step."""
-        pieces: queue.SimpleQueue[str] = queue.SimpleQueue()
+        pieces: queue.SimpleQueue[tuple[str, int]] = queue.SimpleQueue()  # (text, tokens so far)
         cancel = self.req.cancel
         cancelled = threading.Event()
+        res = self.result
 
-        def on_logits(logits: np.ndarray) -> int | None:
+        def on_logits(logits: np.ndarray) -> tuple[int | None, bool]:
             if cancel is not None and cancel.is_set():
                 cancelled.set()
-                return None
+                return None, False
             piece, nxt = self.consume(logits)
             if piece:
-                pieces.put(piece)
-            return nxt
+                pieces.put((piece, len(res.token_ids)))
+            return nxt, bool(piece)
 
         row = DecodeRow(state, token, on_logits)
-        self.result.cache.batched = True
+        res.cache.batched = True
         scheduler.submit(row)
+        read_tokens = len(res.token_ids)  # the tokens of the pieces the reader has taken
         try:
             while True:
                 with self.clock.stage("decode"):
-                    done = row.done.wait(0.02) if pieces.empty() else False
-                while not pieces.empty():
-                    yield pieces.get()
-                if done or (row.done.is_set() and pieces.empty()):
+                    try:
+                        piece, upto = pieces.get(timeout=0.02)
+                    except queue.Empty:
+                        if row.done.is_set() and pieces.empty():
+                            break
+                        continue
+                scheduler.took(row)
+                if cancel is not None and cancel.is_set():
+                    cancelled.set()
                     break
+                read_tokens = upto
+                yield piece
         finally:
             if not row.done.is_set():
-                row.cancelled = True  # the consumer went away (closed stream, exception)
+                row.cancelled = True  # the reader went away or cancelled: the row leaves at the next step
+        if cancelled.is_set():  # end where the reader stopped, as a request decoding alone does
+            row.done.wait()
+            del res.token_ids[read_tokens:]
         self.result.timings.decode_step_ms.extend(row.step_ms)
         self.result.cache.batch_occupancy = row.occupancy
         if row.error is not None:

@@ -166,8 +166,9 @@ class OrtDecodeBatch(DecodeBatch):
     and present. A step runs rows 0 .. highest busy slot; each row's attention-mask row covers its
     own length (right-padded with zeros), which GroupQueryAttention turns into per-row sequence
     lengths, so rows of different lengths decode together and a row's logits equal a batch-1
-    step's. Free rows inside that range get a one-position mask and write only into their own
-    (free) slot, which a join overwrites.
+    step's. A busy row that does not step is fed a throw-away token one position past its cache
+    (its next step overwrites it); free rows write into their own position 0, which a join
+    overwrites.
     """
 
     def __init__(self, backend: OrtBackend, max_batch: int, capacity: int):
@@ -204,10 +205,14 @@ class OrtDecodeBatch(DecodeBatch):
         be = self.be
         m = max(slot for slot, _ in rows) + 1
         ids = np.zeros((m, 1), dtype=np.int64)
-        new_len = [1] * m
-        for slot, token in rows:
-            if self.lengths[slot] + 1 > self.capacity:
+        # A row that does not step this time still gets a token: it goes one past the row's cache
+        # (overwritten by the row's next real step), never over a position it holds. Free rows
+        # write their position 0, which a join overwrites.
+        new_len = [self.lengths[r] + 1 if self.busy[r] else 1 for r in range(m)]
+        for r in range(m):
+            if new_len[r] > self.capacity:
                 raise InputError(f"the batched KV cache is full ({self.capacity} tokens)")
+        for slot, token in rows:
             ids[slot, 0] = token
             new_len[slot] = self.lengths[slot] + 1
         embeds = be.embed(ids).astype(be.embed_dtype, copy=False)
