@@ -120,7 +120,7 @@ class ServerState:
         self.status = "loading"
         self.error: str | None = None
         self.model_name = config.model_name
-        self.metrics = ServerMetrics()
+        self.metrics = ServerMetrics(lambda: self.pipe.cache_stats() if self.pipe is not None else None)
         self.admission = Admission(config.max_concurrency, config.max_queue)
         self.executor = ThreadPoolExecutor(max_workers=config.max_concurrency, thread_name_prefix="maven-gen")
         self.created = int(time.time())
@@ -261,6 +261,7 @@ def _usage(result: GenerationResult, queue_s: float, decode_s: float) -> dict[st
         "visual_tokens": visual,  # of prompt_tokens: the images' positions, markers included
         "visual_tokens_per_image": list(result.visual_tokens_per_image),
         "timings": _timings(result, queue_s, decode_s),  # milliseconds per stage (extension)
+        "cache": result.cache.to_dict(),  # what the runtime's caches and batching did for this request
     }
 
 

@@ -13,6 +13,8 @@
 | ``maven_request_seconds`` | histogram | whole generation (without the queue wait) |
 | ``maven_decode_tokens_per_second`` | histogram | decode speed of each generation |
 | ``maven_prompt_tokens_total`` / ``maven_completion_tokens_total`` | counter | |
+| ``maven_pipeline_cache`` | gauge | ``part`` (visual_cache, prefix_cache, batching), ``stat``: the runtime's
+  ``MavenPipeline.cache_stats()`` counters (hits, misses, bytes, batch occupancy, ...) at scrape time |
 
 With Ray Serve each replica keeps its own registry; ``/metrics`` answers for the replica that
 served the scrape (Ray's own metrics cover the cluster).
@@ -20,8 +22,12 @@ served the scrape (Ray's own metrics cover the cluster).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from typing import Any
+
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
 
 from maven_edge.runtime.pipeline import STAGES, GenerationResult
 
@@ -31,8 +37,24 @@ _SLOW = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120
 __all__ = ["CONTENT_TYPE", "ServerMetrics"]
 
 
+class _PipelineStats:
+    """The runtime's cache and batching counters, read when Prometheus scrapes."""
+
+    def __init__(self, stats: Callable[[], dict[str, Any] | None]):
+        self.stats = stats
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily("maven_pipeline_cache", "Runtime cache and batching counters",
+                                   labels=["part", "stat"])
+        for part, values in (self.stats() or {}).items():
+            for stat, value in (values or {}).items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    family.add_metric([part, stat], float(value))
+        yield family
+
+
 class ServerMetrics:
-    def __init__(self) -> None:
+    def __init__(self, pipeline_stats: Callable[[], dict[str, Any] | None] | None = None) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.http = Counter("maven_http_requests", "HTTP requests by path and status", ["path", "status"], registry=r)
         self.generations = Counter("maven_generations", "Generations by outcome", ["outcome"], registry=r)
@@ -48,6 +70,8 @@ class ServerMetrics:
                                       buckets=(1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500), registry=r)
         self.prompt_tokens = Counter("maven_prompt_tokens", "Prompt tokens (text + visual)", registry=r)
         self.completion_tokens = Counter("maven_completion_tokens", "Generated tokens", registry=r)
+        if pipeline_stats is not None:
+            r.register(_PipelineStats(pipeline_stats))
         for stage in STAGES:  # every stage shows up in the first scrape, at zero
             self.stage.labels(stage=stage)
         for outcome in ("completed", "cancelled", "timeout", "error"):

@@ -124,6 +124,7 @@ def test_two_image_question_equals_generate_streamed_or_not(tiny, tiny_artifacts
         assert extra["visual_tokens_per_image"] == ref["visual_tokens_per_image"]
         assert set(extra["timings"]) >= {"vision_ms", "discrete_ms", "h_eos_ms", "selector_ms", "prefill_ms",
                                           "decode_ms", "ttft_ms", "queue_ms"}
+        assert {"visual_hits", "visual_misses"} <= set(extra["cache"])
         assert res.choices[0].finish_reason == ("length" if ref["finish_reason"] == "length" else "stop")
     # streaming: the pieces join to the same text; the usage chunk agrees
     stream = client.chat.completions.create(model="tiny", messages=[user(question, *uris)], max_tokens=16,
@@ -400,3 +401,4 @@ def test_models_health_and_metrics(main):
                  "maven_completion_tokens_total"):
         assert re.search(rf"^{name} [1-9]", text, re.M), name
     assert re.search(r"^maven_queue_depth 0\.0", text, re.M) and "maven_active_generations" in text
+    assert re.search(r'maven_pipeline_cache\{part="visual_cache",stat="misses"\} [1-9]', text)
