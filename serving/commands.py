@@ -68,10 +68,7 @@ def server_config(args: argparse.Namespace) -> Any:
                                                    log=lambda m: print(m, file=sys.stderr)))
     elif not (args.artifacts or args.checkpoint):
         raise InputError("give --artifacts DIR (exported with `maven-edge export`), --checkpoint DIR, or --demo")
-    opts = pipeline_options(args)
-    for name in ("visual_cache_mb", "prefix_cache_mb", "max_batch"):
-        if getattr(args, name) is not None:
-            setattr(opts, name, getattr(args, name))
+    opts = pipeline_options(args)  # incl. the runtime's --visual-cache-mb / --prefix-cache-mb / --max-batch
     opts.caching()  # checks the values
     opts.backend_name()  # artifacts xor checkpoint, and the backend fits
     if opts.artifacts is not None and not (Path(opts.artifacts) / MANIFEST).is_file():
@@ -166,12 +163,6 @@ def register(sub: Any) -> None:
                      help="seconds per request, queue wait + generation (default 120)")
     lim.add_argument("--max-body-mb", type=float, default=8.0, help="request body limit in MiB; beyond: 413 (default 8)")
     lim.add_argument("--max-image-mb", type=float, help="encoded size limit per image in MiB (default: the body limit)")
-    lim.add_argument("--max-batch", type=int,
-                     help="decode steps of up to this many concurrent generations run as one batch (continuous "
-                     "batching; 1 = off; default: the runtime's, 4)")
-    lim.add_argument("--visual-cache-mb", type=int, help="per-image visual-feature cache (0 = off; default: the "
-                     "runtime's)")
-    lim.add_argument("--prefix-cache-mb", type=int, help="prompt-prefix KV cache (0 = off; default: the runtime's)")
     lim.add_argument("--default-max-tokens", type=int, default=64,
                      help="tokens to generate when a request gives no max_tokens (default 64)")
     img = p.add_argument_group("image sources (data: URIs are always accepted)")
