@@ -64,7 +64,7 @@ def test_same_split_and_index_give_identical_samples() -> None:
 
 def test_split_sizes_and_index_bounds() -> None:
     assert SPLITS == ("train", "val", "test")
-    assert num_samples("val") == 500 and num_samples("test") == 600 and num_samples("train") >= 200_000
+    assert num_samples("val") == 500 and num_samples("test") == 1000 and num_samples("train") >= 200_000
     with pytest.raises(IndexError):
         get_sample("val", 500)
     with pytest.raises(ValueError):

@@ -57,7 +57,7 @@ class DataConfig:
     base_seed: int = 20_240_611
     train_size: int = 1_000_000
     val_size: int = 500
-    test_size: int = 600
+    test_size: int = 1000
     heldout_pairs: tuple[Pair, ...] = HELDOUT_PAIRS
     schedule: tuple[str, ...] = TASKS
     tasks: TaskConfig = DEFAULT_TASKS

@@ -375,7 +375,8 @@ def phase_llm(model: MavenModel, cfg: PhaseConfig, seed: int, name: str, parts: 
         if cfg.followups:
             rng = B.rng_for(seed, f"{name}-followups", step)
             extra = [followup_questions(s.scenes, rng, cfg.followups, skip=[question_line(s)],
-                                        reverse_change=cfg.reverse_change) for s in samples]
+                                        reverse_change=cfg.reverse_change, video=s.family == "video")
+                     for s in samples]
         tb = B.text_batch(samples, tok, extra)
         px = B.pixel_tensor(samples, model.config)
         vf = visual_features(model, px, cfg.mode)
