@@ -60,6 +60,7 @@ import numpy as np
 from PIL import Image
 
 from maven_edge.core.tokenizer import IMAGE_TOKEN
+from maven_edge.core.video import frame_block
 from maven_edge.model_src.data.labels import scene_patch_labels
 from maven_edge.model_src.data.shapes import (
     ALL_PAIRS,
@@ -71,7 +72,7 @@ from maven_edge.model_src.data.shapes import (
     render_scene,
     sample_scene,
 )
-from maven_edge.model_src.data.videos import frame_block, video_question
+from maven_edge.model_src.data.videos import video_question
 
 FAMILIES: tuple[str, ...] = ("caption", "single", "multi", "video")
 TASK_FAMILY: dict[str, str] = {

@@ -38,10 +38,12 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import replace
+from pathlib import Path
+from typing import Any
 
 import numpy as np
+from PIL import Image
 
-from maven_edge.core.tokenizer import IMAGE_TOKEN
 from maven_edge.model_src.data.shapes import (
     COLORS,
     SHAPES,
@@ -68,11 +70,6 @@ COUNT_QUESTION = re.compile(r"how many frames show an? (?:(\w+) shape|(\w+))\?")
 
 def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
-
-
-def frame_block(num_frames: int) -> str:
-    """The frames part of a video prompt: one ``Frame k: <image>`` line per frame (k from 1)."""
-    return "\n".join(f"Frame {k + 1}: {IMAGE_TOKEN}" for k in range(num_frames))
 
 
 def event_question(color: str, shape: str) -> str:
@@ -337,3 +334,60 @@ def video_followups(frames: Sequence[Scene]) -> dict[str, list[tuple[str, str]]]
         if c := frames_showing(frames, color=color):
             out["frame_count"].append((count_question(color=color), str(c)))
     return out
+
+
+# ---- real video files (tests and the demo) --------------------------------------------------------
+VIDEO_CODECS: dict[str, tuple[str, str]] = {"h264": ("libx264", ".mp4"), "vp9": ("libvpx-vp9", ".webm")}
+
+
+def write_video(
+    frames: Sequence[Image.Image],
+    path: str | Path,
+    codec: str = "h264",
+    seconds_per_frame: float = 1.0,
+    rate: int = 4,
+    scale: int = 4,
+) -> Path:
+    """Encode ``frames`` (PIL images) as a real video file with PyAV: H.264 in MP4 (``"h264"``) or
+    VP9 in WebM (``"vp9"``), ``rate`` frames per second, each picture shown for
+    ``seconds_per_frame`` seconds (so decoding at 1 fps gives one frame per picture, and a higher
+    rate repeats pictures the decoder's de-duplication drops), enlarged ``scale`` times (nearest
+    neighbour, so a 64 px scene stays sharp under 4:2:0 chroma subsampling). Needs PyAV."""
+    import av
+
+    if codec not in VIDEO_CODECS:
+        raise ValueError(f"unknown codec {codec!r}; expected one of {tuple(VIDEO_CODECS)}")
+    repeats = max(1, round(seconds_per_frame * rate))
+    w, h = frames[0].size
+    size = (w * scale + (w * scale) % 2, h * scale + (h * scale) % 2)  # 4:2:0 needs even sides
+    path = Path(path)
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream(VIDEO_CODECS[codec][0], rate=rate)
+        stream.width, stream.height = size
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": "12"} if codec == "h264" else {"crf": "10", "b": "0", "deadline": "good"}
+        for im in frames:
+            frame = av.VideoFrame.from_image(im.convert("RGB").resize(size, Image.Resampling.NEAREST))
+            for _ in range(repeats):
+                for packet in stream.encode(frame):
+                    container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def write_video_sample(sample: Any, out_dir: str | Path, stem: str = "video", codecs: Sequence[str] = ("h264", "vp9"),
+                       **kwargs: Any) -> dict[str, Any]:
+    """Write a ``video`` sample's frames as ``{stem}.mp4`` / ``{stem}.webm`` (:func:`write_video`) and
+    ``{stem}.json`` (the files, question, answer, task and frame count); returns the JSON content."""
+    import json
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = [write_video(sample.images, out / f"{stem}{VIDEO_CODECS[c][1]}", c, **kwargs).name for c in codecs]
+    text = sample.prompt.split("\n")[-2].removeprefix("Question: ")
+    info = {"videos": files, "question": text, "answer": sample.answer, "task": sample.task,
+            "variant": sample.meta.get("variant"), "frames": len(sample.images),
+            "seconds_per_frame": kwargs.get("seconds_per_frame", 1.0)}
+    (out / f"{stem}.json").write_text(json.dumps(info, indent=2) + "\n")
+    return info
