@@ -23,6 +23,7 @@ import numpy as np
 
 CHILD = r"""
 import json, resource, sys, time
+import av  # loaded before the baseline: the decode's growth, not the FFmpeg libraries'
 import psutil
 from maven_edge.core.video import frames_from_video
 path, fps, max_frames, max_side = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
@@ -78,11 +79,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fps", type=float, default=1.0)
     p.add_argument("--max-frames", type=int, default=60)
     p.add_argument("--max-side", type=int, default=None)
+    p.add_argument("--video", type=Path, default=None, help="write the video here and keep it (reused if it exists)")
     args = p.parse_args(argv)
     w, h = (int(v) for v in args.size.split("x"))
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        path = make_video(Path(tmp) / "long.mp4", args.seconds, (w, h))
+        path = args.video or Path(tmp) / "long.mp4"
+        if not path.is_file():
+            make_video(path, args.seconds, (w, h))
         made = time.perf_counter() - t0
         result = measure(path, args.fps, args.max_frames, args.max_side)
         result.update(seconds=args.seconds, size=args.size, file_mb=round(path.stat().st_size / 2**20, 1),

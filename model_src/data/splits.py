@@ -190,6 +190,31 @@ def summary(split: str, n: int | None = None, config: DataConfig = DEFAULT_DATA)
     }
 
 
+FIXED_COUNT_STREAM = 98  # the rng stream of fixed_count_samples (not a split id)
+
+
+def fixed_count_samples(
+    num_images: int,
+    n: int,
+    tasks: Sequence[str] = ("which_image", "count_across"),
+    image_size: int = 64,
+    patch_size: int = 8,
+    config: DataConfig = DEFAULT_DATA,
+) -> list[Sample]:
+    """``n`` test-like questions with exactly ``num_images`` images (the visual-token budget curves):
+    the ``tasks`` in turn (tasks whose image count varies), objects from the test split's pairs
+    (held-out pairs included), sample ``i`` from ``default_rng([base_seed, 98, num_images, i])``."""
+    tc = replace(config.tasks, multi_images=(num_images, num_images))
+    out = []
+    for i in range(n):
+        rng = np.random.default_rng([config.base_seed, FIXED_COUNT_STREAM, num_images, i])
+        draft = draft_sample(tasks[i % len(tasks)], rng, pairs=split_pairs("test", config),
+                             image_size=image_size, config=tc)
+        draft.meta.update(split="test-like", index=i)
+        out.append(finish_sample(draft, patch_size))
+    return out
+
+
 def write_demo_samples(out_dir: str | Path, config: DataConfig = DEFAULT_DATA) -> dict[str, Any]:
     """Write the bundled demo (``model_src/samples``): a 3-image "which image has X" question.
 
