@@ -151,6 +151,24 @@ def test_one_frame_video_gives_its_frame(tmp_path):
     assert len(vf.frames) == 1 and _close(vf.frames[0], Image.new("RGB", (64, 64), (200, 30, 30))) < 4
 
 
+def test_bundled_demo_video_matches_the_generator(tmp_path):
+    """model_src/samples/demo_video.{mp4,webm,json} are write_demo_video's: same question and
+    answer, and the bundled files decode to the frames a fresh write decodes to."""
+    import json
+
+    from maven_edge.model_src.data.splits import write_demo_video
+    from maven_edge.model_src.resources import samples_dir
+
+    fresh = write_demo_video(tmp_path)
+    bundled = json.loads((samples_dir() / "demo_video.json").read_text())
+    assert bundled == fresh and fresh["question"].startswith("what happened to")
+    for name in fresh["videos"]:
+        a = frames_from_video(samples_dir() / name, fps=1.0)
+        b = frames_from_video(tmp_path / name, fps=1.0)
+        assert len(a.frames) == len(b.frames) == fresh["frames"]
+        assert max(_close(x, y) for x, y in zip(a.frames, b.frames, strict=True)) < 2
+
+
 # ---- the shapes-video task --------------------------------------------------------------------------
 def test_video_samples_answer_from_their_frames():
     seen = {"variant": set(), "event": set()}

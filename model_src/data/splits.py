@@ -236,6 +236,21 @@ def write_demo_samples(out_dir: str | Path, config: DataConfig = DEFAULT_DATA) -
     return demo
 
 
+def write_demo_video(out_dir: str | Path, config: DataConfig = DEFAULT_DATA) -> dict[str, Any]:
+    """Write the bundled video demo (``model_src/samples``): ``demo_video.mp4`` (H.264) and
+    ``demo_video.webm`` (VP9) of a "what happened to ...?" video (train pairs, a fixed seed, each
+    frame shown 1 s at 4 frames per second, 256 px) and ``demo_video.json`` (files, question,
+    answer, frames). Needs PyAV."""
+    from maven_edge.model_src.data.videos import write_video_sample
+
+    for i in range(100):  # the first sample of the demo stream that asks what happened
+        rng = np.random.default_rng([config.base_seed, DEMO_STREAM, 1, i])
+        draft = draft_sample("video", rng, pairs=split_pairs("train", config), config=config.tasks)
+        if draft.meta["variant"] == "event" and draft.meta["event"] in ("moved", "appeared"):
+            break
+    return write_video_sample(finish_sample(draft), out_dir, stem="demo_video")
+
+
 def write_preview(split: str, n: int, out_dir: str | Path, start: int = 0, scale: int = 4) -> Path:
     """Write samples ``start .. start + n - 1`` of ``split`` (64 px, 8 px patches) for viewing: one
     PNG strip per sample (its images side by side, enlarged ``scale`` times, patches labelled for
