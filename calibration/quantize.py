@@ -426,24 +426,44 @@ def _int8_weight(src: Path, dst: Path, opts: QuantizeOptions, calib: Calibration
             "kept_fp32": exclude}
 
 
-#: fusions of onnxruntime's transformer optimizer applied to a ViT-style graph (the others are off)
-TRANSFORMER_FUSIONS = ("attention", "layer_norm", "skip_layer_norm", "gelu", "bias_gelu", "bias_skip_layer_norm")
+def _attention_geometry(src: Path) -> tuple[int, int]:
+    """(heads, width) of the transformer in `src`, from the config in the manifest beside it
+    (vision_encoder: the ViT, discrete_tokenizer: its query transformer); (0, 0) = detect from the graph."""
+    try:
+        manifest = load_manifest(src.parent, verify=False)
+        cfg = manifest.maven_config()
+    except Exception:  # noqa: BLE001 - a file outside artifacts: let the optimizer detect them
+        return 0, 0
+    name = next((n for n, c in manifest.components.items() if Path(c.file.path).name == src.name), "")
+    part = {"vision_encoder": cfg.vision, "discrete_tokenizer": cfg.discrete}.get(name)
+    return (int(part.num_heads), int(part.hidden_size)) if part is not None else (0, 0)
 
 
-def fuse_transformer(src: Path, dst: Path) -> dict[str, Any]:
-    """``onnxruntime.transformers.optimizer.optimize_model(model_type="vit")`` on one file: attention
-    (-> com.microsoft MultiHeadAttention/Attention), LayerNorm, SkipLayerNorm, Gelu/BiasGelu fusions,
-    heads and width detected from the graph. Returns the fused-op counts."""
+def fuse_transformer(src: Path, dst: Path, num_heads: int = 0, hidden_size: int = 0) -> dict[str, Any]:
+    """``onnxruntime.transformers.optimizer.optimize_model(model_type="clip")`` on one file: attention
+    (-> com.microsoft Attention), SkipLayerNorm, QuickGelu/BiasGelu fusions. Returns the op counts
+    the fusions added."""
     from onnxruntime.transformers.optimizer import optimize_model
 
     before = _node_counts(_load(src))
+    opt_log = logging.getLogger("onnxruntime.transformers.optimizer")
+    level = opt_log.level
+    opt_log.setLevel(logging.ERROR)  # "model producer not matched": our files say maven-edge, not pytorch
     with quiet_quantizer():
-        m = optimize_model(str(src), model_type="vit", num_heads=0, hidden_size=0, opt_level=0, use_gpu=False)
+        m = optimize_model(str(src), model_type="clip", num_heads=num_heads, hidden_size=hidden_size, opt_level=0,
+                           use_gpu=False)
+    opt_log.setLevel(level)
     out = m.model
+    if any(n.domain == "com.microsoft" for n in out.graph.node) and not any(
+            o.domain == "com.microsoft" for o in out.opset_import):
+        from onnx import helper
+
+        out.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     _save(out, dst)
     after = _node_counts(out)
     fused = {op: n for op, n in after.items() if op not in before or n > before.get(op, 0)}
-    return {"optimizer": "onnxruntime.transformers.optimizer (model_type vit, opt_level 0)", "fused_ops": fused,
+    return {"optimizer": "onnxruntime.transformers.optimizer (model_type clip, opt_level 0)",
+            "num_heads": num_heads, "hidden_size": hidden_size, "fused_ops": fused,
             "nodes": [sum(before.values()), sum(after.values())]}
 
 
@@ -457,7 +477,7 @@ def _int8_fused_dynamic(src: Path, dst: Path, opts: QuantizeOptions, calib: Cali
 
     with tempfile.TemporaryDirectory(prefix="maven-fuse-") as tmp:
         fused = Path(tmp) / src.name
-        fusion = fuse_transformer(src, fused)
+        fusion = fuse_transformer(src, fused, *_attention_geometry(src))
         model = _load(fused)
         exclude = discrete_sensitive_nodes(model) if opts.keep_discrete_fp32 else []
         del model
@@ -475,7 +495,7 @@ def _int8_fused_static(src: Path, dst: Path, opts: QuantizeOptions, calib: Calib
 
     with tempfile.TemporaryDirectory(prefix="maven-fuse-") as tmp:
         fused = Path(tmp) / src.name
-        fusion = fuse_transformer(src, fused)
+        fusion = fuse_transformer(src, fused, *_attention_geometry(src))
         details = _int8_static(fused, dst, opts, calib)
     return {"fusion": fusion, **details}
 
