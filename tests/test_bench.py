@@ -437,3 +437,41 @@ def test_quick_bench_end_to_end(small_artifacts, tmp_path) -> None:
     for name in ("summary.md", "text.csv", "stages.csv", "efficiency.csv"):
         assert (out / name).is_file()
     assert len(list(out.glob("bench_*.png"))) == 3
+
+
+# ---- opt-in: llama.cpp built from source and run on the shipped tiny model (MAVEN_SLOW=1) --------------
+
+
+@pytest.mark.skipif(not __import__("os").environ.get("MAVEN_SLOW"),
+                    reason="opt-in: MAVEN_SLOW=1 (builds llama.cpp from source once: tens of minutes on 2 cores; "
+                    "MAVEN_EDGE_LLAMA_CPP_SRC names the sources, else the llama-cpp-python sdist is fetched)")
+def test_llama_cpp_mtmd_runs_the_tiny_model(tmp_path) -> None:
+    pytest.importorskip("gguf")
+    from maven_edge.benchmarks.anchors.llama_cpp import (
+        convert_hf_to_gguf,
+        convert_mmproj_to_gguf,
+        run_llama_bench,
+        run_mtmd,
+        write_images,
+    )
+    from maven_edge.benchmarks.anchors.llama_cpp_build import ensure_build
+    from maven_edge.core import paths
+    from maven_edge.model_src.checkpoint import load_checkpoint
+    from maven_edge.model_src.hf_import import save_hf_llama
+    from maven_edge.model_src.resources import shipped_checkpoint
+
+    build = ensure_build(paths.cache_dir("bench"), jobs=2)
+    assert build.ok, build.error
+    ckpt = shipped_checkpoint("tiny")
+    model = load_checkpoint(ckpt)
+    hf = save_hf_llama(model.llm, tmp_path / "hf", tokenizer=model.tokenizer)
+    text = convert_hf_to_gguf(hf, tmp_path / "text.gguf", "q8_0")
+    mmproj = convert_mmproj_to_gguf(ckpt, tmp_path / "mmproj.gguf")
+    size = model.config.vision.image_size
+    one = run_mtmd(build.tool("llama-mtmd-cli"), text, mmproj, write_images(tmp_path, 1, size), 2, 4)
+    two = run_mtmd(build.tool("llama-mtmd-cli"), text, mmproj, write_images(tmp_path, 2, size), 2, 4)
+    # every patch of each image is a prompt token (LLaVA-style), so a second image adds num_patches tokens
+    assert two.prompt_tokens - one.prompt_tokens == model.config.num_patches
+    assert one.ttft_ms > 0 and one.encode_ms > 0 and one.eval_runs >= 1
+    pp, tg = run_llama_bench(build.tool("llama-bench"), text, 2, 32, 4)
+    assert pp > 0 and tg > 0

@@ -332,7 +332,7 @@ def run_mtmd(binary: Path, model: Path, mmproj: Path, images: list[Path], thread
     """One single-turn request through ``llama-mtmd-cli`` (greedy, `new_tokens` tokens at most)."""
     cmd = [str(binary), "-m", str(model), "--mmproj", str(mmproj), "-p", prompt, "-n", str(new_tokens),
            "-t", str(threads), "-tb", str(threads), "--temp", "0", "-c", "4096", "-b", "2048", "--seed", "0",
-           "--chat-template", "vicuna", "--no-warmup", "--perf", "-lv", "4"]
+           "--chat-template", "chatml", "--no-warmup", "--perf", "-lv", "4"]
     for img in images:
         cmd += ["--image", str(img)]
     t0 = time.perf_counter()
