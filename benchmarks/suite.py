@@ -48,7 +48,7 @@ from maven_edge.core.errors import BackendError, InputError
 from maven_edge.core.manifest import load_manifest
 from maven_edge.runtime.backends import BACKENDS as RUNTIME_BACKENDS
 
-SECTIONS = ("roofline", "pipeline", "text")
+SECTIONS = ("roofline", "pipeline", "text", "caches")
 #: the runtime's backends (runtime.backends.BACKENDS) the suite measures: every one that runs on a CPU
 BACKENDS = tuple(name for name in RUNTIME_BACKENDS if name != "trt")
 DEFAULT_ANCHORS = ("hf", "genai", "optimum", "llamacpp")
@@ -181,6 +181,7 @@ class BenchReport:
     files: dict[str, str] = field(default_factory=dict)
     mtmd: dict[str, Any] = field(default_factory=dict)  # llama.cpp multimodal: precision -> result
     llama_cpp: dict[str, Any] = field(default_factory=dict)  # how llama.cpp was built (or why not)
+    caches: dict[str, Any] = field(default_factory=dict)  # precision -> benchmarks.caches.measure
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -343,6 +344,8 @@ def _count_jobs(o: BenchOptions) -> int:
     n += "roofline" in o.sections
     if o.export and not o.artifacts and ("ort" in o.backends or "text" in o.sections):
         n += 2
+    if "caches" in o.sections:
+        n += len([p for p in ("fp32", "int4") if p in _precisions(o, "ort")])
     if "pipeline" in o.sections:
         n += len(o.backends) + ("ort" in o.backends) * (len(o.pipeline_recipes) - 1)
         n += ("llamacpp" in o.anchors) * len(_precisions(o, "llamacpp"))
@@ -404,7 +407,7 @@ def run_bench(options: BenchOptions) -> BenchReport:
 
         # -- the model, the HF-format decoder, our artifacts --------------------------------------
         source: dict[str, Any] = {"spec": source_spec, "work_dir": str(work)}
-        needs_ort = "ort" in o.backends and ("pipeline" in o.sections or "text" in o.sections)
+        needs_ort = "ort" in o.backends and bool({"pipeline", "text", "caches"} & set(o.sections))
         wants_mtmd = "pipeline" in o.sections and "llamacpp" in o.anchors
         save_checkpoint = ("text" in o.sections and "torch" in o.backends) or wants_mtmd
         save_hf = ("text" in o.sections and bool(o.anchors)) or wants_mtmd
@@ -433,7 +436,7 @@ def run_bench(options: BenchOptions) -> BenchReport:
         # Our artifacts per ort "precision": fp32 / int4 with the chosen decoder; with --decoder genai
         # also the torch.onnx decoder (fp32-dynamo), so the report shows which decoder wins.
         wanted = {"fp32": (o.decoder, "onnx-fp32" if o.decoder == "torch" else "onnx-fp32-genai")}
-        if "text" in o.sections and "ort" in o.backends:
+        if ("text" in o.sections or "caches" in o.sections) and "ort" in o.backends:
             if o.decoder == "genai" and "int4" in _precisions(o, "ort"):
                 wanted["int4"] = ("genai-int4", "onnx-int4-genai")
             if "fp32-dynamo" in _precisions(o, "ort"):
@@ -550,6 +553,20 @@ def run_bench(options: BenchOptions) -> BenchReport:
                 mtmd[precision] = ({"status": "measured", **r["result"]} if r["ok"] else
                                    {"status": "failed", "reason": r["error"], "log": r["log"]})
 
+        # -- caches and continuous batching (ort, the shared-buffer decoder) -------------------------------
+        caches: dict[str, Any] = {}
+        if "caches" in o.sections and not o.prepare_only:
+            for precision in [p for p in ("fp32", "int4") if p in _precisions(o, "ort")]:
+                art = artifacts.get(precision)
+                if not art:
+                    caches[precision] = {"status": "unavailable", "reason": f"no {precision} ONNX artifacts"}
+                    bars.finish()
+                    continue
+                r = runner.run("caches", {"artifacts": art, "threads": o.threads, "images": 4,
+                                          "new_tokens": o.new_tokens, "repeats": o.repeats}, f"caches {precision}")
+                caches[precision] = ({"status": "measured", **r["result"]} if r["ok"] else
+                                     {"status": "failed", "reason": r["error"], "log": r["log"]})
+
         # -- text generation: ours and the anchors --------------------------------------------------------
         text: list[dict[str, Any]] = []
         if "text" in o.sections:
@@ -587,7 +604,7 @@ def run_bench(options: BenchOptions) -> BenchReport:
                      "other processes shared the cores, so times are slower and noisier than on an idle machine")
     report = BenchReport(options={**asdict(o), "out": str(o.out), "cache_dir": str(o.cache_dir)}, machine=machine,
                          source=source, limits=limits, pipeline=pipeline, text=text, ratios={}, roofline=[],
-                         efficiency={}, notes=notes, seconds=0.0, mtmd=mtmd, llama_cpp=llama_cpp)
+                         efficiency={}, notes=notes, seconds=0.0, mtmd=mtmd, llama_cpp=llama_cpp, caches=caches)
     analyse(report, o)
     report.seconds = time.perf_counter() - t_start
     write_outputs(report, out, figures_dir=o.figures_dir, prefix=o.figure_prefix)

@@ -20,6 +20,7 @@ from maven_edge.core.preprocess import load_image, pad_to_square
 from maven_edge.model_src.resources import samples_dir, shipped_checkpoint
 from maven_edge.runtime.backends import BACKENDS
 from maven_edge.runtime.backends.providers import PROVIDERS
+from maven_edge.runtime.caches import DEFAULT_PREFIX_CACHE_MB, DEFAULT_VISUAL_CACHE_MB
 from maven_edge.runtime.options import PipelineOptions
 from maven_edge.runtime.pipeline import open_pipeline
 
@@ -41,6 +42,20 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the artifact files")
     p.add_argument("--max-images", type=int, help="most images per request (default: the model's max_images)")
     p.add_argument("--max-pixels", type=int, help="most pixels per image, checked before decoding it")
+    _add_caching_args(p)
+
+
+def _add_caching_args(p: argparse.ArgumentParser) -> None:
+    c = p.add_argument_group("work shared across requests (docs/design.md §5)")
+    c.add_argument("--visual-cache-mb", type=int, default=DEFAULT_VISUAL_CACHE_MB, metavar="MB",
+                   help=f"visual-feature cache: an image seen before skips vision, codes, h_eos and selector "
+                   f"(default {DEFAULT_VISUAL_CACHE_MB}; 0 = off)")
+    c.add_argument("--prefix-cache-mb", type=int, default=DEFAULT_PREFIX_CACHE_MB, metavar="MB",
+                   help=f"prefix KV cache: a prompt that starts like an earlier one prefills only the rest "
+                   f"(default {DEFAULT_PREFIX_CACHE_MB}; 0 = off)")
+    c.add_argument("--max-batch", type=int, default=4, metavar="N",
+                   help="continuous batching: concurrent requests share decode steps, up to N per step "
+                   "(default 4; 1 = off; needs the shared-buffer decoder of `export --decoder genai`)")
 
 
 def _add_ort_args(p: argparse.ArgumentParser) -> None:
@@ -56,7 +71,8 @@ def pipeline_options(args: argparse.Namespace) -> PipelineOptions:
         artifacts=args.artifacts, checkpoint=args.checkpoint, backend=args.backend,
         providers=tuple(args.provider or ("cpu",)), threads=args.threads, opt_level=args.opt_level,
         trt_cache=args.trt_cache, trt_fp16=args.trt_fp16, verify=not args.no_verify,
-        max_images=args.max_images, max_pixels=args.max_pixels,
+        max_images=args.max_images, max_pixels=args.max_pixels, visual_cache_mb=args.visual_cache_mb,
+        prefix_cache_mb=args.prefix_cache_mb, max_batch=args.max_batch,
     )
 
 
