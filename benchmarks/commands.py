@@ -78,6 +78,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "llama-cpp-python sdist or its .tar.gz (default: $MAVEN_EDGE_LLAMA_CPP_SRC, else the "
                    "llama-cpp-python sdist fetched with pip download); built once into the cache directory")
     p.add_argument("--llama-cpp-jobs", type=int, default=None, help="compile jobs for that build (default 2)")
+    p.add_argument("--ort-no-spin", action="store_true",
+                   help="onnxruntime's intra-op threads sleep instead of spin-waiting between ops (session config "
+                   "session.intra_op.allow_spinning=0): faster on a machine other processes share")
     p.add_argument("--no-export", action="store_true", help="never export / quantize artifacts (use the cache only)")
     p.add_argument("--reexport", action="store_true",
                    help="redo our ONNX export and int4 quantization even when the cache holds the same weights (after "
@@ -142,6 +145,8 @@ def command_line(args: argparse.Namespace) -> str:
         parts += ["--decoder", args.decoder]
     if args.no_export:
         parts.append("--no-export")
+    if args.ort_no_spin:
+        parts.append("--ort-no-spin")
     if args.prepare_only:
         parts.append("--prepare-only")
     if args.reexport:
@@ -165,7 +170,7 @@ def options_from_args(args: argparse.Namespace):
         out=args.out, artifacts=args.artifacts, int4_artifacts=args.int4_artifacts, preset=args.preset,
         checkpoint=args.checkpoint, overrides=list(args.overrides), seed=args.seed, anchors=anchors,
         precisions=args.precisions, quick=args.quick, export=not args.no_export, figures_dir=args.figures_dir,
-        prepare_only=args.prepare_only, reexport=args.reexport, decoder=args.decoder,
+        prepare_only=args.prepare_only, reexport=args.reexport, decoder=args.decoder, ort_spinning=not args.ort_no_spin,
         progress=not args.no_progress, command=command_line(args),
     )
     for name in ("backends", "images", "modes", "sections", "new_tokens", "pipeline_new_tokens", "prompt_len", "repeats",

@@ -93,6 +93,7 @@ class BenchOptions:
     pipeline_recipes: list[str] = field(default_factory=lambda: list(PIPELINE_RECIPES))  # ort pipeline artifact sets
     llama_cpp_src: str | None = None  # llama.cpp sources (checkout, llama-cpp-python sdist dir or .tar.gz)
     llama_cpp_jobs: int = 2  # parallel compile jobs for the one-time llama.cpp build
+    ort_spinning: bool = True  # onnxruntime intra-op threads spin-wait between ops (its default); off: they sleep
     cache_dir: str | Path = field(default_factory=lambda: paths.cache_dir("bench"))  # converted models, reused
     figures_dir: str | None = None  # also write the plots here (e.g. docs/figures)
     figure_prefix: str = "bench_"
@@ -379,6 +380,11 @@ def _precisions(o: BenchOptions, engine: str) -> list[str]:
     return ps
 
 
+def _ort_config(o: BenchOptions) -> dict[str, str]:
+    """onnxruntime session config entries every ORT job of the run gets."""
+    return {} if o.ort_spinning else {"session.intra_op.allow_spinning": "0"}
+
+
 def _llama_cpp(o: BenchOptions, log: Any) -> dict[str, Any]:
     """Build (or reuse) llama.cpp's tools when the llamacpp anchor is in this run."""
     if "llamacpp" not in o.anchors or not ({"text", "pipeline"} & set(o.sections)):
@@ -511,6 +517,7 @@ def run_bench(options: BenchOptions) -> BenchReport:
         if "pipeline" in o.sections and not o.prepare_only:
             for backend in o.backends:
                 payload = {"backend": backend, "threads": o.threads, "modes": o.modes, "images": o.images,
+                           "ort_config": _ort_config(o),
                            "new_tokens": o.pipeline_new_tokens, "warmup": o.warmup, "repeats": o.repeats, "seed": 0}
                 if backend == "torch":
                     if not source_spec:
@@ -575,7 +582,7 @@ def run_bench(options: BenchOptions) -> BenchReport:
                     "threads": o.threads, "seed": 0, "id_high": id_high}
             ctx = {"work_dir": str(work), "hf_dir": source.get("hf_dir"), "checkpoint": source.get("checkpoint"),
                    "artifacts": artifacts, "threads": o.threads,
-                   "extra": {"llama_cpp_bin": llama_cpp.get("bin_dir"), "llama_cpp_error": llama_cpp.get("error"),
+                   "extra": {"ort_config": _ort_config(o), "llama_cpp_bin": llama_cpp.get("bin_dir"), "llama_cpp_error": llama_cpp.get("error"),
                              "llama_cpp_build": llama_cpp}}
             for engine in [b for b in o.backends] + list(o.anchors):
                 for precision in _precisions(o, engine):

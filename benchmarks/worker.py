@@ -242,7 +242,8 @@ def task_pipeline(job: dict[str, Any]) -> dict[str, Any]:
 
         pipe = MavenPipeline.from_artifacts(job["artifacts"], backend=backend,
                                             session_options=SessionConfig(intra_op_num_threads=threads,
-                                                                          inter_op_num_threads=1),
+                                                                          inter_op_num_threads=1,
+                                                                          extra_config=dict(job.get("ort_config") or {})),
                                             caching=NO_CACHING)  # every stage measured, every time
     load_s = time.perf_counter() - t0
     rss_loaded = rss_bytes()
