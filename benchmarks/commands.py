@@ -72,7 +72,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "the torch.onnx decoder is also measured (ort fp32-dynamo) so the choice shows in the report")
     p.add_argument("--pipeline-recipes", type=_list("pipeline-recipes"), default=None,
                    help="our artifact sets the ort pipeline runs: fp32 and/or quantization recipes made here "
-                   "(default fp32,latency-int8,latency-int4; --quick: fp32)")
+                   "(default fp32,vision-int8,latency-int8,latency-int4; --quick: fp32)")
     p.add_argument("--llama-cpp-src", default=None, metavar="PATH",
                    help="llama.cpp sources to build the llamacpp anchor from: a checkout, an unpacked "
                    "llama-cpp-python sdist or its .tar.gz (default: $MAVEN_EDGE_LLAMA_CPP_SRC, else the "

@@ -57,7 +57,7 @@ DEFAULT_ANCHORS = ("hf", "genai", "optimum", "llamacpp")
 ENGINE_PRECISIONS = {"ort": ("fp32", "int8", "int4", "fp32-dynamo"), "torch": ("fp32",), "hf": ("fp32",), "genai": ("fp32", "int4"),
                      "optimum": ("fp32",), "llamacpp": ("fp32", "q8_0", "q4_0")}
 #: Our artifact sets the ort pipeline runs by default: the fp32 export and the latency recipes.
-PIPELINE_RECIPES = ("fp32", "latency-int8", "latency-int4")
+PIPELINE_RECIPES = ("fp32", "vision-int8", "latency-int8", "latency-int4")
 #: The recipe whose decoder the text section measures as ort "int8" (made unless a pipeline recipe has it).
 INT8_TEXT_RECIPE = "int8-weight"
 

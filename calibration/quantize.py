@@ -560,6 +560,9 @@ QUANT_RECIPES.add("fp16", QuantRecipe("every component fp16", vision="fp16", dec
 QUANT_RECIPES.add("int8-weight", QuantRecipe("decoder int8 MatMulNBits (8-bit weight-only)", decoder="int8-weight"))
 #: the latency-optimised recipes: the ViT and the discrete tokenizer fused + int8, the decoder weight-only
 LATENCY_VISION = ("vision_encoder", "discrete_tokenizer")
+QUANT_RECIPES.add("vision-int8", QuantRecipe("first-answer latency: ViT + discrete tokenizer fused and int8 dynamic, "
+                                             "decoder fp32 (the fastest prefill on AVX2)", vision="int8-fused-dynamic",
+                                             vision_components=LATENCY_VISION))
 QUANT_RECIPES.add("latency-int8", QuantRecipe("first-answer latency: ViT + discrete tokenizer fused and int8 dynamic, "
                                               "decoder int8 MatMulNBits", vision="int8-fused-dynamic",
                                               decoder="int8-weight", vision_components=LATENCY_VISION))

@@ -59,7 +59,7 @@ def test_recipe_plans():
     assert plans["int8-int4"]["decoder"] == "int4-weight" and plans["int8-int4"]["patch_selector"] == "int8-static"
     assert set(plans["fp16"].values()) == {"fp16"}
     assert plans["int8-weight"] == {c: "int8-weight" if c == "decoder" else "fp32" for c in COMPONENTS}
-    for name, dec in (("latency-int8", "int8-weight"), ("latency-int4", "int4-weight")):
+    for name, dec in (("vision-int8", "fp32"), ("latency-int8", "int8-weight"), ("latency-int4", "int4-weight")):
         assert plans[name] == {"vision_encoder": "int8-fused-dynamic", "discrete_tokenizer": "int8-fused-dynamic",
                                "embed_tokens": "fp32", "patch_selector": "fp32", "projector": "fp32", "decoder": dec}
     mixed = recipe_plan("int4-weight", COMPONENTS, {"vision_encoder": "fp16", "projector": "int8-dynamic"})
