@@ -156,8 +156,10 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
 # ---- demo -------------------------------------------------------------------------------------------
 
 
-def ensure_demo_artifacts(out: Path, checkpoint: Path, log: Any = print) -> Path:
-    """Export `checkpoint` to `out` unless `out` already holds the export of exactly these weights."""
+def ensure_demo_artifacts(out: Path, checkpoint: Path, log: Any = print, decoder: str = "torch") -> Path:
+    """Export `checkpoint` to `out` unless `out` already holds the export of exactly these weights,
+    made with this `decoder` ("torch": torch.onnx; "genai": onnxruntime-genai's builder, the
+    shared-buffer decoder continuous batching needs)."""
 
     weights = checkpoint / "model.safetensors"
     if not weights.is_file():
@@ -175,14 +177,15 @@ def ensure_demo_artifacts(out: Path, checkpoint: Path, log: Any = print) -> Path
             log(f"{out} is not a usable export ({exc}); re-exporting")
         else:
             source = manifest.extra.get("source") or {}
-            if source.get("weights_sha256") == digest:
+            if source.get("weights_sha256") == digest and source.get("decoder", "torch") == decoder:
                 return out
             # Exported some other way (e.g. `maven-edge export`): compare the model fingerprints.
             from maven_edge.export.onnx_export import model_fingerprint
             from maven_edge.model_src.checkpoint import load_checkpoint
 
             model = load_checkpoint(checkpoint)
-            if manifest.extra.get("model_fingerprint") == model_fingerprint(model):
+            shared = bool(manifest.components["decoder"].extra.get("past_present_share_buffer"))
+            if manifest.extra.get("model_fingerprint") == model_fingerprint(model) and shared == (decoder != "torch"):
                 return out
             log(f"{out} holds the export of another model; re-exporting {checkpoint}")
     log(f"exporting {checkpoint} to {out} (once; a few minutes on a small CPU) ...")
@@ -190,8 +193,8 @@ def ensure_demo_artifacts(out: Path, checkpoint: Path, log: Any = print) -> Path
     from maven_edge.model_src.checkpoint import load_checkpoint
 
     model = model or load_checkpoint(checkpoint)
-    source = {"checkpoint": str(checkpoint), "weights_sha256": digest}
-    export_model(model, ExportOptions(out=out, force=True, progress=False), source=source)
+    source = {"checkpoint": str(checkpoint), "weights_sha256": digest, "decoder": decoder}
+    export_model(model, ExportOptions(out=out, force=True, progress=False, decoder=decoder), source=source)
     return out
 
 

@@ -30,11 +30,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnxruntime as ort
 
-from maven_edge.core.errors import ArtifactError, InputError
+from maven_edge.core.errors import ArtifactError, BackendError, InputError
 from maven_edge.core.manifest import MANIFEST, Manifest, load_manifest, resolve_inside, sha256_file
 from maven_edge.core.tokenizer import TextTokenizer
 from maven_edge.runtime.backends.base import Backend, DecodeBatch, DecodeState, SelectorOutput
-from maven_edge.runtime.backends.providers import PROVIDERS, resolve_providers
+from maven_edge.runtime.backends.providers import PROVIDERS, check_decoder_for, resolve_providers
 from maven_edge.runtime.caches import KVSnapshot
 
 if TYPE_CHECKING:
@@ -68,6 +68,7 @@ class SessionConfig:
     trt_fp16: bool = False
     trt_int8: bool = False
     trt_max_workspace_size: int | None = None  # bytes
+    trt_profile_max_seq: int = 0  # context the TensorRT provider's explicit profiles cover (0: 1024, capped by the model)
     extra_config: dict[str, str] = field(default_factory=dict)  # SessionOptions.add_session_config_entry
     # Extra options per provider short name, merged over the defaults above, e.g.
     # {"tensorrt": {"trt_profile_min_shapes": "...", ...}, "cuda": {"gpu_mem_limit": 8 << 30}}
@@ -146,6 +147,20 @@ class _Session:
     def run(self, outputs: Sequence[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         feeds = {k: np.ascontiguousarray(v, dtype=self.dtype(k)) for k, v in feeds.items()}
         return self.sess.run(list(outputs) if outputs else None, feeds)
+
+
+def check_session_providers(component: str, used: Sequence[str], asked: Sequence[tuple[str, Any]]) -> None:
+    """Refuse a session onnxruntime created without the first provider asked for: when a GPU
+    provider fails to initialise (missing CUDA / cuDNN / TensorRT libraries, no device) onnxruntime
+    logs a warning and silently runs everything on the CPU."""
+    want = asked[0][0]
+    if want not in used:
+        short = PROVIDERS.by_ort_name(want)
+        raise BackendError(
+            f"onnxruntime created the {component} session without {want} (it runs on {', '.join(used)}): the "
+            f"{short} provider failed to initialise and onnxruntime fell back silently. Check the CUDA/cuDNN"
+            f"{'/TensorRT' if short == 'tensorrt' else ''} libraries onnxruntime-gpu needs (set "
+            "log_severity_level=0 to see its reason), or use --provider cpu")
 
 
 class OrtDecodeState(DecodeState):
@@ -264,11 +279,15 @@ class OrtBackend(Backend):
         self.provider_names = [PROVIDERS.by_ort_name(p) for p, _ in self.providers]
         self.io_device = PROVIDERS.get(self.provider_names[0]).io_device
         self.device_id = self.session_config.device_id
+        for comp in self.manifest.components.values():
+            check_decoder_for(self.provider_names[0], comp)
         self.sessions: dict[str, _Session] = {}
         for comp_name, comp in self.manifest.components.items():
             path = resolve_inside(self.artifacts, comp.file.path)
-            self.sessions[comp_name] = _Session(comp_name, path, self.session_config.build(), self.providers,
+            per_component = resolve_providers(providers, self.session_config, self.artifacts, self.manifest, comp)
+            self.sessions[comp_name] = _Session(comp_name, path, self.session_config.build(), per_component,
                                                 self.session_config)
+            check_session_providers(comp_name, self.sessions[comp_name].sess.get_providers(), per_component)
         s = self.sessions
         s["vision_encoder"].require(["pixel_values"], ["patch_features"])
         s["embed_tokens"].require(["input_ids"], ["inputs_embeds"])
