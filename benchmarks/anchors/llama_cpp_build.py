@@ -30,6 +30,7 @@ it returns a :class:`LlamaCppBuild` whose ``error`` says why, and the bench runs
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -187,9 +188,21 @@ def ensure_build(cache: Path, src: str | Path | None = None, jobs: int = 2,
         info = json.loads(info_path.read_text())
         return LlamaCppBuild(bin_dir=bin_dir, source=ident, version=version, seconds=float(info.get("seconds", 0)),
                              cached=True, flags=flags)
+    home.mkdir(parents=True, exist_ok=True)
+    with open(home / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a second bench on this machine waits for the first one's build
+        if info_path.is_file() and all((bin_dir / t).is_file() for t in TOOLS):
+            info = json.loads(info_path.read_text())
+            return LlamaCppBuild(bin_dir=bin_dir, source=ident, version=version,
+                                 seconds=float(info.get("seconds", 0)), cached=True, flags=flags)
+        return _build(root, home, key, jobs, flags, ident, version, say)
+
+
+def _build(root: Path, home: Path, key: dict[str, Any], jobs: int, flags: list[str], ident: str, version: str,
+           say: Callable[[str], None]) -> LlamaCppBuild:
+    info_path, bin_dir = home / "build.json", home / "bin"
     build = home / "build"
     log_path = home / "build.log"
-    home.mkdir(parents=True, exist_ok=True)
     say(f"building llama.cpp ({version}) from {root} with {jobs} jobs; log: {log_path}")
     t0 = time.perf_counter()
     with log_path.open("w") as fh:
