@@ -442,7 +442,9 @@ def test_latency_int8_fuses_the_vit_and_quantizes_weights_to_8_bits(latency, art
     assert prec == {"vision_encoder": "int8", "discrete_tokenizer": "int8", "embed_tokens": "fp32",
                     "patch_selector": "fp32", "projector": "fp32", "decoder": "int8"}
     vit = m.components["vision_encoder"].extra["quantization"]
-    assert vit["fusion"]["fused_ops"].get("Attention", 0) >= 1 and vit["fusion"]["num_heads"] > 0
+    # the test model's ViT runs one block, whose attention follows the pre-LayerNorm and keeps its MatMuls
+    # (deeper ViTs fuse every later block's attention: 3 of 4 on tiny, 10 of 11 on edge-small)
+    assert vit["fusion"]["fused_ops"].get("SkipLayerNormalization", 0) >= 1 and vit["fusion"]["num_heads"] > 0
     assert vit["fusion"]["nodes"][1] < vit["fusion"]["nodes"][0]
     assert vit["parity"]["patch_features.rel_l2"] < 0.1
     disc = m.components["discrete_tokenizer"].extra["quantization"]
