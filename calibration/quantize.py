@@ -314,7 +314,6 @@ def calibrate_ranges(src: Path, reader: Any, method: str, percentile: float = 99
     options: dict[str, Any] = {}
     if method == "minmax":
         cm = CalibrationMethod.MinMax
-        options["max_intermediate_outputs"] = 8  # fold ranges every 8 batches: bounded memory
     elif method == "entropy":
         cm = CalibrationMethod.Entropy
         options.update(num_bins=HISTOGRAM_BINS, num_quantized_bins=QUANTIZED_BINS)
@@ -324,8 +323,32 @@ def calibrate_ranges(src: Path, reader: Any, method: str, percentile: float = 99
     with tempfile.TemporaryDirectory(prefix="maven-calib-") as tmp, quiet_quantizer():
         cal = create_calibrator(str(src), list(WEIGHT_OPS), augmented_model_path=str(Path(tmp) / "augmented.onnx"),
                                 calibrate_method=cm, extra_options=options)
-        cal.collect_data(reader)
+        if method == "minmax":
+            # Fold ranges every 8 batches (bounded memory). onnxruntime's own max_intermediate_outputs
+            # drops every full group without merging it (and raises when the count divides exactly),
+            # so the reader is fed in chunks instead: each collect_data call merges its ranges.
+            while cal.collect_data(_Chunk(reader, 8)) is None and not getattr(reader, "exhausted", True):
+                pass
+        else:
+            cal.collect_data(reader)
         return cal.compute_data()
+
+
+class _Chunk:
+    """At most `n` batches of `reader` (a CalibrationDataReader); sets ``reader.exhausted`` at its end."""
+
+    def __init__(self, reader: Any, n: int):
+        self.reader, self.left = reader, n
+        reader.exhausted = False
+
+    def get_next(self) -> Any:
+        if self.left == 0:
+            return None
+        self.left -= 1
+        item = self.reader.get_next()
+        if item is None:
+            self.reader.exhausted = True
+        return item
 
 
 def _int8_static(src: Path, dst: Path, opts: QuantizeOptions, calib: CalibrationInput | None) -> dict[str, Any]:

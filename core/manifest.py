@@ -71,6 +71,10 @@ class Manifest:
     recipe: str = "fp32"  # quantization recipe that produced the files
     format_version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
+    # What a runtime does besides running the files (tokenizer rules, prompt template, visual
+    # sequence, h_eos, preprocessing numerics, stop tokens): core/host_contract.py, docs/hosts.md.
+    # Written since the Node host (issue #37); {} in older manifests, which Python reads as before.
+    host: dict[str, Any] = field(default_factory=dict)
 
     # -- views the runtime needs --------------------------------------------------------------
     def maven_config(self) -> MavenConfig:
@@ -164,7 +168,7 @@ _ENTRY_TYPES = {"path": str, "sha256": str, "size_bytes": int}
 _TOP_TYPES: dict[str, type | tuple[type, ...]] = {
     "preset": str, "config": dict, "vocab": dict, "preprocess": dict, "mode": str, "keep_ratio": (int, float),
     "num_patches": int, "num_kept_patches": int, "components": dict, "tokenizer": dict, "target_ort": str,
-    "exporter": dict, "recipe": str, "extra": dict,
+    "exporter": dict, "recipe": str, "extra": dict, "host": dict,
 }
 _COMPONENT_TYPES: dict[str, type] = {
     "file": dict, "precision": str, "inputs": list, "outputs": list, "opsets": dict, "ir_version": int,

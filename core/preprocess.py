@@ -36,6 +36,7 @@ __all__ = [
     "ImageSource",
     "check_pixel_values",
     "load_image",
+    "pad_fill",
     "pad_to_square",
     "preprocess_image",
     "preprocess_images",
@@ -508,7 +509,7 @@ def pad_to_square(im: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
     return canvas
 
 
-def _mean_fill(cfg: PreprocessConfig) -> tuple[int, int, int]:
+def pad_fill(cfg: PreprocessConfig) -> tuple[int, int, int]:
     """The padding colour: the normalisation mean in 0-255, truncated like LLaVA-1.5."""
     r, g, b = (min(255, max(0, int(m * 255))) for m in cfg.mean)
     return r, g, b
@@ -531,7 +532,7 @@ def _check_config(cfg: PreprocessConfig) -> None:
 def _to_pixel_values(im: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
     """RGB image -> float32 [3, S, S]: pad, resize, rescale by 1/255, normalise (CLIP arithmetic)."""
     if cfg.pad_to_square:
-        im = pad_to_square(im, _mean_fill(cfg))
+        im = pad_to_square(im, pad_fill(cfg))
     size = cfg.image_size
     im = im.resize((size, size), resample=resample_filter(cfg.resample))
     arr = (np.asarray(im, dtype=np.uint8).astype(np.float64) * (1 / 255)).astype(np.float32)

@@ -22,6 +22,31 @@ from dataclasses import dataclass
 from typing import Any
 
 from maven_edge.core.errors import PromptError
+from maven_edge.core.tokenizer import IMAGE_TOKEN
+
+#: The prompt layout the shipped models are trained on (every training sample is built with
+#: :func:`make_prompt`). Written into the manifest (``host.prompt``) so hosts in other languages
+#: build the same prompts. ``{k}`` counts images from 1; ``{text}`` is the question line
+#: ("Question: ..." or an instruction such as "Describe the image.").
+PROMPT_TEMPLATE: dict[str, str] = {
+    "single_image": IMAGE_TOKEN,
+    "image_line": "Image {k}: " + IMAGE_TOKEN,
+    "image_line_join": "\n",
+    "prompt": "{images}\n{text}\nAnswer:",
+}
+
+
+def image_block(num_images: int) -> str:
+    """The image part of a prompt: ``<image>`` for one image, else one ``Image k: <image>`` line per image."""
+    if num_images == 1:
+        return PROMPT_TEMPLATE["single_image"]
+    return PROMPT_TEMPLATE["image_line_join"].join(
+        PROMPT_TEMPLATE["image_line"].format(k=k + 1) for k in range(num_images))
+
+
+def make_prompt(num_images: int, text: str) -> str:
+    """The image block (:func:`image_block`), then `text` and the answer cue on their own lines."""
+    return PROMPT_TEMPLATE["prompt"].format(images=image_block(num_images), text=text)
 
 
 @dataclass(frozen=True)

@@ -466,3 +466,27 @@ def test_latency_artifacts_answer_like_fp32(latency, artifacts):
     got = MavenPipeline.from_artifacts(latency.out).generate(images, prompt, max_new_tokens=6)
     assert got.visual_tokens_per_image == ref.visual_tokens_per_image
     assert len(got.token_ids) >= 1
+
+
+@pytest.mark.parametrize("batches", [7, 8, 16, 17])
+def test_minmax_ranges_cover_every_calibration_batch(tmp_path, batches):
+    """onnxruntime's max_intermediate_outputs drops each full group of batches unmerged (and fails when
+    the count divides exactly); our chunked reading must see every batch, whatever the count."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from maven_edge.calibration.quantize import calibrate_ranges
+    from maven_edge.calibration.readers import make_ort_reader
+
+    w = numpy_helper.from_array(np.eye(4, dtype=np.float32), "w")
+    model = _graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [w])
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    feeds = [{"x": np.full((1, 4), float(i + 1), np.float32)} for i in range(batches)]
+    feeds[0]["x"][0, 0] = -50.0  # the extremes sit in the first and the last batch
+    feeds[-1]["x"][0, 1] = 90.0
+    ranges = calibrate_ranges(path, make_ort_reader(feeds, "mm"), "minmax")
+    lo, hi = ranges["x"].range_value
+    assert float(np.min(lo)) == -50.0 and float(np.max(hi)) == 90.0

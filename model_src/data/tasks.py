@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from maven_edge.core.tokenizer import IMAGE_TOKEN
+from maven_edge.core.prompt import image_block, make_prompt  # noqa: F401 - the layout lives in core
 from maven_edge.model_src.data.labels import scene_patch_labels
 from maven_edge.model_src.data.shapes import (
     ALL_PAIRS,
@@ -166,18 +166,6 @@ class Sample:
     def text(self) -> str:
         """The full training text: prompt, a space, the answer."""
         return f"{self.prompt} {self.answer}"
-
-
-def image_block(num_images: int) -> str:
-    """The image part of a prompt: ``<image>`` for one image, else ``Image k: <image>`` lines."""
-    if num_images == 1:
-        return IMAGE_TOKEN
-    return "\n".join(f"Image {k + 1}: {IMAGE_TOKEN}" for k in range(num_images))
-
-
-def make_prompt(num_images: int, text: str) -> str:
-    """The image block (:func:`image_block`), then ``text`` and the answer cue on their own lines."""
-    return f"{image_block(num_images)}\n{text}\nAnswer:"
 
 
 def question_line(sample: Sample) -> str:
