@@ -177,8 +177,8 @@ class KVSnapshot:
         return KVSnapshot(n, tuple(t[:, :n] for t in self.tensors))
 
 
-def position_keys(prompt_ids: Sequence[int], image_id: int, image_digests: Sequence[str], tokens_per_image: int,
-                  image_slots: bool = False) -> np.ndarray:
+def position_keys(prompt_ids: Sequence[int], image_id: int, image_digests: Sequence[str],
+                  tokens_per_image: int | Sequence[int], image_slots: bool = False) -> np.ndarray:
     """One int64 per assembled prompt position: a text token's id (>= 0), or for a visual position
     a negative number from the image's identity and the offset in its sequence (with image slots,
     the image's place in the prompt too: its vectors depend on it). An image's identity must
@@ -192,7 +192,8 @@ def position_keys(prompt_ids: Sequence[int], image_id: int, image_digests: Seque
             continue
         base = hashlib.sha256(f"{image_digests[img]}:{img if image_slots else ''}".encode()).digest()
         seed = int.from_bytes(base[:7], "little")
-        out.extend(-1 - ((seed + j) & ((1 << 62) - 1)) for j in range(tokens_per_image + 2))
+        count = tokens_per_image if isinstance(tokens_per_image, int) else tokens_per_image[img]
+        out.extend(-1 - ((seed + j) & ((1 << 62) - 1)) for j in range(count + 2))
         img += 1
     return np.asarray(out, dtype=np.int64)
 

@@ -79,7 +79,8 @@ def pipeline_options(args: argparse.Namespace) -> PipelineOptions:
 def _gen_options(args: argparse.Namespace) -> dict[str, Any]:
     opts: dict[str, Any] = {"max_new_tokens": args.max_new_tokens, "seed": args.seed, "mode": args.mode,
                             "keep_ratio": args.keep_ratio, "stop": args.stop or (),
-                            "stop_token_ids": args.stop_token_id or ()}
+                            "stop_token_ids": args.stop_token_id or (),
+                            "visual_token_budget": args.visual_token_budget, "min_patches": args.min_patches}
     if args.greedy:
         opts["greedy"] = True
     if args.temperature is not None:
@@ -117,20 +118,33 @@ def _print_result(res: Any, images: list[str], file: Any) -> None:
 def cmd_generate(args: argparse.Namespace) -> int:
     pipe = open_pipeline(pipeline_options(args))
     images = args.image or []
+    prompt = args.prompt
     opts = _gen_options(args)
+    video = None
+    if args.video:
+        if images:
+            raise InputError("give --image(s) or one --video, not both")
+        if "<image>" in prompt:
+            raise InputError("with --video, --prompt is the question about the video (the Frame k: <image> lines "
+                             "are added for you); leave out <image>")
+        video = pipe.load_video(args.video, prompt, fps=args.fps, max_frames=args.max_frames,
+                                max_new_tokens=args.max_new_tokens, mode=args.mode, keep_ratio=args.keep_ratio)
+        images, prompt = video.frames, video.prompt
     if args.stream:
         out = sys.stderr if args.json else sys.stdout
-        stream = pipe.stream(images, args.prompt, **opts)
+        stream = pipe.stream(images, prompt, **opts)
         with stream:
             for piece in stream:
                 print(piece, end="", file=out, flush=True)
         print(file=out)
         res = stream.result
     else:
-        res = pipe.generate(images, args.prompt, **opts)
+        res = pipe.generate(images, prompt, **opts)
     if args.json:
         d = res.to_dict()
         d["backend_info"] = pipe.backend.describe()
+        if video is not None:
+            d["video"] = video.metadata
         print(json.dumps(d, indent=None if args.compact else 2))
     else:
         if not args.stream:
@@ -151,6 +165,11 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop-token-id", action="append", type=int, metavar="ID", help="stop token id (repeatable)")
     p.add_argument("--mode", choices=("hybrid", "discrete", "continuous"), help="visual encoding (default hybrid)")
     p.add_argument("--keep-ratio", type=float, help="fraction of patches the selector keeps (hybrid)")
+    p.add_argument("--visual-token-budget", type=int, metavar="N",
+                   help="hybrid: rank the patches of all images together and keep the best so codes + patches fit "
+                   "N visual tokens (instead of one keep ratio per image; docs/budget.md)")
+    p.add_argument("--min-patches", type=int, default=1, metavar="M",
+                   help="with --visual-token-budget: patches every image keeps at least (default 1)")
 
 
 # ---- demo -------------------------------------------------------------------------------------------
@@ -300,6 +319,12 @@ def register(sub: Any) -> None:
                        "placeholder of --prompt, in order.")
     _add_model_args(p)
     p.add_argument("--image", action="append", metavar="PATH", help="an image (repeat for several)")
+    v = p.add_argument_group("video (needs PyAV: pip install -c constraints.txt 'maven-edge[video]')")
+    v.add_argument("--video", metavar="PATH", help="a video file (MP4, WebM, ...): its frames, labelled Frame k:, "
+                   "and --prompt is the question about it")
+    v.add_argument("--fps", type=float, default=1.0, help="frames per second to sample (default 1)")
+    v.add_argument("--max-frames", type=int, default=8,
+                   help="most frames kept, spread over the whole video when it has more (default 8)")
     p.add_argument("--prompt", required=True,
                    help='the prompt, one <image> per image, e.g. "<image>\\nQuestion: what color is the circle?'
                    '\\nAnswer:"')

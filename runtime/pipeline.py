@@ -47,6 +47,7 @@ import numpy as np
 import numpy.random  # noqa: F401 - numpy imports it lazily (~0.2 s); do it at load, not in the first request
 from PIL import Image
 
+from maven_edge.core.budget import select_under_budget
 from maven_edge.core.config import VISUAL_MODES, MavenConfig
 from maven_edge.core.errors import GenerationCancelled, InputError, PromptError
 from maven_edge.core.preprocess import preprocess_images
@@ -91,6 +92,10 @@ class GenerateOptions:
     stop_token_ids: Sequence[int] = ()  # generation ends at these ids (and always at <eos>)
     mode: str | None = None  # hybrid | discrete | continuous; None = the model's mode
     keep_ratio: float | None = None  # hybrid only; None = the model's keep ratio
+    # hybrid only: rank patches across the request's images so codes + kept patches fit this many
+    # visual tokens (core/budget.py), at least `min_patches` per image; None = one keep ratio per image
+    visual_token_budget: int | None = None
+    min_patches: int = 1
     cancel: threading.Event | None = None  # set it from another thread to stop the request
 
     def sampling(self) -> GenerationConfig:
@@ -191,6 +196,15 @@ class GenerationResult:
             "prompt_tokens": self.prompt_tokens,
             "backend": self.backend,
         }
+
+
+@dataclass
+class VideoInput:
+    """A decoded video question (:meth:`MavenPipeline.load_video`): pass ``frames`` and ``prompt``."""
+
+    frames: list[Any]  # RGB PIL images, in time order
+    prompt: str  # "Frame 1: <image>" ... "Question: ...\nAnswer:"
+    metadata: dict[str, Any]  # timestamps, codec, size, frames decoded / sampled / dropped as duplicates
 
 
 @dataclass
@@ -303,6 +317,8 @@ class _Request:
     keep_ratio: float | None
     k: int | None
     cancel: threading.Event | None
+    budget: int | None = None  # visual-token budget (hybrid), else None
+    min_patches: int = 1
     validate_ms: float = 0.0  # tokenization and checks, counted in the preprocess stage
 
     @property
@@ -474,6 +490,37 @@ class MavenPipeline:
         return PatchSelection([[int(i) for i in row] for row in vis.indices], vis.scores, grid, float(keep_ratio),
                               timings)
 
+    def load_video(self, source: Any, question: str, fps: float = 1.0, max_frames: int = 8,
+                   max_new_tokens: int = 32, mode: str | None = None, keep_ratio: float | None = None) -> VideoInput:
+        """A video question as images + prompt for :meth:`generate` / :meth:`stream`.
+
+        The frames are decoded one at a time (PyAV, :mod:`maven_edge.core.video`), sampled at `fps`,
+        at most `max_frames` (spread over the video), identical consecutive frames dropped, and
+        downscaled on the way to the model's input size; the prompt labels them ``Frame k: <image>``.
+        Whether `max_frames` frames fit the context is checked before anything is decoded.
+
+            video = pipe.load_video("clip.mp4", "what happened to the red circle?")
+            pipe.generate(video.frames, video.prompt)
+        """
+        from maven_edge.core.video import check_frames_fit, frames_from_video, video_prompt
+
+        if not isinstance(question, str) or not question.strip():
+            raise InputError("give the question about the video as text")
+        mode = mode or self.config.mode
+        spec = VISUAL_MODES.get(mode)
+        ratio = (self.backend.default_keep_ratio if keep_ratio is None else keep_ratio) if spec.patches == "selected" \
+            else None
+        per_frame = self.config.visual_tokens_per_image(mode, ratio)
+        one = self.tokenizer.encode_prompt(video_prompt(1, question))
+        text = len(one) - 1 + len(self.tokenizer.encode("\nFrame 10: ")) * (max_frames - 1)  # labels, generously
+        check_frames_fit(max_frames, per_frame, text, max_new_tokens, self.config.llm.max_position_embeddings)
+        if max_frames > self.limits.max_images:
+            raise InputError(f"--max-frames {max_frames} is over this pipeline's {self.limits.max_images} images per "
+                             "request; lower --max-frames")
+        video = frames_from_video(source, fps=fps, max_frames=max_frames,
+                                  max_side=4 * self.config.preprocess.image_size)
+        return VideoInput(video.frames, video_prompt(len(video.frames), question), video.metadata())
+
     def prepare_prompt(self, prompt: str, num_images: int, options: GenerateOptions | None = None,
                        **opts: Any) -> int:
         """Validate a prompt without running anything; return the assembled prompt length."""
@@ -533,11 +580,30 @@ class MavenPipeline:
             raise
         except Exception as exc:  # tokenizers raises plain exceptions on e.g. lone surrogates
             raise PromptError(f"the prompt cannot be tokenized: {exc}") from None
-        plan = plan_prompt(prompt_ids, self.tokenizer.image_id, n, self.config.visual_tokens_per_image(mode, keep_ratio))
+        budget = opt.visual_token_budget
+        if budget is not None and n:
+            per: int | list[int] = self._check_budget(budget, opt.min_patches, n, spec.patches)
+        else:
+            budget = None
+            per = self.config.visual_tokens_per_image(mode, keep_ratio)
+        plan = plan_prompt(prompt_ids, self.tokenizer.image_id, n, per)
         check_context(plan, gen.max_new_tokens, self.config.llm.max_position_embeddings)
         if opt.cancel is not None and not hasattr(opt.cancel, "is_set"):
             raise InputError("cancel must be a threading.Event (or have an is_set() method)")
-        return _Request(image_list, prompt_ids, plan, gen, mode, keep_ratio, k, opt.cancel)
+        return _Request(image_list, prompt_ids, plan, gen, mode, keep_ratio, k, opt.cancel, budget, opt.min_patches)
+
+    def _check_budget(self, budget: Any, min_patches: Any, n: int, patches: str | None) -> list[int]:
+        """Refuse an unusable visual-token budget before anything runs; the per-image token counts of
+        the most the budget allows (the context check's bound; the real split comes from the scores)."""
+        cfg = self.config
+        if patches != "selected":
+            raise InputError("a visual-token budget chooses patches, which only hybrid mode does")
+        if isinstance(min_patches, bool) or not isinstance(min_patches, int):
+            raise InputError(f"min_patches must be an integer, got {min_patches!r}")
+        select_under_budget(np.zeros((n, cfg.num_patches), np.float32), budget, cfg.discrete.num_codes, min_patches)
+        self.backend.check_mode("continuous")  # the patches of any subset are projected by projector.onnx
+        total = min(int(budget), n * (cfg.discrete.num_codes + cfg.num_patches))
+        return [total // n + (1 if i < total % n else 0) for i in range(n)]
 
     # ---- running -----------------------------------------------------------------------------
     def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -547,7 +613,7 @@ class MavenPipeline:
             return fn(*args)
 
     def _encode_visual(self, images: list[Any], mode: str, k: int | None, clock: _Clock,
-                       check_cancel: Callable[[], None]) -> _Visual:
+                       check_cancel: Callable[[], None], budget: int | None = None, min_patches: int = 1) -> _Visual:
         """preprocess -> (visual cache) -> vision -> discrete -> h_eos -> selector/projector -> per-image
         sequences. Images the visual cache holds skip every stage after preprocessing."""
         n = len(images)
@@ -559,6 +625,12 @@ class MavenPipeline:
             if self.visual_cache.enabled or self.prefix_cache.enabled:
                 out.digests = [pixel_digest(p) for p in pixel_values]
         check_cancel()
+        if budget is not None:  # the selection depends on every image of the request: not cached per image
+            entries = self._budget_stages(pixel_values, budget, min_patches, clock, check_cancel)
+            out.embeds = [e.embeds for e in entries]
+            out.indices = [e.indices for e in entries]
+            out.scores = np.stack([e.scores for e in entries])
+            return out
         keys = [self.visual_cache.key(self.fingerprint, mode, k, d) for d in out.digests]
         entries: list[VisualEntry | None] = [None] * n
         if self.visual_cache.enabled:
@@ -579,6 +651,35 @@ class MavenPipeline:
                 out.indices = np.stack([e.indices for e in entries])
                 out.scores = np.stack([e.scores for e in entries])
         return out
+
+    def _budget_stages(self, pixel_values: np.ndarray, budget: int, min_patches: int, clock: _Clock,
+                       check_cancel: Callable[[], None]) -> list[VisualEntry]:
+        """Hybrid with a visual-token budget: every image's selector scores, the patches ranked across
+        the images (core/budget.py), the kept ones projected (projector.onnx serves any subset)."""
+        be, tok, cfg = self.backend, self.tokenizer, self.config
+        n = pixel_values.shape[0]
+        with clock.stage("vision"):
+            patch_features = self._call(be.vision, pixel_values)
+        check_cancel()
+        with clock.stage("discrete"):
+            codes = np.asarray(self._call(be.discrete, patch_features), dtype=np.int64)
+        check_cancel()
+        with clock.stage("h_eos"):
+            ids = np.concatenate([codes, np.full((n, 1), tok.eos_vis_id, np.int64)], axis=1)
+            hidden = self._call(be.hidden_states, self._call(be.embed, ids), np.ones_like(ids))
+            h_eos = np.ascontiguousarray(hidden[:, -1])
+        check_cancel()
+        with clock.stage("selector"):
+            scores = self._call(be.select, patch_features, h_eos, be.check_keep_ratio(be.default_keep_ratio)).scores
+            kept = select_under_budget(scores, budget, cfg.discrete.num_codes, min_patches)
+            projected = self._call(be.project, patch_features)
+        check_cancel()
+        with clock.stage("assemble"):
+            marker_ids = np.concatenate(
+                [np.full((n, 1), tok.img_start_id, np.int64), codes, np.full((n, 1), tok.img_end_id, np.int64)], axis=1)
+            markers = self._call(be.embed, marker_ids)
+            return [VisualEntry(np.concatenate([markers[i, :-1], projected[i, kept[i]], markers[i, -1:]]), codes[i],
+                                kept[i], scores[i]) for i in range(n)]
 
     def _visual_stages(self, pixel_values: np.ndarray, mode: str, k: int | None, clock: _Clock,
                        check_cancel: Callable[[], None]) -> tuple[np.ndarray, ...]:
@@ -641,11 +742,15 @@ class MavenPipeline:
                 raise err
 
         # -- visual side --------------------------------------------------------------------
-        vis = self._encode_visual(req.images, req.mode, req.k, clock, check_cancel)
+        vis = self._encode_visual(req.images, req.mode, req.k, clock, check_cancel, req.budget, req.min_patches)
         visual = vis.embeds
         if vis.indices is not None:
             result.selected_indices = [[int(i) for i in row] for row in vis.indices]
             result.selector_scores = vis.scores
+        if req.budget is not None and n:  # the budget's real split between the images
+            req.plan = plan_prompt(req.prompt_ids, tok.image_id, n, [len(e) - 2 for e in visual])
+            result.visual_tokens_per_image = [len(e) - 2 for e in visual]
+            result.prompt_tokens = req.prompt_tokens
         # -- prompt assembly --------------------------------------------------------------------
         with clock.stage("assemble"):
             # one embed call for the prompt ids and, with image slots, the n slot ids after them
@@ -653,7 +758,8 @@ class MavenPipeline:
             rows = self._call(be.embed, np.asarray([list(req.prompt_ids) + slot_ids], dtype=np.int64))[0]
             text = rows[: len(req.prompt_ids)]
             if slot_ids:  # slot k's vector on every token of the k-th image
-                visual = visual + rows[len(req.prompt_ids) :][:, None, :]
+                slots = rows[len(req.prompt_ids) :]
+                visual = [v + slots[i][None, :] for i, v in enumerate(visual)]
             embeds = splice(req.plan, text, visual, lambda p: np.concatenate(p, axis=0))
             embeds = np.ascontiguousarray(embeds[None], dtype=np.float32)
         if embeds.shape[1] != req.prompt_tokens:
@@ -667,9 +773,13 @@ class MavenPipeline:
         prefix = PrefixHit(0, None)
         if self.prefix_cache.enabled:
             # a visual position is its image's content as this request encodes it: pixels, mode, k
-            identities = [f"{req.mode}:{req.k}:{d}" for d in vis.digests]
-            keys = position_keys(req.prompt_ids, tok.image_id, identities, req.plan.tokens_per_image,
-                                 self.config.image_slots)
+            if req.budget is None:
+                identities = [f"{req.mode}:{req.k}:{d}" for d in vis.digests]
+            else:  # the kept patches depend on the whole request: name them
+                identities = [f"{req.mode}:{','.join(map(str, idx))}:{d}"
+                              for idx, d in zip(result.selected_indices or [], vis.digests, strict=True)]
+            keys = position_keys(req.prompt_ids, tok.image_id, identities,
+                                 [req.plan.tokens_of(i) for i in range(n)], self.config.image_slots)
             prefix = self.prefix_cache.lookup(self.fingerprint, keys)
         cache.prefix_tokens_reused, cache.prefix_tokens_computed = prefix.length, req.prompt_tokens - prefix.length
         decoding = _Decoding(self, req, result, clock)
