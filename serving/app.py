@@ -458,12 +458,17 @@ def create_app(config: ServerConfig, background_load: bool = True,
         try:
             chat = template.render(req.messages)
             t0 = time.perf_counter()
-            images = await asyncio.to_thread(image_urls.load_all, chat.image_urls, config.images)
+            prompt = chat.prompt
+            if chat.video_url is not None:
+                images = await asyncio.to_thread(_video_frames, pipe, chat.video_url, config.images)
+                prompt = chat.with_frames(len(images))
+            else:
+                images = await asyncio.to_thread(image_urls.load_all, chat.image_urls, config.images)
             decode_s = time.perf_counter() - t0
-            options = _options(req, pipe, chat.prompt, len(images), config.default_max_tokens)
+            options = _options(req, pipe, prompt, len(images), config.default_max_tokens)
         except MavenError as exc:
             raise _maven_error(exc) from None
-        job = Job(images, chat.prompt, options, options.cancel)  # type: ignore[arg-type]
+        job = Job(images, prompt, options, options.cancel)  # type: ignore[arg-type]
         watch = asyncio.ensure_future(_wait_disconnect(request.receive))
         watch.add_done_callback(lambda f: f.cancelled() or _client_left(job))
         deadline = arrived + config.request_timeout_s
@@ -492,6 +497,12 @@ def create_app(config: ServerConfig, background_load: bool = True,
                 watch.cancel()
 
     return app
+
+
+def _video_frames(pipe: Any, url: str, policy: Any) -> list[Any]:
+    """A request's video: fetched under the image policy, decoded frame by frame by the pipeline."""
+    data = image_urls.load_video_bytes(url, policy)
+    return pipe.load_video(data, "the question", fps=policy.video_fps, max_frames=policy.video_max_frames).frames
 
 
 def _unknown_model(name: str, state: ServerState) -> APIError:

@@ -81,7 +81,9 @@ def server_config(args: argparse.Namespace) -> Any:
                          **({"max_pixels": args.max_pixels} if args.max_pixels else {}))
     policy = ImagePolicy(limits=limits, local_root=Path(args.allow_local_images) if args.allow_local_images else None,
                          allow_remote=args.allow_remote_images, remote_timeout_s=args.remote_timeout,
-                         remote_max_redirects=args.remote_max_redirects)
+                         remote_max_redirects=args.remote_max_redirects,
+                         video_max_bytes=int(args.max_video_mb * 2**20), video_fps=args.video_fps,
+                         video_max_frames=args.video_max_frames)
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
     return ServerConfig(
         pipeline=opts, model_name=args.model_name, api_key=api_key, max_concurrency=args.max_concurrency,
@@ -172,6 +174,11 @@ def register(sub: Any) -> None:
                      help="fetch http(s) image URLs (the server then makes requests wherever clients point it)")
     img.add_argument("--remote-timeout", type=float, default=10.0, help="seconds per remote image fetch (default 10)")
     img.add_argument("--remote-max-redirects", type=int, default=3, help="redirects per remote image (default 3)")
+    vid = p.add_argument_group("video (video_url parts; needs PyAV: pip install -c constraints.txt 'maven-edge[video]')")
+    vid.add_argument("--video-fps", type=float, default=1.0, help="frames sampled per second of video (default 1)")
+    vid.add_argument("--video-max-frames", type=int, default=8,
+                     help="most frames per video, spread over it when it has more (default 8)")
+    vid.add_argument("--max-video-mb", type=float, default=64.0, help="encoded size limit per video in MiB (default 64)")
     ops = p.add_argument_group("operation")
     ops.add_argument("--no-warmup", action="store_true", help="skip the 1-token warm-up generation after loading")
     ops.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))

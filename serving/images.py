@@ -30,6 +30,8 @@ from maven_edge.core.preprocess import ImageLimits, load_image
 
 #: What a data URI or a fetched image may be.
 MEDIA_TYPES = {"image/png": "PNG", "image/jpeg": "JPEG", "image/jpg": "JPEG", "image/webp": "WEBP"}
+#: video containers a data: URI may carry (decoded with PyAV, whatever their codec)
+VIDEO_MEDIA_TYPES = {"video/mp4", "video/webm", "video/quicktime", "video/x-matroska", "video/x-msvideo"}
 SERVER_FORMATS = ("PNG", "JPEG", "WEBP")
 
 
@@ -42,6 +44,9 @@ class ImagePolicy:
     allow_remote: bool = False  # --allow-remote-images
     remote_timeout_s: float = 10.0  # whole fetch, redirects included
     remote_max_redirects: int = 3
+    video_max_bytes: int = 64 * 2**20  # encoded size of one video
+    video_fps: float = 1.0  # frames sampled per second of video
+    video_max_frames: int = 8  # frames kept, spread over the video when it has more
 
     def __post_init__(self) -> None:
         if self.local_root is not None:
@@ -70,22 +75,26 @@ def load_url(url: str, number: int, policy: ImagePolicy) -> Image.Image:
     raise InputError(f"{label}: unsupported URL scheme '{scheme}:'; send a data: URI (base64 PNG, JPEG or WebP)")
 
 
-def decode_data_uri(url: str, label: str, limits: ImageLimits) -> bytes:
-    """The bytes of a ``data:<image type>;base64,<payload>`` URI."""
+def decode_data_uri(url: str, label: str, limits: ImageLimits, media_types: Any = None, max_bytes: int | None = None
+                    ) -> bytes:
+    """The bytes of a ``data:<image type>;base64,<payload>`` URI (`media_types`: the types accepted,
+    images by default; `max_bytes`: the size limit, the image limit by default)."""
+    media_types = MEDIA_TYPES if media_types is None else media_types
+    max_bytes = limits.max_bytes if max_bytes is None else max_bytes
     header, comma, payload = url[len("data:"):].partition(",")
     if not comma:
         raise ImageError(f"{label}: malformed data URI (no ',' before the payload)")
     params = [p.strip().lower() for p in header.split(";")]
     media = params[0] or "text/plain"
-    if media not in MEDIA_TYPES:
-        raise ImageError(f"{label}: unsupported media type '{media}' in the data URI; send image/png, "
-                         "image/jpeg or image/webp")
+    if media not in media_types:
+        raise ImageError(f"{label}: unsupported media type '{media}' in the data URI; send "
+                         + ", ".join(sorted(media_types)))
     if "base64" not in params[1:]:
         raise ImageError(f"{label}: the data URI must be base64-encoded (data:{media};base64,...)")
     payload = "".join(payload.split())
-    if len(payload) // 4 * 3 > limits.max_bytes + 3:
+    if len(payload) // 4 * 3 > max_bytes + 3:
         raise ImageError(f"{label} is too large (about {len(payload) // 4 * 3 / 2**20:.1f} MiB; the limit is "
-                         f"{limits.max_bytes / 2**20:.1f} MiB); downscale or re-encode it")
+                         f"{max_bytes / 2**20:.1f} MiB); downscale or re-encode it")
     try:
         data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as exc:
@@ -120,14 +129,14 @@ def local_path(url: str, label: str, policy: ImagePolicy) -> Path:
     return real
 
 
-def fetch(url: str, label: str, policy: ImagePolicy) -> bytes:
-    """GET an image: at most ``limits.max_bytes`` bytes, ``remote_max_redirects`` redirects and
-    ``remote_timeout_s`` seconds in all."""
+def fetch(url: str, label: str, policy: ImagePolicy, max_bytes: int | None = None, accept: str | None = None) -> bytes:
+    """GET an image (or a video): at most `max_bytes` (default ``limits.max_bytes``) bytes,
+    ``remote_max_redirects`` redirects and ``remote_timeout_s`` seconds in all."""
     import httpx
 
-    max_bytes = policy.limits.max_bytes
+    max_bytes = policy.limits.max_bytes if max_bytes is None else max_bytes
     deadline = time.monotonic() + policy.remote_timeout_s
-    accept = ", ".join(sorted(set(MEDIA_TYPES) - {"image/jpg"}))
+    accept = accept or ", ".join(sorted(set(MEDIA_TYPES) - {"image/jpg"}))
     try:
         with httpx.Client(follow_redirects=True, max_redirects=policy.remote_max_redirects,
                           timeout=policy.remote_timeout_s, trust_env=False) as client:
@@ -159,3 +168,24 @@ def _too_large(label: str, max_bytes: int) -> ImageError:
 
 def load_all(urls: Any, policy: ImagePolicy) -> list[Image.Image]:
     return [load_url(url, k + 1, policy) for k, url in enumerate(urls)]
+
+
+def load_video_bytes(url: str, policy: ImagePolicy) -> bytes:
+    """The encoded bytes of a request's video (``video_url``): a data: URI, or with the operator's
+    opt-in a local path (inside --allow-local-images DIR) or an http(s) URL; at most
+    ``policy.video_max_bytes``. Decoding (PyAV, frame by frame) happens in the pipeline."""
+    label = "the video"
+    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+    if scheme == "data":
+        return decode_data_uri(url, label, policy.limits, VIDEO_MEDIA_TYPES, policy.video_max_bytes)
+    if scheme in ("http", "https"):
+        if not policy.allow_remote:
+            raise InputError(f"{label}: http(s) URLs are refused by this server; send the video as a data: URI "
+                             "(base64), or start the server with --allow-remote-images")
+        return fetch(url, label, policy, policy.video_max_bytes, ", ".join(sorted(VIDEO_MEDIA_TYPES)))
+    if scheme == "file" or scheme == "" or (len(scheme) == 1 and url[1:3] in (":\\", ":/")):
+        path = local_path(url, label, policy)
+        if path.stat().st_size > policy.video_max_bytes:
+            raise _too_large(label, policy.video_max_bytes)
+        return path.read_bytes()
+    raise InputError(f"{label}: unsupported URL scheme '{scheme}:'; send a data: URI (base64 MP4 or WebM)")

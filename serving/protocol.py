@@ -41,7 +41,21 @@ class ImagePart(BaseModel):
     image_url: ImageURL
 
 
-ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+class VideoURL(BaseModel):
+    model_config = _STRICT
+    url: str = Field(min_length=1)
+
+
+class VideoPart(BaseModel):
+    """A video (vLLM's ``video_url`` part): its frames, sampled at the server's --video-fps, become
+    the turn's images, labelled ``Frame k:``."""
+
+    model_config = _STRICT
+    type: Literal["video_url"]
+    video_url: VideoURL
+
+
+ContentPart = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
 
 
 # ---- messages --------------------------------------------------------------------------------
@@ -168,7 +182,7 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-_UNION_TAGS = frozenset({"system", "developer", "user", "assistant", "text", "image_url"})
+_UNION_TAGS = frozenset({"system", "developer", "user", "assistant", "text", "image_url", "video_url"})
 
 
 def _loc(loc: tuple[Any, ...]) -> str:

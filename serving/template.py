@@ -25,6 +25,9 @@ Rules, in order:
    ``?`` is a question and becomes ``Question: <text>`` (unless it already starts with
    ``Question:``); any other text is an instruction and stands alone (``Describe the image.``).
    The turn ends with ``\\nAnswer:``. A user turn without text is refused.
+6. **Video.** One ``video_url`` part, in the first user message and with no images: its frames
+   (sampled at the server's ``--video-fps``, at most ``--video-max-frames``) are that turn's
+   images, one ``Frame k: <image>`` line each, then the turn's text as in rule 4.
 5. **Explicit placement.** A user turn whose text contains ``<image>`` placeholders is used
    verbatim (text parts concatenated, nothing added): its images fill its placeholders in
    order, and their numbers must match, else the request is refused. This reproduces any prompt
@@ -44,6 +47,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from maven_edge.core.errors import PromptError
+from maven_edge.core.prompt import frame_block
 from maven_edge.core.tokenizer import IMAGE_TOKEN
 from maven_edge.serving.protocol import (
     AssistantMessage,
@@ -52,6 +56,7 @@ from maven_edge.serving.protocol import (
     SystemMessage,
     TextPart,
     UserMessage,
+    VideoPart,
     message_text,
 )
 
@@ -59,12 +64,22 @@ QUESTION_PREFIX = "Question:"
 ANSWER_CUE = "\nAnswer:"
 
 
+#: where a video's ``Frame k: <image>`` lines go in the prompt once its frames are decoded
+FRAMES = "\x00frames\x00"
+
+
 @dataclass(frozen=True)
 class ChatPrompt:
-    """What the model is asked: the prompt text (one ``<image>`` per image) and the images' URLs."""
+    """What the model is asked: the prompt text (one ``<image>`` per image) and the images' URLs;
+    for a video, its URL and the place of its frames in the prompt (:data:`FRAMES`)."""
 
     prompt: str
     image_urls: tuple[str, ...]
+    video_url: str | None = None
+
+    def with_frames(self, count: int) -> str:
+        """The prompt once the video gave `count` frames."""
+        return self.prompt.replace(FRAMES, frame_block(count))
 
 
 def text_line(text: str) -> str:
@@ -82,9 +97,10 @@ def image_lines(first: int, count: int, total: int) -> list[str]:
     return [f"Image {k}: {IMAGE_TOKEN}" for k in range(first, first + count)]
 
 
-def _user_parts(messages: Sequence[UserMessage]) -> tuple[list[str], list[str]]:
+def _user_parts(messages: Sequence[UserMessage]) -> tuple[list[str], list[str], list[str]]:
     texts: list[str] = []
     urls: list[str] = []
+    videos: list[str] = []
     for m in messages:
         if isinstance(m.content, str):
             texts.append(m.content)
@@ -94,7 +110,9 @@ def _user_parts(messages: Sequence[UserMessage]) -> tuple[list[str], list[str]]:
                 texts.append(part.text)
             elif isinstance(part, ImagePart):
                 urls.append(part.image_url.url)
-    return texts, urls
+            elif isinstance(part, VideoPart):
+                videos.append(part.video_url.url)
+    return texts, urls, videos
 
 
 def render(messages: Sequence[Message]) -> ChatPrompt:
@@ -125,7 +143,10 @@ def render(messages: Sequence[Message]) -> ChatPrompt:
 
     parts = [s for s in system if s]
     user_parts = [_user_parts(t[1]) for t in turns if t[0] == "user"]  # type: ignore[arg-type]
-    total = sum(len(urls) for _, urls in user_parts)
+    total = sum(len(urls) for _, urls, _ in user_parts)
+    videos = [v for _, _, vs in user_parts for v in vs]
+    if videos and (len(videos) > 1 or total or not user_parts[0][2]):
+        raise PromptError("a conversation with a video takes one video, in its first user message, and no images")
     out: list[str] = ["\n".join(parts) + "\n"] if parts else []
     urls_all: list[str] = []
     user_index = 0
@@ -134,11 +155,17 @@ def render(messages: Sequence[Message]) -> ChatPrompt:
             assert isinstance(payload, AssistantMessage)
             out.append(" " + " ".join(t.strip() for t in message_text(payload.content)).strip())
             continue
-        texts, urls = user_parts[user_index]
+        texts, urls, turn_videos = user_parts[user_index]
         lead = "\n" if user_index else ""
         user_index += 1
         joined = "".join(texts)
-        if IMAGE_TOKEN in joined:  # rule 5: explicit placement, verbatim
+        if turn_videos:  # rule 6: the video's frames, Frame k: lines, then the text
+            text = " ".join(t.strip() for t in texts if t.strip())
+            if not text or IMAGE_TOKEN in text:
+                raise PromptError(f"user turn {user_index} has a video: ask a question about it as text, "
+                                  f"without {IMAGE_TOKEN} placeholders")
+            out.append(lead + FRAMES + "\n" + text_line(text) + ANSWER_CUE)
+        elif IMAGE_TOKEN in joined:  # rule 5: explicit placement, verbatim
             n = joined.count(IMAGE_TOKEN)
             if n != len(urls):
                 raise PromptError(
@@ -153,4 +180,4 @@ def render(messages: Sequence[Message]) -> ChatPrompt:
             lines = image_lines(len(urls_all) + 1, len(urls), total) + [text_line(text)]
             out.append(lead + "\n".join(lines) + ANSWER_CUE)
         urls_all.extend(urls)
-    return ChatPrompt("".join(out), tuple(urls_all))
+    return ChatPrompt("".join(out), tuple(urls_all), videos[0] if videos else None)

@@ -156,6 +156,28 @@ def test_multi_turn_with_images_in_two_user_messages(tiny, tiny_artifacts, capsy
     assert res.usage.model_extra["visual_tokens_per_image"] == ref["visual_tokens_per_image"]  # both images
 
 
+def test_a_video_question_equals_generate_video(tiny, tiny_artifacts, capsys):
+    pytest.importorskip("av")
+    from maven_edge.model_src.resources import samples_dir
+
+    video = samples_dir() / "demo_video.mp4"
+    question = "what happened to the red circle?"
+    capsys.readouterr()
+    assert cli_main(["generate", "--artifacts", str(tiny_artifacts), "--threads", "1", "--video", str(video),
+                     "--prompt", question, "--json", "--compact", "--max-new-tokens", "16"]) == 0
+    ref = json.loads(capsys.readouterr().out)
+    part = {"type": "video_url", "video_url": {"url": data_uri(video, "video/mp4")}}
+    res = tiny.client(ENV_KEY).chat.completions.create(
+        model="tiny", max_tokens=16, messages=[{"role": "user", "content": [part, {"type": "text", "text": question}]}])
+    assert res.choices[0].message.content == ref["text"]
+    assert res.usage.prompt_tokens == ref["prompt_tokens"]
+    assert res.usage.model_extra["visual_tokens_per_image"] == ref["visual_tokens_per_image"]  # one per frame
+    bad = {"type": "video_url", "video_url": {"url": data_uri(b"not a video", "video/mp4")}}
+    with pytest.raises(openai.BadRequestError):
+        tiny.client(ENV_KEY).chat.completions.create(
+            model="tiny", max_tokens=4, messages=[{"role": "user", "content": [bad, {"type": "text", "text": "what?"}]}])
+
+
 # ---- bad requests --------------------------------------------------------------------------------------
 
 
