@@ -53,6 +53,9 @@ class DecodeRow:
     #: step only while this is below the scheduler's `ahead`, so a request decodes at most that
     #: many pieces ahead of its reader
     buffered: int = 0
+    #: called on the scheduler's thread with (batch, slot) when the row finishes normally, before its
+    #: slot is freed (the pipeline copies the conversation's KV out for the prefix cache)
+    on_finish: Callable[[DecodeBatch, int], None] | None = None
     slot: int | None = None
     steps: int = 0
     occupancy_sum: int = 0  # rows in the steps this request took part in, summed
@@ -124,6 +127,11 @@ class BatchScheduler:
 
     def _finish(self, row: DecodeRow, error: BaseException | None = None) -> None:
         if row.slot is not None and self._active.get(row.slot) is row:
+            if error is None and not row.cancelled and row.on_finish is not None:
+                try:
+                    row.on_finish(self.batch, row.slot)
+                except Exception:  # noqa: BLE001 - a cache that could not be filled costs nothing but reuse
+                    pass
             del self._active[row.slot]
             self.batch.leave(row.slot)
         row.error = error

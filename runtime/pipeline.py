@@ -795,8 +795,19 @@ class MavenPipeline:
             if piece:
                 yield piece
             # -- decode: batched with other requests, or on its own ----------------------------------
+            def conversation_keys() -> np.ndarray | None:  # the prompt and the generated tokens fed back
+                if keys is None or result.finish_reason == "cancelled":
+                    return None
+                fed = result.token_ids if result.finish_reason in ("eos", "stop_token") else result.token_ids[:-1]
+                return np.concatenate([keys, np.asarray(fed, dtype=np.int64)])
+
+            def keep_conversation(batch: Any, slot: int) -> None:
+                full = conversation_keys()
+                if full is not None and len(full) == batch.length(slot):
+                    self.prefix_cache.add(self.fingerprint, full, batch.snapshot(slot, len(full)))
+
             if token is not None and self.scheduler is not None and self.scheduler.fits(state, gen.max_new_tokens):
-                yield from decoding.batched(self.scheduler, state, token, check_cancel)
+                yield from decoding.batched(self.scheduler, state, token, check_cancel, keep_conversation)
                 state = None  # the scheduler released it once its cache moved into a slot
             else:
                 while token is not None:
@@ -808,6 +819,10 @@ class MavenPipeline:
                     piece, token = decoding.consume(logits)
                     if piece:
                         yield piece
+                full = conversation_keys()
+                if full is not None and len(full) > req.prompt_tokens and len(full) == state.length:
+                    # the conversation so far, answer included: a follow-up turn reuses all of it
+                    self.prefix_cache.add(self.fingerprint, full, self._call(be.snapshot, state, len(full)))
             with clock.stage("decode"):
                 rest = decoding.detok.finish()
             if rest:
@@ -856,7 +871,8 @@ class _Decoding:
         return piece, token
 
     def batched(self, scheduler: BatchScheduler, state: DecodeState, token: int,
-                check_cancel: Callable[[], None]) -> Iterator[str]:
+                check_cancel: Callable[[], None],
+                on_finish: Callable[[Any, int], None] | None = None) -> Iterator[str]:
         """Decode in the scheduler's batch: its thread steps and calls `consume`; this thread yields
         the pieces. Cancelling (the request's event, or closing the stream) leaves the batch at the
         next step."""
@@ -874,7 +890,7 @@ class _Decoding:
                 pieces.put((piece, len(res.token_ids)))
             return nxt, bool(piece)
 
-        row = DecodeRow(state, token, on_logits)
+        row = DecodeRow(state, token, on_logits, on_finish=on_finish)
         res.cache.batched = True
         scheduler.submit(row)
         read_tokens = len(res.token_ids)  # the tokens of the pieces the reader has taken

@@ -75,6 +75,10 @@ class DecodeBatch(abc.ABC):
         """Positions in the slot's cache."""
         raise NotImplementedError
 
+    def snapshot(self, slot: int, length: int) -> KVSnapshot:
+        """A host copy of the first `length` positions of a slot's cache."""
+        raise NotImplementedError
+
 
 class Backend(abc.ABC):
     """Stage primitives over one model. Arrays in and out are numpy (float32 / int64)."""

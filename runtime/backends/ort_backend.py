@@ -212,6 +212,9 @@ class OrtDecodeBatch(DecodeBatch):
         self.busy[slot] = True
         return slot
 
+    def snapshot(self, slot: int, length: int) -> KVSnapshot:
+        return KVSnapshot(length, tuple(np.array(buf[slot, :, :length], dtype=np.float32) for buf in self.kv))
+
     def leave(self, slot: int) -> None:
         self.busy[slot] = False
         self.lengths[slot] = 0
