@@ -16,7 +16,7 @@ from typing import Any
 from maven_edge.core.errors import CheckpointError, InputError, MavenError
 from maven_edge.core.manifest import MANIFEST, load_manifest, sha256_file
 from maven_edge.core.paths import cache_dir
-from maven_edge.core.preprocess import load_image, pad_to_square
+from maven_edge.core.preprocess import fit_to_square, load_image
 from maven_edge.model_src.resources import samples_dir, shipped_checkpoint
 from maven_edge.runtime.backends import BACKENDS
 from maven_edge.runtime.backends.providers import PROVIDERS
@@ -40,7 +40,12 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--trt-fp16", action="store_true", help="let the TensorRT provider build fp16 engines")
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the artifact files")
     p.add_argument("--max-images", type=int, help="most images per request (default: the model's max_images)")
-    p.add_argument("--max-pixels", type=int, help="most pixels per image, checked before decoding it")
+    p.add_argument("--max-pixels", type=int, metavar="N",
+                   help="most pixels per image, checked on the file header before decoding (default 40000000)")
+    p.add_argument("--max-request-pixels", type=int, metavar="N",
+                   help="most pixels of all images of one request together (default 100000000)")
+    p.add_argument("--max-decode-mib", type=int, metavar="MIB",
+                   help="most memory decoding one image may take, estimated from its header (default 192)")
 
 
 def _add_ort_args(p: argparse.ArgumentParser) -> None:
@@ -56,7 +61,8 @@ def pipeline_options(args: argparse.Namespace) -> PipelineOptions:
         artifacts=args.artifacts, checkpoint=args.checkpoint, backend=args.backend,
         providers=tuple(args.provider or ("cpu",)), threads=args.threads, opt_level=args.opt_level,
         trt_cache=args.trt_cache, trt_fp16=args.trt_fp16, verify=not args.no_verify,
-        max_images=args.max_images, max_pixels=args.max_pixels,
+        max_images=args.max_images, max_pixels=args.max_pixels, max_request_pixels=args.max_request_pixels,
+        max_decode_bytes=None if args.max_decode_mib is None else args.max_decode_mib * 2**20,
     )
 
 
@@ -219,7 +225,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def draw_selection(images: list[Any], selection: Any, cfg: Any, out: Path, cell: int = 256) -> Path:
-    """One PNG: each image as the model sees it (padded to a square), unselected patches dimmed,
+    """One PNG: each image as the model sees it (fitted to a square), unselected patches dimmed,
     selected ones outlined, with the patch grid; images side by side."""
     from PIL import Image, ImageDraw
 
@@ -234,9 +240,10 @@ def draw_selection(images: list[Any], selection: Any, cfg: Any, out: Path, cell:
     draw_c = ImageDraw.Draw(canvas)
     for i, src in enumerate(images):
         im = load_image(src)
-        if cfg.preprocess.pad_to_square:
-            im = pad_to_square(im, fill)
-        im = im.resize((size, size), Image.Resampling.BICUBIC).convert("RGBA")
+        if cfg.preprocess.pad_to_square:  # resize first: a padded full-size canvas grows with the long side squared
+            im = fit_to_square(im, size, fill, Image.Resampling.BICUBIC).convert("RGBA")
+        else:
+            im = im.resize((size, size), Image.Resampling.BICUBIC).convert("RGBA")
         shade = Image.new("RGBA", im.size, (0, 0, 0, 0))
         d = ImageDraw.Draw(shade)
         keep = set(selection.selected_indices[i])

@@ -518,7 +518,8 @@ class MavenPipeline:
         if not n:
             return out
         with clock.stage("preprocess"):
-            pixel_values = preprocess_images(images, cfg.preprocess, self.limits.image)
+            pixel_values = preprocess_images(images, cfg.preprocess, self.limits.image,
+                                             max_total_pixels=self.limits.max_request_pixels)
         check_cancel()
         with clock.stage("vision"):
             patch_features = self._call(be.vision, pixel_values)

@@ -27,7 +27,7 @@ import struct
 import sys
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -116,8 +116,9 @@ def _largest(limits: ImageLimits, aspect: float, bytes_per_pixel: float = 4.0) -
     return w, h
 
 
-def make_cases(out: Path, limits: ImageLimits | None = None) -> list[Path]:
-    """Write the worst-case files for `limits` (default: ImageLimits()) into `out`."""
+def make_cases(out: Path, limits: ImageLimits | None = None, names: Sequence[str] | None = None) -> list[Path]:
+    """Write the worst-case files for `limits` (default: ImageLimits()) into `out` (only `names`,
+    when given; files already there are kept) and return their paths."""
     from PIL import Image, ImageDraw
 
     limits = limits or ImageLimits()
@@ -166,8 +167,13 @@ def make_cases(out: Path, limits: ImageLimits | None = None) -> list[Path]:
         "webp_lossless.webp": save(_largest(limits, min(a, 6.0), 16), "WEBP", lossless=True),
         "gif_wide.gif": save(wide, "GIF"),
     })
+    unknown = sorted(set(names or ()) - set(files))
+    if unknown:
+        raise ValueError(f"unknown case(s) {unknown}; known: {sorted(files)}")
     written = []
     for name, make in files.items():
+        if names is not None and name not in names:
+            continue
         path = out / name
         if not path.is_file():
             tmp = path.with_suffix(".tmp")
@@ -205,33 +211,48 @@ def _one(pipe: Any, image: str) -> dict[str, Any]:
             "growth_mib": round(peak - before, 1), "seconds": round(seconds, 2), "error": error}
 
 
-def measure(artifacts: str | Path, images: list[str], warmup_image: str) -> list[dict[str, Any]]:
-    """Load a pipeline, warm it up, then measure each image in its own forked process."""
+def _fork_case(pipe: Any, image: str) -> tuple[int, int]:
+    """Fork a child that measures `image` and writes its JSON result to a pipe: (pid, read fd)."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: measure, report, exit without running the parent's cleanup
+        os.close(read)
+        try:
+            payload = json.dumps(_one(pipe, image)).encode()
+        except BaseException as exc:  # noqa: BLE001 - reported to the parent
+            payload = json.dumps({"image": os.path.basename(image), "crash": repr(exc)}).encode()
+        with os.fdopen(write, "wb") as w:
+            w.write(payload)
+        os._exit(0)
+    os.close(write)
+    return pid, read
+
+
+def _collect(image: str, pid: int, read: int) -> dict[str, Any]:
+    with os.fdopen(read, "rb") as r:
+        data = r.read()
+    _, status = os.waitpid(pid, 0)
+    if data:
+        return json.loads(data)
+    return {"image": os.path.basename(image), "crash": f"the child died (wait status {status})"}
+
+
+def measure(artifacts: str | Path, images: list[str], warmup_image: str, jobs: int = 1) -> list[dict[str, Any]]:
+    """Load a pipeline, warm it up, then measure each image in its own forked process, `jobs` at a time."""
     from tools.soak import load_pipeline
 
     pipe = load_pipeline(artifacts)
-    pipe.generate([warmup_image], PROMPT, max_new_tokens=4)
-    pipe.generate([warmup_image], PROMPT, max_new_tokens=4)
-    results = []
-    for image in images:
-        read, write = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # child
-            os.close(read)
-            try:
-                payload = json.dumps(_one(pipe, image)).encode()
-            except BaseException as exc:  # noqa: BLE001 - reported to the parent
-                payload = json.dumps({"image": image, "crash": repr(exc)}).encode()
-            with os.fdopen(write, "wb") as w:
-                w.write(payload)
-            os._exit(0)
-        os.close(write)
-        with os.fdopen(read, "rb") as r:
-            data = r.read()
-        _, status = os.waitpid(pid, 0)
-        result = json.loads(data) if data else {"image": image, "crash": f"exit status {status}"}
-        results.append(result)
-        print(json.dumps(result), flush=True)
+    for _ in range(2):
+        pipe.generate([warmup_image], PROMPT, max_new_tokens=4)
+    results: list[dict[str, Any]] = []
+    running: list[tuple[str, int, int]] = []
+    for image in [*images, *[None] * jobs]:
+        if image is not None:
+            running.append((image, *_fork_case(pipe, image)))
+        if len(running) >= jobs or (image is None and running):
+            result = _collect(*running.pop(0))
+            results.append(result)
+            print(json.dumps(result), flush=True)
     return results
 
 
@@ -242,14 +263,17 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--artifacts", required=True, help="exported artifacts to run the requests on")
     ap.add_argument("--make-cases", metavar="DIR", help="write the worst-case files into DIR and measure them")
+    ap.add_argument("--cases", help="with --make-cases: comma-separated file names to write (default all)")
+    ap.add_argument("--jobs", type=int, default=1, help="cases measured at once, each in its own process (default 1)")
     ap.add_argument("images", nargs="*", help="image files to measure")
     args = ap.parse_args(argv)
     images = list(args.images)
     if args.make_cases:
-        images += [str(p) for p in make_cases(Path(args.make_cases))]
+        names = [c.strip() for c in args.cases.split(",") if c.strip()] if args.cases else None
+        images += [str(p) for p in make_cases(Path(args.make_cases), names=names)]
     if not images:
         ap.error("give image files, or --make-cases DIR")
-    measure(args.artifacts, images, str(samples_dir() / "demo_1.png"))
+    measure(args.artifacts, images, str(samples_dir() / "demo_1.png"), jobs=max(1, args.jobs))
     return 0
 
 
