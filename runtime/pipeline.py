@@ -305,30 +305,57 @@ class _Visual:
 
 class GenerationStream:
     """Iterator of text pieces; ``result`` holds the GenerationResult once it is exhausted.
-    ``close()`` (or leaving a ``with`` block, or dropping the iterator) cancels the request."""
 
-    def __init__(self, gen: Iterator[str]):
+    Cancelling: ``cancel()`` or ``close()`` — from any thread, at any time — stops the generation
+    within one decode step and never raises. When the consuming thread is inside ``next()`` (a
+    decode step is running), the stream is marked and the generation ends at its next check: the
+    consumer's loop ends normally and ``result`` is the partial answer with ``finish_reason``
+    ``"cancelled"``. When nobody is iterating, the generation is closed at once (its KV cache is
+    freed). Leaving a ``with`` block or dropping the iterator cancels too. ``partial`` is the
+    result being built (token ids so far) while the stream runs."""
+
+    def __init__(self, gen: Iterator[str], stop: threading.Event, partial: GenerationResult):
         self._gen = gen
+        self._stop = stop
+        self._lock = threading.Lock()  # held by the consumer for each step
+        self.partial = partial
         self.result: GenerationResult | None = None
 
     def __iter__(self) -> GenerationStream:
         return self
 
     def __next__(self) -> str:
-        try:
-            return next(self._gen)
-        except StopIteration as stop:
-            self.result = stop.value
-            raise
+        with self._lock:
+            try:
+                return next(self._gen)
+            except StopIteration as stop:
+                self.result = stop.value if stop.value is not None else self.partial
+                raise
 
-    def close(self) -> None:
-        self._gen.close()
+    @property
+    def cancelled(self) -> bool:
+        return self._stop.is_set()
+
+    def cancel(self) -> None:
+        """Stop the generation (thread-safe, never raises, idempotent)."""
+        self._stop.set()
+        if self._lock.acquire(blocking=False):  # nobody is inside next(): close it now
+            try:
+                self._gen.close()  # runs the generator's cleanup: frees the KV cache
+            except Exception:  # noqa: BLE001 - a canceller must never see an error
+                pass
+            finally:
+                if self.result is None:
+                    self.result = self.partial
+                self._lock.release()
+
+    close = cancel
 
     def __enter__(self) -> GenerationStream:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.close()
+        self.cancel()
 
 
 class MavenPipeline:
@@ -417,7 +444,9 @@ class MavenPipeline:
         t0 = time.perf_counter()
         request = self._validate(images, prompt, self._options(options, opts))
         request.validate_ms = (time.perf_counter() - t0) * 1e3
-        return GenerationStream(self._run(request))
+        stop = threading.Event()
+        partial = self._new_result(request)
+        return GenerationStream(self._run(request, stop, partial), stop, partial)
 
     def select_patches(self, images: Any, keep_ratio: float | None = None) -> PatchSelection:
         """Run only the visual stages in hybrid mode: which patches each image keeps, and why
@@ -554,21 +583,29 @@ class MavenPipeline:
             out.embeds = np.concatenate(parts, axis=1)
         return out
 
-    def _run(self, req: _Request) -> Iterator[str]:
-        """Generator of text pieces; returns the GenerationResult."""
-        timings = Timings()
+    def _new_result(self, req: _Request) -> GenerationResult:
+        return GenerationResult(
+            text="", token_ids=[], finish_reason="cancelled", timings=Timings(),  # set when it ends
+            visual_tokens_per_image=[req.plan.tokens_per_image] * len(req.images), selected_indices=None,
+            mode=req.mode, keep_ratio=req.keep_ratio, prompt_tokens=req.prompt_tokens, backend=self.backend.name,
+        )
+
+    def _run(self, req: _Request, stop: threading.Event, result: GenerationResult) -> Iterator[str]:
+        """Generator of text pieces; returns `result`, filled in. `stop` (the stream's cancel)
+        ends it quietly with finish_reason "cancelled"; `req.cancel` raises GenerationCancelled."""
+        timings = result.timings
         clock = _Clock(timings)
         clock.start -= req.validate_ms / 1e3  # the request's checks and tokenization came first
         timings.preprocess_ms = req.validate_ms
         be, tok = self.backend, self.tokenizer
         n = len(req.images)
-        result = GenerationResult(
-            text="", token_ids=[], finish_reason="length", timings=timings,
-            visual_tokens_per_image=[req.plan.tokens_per_image] * n, selected_indices=None, mode=req.mode,
-            keep_ratio=req.keep_ratio, prompt_tokens=req.prompt_tokens, backend=be.name,
-        )
+
+        class _Stopped(Exception):
+            """The stream was cancelled: unwind to the end of the generation."""
 
         def check_cancel() -> None:
+            if stop.is_set():
+                raise _Stopped
             if req.cancel is not None and req.cancel.is_set():
                 result.finish_reason = "cancelled"
                 timings.total_ms = clock.elapsed_ms()
@@ -576,36 +613,37 @@ class MavenPipeline:
                 err.result = result  # type: ignore[attr-defined]
                 raise err
 
-        # -- visual side --------------------------------------------------------------------
-        vis = self._encode_visual(req.images, req.mode, req.k, clock, check_cancel)
-        visual = vis.embeds
-        if vis.indices is not None:
-            result.selected_indices = [[int(i) for i in row] for row in vis.indices]
-            result.selector_scores = vis.scores
-        # -- prompt assembly --------------------------------------------------------------------
-        with clock.stage("assemble"):
-            # one embed call for the prompt ids and, with image slots, the n slot ids after them
-            slot_ids = tok.layout.image_slot_ids(n) if self.config.image_slots and n else []
-            rows = self._call(be.embed, np.asarray([list(req.prompt_ids) + slot_ids], dtype=np.int64))[0]
-            text = rows[: len(req.prompt_ids)]
-            if slot_ids:  # slot k's vector on every token of the k-th image
-                visual = visual + rows[len(req.prompt_ids) :][:, None, :]
-            embeds = splice(req.plan, text, visual, lambda p: np.concatenate(p, axis=0))
-            embeds = np.ascontiguousarray(embeds[None], dtype=np.float32)
-        if embeds.shape[1] != req.prompt_tokens:
-            raise AssertionError(f"assembled {embeds.shape[1]} positions, expected {req.prompt_tokens}")
-        check_cancel()
-        # -- prefill + decode ---------------------------------------------------------------------
-        gen = req.gen
+        detok: _Detokenizer | None = None
         state: DecodeState | None = None
+        first_at = None
         try:
+            # -- visual side --------------------------------------------------------------------
+            vis = self._encode_visual(req.images, req.mode, req.k, clock, check_cancel)
+            visual = vis.embeds
+            if vis.indices is not None:
+                result.selected_indices = [[int(i) for i in row] for row in vis.indices]
+                result.selector_scores = vis.scores
+            # -- prompt assembly --------------------------------------------------------------------
+            with clock.stage("assemble"):
+                # one embed call for the prompt ids and, with image slots, the n slot ids after them
+                slot_ids = tok.layout.image_slot_ids(n) if self.config.image_slots and n else []
+                rows = self._call(be.embed, np.asarray([list(req.prompt_ids) + slot_ids], dtype=np.int64))[0]
+                text = rows[: len(req.prompt_ids)]
+                if slot_ids:  # slot k's vector on every token of the k-th image
+                    visual = visual + rows[len(req.prompt_ids) :][:, None, :]
+                embeds = splice(req.plan, text, visual, lambda p: np.concatenate(p, axis=0))
+                embeds = np.ascontiguousarray(embeds[None], dtype=np.float32)
+            if embeds.shape[1] != req.prompt_tokens:
+                raise AssertionError(f"assembled {embeds.shape[1]} positions, expected {req.prompt_tokens}")
+            check_cancel()
+            # -- prefill + decode ---------------------------------------------------------------------
+            gen = req.gen
             with clock.stage("prefill"):
                 logits, state = self._call(be.prefill, embeds, req.prompt_tokens + gen.max_new_tokens)
             with clock.stage("decode"):
                 sampler = Sampler(gen, tok.layout.tokenizer_size)
-                stop = StopChecker(gen, tok.eos_id)
-                detok = _Detokenizer(tok, stop)
-            first_at = None
+                stop_checker = StopChecker(gen, tok.eos_id)
+                detok = _Detokenizer(tok, stop_checker)
             step = 0
             while True:
                 check_cancel()
@@ -614,7 +652,7 @@ class MavenPipeline:
                     if first_at is None:
                         first_at = clock.elapsed_ms()
                         timings.ttft_ms = first_at
-                    if stop.is_stop_token(token):
+                    if stop_checker.is_stop_token(token):
                         result.finish_reason = "eos" if token == tok.eos_id else "stop_token"
                         break
                     result.token_ids.append(token)
@@ -637,14 +675,21 @@ class MavenPipeline:
                 rest = detok.finish()
             if rest:
                 yield rest
+        except _Stopped:
+            result.finish_reason = "cancelled"
+        except GeneratorExit:  # closed while suspended at a yield (cancel() from any thread, or dropped)
+            result.finish_reason = "cancelled"
+            raise
         finally:
             if state is not None:
                 state.release()
-        result.text = detok.emitted
-        timings.total_ms = clock.elapsed_ms()
-        after_first = len(result.token_ids) - 1
-        decode_time_s = (timings.total_ms - (first_at or 0.0)) / 1e3
-        timings.decode_tokens_per_s = after_first / decode_time_s if after_first > 0 and decode_time_s > 0 else 0.0
+            if detok is not None:
+                result.text = detok.emitted  # what was yielded: the pieces always join to the text
+            timings.total_ms = clock.elapsed_ms()
+            after_first = len(result.token_ids) - 1
+            decode_time_s = (timings.total_ms - (first_at or 0.0)) / 1e3
+            timings.decode_tokens_per_s = (after_first / decode_time_s
+                                           if after_first > 0 and decode_time_s > 0 else 0.0)
         return result
 
 
