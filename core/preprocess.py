@@ -9,7 +9,7 @@ imports only numpy and Pillow (never torch).
 
 Every failure is raised as a :class:`~maven_edge.core.errors.MavenError` subclass (almost always
 :class:`~maven_edge.core.errors.ImageError`) whose message names the image (its path, or
-``image #i`` for the i-th image of a batch, counting from 0) and says what to do. No Pillow,
+``image i`` for the i-th image of a batch, counting from 1 as prompts do) and says what to do. No Pillow,
 numpy or OS exception escapes. Policies (limits, alpha, 16-bit, animation) are documented
 in ``docs/usage/images.md``.
 """

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from maven_edge.core.cliutil import add_command, positive_float
 from maven_edge.core.errors import CheckpointError, InputError, MavenError
 from maven_edge.core.manifest import MANIFEST, load_manifest, sha256_file
 from maven_edge.core.paths import cache_dir
@@ -38,8 +39,9 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
                    help="onnxruntime graph optimization level (default all)")
     p.add_argument("--trt-cache", metavar="DIR", help="TensorRT engine cache (default: <artifacts>/trt_cache)")
     p.add_argument("--trt-fp16", action="store_true", help="let the TensorRT provider build fp16 engines")
-    p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the artifact files")
-    p.add_argument("--max-images", type=int, help="most images per request (default: the model's max_images)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the sha256 check of the artifact files (sizes, paths and the schema are still checked)")
+    p.add_argument("--max-images", type=int, metavar="N", help="most images per request (default: the model's max_images)")
     p.add_argument("--max-pixels", type=int, metavar="N",
                    help="most pixels per image, checked on the file header before decoding (default 40000000)")
     p.add_argument("--max-request-pixels", type=int, metavar="N",
@@ -50,7 +52,7 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 def _add_ort_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--provider", action="append", choices=PROVIDERS.names(),
-                   help="onnxruntime execution provider (repeat for a preference order; default cpu)")
+                   help="onnxruntime execution provider (repeat for a preference order; default: cpu)")
     p.add_argument("--threads", type=int, default=0,
                    help="onnxruntime intra-op threads (default 0 = onnxruntime's choice, one per physical core)")
 
@@ -104,20 +106,46 @@ def _print_result(res: Any, images: list[str], file: Any) -> None:
 # ---- generate -------------------------------------------------------------------------------------
 
 
+def read_prompt(args: argparse.Namespace) -> str:
+    """The prompt of --prompt, or of --prompt-file (UTF-8; "-" reads stdin; one trailing newline
+    is dropped, as `$(cat file)` would). Warns when --prompt holds a literal backslash-n and no
+    newline: bash keeps "\n" inside double quotes as two characters, and the model then sees them."""
+    if args.prompt_file is not None:
+        try:
+            if args.prompt_file == "-":
+                text = sys.stdin.buffer.read().decode("utf-8")
+            else:
+                text = Path(args.prompt_file).read_bytes().decode("utf-8")
+        except FileNotFoundError:
+            raise InputError(f"--prompt-file {args.prompt_file}: file not found") from None
+        except UnicodeDecodeError as exc:
+            raise InputError(f"--prompt-file {args.prompt_file} is not UTF-8 text ({exc})") from None
+        except OSError as exc:
+            raise InputError(f"--prompt-file {args.prompt_file} cannot be read ({exc.strerror or exc})") from None
+        return text[:-1] if text.endswith("\n") else text
+    prompt = args.prompt
+    if "\\n" in prompt and "\n" not in prompt:
+        print("maven-edge generate: warning: the prompt holds a literal \\n (a backslash and an n) and no line "
+              "break, so the model sees those two characters. In bash, write line breaks as "
+              "$'...\\n...' or use --prompt-file FILE", file=sys.stderr)
+    return prompt
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
+    prompt = read_prompt(args)
     pipe = open_pipeline(pipeline_options(args))
     images = args.image or []
     opts = _gen_options(args)
     if args.stream:
         out = sys.stderr if args.json else sys.stdout
-        stream = pipe.stream(images, args.prompt, **opts)
+        stream = pipe.stream(images, prompt, **opts)
         with stream:
             for piece in stream:
                 print(piece, end="", file=out, flush=True)
         print(file=out)
         res = stream.result
     else:
-        res = pipe.generate(images, args.prompt, **opts)
+        res = pipe.generate(images, prompt, **opts)
     if args.json:
         d = res.to_dict()
         d["backend_info"] = pipe.backend.describe()
@@ -131,16 +159,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="most tokens to generate (default 32)")
     p.add_argument("--greedy", action="store_true", help="greedy decoding (the default unless sampling is asked for)")
-    p.add_argument("--temperature", type=float, help="sample with this temperature (> 0)")
-    p.add_argument("--top-k", type=int, help="sample from the k most likely tokens")
-    p.add_argument("--top-p", type=float, help="nucleus sampling threshold in (0, 1]")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--temperature", type=positive_float("--temperature"), metavar="T",
+                   help="sample with this temperature, a number > 0 (default: greedy decoding)")
+    p.add_argument("--top-k", type=int, metavar="K", help="sample from the K most likely tokens (default: all)")
+    p.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling threshold in (0, 1] (default 1: off)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--stop", action="append", metavar="TEXT", help="stop string (repeatable)")
     p.add_argument("--stop-token-id", action="append", type=int, metavar="ID", help="stop token id (repeatable)")
-    p.add_argument("--mode", choices=("hybrid", "discrete", "continuous"), help="visual encoding (default hybrid)")
-    p.add_argument("--keep-ratio", type=float, help="fraction of patches the selector keeps (hybrid)")
+    p.add_argument("--mode", choices=("hybrid", "discrete", "continuous"), help="visual encoding (default: the model's mode, hybrid for the shipped one)")
+    p.add_argument("--keep-ratio", type=float,
+                   help="fraction of patches the selector keeps (hybrid; default: the artifacts' keep ratio)")
 
 
 # ---- demo -------------------------------------------------------------------------------------------
@@ -282,15 +312,31 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 # ---- registration -------------------------------------------------------------------------------------
 
 
+PROMPT_EXAMPLE = "$'<image>\\nQuestion: what color is the circle?\\nAnswer:'"
+
+
 def register(sub: Any) -> None:
-    p = sub.add_parser("generate", help="answer a question about images (ort, torch or trt backend)",
-                       description="Answer a prompt about one or more images. Each --image fills one <image> "
-                       "placeholder of --prompt, in order.")
+    p = add_command(
+        sub, "generate", help="answer a question about images (ort, torch or trt backend)",
+        description="Answer a prompt about one or more images. Each --image fills one <image> placeholder of the "
+        "prompt, in order; the answer goes to stdout, timings to stderr.\n\nLine breaks: bash keeps \\n inside "
+        "double quotes as a backslash and an n, so write prompts with line breaks as $'...\\n...' (bash's "
+        "ANSI-C quoting), or put the prompt in a file and pass --prompt-file FILE.",
+        examples=[
+            "maven-edge export --checkpoint model_src/checkpoints/tiny --out artifacts/tiny",
+            f"maven-edge generate --artifacts artifacts/tiny --image model_src/samples/demo_1.png --prompt {PROMPT_EXAMPLE}",
+            "maven-edge generate --artifacts artifacts/tiny --image model_src/samples/demo_1.png "
+            "--image model_src/samples/demo_2.png --prompt-file question.txt --stream",
+            f"maven-edge generate --checkpoint model_src/checkpoints/tiny --image model_src/samples/demo_1.png "
+            f"--prompt {PROMPT_EXAMPLE} --json",
+        ])
     _add_model_args(p)
-    p.add_argument("--image", action="append", metavar="PATH", help="an image (repeat for several)")
-    p.add_argument("--prompt", required=True,
-                   help='the prompt, one <image> per image, e.g. "<image>\\nQuestion: what color is the circle?'
-                   '\\nAnswer:"')
+    p.add_argument("--image", action="append", metavar="PATH",
+                   help="an image, for the next <image> of the prompt (repeat for several; default: none)")
+    text = p.add_mutually_exclusive_group(required=True)
+    text.add_argument("--prompt", help="the prompt, one <image> per image; line breaks as $'...\\n...' in bash")
+    text.add_argument("--prompt-file", metavar="FILE",
+                      help="read the prompt from this UTF-8 file ('-' = stdin); one trailing newline is dropped")
     _add_generation_args(p)
     p.add_argument("--stream", action="store_true", help="print the answer as it is decoded")
     p.add_argument("--json", action="store_true",
@@ -299,25 +345,37 @@ def register(sub: Any) -> None:
     p.add_argument("--quiet", action="store_true", help="print only the answer")
     p.set_defaults(func=cmd_generate)
 
-    d = sub.add_parser("demo", help="export the shipped tiny model if needed and answer the bundled demo question",
-                       description="Exports the shipped tiny checkpoint into the user cache directory (once; "
-                       "$MAVEN_EDGE_CACHE or the platform's cache folder), then answers the bundled multi-image "
-                       "question with onnxruntime, printing the answer, per-stage timings and visual-token counts.")
+    d = add_command(
+        sub, "demo", help="export the shipped tiny model if needed and answer the bundled demo question",
+        description="Exports the shipped tiny checkpoint into the user cache directory (once; $MAVEN_EDGE_CACHE or "
+        "the platform's cache folder), then answers the bundled multi-image question with onnxruntime, printing "
+        "the answer, per-stage timings and visual-token counts.",
+        examples=["maven-edge demo", "maven-edge demo --threads 2 --json",
+                  "maven-edge demo --artifacts artifacts/tiny"])
     d.add_argument("--artifacts", metavar="DIR", help="use these artifacts instead of exporting the shipped model")
     d.add_argument("--checkpoint", metavar="DIR",
                    help="checkpoint to export when artifacts are needed (default: the shipped tiny model)")
     _add_ort_args(d)
-    d.add_argument("--max-new-tokens", type=int, default=16, help="most tokens to generate (default 16)")
-    d.add_argument("--json", action="store_true", help="print one JSON object instead of the summary")
+    d.add_argument("--max-new-tokens", type=int, default=16, metavar="N", help="most tokens to generate (default 16)")
+    d.add_argument("--json", action="store_true",
+                   help="print one JSON object (answer, expected answer, timings, ...) instead of the summary")
     d.set_defaults(func=cmd_demo)
 
-    i = sub.add_parser("inspect", help="draw the patches the selector keeps over each image (PNG)",
-                       description="Runs the visual stages in hybrid mode and writes one PNG: each image as the "
-                       "model sees it, the patches the selector keeps outlined, the rest dimmed.")
+    i = add_command(
+        sub, "inspect", help="draw the patches the selector keeps over each image (PNG)",
+        description="Runs the visual stages in hybrid mode (vision encoder, discrete tokenizer, h_eos, patch "
+        "selector) and writes one PNG: each image as the model sees it, the patches the selector keeps outlined, "
+        "the rest dimmed. Prints the kept patch indices (raster order) per image.",
+        examples=["maven-edge inspect --artifacts artifacts/tiny --image model_src/samples/demo_1.png "
+                  "--out selection.png",
+                  "maven-edge inspect --checkpoint model_src/checkpoints/tiny --image model_src/samples/demo_1.png "
+                  "--image model_src/samples/demo_2.png --keep-ratio 0.5 --out selection.png --json"])
     _add_model_args(i)
-    i.add_argument("--image", action="append", metavar="PATH", required=True, help="an image (repeat for several)")
+    i.add_argument("--image", action="append", metavar="PATH", required=True,
+                   help="an image to inspect (repeat for several, side by side in the PNG)")
     i.add_argument("--keep-ratio", type=float,
-                   help="fraction of patches to keep (default: the artifacts' keep ratio)")
+                   help="fraction of patches to keep, in (0, 1] (default: the artifacts' keep ratio)")
     i.add_argument("--out", required=True, metavar="PNG", help="the PNG to write")
-    i.add_argument("--json", action="store_true", help="print the kept indices and the PNG path as JSON")
+    i.add_argument("--json", action="store_true",
+                   help="print the kept indices, the grid size and the PNG path as one JSON object")
     i.set_defaults(func=cmd_inspect)

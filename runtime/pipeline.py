@@ -92,6 +92,11 @@ class GenerateOptions:
             raise InputError(
                 f"bad generation option: temperature, top_k and top_p must be numbers ({exc})"
             ) from None
+        if temperature is not None and not temperature > 0:  # also NaN
+            raise InputError(
+                f"temperature must be > 0, got {self.temperature!r}; for greedy decoding (the default) leave "
+                "temperature unset or pass greedy=True"
+            )
         if self.greedy is None:
             do_sample = (
                 (temperature is not None and temperature > 0)
@@ -215,7 +220,11 @@ class _Clock:
 
 class _Detokenizer:
     """Incremental detokenization that only emits complete characters and never emits text a
-    stop string may still claim. The pieces it emits join to exactly the final text."""
+    stop string may still claim. The pieces it emits join to exactly the final text.
+
+    Leading whitespace of the answer is not emitted: the models are trained on "prompt answer"
+    (a space before the answer, part of its first token), so the raw text of an answer starts
+    with a space. ``token_ids`` are untouched; ``tokenizer.decode(token_ids)`` is the raw text."""
 
     def __init__(self, tokenizer: TextTokenizer, stop: StopChecker):
         self.tokenizer = tokenizer
@@ -236,7 +245,7 @@ class _Detokenizer:
 
     def add(self, token_id: int) -> str:
         self.ids.append(token_id)
-        full = self.tokenizer.decode(self.ids)
+        full = self.tokenizer.decode(self.ids).lstrip()
         text, hit = self.stop.trim(full)
         if hit:
             self.stopped = True
@@ -248,7 +257,7 @@ class _Detokenizer:
         return self._emit(text[:max(end, len(self.emitted))])
 
     def finish(self) -> str:
-        text, _ = self.stop.trim(self.tokenizer.decode(self.ids))
+        text, _ = self.stop.trim(self.tokenizer.decode(self.ids).lstrip())
         return self._emit(text)
 
     def _emit(self, text: str) -> str:
