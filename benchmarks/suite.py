@@ -38,9 +38,11 @@ from maven_edge.core import paths
 from maven_edge.core.config import VISUAL_MODES
 from maven_edge.core.errors import BackendError, InputError
 from maven_edge.core.manifest import load_manifest
+from maven_edge.runtime.backends import BACKENDS as RUNTIME_BACKENDS
 
 SECTIONS = ("roofline", "pipeline", "text")
-BACKENDS = ("ort", "torch")
+#: the runtime's backends (runtime.backends.BACKENDS) the suite measures: every one that runs on a CPU
+BACKENDS = tuple(name for name in RUNTIME_BACKENDS if name != "trt")
 DEFAULT_ANCHORS = ("hf", "genai", "optimum", "llamacpp")
 #: Precisions per engine measured by default (int4 for ours only when int4 artifacts exist or
 #: can be made with the project's quantizer).
@@ -103,7 +105,9 @@ class BenchOptions:
             raise InputError("give --artifacts DIR, --preset NAME or --checkpoint DIR")
         for b in o.backends:
             if b not in BACKENDS:
-                raise InputError(f"unknown backend {b!r}; choose from {', '.join(BACKENDS)}")
+                RUNTIME_BACKENDS.get(b)  # InputError for a name that is no backend at all
+                raise InputError(f"backend {b!r} needs a GPU, which the bench does not plan for; choose from "
+                                 f"{', '.join(BACKENDS)}")
         for a in o.anchors:
             if a not in DEFAULT_ANCHORS:
                 raise InputError(f"unknown anchor {a!r}; choose from {', '.join(DEFAULT_ANCHORS)} (or none)")

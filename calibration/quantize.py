@@ -71,6 +71,7 @@ from maven_edge.core.manifest import (
     file_entry,
     load_manifest,
     sha256_file,
+    staged_artifacts,
     write_manifest,
 )
 from maven_edge.core.registry import Registry
@@ -635,75 +636,72 @@ def quantize_artifacts(
         if log:
             log(f"calibration: {cs.num_samples} samples, {cs.num_images} images from {cs.source}")
 
-    out.mkdir(parents=True, exist_ok=True)
-    staging = out / f".staging-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
     results: list[ComponentResult] = []
     notes: list[str] = []
     new_components: dict[str, Component] = {}
     target = manifest.target_ort
-    try:
-        from tqdm import tqdm
 
-        todo = list(manifest.components.items())
-        bar = tqdm(todo, desc=f"quantize {opts.recipe}", unit="file", disable=not opts.progress)
-        for name, comp in bar:
-            bar.set_postfix_str(name)
-            method = plan[name]
-            t1 = time.perf_counter()
-            src_path = src / comp.file.path
-            dst_path = staging / comp.file.path
-            dst_path.parent.mkdir(parents=True, exist_ok=True)
-            details: dict[str, Any] = {"method": method}
-            spec = QUANT_METHODS.get(method)
-            if spec.apply is None:
-                _link_or_copy(src_path, dst_path)
-                for e in comp.external_data:
-                    _link_or_copy(src / e.path, staging / e.path)
-            else:
-                calib = None
-                if spec.calibrated:
-                    assert feeds_src is not None
-                    cache = None
-                    if opts.calib_cache:
-                        Path(opts.calib_cache).mkdir(parents=True, exist_ok=True)
-                        key = f"{name}-{comp.file.sha256[:12]}-{feeds_src.cs.digest()[:12]}-{opts.calib_method}"
-                        cache = Path(opts.calib_cache) / f"{key}.json"
-                        details["calibration_cache"] = str(cache)
-                    calib = CalibrationInput(make_ort_reader(feeds_src.feeds(name), name), cache)
-                details.update(spec.apply(src_path, dst_path, opts, calib))
-                release, n = fit_target(dst_path, manifest.target_ort)
-                notes.extend(n)
-                if release != manifest.target_ort:
-                    details["target_ort"] = release
-                    if release == "installed" or _release_tuple(release) > _release_tuple(target):
-                        target = release
-                if opts.check_samples:
-                    check = (feeds_src.feeds(name)[: opts.check_samples]
-                             if feeds_src is not None and name in static else None)
-                    if check is None:
-                        check = _component_check_feeds(name, comp, cfg, feeds_src, opts.check_samples)
-                    details["parity"] = parity(src_path, dst_path, check)
-            new_components[name] = _component_entry(comp, staging, dst_path, spec.precision, details)
-            size = new_components[name].file.size_bytes + sum(e.size_bytes for e in new_components[name].external_data)
-            fp32_size = comp.file.size_bytes + sum(e.size_bytes for e in comp.external_data)
-            results.append(ComponentResult(name, method, spec.precision, fp32_size, size,
-                                           round(time.perf_counter() - t1, 2), details))
-            if log:
-                log(f"{name}: {method}, {fp32_size / 1e6:.2f} MB -> {size / 1e6:.2f} MB")
-        shutil.copy2(src / manifest.tokenizer.path, staging / manifest.tokenizer.path)
-        for item in out.iterdir():  # --force: clear the previous contents (never the staging dir)
+    def clear_previous(staging: Path) -> None:  # --force: the previous contents, never the staging folder
+        for item in out.iterdir():
             if item == staging:
                 continue
             if item.is_dir():
                 shutil.rmtree(item)
             else:
                 item.unlink()
-        for item in staging.iterdir():
-            os.replace(item, out / item.name)
+
+    try:
+        with staged_artifacts(out, clear_previous) as staging:
+            from tqdm import tqdm
+
+            todo = list(manifest.components.items())
+            bar = tqdm(todo, desc=f"quantize {opts.recipe}", unit="file", disable=not opts.progress)
+            for name, comp in bar:
+                bar.set_postfix_str(name)
+                method = plan[name]
+                t1 = time.perf_counter()
+                src_path = src / comp.file.path
+                dst_path = staging / comp.file.path
+                dst_path.parent.mkdir(parents=True, exist_ok=True)
+                details: dict[str, Any] = {"method": method}
+                spec = QUANT_METHODS.get(method)
+                if spec.apply is None:
+                    _link_or_copy(src_path, dst_path)
+                    for e in comp.external_data:
+                        _link_or_copy(src / e.path, staging / e.path)
+                else:
+                    calib = None
+                    if spec.calibrated:
+                        assert feeds_src is not None
+                        cache = None
+                        if opts.calib_cache:
+                            Path(opts.calib_cache).mkdir(parents=True, exist_ok=True)
+                            key = f"{name}-{comp.file.sha256[:12]}-{feeds_src.cs.digest()[:12]}-{opts.calib_method}"
+                            cache = Path(opts.calib_cache) / f"{key}.json"
+                            details["calibration_cache"] = str(cache)
+                        calib = CalibrationInput(make_ort_reader(feeds_src.feeds(name), name), cache)
+                    details.update(spec.apply(src_path, dst_path, opts, calib))
+                    release, n = fit_target(dst_path, manifest.target_ort)
+                    notes.extend(n)
+                    if release != manifest.target_ort:
+                        details["target_ort"] = release
+                        if release == "installed" or _release_tuple(release) > _release_tuple(target):
+                            target = release
+                    if opts.check_samples:
+                        check = (feeds_src.feeds(name)[: opts.check_samples]
+                                 if feeds_src is not None and name in static else None)
+                        if check is None:
+                            check = _component_check_feeds(name, comp, cfg, feeds_src, opts.check_samples)
+                        details["parity"] = parity(src_path, dst_path, check)
+                new_components[name] = _component_entry(comp, staging, dst_path, spec.precision, details)
+                size = new_components[name].file.size_bytes + sum(e.size_bytes for e in new_components[name].external_data)
+                fp32_size = comp.file.size_bytes + sum(e.size_bytes for e in comp.external_data)
+                results.append(ComponentResult(name, method, spec.precision, fp32_size, size,
+                                               round(time.perf_counter() - t1, 2), details))
+                if log:
+                    log(f"{name}: {method}, {fp32_size / 1e6:.2f} MB -> {size / 1e6:.2f} MB")
+            shutil.copy2(src / manifest.tokenizer.path, staging / manifest.tokenizer.path)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
         if feeds_src is not None:
             feeds_src.close()
     new = copy.deepcopy(manifest)

@@ -13,11 +13,14 @@ graph's inputs and outputs against its component entry (:func:`check_graph_io`).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
 import os
+import shutil
 import stat
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -139,6 +142,28 @@ def write_manifest(manifest: Manifest, directory: str | Path) -> Path:
     validate_manifest_text(text.encode(), str(path))
     path.write_text(text)
     return path
+
+
+@contextlib.contextmanager
+def staged_artifacts(out: Path, clear: Callable[[Path], None]) -> Iterator[Path]:
+    """Write a new artifact directory's files into a staging folder inside `out`, then swap them in.
+
+    The body writes into the yielded folder. When it succeeds, ``clear(staging)`` removes what the
+    new files replace (never the staging folder itself), and every staged item is moved into
+    `out` with an atomic rename; on an error `out` keeps its previous contents. The staging folder
+    is always removed. Used by the exporter and the quantizer.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    staging = out / f".staging-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        yield staging
+        clear(staging)
+        for item in staging.iterdir():
+            os.replace(item, out / item.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def resolve_inside(directory: Path, relative: str) -> Path:

@@ -50,6 +50,7 @@ from maven_edge.core.manifest import (
     file_entry,
     load_manifest,
     resolve_inside,
+    staged_artifacts,
     write_manifest,
 )
 from maven_edge.export import graph_tools, ort_compat
@@ -470,14 +471,15 @@ def export_model(
     model = model.eval()
     fingerprint = model_fingerprint(model)
     old_files = prepare_output_dir(out, fingerprint, options.force)
-    out.mkdir(parents=True, exist_ok=True)
-    staging = out / f".staging-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
     specs = component_specs(model)
     components: dict[str, Component] = {}
     reports, parity, seconds = [], {}, {}
-    try:
+
+    def clear_previous(staging: Path) -> None:  # the previous export's files (same model, or --force)
+        for rel in old_files + [MANIFEST]:
+            (out / rel).unlink(missing_ok=True)
+
+    with staged_artifacts(out, clear_previous) as staging:
         from tqdm import tqdm
 
         bar = tqdm(specs, desc="export", unit="file", disable=not options.progress)
@@ -495,13 +497,6 @@ def export_model(
             if log:
                 log(f"{spec.file}: {rep.total_bytes / 1e6:.1f} MB, {rep.node_count} nodes, {seconds[spec.name]} s")
         model.tokenizer.save(staging / "tokenizer.json")
-        # Move into place: remove the previous export's files first (same model, or --force).
-        for rel in old_files + [MANIFEST]:
-            (out / rel).unlink(missing_ok=True)
-        for item in staging.iterdir():
-            os.replace(item, out / item.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     cfg = model.config
     manifest = Manifest(
         preset=cfg.name,

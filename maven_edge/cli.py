@@ -12,6 +12,7 @@ import argparse
 import importlib
 import sys
 
+from maven_edge import __version__
 from maven_edge.core.cliutil import HelpFormatter
 from maven_edge.core.errors import MavenError
 
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--prompt $'<image>\\nQuestion: what color is the circle?\\nAnswer:'",
         formatter_class=HelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"maven-edge {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         try:

@@ -19,6 +19,7 @@ from typing import Any
 from maven_edge.core.errors import InputError
 from maven_edge.core.preprocess import ImageLimits
 from maven_edge.runtime.backends import BACKENDS
+from maven_edge.runtime.caches import DEFAULT_PREFIX_CACHE_MB, DEFAULT_VISUAL_CACHE_MB
 
 
 @dataclass
@@ -47,6 +48,24 @@ class PipelineLimits:
 
 
 @dataclass
+class CachingOptions:
+    """Work shared across requests (see :mod:`maven_edge.runtime.caches` and :mod:`.batching`)."""
+
+    visual_cache_mb: int = DEFAULT_VISUAL_CACHE_MB  # per-image visual-stage results; 0 = off
+    prefix_cache_mb: int = DEFAULT_PREFIX_CACHE_MB  # KV of prompt prefixes; 0 = off
+    max_batch: int = 4  # continuous batching of decode: most requests per step; 1 = off
+    batch_capacity: int | None = None  # positions per batch slot (default: the model's context length)
+
+    def __post_init__(self) -> None:
+        for name in ("visual_cache_mb", "prefix_cache_mb", "max_batch"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise InputError(f"{name} must be an integer >= 0, got {v!r}")
+        if self.batch_capacity is not None and (not isinstance(self.batch_capacity, int) or self.batch_capacity < 2):
+            raise InputError(f"batch_capacity must be an integer >= 2, got {self.batch_capacity!r}")
+
+
+@dataclass
 class PipelineOptions:
     """Everything that decides which pipeline is opened. One of `artifacts` / `checkpoint`."""
 
@@ -66,6 +85,9 @@ class PipelineOptions:
     max_pixels: int | None = None  # pixels per image, checked before decoding it (default: ImageLimits, 40 MP)
     max_request_pixels: int | None = None  # pixels of all images of a request (default: PipelineLimits, 100 MP)
     max_decode_bytes: int | None = None  # memory to decode one image (default: ImageLimits, 192 MiB)
+    visual_cache_mb: int = DEFAULT_VISUAL_CACHE_MB  # visual-feature cache bound (0 = off)
+    prefix_cache_mb: int = DEFAULT_PREFIX_CACHE_MB  # prefix KV cache bound (0 = off)
+    max_batch: int = 4  # continuous batching of decode across concurrent requests (1 = off)
     extra: dict[str, Any] = field(default_factory=dict)  # further keywords for the backend's constructor
 
     def backend_name(self) -> str:
@@ -81,6 +103,9 @@ class PipelineOptions:
             raise InputError(f"the {name} backend runs exported artifacts: give --artifacts DIR (export them with "
                              "`maven-edge export --checkpoint DIR --out DIR`)")
         return name
+
+    def caching(self) -> CachingOptions:
+        return CachingOptions(self.visual_cache_mb, self.prefix_cache_mb, self.max_batch)
 
     def limits(self, default_max_images: int) -> PipelineLimits:
         image = {k: v for k, v in (("max_pixels", self.max_pixels), ("max_decode_bytes", self.max_decode_bytes))

@@ -33,7 +33,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import itertools
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -53,7 +55,17 @@ from maven_edge.core.sampling import GenerationConfig, Sampler, StopChecker
 from maven_edge.core.tokenizer import TextTokenizer
 from maven_edge.runtime.backends import load_backend
 from maven_edge.runtime.backends.base import Backend, DecodeState
-from maven_edge.runtime.options import PipelineLimits, PipelineOptions
+from maven_edge.runtime.batching import BatchScheduler, DecodeRow
+from maven_edge.runtime.caches import (
+    PrefixCache,
+    PrefixHit,
+    RequestCacheStats,
+    VisualCache,
+    VisualEntry,
+    pixel_digest,
+    position_keys,
+)
+from maven_edge.runtime.options import CachingOptions, PipelineLimits, PipelineOptions
 
 #: Stage names in the order they run; their times add up to the end-to-end time.
 STAGES = ("preprocess", "vision", "discrete", "h_eos", "selector", "assemble", "prefill", "decode")
@@ -168,9 +180,11 @@ class GenerationResult:
     prompt_tokens: int  # positions in the assembled prompt (text + visual)
     backend: str
     selector_scores: np.ndarray | None = field(default=None, repr=False)  # [n, N], hybrid only
+    cache: RequestCacheStats = field(default_factory=RequestCacheStats)  # what caches and batching did
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "cache": self.cache.to_dict(),
             "text": self.text,
             "token_ids": self.token_ids,
             "finish_reason": self.finish_reason,
@@ -310,6 +324,8 @@ class _Visual:
     embeds: np.ndarray | None = None  # [n, T_img, D] incl. <img_start> / <img_end>
     indices: np.ndarray | None = None  # [n, k] hybrid only
     scores: np.ndarray | None = None  # [n, N] hybrid only
+    digests: list[str] = field(default_factory=list)  # per image: sha256 of its pixels (when caching)
+    hits: int = 0  # images served by the visual cache
 
 
 class GenerationStream:
@@ -370,12 +386,30 @@ class GenerationStream:
 class MavenPipeline:
     """Images + prompt -> answer, over one backend. See the module docstring."""
 
-    def __init__(self, backend: Backend, limits: PipelineLimits | None = None):
+    def __init__(self, backend: Backend, limits: PipelineLimits | None = None, caching: CachingOptions | None = None):
         self.backend = backend
         self.config: MavenConfig = backend.config
         self.tokenizer: TextTokenizer = backend.tokenizer
         self.limits = limits or PipelineLimits(max_images=self.config.max_images)
         self._lock = None if backend.thread_safe else threading.Lock()
+        self.caching = caching or CachingOptions()
+        self.fingerprint = backend.fingerprint()
+        self.visual_cache = VisualCache(self.caching.visual_cache_mb << 20)
+        self.prefix_cache = PrefixCache(self.caching.prefix_cache_mb << 20 if backend.supports_kv_snapshots else 0)
+        self.scheduler: BatchScheduler | None = None
+        if self.caching.max_batch > 1:
+            capacity = self.caching.batch_capacity or self.config.llm.max_position_embeddings
+            batch = backend.open_batch(self.caching.max_batch, capacity)
+            if batch is not None:
+                self.scheduler = BatchScheduler(batch, self._call)
+
+    def cache_stats(self) -> dict[str, Any]:
+        """Counters of the caches and the batch scheduler (for reports and the server's /metrics)."""
+        out: dict[str, Any] = {"visual_cache": self.visual_cache.stats.to_dict(),
+                               "prefix_cache": self.prefix_cache.to_stats()}
+        if self.scheduler is not None:
+            out["batching"] = self.scheduler.stats.to_dict() | {"max_batch": self.scheduler.batch.max_batch}
+        return out
 
     # ---- construction ----------------------------------------------------------------------
     @classmethod
@@ -549,26 +583,54 @@ class MavenPipeline:
 
     def _encode_visual(self, images: list[Any], mode: str, k: int | None, clock: _Clock,
                        check_cancel: Callable[[], None]) -> _Visual:
-        """preprocess -> vision -> discrete -> h_eos -> selector/projector -> per-image sequences."""
-        be, tok, cfg = self.backend, self.tokenizer, self.config
+        """preprocess -> (visual cache) -> vision -> discrete -> h_eos -> selector/projector -> per-image
+        sequences. Images the visual cache holds skip every stage after preprocessing."""
         n = len(images)
         out = _Visual()
         if not n:
             return out
         with clock.stage("preprocess"):
-            pixel_values = preprocess_images(images, cfg.preprocess, self.limits.image,
+            pixel_values = preprocess_images(images, self.config.preprocess, self.limits.image,
                                              max_total_pixels=self.limits.max_request_pixels)
+            if self.visual_cache.enabled or self.prefix_cache.enabled:
+                out.digests = [pixel_digest(p) for p in pixel_values]
         check_cancel()
+        keys = [self.visual_cache.key(self.fingerprint, mode, k, d) for d in out.digests]
+        entries: list[VisualEntry | None] = [None] * n
+        if self.visual_cache.enabled:
+            entries = [self.visual_cache.get(key) for key in keys]
+        missing = [i for i, e in enumerate(entries) if e is None]
+        out.hits = n - len(missing)
+        if missing:
+            computed = self._visual_stages(pixel_values[missing], mode, k, clock, check_cancel)
+            for j, i in enumerate(missing):
+                row = [None if a is None else a[j] for a in computed]
+                if self.visual_cache.enabled:
+                    entries[i] = self.visual_cache.add(keys[i], *row)
+                else:
+                    entries[i] = VisualEntry(*row)
+        with clock.stage("assemble"):
+            out.embeds = np.stack([e.embeds for e in entries])
+            if entries[0].indices is not None:
+                out.indices = np.stack([e.indices for e in entries])
+                out.scores = np.stack([e.scores for e in entries])
+        return out
+
+    def _visual_stages(self, pixel_values: np.ndarray, mode: str, k: int | None, clock: _Clock,
+                       check_cancel: Callable[[], None]) -> tuple[np.ndarray, ...]:
+        """The visual stages for a batch of preprocessed images: (embeds [n, T_img, D], codes [n, Q]
+        or None, kept indices [n, k] or None, selector scores [n, N] or None)."""
+        be, tok = self.backend, self.tokenizer
+        n = pixel_values.shape[0]
         with clock.stage("vision"):
             patch_features = self._call(be.vision, pixel_values)
         check_cancel()
         spec = VISUAL_MODES.get(mode)
-        codes = None
+        codes = indices = scores = patches = None
         if spec.codes or spec.patches == "selected":  # the selector reads the LLM's reading of the codes
             with clock.stage("discrete"):
                 codes = np.asarray(self._call(be.discrete, patch_features), dtype=np.int64)
             check_cancel()
-        patches = None
         if spec.patches == "selected":
             assert codes is not None and k is not None
             with clock.stage("h_eos"):  # one batched pass over [codes, <eos_vis>] for all images
@@ -578,7 +640,7 @@ class MavenPipeline:
             check_cancel()
             with clock.stage("selector"):
                 sel = self._call(be.select, patch_features, h_eos, k)
-            patches, out.indices, out.scores = sel.embeds, sel.indices, sel.scores
+            patches, indices, scores = sel.embeds, sel.indices, sel.scores
         elif spec.patches == "all":
             with clock.stage("selector"):
                 patches = self._call(be.project, patch_features)
@@ -589,8 +651,8 @@ class MavenPipeline:
                 [np.full((n, 1), tok.img_start_id, np.int64), rows, np.full((n, 1), tok.img_end_id, np.int64)], axis=1)
             markers = self._call(be.embed, marker_ids)  # <img_start> codes <img_end>
             parts = [markers[:, :-1]] + ([patches] if patches is not None else []) + [markers[:, -1:]]
-            out.embeds = np.concatenate(parts, axis=1)
-        return out
+            embeds = np.concatenate(parts, axis=1)
+        return embeds, (codes if spec.codes else None), indices, scores
 
     def _new_result(self, req: _Request) -> GenerationResult:
         return GenerationResult(
@@ -600,7 +662,7 @@ class MavenPipeline:
         )
 
     def _run(self, req: _Request, stop: threading.Event, result: GenerationResult) -> Iterator[str]:
-        """Generator of text pieces; returns `result`, filled in. `stop` (the stream's cancel)
+        """Generator of text pieces; returns `result`, filled in. `stop` (the stream's cancel())
         ends it quietly with finish_reason "cancelled"; `req.cancel` raises GenerationCancelled."""
         timings = result.timings
         clock = _Clock(timings)
@@ -608,9 +670,6 @@ class MavenPipeline:
         timings.preprocess_ms = req.validate_ms
         be, tok = self.backend, self.tokenizer
         n = len(req.images)
-
-        class _Stopped(Exception):
-            """The stream was cancelled: unwind to the end of the generation."""
 
         def check_cancel() -> None:
             if stop.is_set():
@@ -622,9 +681,7 @@ class MavenPipeline:
                 err.result = result  # type: ignore[attr-defined]
                 raise err
 
-        detok: _Detokenizer | None = None
-        state: DecodeState | None = None
-        first_at = None
+        decoding: _Decoding | None = None
         try:
             # -- visual side --------------------------------------------------------------------
             vis = self._encode_visual(req.images, req.mode, req.k, clock, check_cancel)
@@ -645,61 +702,145 @@ class MavenPipeline:
             if embeds.shape[1] != req.prompt_tokens:
                 raise AssertionError(f"assembled {embeds.shape[1]} positions, expected {req.prompt_tokens}")
             check_cancel()
-            # -- prefill + decode ---------------------------------------------------------------------
+            # -- prefill (from the longest cached prefix) + the first token ----------------------------
             gen = req.gen
-            with clock.stage("prefill"):
-                logits, state = self._call(be.prefill, embeds, req.prompt_tokens + gen.max_new_tokens)
-            with clock.stage("decode"):
-                sampler = Sampler(gen, tok.layout.tokenizer_size)
-                stop_checker = StopChecker(gen, tok.eos_id)
-                detok = _Detokenizer(tok, stop_checker)
-            step = 0
-            while True:
+            cache = result.cache
+            cache.visual_hits, cache.visual_misses = vis.hits, (n - vis.hits if vis.digests else 0)
+            keys = None
+            prefix = PrefixHit(0, None)
+            if self.prefix_cache.enabled:
+                # a visual position is its image's content as this request encodes it: pixels, mode, k
+                identities = [f"{req.mode}:{req.k}:{d}" for d in vis.digests]
+                keys = position_keys(req.prompt_ids, tok.image_id, identities, req.plan.tokens_per_image,
+                                     self.config.image_slots)
+                prefix = self.prefix_cache.lookup(self.fingerprint, keys)
+            cache.prefix_tokens_reused, cache.prefix_tokens_computed = prefix.length, req.prompt_tokens - prefix.length
+            decoding = _Decoding(self, req, result, clock, stop)
+            state: DecodeState | None = None
+            try:
+                with clock.stage("prefill"):
+                    prefill = be.prefill if prefix.kv is None else functools.partial(be.prefill, prefix=prefix.kv)
+                    logits, state = self._call(prefill, embeds[:, prefix.length:], req.prompt_tokens + gen.max_new_tokens)
+                if keys is not None:
+                    self.prefix_cache.add(self.fingerprint, keys, self._call(be.snapshot, state, req.prompt_tokens))
                 check_cancel()
-                with clock.stage("decode"):
-                    token = sampler(logits)
-                    if first_at is None:
-                        first_at = clock.elapsed_ms()
-                        timings.ttft_ms = first_at
-                    if stop_checker.is_stop_token(token):
-                        result.finish_reason = "eos" if token == tok.eos_id else "stop_token"
-                        break
-                    result.token_ids.append(token)
-                    piece = detok.add(token)
+                piece, token = decoding.consume(logits)
                 if piece:
                     yield piece
-                if detok.stopped:
-                    result.finish_reason = "stop_string"
-                    break
-                step += 1
-                if step >= gen.max_new_tokens:
-                    result.finish_reason = "length"
-                    break
-                check_cancel()
+                # -- decode: batched with other requests, or on its own ----------------------------------
+                if token is not None and self.scheduler is not None and self.scheduler.fits(state, gen.max_new_tokens):
+                    yield from decoding.batched(self.scheduler, state, token, check_cancel)
+                    state = None  # the scheduler released it once its cache moved into a slot
+                else:
+                    while token is not None:
+                        check_cancel()
+                        with clock.stage("decode"):
+                            t0 = time.perf_counter()
+                            logits = self._call(be.decode, state, token)
+                            timings.decode_step_ms.append((time.perf_counter() - t0) * 1e3)
+                        check_cancel()  # a step that ran into a cancel: its logits are not used
+                        piece, token = decoding.consume(logits)
+                        if piece:
+                            yield piece
                 with clock.stage("decode"):
-                    t0 = time.perf_counter()
-                    logits = self._call(be.decode, state, token)
-                    timings.decode_step_ms.append((time.perf_counter() - t0) * 1e3)
-            with clock.stage("decode"):
-                rest = detok.finish()
-            if rest:
-                yield rest
-        except _Stopped:
+                    rest = decoding.detok.finish()
+                if rest:
+                    yield rest
+            finally:
+                if state is not None:
+                    state.release()
+        except _Stopped:  # cancel() / close() from any thread while a step ran: end quietly
             result.finish_reason = "cancelled"
-        except GeneratorExit:  # closed while suspended at a yield (cancel() from any thread, or dropped)
+        except GeneratorExit:  # closed while suspended at a yield (cancel() when idle, or dropped)
             result.finish_reason = "cancelled"
             raise
         finally:
-            if state is not None:
-                state.release()
-            if detok is not None:
-                result.text = detok.emitted  # what was yielded: the pieces always join to the text
+            if decoding is not None:
+                result.text = decoding.detok.emitted  # what was yielded: the pieces always join to it
             timings.total_ms = clock.elapsed_ms()
             after_first = len(result.token_ids) - 1
-            decode_time_s = (timings.total_ms - (first_at or 0.0)) / 1e3
+            decode_time_s = (timings.total_ms - timings.ttft_ms) / 1e3
             timings.decode_tokens_per_s = (after_first / decode_time_s
                                            if after_first > 0 and decode_time_s > 0 else 0.0)
         return result
+
+
+class _Stopped(Exception):
+    """The stream was cancelled (GenerationStream.cancel/close): unwind to the end of the generation."""
+
+
+class _Decoding:
+    """One request's token-by-token state: sampler, stop checks, detokenizer and result. `consume`
+    takes a step's logits and returns the text piece to emit and the token to feed next (None
+    when the request is finished); the same code runs on the request's own thread or, batched,
+    on the scheduler's."""
+
+    def __init__(self, pipe: MavenPipeline, req: _Request, result: GenerationResult, clock: _Clock,
+                 stop: threading.Event | None = None):
+        tok = pipe.tokenizer
+        self.req, self.result, self.clock, self.eos_id = req, result, clock, tok.eos_id
+        self.stop_event = stop
+        self.sampler = Sampler(req.gen, tok.layout.tokenizer_size)
+        self.stop = StopChecker(req.gen, tok.eos_id)
+        self.detok = _Detokenizer(tok, self.stop)
+
+    def consume(self, logits: np.ndarray) -> tuple[str, int | None]:
+        res = self.result
+        with self.clock.stage("decode"):
+            token = self.sampler(logits)
+            if not res.token_ids and not res.timings.ttft_ms:
+                res.timings.ttft_ms = self.clock.elapsed_ms()
+            if self.stop.is_stop_token(token):
+                res.finish_reason = "eos" if token == self.eos_id else "stop_token"
+                return "", None
+            res.token_ids.append(token)
+            piece = self.detok.add(token)
+        if self.detok.stopped:
+            res.finish_reason = "stop_string"
+            return piece, None
+        if len(res.token_ids) >= self.req.gen.max_new_tokens:
+            res.finish_reason = "length"
+            return piece, None
+        return piece, token
+
+    def batched(self, scheduler: BatchScheduler, state: DecodeState, token: int,
+                check_cancel: Callable[[], None]) -> Iterator[str]:
+        """Decode in the scheduler's batch: its thread steps and calls `consume`; this thread yields
+        the pieces. Cancelling (the request's event, or closing the stream) leaves the batch at the
+        next step."""
+        pieces: queue.SimpleQueue[str] = queue.SimpleQueue()
+        cancel = self.req.cancel
+        cancelled = threading.Event()
+
+        def on_logits(logits: np.ndarray) -> int | None:
+            if (cancel is not None and cancel.is_set()) or (self.stop_event is not None and self.stop_event.is_set()):
+                cancelled.set()
+                return None
+            piece, nxt = self.consume(logits)
+            if piece:
+                pieces.put(piece)
+            return nxt
+
+        row = DecodeRow(state, token, on_logits)
+        self.result.cache.batched = True
+        scheduler.submit(row)
+        try:
+            while True:
+                with self.clock.stage("decode"):
+                    done = row.done.wait(0.02) if pieces.empty() else False
+                while not pieces.empty():
+                    yield pieces.get()
+                if done or (row.done.is_set() and pieces.empty()):
+                    break
+        finally:
+            if not row.done.is_set():
+                row.cancelled = True  # the consumer went away (closed stream, exception)
+        self.result.timings.decode_step_ms.extend(row.step_ms)
+        self.result.cache.batch_occupancy = row.occupancy
+        if row.error is not None:
+            raise row.error
+        if cancelled.is_set():
+            check_cancel()  # raises _Stopped (the stream's cancel) or GenerationCancelled (the request's event)
 
 
 def open_pipeline(options: PipelineOptions | None = None, **kwargs: Any) -> MavenPipeline:
@@ -713,4 +854,4 @@ def open_pipeline(options: PipelineOptions | None = None, **kwargs: Any) -> Mave
             raise InputError(f"unknown pipeline option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         options = PipelineOptions(**kwargs)
     backend = load_backend(options)
-    return MavenPipeline(backend, options.limits(backend.config.max_images))
+    return MavenPipeline(backend, options.limits(backend.config.max_images), options.caching())

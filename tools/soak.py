@@ -85,11 +85,12 @@ def build_test_model() -> Any:
     return build_model(get_config(TEST_PRESET, list(TEST_OVERRIDES)), seed=TEST_SEED)
 
 
-def cached_test_artifacts(cache_root: str | Path, model: Any = None) -> Path:
+def cached_test_artifacts(cache_root: str | Path, model: Any = None, decoder: str = "torch") -> Path:
     """Export `model` (default: :func:`build_test_model`) under `cache_root` once and reuse it.
 
-    The directory name is the model's fingerprint plus a hash of the exporter, so one export
-    serves every test module and a changed exporter re-exports. Imports torch.
+    The directory name is the model's fingerprint, the decoder kind ("torch": torch.onnx;
+    "genai": onnxruntime-genai's builder with the shared KV buffer) and a hash of the exporter,
+    so one export serves every test module and a changed exporter re-exports. Imports torch.
     """
     from maven_edge.core.manifest import MANIFEST, load_manifest
     from maven_edge.export.onnx_export import ExportOptions, export_model, model_fingerprint
@@ -97,15 +98,20 @@ def cached_test_artifacts(cache_root: str | Path, model: Any = None) -> Path:
     model = model if model is not None else build_test_model()
     exporter = REPO / "export" / "onnx_export.py"
     key = model_fingerprint(model)[:16] + hashlib.sha256(exporter.read_bytes()).hexdigest()[:8]
-    out = Path(cache_root) / key
+    out = Path(cache_root) / (key if decoder == "torch" else f"{key}-{decoder}")
     if (out / MANIFEST).is_file():
         try:
             load_manifest(out, verify=True)
             return out
         except MavenError:
             pass
-    export_model(model, ExportOptions(out=out, force=True, progress=False, check_load=False))
+    export_model(model, ExportOptions(out=out, force=True, progress=False, check_load=False, decoder=decoder))
     return out
+
+
+def cached_genai_artifacts(cache_root: str | Path, model: Any = None) -> Path:
+    """:func:`cached_test_artifacts` with the shared-KV-buffer decoder (continuous batching needs it)."""
+    return cached_test_artifacts(cache_root, model, decoder="genai")
 
 
 def export_if_missing(directory: Path) -> None:

@@ -23,6 +23,7 @@ from maven_edge.core.errors import BackendError, InputError
 from maven_edge.core.tokenizer import TextTokenizer
 
 if TYPE_CHECKING:
+    from maven_edge.runtime.caches import KVSnapshot
     from maven_edge.runtime.options import PipelineOptions
 
 
@@ -45,6 +46,36 @@ class DecodeState(abc.ABC):
         """Free the cache now (it is also freed when the state is garbage collected)."""
 
 
+class DecodeBatch(abc.ABC):
+    """Continuous batching: `max_batch` slots in one batched KV buffer. A request prefills on its
+    own (:meth:`Backend.prefill`), then :meth:`join` copies its cache into a free slot; each
+    :meth:`step` appends one token to every slot it is given and returns their logits. Slots
+    are independent rows: each has its own length, and rows join and leave between steps."""
+
+    max_batch: int
+    capacity: int
+
+    @abc.abstractmethod
+    def join(self, state: DecodeState) -> int:
+        """Copy `state`'s cache into a free slot; returns the slot (the caller checks one is free)."""
+
+    @abc.abstractmethod
+    def step(self, rows: list[tuple[int, int]]) -> np.ndarray:
+        """Feed token ``token_id`` to slot ``slot`` for each (slot, token_id); logits [len(rows), V]."""
+
+    @abc.abstractmethod
+    def leave(self, slot: int) -> None:
+        """Free a slot."""
+
+    @abc.abstractmethod
+    def free_slots(self) -> int:
+        """How many slots are free."""
+
+    def length(self, slot: int) -> int:
+        """Positions in the slot's cache."""
+        raise NotImplementedError
+
+
 class Backend(abc.ABC):
     """Stage primitives over one model. Arrays in and out are numpy (float32 / int64)."""
 
@@ -53,6 +84,8 @@ class Backend(abc.ABC):
     #: True when several threads may call the stage methods at the same time. The pipeline
     #: serialises the calls of a backend that says False (one stage call at a time).
     thread_safe: bool = True
+    #: True when `prefill` can start from a KVSnapshot and `snapshot` copies a cache out (prefix reuse)
+    supports_kv_snapshots: bool = False
 
     def __init__(self, config: MavenConfig, tokenizer: TextTokenizer):
         self.config = config
@@ -64,6 +97,10 @@ class Backend(abc.ABC):
         """The backend `options` describe (its artifacts or checkpoint, providers, threads, ...)."""
 
     # ---- capabilities ------------------------------------------------------------------
+    def fingerprint(self) -> str:
+        """Identifies the model this backend runs (part of every cache key)."""
+        return f"{self.name}:{id(self)}"
+
     @property
     def device(self) -> str:
         """Where the model runs, in words (for reports)."""
@@ -108,12 +145,23 @@ class Backend(abc.ABC):
         """All patches projected into the LLM space [n, N, D] (continuous mode)."""
 
     @abc.abstractmethod
-    def prefill(self, inputs_embeds: np.ndarray, capacity: int) -> tuple[np.ndarray, DecodeState]:
+    def prefill(self, inputs_embeds: np.ndarray, capacity: int, prefix: KVSnapshot | None = None
+                ) -> tuple[np.ndarray, DecodeState]:
         """Run the prompt [1, T, D]; return the last position's logits [V] and the cache state.
 
-        `capacity` is the most tokens the cache will hold (T + max_new_tokens), so a backend
-        may preallocate it once.
+        `capacity` is the most tokens the cache will hold (prefix + T + max_new_tokens), so a
+        backend may preallocate it once. With `prefix` (only where ``supports_kv_snapshots``),
+        the cache starts with those positions and `inputs_embeds` are the positions after them.
         """
+
+    def snapshot(self, state: DecodeState, length: int) -> KVSnapshot:
+        """A host copy of the first `length` positions of `state`'s cache (``supports_kv_snapshots``)."""
+        raise BackendError(f"the {self.name} backend cannot copy its KV cache out (no prefix reuse)")
+
+    def open_batch(self, max_batch: int, capacity: int) -> DecodeBatch | None:
+        """A batched decoder for continuous batching, or None when this backend decodes one request
+        at a time (see :class:`DecodeBatch`)."""
+        return None
 
     @abc.abstractmethod
     def decode(self, state: DecodeState, token_id: int) -> np.ndarray:

@@ -38,11 +38,13 @@ from maven_edge.core.manifest import (
     check_graph_io,
     load_manifest,
     resolve_inside,
+    sha256_file,
 )
 from maven_edge.core.manifest_schema import ORT_TYPES
 from maven_edge.core.tokenizer import TextTokenizer
-from maven_edge.runtime.backends.base import Backend, DecodeState, SelectorOutput
+from maven_edge.runtime.backends.base import Backend, DecodeBatch, DecodeState, SelectorOutput
 from maven_edge.runtime.backends.providers import PROVIDERS, resolve_providers
+from maven_edge.runtime.caches import KVSnapshot
 
 if TYPE_CHECKING:
     from maven_edge.runtime.options import PipelineOptions
@@ -165,9 +167,82 @@ class OrtDecodeState(DecodeState):
         self.past = None
 
 
+class OrtDecodeBatch(DecodeBatch):
+    """Continuous batching over the shared-buffer decoder (``past_present_share_buffer``, the
+    onnxruntime-genai builder's GroupQueryAttention), on the CPU.
+
+    One host buffer per KV tensor, [max_batch, kv_heads, capacity, head_dim], bound as both past
+    and present. A step runs rows 0 .. highest busy slot; each row's attention-mask row covers its
+    own length (right-padded with zeros), which GroupQueryAttention turns into per-row sequence
+    lengths, so rows of different lengths decode together and a row's logits equal a batch-1
+    step's. Free rows inside that range get a one-position mask and write only into their own
+    (free) slot, which a join overwrites.
+    """
+
+    def __init__(self, backend: OrtBackend, max_batch: int, capacity: int):
+        c = backend.config.llm
+        self.be = backend
+        self.max_batch, self.capacity = int(max_batch), int(capacity)
+        self.kv = [np.zeros((self.max_batch, c.num_kv_heads, self.capacity, c.head_dim), dtype=backend.kv_dtype)
+                   for _ in backend.past_names]
+        self.lengths = [0] * self.max_batch
+        self.busy = [False] * self.max_batch
+
+    def free_slots(self) -> int:
+        return self.busy.count(False)
+
+    def length(self, slot: int) -> int:
+        return self.lengths[slot]
+
+    def join(self, state: DecodeState) -> int:
+        assert isinstance(state, OrtDecodeState) and state.past is not None
+        if state.length + 1 > self.capacity:
+            raise InputError(f"a request of {state.length} positions does not fit the batch capacity {self.capacity}")
+        slot = self.busy.index(False)
+        for buf, value in zip(self.kv, state.past, strict=True):
+            buf[slot, :, : state.length] = value.numpy()[0, :, : state.length]
+        self.lengths[slot] = state.length
+        self.busy[slot] = True
+        return slot
+
+    def leave(self, slot: int) -> None:
+        self.busy[slot] = False
+        self.lengths[slot] = 0
+
+    def step(self, rows: list[tuple[int, int]]) -> np.ndarray:
+        be = self.be
+        m = max(slot for slot, _ in rows) + 1
+        ids = np.zeros((m, 1), dtype=np.int64)
+        new_len = [1] * m
+        for slot, token in rows:
+            if self.lengths[slot] + 1 > self.capacity:
+                raise InputError(f"the batched KV cache is full ({self.capacity} tokens)")
+            ids[slot, 0] = token
+            new_len[slot] = self.lengths[slot] + 1
+        embeds = be.embed(ids).astype(be.embed_dtype, copy=False)
+        mask = np.zeros((m, max(new_len)), dtype=be.mask_dtype)
+        for r, n in enumerate(new_len):
+            mask[r, :n] = 1
+        binding = be.dec.sess.io_binding()
+        binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds))
+        binding.bind_cpu_input("attention_mask", mask)
+        values = [ort.OrtValue.ortvalue_from_numpy(buf[:m]) for buf in self.kv]  # views: no copy
+        for name, value in zip(be.past_names, values, strict=True):
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_output("logits", "cpu")  # first: get_outputs() follows the binding order
+        for name, value in zip(be.present_names, values, strict=True):
+            binding.bind_ortvalue_output(name, value)
+        be.dec.sess.run_with_iobinding(binding)
+        logits = binding.get_outputs()[0].numpy()
+        for slot, _ in rows:
+            self.lengths[slot] += 1
+        return np.stack([logits[slot, -1] for slot, _ in rows]).astype(np.float32)
+
+
 class OrtBackend(Backend):
     name = "ort"
     thread_safe = True  # InferenceSession.run is thread-safe; IOBindings are per call
+    supports_kv_snapshots = True
 
     def __init__(
         self,
@@ -295,6 +370,10 @@ class OrtBackend(Backend):
                    **options.extra)
 
     # ---- capabilities -----------------------------------------------------------------------
+    def fingerprint(self) -> str:
+        """sha256 of manifest.json: it lists every file's sha256, so other files give another value."""
+        return sha256_file(self.artifacts / MANIFEST)
+
     @property
     def device(self) -> str:
         return self.io_device if self.io_device == "cpu" else f"{self.io_device}:{self.device_id}"
@@ -400,17 +479,42 @@ class OrtBackend(Backend):
         logits = outs[0].numpy()
         return logits[0, -1].astype(np.float32)
 
-    def prefill(self, inputs_embeds: np.ndarray, capacity: int) -> tuple[np.ndarray, OrtDecodeState]:
+    def prefill(self, inputs_embeds: np.ndarray, capacity: int, prefix: KVSnapshot | None = None
+                ) -> tuple[np.ndarray, OrtDecodeState]:
         t = inputs_embeds.shape[1]
+        p = prefix.length if prefix is not None else 0
         c = self.config.llm
-        # Shared buffers: one per tensor for the whole generation, owned by onnxruntime on the
-        # provider's device; the attention reads only the positions the mask covers.
-        shape = [1, c.num_kv_heads, capacity if self.shared_kv else 0, c.head_dim]
-        past = [ort.OrtValue.ortvalue_from_shape_and_type(shape, self.kv_dtype, self.io_device, self.device_id)
-                for _ in self.past_names]
-        state = OrtDecodeState(past, t, capacity)
+        if self.shared_kv:
+            # One buffer per tensor for the whole generation, owned by onnxruntime on the
+            # provider's device; the attention reads only the positions the mask covers.
+            shape = [1, c.num_kv_heads, capacity, c.head_dim]
+            if prefix is None:
+                past = [ort.OrtValue.ortvalue_from_shape_and_type(shape, self.kv_dtype, self.io_device, self.device_id)
+                        for _ in self.past_names]
+            else:  # the cached positions first, then prefill the rest after them (chunked prefill)
+                past = []
+                for tensor in prefix.tensors:
+                    host = np.zeros(shape, dtype=self.kv_dtype)
+                    host[0, :, :p] = tensor
+                    past.append(self._ortvalue(host))
+        elif prefix is None:
+            shape = [1, c.num_kv_heads, 0, c.head_dim]
+            past = [ort.OrtValue.ortvalue_from_shape_and_type(shape, self.kv_dtype, self.io_device, self.device_id)
+                    for _ in self.past_names]
+        else:
+            past = [self._ortvalue(tensor[None].astype(self.kv_dtype, copy=False)) for tensor in prefix.tensors]
+        state = OrtDecodeState(past, p + t, capacity)
         embeds = self._ortvalue(inputs_embeds.astype(self.embed_dtype, copy=False))
-        return self._run_decoder(embeds, t, t, state), state
+        return self._run_decoder(embeds, p + t, t, state), state
+
+    def snapshot(self, state: DecodeState, length: int) -> KVSnapshot:
+        assert isinstance(state, OrtDecodeState) and state.past is not None
+        return KVSnapshot(length, tuple(np.array(v.numpy()[0, :, :length], dtype=np.float32) for v in state.past))
+
+    def open_batch(self, max_batch: int, capacity: int) -> OrtDecodeBatch | None:
+        if not self.shared_kv or self.io_device != "cpu":
+            return None
+        return OrtDecodeBatch(self, max_batch, capacity)
 
     def _embed_on_device(self, token_id: int) -> Any:
         sess = self.sessions["embed_tokens"].sess

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from maven_edge.runtime.options import PipelineOptions
 
 from maven_edge.runtime.backends.base import Backend, DecodeState, SelectorOutput
+from maven_edge.runtime.caches import KVSnapshot
 
 
 class TorchDecodeState(DecodeState):
@@ -38,6 +39,7 @@ class TorchBackend(Backend):
 
     name = "torch"
     thread_safe = True  # inference under no_grad shares only read-only weights
+    supports_kv_snapshots = True
 
     def __init__(self, model: MavenModel, device: str = "cpu"):
         super().__init__(model.config, model.tokenizer)
@@ -96,11 +98,21 @@ class TorchBackend(Backend):
         return self._np(self.model.projector(self._t(patch_features)))
 
     @torch.no_grad()
-    def prefill(self, inputs_embeds: np.ndarray, capacity: int) -> tuple[np.ndarray, TorchDecodeState]:
+    def prefill(self, inputs_embeds: np.ndarray, capacity: int, prefix: KVSnapshot | None = None
+                ) -> tuple[np.ndarray, TorchDecodeState]:
         x = self._t(inputs_embeds)
-        mask = torch.ones(1, x.shape[1], dtype=torch.long, device=self._device)
-        logits, _, past = self.model.llm(x, mask)
-        return self._np(logits[0, -1]), TorchDecodeState(past, x.shape[1], capacity)
+        p = prefix.length if prefix is not None else 0
+        past = None
+        if prefix is not None:
+            t = [self._t(a)[None] for a in prefix.tensors]
+            past = [(t[2 * i], t[2 * i + 1]) for i in range(len(t) // 2)]
+        mask = torch.ones(1, p + x.shape[1], dtype=torch.long, device=self._device)
+        logits, _, past = self.model.llm(x, mask, None, past)
+        return self._np(logits[0, -1]), TorchDecodeState(past, p + x.shape[1], capacity)
+
+    def snapshot(self, state: DecodeState, length: int) -> KVSnapshot:
+        assert isinstance(state, TorchDecodeState) and state.past is not None
+        return KVSnapshot(length, tuple(self._np(t[0, :, :length]).copy() for kv in state.past for t in kv))
 
     @torch.no_grad()
     def decode(self, state: DecodeState, token_id: int) -> np.ndarray:

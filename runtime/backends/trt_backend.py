@@ -361,7 +361,9 @@ class TrtBackend(Backend):
         state.length = total
         return out["logits"][0, -1].astype(np.float32)
 
-    def prefill(self, inputs_embeds: np.ndarray, capacity: int) -> tuple[np.ndarray, TrtDecodeState]:
+    def prefill(self, inputs_embeds: np.ndarray, capacity: int, prefix: Any = None) -> tuple[np.ndarray, TrtDecodeState]:
+        if prefix is not None:
+            raise BackendError("the trt backend starts every request from an empty cache (no prefix reuse)")
         t = inputs_embeds.shape[1]
         if capacity > self.max_seq or t > self.max_seq:
             raise InputError(f"this request needs {max(capacity, t)} positions; the engines were built for "

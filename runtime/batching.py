@@ -1,0 +1,156 @@
+"""Continuous batching of decode: concurrent requests share one batched decoder step.
+
+Decode on a CPU or an edge GPU is bound by reading the weights, and a batched step reads them
+once for every row, so requests that decode together each go almost as fast as one alone.
+
+    scheduler = BatchScheduler(batch)             # batch = backend.open_batch(max_batch, capacity)
+    row = DecodeRow(state, first_token, on_logits)
+    scheduler.submit(row); row.done.wait()
+
+A request prefills on its own thread (prefill is compute-bound and runs beside the decode
+steps), samples its first token there, then hands its cache to the scheduler. The scheduler's
+thread admits waiting requests into free slots in arrival order (FIFO) between steps, and each
+step advances every admitted request by exactly one token: rows join and leave without waiting
+for each other, and no request can take more than its share. The per-request work after a step
+(sampling, stop tokens and strings, detokenization, cancellation) is the row's `on_logits`
+callback, run on the scheduler's thread; it returns the next token to feed or None when the
+request is finished. A request whose cache does not fit the batch's capacity, or arrives while
+batching is off, decodes on its own as before.
+
+Fairness rule: first come, first admitted; one token per admitted request per step; at most
+`max_batch` rows per step. The thread stops when no request is left and starts again on the
+next submit.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from maven_edge.runtime.backends.base import DecodeBatch, DecodeState
+
+
+@dataclass(eq=False)
+class DecodeRow:
+    """One request inside the scheduler."""
+
+    state: DecodeState  # the request's cache after prefill (copied into a slot on admission)
+    next_token: int  # the token the next step feeds
+    on_logits: Callable[[np.ndarray], int | None]  # logits -> next token, or None when finished
+    done: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+    cancelled: bool = False  # set by the request's own thread (client gone); dropped at the next step
+    slot: int | None = None
+    steps: int = 0
+    occupancy_sum: int = 0  # rows in the steps this request took part in, summed
+    step_ms: list[float] = field(default_factory=list)
+
+    @property
+    def occupancy(self) -> float:
+        return self.occupancy_sum / self.steps if self.steps else 0.0
+
+
+@dataclass
+class BatchStats:
+    steps: int = 0
+    rows: int = 0  # summed over steps
+    admitted: int = 0
+    waiting: int = 0
+    active: int = 0
+
+    def to_dict(self) -> dict[str, float]:
+        return {"batch_steps": self.steps, "batch_rows": self.rows, "batch_admitted": self.admitted,
+                "batch_waiting": self.waiting, "batch_active": self.active,
+                "batch_occupancy": self.rows / self.steps if self.steps else 0.0}
+
+
+class BatchScheduler:
+    """Runs :class:`DecodeRow`s through a :class:`DecodeBatch`, one step for all rows at a time."""
+
+    def __init__(self, batch: DecodeBatch, call: Callable[..., object] | None = None):
+        self.batch = batch
+        self._call = call or (lambda fn, *a: fn(*a))
+        self._cond = threading.Condition()
+        self._waiting: deque[DecodeRow] = deque()
+        self._active: dict[int, DecodeRow] = {}
+        self._thread: threading.Thread | None = None
+        self.stats = BatchStats()
+
+    def fits(self, state: DecodeState, remaining_tokens: int) -> bool:
+        """Whether a request with this cache and this many tokens still to feed fits a slot."""
+        return state.length + remaining_tokens <= self.batch.capacity
+
+    def submit(self, row: DecodeRow) -> None:
+        with self._cond:
+            self._waiting.append(row)
+            self.stats.waiting = len(self._waiting)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name="maven-decode-batch", daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+
+    # ---- the scheduler thread ------------------------------------------------------------------
+    def _admit(self) -> None:
+        while self._waiting and self.batch.free_slots():
+            row = self._waiting.popleft()
+            if row.cancelled:
+                row.done.set()
+                continue
+            row.slot = self.batch.join(row.state)
+            row.state.release()  # its cache now lives in the slot
+            self._active[row.slot] = row
+            self.stats.admitted += 1
+        self.stats.waiting, self.stats.active = len(self._waiting), len(self._active)
+
+    def _finish(self, row: DecodeRow, error: BaseException | None = None) -> None:
+        if row.slot is not None and self._active.get(row.slot) is row:
+            del self._active[row.slot]
+            self.batch.leave(row.slot)
+        row.error = error
+        row.done.set()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                for row in [r for r in self._active.values() if r.cancelled]:
+                    self._finish(row)
+                self._admit()
+                if not self._active:
+                    if not self._waiting:
+                        self._thread = None
+                        return
+                    self._cond.wait(0.05)
+                    continue
+                rows = sorted(self._active.items())
+            feed = [(slot, row.next_token) for slot, row in rows]
+            t0 = time.perf_counter()
+            try:
+                logits = self._call(self.batch.step, feed)
+            except BaseException as exc:  # noqa: BLE001 - every row learns of it, the thread stays healthy
+                with self._cond:
+                    for _, row in rows:
+                        self._finish(row, exc)
+                continue
+            ms = (time.perf_counter() - t0) * 1e3
+            self.stats.steps += 1
+            self.stats.rows += len(rows)
+            for (_, row), row_logits in zip(rows, logits, strict=True):
+                row.steps += 1
+                row.occupancy_sum += len(rows)
+                row.step_ms.append(ms)
+                try:
+                    nxt = None if row.cancelled else row.on_logits(row_logits)
+                except BaseException as exc:  # noqa: BLE001 - handed to the request's own thread
+                    with self._cond:
+                        self._finish(row, exc)
+                    continue
+                if nxt is None:
+                    with self._cond:
+                        self._finish(row)
+                else:
+                    row.next_token = int(nxt)
