@@ -25,7 +25,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 BOUND_MB = 300
 DEFAULT_CASES = (
-    "png_rgb8_wide.png",  # 116 KB of zeros -> 44,721 x 894 RGB: the 8 GB case
+    "png_rgb8_wide.png",  # 119 KB of zeros -> 44,700 x 894 RGB: the 8 GB case
     "png_rgb8_tall.png",
     "png_rgba16.png",  # 16-bit with alpha: the most expensive conversion
     "jpeg_exif_rotated_wide.jpg",  # rotated a strip at a time
@@ -74,4 +74,4 @@ def test_one_request_per_image_stays_under_the_memory_bound(artifacts, cases):
         assert r["growth_mib"] * 2**20 / 1e6 < BOUND_MB, report
     wide = next(r for r in results if r["image"] == "png_rgb8_wide.png")
     assert wide["bytes"] < 150_000  # a ~100 KB file ...
-    assert wide["growth_mib"] < 200  # ... that used to take about 8 GB (a 44,721-pixel square canvas)
+    assert wide["growth_mib"] < 200  # ... that used to take about 8 GB (a 44,700-pixel square canvas)
