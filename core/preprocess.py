@@ -806,11 +806,6 @@ def _normalise(im: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
-def _to_pixel_values(im: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
-    """RGB image -> float32 [3, S, S]: fit (or stretch) to the square, rescale, normalise."""
-    return _normalise(_square(_Rows(im, "image"), cfg), cfg)
-
-
 def _pixel_values(source: ImageSource, cfg: PreprocessConfig, limits: ImageLimits, name: str | None,
                   on_header: Callable[[tuple[int, int]], None] | None = None) -> np.ndarray:
     """One image -> float32 [3, S, S], holding at full size only the decoded file (in its own
