@@ -116,6 +116,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     r.set_defaults(func=_report)
 
+    st = add_command(
+        subparsers, "selftest",
+        examples=["maven-edge selftest --gpu --plan-only",
+                  "maven-edge selftest --gpu --questions 20 --require-gpu",
+                  "maven-edge selftest --gpu --artifacts artifacts/tiny --json selftest.json"],
+        help="check the GPU paths on this machine: TensorRT engines and the CUDA/TensorRT providers "
+        "against CPU fp32 (docs/usage/quantization.md)",
+        description="Export the shipped tiny model, build FP16 and INT8 TensorRT engines, answer test questions "
+        "with the trt backend and onnxruntime's CUDA / TensorRT execution providers, compare greedy tokens with "
+        "CPU fp32, and print one table (TTFT and decode time per backend). Without a GPU it says why and exits 0.")
+    st.add_argument("--gpu", action="store_true", required=True, help="the GPU self-test (the only one)")
+    st.add_argument("--questions", type=int, default=50, help="test questions per backend (default 50)")
+    st.add_argument("--new-tokens", type=int, default=16, help="greedy tokens per answer (default 16)")
+    st.add_argument("--artifacts", default=None, metavar="DIR",
+                    help="an fp32 export to use instead of exporting here (default: export the shipped tiny model)")
+    st.add_argument("--work", default=None, help="working folder (default: the maven-edge cache, selftest/)")
+    st.add_argument("--plan-only", action="store_true", help="print what would run here and exit")
+    st.add_argument("--require-gpu", action="store_true", help="exit 2 (not 0) when no GPU path can run here")
+    st.add_argument("--json", default=None, metavar="FILE", help="also write the results here (default <work>/selftest.json)")
+    st.set_defaults(func=_selftest)
+
 
 def command_line(args: argparse.Namespace) -> str:
     """The command as given (options left at their defaults are not repeated)."""
@@ -220,3 +241,36 @@ def _report(args: argparse.Namespace) -> int:
     for p in paths:
         print(f"wrote {p}")
     return 0
+
+
+def _selftest(args: argparse.Namespace) -> int:
+    from maven_edge.benchmarks.gpu_selftest import (
+        SelftestOptions,
+        plan_selftest,
+        probe_environment,
+        render_table,
+        run_selftest,
+        write_results,
+    )
+    from maven_edge.core.paths import cache_dir
+
+    if args.questions < 1 or args.new_tokens < 1:
+        raise InputError("--questions and --new-tokens must be >= 1")
+    env = probe_environment()
+    plan = plan_selftest(env, have_artifacts=args.artifacts is not None)
+    if plan.skipped:
+        print(f"GPU self-test skipped: {plan.skipped}")
+        return 2 if args.require_gpu else 0
+    print(plan.describe())
+    if args.plan_only:
+        return 0
+    work = Path(args.work) if args.work else cache_dir("selftest")
+    plan, results = run_selftest(SelftestOptions(work, args.questions, args.new_tokens, args.artifacts), env)
+    gpu = env.gpu or {}
+    header = (f"maven-edge GPU self-test: {gpu.get('name', 'no CUDA device via cuda-python')} (sm "
+              f"{gpu.get('compute_capability', '-')}), TensorRT {env.tensorrt or '-'}, onnxruntime {env.onnxruntime}; "
+              f"{args.questions} test questions, {args.new_tokens} greedy tokens, tiny model")
+    table = render_table(results, header)
+    print(table)
+    write_results(Path(args.json) if args.json else work / "selftest.json", env, plan, results, table)
+    return 1 if any(r.status.startswith("error") for r in results) else 0

@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from maven_edge.benchmarks.caches import render as render_caches
 from maven_edge.benchmarks.harness import describe_machine
 from maven_edge.benchmarks.roofline import DecoderCost, MachineLimits, roofline_row
 from maven_edge.core.config import MavenConfig
@@ -344,6 +345,7 @@ def markdown(report: Any) -> str:
                       f"{claim['visual_token_reduction']:.2f}× fewer, prefill FLOPs {claim['prefill_flop_ratio']:.2f}× "
                       "fewer."]
         lines.append("")
+    lines += render_caches(report.caches)
     if report.notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in report.notes] + [""]
     lines += [f"Run time: {report.seconds:.0f} s. Raw samples: `results.json`.", ""]

@@ -40,7 +40,7 @@ from maven_edge.core.errors import BackendError, InputError
 from maven_edge.core.manifest import load_manifest
 from maven_edge.runtime.backends import BACKENDS as RUNTIME_BACKENDS
 
-SECTIONS = ("roofline", "pipeline", "text")
+SECTIONS = ("roofline", "pipeline", "text", "caches")
 #: the runtime's backends (runtime.backends.BACKENDS) the suite measures: every one that runs on a CPU
 BACKENDS = tuple(name for name in RUNTIME_BACKENDS if name != "trt")
 DEFAULT_ANCHORS = ("hf", "genai", "optimum", "llamacpp")
@@ -153,6 +153,7 @@ class BenchReport:
     notes: list[str]
     seconds: float
     files: dict[str, str] = field(default_factory=dict)
+    caches: dict[str, Any] = field(default_factory=dict)  # precision -> benchmarks.caches.measure
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -315,6 +316,8 @@ def _count_jobs(o: BenchOptions) -> int:
     n += "roofline" in o.sections
     if o.export and not o.artifacts and ("ort" in o.backends or "text" in o.sections):
         n += 2
+    if "caches" in o.sections:
+        n += len([p for p in ("fp32", "int4") if p in _precisions(o, "ort")])
     if "pipeline" in o.sections:
         n += len(o.backends)
     if "text" in o.sections:
@@ -354,7 +357,7 @@ def run_bench(options: BenchOptions) -> BenchReport:
 
         # -- the model, the HF-format decoder, our artifacts --------------------------------------
         source: dict[str, Any] = {"spec": source_spec, "work_dir": str(work)}
-        needs_ort = "ort" in o.backends and ("pipeline" in o.sections or "text" in o.sections)
+        needs_ort = "ort" in o.backends and bool({"pipeline", "text", "caches"} & set(o.sections))
         save_checkpoint = "text" in o.sections and "torch" in o.backends
         save_hf = "text" in o.sections and bool(o.anchors)
         if source_spec:
@@ -382,7 +385,7 @@ def run_bench(options: BenchOptions) -> BenchReport:
         # Our artifacts per ort "precision": fp32 / int4 with the chosen decoder; with --decoder genai
         # also the torch.onnx decoder (fp32-dynamo), so the report shows which decoder wins.
         wanted = {"fp32": (o.decoder, "onnx-fp32" if o.decoder == "torch" else "onnx-fp32-genai")}
-        if "text" in o.sections and "ort" in o.backends:
+        if ("text" in o.sections or "caches" in o.sections) and "ort" in o.backends:
             if o.decoder == "genai" and "int4" in _precisions(o, "ort"):
                 wanted["int4"] = ("genai-int4", "onnx-int4-genai")
             if "fp32-dynamo" in _precisions(o, "ort"):
@@ -457,6 +460,20 @@ def run_bench(options: BenchOptions) -> BenchReport:
                 pipeline[backend] = ({"status": "measured", **r["result"]} if r["ok"] else
                                      {"status": "failed", "reason": r["error"], "log": r["log"]})
 
+        # -- caches and continuous batching (ort, the shared-buffer decoder) -------------------------------
+        caches: dict[str, Any] = {}
+        if "caches" in o.sections and not o.prepare_only:
+            for precision in [p for p in ("fp32", "int4") if p in _precisions(o, "ort")]:
+                art = artifacts.get(precision)
+                if not art:
+                    caches[precision] = {"status": "unavailable", "reason": f"no {precision} ONNX artifacts"}
+                    bars.finish()
+                    continue
+                r = runner.run("caches", {"artifacts": art, "threads": o.threads, "images": 4,
+                                          "new_tokens": o.new_tokens, "repeats": o.repeats}, f"caches {precision}")
+                caches[precision] = ({"status": "measured", **r["result"]} if r["ok"] else
+                                     {"status": "failed", "reason": r["error"], "log": r["log"]})
+
         # -- text generation: ours and the anchors --------------------------------------------------------
         text: list[dict[str, Any]] = []
         if "text" in o.sections:
@@ -492,7 +509,7 @@ def run_bench(options: BenchOptions) -> BenchReport:
                      "other processes shared the cores, so times are slower and noisier than on an idle machine")
     report = BenchReport(options={**asdict(o), "out": str(o.out), "cache_dir": str(o.cache_dir)}, machine=machine,
                          source=source, limits=limits, pipeline=pipeline, text=text, ratios={}, roofline=[],
-                         efficiency={}, notes=notes, seconds=0.0)
+                         efficiency={}, notes=notes, seconds=0.0, caches=caches)
     analyse(report, o)
     report.seconds = time.perf_counter() - t_start
     write_outputs(report, out, figures_dir=o.figures_dir, prefix=o.figure_prefix)

@@ -219,7 +219,7 @@ def pipeline_prompt(n: int) -> str:
 def task_pipeline(job: dict[str, Any]) -> dict[str, Any]:
     """Per-stage timings of the multimodal pipeline over modes x image counts."""
     from maven_edge.benchmarks.harness import summarize_records
-    from maven_edge.runtime.options import PipelineLimits
+    from maven_edge.runtime.options import NO_CACHING, PipelineLimits
     from maven_edge.runtime.pipeline import STAGES, MavenPipeline
 
     threads = int(job["threads"])
@@ -231,15 +231,16 @@ def task_pipeline(job: dict[str, Any]) -> dict[str, Any]:
 
         set_torch_threads(threads)
         if job.get("checkpoint"):
-            pipe = MavenPipeline.from_checkpoint(job["checkpoint"])
+            pipe = MavenPipeline.from_checkpoint(job["checkpoint"], caching=NO_CACHING)
         else:  # seeded preset: rebuilt here rather than saved (paper geometry is several GB)
-            pipe = MavenPipeline.from_model(_load_source(job["source"]))
+            pipe = MavenPipeline.from_model(_load_source(job["source"]), caching=NO_CACHING)
     else:
         from maven_edge.runtime.backends.ort_backend import SessionConfig
 
         pipe = MavenPipeline.from_artifacts(job["artifacts"], backend=backend,
                                             session_options=SessionConfig(intra_op_num_threads=threads,
-                                                                          inter_op_num_threads=1))
+                                                                          inter_op_num_threads=1),
+                                            caching=NO_CACHING)  # every stage measured, every time
     load_s = time.perf_counter() - t0
     rss_loaded = rss_bytes()
     cfg = pipe.config
@@ -297,7 +298,15 @@ def task_pipeline(job: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-TASKS = {"limits": task_limits, "source": task_source, "export": task_export, "quantize": task_quantize,
+def task_caches(job: dict[str, Any]) -> dict[str, Any]:
+    """Caches and continuous batching on one artifact set (benchmarks.caches)."""
+    from maven_edge.benchmarks.caches import measure
+
+    return measure(job["artifacts"], int(job["threads"]), images=int(job["images"]), new_tokens=int(job["new_tokens"]),
+                   repeats=int(job["repeats"]), progress=progress)
+
+
+TASKS = {"caches": task_caches, "limits": task_limits, "source": task_source, "export": task_export, "quantize": task_quantize,
          "text": task_text, "pipeline": task_pipeline}
 
 

@@ -11,7 +11,9 @@ import json
 import sys
 
 from maven_edge.calibration.quantize import CALIB_METHODS, QUANT_METHODS, QUANT_RECIPES
+from maven_edge.calibration.tensorrt import DEFAULT_PLAN_TRT
 from maven_edge.calibration.tensorrt import PRECISIONS as TRT_PRECISIONS
+from maven_edge.calibration.trt_support import ENGINE_RECIPES
 from maven_edge.core.cliutil import add_command
 from maven_edge.core.manifest import load_manifest
 
@@ -86,13 +88,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         "GPU + TensorRT version. Needs an NVIDIA GPU and the tensorrt and cuda-python packages (--dry-run "
         "needs neither).",
         examples=["maven-edge build-trt --artifacts artifacts/tiny --out engines/tiny --dry-run",
-                  "maven-edge build-trt --artifacts artifacts/tiny --out engines/tiny --precision fp16",
-                  "maven-edge build-trt --artifacts artifacts/tiny-int8s --out engines/tiny-int8 --precision int8"])
+                  "maven-edge build-trt --artifacts artifacts/tiny --out engines/tiny --dry-run --target-trt 8.6",
+                  "maven-edge build-trt --artifacts artifacts/tiny --out engines/tiny --precision fp16"])
     t.add_argument("--artifacts", required=True, metavar="DIR",
                    help="artifact directory (fp32, or int8-static for explicit INT8)")
     t.add_argument("--out", required=True, metavar="DIR", help="engine directory (engines.json + *.engine)")
     t.add_argument("--precision", default="fp16", choices=TRT_PRECISIONS,
-                   help=f"engine precision: {', '.join(TRT_PRECISIONS)} (default fp16)")
+                   help="; ".join(f"{n}: {r.range_text()}" for n, r in ENGINE_RECIPES.items())
+                   + " (docs/usage/quantization.md; default fp16)")
     t.add_argument("--max-images", type=int, default=None, help="images per request (default: the model's max)")
     t.add_argument("--max-seq", type=int, default=None, help="context length: prompt + new tokens (default 1024)")
     t.add_argument("--max-batch", type=int, default=1, help="sequences per decoder call (default 1)")
@@ -108,7 +111,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     _calib_args(t)
     t.add_argument("--force", action="store_true", help="rebuild even when the engine cache has the engine")
     t.add_argument("--dry-run", action="store_true",
-                   help="print the engine plans (profiles, precision flags) without TensorRT and exit")
+                   help="print which engines would be built, from which files, with which precision and profiles, "
+                   "and which are refused and why, without TensorRT or a GPU; exit status 1 if any is refused")
+    t.add_argument("--target-trt", default=None, metavar="VERSION",
+                   help="--dry-run: the TensorRT release to plan for (default: the installed one, else "
+                   f"{DEFAULT_PLAN_TRT}); a build always uses the installed TensorRT")
     t.add_argument("--quiet", action="store_true", help="no progress or log lines")
     t.set_defaults(func=_build_trt)
 
@@ -152,7 +159,13 @@ def _calib_set(args: argparse.Namespace) -> int:
 
 
 def _build_trt(args: argparse.Namespace) -> int:
-    from maven_edge.calibration.tensorrt import TrtBuildOptions, build_engines, plan_engines, plan_summary
+    from maven_edge.calibration.tensorrt import (
+        TrtBuildOptions,
+        build_engines,
+        plan_engines,
+        plan_summary,
+        planned_trt_version,
+    )
 
     opts = TrtBuildOptions(
         artifacts=args.artifacts, out=args.out, precision=args.precision, max_images=args.max_images,
@@ -161,12 +174,13 @@ def _build_trt(args: argparse.Namespace) -> int:
         components=tuple(c.strip() for c in args.components.split(",")) if args.components else None,
         calib_images=args.calib_images, calib_samples=args.calib_samples, calib_split=args.calib_split,
         calib_algorithm=args.calib_algorithm, calib_source=args.calib_source, allow_upscale=args.allow_upscale,
-        force=args.force, progress=not args.quiet,
+        force=args.force, progress=not args.quiet, target_trt=args.target_trt,
     )
     if args.dry_run:
-
-        print(plan_summary(plan_engines(load_manifest(args.artifacts, verify=False), opts)))
-        return 0
+        version, source = planned_trt_version(opts)
+        plans = plan_engines(load_manifest(args.artifacts, verify=False), opts, trt_version=version)
+        print(plan_summary(plans, version, source, opts.precision))
+        return 1 if any(p.refused for p in plans) else 0
     result = build_engines(opts, log=None if args.quiet else (lambda m: print(m, file=sys.stderr)))
     print(result.table())
     return 0

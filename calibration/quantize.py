@@ -9,12 +9,13 @@ A recipe assigns a method to each component; components not named keep their fp3
 | recipe        | vision_encoder, discrete_tokenizer, patch_selector, projector | decoder      | embed_tokens |
 |---------------|------------------------------------------------------------|--------------|--------------|
 | int8-static   | int8 static QDQ (calibrated)                                | fp32         | fp32         |
+| int8-trt      | int8 static QDQ, symmetric (TensorRT's explicit quantization) | fp32       | fp32         |
 | int8-dynamic  | fp32                                                       | int8 dynamic | fp32         |
 | int4-weight   | fp32                                                       | int4 MatMulNBits | fp32     |
 | int8-int4     | int8 static QDQ                                            | int4 MatMulNBits | fp32     |
 | fp16          | fp16                                                       | fp16         | fp16         |
 
-``--component NAME=METHOD`` overrides any entry (methods: fp32, int8-static, int8-dynamic,
+``--component NAME=METHOD`` overrides any entry (methods: fp32, int8-static, int8-trt, int8-dynamic,
 int4-weight, fp16), so components may mix precisions freely.
 
 - **int8-static**: ``onnxruntime.quantization.quantize_static`` in QDQ format, weights int8
@@ -23,6 +24,10 @@ int4-weight, fp16), so components may mix precisions freely.
   quantized, and a MatMul whose result reaches an ArgMax/TopK without another MatMul in between
   (the VQ codebook lookup, the selector's score head) stays fp32: int8 noise there flips
   discrete choices.
+- **int8-trt**: the same calibration and node selection as int8-static, but what TensorRT's ONNX
+  parser accepts: symmetric activations and weights (every zero point 0), int8 activations,
+  per-channel weights (MatMul on the output-channel axis), biases left fp32 (no int32
+  DequantizeLinear). ``build-trt`` refuses the asymmetric int8-static files up front.
 - **int4-weight**: ``MatMulNBitsQuantizer`` (com.microsoft ``MatMulNBits``), block size and
   accuracy level configurable (accuracy level 4 = int8 compute on CPU, the fast path).
 - **int8-dynamic**: ``quantize_dynamic`` of the MatMuls with constant weights (per channel).
@@ -324,6 +329,22 @@ def calibrate_ranges(src: Path, reader: Any, method: str, percentile: float = 99
 
 
 def _int8_static(src: Path, dst: Path, opts: QuantizeOptions, calib: CalibrationInput | None) -> dict[str, Any]:
+    return _int8_qdq(src, dst, opts, calib, tensorrt=False)
+
+
+#: quantize_static options of the TensorRT-compatible recipe: TensorRT's ONNX parser takes only
+#: symmetric Q/DQ (every zero point 0), int8 activations, and no int32 (quantized bias) DequantizeLinear;
+#: MatMul weights per output channel (axis 1 of a [K, N] weight), as Conv's (axis 0).
+TRT_QDQ_OPTIONS = {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,
+                   "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1}}
+
+
+def _int8_trt(src: Path, dst: Path, opts: QuantizeOptions, calib: CalibrationInput | None) -> dict[str, Any]:
+    return _int8_qdq(src, dst, opts, calib, tensorrt=True)
+
+
+def _int8_qdq(src: Path, dst: Path, opts: QuantizeOptions, calib: CalibrationInput | None,
+              tensorrt: bool) -> dict[str, Any]:
     import tempfile
 
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -333,7 +354,8 @@ def _int8_static(src: Path, dst: Path, opts: QuantizeOptions, calib: Calibration
     exclude = discrete_sensitive_nodes(model) if opts.keep_discrete_fp32 else []
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
               "percentile": CalibrationMethod.Percentile}[opts.calib_method]
-    act = QuantType.QInt8 if opts.activation_type == "int8" else QuantType.QUInt8
+    act = QuantType.QInt8 if opts.activation_type == "int8" or tensorrt else QuantType.QUInt8
+    per_channel = opts.per_channel or tensorrt
     big = sum(t.ByteSize() for t in model.graph.initializer) > EXTERNAL_DATA_BYTES
     del model
     assert calib is not None, "int8-static needs calibration inputs"
@@ -345,12 +367,13 @@ def _int8_static(src: Path, dst: Path, opts: QuantizeOptions, calib: Calibration
         with quiet_quantizer():
             quantize_static(
                 str(src), str(dst), None, quant_format=QuantFormat.QDQ, op_types_to_quantize=list(WEIGHT_OPS),
-                per_channel=opts.per_channel, activation_type=act, weight_type=QuantType.QInt8,
+                per_channel=per_channel, activation_type=act, weight_type=QuantType.QInt8,
                 nodes_to_exclude=exclude, calibrate_method=method, use_external_data_format=big,
-                calibration_cache_path=str(ranges_path),
+                calibration_cache_path=str(ranges_path), extra_options=dict(TRT_QDQ_OPTIONS) if tensorrt else None,
             )
-    return {"format": "QDQ", "weights": "int8 per-channel" if opts.per_channel else "int8 per-tensor",
-            "activations": opts.activation_type, "calibration": opts.calib_method,
+    extra = {"symmetric": True, "bias": "fp32 (not quantized)", "for": "TensorRT explicit quantization"} if tensorrt else {}
+    return {"format": "QDQ", "weights": "int8 per-channel" if per_channel else "int8 per-tensor",
+            "activations": "int8" if tensorrt else opts.activation_type, **extra, "calibration": opts.calib_method,
             **({"percentile": opts.percentile} if opts.calib_method == "percentile" else {}),
             **({"histogram_bins": HISTOGRAM_BINS} if opts.calib_method != "minmax" else {}),
             "ranges_from_cache": cached, "ops": list(WEIGHT_OPS), "kept_fp32": exclude}
@@ -428,6 +451,7 @@ class QuantMethod:
 QUANT_METHODS: Registry[QuantMethod] = Registry("quantization method")
 QUANT_METHODS.add("fp32", QuantMethod("fp32", None))
 QUANT_METHODS.add("int8-static", QuantMethod("int8", _int8_static, calibrated=True, table_lookup_ok=False))
+QUANT_METHODS.add("int8-trt", QuantMethod("int8", _int8_trt, calibrated=True, table_lookup_ok=False))
 QUANT_METHODS.add("int8-dynamic", QuantMethod("int8", _int8_dynamic, table_lookup_ok=False))
 QUANT_METHODS.add("int4-weight", QuantMethod("int4", _int4_weight, table_lookup_ok=False))
 QUANT_METHODS.add("fp16", QuantMethod("fp16", _fp16))
@@ -452,6 +476,8 @@ class QuantRecipe:
 
 QUANT_RECIPES: Registry[QuantRecipe] = Registry("quantization recipe")
 QUANT_RECIPES.add("int8-static", QuantRecipe("vision side int8 static QDQ (calibrated)", vision="int8-static"))
+QUANT_RECIPES.add("int8-trt", QuantRecipe("vision side int8 symmetric QDQ for TensorRT (zero points 0, per-channel "
+                                          "weights, fp32 bias)", vision="int8-trt"))
 QUANT_RECIPES.add("int8-dynamic", QuantRecipe("decoder int8 dynamic", decoder="int8-dynamic"))
 QUANT_RECIPES.add("int4-weight", QuantRecipe("decoder int4 MatMulNBits", decoder="int4-weight"))
 QUANT_RECIPES.add("int8-int4", QuantRecipe("vision side int8 static + decoder int4", vision="int8-static",

@@ -11,19 +11,29 @@ What is planned here is pure Python and testable without a GPU (:func:`plan_engi
   decoder gets two: ``prefill`` (prompt of 1..max_seq tokens, empty past; batch up to
   max(max_batch, max_images) for the ``[codes, <eos_vis>]`` pass) and ``decode`` (one token,
   past 1..max_seq-1). An INT8-calibrated engine also gets a fixed one-image calibration profile.
-- **Precision per component**: ``fp16`` builds everything with FP16 kernels and keeps the
-  layers that need range in FP32 (normalisations, reductions, softmax, pow/sqrt/reciprocal:
-  :func:`keep_fp32_layer`). ``int8`` gives the vision side (vision encoder, discrete
-  tokenizer, patch selector, projector) INT8 + FP16 and keeps the decoder and embed_tokens
-  FP16: from fp32 artifacts with an entropy calibrator fed by :mod:`maven_edge.calibration.readers`
-  (and a calibration cache), from ``int8-static`` artifacts with their explicit Q/DQ scales.
-  ``fp8`` (Ada/Hopper, compute capability >= 8.9) quantizes the vision side to FP8 E4M3 Q/DQ
-  with onnxruntime's calibrator first (explicit quantization) and keeps the decoder FP16.
+- **Precision per component** (the recipes and the TensorRT releases each supports are in
+  :data:`maven_edge.calibration.trt_support.ENGINE_RECIPES`): ``fp16`` builds everything with
+  FP16 kernels and keeps the layers that need range in FP32 (normalisations, reductions,
+  softmax, pow/sqrt/reciprocal: :func:`keep_fp32_layer`). ``int8`` gives the vision side
+  (vision encoder, discrete tokenizer, patch selector, projector) INT8 + FP16 and keeps the
+  decoder and embed_tokens FP16: from fp32 artifacts with an entropy calibrator fed by
+  :mod:`maven_edge.calibration.readers` (and a calibration cache), from ``int8-trt`` artifacts
+  with their explicit, symmetric Q/DQ scales. ``fp8`` (Ada/Hopper, compute capability >= 8.9)
+  quantizes the vision side to FP8 E4M3 Q/DQ with onnxruntime's calibrator first (explicit
+  quantization) and keeps the decoder FP16. These three are weakly typed (TensorRT 8.6 - 10.x);
+  ``typed`` builds strongly typed networks whose precision comes from the ONNX files (TensorRT
+  >= 10.0, the path TensorRT 11 keeps). Any Q/DQ in a weakly typed network adds its type's flag.
+- **Refusals up front**: each plan checks its ONNX file against the ONNX parser's op / opset
+  table of the TensorRT release (:func:`maven_edge.export.trt_compat.graph_problems`: contrib
+  ops, int8-dynamic's integer ops, opset 18 on TensorRT 8.6, asymmetric Q/DQ) and the recipe's
+  range; :func:`build_engines` stops before building anything when a plan is refused, and
+  ``--dry-run`` (:func:`plan_summary`) prints every plan with its reason.
 - **Caches**: the engine cache key is a sha256 over the manifest hash, the component file's
   hash, GPU name + compute capability, TensorRT version and the build settings
   (:func:`engine_cache_key`); an engine whose key is in the cache is reused, not rebuilt.
-  INT8 calibration caches are keyed by manifest hash + component + calibration set digest and
-  use TensorRT's own text format (:func:`format_calibration_cache`). The timing cache is one
+  INT8 calibration caches are keyed by manifest hash + component + calibration set digest +
+  TensorRT version and use TensorRT's own text format (:func:`format_calibration_cache`), whose
+  header carries the version (:func:`trt_version_tag`). The timing cache is one
   file per GPU + TensorRT version, shared by every build.
 
 :func:`build_engines` then runs the TensorRT builder (``tensorrt`` and cuda-python imported
@@ -53,11 +63,27 @@ from maven_edge.calibration.readers import (
     make_ort_reader,
     resolve_calibration_set,
 )
-from maven_edge.calibration.trt_runtime import ENGINES_FORMAT, ENGINES_JSON, Cuda, import_tensorrt
+from maven_edge.calibration.trt_runtime import (
+    ENGINES_FORMAT,
+    ENGINES_JSON,
+    Cuda,
+    import_tensorrt,
+    tensorrt_version,
+)
+from maven_edge.calibration.trt_support import (
+    ENGINE_RECIPES,
+    calibration_version_tag,
+    check_recipe_version,
+    parse_trt_version,
+)
 from maven_edge.core.errors import ArtifactError, BackendError, CalibrationError, InputError
 from maven_edge.core.manifest import MANIFEST, Component, Manifest, file_entry, load_manifest, sha256_file
+from maven_edge.export import trt_compat
 
-PRECISIONS = ("fp16", "int8", "fp8")
+PRECISIONS = tuple(ENGINE_RECIPES.names())
+#: The TensorRT release `build-trt --dry-run` plans for when none is installed and none is given
+#: (JetPack 6.1 / 6.2).
+DEFAULT_PLAN_TRT = "10.3"
 VISION_SIDE = ("vision_encoder", "discrete_tokenizer", "patch_selector", "projector")
 DEFAULT_MAX_SEQ = 1024
 #: TensorRT layer types (trt.LayerType names) kept in FP32 in reduced-precision engines, and
@@ -95,6 +121,7 @@ class TrtBuildOptions:
     force: bool = False  # rebuild even on an engine-cache hit
     progress: bool = True
     device_id: int = 0
+    target_trt: str | None = None  # planning only: the TensorRT release to plan for (a build uses the installed one)
 
     def validate(self) -> TrtBuildOptions:
         if self.precision not in PRECISIONS:
@@ -113,6 +140,8 @@ class TrtBuildOptions:
             raise InputError(f"calibration algorithm must be one of {', '.join(CALIB_ALGORITHMS)}")
         if self.calib_source not in ("tensorrt", "onnxruntime"):
             raise InputError(f"--calib-source must be tensorrt or onnxruntime, got {self.calib_source!r}")
+        if self.target_trt is not None:
+            parse_trt_version(self.target_trt)
         return self
 
 
@@ -223,19 +252,35 @@ def calibration_profile(comp: Component, limits: Limits) -> Profile:
 # ---- precision and plans -----------------------------------------------------------------------------
 
 
-def has_qdq(path: Path) -> bool:
+def qdq_kinds(path: Path) -> set[str]:
+    """The Q/DQ element types in an ONNX file ("int8", "float8_e4m3fn", ...); empty without Q/DQ."""
     import onnx
 
-    model = onnx.load(str(path), load_external_data=False)
-    return any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
+    if not path.is_file():
+        return set()
+    return trt_compat.qdq_types(onnx.load(str(path), load_external_data=False))
 
 
-def component_precision(name: str, precision: str, explicit_qdq: bool) -> tuple[list[str], str]:
-    """(TensorRT builder flags, how INT8/FP8 scales are obtained: none | calibrate | explicit | fp8-qdq)."""
+def has_qdq(path: Path) -> bool:
+    return bool(qdq_kinds(path))
+
+
+def component_precision(name: str, precision: str, qdq: set[str] | bool) -> tuple[list[str], str]:
+    """(TensorRT builder flags, how INT8/FP8 scales are obtained: none | calibrate | explicit | fp8-qdq).
+
+    A weakly typed network with Q/DQ layers needs the builder flag of their type (INT8 / FP8) on
+    top of the recipe's (TensorRT 8.6 refuses to build Q/DQ networks without it). A strongly
+    typed (``typed``) network takes no precision flags at all.
+    """
+    kinds = ({"int8"} if qdq else set()) if isinstance(qdq, bool) else set(qdq)
+    explicit = bool(kinds)
+    qflags = (["INT8"] if "int8" in kinds else []) + (["FP8"] if any(k.startswith("float8") for k in kinds) else [])
+    if precision == "typed":
+        return [], ("explicit" if explicit else "none")
     if precision == "fp16" or name not in VISION_SIDE:
-        return ["FP16"], ("explicit" if explicit_qdq else "none")
+        return qflags + ["FP16"], ("explicit" if explicit else "none")
     if precision == "int8":
-        return ["INT8", "FP16"], ("explicit" if explicit_qdq else "calibrate")
+        return ["INT8", "FP16"] + [f for f in qflags if f != "INT8"], ("explicit" if explicit else "calibrate")
     return ["FP8", "FP16"], "fp8-qdq"
 
 
@@ -257,41 +302,77 @@ class EnginePlan:
     calibration: Profile | None
     workspace_bytes: int
     optimization_level: int
-    fp32_layers: bool = True  # keep_fp32_layer constraints applied
+    fp32_layers: bool = True  # keep_fp32_layer constraints applied (weakly typed recipes only)
     key: str | None = None  # engine cache key (needs the device)
+    typed: bool = False  # strongly typed network
+    file_precision: str = "fp32"  # the component's precision in the manifest
+    refused: str | None = None  # why this engine cannot be built on the planned TensorRT (None: it can)
+    notes: list[str] = field(default_factory=list)
 
     def settings(self) -> dict[str, Any]:
         """What the engine depends on besides the ONNX file, device and TensorRT version."""
         return {"flags": sorted(self.flags), "scales": self.scales, "profiles": [p.to_dict() for p in self.profiles],
                 "calibration": self.calibration.to_dict() if self.calibration else None,
                 "workspace_bytes": self.workspace_bytes, "optimization_level": self.optimization_level,
-                "fp32_layers": self.fp32_layers}
+                "fp32_layers": self.fp32_layers, "typed": self.typed}
 
 
-def plan_engines(manifest: Manifest, opts: TrtBuildOptions, artifacts: str | Path | None = None) -> list[EnginePlan]:
-    """One plan per component to build: profiles, precision flags, workspace. No TensorRT needed."""
+def planned_trt_version(opts: TrtBuildOptions) -> tuple[str, str]:
+    """(TensorRT release to plan for, where it came from): --target-trt, else the installed
+    tensorrt, else DEFAULT_PLAN_TRT."""
+    if opts.target_trt:
+        return opts.target_trt, "--target-trt"
+    installed = tensorrt_version()
+    if installed:
+        return installed, "installed"
+    return DEFAULT_PLAN_TRT, "default (no tensorrt installed here; --target-trt to choose)"
+
+
+def plan_engines(manifest: Manifest, opts: TrtBuildOptions, artifacts: str | Path | None = None,
+                 trt_version: str | None = None) -> list[EnginePlan]:
+    """One plan per component: profiles, precision flags, workspace, and — for TensorRT
+    `trt_version` — whether TensorRT can build it (`refused`). No TensorRT needed."""
     opts.validate()
+    version = trt_version or planned_trt_version(opts)[0]
     root = Path(artifacts if artifacts is not None else opts.artifacts)
     limits = resolve_limits(manifest, opts)
     names = list(opts.components) if opts.components else list(manifest.components)
     unknown = [n for n in names if n not in manifest.components]
     if unknown:
         raise InputError(f"--components {unknown} are not in the artifacts ({', '.join(manifest.components)})")
+    recipe = ENGINE_RECIPES.get(opts.precision)
+    try:
+        check_recipe_version(opts.precision, version)
+        recipe_refusal = None
+    except InputError as exc:
+        recipe_refusal = str(exc)
     plans = []
     for name in names:
         comp = manifest.components[name]
         path = root / comp.file.path
-        explicit = comp.precision in ("int8", "fp8") and path.is_file() and has_qdq(path)
-        if comp.precision == "int4":
-            raise InputError(
-                f"{name} is int4 (MatMulNBits, an onnxruntime contrib op TensorRT does not parse); build engines "
-                "from the fp32 or int8-static artifacts"
-            )
-        flags, scales = component_precision(name, opts.precision, explicit)
+        kinds = qdq_kinds(path)
+        flags, scales = component_precision(name, opts.precision, kinds)
         profiles = component_profiles(comp, limits)
         calib = calibration_profile(comp, limits) if scales == "calibrate" else None
-        plans.append(EnginePlan(name, str(path), comp.file.sha256, flags, scales, profiles, calib,
-                                int(opts.workspace_gb * (1 << 30)), opts.builder_optimization_level))
+        plan = EnginePlan(name, str(path), comp.file.sha256, flags, scales, profiles, calib,
+                          int(opts.workspace_gb * (1 << 30)), opts.builder_optimization_level,
+                          fp32_layers=not recipe.typed, typed=recipe.typed, file_precision=comp.precision)
+        problems = [f"--precision {opts.precision} does not support TensorRT {version}"] if recipe_refusal else []
+        if path.is_file():
+            problems += trt_compat.graph_problems_file(path, version)
+        else:
+            problems.append(f"{path} is missing")
+        if scales == "fp8-qdq" and kinds:
+            problems.append(f"{name} already carries {'/'.join(sorted(kinds))} Q/DQ; build --precision fp8 from fp32 "
+                            "artifacts")
+        if recipe.typed and comp.precision == "fp32" and not kinds:
+            plan.notes.append("strongly typed from an fp32 file: an FP32 (TF32) engine; `maven-edge quantize --recipe "
+                              "fp16` (or int8-trt) first for reduced precision")
+        if scales == "calibrate" and parse_trt_version(version) >= (10, 1, 0):
+            plan.notes.append("implicit INT8 calibration is deprecated since TensorRT 10.1 (removed in 11); "
+                              "`maven-edge quantize --recipe int8-trt` gives explicit Q/DQ scales instead")
+        plan.refused = "; ".join(problems) if problems else None
+        plans.append(plan)
     return plans
 
 
@@ -330,10 +411,9 @@ class CalibrationTable:
 
 
 def trt_version_tag(version: str) -> str:
-    """'10.3.0.26' -> '100300' (the integer form TensorRT puts in cache headers)."""
-    parts = [int(p) for p in re.findall(r"\d+", version)[:3]] + [0, 0, 0]
-    major, minor, patch = parts[:3]
-    return f"{major}{minor:02d}{patch:02d}"
+    """The integer form TensorRT puts in calibration cache headers: '8.6.1' -> '8601' (8.x:
+    major*1000 + minor*100 + patch), '10.3.0.26' -> '100300' (10.x: major*10000 + ...)."""
+    return calibration_version_tag(version)
 
 
 def format_calibration_cache(table: CalibrationTable) -> bytes:
@@ -402,8 +482,11 @@ def ort_calibration_table(onnx_path: str | Path, rows: Sequence[dict[str, Any]],
 
 
 def calibration_cache_path(cache_dir: Path, manifest_sha256: str, component: str, calib_digest: str,
-                           algorithm: str) -> Path:
-    return cache_dir / f"calib-{component}-{manifest_sha256[:12]}-{calib_digest[:12]}-{algorithm}.cache"
+                           algorithm: str, trt_version: str) -> Path:
+    """The INT8 calibration cache of one component, named for the TensorRT version whose header it
+    carries (TensorRT ignores a cache whose header names another version)."""
+    tag = calibration_version_tag(trt_version)
+    return cache_dir / f"calib-{component}-{manifest_sha256[:12]}-{calib_digest[:12]}-{algorithm}-trt{tag}.cache"
 
 
 # ---- building (needs TensorRT + a GPU) ----------------------------------------------------------------------
@@ -548,10 +631,17 @@ def _fp8_onnx(plan: EnginePlan, rows: list[dict[str, Any]], work: Path) -> Path:
     return dst
 
 
-def _parse_network(trt: Any, builder: Any, logger: Any, onnx_path: str) -> tuple[Any, Any]:
-    major = int(str(trt.__version__).split(".")[0])
-    flags = 0 if major >= 10 else 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
-    network = builder.create_network(flags)
+def network_flags(trt: Any, typed: bool) -> int:
+    """create_network flags: explicit batch on TensorRT 8.x (implicit batch is gone from 10.0),
+    STRONGLY_TYPED for the typed recipe (TensorRT >= 10.0)."""
+    major = parse_trt_version(str(trt.__version__))[0]
+    if typed:
+        return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    return 0 if major >= 10 else 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+
+
+def _parse_network(trt: Any, builder: Any, logger: Any, onnx_path: str, typed: bool = False) -> tuple[Any, Any]:
+    network = builder.create_network(network_flags(trt, typed))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(onnx_path):  # resolves external data next to the file
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
@@ -562,14 +652,13 @@ def _parse_network(trt: Any, builder: Any, logger: Any, onnx_path: str) -> tuple
 def _build_one(trt: Any, logger: Any, cuda: Any, plan: EnginePlan, onnx_path: str, timing: bytes,
                calibrator: Any) -> tuple[bytes, bytes]:
     builder = trt.Builder(logger)
-    network, _parser = _parse_network(trt, builder, logger, onnx_path)
+    network, _parser = _parse_network(trt, builder, logger, onnx_path, plan.typed)
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, plan.workspace_bytes)
-    if hasattr(config, "builder_optimization_level"):
-        config.builder_optimization_level = plan.optimization_level
-    for flag in plan.flags:
+    config.builder_optimization_level = plan.optimization_level  # TensorRT >= 8.6 (the oldest supported)
+    for flag in plan.flags:  # none for a strongly typed network
         config.set_flag(getattr(trt.BuilderFlag, flag))
-    if plan.fp32_layers and _apply_fp32_layers(trt, network):
+    if not plan.typed and plan.fp32_layers and _apply_fp32_layers(trt, network):
         config.set_flag(trt.BuilderFlag.PREFER_PRECISION_CONSTRAINTS)
     for p in plan.profiles:
         prof = builder.create_optimization_profile()
@@ -601,7 +690,15 @@ def build_engines(opts: TrtBuildOptions, log: Callable[[str], None] | None = Non
     src, out = Path(opts.artifacts), Path(opts.out)
     manifest = load_manifest(src, verify=True)
     manifest_sha = sha256_file(src / MANIFEST)
-    plans = plan_engines(manifest, opts, src)
+    try:
+        check_recipe_version(opts.precision, trt_version)
+    except InputError as exc:
+        raise BackendError(str(exc)) from None
+    plans = plan_engines(manifest, opts, src, trt_version)
+    refused = [p for p in plans if p.refused]
+    if refused:  # before any engine is built
+        raise BackendError(f"TensorRT {trt_version} cannot build " + "; ".join(
+            f"{p.component} ({p.refused})" for p in refused) + ". `maven-edge build-trt --dry-run` shows the plan")
     limits = resolve_limits(manifest, opts)
     if opts.precision == "fp8":
         cc = tuple(int(x) for x in device["compute_capability"].split("."))
@@ -650,7 +747,7 @@ def build_engines(opts: TrtBuildOptions, log: Callable[[str], None] | None = Non
                     onnx_path = str(_fp8_onnx(plan, rows or [], cache_dir))
                 elif plan.scales == "calibrate":
                     calib_cache = calibration_cache_path(cache_dir, manifest_sha, plan.component, calib_digest or "",
-                                                         opts.calib_algorithm)
+                                                         opts.calib_algorithm, trt_version)
                     if opts.calib_source == "onnxruntime" and not calib_cache.is_file():
                         table = ort_calibration_table(plan.onnx, rows or [], trt_version, opts.calib_algorithm)
                         calib_cache.write_bytes(format_calibration_cache(table))
@@ -697,12 +794,34 @@ def build_engines(opts: TrtBuildOptions, log: Callable[[str], None] | None = Non
     return BuildResult(out, results, device, trt_version, limits)
 
 
-def plan_summary(plans: Sequence[EnginePlan]) -> str:
-    """Human-readable plans (used by tests and `--dry-run`-style inspection)."""
+def plan_summary(plans: Sequence[EnginePlan], trt_version: str | None = None, source: str = "",
+                 precision: str | None = None) -> str:
+    """What a build would do (`build-trt --dry-run`): per engine, the ONNX file, the precision,
+    the profiles, and whether it is refused and why."""
     rows = []
+    if trt_version is not None:
+        head = f"plan for TensorRT {trt_version}" + (f" ({source})" if source else "")
+        if precision is not None:
+            r = ENGINE_RECIPES.get(precision)
+            head += f", --precision {precision}: {r.help} [{r.range_text()}]"
+        rows.append(head)
+        if precision is not None:
+            try:
+                check_recipe_version(precision, trt_version)
+            except InputError as exc:
+                rows.append(f"REFUSED for every engine: {exc}")
     for p in plans:
-        rows.append(f"{p.component}: {'+'.join(p.flags)} ({p.scales})")
+        how = ("strongly typed (precision from the file)" if p.typed else "weakly typed") + (
+            f", flags {'+'.join(p.flags)}" if p.flags else "")
+        state = f"REFUSED: {p.refused}" if p.refused else "would be built"
+        rows.append(f"{p.component}: {state}")
+        rows.append(f"  from {p.onnx} ({p.file_precision}); {how}; scales: {p.scales}")
         for prof in p.profiles:
             for name, (lo, opt, hi) in prof.shapes.items():
                 rows.append(f"  [{prof.name}] {name}: min {list(lo)} opt {list(opt)} max {list(hi)}")
+        if p.calibration is not None:
+            rows.append(f"  [calibration] one image: {', '.join(f'{k} {list(v[0])}' for k, v in p.calibration.shapes.items())}")
+        rows.extend(f"  note: {n}" for n in p.notes)
+    built = sum(1 for p in plans if not p.refused)
+    rows.append(f"{built} engine(s) would be built, {len(plans) - built} refused")
     return "\n".join(rows)

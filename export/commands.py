@@ -41,6 +41,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--target-ort", default=DEFAULT_TARGET,
                    help=f"oldest onnxruntime release the files must load in (default {DEFAULT_TARGET}; "
                    "'installed' probes this machine's)")
+    p.add_argument("--target-trt", default=None, metavar="VERSION",
+                   help="also make the files parse in this TensorRT release (e.g. 8.6 for JetPack 6.0: opset 17); "
+                   "see docs/usage/quantization.md")
     p.add_argument("--optimize", nargs="?", const="onnxscript", default=None, choices=OPTIMIZER_CHOICES,
                    help="simplify the graphs with onnxscript (the tool when none is named) or onnxslim; kept only if "
                    "they match the plain export (default: no optimization)")
@@ -111,6 +114,7 @@ def run_export(args: argparse.Namespace) -> int:
                  else int(args.external_data_threshold_mb * 1e6))
     options = ExportOptions(out=args.out, opset=args.opset, target_ort=args.target_ort, optimize=args.optimize,
                             force=args.force, external_data_threshold=threshold, genai=args.genai, decoder=args.decoder,
+                            target_trt=args.target_trt,
                             progress=not args.no_progress and not args.json)
     result = export_model(model, options, source=source)
     if args.json:

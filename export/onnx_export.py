@@ -93,6 +93,7 @@ class ExportOptions:
     progress: bool = True  # tqdm bar over the components
     genai: bool = False  # also write genai_config.json + tokenizer_config.json (onnxruntime-genai, text only)
     decoder: str = "torch"  # "torch" (torch.onnx), "genai" / "genai-int4" (onnxruntime-genai model builder)
+    target_trt: str | None = None  # TensorRT release the files must parse in (caps the opset: 8.6 -> 17)
 
 
 @dataclass
@@ -423,16 +424,54 @@ def _export_one(spec: ComponentSpec, opset: int) -> Any:
             ) from exc
     model = program.model
     got = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
-    if got != opset:
+    if got != opset and got is not None and got > opset:
         # The exporter emits opset 18 and converts; when an op cannot be expressed at the requested
-        # opset (e.g. ReduceL2 with axes as an input, opset 18, to the attribute form of opset 17)
-        # it logs the failure and keeps opset 18. Refuse instead of writing another opset.
+        # opset by its converter (e.g. ReduceL2 with axes as an input, opset 18, to the attribute form
+        # of opset 17) it logs the failure and keeps opset 18. onnx's version converter does that one.
+        model = _convert_opset(model, opset) or model
+        got = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
+    if got != opset:
+        # Refuse instead of writing another opset.
         ops = sorted({n.op_type for n in model.graph.all_nodes() if n.domain in ("", "ai.onnx")})
         raise ExportError(
             f"{spec.name} cannot be exported at --opset {opset}: the exporter could not convert its ops "
             f"({', '.join(ops)}) and produced opset {got}; use --opset {got} or newer"
         )
     return model
+
+
+#: Attributes onnx's version converter leaves on a reduction moved to opset 17, where they do not
+#: exist; dropped when they hold their default (0).
+_OPSET18_ONLY_ATTRS = {"noop_with_empty_axes"}
+
+
+def _convert_opset(ir_model: Any, opset: int) -> Any | None:
+    """`ir_model` at ai.onnx `opset` through onnx's version converter (Reduce* axes input -> attribute),
+    or None when it cannot (the caller refuses). Graphs over 1.8 GB are not converted (protobuf)."""
+    import onnx
+    import onnx_ir as ir
+    from onnx import version_converter
+
+    weights = sum(v.const_value.nbytes for v in ir_model.graph.initializers.values() if v.const_value is not None)
+    if weights > 1_800_000_000:
+        return None
+    try:
+        proto = version_converter.convert_version(ir.to_proto(ir_model), opset)
+    except Exception:  # the converter raises RuntimeError / ConvertError / ValidationError
+        return None
+    for node in proto.graph.node:
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        drop = [a for a in node.attribute if a.name in _OPSET18_ONLY_ATTRS]
+        for a in drop:
+            if a.i != 0:
+                return None
+            node.attribute.remove(a)
+    try:
+        onnx.checker.check_model(proto)
+    except onnx.checker.ValidationError:
+        return None
+    return ir.from_proto(proto)
 
 
 def _save(ir_model: Any, path: Path, threshold: int) -> list[str]:
@@ -466,6 +505,8 @@ def export_model(
     out = Path(options.out)
     target = ort_compat.get_target(options.target_ort)
     opset = ort_compat.resolve_opset(options.opset, target)
+    if options.target_trt is not None:
+        opset = _trt_opset(options, opset)
     if options.optimize is not None and options.optimize not in graph_tools.OPTIMIZERS:
         raise ExportError(f"unknown optimizer {options.optimize!r}; choose one of {', '.join(graph_tools.OPTIMIZERS)}")
     model = model.eval()
@@ -527,6 +568,7 @@ def export_model(
             "h_eos": "decoder hidden_states at <eos_vis> after [codes, <eos_vis>] with an empty past",
             "optimized": options.optimize,
             "external_data_threshold": options.external_data_threshold,
+            "target_trt": options.target_trt,
         },
     )
     # File entries were hashed in staging with staging-relative paths; re-hash in place.
@@ -538,6 +580,23 @@ def export_model(
     write_manifest(manifest, out)
     seconds["total"] = round(time.perf_counter() - t_start, 2)
     return ExportResult(manifest, reports, parity, seconds, out)
+
+
+def _trt_opset(options: ExportOptions, opset: int) -> int:
+    """The opset for `--target-trt`: TensorRT's ONNX parser reads opsets up to a cap per release
+    (8.6: 17, and it misreads the opset-18 reductions' `axes` input rather than refusing them)."""
+    from maven_edge.export import trt_compat
+
+    cap = trt_compat.max_opset(options.target_trt)
+    if options.decoder != "torch":
+        raise ExportError(f"--decoder {options.decoder} writes onnxruntime contrib ops (GroupQueryAttention, ...) that "
+                          f"TensorRT cannot parse; with --target-trt use --decoder torch")
+    if options.opset is None:
+        return min(opset, cap)
+    if options.opset > cap:
+        raise ExportError(f"--opset {options.opset} is newer than TensorRT {options.target_trt}'s ONNX parser reads "
+                          f"({cap}); use --opset {cap} or leave --opset out")
+    return opset
 
 
 def _builder_decoder(

@@ -14,7 +14,10 @@ step advances every admitted request by exactly one token: rows join and leave w
 for each other, and no request can take more than its share. The per-request work after a step
 (sampling, stop tokens and strings, detokenization, cancellation) is the row's `on_logits`
 callback, run on the scheduler's thread; it returns the next token to feed or None when the
-request is finished. A request whose cache does not fit the batch's capacity, or arrives while
+request is finished. A row takes part in a step only while fewer than `ahead` of its text pieces
+wait for its reader: a slow reader holds back its own request, never the others. A request
+cancelled by its reader ends with exactly the tokens of the pieces it read, as when it decodes
+alone (the pipeline trims what was decoded ahead). A request whose cache does not fit the batch's capacity, or arrives while
 batching is off, decodes on its own as before.
 
 Fairness rule: first come, first admitted; one token per admitted request per step; at most
@@ -41,10 +44,15 @@ class DecodeRow:
 
     state: DecodeState  # the request's cache after prefill (copied into a slot on admission)
     next_token: int  # the token the next step feeds
-    on_logits: Callable[[np.ndarray], int | None]  # logits -> next token, or None when finished
+    #: logits -> (next token or None when finished, whether it handed text to the reader)
+    on_logits: Callable[[np.ndarray], tuple[int | None, bool]]
     done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
     cancelled: bool = False  # set by the request's own thread (client gone); dropped at the next step
+    #: text pieces handed over but not yet taken by the request's reader; a row takes part in a
+    #: step only while this is below the scheduler's `ahead`, so a request decodes at most that
+    #: many pieces ahead of its reader
+    buffered: int = 0
     slot: int | None = None
     steps: int = 0
     occupancy_sum: int = 0  # rows in the steps this request took part in, summed
@@ -72,8 +80,9 @@ class BatchStats:
 class BatchScheduler:
     """Runs :class:`DecodeRow`s through a :class:`DecodeBatch`, one step for all rows at a time."""
 
-    def __init__(self, batch: DecodeBatch, call: Callable[..., object] | None = None):
+    def __init__(self, batch: DecodeBatch, call: Callable[..., object] | None = None, ahead: int = 2):
         self.batch = batch
+        self.ahead = ahead
         self._call = call or (lambda fn, *a: fn(*a))
         self._cond = threading.Condition()
         self._waiting: deque[DecodeRow] = deque()
@@ -84,6 +93,12 @@ class BatchScheduler:
     def fits(self, state: DecodeState, remaining_tokens: int) -> bool:
         """Whether a request with this cache and this many tokens still to feed fits a slot."""
         return state.length + remaining_tokens <= self.batch.capacity
+
+    def took(self, row: DecodeRow) -> None:
+        """The row's reader took one piece of text."""
+        with self._cond:
+            row.buffered -= 1
+            self._cond.notify_all()
 
     def submit(self, row: DecodeRow) -> None:
         with self._cond:
@@ -126,7 +141,10 @@ class BatchScheduler:
                         return
                     self._cond.wait(0.05)
                     continue
-                rows = sorted(self._active.items())
+                rows = sorted((slot, row) for slot, row in self._active.items() if row.buffered < self.ahead)
+                if not rows:  # every admitted request waits for its reader
+                    self._cond.wait(0.05)
+                    continue
             feed = [(slot, row.next_token) for slot, row in rows]
             t0 = time.perf_counter()
             try:
@@ -144,11 +162,14 @@ class BatchScheduler:
                 row.occupancy_sum += len(rows)
                 row.step_ms.append(ms)
                 try:
-                    nxt = None if row.cancelled else row.on_logits(row_logits)
+                    nxt, emitted = (None, False) if row.cancelled else row.on_logits(row_logits)
                 except BaseException as exc:  # noqa: BLE001 - handed to the request's own thread
                     with self._cond:
                         self._finish(row, exc)
                     continue
+                if emitted:
+                    with self._cond:
+                        row.buffered += 1
                 if nxt is None:
                     with self._cond:
                         self._finish(row)

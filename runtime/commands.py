@@ -21,6 +21,7 @@ from maven_edge.core.preprocess import fit_to_square, load_image
 from maven_edge.model_src.resources import samples_dir, shipped_checkpoint
 from maven_edge.runtime.backends import BACKENDS
 from maven_edge.runtime.backends.providers import PROVIDERS
+from maven_edge.runtime.caches import DEFAULT_PREFIX_CACHE_MB, DEFAULT_VISUAL_CACHE_MB
 from maven_edge.runtime.options import PipelineOptions
 from maven_edge.runtime.pipeline import open_pipeline
 
@@ -48,6 +49,20 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
                    help="most pixels of all images of one request together (default 100000000)")
     p.add_argument("--max-decode-mib", type=int, metavar="MIB",
                    help="most memory decoding one image may take, estimated from its header (default 192)")
+    _add_caching_args(p)
+
+
+def _add_caching_args(p: argparse.ArgumentParser) -> None:
+    c = p.add_argument_group("work shared across requests (docs/design.md §5)")
+    c.add_argument("--visual-cache-mb", type=int, default=DEFAULT_VISUAL_CACHE_MB, metavar="MB",
+                   help=f"visual-feature cache: an image seen before skips vision, codes, h_eos and selector "
+                   f"(default {DEFAULT_VISUAL_CACHE_MB}; 0 = off)")
+    c.add_argument("--prefix-cache-mb", type=int, default=DEFAULT_PREFIX_CACHE_MB, metavar="MB",
+                   help=f"prefix KV cache: a prompt that starts like an earlier one prefills only the rest "
+                   f"(default {DEFAULT_PREFIX_CACHE_MB}; 0 = off)")
+    c.add_argument("--max-batch", type=int, default=4, metavar="N",
+                   help="continuous batching: concurrent requests share decode steps, up to N per step "
+                   "(default 4; 1 = off; needs the shared-buffer decoder of `export --decoder genai`)")
 
 
 def _add_ort_args(p: argparse.ArgumentParser) -> None:
@@ -65,6 +80,7 @@ def pipeline_options(args: argparse.Namespace) -> PipelineOptions:
         trt_cache=args.trt_cache, trt_fp16=args.trt_fp16, verify=not args.no_verify,
         max_images=args.max_images, max_pixels=args.max_pixels, max_request_pixels=args.max_request_pixels,
         max_decode_bytes=None if args.max_decode_mib is None else args.max_decode_mib * 2**20,
+        visual_cache_mb=args.visual_cache_mb, prefix_cache_mb=args.prefix_cache_mb, max_batch=args.max_batch,
     )
 
 
@@ -176,8 +192,10 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
 # ---- demo -------------------------------------------------------------------------------------------
 
 
-def ensure_demo_artifacts(out: Path, checkpoint: Path, log: Any = print) -> Path:
-    """Export `checkpoint` to `out` unless `out` already holds the export of exactly these weights."""
+def ensure_demo_artifacts(out: Path, checkpoint: Path, log: Any = print, decoder: str = "torch") -> Path:
+    """Export `checkpoint` to `out` unless `out` already holds the export of exactly these weights,
+    made with this `decoder` ("torch": torch.onnx; "genai": onnxruntime-genai's builder, the
+    shared-buffer decoder continuous batching needs)."""
 
     weights = checkpoint / "model.safetensors"
     if not weights.is_file():
@@ -195,14 +213,15 @@ def ensure_demo_artifacts(out: Path, checkpoint: Path, log: Any = print) -> Path
             log(f"{out} is not a usable export ({exc}); re-exporting")
         else:
             source = manifest.extra.get("source") or {}
-            if source.get("weights_sha256") == digest:
+            if source.get("weights_sha256") == digest and source.get("decoder", "torch") == decoder:
                 return out
             # Exported some other way (e.g. `maven-edge export`): compare the model fingerprints.
             from maven_edge.export.onnx_export import model_fingerprint
             from maven_edge.model_src.checkpoint import load_checkpoint
 
             model = load_checkpoint(checkpoint)
-            if manifest.extra.get("model_fingerprint") == model_fingerprint(model):
+            shared = bool(manifest.components["decoder"].extra.get("past_present_share_buffer"))
+            if manifest.extra.get("model_fingerprint") == model_fingerprint(model) and shared == (decoder != "torch"):
                 return out
             log(f"{out} holds the export of another model; re-exporting {checkpoint}")
     log(f"exporting {checkpoint} to {out} (once; a few minutes on a small CPU) ...")
@@ -210,8 +229,8 @@ def ensure_demo_artifacts(out: Path, checkpoint: Path, log: Any = print) -> Path
     from maven_edge.model_src.checkpoint import load_checkpoint
 
     model = model or load_checkpoint(checkpoint)
-    source = {"checkpoint": str(checkpoint), "weights_sha256": digest}
-    export_model(model, ExportOptions(out=out, force=True, progress=False), source=source)
+    source = {"checkpoint": str(checkpoint), "weights_sha256": digest, "decoder": decoder}
+    export_model(model, ExportOptions(out=out, force=True, progress=False, decoder=decoder), source=source)
     return out
 
 

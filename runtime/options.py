@@ -65,6 +65,10 @@ class CachingOptions:
             raise InputError(f"batch_capacity must be an integer >= 2, got {self.batch_capacity!r}")
 
 
+#: every request computes everything (for latency measurements of the stages themselves)
+NO_CACHING = CachingOptions(visual_cache_mb=0, prefix_cache_mb=0, max_batch=1)
+
+
 @dataclass
 class PipelineOptions:
     """Everything that decides which pipeline is opened. One of `artifacts` / `checkpoint`."""

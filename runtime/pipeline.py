@@ -421,6 +421,7 @@ class MavenPipeline:
         session_options: Any = None,
         limits: PipelineLimits | None = None,
         verify: bool = True,
+        caching: CachingOptions | None = None,
         **backend_kwargs: Any,
     ) -> MavenPipeline:
         """A pipeline over exported artifacts (``manifest.json`` + the files it lists).
@@ -434,21 +435,23 @@ class MavenPipeline:
         """
         opts = PipelineOptions(artifacts=directory, backend=backend, providers=providers or ("cpu",),
                                session_options=session_options, verify=verify, extra=backend_kwargs)
-        return cls(load_backend(opts), limits)
+        return cls(load_backend(opts), limits, caching)
 
     @classmethod
     def from_checkpoint(
-        cls, directory: str | Path, device: str = "cpu", limits: PipelineLimits | None = None
+        cls, directory: str | Path, device: str = "cpu", limits: PipelineLimits | None = None,
+        caching: CachingOptions | None = None,
     ) -> MavenPipeline:
         """The torch reference backend over a checkpoint directory (imports torch)."""
-        return cls(load_backend(PipelineOptions(checkpoint=directory, device=device)), limits)
+        return cls(load_backend(PipelineOptions(checkpoint=directory, device=device)), limits, caching)
 
     @classmethod
-    def from_model(cls, model: Any, limits: PipelineLimits | None = None) -> MavenPipeline:
+    def from_model(cls, model: Any, limits: PipelineLimits | None = None,
+                   caching: CachingOptions | None = None) -> MavenPipeline:
         """The torch reference backend over an in-memory MavenModel (imports torch)."""
         from maven_edge.runtime.backends.torch_backend import TorchBackend
 
-        return cls(TorchBackend(model), limits)
+        return cls(TorchBackend(model), limits, caching)
 
     def close(self) -> None:
         self.backend.close()
@@ -726,6 +729,7 @@ class MavenPipeline:
                 check_cancel()
                 piece, token = decoding.consume(logits)
                 if piece:
+                    decoding.yielded += piece
                     yield piece
                 # -- decode: batched with other requests, or on its own ----------------------------------
                 if token is not None and self.scheduler is not None and self.scheduler.fits(state, gen.max_new_tokens):
@@ -741,10 +745,12 @@ class MavenPipeline:
                         check_cancel()  # a step that ran into a cancel: its logits are not used
                         piece, token = decoding.consume(logits)
                         if piece:
+                            decoding.yielded += piece
                             yield piece
                 with clock.stage("decode"):
                     rest = decoding.detok.finish()
                 if rest:
+                    decoding.yielded += rest
                     yield rest
             finally:
                 if state is not None:
@@ -756,7 +762,7 @@ class MavenPipeline:
             raise
         finally:
             if decoding is not None:
-                result.text = decoding.detok.emitted  # what was yielded: the pieces always join to it
+                result.text = decoding.yielded  # the pieces always join to the text
             timings.total_ms = clock.elapsed_ms()
             after_first = len(result.token_ids) - 1
             decode_time_s = (timings.total_ms - timings.ttft_ms) / 1e3
@@ -780,6 +786,7 @@ class _Decoding:
         tok = pipe.tokenizer
         self.req, self.result, self.clock, self.eos_id = req, result, clock, tok.eos_id
         self.stop_event = stop
+        self.yielded = ""  # the text handed to the reader so far: result.text, however the request ends
         self.sampler = Sampler(req.gen, tok.layout.tokenizer_size)
         self.stop = StopChecker(req.gen, tok.eos_id)
         self.detok = _Detokenizer(tok, self.stop)
@@ -808,33 +815,46 @@ class _Decoding:
         """Decode in the scheduler's batch: its thread steps and calls `consume`; this thread yields
         the pieces. Cancelling (the request's event, or closing the stream) leaves the batch at the
         next step."""
-        pieces: queue.SimpleQueue[str] = queue.SimpleQueue()
+        pieces: queue.SimpleQueue[tuple[str, int]] = queue.SimpleQueue()  # (text, tokens so far)
         cancel = self.req.cancel
         cancelled = threading.Event()
+        res = self.result
 
-        def on_logits(logits: np.ndarray) -> int | None:
+        def on_logits(logits: np.ndarray) -> tuple[int | None, bool]:
             if (cancel is not None and cancel.is_set()) or (self.stop_event is not None and self.stop_event.is_set()):
                 cancelled.set()
-                return None
+                return None, False
             piece, nxt = self.consume(logits)
             if piece:
-                pieces.put(piece)
-            return nxt
+                pieces.put((piece, len(res.token_ids)))
+            return nxt, bool(piece)
 
         row = DecodeRow(state, token, on_logits)
-        self.result.cache.batched = True
+        res.cache.batched = True
         scheduler.submit(row)
+        read_tokens = len(res.token_ids)  # the tokens of the pieces the reader has taken
         try:
             while True:
                 with self.clock.stage("decode"):
-                    done = row.done.wait(0.02) if pieces.empty() else False
-                while not pieces.empty():
-                    yield pieces.get()
-                if done or (row.done.is_set() and pieces.empty()):
+                    try:
+                        piece, upto = pieces.get(timeout=0.02)
+                    except queue.Empty:
+                        if row.done.is_set() and pieces.empty():
+                            break
+                        continue
+                scheduler.took(row)
+                if (cancel is not None and cancel.is_set()) or (self.stop_event is not None and self.stop_event.is_set()):
+                    cancelled.set()
                     break
+                read_tokens = upto
+                self.yielded += piece
+                yield piece
         finally:
             if not row.done.is_set():
-                row.cancelled = True  # the consumer went away (closed stream, exception)
+                row.cancelled = True  # the reader went away or cancelled: the row leaves at the next step
+        if cancelled.is_set():  # end where the reader stopped, as a request decoding alone does
+            row.done.wait()
+            del res.token_ids[read_tokens:]
         self.result.timings.decode_step_ms.extend(row.step_ms)
         self.result.cache.batch_occupancy = row.occupancy
         if row.error is not None:

@@ -338,6 +338,11 @@ def test_quick_bench_end_to_end(small_artifacts, tmp_path) -> None:
     assert res["limits"]["bandwidth_gbs"] > 0 and res["roofline"]
     assert res["efficiency"]["ort"]["rows"][0]["visual_token_reduction"] > 1
     assert res["machine"]["libraries"]["onnxruntime"]
+    caches = res["caches"]["fp32"]
+    assert caches["status"] == "measured", caches
+    assert caches["seen_image"]["visual_stage_ms_max"] == 0.0  # the visual stages were skipped
+    assert caches["followup"]["speedup"] > 1 and caches["concurrent"]["aggregate_tok_s"] > 0
+    assert "Caches and continuous batching" in (out / "summary.md").read_text()
     for name in ("summary.md", "text.csv", "stages.csv", "efficiency.csv"):
         assert (out / name).is_file()
     assert len(list(out.glob("bench_*.png"))) == 3

@@ -138,12 +138,15 @@ def test_prefix_reuse_and_batched_decode_equal_batch_one(genai_backend):
     _, sb = be.prefill(xb, 64)
     slot_a, slot_b = batch.join(sa), batch.join(sb)
     assert (slot_a, slot_b) == (0, 1) and batch.free_slots() == 2
-    for i in range(4):
-        rows = [(slot_a, ta[i]), (slot_b, tb[i])] if i < 2 else [(slot_b, tb[i])]
-        out = batch.step(rows)
-        assert np.array_equal(out[-1], rb[i + 1])
-        if i < 2:
-            assert np.array_equal(out[0], ra[i + 1])
-        if i == 1:
-            batch.leave(slot_a)
-    assert batch.length(slot_b) == 7 + 4
+    # b steps alone twice while a waits (a's cache must survive the throw-away token a is fed),
+    # then both step together, then a leaves and b goes on
+    schedule = [[slot_b], [slot_b], [slot_a, slot_b], [slot_a], [slot_a]]
+    steps = {slot_a: 0, slot_b: 0}
+    want = {slot_a: (ta, ra), slot_b: (tb, rb)}
+    for rows in schedule:
+        out = batch.step([(r, want[r][0][steps[r]]) for r in rows])
+        for r, logits in zip(rows, out, strict=True):
+            steps[r] += 1
+            assert np.array_equal(logits, want[r][1][steps[r]]), (rows, r)
+    batch.leave(slot_a)
+    assert batch.length(slot_b) == 7 + 3 and batch.free_slots() == 3

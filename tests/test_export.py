@@ -302,14 +302,22 @@ def test_refuses_bad_opset_target_and_mismatched_checkpoint(tmp_path: Path, caps
         export_model(build_model(get_config("tiny", ["llm.num_layers=1"])), ExportOptions(out=out, optimize="magic"))
 
 
-def test_refuses_an_opset_too_old_for_the_ops(model) -> None:
-    """opset 17 passes the floor, but the discrete tokenizer's ReduceL2 (F.normalize) cannot be
-    converted to it: refused, not silently written at opset 18."""
+def test_opset_17_for_tensorrt_86(model) -> None:
+    """opset 17 (TensorRT 8.6 / JetPack 6.0): the exporter's own converter cannot move the discrete
+    tokenizer's ReduceL2 (F.normalize) axes back from an input to an attribute; onnx's version
+    converter does, and the result is checked and kept at opset 17 (issue 34, item 8)."""
+    import onnx_ir as ir
+
     from maven_edge.export.onnx_export import _export_one, component_specs
+    from maven_edge.export.trt_compat import graph_problems
 
     spec = next(s for s in component_specs(model) if s.name == "discrete_tokenizer")
-    with pytest.raises(ExportError, match="cannot be exported at --opset 17.*use --opset 18"):
-        _export_one(spec, 17)
+    out = _export_one(spec, 17)
+    assert out.opset_imports[""] == 17
+    (red,) = [n for n in out.graph.all_nodes() if n.op_type == "ReduceL2"]
+    assert list(red.attributes["axes"].value) == [-1] and len(red.inputs) == 1
+    assert "noop_with_empty_axes" not in red.attributes
+    assert graph_problems(ir.to_proto(out), "8.6.2") == []
 
 
 def test_external_data_escaping_the_artifact_dir_is_refused(artifacts: Path, tmp_path: Path) -> None:

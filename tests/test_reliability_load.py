@@ -319,6 +319,82 @@ def test_many_streams_cancelled_from_other_threads(pipe, pool):
         "tokens_after_cancel": sorted({len(o["result"].token_ids) - o["at_cancel"] for o in outcome})})
 
 
+def test_streams_in_a_decode_batch_cancelled_from_other_threads(pytestconfig, pool):
+    """The same with continuous batching (the shared-buffer decoder, 4 rows per step): 24 streams
+    decode in one batch and are cancelled from other threads, half while their consumer waits
+    inside next() for the batch's next piece, half between pieces. No exception anywhere, every
+    stream stops early with a prefix of its answer (text = the pieces it yielded), the batch frees
+    every slot and the pipeline answers as before."""
+    from maven_edge.export.genai_decoder import builder_unavailable
+
+    if builder_unavailable() is not None:
+        pytest.skip(builder_unavailable())
+    from maven_edge.runtime.backends.ort_backend import OrtBackend
+    from maven_edge.runtime.options import CachingOptions
+    from maven_edge.runtime.pipeline import MavenPipeline
+    from tools.soak import cached_genai_artifacts
+
+    backend = OrtBackend(cached_genai_artifacts(pytestconfig.cache.mkdir("maven-runtime-artifacts")),
+                         session_options={"intra_op_num_threads": 1})
+    batched = MavenPipeline(backend, caching=CachingOptions(visual_cache_mb=0, prefix_cache_mb=0, max_batch=4))
+    assert batched.scheduler is not None
+    request = ([pool["scene1"]], "<image>\nQuestion: what is in the picture?\nAnswer:", {"max_new_tokens": 24})
+    want = batched.generate(request[0], request[1], **request[2])
+    assert len(want.token_ids) == 24
+    n = 24
+    errors: list[BaseException] = []
+    outcome: list[dict[str, Any]] = [{} for _ in range(n)]
+
+    def run(i: int) -> None:
+        inside = i % 2 == 0
+        ready, done = threading.Event(), threading.Event()
+        try:
+            stream = batched.stream(request[0], request[1], **request[2])
+
+            def cancel() -> None:
+                ready.wait(60)
+                if inside:  # the consumer is back inside next(), waiting for the batch
+                    while not stream._lock.locked() and stream.result is None:
+                        done.wait(0.001)
+                _call_and_record(stream.cancel if i % 3 else stream.close, errors)
+                done.set()
+
+            canceller = threading.Thread(target=cancel)
+            canceller.start()
+            pieces = []
+            for k, piece in enumerate(stream):
+                pieces.append(piece)
+                if k == 1 + i % 3:
+                    ready.set()
+                    if not inside:
+                        assert done.wait(60)
+            canceller.join(60)
+            outcome[i] = {"pieces": pieces, "result": stream.result}
+        except BaseException as exc:  # noqa: BLE001 - counted below
+            errors.append(exc)
+        finally:
+            ready.set()
+            done.set()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not any(t.is_alive() for t in threads) and errors == []
+    for out in outcome:
+        res = out["result"]
+        assert res.finish_reason == "cancelled" and len(res.token_ids) < len(want.token_ids)
+        assert res.token_ids == want.token_ids[: len(res.token_ids)]
+        assert "".join(out["pieces"]) == res.text and want.text.startswith(res.text)
+    for _ in range(100):
+        if batched.scheduler.batch.free_slots() == 4:
+            break
+        threading.Event().wait(0.05)
+    assert batched.scheduler.batch.free_slots() == 4
+    assert batched.generate(request[0], request[1], **request[2]).token_ids == want.token_ids
+
+
 def test_cancel_races_give_the_answer_or_a_prefix(pipe, pool, mix):
     """The stop event is set at random moments while the request runs on another thread."""
     import random

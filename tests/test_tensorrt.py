@@ -161,10 +161,11 @@ def test_plans_for_quantized_artifacts(artifacts, tmp_path):
     res = quantize_artifacts(artifacts, tmp_path / "q", QuantizeOptions(recipe="int8-int4", calib_samples=2,
                                                                          progress=False, check_samples=0))
     opts = _opts(res.out, precision="int8", components=("vision_encoder", "patch_selector"))
-    plans = plan_engines(res.manifest, opts, res.out)
+    plans = plan_engines(res.manifest, opts, res.out, "10.3")
     assert all(p.scales == "explicit" and p.flags == ["INT8", "FP16"] and p.calibration is None for p in plans)
-    with pytest.raises(InputError, match="MatMulNBits"):
-        plan_engines(res.manifest, _opts(res.out, components=("decoder",)), res.out)
+    assert all("non-zero zero points" in p.refused for p in plans)  # asymmetric int8-static: TensorRT refuses it
+    (dec,) = plan_engines(res.manifest, _opts(res.out, components=("decoder",)), res.out, "10.3")
+    assert "MatMulNBits" in dec.refused
 
 
 # ---- caches ----------------------------------------------------------------------------------------------
@@ -200,7 +201,7 @@ def test_calibration_cache_format(tmp_path):
         trt_version_tag,
     )
 
-    assert trt_version_tag("10.3.0.26") == "100300" and trt_version_tag("8.6.1") == "80601"
+    assert trt_version_tag("10.3.0.26") == "100300" and trt_version_tag("8.6.1") == "8601"
     table = table_from_ranges({"patch_features": (-2.0, 6.35), "/blocks.0/Add_output_0": (0.0, 0.0)}, "10.3.0")
     data = format_calibration_cache(table)
     lines = data.decode().splitlines()
@@ -216,8 +217,8 @@ def test_calibration_cache_format(tmp_path):
             parse_calibration_cache(bad)
     with pytest.raises(CalibrationError):
         format_calibration_cache(CalibrationTable("1", "MinMaxCalibration", {"a\nb": 1.0}))
-    p = calibration_cache_path(tmp_path, "f" * 64, "vision_encoder", "e" * 64, "entropy")
-    assert p.name == "calib-vision_encoder-ffffffffffff-eeeeeeeeeeee-entropy.cache"
+    p = calibration_cache_path(tmp_path, "f" * 64, "vision_encoder", "e" * 64, "entropy", "10.3.0")
+    assert p.name == "calib-vision_encoder-ffffffffffff-eeeeeeeeeeee-entropy-trt100300.cache"
 
 
 def test_calibration_cache_from_onnxruntime_ranges(artifacts, manifest):

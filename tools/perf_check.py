@@ -258,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     import onnxruntime as ort
 
     from maven_edge.runtime.backends.ort_backend import SessionConfig
+    from maven_edge.runtime.options import NO_CACHING
     from maven_edge.runtime.pipeline import MavenPipeline
 
     root = Path(args.root)
@@ -276,8 +277,8 @@ def main(argv: list[str] | None = None) -> int:
         report["machine"]["torch"] = torch.__version__
         report["machine"]["torch_threads"] = torch.get_num_threads()
         model, art = export_random(args.preset, root)
-        ort_pipe = MavenPipeline.from_artifacts(art, session_options=so, verify=False)
-        torch_pipe = None if args.no_torch else MavenPipeline.from_model(model)
+        ort_pipe = MavenPipeline.from_artifacts(art, session_options=so, verify=False, caching=NO_CACHING)
+        torch_pipe = None if args.no_torch else MavenPipeline.from_model(model, caching=NO_CACHING)
         if args.only != "kv":
             print(f"{args.preset}: {args.images} images, {args.new_tokens} new tokens", flush=True)
             e2e = {"ort": end_to_end(ort_pipe, args.images, args.new_tokens)}
@@ -300,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
             art = Path(args.rss_artifacts)
         else:
             _, art = export_random("tiny", root)
-        pipe = MavenPipeline.from_artifacts(art, session_options=so, verify=False)
+        pipe = MavenPipeline.from_artifacts(art, session_options=so, verify=False, caching=NO_CACHING)
         images = demo_images(3)
         print(f"memory: {args.rss_runs} generations on {art}", flush=True)
         report["rss"] = {"artifacts": str(art), **rss_growth(pipe, images, question(3), n=args.rss_runs)}

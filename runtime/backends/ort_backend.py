@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnxruntime as ort
 
-from maven_edge.core.errors import ArtifactError, InputError, MavenError
+from maven_edge.core.errors import ArtifactError, BackendError, InputError, MavenError
 from maven_edge.core.manifest import (
     MANIFEST,
     Manifest,
@@ -43,7 +43,7 @@ from maven_edge.core.manifest import (
 from maven_edge.core.manifest_schema import ORT_TYPES
 from maven_edge.core.tokenizer import TextTokenizer
 from maven_edge.runtime.backends.base import Backend, DecodeBatch, DecodeState, SelectorOutput
-from maven_edge.runtime.backends.providers import PROVIDERS, resolve_providers
+from maven_edge.runtime.backends.providers import PROVIDERS, check_decoder_for, resolve_providers
 from maven_edge.runtime.caches import KVSnapshot
 
 if TYPE_CHECKING:
@@ -77,6 +77,7 @@ class SessionConfig:
     trt_fp16: bool = False
     trt_int8: bool = False
     trt_max_workspace_size: int | None = None  # bytes
+    trt_profile_max_seq: int = 0  # context the TensorRT provider's explicit profiles cover (0: 1024, capped by the model)
     extra_config: dict[str, str] = field(default_factory=dict)  # SessionOptions.add_session_config_entry
     # Extra options per provider short name, merged over the defaults above, e.g.
     # {"tensorrt": {"trt_profile_min_shapes": "...", ...}, "cuda": {"gpu_mem_limit": 8 << 30}}
@@ -157,6 +158,20 @@ class _Session:
         return self.sess.run(list(outputs) if outputs else None, feeds)
 
 
+def check_session_providers(component: str, used: Sequence[str], asked: Sequence[tuple[str, Any]]) -> None:
+    """Refuse a session onnxruntime created without the first provider asked for: when a GPU
+    provider fails to initialise (missing CUDA / cuDNN / TensorRT libraries, no device) onnxruntime
+    logs a warning and silently runs everything on the CPU."""
+    want = asked[0][0]
+    if want not in used:
+        short = PROVIDERS.by_ort_name(want)
+        raise BackendError(
+            f"onnxruntime created the {component} session without {want} (it runs on {', '.join(used)}): the "
+            f"{short} provider failed to initialise and onnxruntime fell back silently. Check the CUDA/cuDNN"
+            f"{'/TensorRT' if short == 'tensorrt' else ''} libraries onnxruntime-gpu needs (set "
+            "log_severity_level=0 to see its reason), or use --provider cpu")
+
+
 class OrtDecodeState(DecodeState):
     def __init__(self, past: list[Any], length: int, capacity: int):
         self.past: list[Any] | None = past  # OrtValues, 2 per layer (key, value)
@@ -175,8 +190,9 @@ class OrtDecodeBatch(DecodeBatch):
     and present. A step runs rows 0 .. highest busy slot; each row's attention-mask row covers its
     own length (right-padded with zeros), which GroupQueryAttention turns into per-row sequence
     lengths, so rows of different lengths decode together and a row's logits equal a batch-1
-    step's. Free rows inside that range get a one-position mask and write only into their own
-    (free) slot, which a join overwrites.
+    step's. A busy row that does not step is fed a throw-away token one position past its cache
+    (its next step overwrites it); free rows write into their own position 0, which a join
+    overwrites.
     """
 
     def __init__(self, backend: OrtBackend, max_batch: int, capacity: int):
@@ -213,10 +229,14 @@ class OrtDecodeBatch(DecodeBatch):
         be = self.be
         m = max(slot for slot, _ in rows) + 1
         ids = np.zeros((m, 1), dtype=np.int64)
-        new_len = [1] * m
-        for slot, token in rows:
-            if self.lengths[slot] + 1 > self.capacity:
+        # A row that does not step this time still gets a token: it goes one past the row's cache
+        # (overwritten by the row's next real step), never over a position it holds. Free rows
+        # write their position 0, which a join overwrites.
+        new_len = [self.lengths[r] + 1 if self.busy[r] else 1 for r in range(m)]
+        for r in range(m):
+            if new_len[r] > self.capacity:
                 raise InputError(f"the batched KV cache is full ({self.capacity} tokens)")
+        for slot, token in rows:
             ids[slot, 0] = token
             new_len[slot] = self.lengths[slot] + 1
         embeds = be.embed(ids).astype(be.embed_dtype, copy=False)
@@ -276,11 +296,15 @@ class OrtBackend(Backend):
         self.provider_names = [PROVIDERS.by_ort_name(p) for p, _ in self.providers]
         self.io_device = PROVIDERS.get(self.provider_names[0]).io_device
         self.device_id = self.session_config.device_id
+        for comp in self.manifest.components.values():
+            check_decoder_for(self.provider_names[0], comp)
         self.sessions: dict[str, _Session] = {}
         for comp_name, comp in self.manifest.components.items():
             path = resolve_inside(self.artifacts, comp.file.path)
-            self.sessions[comp_name] = _Session(comp_name, path, self.session_config.build(), self.providers,
+            per_component = resolve_providers(providers, self.session_config, self.artifacts, self.manifest, comp)
+            self.sessions[comp_name] = _Session(comp_name, path, self.session_config.build(), per_component,
                                                 self.session_config)
+            check_session_providers(comp_name, self.sessions[comp_name].sess.get_providers(), per_component)
         self._check_graphs()
         s = self.sessions
         s["vision_encoder"].require(["pixel_values"], ["patch_features"])

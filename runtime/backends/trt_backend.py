@@ -119,9 +119,11 @@ class _Engine:
         self._buffers: dict[tuple[int, str], tuple[int, int]] = {}
 
     def buffer(self, profile: int, tensor: str, nbytes: int) -> int:
-        """A grow-only device buffer per (profile, tensor)."""
+        """A grow-only device buffer per (profile, tensor); never a null pointer, also for empty
+        tensors (the empty ``past_key_values.*`` of the h_eos pass): TensorRT needs a non-null
+        address for every I/O tensor before ``execute_async_v3``."""
         ptr, size = self._buffers.get((profile, tensor), (0, 0))
-        if nbytes > size:
+        if not ptr or nbytes > size:
             self.cuda.free(ptr)
             size = max(nbytes, MIN_ALLOC)
             ptr = self.cuda.malloc(size)
@@ -151,6 +153,8 @@ class _Engine:
             if not ctx.set_input_shape(t, tuple(int(d) for d in shape)):
                 raise InputError(f"{self.name} engine: input {t} shape {tuple(shape)} is outside the engine's "
                                  "optimisation profile; rebuild with larger --max-images / --max-seq")
+            if not ptr:
+                raise BackendError(f"{self.name} engine: input {t} has a null device address")
             ctx.set_tensor_address(t, int(ptr))
         shapes: dict[str, tuple[int, ...]] = {}
         for t in self.outputs:

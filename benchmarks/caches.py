@@ -1,0 +1,172 @@
+"""`maven-edge bench --sections caches`: what the caches and continuous batching buy (issue #33).
+
+Measured on one artifact set (ort backend, the shared-buffer decoder), every request with fresh
+synthetic images unless the point is to reuse them:
+
+* **follow-up TTFT**: a question about N images, then a follow-up in the same conversation
+  (the first prompt, its answer, a new question): the follow-up reuses the conversation's KV
+  prefix and every image's visual features. Ratio = first TTFT / follow-up TTFT (median of repeats).
+* **seen image**: a new question (not a continuation) about the same images: the visual stages
+  are skipped (their timings are reported; they should be 0 ms).
+* **concurrent decode**: K streams started together with continuous batching, against one
+  stream alone: aggregate decode tokens/s (tokens after each stream's first, over the time from
+  the first first-token to the last stream's end), and each stream's p95 time between tokens as
+  its reader sees them, against the single stream's p95.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+#: the issue's targets
+TARGETS = {"followup_ttft_speedup": 10.0, "aggregate_decode_ratio": 2.5, "p95_token_latency_ratio": 2.0}
+
+
+def _images(n: int, size: int, seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def _prompt(n: int, question: str = "what is in the images?") -> str:
+    return "".join(f"Image {i + 1}: <image>\n" for i in range(n)) + f"Question: {question}\nAnswer:"
+
+
+def _timed_stream(pipe: Any, images: list[np.ndarray], prompt: str, new_tokens: int,
+                  start: threading.Barrier | None = None) -> dict[str, Any]:
+    """One streamed request: wall-clock arrival time of every piece, and the result."""
+    if start is not None:
+        start.wait()
+    t0 = time.perf_counter()
+    stream = pipe.stream(images, prompt, max_new_tokens=new_tokens, stop_token_ids=[])
+    arrivals = []
+    for _ in stream:
+        arrivals.append(time.perf_counter())
+    res = stream.result
+    return {"t0": t0, "arrivals": arrivals, "end": time.perf_counter(), "tokens": len(res.token_ids),
+            "ttft_ms": res.timings.ttft_ms, "batched": res.cache.batched, "occupancy": res.cache.batch_occupancy}
+
+
+def _gaps_ms(arrivals: list[float]) -> list[float]:
+    return [(b - a) * 1e3 for a, b in zip(arrivals, arrivals[1:], strict=False)]
+
+
+def _p95(values: list[float]) -> float:
+    return float(np.percentile(values, 95)) if values else float("nan")
+
+
+def measure(artifacts: str, threads: int, images: int = 4, new_tokens: int = 32, streams: int = 4,
+            repeats: int = 3, progress: Callable[[int, int, str], None] | None = None) -> dict[str, Any]:
+    from maven_edge.runtime.backends.ort_backend import SessionConfig
+    from maven_edge.runtime.options import CachingOptions, PipelineLimits
+    from maven_edge.runtime.pipeline import MavenPipeline
+
+    progress = progress or (lambda done, total, label: None)
+    so = SessionConfig(intra_op_num_threads=threads, inter_op_num_threads=1)
+    pipe = MavenPipeline.from_artifacts(artifacts, session_options=so,
+                                        caching=CachingOptions(max_batch=streams))
+    pipe.limits = PipelineLimits(max_images=max(images, pipe.limits.max_images))
+    size = pipe.config.preprocess.image_size
+    total, done = 2 * repeats + 2 + repeats, 0
+    out: dict[str, Any] = {"images": images, "new_tokens": new_tokens, "streams": streams, "repeats": repeats,
+                           "describe": pipe.backend.describe(), "batching": pipe.scheduler is not None}
+    pipe.generate(_images(1, size, 10_000), _prompt(1), max_new_tokens=4)  # warm-up (arenas, thread pools)
+
+    # -- follow-up questions and seen images ----------------------------------------------------------
+    first, follow, seen, seen_stages, follow_stages = [], [], [], [], []
+    for r in range(repeats):
+        imgs = _images(images, size, 100 + r)
+        progress(done, total, f"first question, run {r + 1}/{repeats}")
+        a = pipe.generate(imgs, _prompt(images), max_new_tokens=new_tokens)
+        done += 1
+        progress(done, total, f"follow-up, run {r + 1}/{repeats}")
+        b = pipe.generate(imgs, _prompt(images) + a.text + "\nQuestion: and which image is the brightest?\nAnswer:",
+                          max_new_tokens=new_tokens)
+        done += 1
+        c = pipe.generate(imgs, _prompt(images, "how many shapes are there?"), max_new_tokens=new_tokens)
+        first.append(a.timings.ttft_ms)
+        follow.append(b.timings.ttft_ms)
+        seen.append(c.timings.ttft_ms)
+        follow_stages.append(b.timings.stages() | {"reused": b.cache.prefix_tokens_reused,
+                                                   "computed": b.cache.prefix_tokens_computed})
+        seen_stages.append(c.timings.stages() | {"visual_hits": c.cache.visual_hits})
+    f_med, u_med = statistics.median(first), statistics.median(follow)
+    out["followup"] = {
+        "first_ttft_ms": first, "followup_ttft_ms": follow, "first_ttft_median_ms": f_med,
+        "followup_ttft_median_ms": u_med, "speedup": f_med / u_med if u_med else float("nan"),
+        "followup_stages": follow_stages, "target": TARGETS["followup_ttft_speedup"],
+    }
+    out["seen_image"] = {"ttft_ms": seen, "stages": seen_stages,
+                         "visual_stage_ms_max": max(max(s[k] for k in ("vision", "discrete", "h_eos", "selector"))
+                                                    for s in seen_stages)}
+
+    # -- one stream, then K streams together --------------------------------------------------------
+    single = []
+    for r in range(repeats):
+        progress(done, total, f"one stream, run {r + 1}/{repeats}")
+        single.append(_timed_stream(pipe, _images(images, size, 500 + r), _prompt(images), new_tokens))
+        done += 1
+    single_rate = statistics.median((s["tokens"] - 1) / (s["end"] - s["arrivals"][0]) for s in single)
+    single_p95 = statistics.median(_p95(_gaps_ms(s["arrivals"])) for s in single)
+    progress(done, total, f"{streams} streams together")
+    runs = []
+    for r in range(2):
+        start = threading.Barrier(streams)
+        res: list[dict[str, Any]] = [{}] * streams
+
+        def worker(i: int, r: int = r, start: threading.Barrier = start, res: list = res) -> None:
+            res[i] = _timed_stream(pipe, _images(images, size, 900 + 10 * r + i), _prompt(images), new_tokens, start)
+
+        ts = [threading.Thread(target=worker, args=(i,)) for i in range(streams)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        begin = min(x["arrivals"][0] for x in res)
+        end = max(x["end"] for x in res)
+        runs.append({"aggregate_tok_s": sum(x["tokens"] - 1 for x in res) / (end - begin),
+                     "p95_gap_ms": [_p95(_gaps_ms(x["arrivals"])) for x in res],
+                     "occupancy": [x["occupancy"] for x in res], "batched": all(x["batched"] for x in res)})
+        done += 1
+    best = max(runs, key=lambda x: x["aggregate_tok_s"])
+    out["concurrent"] = {
+        "single_tok_s": single_rate, "single_p95_gap_ms": single_p95, "runs": runs,
+        "aggregate_tok_s": best["aggregate_tok_s"], "aggregate_ratio": best["aggregate_tok_s"] / single_rate,
+        "worst_p95_gap_ms": max(best["p95_gap_ms"]), "p95_ratio": max(best["p95_gap_ms"]) / single_p95,
+        "targets": {"aggregate_ratio": TARGETS["aggregate_decode_ratio"],
+                    "p95_ratio": TARGETS["p95_token_latency_ratio"]},
+    }
+    out["cache_stats"] = pipe.cache_stats()
+    progress(total, total, "done")
+    return out
+
+
+def render(results: dict[str, dict[str, Any]]) -> list[str]:
+    """Markdown lines for the report: one row per precision."""
+    if not results:
+        return []
+    lines = ["## Caches and continuous batching (`--sections caches`)", "",
+             "| precision | first TTFT ms | follow-up TTFT ms | speed-up (target ≥ 10×) | seen image: visual stages ms "
+             "| 1 stream tok/s | aggregate tok/s | ratio (target ≥ 2.5×) | worst p95 gap / single p95 (target ≤ 2×) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for precision, r in results.items():
+        if r.get("status") != "measured":
+            lines.append(f"| {precision} | {r.get('status')}: {r.get('reason', '')} | | | | | | | |")
+            continue
+        f, c, s = r["followup"], r["concurrent"], r["seen_image"]
+        lines.append(
+            f"| {precision} | {f['first_ttft_median_ms']:.0f} | {f['followup_ttft_median_ms']:.0f} | "
+            f"{f['speedup']:.1f}× | {s['visual_stage_ms_max']:.1f} | {c['single_tok_s']:.1f} | "
+            f"{c['aggregate_tok_s']:.1f} | {c['aggregate_ratio']:.2f}× | "
+            f"{c['worst_p95_gap_ms']:.0f} / {c['single_p95_gap_ms']:.0f} ms = {c['p95_ratio']:.2f}× |")
+    any_r = next(iter(r for r in results.values() if r.get("status") == "measured"), None)
+    if any_r:
+        lines += ["", f"{any_r['images']} images per question, {any_r['new_tokens']} new tokens, "
+                  f"{any_r['streams']} concurrent streams, median of {any_r['repeats']} repeats; follow-up = the "
+                  "first prompt + its answer + a new question (prefix KV and visual features reused)."]
+    return lines + [""]
