@@ -75,6 +75,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "fused GroupQueryAttention + shared KV buffer; int4 = its MatMulNBits build) or torch (torch.onnx; "
                    "int4 = our int4-weight quantizer). Default genai when onnxruntime-genai is installed. With genai "
                    "the torch.onnx decoder is also measured (ort fp32-dynamo) so the choice shows in the report")
+    p.add_argument("--pipeline-recipes", type=_list("pipeline-recipes"), default=None,
+                   help="our artifact sets the ort pipeline runs: fp32 and/or quantization recipes made here "
+                   "(default fp32,vision-int8,latency-int8,latency-int4; --quick: fp32)")
+    p.add_argument("--llama-cpp-src", default=None, metavar="PATH",
+                   help="llama.cpp sources to build the llamacpp anchor from: a checkout, an unpacked "
+                   "llama-cpp-python sdist or its .tar.gz (default: $MAVEN_EDGE_LLAMA_CPP_SRC, else the "
+                   "llama-cpp-python sdist fetched with pip download); built once into the cache directory")
+    p.add_argument("--llama-cpp-jobs", type=int, default=None, help="compile jobs for that build (default 2)")
+    p.add_argument("--ort-no-spin", action="store_true",
+                   help="onnxruntime's intra-op threads sleep instead of spin-waiting between ops (session config "
+                   "session.intra_op.allow_spinning=0): faster on a machine other processes share")
     p.add_argument("--no-export", action="store_true", help="never export / quantize artifacts (use the cache only)")
     p.add_argument("--reexport", action="store_true",
                    help="redo our ONNX export and int4 quantization even when the cache holds the same weights (after "
@@ -154,13 +165,17 @@ def command_line(args: argparse.Namespace) -> str:
                         ("--new-tokens", args.new_tokens), ("--pipeline-new-tokens", args.pipeline_new_tokens),
                         ("--prompt-len", args.prompt_len),
                         ("--repeats", args.repeats), ("--warmup", args.warmup), ("--threads", args.threads),
-                        ("--figures-dir", args.figures_dir)):
+                        ("--figures-dir", args.figures_dir), ("--pipeline-recipes", args.pipeline_recipes),
+                        ("--llama-cpp-src", args.llama_cpp_src), ("--llama-cpp-jobs", args.llama_cpp_jobs),
+                        ("--cache-dir", args.cache_dir)):
         if value is not None:
             parts += [flag, ",".join(str(v) for v in value) or "none" if isinstance(value, list) else str(value)]
     if args.decoder:
         parts += ["--decoder", args.decoder]
     if args.no_export:
         parts.append("--no-export")
+    if args.ort_no_spin:
+        parts.append("--ort-no-spin")
     if args.prepare_only:
         parts.append("--prepare-only")
     if args.reexport:
@@ -184,11 +199,11 @@ def options_from_args(args: argparse.Namespace):
         out=args.out, artifacts=args.artifacts, int4_artifacts=args.int4_artifacts, preset=args.preset,
         checkpoint=args.checkpoint, overrides=list(args.overrides), seed=args.seed, anchors=anchors,
         precisions=args.precisions, quick=args.quick, export=not args.no_export, figures_dir=args.figures_dir,
-        prepare_only=args.prepare_only, reexport=args.reexport, decoder=args.decoder,
+        prepare_only=args.prepare_only, reexport=args.reexport, decoder=args.decoder, ort_spinning=not args.ort_no_spin,
         progress=not args.no_progress, command=command_line(args),
     )
     for name in ("backends", "images", "modes", "sections", "new_tokens", "pipeline_new_tokens", "prompt_len", "repeats",
-                 "warmup", "threads"):
+                 "warmup", "threads", "pipeline_recipes", "llama_cpp_src", "llama_cpp_jobs"):
         value = getattr(args, name)
         if value is not None:
             kw[name] = value

@@ -88,6 +88,12 @@ def draw_ttft(report: Any, path: Path) -> Path | None:
             for r in sub:
                 ax.annotate(f"{r['prompt_tokens']}", (r["images"], r["ttft_ms"]), fontsize=6, color=color,
                             textcoords="offset points", xytext=(3, 3))
+        for (precision, m), style in zip((getattr(report, "mtmd", None) or {}).items(), (":", "-.", "--"),
+                                         strict=False):
+            cells = sorted((c for c in m.get("cells", []) if c.get("status") == "measured"), key=lambda c: c["images"])
+            if cells:
+                ax.plot([c["images"] for c in cells], [c["stats"]["ttft_ms"]["median"] for c in cells], color="0.35",
+                        linestyle=style, marker=".", label=f"llama.cpp mtmd {precision}")
         ax.set_xlabel("images in the prompt")
         ax.set_ylabel("TTFT, ms (median)")
         ax.set_xticks(sorted({r["images"] for r in rows}))

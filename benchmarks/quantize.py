@@ -1,9 +1,11 @@
-"""INT4 artifacts for the benchmark: the project's own ``int4-weight`` recipe on the fp32 export.
+"""Quantized artifacts for the benchmark: the project's own recipes on the fp32 export.
 
-Same recipe ``maven-edge quantize --recipe int4-weight`` applies (MatMulNBits, block 32,
+``int4-weight`` is what ``maven-edge quantize --recipe int4-weight`` applies (MatMulNBits, block 32,
 accuracy level 4 = int8 compute on CPU, LM head included), i.e. the settings of the
-onnxruntime-genai int4 anchor, so the two int4 decoders compare like for like. Reused when it was
-made from this very fp32 export (its manifest's sha256), unless ``force``.
+onnxruntime-genai int4 anchor, so the two int4 decoders compare like for like; the other recipes
+(``int8-weight``, ``latency-int8``, ``latency-int4``) use the same weight-only settings (block 32,
+as llama.cpp's Q8_0/Q4_0 blocks). Reused when made from this very fp32 export (its manifest's
+sha256) with the same recipe, unless ``force``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,11 @@ from maven_edge.core.manifest import MANIFEST, sha256_file
 
 def quantize_int4(fp32: str | Path, out: str | Path, log: Callable[[str], None] | None = None,
                   force: bool = False) -> Path:
+    return quantize_recipe(fp32, out, "int4-weight", log=log, force=force)
+
+
+def quantize_recipe(fp32: str | Path, out: str | Path, recipe: str, log: Callable[[str], None] | None = None,
+                    force: bool = False) -> Path:
     try:
         from maven_edge.calibration.quantize import QuantizeOptions, quantize_artifacts
     except ImportError as exc:
@@ -26,12 +33,14 @@ def quantize_int4(fp32: str | Path, out: str | Path, log: Callable[[str], None] 
     fp32, out = Path(fp32), Path(out)
     stamp = out / ".bench-source.json"
     key = {"fp32_manifest_sha256": sha256_file(fp32 / MANIFEST)}
+    if recipe != "int4-weight":  # (int4 stamps written before recipes were named stay valid)
+        key["recipe"] = recipe
     try:
         if not force and json.loads(stamp.read_text()) == key and (out / MANIFEST).is_file():
             return out
     except (OSError, ValueError):
         pass
-    opts = QuantizeOptions(recipe="int4-weight", block_size=32, accuracy_level=4, quantize_lm_head=True,
+    opts = QuantizeOptions(recipe=recipe, block_size=32, accuracy_level=4, quantize_lm_head=True,
                            force=True, progress=False)
     quantize_artifacts(fp32, out, opts, log=log)
     stamp.write_text(json.dumps(key))

@@ -11,8 +11,16 @@ Sections (all by default):
   (preprocess, vision, discrete tokenizer, h_eos pass, selector, assemble, prefill, decode),
   TTFT, per-token decode, end-to-end and peak memory;
 - ``text``: text-only greedy generation of a fixed random prompt on the same decoder weights in
-  our engines (``ort`` fp32/int4, ``torch``) and the anchors (``hf``, ``genai`` fp32/int4,
+  our engines (``ort`` fp32/int8/int4, ``torch``) and the anchors (``hf``, ``genai`` fp32/int4,
   ``optimum``, ``llamacpp`` f32/q8_0/q4_0), with our ORT decode speed as ratios to each.
+
+The ``ort`` pipeline is measured once per ``pipeline_recipes`` entry (fp32, and the
+latency-optimised recipes made here with the project's quantizer); with the ``llamacpp`` anchor,
+the pipeline section also measures llama.cpp's multimodal runtime (``llama-mtmd-cli``) on a
+LLaVA-style model of the same geometry (our decoder + our ViT and projector as an mmproj) at
+each llama.cpp precision. llama.cpp is built from source once
+(:mod:`maven_edge.benchmarks.anchors.llama_cpp_build`) into the cache directory; where it cannot
+be built, the bench says why and runs without it.
 
 The model comes from ``--preset`` (seeded random weights), ``--checkpoint`` or ``--artifacts``
 (whose manifest names its source). It is saved once into a cache directory keyed by its
@@ -46,8 +54,12 @@ BACKENDS = tuple(name for name in RUNTIME_BACKENDS if name != "trt")
 DEFAULT_ANCHORS = ("hf", "genai", "optimum", "llamacpp")
 #: Precisions per engine measured by default (int4 for ours only when int4 artifacts exist or
 #: can be made with the project's quantizer).
-ENGINE_PRECISIONS = {"ort": ("fp32", "int4", "fp32-dynamo"), "torch": ("fp32",), "hf": ("fp32",), "genai": ("fp32", "int4"),
+ENGINE_PRECISIONS = {"ort": ("fp32", "int8", "int4", "fp32-dynamo"), "torch": ("fp32",), "hf": ("fp32",), "genai": ("fp32", "int4"),
                      "optimum": ("fp32",), "llamacpp": ("fp32", "q8_0", "q4_0")}
+#: Our artifact sets the ort pipeline runs by default: the fp32 export and the latency recipes.
+PIPELINE_RECIPES = ("fp32", "vision-int8", "latency-int8", "latency-int4")
+#: The recipe whose decoder the text section measures as ort "int8" (made unless a pipeline recipe has it).
+INT8_TEXT_RECIPE = "int8-weight"
 
 
 @dataclass
@@ -78,6 +90,10 @@ class BenchOptions:
     prepare_only: bool = False  # build every converted model into the cache, measure nothing
     reexport: bool = False  # redo our export (and int4) even when the cache holds one of the same weights
     decoder: str | None = None  # our decoder.onnx: "genai" (model builder) or "torch"; None: genai if installed
+    pipeline_recipes: list[str] = field(default_factory=lambda: list(PIPELINE_RECIPES))  # ort pipeline artifact sets
+    llama_cpp_src: str | None = None  # llama.cpp sources (checkout, llama-cpp-python sdist dir or .tar.gz)
+    llama_cpp_jobs: int = 2  # parallel compile jobs for the one-time llama.cpp build
+    ort_spinning: bool = True  # onnxruntime intra-op threads spin-wait between ops (its default); off: they sleep
     cache_dir: str | Path = field(default_factory=lambda: paths.cache_dir("bench"))  # converted models, reused
     figures_dir: str | None = None  # also write the plots here (e.g. docs/figures)
     figure_prefix: str = "bench_"
@@ -97,6 +113,7 @@ class BenchOptions:
             o.repeats = min(o.repeats, 2)
             o.warmup = min(o.warmup, 1)
             o.export = False
+            o.pipeline_recipes = ["fp32"]
             if o.threads == 0:  # one thread is robust on a shared machine (no OpenMP spin-wait contention)
                 o.threads = 1
         if sum(x is not None for x in (o.preset, o.checkpoint)) > 1:
@@ -136,6 +153,16 @@ class BenchOptions:
             o.decoder = "torch" if builder_unavailable() else "genai"
         if o.decoder not in ("genai", "torch"):
             raise InputError(f"unknown --decoder {o.decoder!r}; choose genai or torch")
+        from maven_edge.calibration.quantize import QUANT_RECIPES
+
+        for r in o.pipeline_recipes:
+            if r != "fp32" and r not in QUANT_RECIPES:
+                raise InputError(f"unknown --pipeline-recipes entry {r!r}; choose fp32 or one of "
+                                 f"{', '.join(QUANT_RECIPES.names())}")
+        if not o.pipeline_recipes:
+            o.pipeline_recipes = ["fp32"]
+        if o.llama_cpp_jobs < 1:
+            raise InputError("--llama-cpp-jobs must be >= 1")
         return o
 
 
@@ -153,6 +180,8 @@ class BenchReport:
     notes: list[str]
     seconds: float
     files: dict[str, str] = field(default_factory=dict)
+    mtmd: dict[str, Any] = field(default_factory=dict)  # llama.cpp multimodal: precision -> result
+    llama_cpp: dict[str, Any] = field(default_factory=dict)  # how llama.cpp was built (or why not)
     caches: dict[str, Any] = field(default_factory=dict)  # precision -> benchmarks.caches.measure
 
     def to_dict(self) -> dict[str, Any]:
@@ -319,11 +348,23 @@ def _count_jobs(o: BenchOptions) -> int:
     if "caches" in o.sections:
         n += len([p for p in ("fp32", "int4") if p in _precisions(o, "ort")])
     if "pipeline" in o.sections:
-        n += len(o.backends)
+        n += len(o.backends) + ("ort" in o.backends) * (len(o.pipeline_recipes) - 1)
+        n += ("llamacpp" in o.anchors) * len(_precisions(o, "llamacpp"))
+    if o.export and "ort" in o.backends:
+        n += len(_recipes_to_make(o))
     if "text" in o.sections:
         for e in list(o.backends) + list(o.anchors):
             n += len(_precisions(o, e))
     return n
+
+
+def _recipes_to_make(o: BenchOptions) -> list[str]:
+    """Our quantized artifact sets this run needs (pipeline recipes, and the text section's int8)."""
+    out = [r for r in o.pipeline_recipes if r != "fp32"] if "pipeline" in o.sections else []
+    if "text" in o.sections and "int8" in _precisions(o, "ort") and not any(
+            r in out for r in ("latency-int8", INT8_TEXT_RECIPE)):
+        out.append(INT8_TEXT_RECIPE)
+    return out
 
 
 def _precisions(o: BenchOptions, engine: str) -> list[str]:
@@ -337,6 +378,21 @@ def _precisions(o: BenchOptions, engine: str) -> list[str]:
     if engine == "ort" and o.decoder != "genai":
         ps = [p for p in ps if p != "fp32-dynamo"]  # fp32 already is the torch.onnx decoder
     return ps
+
+
+def _ort_config(o: BenchOptions) -> dict[str, str]:
+    """onnxruntime session config entries every ORT job of the run gets."""
+    return {} if o.ort_spinning else {"session.intra_op.allow_spinning": "0"}
+
+
+def _llama_cpp(o: BenchOptions, log: Any) -> dict[str, Any]:
+    """Build (or reuse) llama.cpp's tools when the llamacpp anchor is in this run."""
+    if "llamacpp" not in o.anchors or not ({"text", "pipeline"} & set(o.sections)):
+        return {}
+    from maven_edge.benchmarks.anchors.llama_cpp_build import ensure_build
+
+    build = ensure_build(Path(o.cache_dir), o.llama_cpp_src, o.llama_cpp_jobs, log=log)
+    return build.describe()
 
 
 def run_bench(options: BenchOptions) -> BenchReport:
@@ -358,8 +414,9 @@ def run_bench(options: BenchOptions) -> BenchReport:
         # -- the model, the HF-format decoder, our artifacts --------------------------------------
         source: dict[str, Any] = {"spec": source_spec, "work_dir": str(work)}
         needs_ort = "ort" in o.backends and bool({"pipeline", "text", "caches"} & set(o.sections))
-        save_checkpoint = "text" in o.sections and "torch" in o.backends
-        save_hf = "text" in o.sections and bool(o.anchors)
+        wants_mtmd = "pipeline" in o.sections and "llamacpp" in o.anchors
+        save_checkpoint = ("text" in o.sections and "torch" in o.backends) or wants_mtmd
+        save_hf = ("text" in o.sections and bool(o.anchors)) or wants_mtmd
         if source_spec:
             r = runner.run("source", {**source_spec, "work_dir": str(work), "threads": o.threads,
                                       "save_checkpoint": save_checkpoint, "save_hf": save_hf}, "source model")
@@ -422,7 +479,26 @@ def run_bench(options: BenchOptions) -> BenchReport:
                     artifacts["int4"] = r["result"]["artifacts"]
                 else:
                     notes.append(f"int4 quantization failed: {r['error'].splitlines()[0]} (log: {r['log']})")
+        if "fp32" in artifacts and needs_ort and not o.artifacts:
+            for recipe in _recipes_to_make(o):
+                rdir = work / f"onnx-{recipe}-{o.decoder}"
+                if not (o.export or (rdir / "manifest.json").is_file()):
+                    continue
+                r = runner.run("quantize", {"fp32": artifacts["fp32"], "out": str(rdir), "recipe": recipe,
+                                            "force": o.reexport}, f"quantize {recipe} (ours)")
+                if r["ok"]:
+                    artifacts[recipe] = r["result"]["artifacts"]
+                else:
+                    notes.append(f"recipe {recipe} failed: {r['error'].splitlines()[0]} (log: {r['log']})")
+        int8 = next((artifacts[r] for r in ("latency-int8", INT8_TEXT_RECIPE) if r in artifacts), None)
+        if int8 and "int8" not in artifacts:
+            artifacts["int8"] = int8
         source["artifacts"] = artifacts
+
+        # -- llama.cpp, built once from source -------------------------------------------------------
+        llama_cpp = _llama_cpp(o, bars.write)
+        if llama_cpp.get("error"):
+            notes.append(f"llama.cpp is not measured in this run: {llama_cpp['error'].splitlines()[0]}")
 
         # -- the machine's limits --------------------------------------------------------------------
         limits = None
@@ -441,6 +517,7 @@ def run_bench(options: BenchOptions) -> BenchReport:
         if "pipeline" in o.sections and not o.prepare_only:
             for backend in o.backends:
                 payload = {"backend": backend, "threads": o.threads, "modes": o.modes, "images": o.images,
+                           "ort_config": _ort_config(o),
                            "new_tokens": o.pipeline_new_tokens, "warmup": o.warmup, "repeats": o.repeats, "seed": 0}
                 if backend == "torch":
                     if not source_spec:
@@ -449,16 +526,39 @@ def run_bench(options: BenchOptions) -> BenchReport:
                         continue
                     payload["checkpoint"] = source.get("checkpoint")
                     payload["source"] = source_spec
-                else:
-                    chosen = str(Path(o.artifacts).resolve()) if o.artifacts else artifacts.get("fp32")
+                    r = runner.run("pipeline", payload, f"pipeline {backend}")
+                    pipeline[backend] = ({"status": "measured", **r["result"]} if r["ok"] else
+                                         {"status": "failed", "reason": r["error"], "log": r["log"]})
+                    continue
+                recipes = ["fp32"] if (o.artifacts or backend != "ort") else o.pipeline_recipes
+                for recipe in recipes:
+                    key = backend if recipe == "fp32" else f"{backend}/{recipe}"
+                    chosen = (str(Path(o.artifacts).resolve()) if o.artifacts and recipe == "fp32"
+                              else artifacts.get(recipe))
                     if not chosen:
-                        pipeline[backend] = {"status": "unavailable", "reason": "no ONNX artifacts"}
+                        pipeline[key] = {"status": "unavailable", "reason": f"no {recipe} ONNX artifacts"}
                         bars.finish()
                         continue
-                    payload["artifacts"] = chosen
-                r = runner.run("pipeline", payload, f"pipeline {backend}")
-                pipeline[backend] = ({"status": "measured", **r["result"]} if r["ok"] else
-                                     {"status": "failed", "reason": r["error"], "log": r["log"]})
+                    r = runner.run("pipeline", {**payload, "artifacts": chosen}, f"pipeline {key}")
+                    pipeline[key] = ({"status": "measured", "recipe": recipe, **r["result"]} if r["ok"] else
+                                     {"status": "failed", "recipe": recipe, "reason": r["error"], "log": r["log"]})
+        mtmd: dict[str, Any] = {}
+        if "pipeline" in o.sections and not o.prepare_only and "llamacpp" in o.anchors:
+            for precision in _precisions(o, "llamacpp"):
+                if not llama_cpp.get("bin_dir") or not source.get("checkpoint") or not source.get("hf_dir"):
+                    mtmd[precision] = {"status": "unavailable",
+                                       "reason": llama_cpp.get("error") or "no source checkpoint to convert"}
+                    bars.finish()
+                    continue
+                cfg_pre = (source.get("config") or {}).get("preprocess", {})
+                r = runner.run("mtmd", {"bin_dir": llama_cpp["bin_dir"], "work_dir": str(work),
+                                        "hf_dir": source["hf_dir"], "checkpoint": source["checkpoint"],
+                                        "precision": precision, "images": o.images, "threads": o.threads,
+                                        "new_tokens": o.pipeline_new_tokens, "warmup": o.warmup,
+                                        "repeats": o.repeats, "image_size": int(cfg_pre.get("image_size", 224))},
+                               f"llama.cpp mtmd {precision}")
+                mtmd[precision] = ({"status": "measured", **r["result"]} if r["ok"] else
+                                   {"status": "failed", "reason": r["error"], "log": r["log"]})
 
         # -- caches and continuous batching (ort, the shared-buffer decoder) -------------------------------
         caches: dict[str, Any] = {}
@@ -481,7 +581,9 @@ def run_bench(options: BenchOptions) -> BenchReport:
             spec = {"prompt_len": o.prompt_len, "new_tokens": o.new_tokens, "warmup": o.warmup, "repeats": o.repeats,
                     "threads": o.threads, "seed": 0, "id_high": id_high}
             ctx = {"work_dir": str(work), "hf_dir": source.get("hf_dir"), "checkpoint": source.get("checkpoint"),
-                   "artifacts": artifacts, "threads": o.threads}
+                   "artifacts": artifacts, "threads": o.threads,
+                   "extra": {"ort_config": _ort_config(o), "llama_cpp_bin": llama_cpp.get("bin_dir"), "llama_cpp_error": llama_cpp.get("error"),
+                             "llama_cpp_build": llama_cpp}}
             for engine in [b for b in o.backends] + list(o.anchors):
                 for precision in _precisions(o, engine):
                     r = runner.run("text", {"engine": engine, "precision": precision, "ctx": ctx, "spec": spec,
@@ -509,7 +611,7 @@ def run_bench(options: BenchOptions) -> BenchReport:
                      "other processes shared the cores, so times are slower and noisier than on an idle machine")
     report = BenchReport(options={**asdict(o), "out": str(o.out), "cache_dir": str(o.cache_dir)}, machine=machine,
                          source=source, limits=limits, pipeline=pipeline, text=text, ratios={}, roofline=[],
-                         efficiency={}, notes=notes, seconds=0.0, caches=caches)
+                         efficiency={}, notes=notes, seconds=0.0, mtmd=mtmd, llama_cpp=llama_cpp, caches=caches)
     analyse(report, o)
     report.seconds = time.perf_counter() - t_start
     write_outputs(report, out, figures_dir=o.figures_dir, prefix=o.figure_prefix)

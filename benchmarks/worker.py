@@ -13,7 +13,8 @@ Jobs (``job["task"]``):
 - ``export``: export ONNX artifacts of that checkpoint (our exporter), and int4 artifacts when a
   quantizer is available;
 - ``text``: one engine x precision under the text protocol (:mod:`maven_edge.benchmarks.anchors.base`);
-- ``pipeline``: the multimodal pipeline over a grid of modes x image counts, per-stage timings.
+- ``pipeline``: the multimodal pipeline over a grid of modes x image counts, per-stage timings;
+- ``mtmd``: llama.cpp's multimodal CLI on the same geometry (LLaVA-style), per image count.
 """
 
 from __future__ import annotations
@@ -147,11 +148,12 @@ def task_export(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def task_quantize(job: dict[str, Any]) -> dict[str, Any]:
-    """int4 artifacts from fp32 ones, through the project's quantizer when it is installed."""
-    from maven_edge.benchmarks.quantize import quantize_int4
+    """Quantized artifacts (``recipe``, default int4-weight) from fp32 ones, through the project's quantizer."""
+    from maven_edge.benchmarks.quantize import quantize_recipe
 
     t0 = time.perf_counter()
-    out = quantize_int4(job["fp32"], job["out"], log=log, force=bool(job.get("force")))
+    out = quantize_recipe(job["fp32"], job["out"], job.get("recipe", "int4-weight"), log=log,
+                          force=bool(job.get("force")))
     return {"artifacts": str(out), "seconds": time.perf_counter() - t0}
 
 
@@ -162,7 +164,8 @@ def task_text(job: dict[str, Any]) -> dict[str, Any]:
     c = job["ctx"]
     ctx = EngineContext(work_dir=Path(c["work_dir"]), hf_dir=Path(c["hf_dir"]) if c.get("hf_dir") else None,
                         checkpoint=Path(c["checkpoint"]) if c.get("checkpoint") else None,
-                        artifacts=dict(c.get("artifacts", {})), threads=int(c["threads"]), log=log)
+                        artifacts=dict(c.get("artifacts", {})), threads=int(c["threads"]), log=log,
+                        extra=dict(c.get("extra", {})))
     spec = TextSpec(**job["spec"])
     engine = make_engine(job["engine"], ctx, job["precision"])
     why = engine.unavailable()
@@ -239,7 +242,8 @@ def task_pipeline(job: dict[str, Any]) -> dict[str, Any]:
 
         pipe = MavenPipeline.from_artifacts(job["artifacts"], backend=backend,
                                             session_options=SessionConfig(intra_op_num_threads=threads,
-                                                                          inter_op_num_threads=1),
+                                                                          inter_op_num_threads=1,
+                                                                          extra_config=dict(job.get("ort_config") or {})),
                                             caching=NO_CACHING)  # every stage measured, every time
     load_s = time.perf_counter() - t0
     rss_loaded = rss_bytes()
@@ -298,6 +302,52 @@ def task_pipeline(job: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def task_mtmd(job: dict[str, Any]) -> dict[str, Any]:
+    """llama.cpp's multimodal runtime (llama-mtmd-cli) on a LLaVA-style model of the same geometry:
+    our text decoder as a GGUF at ``precision`` + our ViT and projector as an f32 mmproj; time to
+    first token per image count, plus its prefill and decode speed."""
+    from maven_edge.benchmarks.anchors.llama_cpp import (
+        ensure_mmproj_gguf,
+        ensure_text_gguf,
+        run_mtmd,
+        write_images,
+    )
+    from maven_edge.benchmarks.harness import summarize_records
+
+    work, bin_dir = Path(job["work_dir"]), Path(job["bin_dir"])
+    t0 = time.perf_counter()
+    text, text_s, _ = ensure_text_gguf(work, Path(job["hf_dir"]), job["precision"], log)
+    mmproj, mm_s, _ = ensure_mmproj_gguf(work, Path(job["checkpoint"]), log)
+    prepare_s = time.perf_counter() - t0
+    binary = bin_dir / "llama-mtmd-cli"
+    threads, new_tokens = int(job["threads"]), int(job["new_tokens"])
+    warmup, repeats = int(job["warmup"]), int(job["repeats"])
+    size = int(job["image_size"])
+    img_dir = work / "mtmd-images"
+    total = warmup + repeats * len(job["images"])
+    done = 0
+    for _ in range(warmup):  # page cache, first-touch allocations
+        progress(done, total, "warm-up")
+        run_mtmd(binary, text, mmproj, write_images(img_dir, 1, size, 99), threads, new_tokens)
+        done += 1
+    cells = []
+    for n in job["images"]:
+        records, prompt_tokens = [], 0
+        for r in range(repeats):
+            progress(done, total, f"x{n} run {r + 1}/{repeats}")
+            run = run_mtmd(binary, text, mmproj, write_images(img_dir, n, size, r), threads, new_tokens)
+            records.append(run.record())
+            prompt_tokens = run.prompt_tokens
+            done += 1
+        stats = summarize_records(records)
+        cells.append({"images": n, "status": "measured", "prompt_tokens": prompt_tokens,
+                      "stats": {k: v.to_dict() for k, v in stats.items()}})
+    progress(total, total, "done")
+    return {"precision": job["precision"], "text_gguf": str(text), "text_gguf_bytes": text.stat().st_size,
+            "mmproj": str(mmproj), "mmproj_bytes": mmproj.stat().st_size, "convert_s": text_s + mm_s,
+            "prepare_s": prepare_s, "cells": cells}
+
+
 def task_caches(job: dict[str, Any]) -> dict[str, Any]:
     """Caches and continuous batching on one artifact set (benchmarks.caches)."""
     from maven_edge.benchmarks.caches import measure
@@ -306,8 +356,8 @@ def task_caches(job: dict[str, Any]) -> dict[str, Any]:
                    repeats=int(job["repeats"]), progress=progress)
 
 
-TASKS = {"caches": task_caches, "limits": task_limits, "source": task_source, "export": task_export, "quantize": task_quantize,
-         "text": task_text, "pipeline": task_pipeline}
+TASKS = {"caches": task_caches, "limits": task_limits, "source": task_source, "export": task_export,
+         "quantize": task_quantize, "text": task_text, "pipeline": task_pipeline, "mtmd": task_mtmd}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -314,7 +314,6 @@ def calibrate_ranges(src: Path, reader: Any, method: str, percentile: float = 99
     options: dict[str, Any] = {}
     if method == "minmax":
         cm = CalibrationMethod.MinMax
-        options["max_intermediate_outputs"] = 8  # fold ranges every 8 batches: bounded memory
     elif method == "entropy":
         cm = CalibrationMethod.Entropy
         options.update(num_bins=HISTOGRAM_BINS, num_quantized_bins=QUANTIZED_BINS)
@@ -324,8 +323,32 @@ def calibrate_ranges(src: Path, reader: Any, method: str, percentile: float = 99
     with tempfile.TemporaryDirectory(prefix="maven-calib-") as tmp, quiet_quantizer():
         cal = create_calibrator(str(src), list(WEIGHT_OPS), augmented_model_path=str(Path(tmp) / "augmented.onnx"),
                                 calibrate_method=cm, extra_options=options)
-        cal.collect_data(reader)
+        if method == "minmax":
+            # Fold ranges every 8 batches (bounded memory). onnxruntime's own max_intermediate_outputs
+            # drops every full group without merging it (and raises when the count divides exactly),
+            # so the reader is fed in chunks instead: each collect_data call merges its ranges.
+            while cal.collect_data(_Chunk(reader, 8)) is None and not getattr(reader, "exhausted", True):
+                pass
+        else:
+            cal.collect_data(reader)
         return cal.compute_data()
+
+
+class _Chunk:
+    """At most `n` batches of `reader` (a CalibrationDataReader); sets ``reader.exhausted`` at its end."""
+
+    def __init__(self, reader: Any, n: int):
+        self.reader, self.left = reader, n
+        reader.exhausted = False
+
+    def get_next(self) -> Any:
+        if self.left == 0:
+            return None
+        self.left -= 1
+        item = self.reader.get_next()
+        if item is None:
+            self.reader.exhausted = True
+        return item
 
 
 def _int8_static(src: Path, dst: Path, opts: QuantizeOptions, calib: CalibrationInput | None) -> dict[str, Any]:
@@ -427,6 +450,102 @@ def _fp16(src: Path, dst: Path, opts: QuantizeOptions, calib: CalibrationInput |
             "fp32_ops": list(FP16_KEEP_FP32_OPS), "fp32_nodes": keep_nodes}
 
 
+def _int8_weight(src: Path, dst: Path, opts: QuantizeOptions, calib: CalibrationInput | None) -> dict[str, Any]:
+    """8-bit weight-only ``MatMulNBits`` (bits=8): int8 weights per block, fp32 activations; with
+    accuracy level 4 the CPU kernel quantizes activations per block and runs int8 dot products."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    model = _load(src)
+    exclude = [] if opts.quantize_lm_head else lm_head_nodes(model)
+    with quiet_quantizer():
+        q = MatMulNBitsQuantizer(model, bits=8, block_size=opts.block_size, is_symmetric=opts.symmetric,
+                                 accuracy_level=opts.accuracy_level, nodes_to_exclude=exclude,
+                                 op_types_to_quantize=("MatMul",))
+        q.process()
+    out = q.model.model
+    _save(out, dst)
+    n = _node_counts(out).get("MatMulNBits", 0)
+    if n == 0:
+        raise ExportError(f"{src.name}: no MatMul with a constant weight was found to quantize to int8")
+    return {"op": "com.microsoft::MatMulNBits", "bits": 8, "block_size": opts.block_size,
+            "symmetric": opts.symmetric, "accuracy_level": opts.accuracy_level, "quantized_matmuls": n,
+            "kept_fp32": exclude}
+
+
+def _attention_geometry(src: Path) -> tuple[int, int]:
+    """(heads, width) of the transformer in `src`, from the config in the manifest beside it
+    (vision_encoder: the ViT, discrete_tokenizer: its query transformer); (0, 0) = detect from the graph."""
+    try:
+        manifest = load_manifest(src.parent, verify=False)
+        cfg = manifest.maven_config()
+    except Exception:  # noqa: BLE001 - a file outside artifacts: let the optimizer detect them
+        return 0, 0
+    name = next((n for n, c in manifest.components.items() if Path(c.file.path).name == src.name), "")
+    part = {"vision_encoder": cfg.vision, "discrete_tokenizer": cfg.discrete}.get(name)
+    return (int(part.num_heads), int(part.hidden_size)) if part is not None else (0, 0)
+
+
+def fuse_transformer(src: Path, dst: Path, num_heads: int = 0, hidden_size: int = 0) -> dict[str, Any]:
+    """``onnxruntime.transformers.optimizer.optimize_model(model_type="clip")`` on one file: attention
+    (-> com.microsoft Attention), SkipLayerNorm, QuickGelu/BiasGelu fusions. Returns the op counts
+    the fusions added."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    before = _node_counts(_load(src))
+    opt_log = logging.getLogger("onnxruntime.transformers.optimizer")
+    level = opt_log.level
+    opt_log.setLevel(logging.ERROR)  # "model producer not matched": our files say maven-edge, not pytorch
+    with quiet_quantizer():
+        m = optimize_model(str(src), model_type="clip", num_heads=num_heads, hidden_size=hidden_size, opt_level=0,
+                           use_gpu=False)
+    opt_log.setLevel(level)
+    out = m.model
+    if any(n.domain == "com.microsoft" for n in out.graph.node) and not any(
+            o.domain == "com.microsoft" for o in out.opset_import):
+        from onnx import helper
+
+        out.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    _save(out, dst)
+    after = _node_counts(out)
+    fused = {op: n for op, n in after.items() if op not in before or n > before.get(op, 0)}
+    return {"optimizer": "onnxruntime.transformers.optimizer (model_type clip, opt_level 0)",
+            "num_heads": num_heads, "hidden_size": hidden_size, "fused_ops": fused,
+            "nodes": [sum(before.values()), sum(after.values())]}
+
+
+def _int8_fused_dynamic(src: Path, dst: Path, opts: QuantizeOptions, calib: CalibrationInput | None) -> dict[str, Any]:
+    """Transformer fusions (:func:`fuse_transformer`), then int8 dynamic quantization of the MatMuls
+    with constant weights and of the fused Attention ops; a MatMul feeding ArgMax/TopK (the VQ
+    lookup, the selector's score head) stays fp32 as in int8-static."""
+    import tempfile
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory(prefix="maven-fuse-") as tmp:
+        fused = Path(tmp) / src.name
+        fusion = fuse_transformer(src, fused, *_attention_geometry(src))
+        model = _load(fused)
+        exclude = discrete_sensitive_nodes(model) if opts.keep_discrete_fp32 else []
+        del model
+        with quiet_quantizer():
+            quantize_dynamic(str(fused), str(dst), op_types_to_quantize=["MatMul", "Attention"],
+                             per_channel=opts.per_channel, weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
+                             extra_options={"MatMulConstBOnly": True})
+    return {"fusion": fusion, "weights": "int8 per-channel" if opts.per_channel else "int8 per-tensor",
+            "activations": "int8, quantized at run time", "ops": ["MatMul", "Attention"], "kept_fp32": exclude}
+
+
+def _int8_fused_static(src: Path, dst: Path, opts: QuantizeOptions, calib: CalibrationInput | None) -> dict[str, Any]:
+    """Transformer fusions (:func:`fuse_transformer`), then int8 static QDQ as in int8-static."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="maven-fuse-") as tmp:
+        fused = Path(tmp) / src.name
+        fusion = fuse_transformer(src, fused, *_attention_geometry(src))
+        details = _int8_static(fused, dst, opts, calib)
+    return {"fusion": fusion, **details}
+
+
 # ---- the tables: methods (what is done to one file) and recipes (a method per component) ----------
 
 
@@ -455,6 +574,9 @@ QUANT_METHODS.add("int8-trt", QuantMethod("int8", _int8_trt, calibrated=True, ta
 QUANT_METHODS.add("int8-dynamic", QuantMethod("int8", _int8_dynamic, table_lookup_ok=False))
 QUANT_METHODS.add("int4-weight", QuantMethod("int4", _int4_weight, table_lookup_ok=False))
 QUANT_METHODS.add("fp16", QuantMethod("fp16", _fp16))
+QUANT_METHODS.add("int8-weight", QuantMethod("int8", _int8_weight, table_lookup_ok=False))
+QUANT_METHODS.add("int8-fused-dynamic", QuantMethod("int8", _int8_fused_dynamic, table_lookup_ok=False))
+QUANT_METHODS.add("int8-fused-static", QuantMethod("int8", _int8_fused_static, calibrated=True, table_lookup_ok=False))
 
 
 @dataclass(frozen=True)
@@ -465,13 +587,14 @@ class QuantRecipe:
     vision: str = "fp32"  # vision_encoder, discrete_tokenizer, patch_selector, projector
     decoder: str = "fp32"
     embed: str = "fp32"  # embed_tokens
+    vision_components: tuple[str, ...] = VISION_SIDE  # which vision-side components get `vision`
 
     def method_for(self, component: str) -> str:
         if component == "decoder":
             return self.decoder
         if component == "embed_tokens":
             return self.embed
-        return self.vision if component in VISION_SIDE else "fp32"
+        return self.vision if component in self.vision_components else "fp32"
 
 
 QUANT_RECIPES: Registry[QuantRecipe] = Registry("quantization recipe")
@@ -483,6 +606,18 @@ QUANT_RECIPES.add("int4-weight", QuantRecipe("decoder int4 MatMulNBits", decoder
 QUANT_RECIPES.add("int8-int4", QuantRecipe("vision side int8 static + decoder int4", vision="int8-static",
                                            decoder="int4-weight"))
 QUANT_RECIPES.add("fp16", QuantRecipe("every component fp16", vision="fp16", decoder="fp16", embed="fp16"))
+QUANT_RECIPES.add("int8-weight", QuantRecipe("decoder int8 MatMulNBits (8-bit weight-only)", decoder="int8-weight"))
+#: the latency-optimised recipes: the ViT and the discrete tokenizer fused + int8, the decoder weight-only
+LATENCY_VISION = ("vision_encoder", "discrete_tokenizer")
+QUANT_RECIPES.add("vision-int8", QuantRecipe("first-answer latency: ViT + discrete tokenizer fused and int8 dynamic, "
+                                             "decoder fp32 (the fastest prefill on AVX2)", vision="int8-fused-dynamic",
+                                             vision_components=LATENCY_VISION))
+QUANT_RECIPES.add("latency-int8", QuantRecipe("first-answer latency: ViT + discrete tokenizer fused and int8 dynamic, "
+                                              "decoder int8 MatMulNBits", vision="int8-fused-dynamic",
+                                              decoder="int8-weight", vision_components=LATENCY_VISION))
+QUANT_RECIPES.add("latency-int4", QuantRecipe("first-answer latency: ViT + discrete tokenizer fused and int8 dynamic, "
+                                              "decoder int4 MatMulNBits", vision="int8-fused-dynamic",
+                                              decoder="int4-weight", vision_components=LATENCY_VISION))
 
 
 def dedupe_nodes(model: Any) -> int:

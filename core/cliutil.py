@@ -11,6 +11,7 @@ tests/test_cli.py runs every example through bash and the parser. Torch-free, im
 from __future__ import annotations
 
 import argparse
+import re
 import textwrap
 from collections.abc import Sequence
 from typing import Any
@@ -56,6 +57,19 @@ def positive_float(flag: str) -> Any:
 
 
 def examples_of(parser: argparse.ArgumentParser) -> list[str]:
-    """The example command lines of a parser built by :func:`add_command`."""
+    """The example command lines of a parser's epilog (after its "examples:" line): comment lines
+    dropped, backslash continuations joined, a trailing `&` and `# comment` removed."""
     epilog = parser.epilog or ""
-    return [line.strip() for line in epilog.splitlines()[1:] if line.strip()]
+    lines = epilog.split("examples:", 1)[1].splitlines() if "examples:" in epilog else []
+    commands, current = [], ""
+    for line in lines:
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        current += text
+        if current.endswith("\\"):
+            current = current[:-1].rstrip() + " "
+            continue
+        commands.append(re.sub(r"\s+(&\s*)?#.*$|\s+&$", "", current))
+        current = ""
+    return commands

@@ -24,6 +24,10 @@ class ImageError(InputError):
     """An image that cannot be read, is too large, or has the wrong size or channels."""
 
 
+class VideoError(InputError):
+    """A video that cannot be read, is too large or too long, or gives more frames than fit."""
+
+
 class PromptError(InputError):
     """A prompt that cannot be served (placeholder mismatch, context overflow, bad text)."""
 

@@ -84,6 +84,10 @@ class Manifest:
     recipe: str = "fp32"  # quantization recipe that produced the files
     format_version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
+    # What a runtime does besides running the files (tokenizer rules, prompt template, visual
+    # sequence, h_eos, preprocessing numerics, stop tokens): core/host_contract.py, docs/hosts.md.
+    # Written since the Node host (issue #37); {} in older manifests, which Python reads as before.
+    host: dict[str, Any] = field(default_factory=dict)
 
     # -- views the runtime needs --------------------------------------------------------------
     def maven_config(self) -> MavenConfig:

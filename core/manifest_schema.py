@@ -187,6 +187,9 @@ class ManifestModel(_Model):
     exporter: dict[Label, Annotated[str, StringConstraints(max_length=256)]]
     recipe: Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_+.-]{0,63}$")] = "fp32"
     extra: ManifestExtraModel = ManifestExtraModel()
+    host: dict[str, Any] = Field(
+        default_factory=dict, description="what a runtime in another language does besides running the files "
+        "(core/host_contract.py, docs/hosts.md); {} in manifests written before it")
 
 
 def json_schema() -> dict[str, Any]:

@@ -40,6 +40,7 @@ __all__ = [
     "load_image",
     "fit_to_square",
     "fitted_size",
+    "pad_fill",
     "pad_to_square",
     "resize_separable",
     "preprocess_image",
@@ -681,7 +682,7 @@ def fit_to_square(im: Image.Image, size: int, fill: tuple[int, int, int],
     return canvas
 
 
-def _mean_fill(cfg: PreprocessConfig) -> tuple[int, int, int]:
+def pad_fill(cfg: PreprocessConfig) -> tuple[int, int, int]:
     """The padding colour: the normalisation mean in 0-255, truncated like LLaVA-1.5."""
     r, g, b = (min(255, max(0, int(m * 255))) for m in cfg.mean)
     return r, g, b
@@ -792,7 +793,7 @@ def _square(src: _Rows, cfg: PreprocessConfig) -> Image.Image:
     out = _resize_rows(src, (w, h), resample)
     if (w, h) == (size, size):
         return out
-    canvas = Image.new("RGB", (size, size), _mean_fill(cfg))
+    canvas = Image.new("RGB", (size, size), pad_fill(cfg))
     canvas.paste(out, ((size - w) // 2, (size - h) // 2))
     return canvas
 

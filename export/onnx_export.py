@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from maven_edge.core.errors import ArtifactError, ExportError
+from maven_edge.core.host_contract import host_section
 from maven_edge.core.manifest import (
     MANIFEST,
     Component,
@@ -570,6 +571,7 @@ def export_model(
             "external_data_threshold": options.external_data_threshold,
             "target_trt": options.target_trt,
         },
+        host=host_section(cfg, model.tokenizer.layout, "tokenizer.json"),
     )
     # File entries were hashed in staging with staging-relative paths; re-hash in place.
     for comp in manifest.components.values():

@@ -41,6 +41,7 @@ _API = {
     "InputError": "maven_edge.core.errors",
     "ImageError": "maven_edge.core.errors",
     "PromptError": "maven_edge.core.errors",
+    "VideoError": "maven_edge.core.errors",
     "CheckpointError": "maven_edge.core.errors",
     "ArtifactError": "maven_edge.core.errors",
     "ExportError": "maven_edge.core.errors",

@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "maven_edge.export.commands",  # export, validate, build-trt
     "maven_edge.calibration.commands",  # quantize
     "maven_edge.runtime.commands",  # generate, demo, inspect
+    "maven_edge.serving.commands",  # serve, bench-serve
     "maven_edge.benchmarks.commands",  # bench
 )
 

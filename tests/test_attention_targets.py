@@ -39,6 +39,16 @@ def test_referents_are_the_objects_the_generator_named():
             assert [len(r) for r in roles] == {"recolor": [1, 1], "removed": [1, 0], "added": [0, 1]}[edit]
             assert all(k == r for r, role in enumerate(roles) for k, _ in role)  # role r: image r+1
             assert edit != "recolor" or roles[0][0][1].color != roles[1][0][1].color
+        elif s.task == "video":
+            variant = s.meta["variant"]
+            if variant == "event":  # the actor where it first and last shows
+                (k0, first), (k1, last) = roles[0][0], roles[1][0]
+                assert first.track == last.track and k0 <= k1
+            elif variant == "first_frame":  # the object in the frame the answer names
+                assert [k + 1 for k, _ in roles[0]] == [int(s.answer.split()[1])]
+            else:  # frame_count: every matching object of every frame (one per frame here)
+                assert len({k for k, _ in roles[0]}) == int(s.answer), s.prompt
+            continue  # the selector labels mark the object in every frame it shows in
         else:  # count, count_across: one role with every counted object
             assert len(roles) == 1 and len(roles[0]) == int(s.answer), s.prompt
         for k, scene in enumerate(s.scenes):

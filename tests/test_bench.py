@@ -4,6 +4,7 @@ small exported model). No test asserts an absolute time."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import time
 from pathlib import Path
@@ -183,20 +184,88 @@ def test_gguf_conversion(hf_dirs, tmp_path, arch) -> None:
     assert path8.stat().st_size < path.stat().st_size / 3
 
 
-def test_llama_cpp_reports_reference_figures_when_not_installed(tmp_path, monkeypatch) -> None:
-    import importlib.util
-
+def test_llama_cpp_reports_reference_figures_only_when_not_built(tmp_path) -> None:
     from maven_edge.benchmarks.anchors import EngineContext, make_engine
 
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "llama_cpp" else real(n, *a))
-    engine = make_engine("llamacpp", EngineContext(work_dir=tmp_path, hf_dir=tmp_path, checkpoint=None), "q4_0")
-    assert "llama-cpp-python" in engine.unavailable()
+    ctx = EngineContext(work_dir=tmp_path, hf_dir=tmp_path, checkpoint=None,
+                        extra={"llama_cpp_error": "cmake is not installed here"})
+    engine = make_engine("llamacpp", ctx, "q4_0")
+    assert "cmake is not installed here" in engine.unavailable()
     assert engine.reference() is None  # tmp_path holds no edge-small config: the figures do not apply
     from maven_edge.benchmarks.anchors.llama_cpp import REFERENCE_GEOMETRY
 
     (tmp_path / "config.json").write_text(json.dumps(REFERENCE_GEOMETRY))
     assert engine.reference()["decode_tok_s"] == 128.0
+    built = make_engine("llamacpp", EngineContext(work_dir=tmp_path, hf_dir=tmp_path, checkpoint=None,
+                                                  extra={"llama_cpp_bin": str(tmp_path)}), "q4_0")
+    if importlib.util.find_spec("gguf") is not None:
+        assert built.unavailable() is None  # a build exists: measured, never the reference figures
+
+
+def test_llama_cpp_build_says_why_it_cannot_build(tmp_path, monkeypatch) -> None:
+    from maven_edge.benchmarks.anchors import llama_cpp_build as b
+
+    res = b.ensure_build(tmp_path, src=tmp_path / "nowhere", jobs=1)
+    assert not res.ok and "no llama.cpp sources" in res.error
+    monkeypatch.setattr(b.shutil, "which", lambda name: None)
+    res = b.ensure_build(tmp_path, src=tmp_path, jobs=1)
+    assert not res.ok and "cmake" in res.error
+    flags = b.cmake_flags()
+    assert "-DGGML_NATIVE=ON" in flags and "-DBUILD_SHARED_LIBS=OFF" in flags
+    if b._is_x86():
+        assert any("-mno-amx-int8" in f for f in flags)  # ggml's AMX kernels crash at load (ldtilecfg)
+
+
+def test_mmproj_conversion_of_the_shipped_tiny_model(tmp_path) -> None:
+    gguf = pytest.importorskip("gguf")
+    from safetensors.numpy import load_file
+
+    from maven_edge.benchmarks.anchors.llama_cpp import convert_mmproj_to_gguf
+    from maven_edge.model_src.resources import shipped_checkpoint
+
+    ckpt = shipped_checkpoint("tiny")
+    cfg = json.loads((ckpt / "config.json").read_text())
+    state = load_file(str(ckpt / "model.safetensors"))
+    reader = gguf.GGUFReader(str(convert_mmproj_to_gguf(ckpt, tmp_path / "mmproj.gguf")))
+
+    def field(name):
+        f = reader.fields[name]
+        return bytes(f.parts[-1]).decode() if f.types[0] == gguf.GGUFValueType.STRING else f.parts[-1][0]
+
+    assert field("general.architecture") == "clip" and field("clip.projector_type") == "mlp"
+    # libmtmd runs block_count - 1 layers for an MLP projector: exactly the layers our encoder runs
+    used = cfg["vision"]["num_layers"] + 1 + cfg["vision"]["feature_layer"]
+    assert field("clip.vision.block_count") == used + 1
+    assert field("clip.vision.projection_dim") == cfg["llm"]["hidden_size"]
+    assert not field("clip.use_gelu")  # quick_gelu
+    tensors = {t.name: t for t in reader.tensors}
+    assert {"v.class_embd", "v.patch_embd.weight", "v.position_embd.weight", "v.pre_ln.weight", "mm.0.weight",
+            "mm.2.bias", f"v.blk.{used}.ffn_up.weight"} <= set(tensors)
+    w = np.asarray(tensors["mm.0.weight"].data).reshape(state["projector.linear_1.weight"].shape)
+    np.testing.assert_array_equal(w, state["projector.linear_1.weight"])
+    q = np.asarray(tensors["v.blk.0.attn_q.weight"].data).reshape(state["vision.encoder.layers.0.self_attn.q_proj.weight"].shape)
+    np.testing.assert_array_equal(q, state["vision.encoder.layers.0.self_attn.q_proj.weight"])
+
+
+MTMD_LOG = """encoding mtmd batch, n_chunks = 2 (done = 1, total = 4)
+mtmd batch encoding done in 812 ms
+image decoded (batch 1/1) in 95 ms
+llama_perf_context_print:        load time =     450.10 ms
+llama_perf_context_print: prompt eval time =     301.50 ms /   410 tokens (    0.74 ms per token,  1359.87 tokens per second)
+llama_perf_context_print:        eval time =     250.00 ms /     7 runs   (   35.71 ms per token,    28.00 tokens per second)
+llama_perf_context_print:       total time =    1500.00 ms /   417 tokens
+"""
+
+
+def test_mtmd_log_parsing() -> None:
+    from maven_edge.benchmarks.anchors.llama_cpp import parse_mtmd_log
+    from maven_edge.core.errors import BackendError
+
+    run = parse_mtmd_log(MTMD_LOG, wall_ms=2000.0)
+    assert (run.encode_ms, run.prompt_eval_ms, run.prompt_tokens, run.eval_runs) == (812.0, 301.5, 410, 7)
+    assert run.ttft_ms == pytest.approx(1113.5) and run.decode_tok_s == pytest.approx(28.0)
+    with pytest.raises(BackendError, match="no timings"):
+        parse_mtmd_log("main: loading model\n")
 
 
 # ---- report maths on a synthetic run -----------------------------------------------------------------------
@@ -268,6 +337,33 @@ def test_report_ratios_roofline_efficiency_and_files(tmp_path) -> None:
 
 
 # ---- options ------------------------------------------------------------------------------------------------
+
+
+def test_first_answer_targets_against_llama_cpp_mtmd(tmp_path) -> None:
+    from maven_edge.benchmarks.report import analyse, markdown, ttft_rows, write_outputs
+
+    report, o = _fake_report(tmp_path)
+    one = {"ttft_ms": summarize([200.0]).to_dict(), "vision_ms": summarize([100.0]).to_dict(),
+           "prefill_ms": summarize([100.0]).to_dict(), "decode_tok_s": summarize([30.0]).to_dict()}
+    four = {k: summarize([v["median"] * 4]).to_dict() for k, v in one.items()}
+    report.mtmd = {"fp32": {"status": "measured", "cells": [
+        {"images": 1, "status": "measured", "prompt_tokens": 210, "stats": one},
+        {"images": 4, "status": "measured", "prompt_tokens": 800, "stats": four}]},
+        "q4_0": {"status": "failed", "reason": "boom"}}
+    analyse(report, o)
+    targets = {t["target"]: t for t in report.ratios["first_answer"]}
+    # 4 images: llama.cpp 800 ms vs our hybrid 100 ms; our continuous 150 ms
+    assert targets["hybrid_4_images_vs_llamacpp_mtmd_f32"]["speedup"] == pytest.approx(8.0)
+    assert targets["hybrid_4_images_vs_llamacpp_mtmd_f32"]["holds"] is True
+    assert targets["hybrid_4_images_vs_own_continuous"]["speedup"] == pytest.approx(1.5)
+    assert targets["hybrid_4_images_vs_own_continuous"]["holds"] is False
+    assert "hybrid_1_image_vs_llamacpp_mtmd_f32" not in targets  # no 1-image hybrid cell in the fake run
+    rows = {r["images"]: r for r in ttft_rows(report)}
+    assert rows[4]["llama.cpp mtmd fp32"] == 800.0 and rows[4]["ort hybrid"] == 100.0
+    md = markdown(report)
+    assert "vs llama.cpp's multimodal runtime" in md and "**missed**" in md and "q4_0: failed: boom" in md
+    write_outputs(report, tmp_path)
+    assert "llama.cpp mtmd fp32" in (tmp_path / "ttft.csv").read_text()
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -346,3 +442,41 @@ def test_quick_bench_end_to_end(small_artifacts, tmp_path) -> None:
     for name in ("summary.md", "text.csv", "stages.csv", "efficiency.csv"):
         assert (out / name).is_file()
     assert len(list(out.glob("bench_*.png"))) == 3
+
+
+# ---- opt-in: llama.cpp built from source and run on the shipped tiny model (MAVEN_SLOW=1) --------------
+
+
+@pytest.mark.skipif(not __import__("os").environ.get("MAVEN_SLOW"),
+                    reason="opt-in: MAVEN_SLOW=1 (builds llama.cpp from source once: tens of minutes on 2 cores; "
+                    "MAVEN_EDGE_LLAMA_CPP_SRC names the sources, else the llama-cpp-python sdist is fetched)")
+def test_llama_cpp_mtmd_runs_the_tiny_model(tmp_path) -> None:
+    pytest.importorskip("gguf")
+    from maven_edge.benchmarks.anchors.llama_cpp import (
+        convert_hf_to_gguf,
+        convert_mmproj_to_gguf,
+        run_llama_bench,
+        run_mtmd,
+        write_images,
+    )
+    from maven_edge.benchmarks.anchors.llama_cpp_build import ensure_build
+    from maven_edge.core import paths
+    from maven_edge.model_src.checkpoint import load_checkpoint
+    from maven_edge.model_src.hf_import import save_hf_llama
+    from maven_edge.model_src.resources import shipped_checkpoint
+
+    build = ensure_build(paths.cache_dir("bench"), jobs=2)
+    assert build.ok, build.error
+    ckpt = shipped_checkpoint("tiny")
+    model = load_checkpoint(ckpt)
+    hf = save_hf_llama(model.llm, tmp_path / "hf", tokenizer=model.tokenizer)
+    text = convert_hf_to_gguf(hf, tmp_path / "text.gguf", "q8_0")
+    mmproj = convert_mmproj_to_gguf(ckpt, tmp_path / "mmproj.gguf")
+    size = model.config.vision.image_size
+    one = run_mtmd(build.tool("llama-mtmd-cli"), text, mmproj, write_images(tmp_path, 1, size), 2, 4)
+    two = run_mtmd(build.tool("llama-mtmd-cli"), text, mmproj, write_images(tmp_path, 2, size), 2, 4)
+    # every patch of each image is a prompt token (LLaVA-style), so a second image adds num_patches tokens
+    assert two.prompt_tokens - one.prompt_tokens == model.config.num_patches
+    assert one.ttft_ms > 0 and one.encode_ms > 0 and one.eval_runs >= 1
+    pp, tg = run_llama_bench(build.tool("llama-bench"), text, 2, 32, 4)
+    assert pp > 0 and tg > 0

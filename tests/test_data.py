@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from maven_edge.core.tokenizer import IMAGE_TOKEN, count_image_placeholders
+from maven_edge.core.video import frame_block
 from maven_edge.model_src.data import (
     ALL_PAIRS,
     COLORS,
@@ -64,7 +65,7 @@ def test_same_split_and_index_give_identical_samples() -> None:
 
 def test_split_sizes_and_index_bounds() -> None:
     assert SPLITS == ("train", "val", "test")
-    assert num_samples("val") == 500 and num_samples("test") == 600 and num_samples("train") >= 200_000
+    assert num_samples("val") == 500 and num_samples("test") == 1000 and num_samples("train") >= 200_000
     with pytest.raises(IndexError):
         get_sample("val", 500)
     with pytest.raises(ValueError):
@@ -88,15 +89,19 @@ def test_heldout_pairs_only_in_test(samples) -> None:
 def test_prompt_format_and_placeholder_count(samples) -> None:
     for s in (s for split in SPLITS for s in samples[split]):
         assert count_image_placeholders(s.prompt) == len(s.images) == len(s.patch_labels) == len(s.scenes)
-        assert s.prompt.startswith(image_block(len(s.images)) + "\n") and s.prompt.endswith("\nAnswer:")
-        if len(s.images) > 1:
+        block = frame_block(len(s.images)) if s.family == "video" else image_block(len(s.images))
+        assert s.prompt.startswith(block + "\n") and s.prompt.endswith("\nAnswer:")
+        if s.family == "video":
+            assert s.prompt.startswith(f"Frame 1: {IMAGE_TOKEN}\nFrame 2: {IMAGE_TOKEN}\n")
+        elif len(s.images) > 1:
             assert s.prompt.startswith(f"Image 1: {IMAGE_TOKEN}\nImage 2: {IMAGE_TOKEN}\n")
         assert s.family == TASK_FAMILY[s.task]
         if s.family == "caption":
             assert s.prompt == f"{IMAGE_TOKEN}\nDescribe the image.\nAnswer:"
         else:
             assert "\nQuestion: " in s.prompt and s.prompt.endswith("?\nAnswer:")
-        assert (len(s.images) == 1) == (s.family != "multi")
+        assert (len(s.images) == 1) == (s.family not in ("multi", "video"))
+        assert len(s.images) <= 8
         assert all(img.mode == "RGB" and img.size == (64, 64) for img in s.images)
         assert s.text == f"{s.prompt} {s.answer}"
 
@@ -134,6 +139,13 @@ def test_answers_are_short_and_exact(samples) -> None:
             assert a in [f"image {i + 1}" for i in range(len(s.images))]
         elif s.task == "same":
             assert a in ("yes", "no")
+        elif s.task == "video":
+            assert a in VIDEO_ANSWERS or a.isdigit() and 1 <= int(a) <= len(s.images) or \
+                a in [f"frame {i + 1}" for i in range(len(s.images))], a
+
+
+VIDEO_ANSWERS = {"it appeared", "it disappeared", *(f"it moved {d}" for d in ("left", "right", "up", "down")),
+                 *(f"it turned {c}" for c in COLORS)}
 
 
 def test_answers_match_the_scenes(samples) -> None:
@@ -244,8 +256,8 @@ def test_iter_samples_filters_and_text_corpus() -> None:
     multi = list(iter_samples("test", 12, families=["multi"], start=3))
     assert len(multi) == 12 and all(s.family == "multi" and s.meta["index"] >= 3 for s in multi)
     only = list(iter_samples("val", 3, tasks=["same"]))
-    assert [s.meta["index"] for s in only] == [8, 17, 26]
-    assert len(list(iter_samples("val", 1000, families=["caption"]))) == 56  # stops at the split's end
+    assert [s.meta["index"] for s in only] == [8, 18, 28]
+    assert len(list(iter_samples("val", 1000, families=["caption"]))) == 50  # stops at the split's end
     with pytest.raises(ValueError):
         iter_samples("val", 1, families=["nope"])
     corpus = text_corpus(20)
@@ -337,6 +349,8 @@ def test_followups_are_valid_questions_about_the_same_images(samples) -> None:
     rng = np.random.default_rng(0)
     asked: dict[str, set[str]] = {"single": set(), "multi": set()}
     for s in samples["train"]:
+        if s.family == "video":  # tests/test_video_data.py
+            continue
         own = question_line(s)
         assert own in s.prompt.split("\n")
         qas = followup_questions(s.scenes, rng, 3, skip=[own])

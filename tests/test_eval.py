@@ -139,8 +139,11 @@ def test_shipped_checkpoint_reproduces_its_eval_report():
 def test_shipped_eval_report_exists_and_is_consistent():
     report = json.loads((SHIPPED_TINY / "eval_report.json").read_text())
     assert report["mode"] == "hybrid" and report["keep_ratio"] == 0.25
-    assert report["num_questions"] == 600
-    assert set(report["family_accuracy"]) == {"caption", "single", "multi"}
+    assert report["num_questions"] == 1000  # the test split since issue 36
+    assert set(report["family_accuracy"]) == {"caption", "single", "multi", "video"}
+    assert set(report["image_bucket_accuracy"]) == {"2-4", "5-8"}
+    assert set(report["image_bucket_accuracy"]["5-8"]) == {"multi", "which_image", "count_across"}
+    assert set(report["video_accuracy"]) == {"event", "first_frame", "frame_count"}
 
 
 @needs_shipped

@@ -58,6 +58,10 @@ def test_recipe_plans():
     assert plans["int8-dynamic"]["decoder"] == "int8-dynamic"
     assert plans["int8-int4"]["decoder"] == "int4-weight" and plans["int8-int4"]["patch_selector"] == "int8-static"
     assert set(plans["fp16"].values()) == {"fp16"}
+    assert plans["int8-weight"] == {c: "int8-weight" if c == "decoder" else "fp32" for c in COMPONENTS}
+    for name, dec in (("vision-int8", "fp32"), ("latency-int8", "int8-weight"), ("latency-int4", "int4-weight")):
+        assert plans[name] == {"vision_encoder": "int8-fused-dynamic", "discrete_tokenizer": "int8-fused-dynamic",
+                               "embed_tokens": "fp32", "patch_selector": "fp32", "projector": "fp32", "decoder": dec}
     mixed = recipe_plan("int4-weight", COMPONENTS, {"vision_encoder": "fp16", "projector": "int8-dynamic"})
     assert mixed["vision_encoder"] == "fp16" and mixed["projector"] == "int8-dynamic" and mixed["decoder"] == "int4-weight"
     with pytest.raises(InputError, match="unknown quantization recipe"):
@@ -417,3 +421,72 @@ def test_calibration_methods_give_different_ranges(artifacts, manifest, tmp_path
     assert names and set(names) == set(ranges["percentile"].keys())
     assert all(width(ranges["percentile"], n) <= width(ranges["minmax"], n) + 1e-5 for n in names)
     assert any(width(ranges["percentile"], n) < width(ranges["minmax"], n) - 1e-5 for n in names)
+
+
+# ---- the latency recipes (issue 35) ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def latency(artifacts, tmp_path_factory):
+    from maven_edge.calibration.quantize import QuantizeOptions, quantize_artifacts
+
+    return quantize_artifacts(artifacts, tmp_path_factory.mktemp("latency") / "latency-int8",
+                              QuantizeOptions(recipe="latency-int8", progress=False))
+
+
+def test_latency_int8_fuses_the_vit_and_quantizes_weights_to_8_bits(latency, artifacts):
+    from maven_edge.core.manifest import load_manifest
+
+    m = load_manifest(latency.out)
+    prec = {k: c.precision for k, c in m.components.items()}
+    assert prec == {"vision_encoder": "int8", "discrete_tokenizer": "int8", "embed_tokens": "fp32",
+                    "patch_selector": "fp32", "projector": "fp32", "decoder": "int8"}
+    vit = m.components["vision_encoder"].extra["quantization"]
+    # the test model's ViT runs one block, whose attention follows the pre-LayerNorm and keeps its MatMuls
+    # (deeper ViTs fuse every later block's attention: 3 of 4 on tiny, 10 of 11 on edge-small)
+    assert vit["fusion"]["fused_ops"].get("SkipLayerNormalization", 0) >= 1 and vit["fusion"]["num_heads"] > 0
+    assert vit["fusion"]["nodes"][1] < vit["fusion"]["nodes"][0]
+    assert vit["parity"]["patch_features.rel_l2"] < 0.1
+    disc = m.components["discrete_tokenizer"].extra["quantization"]
+    assert disc["kept_fp32"], "the VQ codebook lookup must stay fp32"
+    dec = m.components["decoder"].extra["quantization"]
+    assert dec["bits"] == 8 and dec["quantized_matmuls"] >= 14 and dec["parity"]["logits.rel_l2"] < 0.05
+    assert "MatMulNBits" in _ops(latency.out / "decoder.onnx")
+    r = next(r for r in latency.components if r.name == "decoder")
+    assert 0.2 < r.ratio < 0.5  # 8 bits + a scale per 32 weights: about a quarter of fp32
+
+
+def test_latency_artifacts_answer_like_fp32(latency, artifacts):
+    from maven_edge.runtime.pipeline import MavenPipeline
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, size=(64, 64, 3), dtype=np.uint8) for _ in range(2)]
+    prompt = "<image><image>\nQuestion: what is in the images?\nAnswer:"
+    ref = MavenPipeline.from_artifacts(artifacts).generate(images, prompt, max_new_tokens=6)
+    got = MavenPipeline.from_artifacts(latency.out).generate(images, prompt, max_new_tokens=6)
+    assert got.visual_tokens_per_image == ref.visual_tokens_per_image
+    assert len(got.token_ids) >= 1
+
+
+@pytest.mark.parametrize("batches", [7, 8, 16, 17])
+def test_minmax_ranges_cover_every_calibration_batch(tmp_path, batches):
+    """onnxruntime's max_intermediate_outputs drops each full group of batches unmerged (and fails when
+    the count divides exactly); our chunked reading must see every batch, whatever the count."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from maven_edge.calibration.quantize import calibrate_ranges
+    from maven_edge.calibration.readers import make_ort_reader
+
+    w = numpy_helper.from_array(np.eye(4, dtype=np.float32), "w")
+    model = _graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [w])
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    feeds = [{"x": np.full((1, 4), float(i + 1), np.float32)} for i in range(batches)]
+    feeds[0]["x"][0, 0] = -50.0  # the extremes sit in the first and the last batch
+    feeds[-1]["x"][0, 1] = 90.0
+    ranges = calibrate_ranges(path, make_ort_reader(feeds, "mm"), "minmax")
+    lo, hi = ranges["x"].range_value
+    assert float(np.min(lo)) == -50.0 and float(np.max(hi)) == 90.0

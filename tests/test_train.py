@@ -377,3 +377,16 @@ def test_a_phase_config_saved_before_a_knob_existed_still_matches():
     assert _same_config(saved, cfg)
     assert not _same_config(saved, PhaseConfig(steps=2, batch_size=2, lr=1e-3, task_weights=(("same", 2.0),)))
     assert not _same_config({**saved, "steps": 3}, cfg) and not _same_config(None, cfg)
+
+
+def test_init_starts_one_stage_from_a_checkpoint_only(tmp_path):
+    """`--init` (a stage continued from a trained checkpoint, docs/training.md "Issue 36") takes one
+    stage 1-4; a missing checkpoint is a TrainingError naming it."""
+    from maven_edge.core.errors import TrainingError
+    from maven_edge.model_src.train.stages import train
+
+    for stage in ("all", "0"):
+        with pytest.raises(TrainingError, match="--init starts one stage"):
+            train(stage=stage, out=tmp_path / "run", init=tmp_path, quiet=True)
+    with pytest.raises(TrainingError, match="--init"):
+        train(stage="4", out=tmp_path / "run", init=tmp_path / "missing", quiet=True, final_eval=False)

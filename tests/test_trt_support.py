@@ -171,6 +171,11 @@ EXPECTED_REFUSALS = {
     "int4-weight": ({"decoder"}, "MatMulNBits"),
     "int8-int4": ({"vision_encoder", "discrete_tokenizer", "patch_selector", "projector", "decoder"}, ""),
     "fp16": (set(), ""),
+    "int8-weight": ({"decoder"}, "MatMulNBits"),
+    # dynamic int8 (DynamicQuantizeLinear) and onnxruntime's fused contrib ops are CPU-side choices
+    "vision-int8": ({"vision_encoder", "discrete_tokenizer"}, ""),
+    "latency-int8": ({"vision_encoder", "discrete_tokenizer", "decoder"}, ""),
+    "latency-int4": ({"vision_encoder", "discrete_tokenizer", "decoder"}, ""),
 }
 
 

@@ -95,6 +95,7 @@ class EngineContext:
     artifacts: dict[str, str] = field(default_factory=dict)  # precision -> our exported artifacts
     threads: int = 2
     log: Any = None  # callable(str) for build logs
+    extra: dict[str, Any] = field(default_factory=dict)  # engine-specific (e.g. llama_cpp_bin: the built tools)
 
     def say(self, msg: str) -> None:
         if self.log is not None:

@@ -1,26 +1,34 @@
-"""Anchor: llama.cpp through ``llama-cpp-python``, on a GGUF converted from the same checkpoint.
+"""Anchor: llama.cpp built from source, on GGUF files converted from the same checkpoint.
 
-Conversion (:func:`convert_hf_to_gguf`, needs only the pure-Python ``gguf`` package) writes the
-HF-format checkpoint of our decoder as a GGUF file in ``f32``, ``q8_0`` or ``q4_0``: llama.cpp's
-tensor names, the ``llama`` architecture (q/k rows permuted to llama.cpp's rotary layout, as its
-own converter does) or ``qwen2`` (q/k/v biases, NeoX rotary, no permutation), hyper-parameters,
-and the byte-level BPE tokenizer padded to the unified vocabulary (unused rows and visual codes
-get placeholder tokens). Norms and biases stay f32; every 2-D weight is quantized.
+Conversion needs only the pure-Python ``gguf`` package:
 
-Measurement (:class:`LlamaCppEngine`) uses the ``Llama`` object's own ``eval``: the prompt in one
-call (batched prompt processing), then one ``eval`` per new token, greedy on the last logits,
-``n_threads`` = the benchmark's thread count.
+- :func:`convert_hf_to_gguf` writes the HF-format checkpoint of our decoder as a GGUF file in
+  ``f32``, ``q8_0`` or ``q4_0``: llama.cpp's tensor names, the ``llama`` architecture (q/k rows
+  permuted to llama.cpp's rotary layout, as its own converter does) or ``qwen2`` (q/k/v biases,
+  NeoX rotary, no permutation), hyper-parameters, and the byte-level BPE tokenizer padded to the
+  unified vocabulary (unused rows and visual codes get placeholder tokens). Norms and biases stay
+  f32; every 2-D weight is quantized.
+- :func:`convert_mmproj_to_gguf` writes our ViT and LLaVA projector as an ``mmproj`` file for
+  libmtmd (a LLaVA-1.5-style model of the same size: 196 patch tokens per image on ViT-B/16).
 
-``llama-cpp-python`` compiles llama.cpp from source at install time, so it is an optional extra
-(``maven-edge[llamacpp]``). Where it is not importable, the engine reports the reference figures
-the issue gives for this kind of machine, marked "reference (not measured here)".
+The tools come from :mod:`maven_edge.benchmarks.anchors.llama_cpp_build` (a CMake build of the
+llama.cpp that ``llama-cpp-python``'s sdist vendors, or of a source tree the user names).
+Text (:class:`LlamaCppEngine`) is measured with ``llama-bench`` (prompt processing, then decode
+at the prompt's depth); multimodal time to first token with ``llama-mtmd-cli`` (:func:`run_mtmd`:
+the image encode that libmtmd reports plus the prompt evaluation that llama's perf counters
+report, ``--perf`` and a verbose log level). Where the tools cannot be built the engine is
+unavailable and the report shows the issue's reference figures for edge-small's geometry,
+labelled "reference (not measured here)"; a measured row always replaces them.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import re
+import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +37,8 @@ import numpy as np
 from maven_edge.benchmarks.anchors.base import (
     Engine,
     Prepared,
-    StepClock,
     TextRun,
     TextSpec,
-    argmax,
     stamp_ok,
     write_stamp,
 )
@@ -179,18 +185,205 @@ def convert_hf_to_gguf(hf_dir: str | Path, out: str | Path, precision: str = "fp
     return out
 
 
+# ---- mmproj: our ViT + projector as a LLaVA-style CLIP vision tower ------------------------------
+
+
+def convert_mmproj_to_gguf(checkpoint_dir: str | Path, out: str | Path) -> Path:
+    """Write the vision encoder and the LLaVA ``mlp2x_gelu`` projector of a maven-edge checkpoint as
+    an ``mmproj`` GGUF that libmtmd's CLIP loader reads (``clip.projector_type = mlp``), all f32.
+
+    The layout is the one llama.cpp's legacy ``convert_image_encoder_to_gguf.py`` writes for a
+    LLaVA-1.5 CLIP tower: ``v.*`` vision tensors (patch embedding f16, as that converter stores
+    it), ``mm.0`` / ``mm.2`` for the projector's two linears. libmtmd runs ``block_count - 1``
+    layers for an MLP projector (LLaVA's penultimate layer); the block count written is therefore
+    the number of layers our encoder runs plus one, padded with a copy of the last layer when the
+    feature layer is the last one (that extra layer is loaded, never run). A projector
+    ``output_scale`` other than 1 is folded into ``mm.2``. Every patch feeds the projector (196
+    tokens per image on a ViT-B/16-224), as in LLaVA-1.5's continuous mode.
+    """
+    import gguf
+    from safetensors.numpy import load_file
+
+    ckpt, out = Path(checkpoint_dir), Path(out)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    v, pre = cfg["vision"], cfg.get("preprocess", {})
+    scale = float((cfg.get("projector") or {}).get("output_scale", 1.0))
+    state = load_file(str(ckpt / "model.safetensors"))
+    n_layers = int(v["num_layers"])
+    used = n_layers + 1 + int(v.get("feature_layer", -1))
+    if not 1 <= used <= n_layers:
+        raise BackendError(f"vision.feature_layer {v.get('feature_layer')} leaves no layer to run")
+    if v.get("hidden_act", "quick_gelu") not in ("quick_gelu", "gelu"):
+        raise BackendError(f"libmtmd's CLIP runs quick_gelu or gelu, not {v['hidden_act']!r}")
+    llm_width = state["projector.linear_2.weight"].shape[0]
+
+    writer = gguf.GGUFWriter(str(out), "clip")
+    writer.add_bool("clip.has_text_encoder", False)
+    writer.add_bool("clip.has_vision_encoder", True)
+    writer.add_bool("clip.has_llava_projector", True)
+    writer.add_string("clip.projector_type", "mlp")
+    writer.add_file_type(int(gguf.LlamaFileType.ALL_F32))
+    writer.add_name(f"maven-edge vision tower + projector ({cfg.get('name', ckpt.name)})")
+    writer.add_description("image encoder for LLaVA")
+    writer.add_uint32("clip.vision.image_size", int(v["image_size"]))
+    writer.add_uint32("clip.vision.patch_size", int(v["patch_size"]))
+    writer.add_uint32("clip.vision.embedding_length", int(v["hidden_size"]))
+    writer.add_uint32("clip.vision.feed_forward_length", int(v["intermediate_size"]))
+    writer.add_uint32("clip.vision.projection_dim", int(llm_width))
+    writer.add_uint32("clip.vision.attention.head_count", int(v["num_heads"]))
+    writer.add_float32("clip.vision.attention.layer_norm_epsilon", float(v.get("layer_norm_eps", 1e-5)))
+    writer.add_uint32("clip.vision.block_count", used + 1)
+    writer.add_array("clip.vision.image_mean", [float(x) for x in pre.get("mean", (0.48145466, 0.4578275, 0.40821073))])
+    writer.add_array("clip.vision.image_std", [float(x) for x in pre.get("std", (0.26862954, 0.26130258, 0.27577711))])
+    writer.add_bool("clip.use_gelu", v.get("hidden_act") == "gelu")
+
+    def put(name: str, w: np.ndarray, dtype: Any = np.float32) -> None:
+        writer.add_tensor(name, np.ascontiguousarray(w, dtype=dtype))
+
+    p = "vision."
+    put("v.class_embd", state[p + "embeddings.class_embedding"])
+    put("v.patch_embd.weight", state[p + "embeddings.patch_embedding.weight"], np.float16)
+    put("v.position_embd.weight", state[p + "embeddings.position_embedding.weight"])
+    for n in ("weight", "bias"):
+        put(f"v.pre_ln.{n}", state[p + f"pre_layrnorm.{n}"])
+    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.out_proj": "attn_out", "layer_norm1": "ln1", "layer_norm2": "ln2",
+             # the legacy converter's (swapped) names; libmtmd detects and swaps them back
+             "mlp.fc1": "ffn_down", "mlp.fc2": "ffn_up"}
+    for i in range(used + 1):
+        src = min(i, n_layers - 1)
+        for ours, theirs in names.items():
+            for n in ("weight", "bias"):
+                put(f"v.blk.{i}.{theirs}.{n}", state[p + f"encoder.layers.{src}.{ours}.{n}"])
+    put("mm.0.weight", state["projector.linear_1.weight"])
+    put("mm.0.bias", state["projector.linear_1.bias"])
+    put("mm.2.weight", state["projector.linear_2.weight"] * scale)
+    put("mm.2.bias", state["projector.linear_2.bias"] * scale)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
+
+
+# ---- running the built tools ----------------------------------------------------------------------
+
+_PERF = re.compile(r"(prompt eval|eval) time\s*=\s*([\d.]+) ms\s*/\s*(\d+) (?:tokens|runs)")
+_ENCODE = re.compile(r"mtmd batch encoding done in (\d+) ms")
+_SLICE = re.compile(r"image slice encoded in (\d+) ms")
+_LOAD = re.compile(r"load time\s*=\s*([\d.]+) ms")
+
+
+@dataclass
+class MtmdRun:
+    """One ``llama-mtmd-cli`` request, from its own log (``--perf``, verbose)."""
+
+    encode_ms: float  # libmtmd: every image through the ViT + projector
+    prompt_eval_ms: float  # llama_decode of the whole prompt (text + image embeddings)
+    prompt_tokens: int
+    eval_ms: float  # the decode loop after the first token
+    eval_runs: int
+    wall_ms: float  # the whole process (model load included)
+
+    @property
+    def ttft_ms(self) -> float:
+        return self.encode_ms + self.prompt_eval_ms
+
+    @property
+    def decode_tok_s(self) -> float:
+        return self.eval_runs / (self.eval_ms / 1e3) if self.eval_runs and self.eval_ms > 0 else float("nan")
+
+    def record(self) -> dict[str, float]:
+        return {"ttft_ms": self.ttft_ms, "vision_ms": self.encode_ms, "prefill_ms": self.prompt_eval_ms,
+                "decode_tok_s": self.decode_tok_s, "wall_ms": self.wall_ms}
+
+
+def parse_mtmd_log(text: str, wall_ms: float = float("nan")) -> MtmdRun:
+    """The timings of one llama-mtmd-cli run (raises BackendError when its log has none)."""
+    perf = {m.group(1): (float(m.group(2)), int(m.group(3))) for m in _PERF.finditer(text)}
+    if "prompt eval" not in perf:
+        raise BackendError("llama-mtmd-cli printed no timings (needs --perf and a verbose log level); log tail: "
+                           + text[-800:])
+    encode = sum(float(x) for x in _ENCODE.findall(text)) or sum(float(x) for x in _SLICE.findall(text))
+    ev = perf.get("eval", (float("nan"), 0))
+    return MtmdRun(encode_ms=encode, prompt_eval_ms=perf["prompt eval"][0], prompt_tokens=perf["prompt eval"][1],
+                   eval_ms=ev[0], eval_runs=ev[1], wall_ms=wall_ms)
+
+
+def write_images(directory: Path, n: int, size: int, seed: int = 0) -> list[Path]:
+    """`n` random RGB PNGs of `size`x`size` (the same noise the pipeline section feeds ours)."""
+    from PIL import Image
+
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        p = directory / f"img-{seed}-{i}.png"
+        if not p.is_file():
+            Image.fromarray(rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)).save(p)
+        paths.append(p)
+    return paths
+
+
+def run_mtmd(binary: Path, model: Path, mmproj: Path, images: list[Path], threads: int, new_tokens: int,
+             prompt: str = "Question: what is in the images?\nAnswer:", timeout_s: float = 900) -> MtmdRun:
+    """One single-turn request through ``llama-mtmd-cli`` (greedy, `new_tokens` tokens at most)."""
+    cmd = [str(binary), "-m", str(model), "--mmproj", str(mmproj), "-p", prompt, "-n", str(new_tokens),
+           "-t", str(threads), "-tb", str(threads), "--temp", "0", "-c", "4096", "-b", "2048", "--seed", "0",
+           "--chat-template", "chatml", "--no-warmup", "--perf", "-lv", "4"]
+    for img in images:
+        cmd += ["--image", str(img)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, stdin=subprocess.DEVNULL)
+    wall = (time.perf_counter() - t0) * 1e3
+    text = proc.stdout + "\n" + proc.stderr
+    if proc.returncode != 0:
+        raise BackendError(f"llama-mtmd-cli exited {proc.returncode}: {text[-800:]}")
+    return parse_mtmd_log(text, wall)
+
+
+def run_llama_bench(binary: Path, model: Path, threads: int, prompt_len: int, new_tokens: int,
+                    timeout_s: float = 900) -> tuple[float, float]:
+    """(prompt tok/s over `prompt_len` tokens, decode tok/s of `new_tokens` tokens after that
+    prompt) from one ``llama-bench`` call: ``-p P -n 0`` and ``-n N -d P`` (decode at the same depth
+    as the text protocol's), one repetition each (the caller repeats)."""
+    out = []
+    for args in (["-p", str(prompt_len), "-n", "0"], ["-p", "0", "-n", str(new_tokens), "-d", str(prompt_len)]):
+        cmd = [str(binary), "-m", str(model), "-t", str(threads), "-r", "1", "-o", "json", "-b", "2048", *args]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, stdin=subprocess.DEVNULL)
+        if proc.returncode != 0:
+            raise BackendError(f"llama-bench exited {proc.returncode}: {(proc.stderr or proc.stdout)[-800:]}")
+        rows = json.loads(proc.stdout[proc.stdout.index("["):])
+        out.append(float(rows[0]["avg_ts"]))
+    return out[0], out[1]
+
+
 # ---- the engine ---------------------------------------------------------------------------------
 
 
 class LlamaCppEngine(Engine):
+    """llama.cpp built from source (:mod:`.llama_cpp_build`), measured with its own ``llama-bench``.
+
+    Per generation: prompt processing of ``prompt_len`` tokens, then ``new_tokens`` decode steps at
+    that depth (``-d``), each timed by llama-bench itself (model load excluded). llama-bench draws
+    its own token ids, so no greedy tokens are compared for this engine.
+    """
+
     name = "llamacpp"
-    label = "llama.cpp (llama-cpp-python)"
+    label = "llama.cpp"
     precisions = PRECISIONS
 
+    def _bin(self) -> Path | None:
+        b = self.ctx.extra.get("llama_cpp_bin")
+        return Path(b) if b else None
+
     def unavailable(self) -> str | None:
-        if importlib.util.find_spec("llama_cpp") is None:
-            return ("llama-cpp-python is not installed here (it compiles llama.cpp from source: "
-                    "pip install 'maven-edge[llamacpp]')")
+        if self._bin() is None:
+            why = self.ctx.extra.get("llama_cpp_error") or "llama.cpp was not built (the bench builds it when the "
+            "llamacpp anchor is selected)"
+            return f"llama.cpp is not available here: {why}"
         if importlib.util.find_spec("gguf") is None:
             return "the gguf package is not installed (needed to convert the checkpoint)"
         if self.ctx.hf_dir is None:
@@ -199,7 +392,7 @@ class LlamaCppEngine(Engine):
 
     def reference(self) -> dict[str, float] | None:
         """The issue's figures, only for a decoder of edge-small's LLM geometry (they mean nothing for
-        another model)."""
+        another model), and only reported when llama.cpp could not be measured here."""
         if not self._reference_geometry():
             return None
         ref = REFERENCE[self.precision]
@@ -218,55 +411,50 @@ class LlamaCppEngine(Engine):
 
     def prepare(self) -> Prepared:
         assert self.ctx.hf_dir is not None
-        out = self.ctx.work_dir / f"gguf-{self.precision}"
-        path = out / f"model-{self.precision}.gguf"
-        key = {"engine": self.name, "precision": self.precision, "hf": str(self.ctx.hf_dir)}
-        seconds, cached = 0.0, stamp_ok(out, key) and path.is_file()
-        if not cached:
-            out.mkdir(parents=True, exist_ok=True)
-            self.ctx.say(f"converting to GGUF {self.precision}: {path}")
-            t0 = time.perf_counter()
-            convert_hf_to_gguf(self.ctx.hf_dir, path, self.precision)
-            seconds = time.perf_counter() - t0
-            write_stamp(out, key)
-        return Prepared(path=str(path), bytes=path.stat().st_size, seconds=seconds, cached=cached)
+        path, seconds, cached = ensure_text_gguf(self.ctx.work_dir, self.ctx.hf_dir, self.precision, self.ctx.say)
+        return Prepared(path=str(path), bytes=path.stat().st_size, seconds=seconds, cached=cached,
+                        details={"llama_cpp": self.ctx.extra.get("llama_cpp_build", {})})
 
     def load(self, prepared: Prepared) -> None:
-        from llama_cpp import Llama
-
-        self.path = prepared.path
-        self.llm: Any = None
-        self._llama = Llama
-
-    def _ensure(self, n_ctx: int) -> Any:
-        if self.llm is None or self.llm.n_ctx() < n_ctx:
-            self.llm = self._llama(model_path=self.path, n_ctx=max(512, n_ctx), n_batch=512,
-                                   n_threads=self.ctx.threads, n_threads_batch=self.ctx.threads,
-                                   logits_all=False, verbose=False, seed=0)
-        return self.llm
+        self.path = Path(prepared.path)
+        bin_dir = self._bin()
+        assert bin_dir is not None
+        self.bench = bin_dir / "llama-bench"
 
     def generate(self, spec: TextSpec) -> TextRun:
-        llm = self._ensure(spec.max_length + 8)
-        llm.reset()
-        ids = [int(t) for t in spec.prompt_ids()]
-        clock = StepClock()
-        tokens: list[int] = []
-        clock.start()
-        llm.eval(ids)
-        tokens.append(argmax(_last_logits(llm)))
-        clock.first()
-        while len(tokens) < spec.new_tokens:
-            llm.eval([tokens[-1]])
-            tokens.append(argmax(_last_logits(llm)))
-        clock.last()
-        return clock.run(tokens)
+        pp_ts, tg_ts = run_llama_bench(self.bench, self.path, self.ctx.threads, spec.prompt_len, spec.new_tokens)
+        steps = max(1, spec.new_tokens - 1)
+        return TextRun(prefill_ms=spec.prompt_len / pp_ts * 1e3, decode_ms=steps / tg_ts * 1e3, tokens=[])
 
 
-def _last_logits(llm: Any) -> np.ndarray:
-    """Logits of the last evaluated position. Recent llama-cpp-python no longer copies them into
-    ``Llama.scores`` unless ``logits_all=True``, so read llama.cpp's output buffer: with only the
-    last position requesting logits, its first row is that position."""
-    ctx = getattr(llm, "_ctx", None)
-    if ctx is not None and hasattr(ctx, "get_logits"):
-        return np.ctypeslib.as_array(ctx.get_logits(), shape=(llm.n_vocab(),))
-    return np.asarray(llm.scores[llm.n_tokens - 1])
+def ensure_text_gguf(work_dir: Path, hf_dir: Path, precision: str,
+                     say: Any = None) -> tuple[Path, float, bool]:
+    """(path, seconds spent converting now, reused) of the cached text GGUF at `precision`."""
+    out = work_dir / f"gguf-{precision}"
+    path = out / f"model-{precision}.gguf"
+    key = {"engine": "llamacpp", "precision": precision, "hf": str(hf_dir)}
+    if stamp_ok(out, key) and path.is_file():
+        return path, 0.0, True
+    out.mkdir(parents=True, exist_ok=True)
+    if say:
+        say(f"converting to GGUF {precision}: {path}")
+    t0 = time.perf_counter()
+    convert_hf_to_gguf(hf_dir, path, precision)
+    write_stamp(out, key)
+    return path, time.perf_counter() - t0, False
+
+
+def ensure_mmproj_gguf(work_dir: Path, checkpoint: Path, say: Any = None) -> tuple[Path, float, bool]:
+    """(path, seconds spent converting now, reused) of the cached f32 mmproj GGUF."""
+    out = work_dir / "gguf-mmproj"
+    path = out / "mmproj-f32.gguf"
+    key = {"engine": "llamacpp-mmproj", "checkpoint": str(checkpoint)}
+    if stamp_ok(out, key) and path.is_file():
+        return path, 0.0, True
+    out.mkdir(parents=True, exist_ok=True)
+    if say:
+        say(f"converting the vision tower + projector to an mmproj GGUF: {path}")
+    t0 = time.perf_counter()
+    convert_mmproj_to_gguf(checkpoint, path)
+    write_stamp(out, key)
+    return path, time.perf_counter() - t0, False

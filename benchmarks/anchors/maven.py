@@ -68,8 +68,9 @@ class MavenOrtEngine(Engine):
     def load(self, prepared: Prepared) -> None:
         from maven_edge.runtime.backends.ort_backend import OrtBackend, SessionConfig
 
-        self.be = OrtBackend(prepared.path, session_options=SessionConfig(intra_op_num_threads=self.ctx.threads,
-                                                                          inter_op_num_threads=1))
+        self.be = OrtBackend(prepared.path, session_options=SessionConfig(
+            intra_op_num_threads=self.ctx.threads, inter_op_num_threads=1,
+            extra_config=dict(self.ctx.extra.get("ort_config") or {})))
 
     def generate(self, spec: TextSpec) -> TextRun:
         return backend_generate(self.be, spec)

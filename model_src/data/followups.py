@@ -14,6 +14,11 @@ its rule that every referring expression names a unique object:
   once in image 1 and once in image 2), and ``in_image``: the single-image colour / shape / count
   questions about one labelled image (``"what color is the circle in image 2?"``), a template the
   evaluation does not ask; it trains the label -> image lookup the multi-image tasks need.
+  ``count_across`` totals above ``TaskConfig.max_count_total`` (8) are not asked;
+* a video's frames (``video=True``): what happened to each object (``nothing`` for a static one),
+  the first frame of each colour-shape pair, how many frames show each shape and colour
+  (:func:`maven_edge.model_src.data.videos.video_followups`), and ``in_frame`` questions
+  (``"what color is the circle in frame 2?"``).
 
 Answers are computed from the scenes' ground truth. Each follow-up picks a task uniformly among
 those with a valid question, then a question uniformly, never repeating a question.
@@ -41,6 +46,7 @@ from maven_edge.model_src.data.tasks import (
     with_article,
 )
 from maven_edge.model_src.data.tasks import question as _q
+from maven_edge.model_src.data.videos import video_followups
 
 QA = tuple[str, str]  # (question line, answer)
 
@@ -92,12 +98,13 @@ def _which_image(scenes: Sequence[Scene], cfg: TaskConfig) -> list[QA]:
 
 
 def _count_across(scenes: Sequence[Scene], cfg: TaskConfig) -> list[QA]:
+    """Totals up to ``cfg.max_count_total`` only (the answers the generator gives: one digit)."""
     out = []
     for c in COLORS:
-        if n := sum(len(s.find(color=c)) for s in scenes):
+        if 0 < (n := sum(len(s.find(color=c)) for s in scenes)) <= cfg.max_count_total:
             out.append((_q(f"how many {c} shapes are there in all the images?"), str(n)))
     for sh in SHAPES:
-        if n := sum(len(s.find(shape=sh)) for s in scenes):
+        if 0 < (n := sum(len(s.find(shape=sh)) for s in scenes)) <= cfg.max_count_total:
             out.append((_q(f"how many {plural(sh)} are there in all the images?"), str(n)))
     return out
 
@@ -116,20 +123,33 @@ def _same(scenes: Sequence[Scene], cfg: TaskConfig) -> list[QA]:
     return out
 
 
-def _in_image(scenes: Sequence[Scene], cfg: TaskConfig) -> list[QA]:
-    """Single-image questions about one labelled image of the set ("... in image 2?"): they
-    exercise the label -> image-block lookup that which_image, same and changed rely on."""
+def _in_image(scenes: Sequence[Scene], cfg: TaskConfig, label: str = "image") -> list[QA]:
+    """Single-image questions about one labelled image of the set ("... in image 2?"; for a video
+    "... in frame 2?"): they exercise the label -> image-block lookup that which_image, same and
+    changed rely on."""
     out = []
     for k, s in enumerate(scenes, 1):
         qas = [(_q("how many shapes are there?"), str(len(s.objects)))] + _color([s], cfg) + _shape([s], cfg)
-        out += [(q.removesuffix("?") + f" in image {k}?", a) for q, a in qas]
+        out += [(q.removesuffix("?") + f" in {label} {k}?", a) for q, a in qas]
     return out
+
+
+def _video_task(task: str) -> Callable[[Sequence[Scene], TaskConfig], list[QA]]:
+    def make(scenes: Sequence[Scene], cfg: TaskConfig) -> list[QA]:
+        return [(_q(q), a) for q, a in video_followups(scenes)[task]]
+    return make
+
+
+def _in_frame(scenes: Sequence[Scene], cfg: TaskConfig) -> list[QA]:
+    return _in_image(scenes, cfg, "frame")
 
 
 _Pool = dict[str, Callable[[Sequence[Scene], TaskConfig], list[QA]]]
 SINGLE_POOL: _Pool = {"color": _color, "shape": _shape, "count": _count, "position": _position}
 MULTI_POOL: _Pool = {"which_image": _which_image, "count_across": _count_across, "same": _same,
                      "in_image": _in_image}
+VIDEO_POOL: _Pool = {"event": _video_task("event"), "first_frame": _video_task("first_frame"),
+                     "frame_count": _video_task("frame_count"), "in_frame": _in_frame}
 
 
 def followup_questions(
@@ -139,13 +159,14 @@ def followup_questions(
     skip: Sequence[str] = (),
     config: TaskConfig = DEFAULT_TASKS,
     reverse_change: bool = False,
+    video: bool = False,
 ) -> list[QA]:
-    """Up to ``n`` (question line, answer) pairs about ``scenes``, none of whose question lines
-    is in ``skip`` (e.g. the sample's own question); with ``reverse_change`` an edit pair's first
-    one is the backwards change question (module docstring)."""
+    """Up to ``n`` (question line, answer) pairs about ``scenes`` (the frames of a video with
+    ``video``), none of whose question lines is in ``skip`` (e.g. the sample's own question); with
+    ``reverse_change`` an edit pair's first one is the backwards change question (module docstring)."""
     if not scenes or n <= 0:
         return []
-    pool = SINGLE_POOL if len(scenes) == 1 else MULTI_POOL
+    pool = VIDEO_POOL if video else SINGLE_POOL if len(scenes) == 1 else MULTI_POOL
     seen = set(skip)
     candidates = {task: [qa for qa in make(scenes, config) if qa[0] not in seen] for task, make in pool.items()}
     out: list[QA] = []

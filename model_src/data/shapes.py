@@ -77,6 +77,7 @@ class ShapeObject:
     center: tuple[float, float]  # (x, y)
     bbox: tuple[int, int, int, int]  # (x0, y0, x1, y1), x1/y1 exclusive
     mask: np.ndarray  # bool [H, W]
+    track: int | None = None  # video frames: the same object in every frame has the same track
 
     @property
     def pair(self) -> Pair:

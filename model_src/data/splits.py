@@ -57,7 +57,7 @@ class DataConfig:
     base_seed: int = 20_240_611
     train_size: int = 1_000_000
     val_size: int = 500
-    test_size: int = 600
+    test_size: int = 1000
     heldout_pairs: tuple[Pair, ...] = HELDOUT_PAIRS
     schedule: tuple[str, ...] = TASKS
     tasks: TaskConfig = DEFAULT_TASKS
@@ -190,6 +190,31 @@ def summary(split: str, n: int | None = None, config: DataConfig = DEFAULT_DATA)
     }
 
 
+FIXED_COUNT_STREAM = 98  # the rng stream of fixed_count_samples (not a split id)
+
+
+def fixed_count_samples(
+    num_images: int,
+    n: int,
+    tasks: Sequence[str] = ("which_image", "count_across"),
+    image_size: int = 64,
+    patch_size: int = 8,
+    config: DataConfig = DEFAULT_DATA,
+) -> list[Sample]:
+    """``n`` test-like questions with exactly ``num_images`` images (the visual-token budget curves):
+    the ``tasks`` in turn (tasks whose image count varies), objects from the test split's pairs
+    (held-out pairs included), sample ``i`` from ``default_rng([base_seed, 98, num_images, i])``."""
+    tc = replace(config.tasks, multi_images=(num_images, num_images))
+    out = []
+    for i in range(n):
+        rng = np.random.default_rng([config.base_seed, FIXED_COUNT_STREAM, num_images, i])
+        draft = draft_sample(tasks[i % len(tasks)], rng, pairs=split_pairs("test", config),
+                             image_size=image_size, config=tc)
+        draft.meta.update(split="test-like", index=i)
+        out.append(finish_sample(draft, patch_size))
+    return out
+
+
 def write_demo_samples(out_dir: str | Path, config: DataConfig = DEFAULT_DATA) -> dict[str, Any]:
     """Write the bundled demo (``model_src/samples``): a 3-image "which image has X" question.
 
@@ -209,6 +234,21 @@ def write_demo_samples(out_dir: str | Path, config: DataConfig = DEFAULT_DATA) -
     demo = {"images": names, "prompt": sample.prompt, "answer": sample.answer, "task": sample.task}
     (out / "demo.json").write_text(json.dumps(demo, indent=2) + "\n")
     return demo
+
+
+def write_demo_video(out_dir: str | Path, config: DataConfig = DEFAULT_DATA) -> dict[str, Any]:
+    """Write the bundled video demo (``model_src/samples``): ``demo_video.mp4`` (H.264) and
+    ``demo_video.webm`` (VP9) of a "what happened to ...?" video (train pairs, a fixed seed, each
+    frame shown 1 s at 4 frames per second, 256 px) and ``demo_video.json`` (files, question,
+    answer, frames). Needs PyAV."""
+    from maven_edge.model_src.data.videos import write_video_sample
+
+    for i in range(100):  # the first sample of the demo stream that asks what happened
+        rng = np.random.default_rng([config.base_seed, DEMO_STREAM, 1, i])
+        draft = draft_sample("video", rng, pairs=split_pairs("train", config), config=config.tasks)
+        if draft.meta["variant"] == "event" and draft.meta["event"] in ("moved", "appeared"):
+            break
+    return write_video_sample(finish_sample(draft), out_dir, stem="demo_video")
 
 
 def write_preview(split: str, n: int, out_dir: str | Path, start: int = 0, scale: int = 4) -> Path:

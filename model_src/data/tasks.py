@@ -23,17 +23,25 @@ without a final period, and checked by exact string match (task: question -> ans
 * ``changed``: "what changed between image 1 and image 2?" -> ``the square turned blue`` /
   ``the red circle was removed`` / ``a green cross was added`` (``an orange ...``)
 * ``count_across``: "how many {color} shapes are there in all the images?" / "how many
-  {shape}s are there in all the images?" -> a digit, ``1``-``8``
+  {shape}s are there in all the images?" -> a digit, ``1``-``8`` (at most 2 per image)
 * ``same``: "is the {shape} in image 1 the same color as the {shape} in image 2?" / "is the
   {color} object in image 1 the same shape as the {color} object in image 2?" -> ``yes`` / ``no``
 
-Families: ``caption``; ``single`` (color, shape, count, position); ``multi`` (the rest).
+* ``video``: "what happened to the {color} {shape}?" -> ``it moved left`` / ``it turned blue`` /
+  ``it appeared`` / ``it disappeared``; "in which frame does the {color} {shape} first appear?" ->
+  ``frame 3``; "how many frames show a {shape}?" / "... a {color} shape?" -> a digit. The frames are
+  labelled ``Frame k: <image>`` (:mod:`maven_edge.model_src.data.videos`).
+
+Families: ``caption``; ``single`` (color, shape, count, position); ``multi`` (which_image, changed,
+count_across, same); ``video``.
 
 Captions list every object as ``a {size} {color} {shape}``, joined by ``", "``, in raster order
 (top to bottom by centre; see :mod:`maven_edge.model_src.data.shapes`). Every referring expression in a
 question names a unique object, which is how the scenes are sampled: e.g. for "what color is the
 circle?" the other objects are never circles; "which image has X" has exactly one answer image.
-Multi-image questions use 2-4 images (``which_image``, ``count_across``) or exactly 2.
+Multi-image questions use 2-8 images (``which_image``, ``count_across``: uniform) or exactly 2;
+a ``count_across`` total is uniform on 1..8 (at most 2 per image) whatever the number of images.
+Videos have 4-8 frames.
 
 Selector labels (``Sample.patch_labels``, one per image) mark the patches of the objects the
 text names in that image: the object asked about, the objects counted, both objects compared.
@@ -51,7 +59,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from maven_edge.core.tokenizer import IMAGE_TOKEN
+from maven_edge.core.prompt import image_block, make_prompt  # noqa: F401 - the layout lives in core
 from maven_edge.model_src.data.labels import scene_patch_labels
 from maven_edge.model_src.data.shapes import (
     ALL_PAIRS,
@@ -63,8 +71,9 @@ from maven_edge.model_src.data.shapes import (
     render_scene,
     sample_scene,
 )
+from maven_edge.model_src.data.videos import video_question
 
-FAMILIES: tuple[str, ...] = ("caption", "single", "multi")
+FAMILIES: tuple[str, ...] = ("caption", "single", "multi", "video")
 TASK_FAMILY: dict[str, str] = {
     "caption": "caption",
     "color": "single",
@@ -75,6 +84,7 @@ TASK_FAMILY: dict[str, str] = {
     "changed": "multi",
     "count_across": "multi",
     "same": "multi",
+    "video": "video",
 }
 TASKS: tuple[str, ...] = tuple(TASK_FAMILY)
 CAPTION_TEXT = "Describe the image."
@@ -125,8 +135,13 @@ class TaskConfig:
 
     scene: SceneConfig = DEFAULT_SCENE
     num_objects: tuple[int, int] = (1, 4)  # objects per scene, inclusive range
-    multi_images: tuple[int, int] = (2, 4)  # images of which_image / count_across, inclusive
+    multi_images: tuple[int, int] = (2, 8)  # images of which_image / count_across, inclusive
     max_count_per_image: int = 2  # count_across: 0..this matching objects per image
+    # count_across: the total is uniform on 1..min(this, max_count_per_image * images), spread over
+    # the images at random (so the answer is a digit however many images there are)
+    max_count_total: int = 8
+    video_frames: tuple[int, int] = (4, 8)  # frames of a video sample, inclusive
+    video_statics: tuple[int, int] = (1, 3)  # static objects of a video besides the actor
     min_offset: int = 8  # left/right is only asked when the centres are this far apart in x
     p_distractor: float = 0.5  # which_image: chance a wrong image holds a same-colour/shape object
 
@@ -166,18 +181,6 @@ class Sample:
     def text(self) -> str:
         """The full training text: prompt, a space, the answer."""
         return f"{self.prompt} {self.answer}"
-
-
-def image_block(num_images: int) -> str:
-    """The image part of a prompt: ``<image>`` for one image, else ``Image k: <image>`` lines."""
-    if num_images == 1:
-        return IMAGE_TOKEN
-    return "\n".join(f"Image {k + 1}: {IMAGE_TOKEN}" for k in range(num_images))
-
-
-def make_prompt(num_images: int, text: str) -> str:
-    """The image block (:func:`image_block`), then ``text`` and the answer cue on their own lines."""
-    return f"{image_block(num_images)}\n{text}\nAnswer:"
 
 
 def question_line(sample: Sample) -> str:
@@ -339,9 +342,10 @@ def _count_across(g: _Gen) -> _Out:
     axis = int(g.rng.integers(2))  # 0: colour, 1: shape
     value = g.pair_by(axis)[axis]
     matching = [p for p in g.pairs if p[axis] == value]
-    ks = g.rng.integers(0, g.cfg.max_count_per_image + 1, size=n)
-    if ks.sum() == 0:
-        ks[int(g.rng.integers(n))] = 1
+    cap = g.cfg.max_count_per_image
+    total = int(g.rng.integers(1, min(g.cfg.max_count_total, cap * n) + 1))
+    slots = g.rng.choice(cap * n, size=total, replace=False)  # `cap` slots per image
+    ks = np.bincount(slots // cap, minlength=n)
     scenes, named = [], []
     for k in ks:
         s = g.scene([g.pick(matching) for _ in range(int(k))], exclude=lambda p: p[axis] == value)
@@ -370,6 +374,12 @@ def _same(g: _Gen) -> _Out:
     return scenes, question(text), "yes" if same else "no", named, {"variant": ("color", "shape")[axis]}
 
 
+def _video(g: _Gen) -> _Out:
+    scenes, text, answer, named, meta = video_question(
+        g.rng, g.pairs, g.image_size, g.cfg.video_frames, g.cfg.video_statics, g.cfg.scene)
+    return scenes, question(text), answer, list(named), meta
+
+
 _GENERATORS: dict[str, Callable[[_Gen], _Out]] = {
     "caption": _caption,
     "color": _color,
@@ -380,6 +390,7 @@ _GENERATORS: dict[str, Callable[[_Gen], _Out]] = {
     "changed": _changed,
     "count_across": _count_across,
     "same": _same,
+    "video": _video,
 }
 
 
@@ -396,7 +407,8 @@ def draft_sample(
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
     scenes, text, answer, named, meta = _GENERATORS[task](_Gen(rng, pairs, image_size, config))
     meta["num_objects"] = [len(s.objects) for s in scenes]
-    return Draft(task, TASK_FAMILY[task], scenes, make_prompt(len(scenes), text), answer, named, meta)
+    prompt = make_prompt(len(scenes), text, video=TASK_FAMILY[task] == "video")
+    return Draft(task, TASK_FAMILY[task], scenes, prompt, answer, named, meta)
 
 
 def finish_sample(draft: Draft, patch_size: int = 8) -> Sample:

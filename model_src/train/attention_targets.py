@@ -38,6 +38,7 @@ import torch
 
 from maven_edge.core.config import LLMConfig
 from maven_edge.core.errors import TrainingError
+from maven_edge.model_src.data import videos as V
 from maven_edge.model_src.data.labels import patch_labels, patch_pixel_counts
 from maven_edge.model_src.data.shapes import COLORS, SHAPES, Scene, ShapeObject
 from maven_edge.model_src.data.tasks import (
@@ -51,7 +52,7 @@ from maven_edge.model_src.data.tasks import (
 
 # (pattern, roles): each role is (image group index or None for "the only / any image",
 # colour group or None, shape group or None). Patterns match the text after "Question: ".
-_IMG = r"(?: in image (\d))?"
+_IMG = r"(?: in (?:image|frame) (\d))?"
 _TEMPLATES: tuple[tuple[re.Pattern[str], tuple[tuple[int | None, int | None, int | None], ...]], ...] = (
     (re.compile(rf"what color is the (\w+){_IMG}\?"), ((2, None, 1),)),
     (re.compile(rf"what shape is the (\w+) object{_IMG}\?"), ((2, 1, None),)),
@@ -63,7 +64,7 @@ _TEMPLATES: tuple[tuple[re.Pattern[str], tuple[tuple[int | None, int | None, int
      ((-1, 1, None), (-2, 1, None))),
 )
 # "how many {shapes | red shapes | circles} are there[ in image k | in all the images]?"
-_COUNT = re.compile(r"how many (.+) are there(?: in image (\d)| (in all the images))?\?")
+_COUNT = re.compile(r"how many (.+) are there(?: in (?:image|frame) (\d)| (in all the images))?\?")
 _SHAPE_OF_PLURAL = {plural(s): s for s in SHAPES}
 
 Role = list[tuple[int, ShapeObject]]
@@ -136,17 +137,35 @@ def _changes(question: str, scenes: Sequence[Scene]) -> list[Role] | None:
     return [[(k, o) for o in gone], [(j, o) for o in new]]
 
 
+def _video(question: str, scenes: Sequence[Scene]) -> list[Role] | None:
+    """Video questions (:mod:`maven_edge.model_src.data.videos`): "what happened to the X?" gives
+    role 0 the object in the first frame it shows in and role 1 in the last (what changed between
+    them is the answer); "in which frame does the X first appear?" one role with the object in that
+    frame; "how many frames show a ...?" one role with every matching object of every frame."""
+    if m := V.EVENT_QUESTION.fullmatch(question):
+        track = V.find_track(scenes, m.group(1), m.group(2))
+        return [[track[0]], [track[-1]]] if track else []
+    if m := V.FIRST_QUESTION.fullmatch(question):
+        k = V.first_frame(scenes, m.group(1), m.group(2))
+        return [_objects(scenes, [k - 1], m.group(1), m.group(2))] if k else []
+    if m := V.COUNT_QUESTION.fullmatch(question):
+        found = _objects(scenes, range(len(scenes)), m.group(1), m.group(2))
+        return [found] if found else []
+    return None
+
+
 def referents(question: str, scenes: Sequence[Scene]) -> list[Role]:
     """The objects a question is about, one role per head: role r is the list of (image index,
     object) the r-th supervised head should attend to (an empty role gets no target).
 
     ``question`` is a question line (``"Question: ..."``). Questions naming objects give one role
     per named object, in the order they are named; count questions one role with every object
-    counted; "what changed" one role per image with its edited object. Captions give ``[]``; so
+    counted; "what changed" one role per image with its edited object; video questions see
+    :func:`_video`. Captions give ``[]``; so
     does a question whose referring expression does not pick exactly one object of ``scenes``
     (never the case for generated questions)."""
     text = question.removeprefix("Question: ")
-    for parse in (_named, _counted, _changes):
+    for parse in (_named, _counted, _changes, _video):
         roles = parse(text, scenes)
         if roles is not None:
             return roles

@@ -30,6 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch", type=int, default=None, metavar="N",
                    help="cap every batch size, for quick smoke runs (default: the recipe's sizes)")
     p.add_argument("--no-eval", action="store_true", help="skip the test-split evaluation after stage 4")
+    p.add_argument("--init", default=None, metavar="CHECKPOINT",
+                   help="start the one requested stage (1-4) from this trained checkpoint instead of the "
+                   "previous stage's output in --out (e.g. stage 4 continued from the shipped model)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_train)
 
@@ -47,6 +50,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--keep-ratio", type=float, default=None,
                    help="fraction of patches kept in hybrid mode (default: the checkpoint's keep ratio)")
     e.add_argument("--limit", type=int, default=None, metavar="N", help="evaluate the first N questions only (default: all)")
+    e.add_argument("--visual-token-budget", type=int, default=None, metavar="N",
+                   help="hybrid: each question's images share N visual tokens (codes + patches), the "
+                   "selector's patches ranked across its images (default: a keep ratio per image)")
+    e.add_argument("--min-patches", type=int, default=1, metavar="N",
+                   help="with --visual-token-budget: patches every image keeps (default 1)")
     e.add_argument("--batch-size", type=int, default=32, metavar="N", help="questions per forward pass (default 32)")
     e.add_argument("--json", action="store_true", help="print the report as JSON")
     e.add_argument("--out", default=None, metavar="FILE", help="also write the JSON report to this file")
@@ -79,7 +87,7 @@ def _train(args: argparse.Namespace) -> int:
     from maven_edge.model_src.train.stages import train
 
     results = train(args.preset, args.stage, args.out, args.steps_scale, args.resume, args.seed,
-                    args.overrides, args.quiet, not args.no_eval, args.max_batch)
+                    args.overrides, args.quiet, not args.no_eval, args.max_batch, args.init)
     for st, summary in results.items():
         if st == "final":
             if "accuracy" in summary:
@@ -98,7 +106,8 @@ def _eval(args: argparse.Namespace) -> int:
 
     model = load_checkpoint(args.checkpoint)
     report = evaluate(model, args.split, args.mode, args.keep_ratio, args.limit, args.batch_size,
-                      quiet=args.quiet or args.json)
+                      quiet=args.quiet or args.json, visual_token_budget=args.visual_token_budget,
+                      min_patches=args.min_patches)
     report["checkpoint"] = str(args.checkpoint)
     if args.out:
         with open(args.out, "w") as f:

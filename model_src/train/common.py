@@ -64,6 +64,34 @@ def visual_embeds(model: MavenModel, vf: VisualFeatures, mode: str, rows: Sequen
     return torch.cat(parts, dim=1)
 
 
+def budget_indices(
+    vf: VisualFeatures, counts: Sequence[int], budget: int, min_patches: int = 1
+) -> list[torch.Tensor]:
+    """Per image (all samples in order), the raster indices of the patches kept when each sample's
+    images share `budget` visual tokens (`core.budget.select_under_budget` on that sample's
+    selector scores; `counts`: images per sample)."""
+    from maven_edge.core.budget import select_under_budget
+
+    if vf.logits is None:
+        raise ValueError("a visual-token budget needs hybrid mode (selector scores)")
+    out, j = [], 0
+    for c in counts:
+        kept = select_under_budget(vf.logits[j : j + c].float().numpy(), budget, vf.codes.shape[1], min_patches)
+        out += [torch.from_numpy(k) for k in kept]
+        j += c
+    return out
+
+
+def embeds_for_indices(model: MavenModel, vf: VisualFeatures, indices: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """One [T_i, D] visual sequence (<img_start> codes kept-patches <img_end>) per image, image i
+    keeping the patches `indices[i]` (a visual-token budget keeps different numbers per image)."""
+    tok = model.tokenizer
+    start = model.embed_ids(torch.tensor([tok.img_start_id]))
+    end = model.embed_ids(torch.tensor([tok.img_end_id]))
+    return [torch.cat([start, model.embed_ids(vf.codes[i]), model.projector(vf.feats[i, idx]), end])
+            for i, idx in enumerate(indices)]
+
+
 def encode_visual(
     model: MavenModel, pixel_values: torch.Tensor, mode: str, keep_ratio: float | None = None
 ) -> VisualEncoding:

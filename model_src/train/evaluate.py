@@ -22,7 +22,14 @@ from maven_edge.model_src.data import Sample
 from maven_edge.model_src.data.splits import SPLITS, iter_samples, num_samples
 from maven_edge.model_src.modeling.maven import MavenModel
 from maven_edge.model_src.train import batches as B
-from maven_edge.model_src.train.common import VisualFeatures, set_threads, visual_embeds, visual_features
+from maven_edge.model_src.train.common import (
+    VisualFeatures,
+    budget_indices,
+    embeds_for_indices,
+    set_threads,
+    visual_embeds,
+    visual_features,
+)
 
 DEFAULT_MAX_NEW_TOKENS = 32  # GenerationConfig's default
 
@@ -35,24 +42,39 @@ def greedy_batch(
     keep_ratio: float | None = None,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     features_hook: Callable[[VisualFeatures], VisualFeatures] | None = None,
-) -> tuple[list[str], list[int], list[torch.Tensor | None]]:
+    visual_token_budget: int | None = None,
+    min_patches: int = 1,
+) -> tuple[list[str], list[int], list[Any]]:
     """(decoded answers, prefill lengths, selected patch indices per sample) for a batch.
-    `features_hook` (diagnostics) may replace the batch's visual features before they are embedded."""
+    `features_hook` (diagnostics) may replace the batch's visual features before they are embedded.
+    With `visual_token_budget` (hybrid) each sample's images share that many visual tokens, patches
+    ranked across its images (core/budget.py); the indices per sample are then a list per image."""
     tok = model.tokenizer
     ids = [tok.encode_prompt(s.prompt) for s in samples]
     counts = [len(s.images) for s in samples]
-    for i, c in zip(ids, counts, strict=True):
-        model.plan_prompt(i, c, model.config.visual_tokens_per_image(mode, keep_ratio))  # PromptError on mismatch
+    if visual_token_budget is None:
+        for i, c in zip(ids, counts, strict=True):
+            model.plan_prompt(i, c, model.config.visual_tokens_per_image(mode, keep_ratio))  # PromptError on mismatch
     px = B.pixel_tensor(samples, model.config)
     vf = visual_features(model, px, mode, keep_ratio)
     if features_hook is not None:
         vf = features_hook(vf)
-    emb = visual_embeds(model, vf, mode)
-    per, sel, j = [], [], 0
-    for c in counts:
-        per.append(emb[j : j + c])
-        sel.append(vf.indices[j : j + c] if vf.indices is not None else None)
-        j += c
+    per: list[Any] = []
+    sel: list[Any] = []
+    j = 0
+    if visual_token_budget is not None:
+        indices = budget_indices(vf, counts, visual_token_budget, min_patches)
+        emb_list = embeds_for_indices(model, vf, indices)
+        for c in counts:
+            per.append(emb_list[j : j + c])
+            sel.append(indices[j : j + c])
+            j += c
+    else:
+        emb = visual_embeds(model, vf, mode)
+        for c in counts:
+            per.append(emb[j : j + c])
+            sel.append(vf.indices[j : j + c] if vf.indices is not None else None)
+            j += c
     asm = model.assemble_batch(ids, per, pad_left=True)
     mask = asm.attention_mask
     prefill = [int(x) for x in mask.sum(1)]
@@ -76,6 +98,26 @@ def greedy_batch(
     return [tok.decode(o) for o in out], prefill, sel
 
 
+IMAGE_BUCKETS: tuple[tuple[int, int], ...] = ((2, 4), (5, 8))  # multi-image questions, reported apart
+
+
+def image_bucket(num_images: int) -> str:
+    """``"2-4"`` / ``"5-8"`` (:data:`IMAGE_BUCKETS`), else the count itself."""
+    for lo, hi in IMAGE_BUCKETS:
+        if lo <= num_images <= hi:
+            return f"{lo}-{hi}"
+    return str(num_images)
+
+
+def _nested(hits: dict[str, list[int]], prefix: str, value: Callable[[str], Any]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for k in sorted(hits):
+        if k.startswith(prefix):
+            outer, inner = k[len(prefix):].split("/", 1)
+            out.setdefault(outer, {})[inner] = value(k)
+    return out
+
+
 def normalize(text: str) -> str:
     return " ".join(text.strip().lower().split())
 
@@ -91,10 +133,19 @@ def evaluate(
     samples: Sequence[Sample] | None = None,
     return_predictions: bool = False,
     features_hook: Callable[[VisualFeatures], VisualFeatures] | None = None,
+    visual_token_budget: int | None = None,
+    min_patches: int = 1,
 ) -> dict[str, Any]:
-    """Exact-match accuracy per family, per task and overall on `split` (or given samples);
-    `features_hook` is passed to :func:`greedy_batch` (diagnostics)."""
+    """Exact-match accuracy per family, per task and overall on `split` (or given samples), the
+    multi-image tasks per image-count bucket (:data:`IMAGE_BUCKETS`) and the video questions per
+    variant; `features_hook` is passed to :func:`greedy_batch` (diagnostics). With
+    `visual_token_budget` each question's images share that many visual tokens (hybrid; patches
+    ranked across its images, at least `min_patches` per image) instead of a keep ratio each."""
     check_mode(mode)
+    if visual_token_budget is not None and mode != "hybrid":
+        raise InputError("--visual-token-budget ranks the selector's patches, so it needs --mode hybrid")
+    if visual_token_budget is not None and visual_token_budget < 1:
+        raise InputError(f"--visual-token-budget must be >= 1, got {visual_token_budget}")
     if split not in SPLITS:
         raise InputError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     if keep_ratio is not None and not 0.0 < keep_ratio <= 1.0:
@@ -110,13 +161,17 @@ def evaluate(
     order = sorted(range(len(samples)), key=lambda i: (samples[i].family == "caption", len(samples[i].images), i))
     preds: dict[int, str] = {}
     prefill: dict[int, int] = {}
+    patches: dict[int, int] = {}
     t0 = time.time()
     chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     for chunk in tqdm(chunks, desc=f"eval {split} {mode}", disable=quiet, mininterval=3.0):
-        answers, lens, _ = greedy_batch(model, [samples[i] for i in chunk], mode, keep_ratio,
-                                        features_hook=features_hook)
-        for i, a, n in zip(chunk, answers, lens, strict=True):
+        answers, lens, sel = greedy_batch(model, [samples[i] for i in chunk], mode, keep_ratio,
+                                          features_hook=features_hook, visual_token_budget=visual_token_budget,
+                                          min_patches=min_patches)
+        for i, a, n, kept in zip(chunk, answers, lens, sel, strict=True):
             preds[i], prefill[i] = a, n
+            if kept is not None:
+                patches[i] = sum(len(k) for k in kept)
     hits: dict[str, list[int]] = defaultdict(list)
     records = []
     for i, s in enumerate(samples):
@@ -125,6 +180,12 @@ def evaluate(
             hits[key].append(ok)
         if s.meta.get("heldout"):
             hits[f"heldout/{s.family}"].append(ok)
+        if s.family == "multi":
+            bucket = image_bucket(len(s.images))
+            hits[f"bucket/{bucket}/multi"].append(ok)
+            hits[f"bucket/{bucket}/{s.task}"].append(ok)
+        if s.family == "video":
+            hits[f"video/{s.meta.get('variant', 'all')}"].append(ok)
         records.append({"index": s.meta.get("index", i), "task": s.task, "family": s.family, "prompt": s.prompt,
                         "answer": s.answer, "prediction": preds[i], "correct": bool(ok)})
 
@@ -143,7 +204,17 @@ def evaluate(
         "task_accuracy": {k.split("/", 1)[1]: acc(k) for k in sorted(hits) if k.startswith("task/")},
         "heldout_pair_accuracy": {k.split("/", 1)[1]: acc(k) for k in sorted(hits) if k.startswith("heldout/")},
         "family_counts": {k.split("/", 1)[1]: len(hits[k]) for k in sorted(hits) if k.startswith("family/")},
-        "visual_tokens_per_image": cfg.visual_tokens_per_image(mode, keep_ratio),
+        # multi-image questions by number of images ("2-4", "5-8"): family "multi" and each task
+        "image_bucket_accuracy": _nested(hits, "bucket/", acc),
+        "image_bucket_counts": _nested(hits, "bucket/", lambda k: len(hits[k])),
+        "video_accuracy": {k.split("/", 1)[1]: acc(k) for k in sorted(hits) if k.startswith("video/")},
+        "video_counts": {k.split("/", 1)[1]: len(hits[k]) for k in sorted(hits) if k.startswith("video/")},
+        "visual_token_budget": visual_token_budget,
+        "min_patches": min_patches if visual_token_budget is not None else None,
+        "visual_tokens_per_image": None if visual_token_budget is not None else cfg.visual_tokens_per_image(mode, keep_ratio),
+        "mean_visual_tokens": sum(len(s.images) * (cfg.discrete.num_codes if mode != "continuous" else 0)
+                                  + patches.get(i, 0 if mode != "continuous" else len(s.images) * cfg.num_patches)
+                                  for i, s in enumerate(samples)) / len(samples),
         "mean_images_per_question": sum(len(s.images) for s in samples) / len(samples),
         "mean_prefill_tokens": sum(prefill.values()) / len(prefill),
         "eval_time_s": round(time.time() - t0, 1),
@@ -166,6 +237,18 @@ def format_report(report: dict[str, Any]) -> str:
     if report["heldout_pair_accuracy"]:
         ho = ", ".join(f"{k} {100 * v:.1f}%" for k, v in report["heldout_pair_accuracy"].items())
         lines.append(f"  held-out colour/shape pairs: {ho}")
-    lines.append(f"visual tokens per image: {report['visual_tokens_per_image']}  "
-                 f"mean prefill tokens per question: {report['mean_prefill_tokens']:.1f}")
+    for bucket, accs in report.get("image_bucket_accuracy", {}).items():
+        counts = report["image_bucket_counts"][bucket]
+        parts = ", ".join(f"{t} {100 * a:.1f}% (n={counts[t]})" for t, a in accs.items())
+        lines.append(f"  multi-image, {bucket} images: {parts}")
+    if report.get("video_accuracy"):
+        parts = ", ".join(f"{v} {100 * a:.1f}% (n={report['video_counts'][v]})" for v, a in report["video_accuracy"].items())
+        lines.append(f"  video: {parts}")
+    if report.get("visual_token_budget") is not None:
+        lines.append(f"visual-token budget: {report['visual_token_budget']} per question (min {report['min_patches']} "
+                     f"patch(es) per image)  mean visual tokens: {report['mean_visual_tokens']:.1f}  "
+                     f"mean prefill tokens: {report['mean_prefill_tokens']:.1f}")
+    else:
+        lines.append(f"visual tokens per image: {report['visual_tokens_per_image']}  "
+                     f"mean prefill tokens per question: {report['mean_prefill_tokens']:.1f}")
     return "\n".join(lines)

@@ -375,7 +375,8 @@ def phase_llm(model: MavenModel, cfg: PhaseConfig, seed: int, name: str, parts: 
         if cfg.followups:
             rng = B.rng_for(seed, f"{name}-followups", step)
             extra = [followup_questions(s.scenes, rng, cfg.followups, skip=[question_line(s)],
-                                        reverse_change=cfg.reverse_change) for s in samples]
+                                        reverse_change=cfg.reverse_change, video=s.family == "video")
+                     for s in samples]
         tb = B.text_batch(samples, tok, extra)
         px = B.pixel_tensor(samples, model.config)
         vf = visual_features(model, px, cfg.mode)
@@ -469,14 +470,20 @@ def train(
     quiet: bool = False,
     final_eval: bool = True,
     max_batch: int | None = None,
+    init: str | Path | None = None,
 ) -> dict[str, Any]:
     """Run the requested stages; returns {stage: summary}. Writes `out/stageK/` per stage and, after
-    stage 4, `out/final/` (checkpoint, training_log.jsonl, loss.png, eval_report.json)."""
+    stage 4, `out/final/` (checkpoint, training_log.jsonl, loss.png, eval_report.json).
+
+    `init`: a trained checkpoint the (single, not 0) requested stage starts from instead of the
+    previous stage's output in `out` (e.g. stage 4 continued from the shipped model)."""
     set_threads()
     stages = parse_stages(stage)
     cfg: MavenConfig = get_config(preset, overrides)
     cfg.seed = seed
     recipe = get_recipe(preset, steps_scale, max_batch)
+    if init is not None and (len(stages) != 1 or stages[0] == "0"):
+        raise TrainingError("--init starts one stage (1-4) from a checkpoint; pass --stage 1, 2, 3 or 4")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {}
@@ -488,6 +495,11 @@ def train(
             shutil.rmtree(sdir)
         if st == "0":
             model = build_model(cfg, seed=seed)
+        elif init is not None:
+            try:
+                model = load_checkpoint(init)
+            except CheckpointError as exc:
+                raise TrainingError(f"--init {init}: {exc}") from exc
         elif model is None or not (stage_dir(out, str(int(st) - 1)) / "stage.json").is_file():
             model = _load_previous(out, st)
         if st == "2" and not (resume and (sdir / "2-discrete" / "resume" / "progress.json").is_file()):
@@ -507,6 +519,7 @@ def train(
         plot_losses(records, sdir / "loss.png", f"stage {st}")
         summary = {"stage": st, "preset": preset, "seed": seed, "steps_scale": steps_scale,
                    "phases": summaries, "wall_time_s": round(time.time() - t0, 1),
+                   "init": None if init is None else str(init),
                    "recipe": {n: asdict(recipe[n]) for n in STAGE_PHASES[st]}}
         (sdir / "stage.json").write_text(json.dumps(summary, indent=2) + "\n")
         results[st] = summary
