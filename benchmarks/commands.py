@@ -8,6 +8,7 @@ import shlex
 from pathlib import Path
 
 from maven_edge.calibration.quantize import QUANT_RECIPES
+from maven_edge.core.cliutil import add_command
 from maven_edge.core.errors import InputError
 
 ANCHOR_NAMES = ("hf", "genai", "optimum", "llamacpp")
@@ -27,8 +28,12 @@ def _list(kind: str, cast=str):
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "bench", help="benchmark latency, TTFT, decode speed and memory against transformers, onnxruntime-genai, "
+    p = add_command(
+        subparsers, "bench",
+        examples=["maven-edge bench --quick --out bench/quick",
+                  "maven-edge bench --artifacts artifacts/tiny --anchors none --images 1,4 --out bench/tiny",
+                  "maven-edge bench --preset edge-small --sections pipeline --modes hybrid,continuous --out bench/edge"],
+        help="benchmark latency, TTFT, decode speed and memory against transformers, onnxruntime-genai, "
         "Optimum and llama.cpp",
         description="Per-stage latency of the multimodal pipeline (ort and torch backends, hybrid / continuous / "
         "discrete, 1..8 images), text decode speed of our runtime and of the anchors on the same weights, the "
@@ -36,12 +41,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "CSV files, summary.md and bench_*.png into --out.",
     )
     src = p.add_argument_group("model (one of)")
-    src.add_argument("--artifacts", help="exported artifact directory (its manifest names the source model)")
+    src.add_argument("--artifacts", metavar="DIR", help="exported artifact directory (its manifest names the source model)")
     src.add_argument("--preset", help="seeded random weights of a preset: tiny, edge-small, paper")
-    src.add_argument("--checkpoint", help="maven-edge checkpoint directory")
+    src.add_argument("--checkpoint", metavar="DIR", help="maven-edge checkpoint directory")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for --preset/--checkpoint, e.g. --set llm.num_layers=4 (repeatable)")
-    p.add_argument("--seed", type=int, default=None, help="weight seed for --preset")
+    p.add_argument("--seed", type=int, default=None, help="weight seed for --preset (default: the config's seed)")
     p.add_argument("--int4-artifacts", help="int4 artifacts of the same model (default: made with the int4-weight "
                    "recipe, cached)")
     p.add_argument("--backends", type=_list("backends"), default=None,
@@ -91,13 +96,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--figures-dir", default=None, help="also copy the plots here (e.g. docs/figures)")
     p.add_argument("--no-progress", action="store_true", help="no progress display")
     p.add_argument("--json", action="store_true", help="print the ratios and file paths as JSON at the end")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.set_defaults(func=run_bench_command)
 
-    r = subparsers.add_parser("quantize-report", help="accuracy / size / latency report of every recipe (docs/)",
+    r = add_command(subparsers, "quantize-report", help="accuracy / size / latency report of every recipe (docs/)",
+                       examples=["maven-edge quantize-report --artifacts artifacts/tiny --out /tmp/qreport --limit 90 "
+                                 "--sections accuracy",
+                                 "maven-edge quantize-report --render-only docs/quantization.json"],
                        description="Quantize the fp32 artifacts with every recipe, evaluate each on the test "
                        "split through the runtime pipeline and write docs/quantization.md + .json.")
-    r.add_argument("--artifacts", default=None, help="fp32 artifacts of the model to evaluate (tiny)")
+    r.add_argument("--artifacts", default=None, metavar="DIR", help="fp32 artifacts of the model to evaluate (tiny)")
     r.add_argument("--render-only", default=None, metavar="JSON",
                    help="only re-write the markdown from an existing quantization.json")
     r.add_argument("--out", metavar="DIR",
@@ -107,20 +115,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="where the quantized artifacts go (default: quant-report/ in the user cache directory)")
     r.add_argument("--recipes", default=",".join(QUANT_RECIPES.names()),
                    help=f"comma-separated (default {','.join(QUANT_RECIPES.names())})")
-    r.add_argument("--split", default="test")
+    r.add_argument("--split", default="test", choices=("train", "val", "test"), help="data split (default test)")
     r.add_argument("--limit", type=int, default=None, help="evaluate the first N questions only")
     r.add_argument("--edge-artifacts", default=None, metavar="DIR",
                    help="fp32 artifacts of edge-small: adds the decoder size and decode-step latency section")
-    r.add_argument("--edge-recipes", default="int4-weight,int8-dynamic", help="recipes for the edge-small section")
+    r.add_argument("--edge-recipes", default="int4-weight,int8-dynamic", help="recipes for the edge-small section (default int4-weight,int8-dynamic)")
     r.add_argument("--sections", default="accuracy,calib,edge",
                    help="what to measure (default all); a subset updates the quantization.json in --out")
     r.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads (default 2)")
     r.add_argument("--reuse", action="store_true", help="reuse quantized artifacts already in --work")
-    r.add_argument("--quiet", action="store_true")
+    r.add_argument("--quiet", action="store_true", help="no progress bars")
     r.set_defaults(func=_report)
 
-    st = subparsers.add_parser(
-        "selftest", help="check the GPU paths on this machine: TensorRT engines and the CUDA/TensorRT providers "
+    st = add_command(
+        subparsers, "selftest",
+        examples=["maven-edge selftest --gpu --plan-only",
+                  "maven-edge selftest --gpu --questions 20 --require-gpu",
+                  "maven-edge selftest --gpu --artifacts artifacts/tiny --json selftest.json"],
+        help="check the GPU paths on this machine: TensorRT engines and the CUDA/TensorRT providers "
         "against CPU fp32 (docs/usage/quantization.md)",
         description="Export the shipped tiny model, build FP16 and INT8 TensorRT engines, answer test questions "
         "with the trt backend and onnxruntime's CUDA / TensorRT execution providers, compare greedy tokens with "
@@ -128,7 +140,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     st.add_argument("--gpu", action="store_true", required=True, help="the GPU self-test (the only one)")
     st.add_argument("--questions", type=int, default=50, help="test questions per backend (default 50)")
     st.add_argument("--new-tokens", type=int, default=16, help="greedy tokens per answer (default 16)")
-    st.add_argument("--artifacts", default=None, help="an fp32 export to use instead of exporting here")
+    st.add_argument("--artifacts", default=None, metavar="DIR",
+                    help="an fp32 export to use instead of exporting here (default: export the shipped tiny model)")
     st.add_argument("--work", default=None, help="working folder (default: the maven-edge cache, selftest/)")
     st.add_argument("--plan-only", action="store_true", help="print what would run here and exit")
     st.add_argument("--require-gpu", action="store_true", help="exit 2 (not 0) when no GPU path can run here")

@@ -14,6 +14,7 @@ from maven_edge.calibration.quantize import CALIB_METHODS, QUANT_METHODS, QUANT_
 from maven_edge.calibration.tensorrt import DEFAULT_PLAN_TRT
 from maven_edge.calibration.tensorrt import PRECISIONS as TRT_PRECISIONS
 from maven_edge.calibration.trt_support import ENGINE_RECIPES
+from maven_edge.core.cliutil import add_command
 from maven_edge.core.manifest import load_manifest
 
 
@@ -23,21 +24,28 @@ def _calib_args(p: argparse.ArgumentParser) -> None:
                    "pixel_values (default: the synthetic validation split)")
     p.add_argument("--calib-samples", type=int, default=32, metavar="N",
                    help="calibration samples (a sample = one request's images; default 32)")
-    p.add_argument("--calib-split", default="val", help="synthetic split to calibrate on (default val)")
+    p.add_argument("--calib-split", default="val", choices=("train", "val", "test"),
+                   help="synthetic split to calibrate on (default val)")
     p.add_argument("--allow-upscale", action="store_true",
                    help="accept calibration images smaller than the model input (they are upscaled)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    q = sub.add_parser(
-        "quantize", help="write reduced-precision artifacts (INT8 static/dynamic, INT4 weight-only, FP16)",
+    q = add_command(
+        sub, "quantize", help="write reduced-precision artifacts (INT8 static/dynamic, INT4 weight-only, FP16)",
         description="Quantize fp32 artifacts into a new artifact directory whose manifest records each "
-        "component's precision and the recipe. See docs/usage/quantization.md.")
-    q.add_argument("--artifacts", required=True, help="fp32 artifact directory (maven-edge export)")
-    q.add_argument("--out", required=True, help="new artifact directory")
+        "component's precision and the recipe. See docs/usage/quantization.md.",
+        examples=["maven-edge quantize --artifacts artifacts/tiny --out artifacts/tiny-int8 --recipe int8-dynamic",
+                  "maven-edge quantize --artifacts artifacts/tiny --out artifacts/tiny-int4 --recipe int4-weight "
+                  "--block-size 64",
+                  "maven-edge quantize --artifacts artifacts/tiny --out artifacts/tiny-int8s --recipe int8-static "
+                  "--calib-method percentile --calib-samples 64"])
+    q.add_argument("--artifacts", required=True, metavar="DIR", help="fp32 artifact directory (maven-edge export)")
+    q.add_argument("--out", required=True, metavar="DIR", help="new artifact directory")
     q.add_argument("--recipe", required=True, choices=QUANT_RECIPES.names(), metavar="RECIPE",
-                   help="; ".join(f"{name}: {r.help}" for name, r in QUANT_RECIPES.items()))
-    q.add_argument("--calib-method", default="minmax", choices=CALIB_METHODS, help="int8-static calibration")
+                   help="required, one of: " + "; ".join(f"{name}: {r.help}" for name, r in QUANT_RECIPES.items()))
+    q.add_argument("--calib-method", default="minmax", choices=CALIB_METHODS,
+                   help=f"how int8-static measures activation ranges: {', '.join(CALIB_METHODS)} (default minmax)")
     _calib_args(q)
     q.add_argument("--percentile", type=float, default=99.999, help="--calib-method percentile (default 99.999)")
     q.add_argument("--activation-type", default="int8", choices=("int8", "uint8"),
@@ -45,7 +53,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--per-tensor", action="store_true", help="per-tensor instead of per-channel int8 weights")
     q.add_argument("--quantize-discrete-heads", action="store_true",
                    help="also quantize MatMuls that feed ArgMax/TopK (VQ lookup, selector scores); default fp32")
-    q.add_argument("--block-size", type=int, default=32, help="int4-weight block size (power of two >= 16)")
+    q.add_argument("--block-size", type=int, default=32,
+                   help="int4-weight: weights per quantization block, a power of two >= 16 (default 32)")
     q.add_argument("--accuracy-level", type=int, default=4,
                    help="int4-weight MatMulNBits accuracy level: 0 = fp32 compute, 4 = int8 compute (default)")
     q.add_argument("--asymmetric", action="store_true", help="int4-weight with zero points")
@@ -55,28 +64,38 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--calib-cache", default=None, metavar="DIR", help="reuse calibration ranges across runs")
     q.add_argument("--force", action="store_true", help="replace the contents of a non-empty --out")
     q.add_argument("--json", action="store_true", help="print the result as JSON")
-    q.add_argument("--quiet", action="store_true")
+    q.add_argument("--quiet", action="store_true", help="no progress or log lines")
     q.set_defaults(func=_quantize)
 
-    c = sub.add_parser("calib-set", help="prepare and save a calibration set for some artifacts",
-                       description="Preprocess calibration images with the artifacts' preprocessing and save "
-                       "them (calibration.json + calibration.npz), e.g. to calibrate on another machine.")
-    c.add_argument("--artifacts", required=True, help="artifact directory the set is for")
-    c.add_argument("--out", required=True, help="directory for the saved set")
-    c.add_argument("--images-per-sample", type=int, default=1, help="folder sources: images per sample")
+    c = add_command(
+        sub, "calib-set", help="prepare and save a calibration set for some artifacts",
+        description="Preprocess calibration images with the artifacts' preprocessing and save them "
+        "(calibration.json + calibration.npz), e.g. to calibrate on another machine.",
+        examples=["maven-edge calib-set --artifacts artifacts/tiny --out calib/tiny --calib-samples 16",
+                  "maven-edge calib-set --artifacts artifacts/tiny --out calib/mine --calib-images photos/ "
+                  "--images-per-sample 2"])
+    c.add_argument("--artifacts", required=True, metavar="DIR", help="artifact directory the set is for")
+    c.add_argument("--out", required=True, metavar="DIR", help="directory for the saved set")
+    c.add_argument("--images-per-sample", type=int, default=1, metavar="N",
+                   help="with a folder of images: images per sample (default 1)")
     _calib_args(c)
     c.set_defaults(func=_calib_set)
 
-    t = sub.add_parser(
-        "build-trt", help="build TensorRT engines (one per component) from artifacts",
+    t = add_command(
+        sub, "build-trt", help="build TensorRT engines (one per component) from artifacts",
         description="Build one serialized TensorRT engine per component with optimisation profiles for the "
         "dynamic axes, an INT8 calibration cache, a timing cache and an engine cache keyed by manifest hash + "
-        "GPU + TensorRT version. Needs an NVIDIA GPU and the tensorrt and cuda-python packages.")
-    t.add_argument("--artifacts", required=True, help="artifact directory (fp32, or int8-static for explicit INT8)")
-    t.add_argument("--out", required=True, help="engine directory (engines.json + *.engine)")
+        "GPU + TensorRT version. Needs an NVIDIA GPU and the tensorrt and cuda-python packages (--dry-run "
+        "needs neither).",
+        examples=["maven-edge build-trt --artifacts artifacts/tiny --out engines/tiny --dry-run",
+                  "maven-edge build-trt --artifacts artifacts/tiny --out engines/tiny --dry-run --target-trt 8.6",
+                  "maven-edge build-trt --artifacts artifacts/tiny --out engines/tiny --precision fp16"])
+    t.add_argument("--artifacts", required=True, metavar="DIR",
+                   help="artifact directory (fp32, or int8-static for explicit INT8)")
+    t.add_argument("--out", required=True, metavar="DIR", help="engine directory (engines.json + *.engine)")
     t.add_argument("--precision", default="fp16", choices=TRT_PRECISIONS,
                    help="; ".join(f"{n}: {r.range_text()}" for n, r in ENGINE_RECIPES.items())
-                   + " (docs/usage/quantization.md)")
+                   + " (docs/usage/quantization.md; default fp16)")
     t.add_argument("--max-images", type=int, default=None, help="images per request (default: the model's max)")
     t.add_argument("--max-seq", type=int, default=None, help="context length: prompt + new tokens (default 1024)")
     t.add_argument("--max-batch", type=int, default=1, help="sequences per decoder call (default 1)")
@@ -84,11 +103,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--opt-level", type=int, default=3, help="builder optimization level 0-5 (default 3)")
     t.add_argument("--timing-cache", default=None, help="timing cache file (default <out>/timing-<gpu>-<trt>.cache)")
     t.add_argument("--engine-cache", default=None, help="engine cache directory (default <out>/cache)")
-    t.add_argument("--components", default=None, help="comma-separated subset to build")
+    t.add_argument("--components", default=None, help="comma-separated subset to build (default: all)")
     t.add_argument("--calib-algorithm", default="entropy", choices=("entropy", "minmax"),
                    help="implicit INT8 calibrator (default entropy)")
     t.add_argument("--calib-source", default="tensorrt", choices=("tensorrt", "onnxruntime"),
-                   help="calibrate on the GPU (tensorrt) or measure ranges on the CPU with onnxruntime")
+                   help="calibrate on the GPU (tensorrt, the default) or measure ranges on the CPU with onnxruntime")
     _calib_args(t)
     t.add_argument("--force", action="store_true", help="rebuild even when the engine cache has the engine")
     t.add_argument("--dry-run", action="store_true",
@@ -97,7 +116,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--target-trt", default=None, metavar="VERSION",
                    help="--dry-run: the TensorRT release to plan for (default: the installed one, else "
                    f"{DEFAULT_PLAN_TRT}); a build always uses the installed TensorRT")
-    t.add_argument("--quiet", action="store_true")
+    t.add_argument("--quiet", action="store_true", help="no progress or log lines")
     t.set_defaults(func=_build_trt)
 
 

@@ -15,7 +15,9 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+from annotated_types import Ge, Gt, Interval
 
 from maven_edge.core.errors import ConfigError
 from maven_edge.core.registry import Registry
@@ -35,6 +37,13 @@ VISUAL_MODES.add("hybrid", VisualMode(True, "selected", "codes + the patches the
 VISUAL_MODES.add("discrete", VisualMode(True, None, "codes only"))
 VISUAL_MODES.add("continuous", VisualMode(False, "all", "every projected patch (LLaVA-1.5)"))
 
+# Ranges of the config fields: read by pydantic when manifest.json is validated (and published in
+# docs/manifest.schema.json); `typing.get_type_hints` strips them, so the code below sees plain types.
+Size = Annotated[int, Interval(ge=1, le=2**31 - 1)]  # a width, count or length: at least 1
+Positive = Annotated[float, Gt(0)]
+Unit = Annotated[float, Interval(ge=0.0, le=1.0)]
+Std = Annotated[float, Interval(gt=0.0, le=10.0)]
+
 # CLIP's normalisation constants (the ViT family MaVEn uses).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -44,9 +53,9 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 class PreprocessConfig:
     """How an image becomes `pixel_values`; shared by training, torch and ONNX runtimes."""
 
-    image_size: int = 224
-    mean: tuple[float, float, float] = CLIP_MEAN
-    std: tuple[float, float, float] = CLIP_STD
+    image_size: Annotated[int, Interval(ge=1, le=16384)] = 224
+    mean: tuple[Unit, Unit, Unit] = CLIP_MEAN
+    std: tuple[Std, Std, Std] = CLIP_STD
     resample: str = "bicubic"  # a PIL resampling filter name
     pad_to_square: bool = True  # LLaVA-1.5: pad with the mean colour, then resize
 
@@ -55,18 +64,18 @@ class PreprocessConfig:
 class VisionConfig:
     """CLIP-style ViT (pre-LN, class token, learned position embeddings, quick_gelu)."""
 
-    image_size: int = 224
-    patch_size: int = 16
-    num_channels: int = 3
-    hidden_size: int = 768
-    num_layers: int = 12
-    num_heads: int = 12
-    intermediate_size: int = 3072
-    layer_norm_eps: float = 1e-5
+    image_size: Annotated[int, Interval(ge=1, le=16384)] = 224
+    patch_size: Size = 16
+    num_channels: Annotated[int, Interval(ge=1, le=4)] = 3
+    hidden_size: Size = 768
+    num_layers: Size = 12
+    num_heads: Size = 12
+    intermediate_size: Size = 3072
+    layer_norm_eps: Positive = 1e-5
     hidden_act: str = "quick_gelu"
     # Which hidden state the patch features are taken from: -1 = last layer, -2 = penultimate
     # (LLaVA-1.5 takes -2). Patch features never include the class token.
-    feature_layer: int = -1
+    feature_layer: Annotated[int, Interval(ge=-1024, le=1024)] = -1
 
     @property
     def num_patches(self) -> int:
@@ -77,32 +86,32 @@ class VisionConfig:
 class DiscreteConfig:
     """Q-Former-style query pooling over patch features, then a VQ codebook."""
 
-    num_codes: int = 32  # learned queries = codes per image
-    codebook_size: int = 8192
-    code_dim: int = 64
-    hidden_size: int = 768
-    num_layers: int = 2
-    num_heads: int = 12
-    intermediate_size: int = 3072
-    commitment_cost: float = 0.25
+    num_codes: Size = 32  # learned queries = codes per image
+    codebook_size: Size = 8192
+    code_dim: Size = 64
+    hidden_size: Size = 768
+    num_layers: Size = 2
+    num_heads: Size = 12
+    intermediate_size: Size = 3072
+    commitment_cost: Annotated[float, Ge(0)] = 0.25
 
 
 @dataclass
 class LLMConfig:
     """Llama-style decoder: RMSNorm, RoPE, GQA, SwiGLU. `vocab_size` is the unified vocab."""
 
-    hidden_size: int = 896
-    num_layers: int = 24
-    num_heads: int = 14
-    num_kv_heads: int = 2
-    intermediate_size: int = 4864
-    text_vocab_size: int = 32000  # ids below this are text and special tokens
-    max_position_embeddings: int = 4096
-    rope_theta: float = 1_000_000.0
-    rms_norm_eps: float = 1e-6
+    hidden_size: Size = 896
+    num_layers: Size = 24
+    num_heads: Size = 14
+    num_kv_heads: Size = 2
+    intermediate_size: Size = 4864
+    text_vocab_size: Size = 32000  # ids below this are text and special tokens
+    max_position_embeddings: Size = 4096
+    rope_theta: Positive = 1_000_000.0
+    rms_norm_eps: Positive = 1e-6
     attention_bias: bool = False  # True for Qwen2 (q/k/v biases)
     tie_word_embeddings: bool = False
-    initializer_range: float = 0.02
+    initializer_range: Annotated[float, Ge(0)] = 0.02
 
     @property
     def head_dim(self) -> int:
@@ -113,9 +122,9 @@ class LLMConfig:
 class SelectorConfig:
     """Patch selector MLP over concat(patch_feature, h_eos); sigmoid score per patch."""
 
-    hidden_size: int = 1024
-    num_layers: int = 3
-    keep_ratio: float = 0.25
+    hidden_size: Size = 1024
+    num_layers: Annotated[int, Interval(ge=2, le=1024)] = 3
+    keep_ratio: Annotated[float, Interval(gt=0.0, le=1.0)] = 0.25
 
 
 @dataclass
@@ -130,7 +139,7 @@ class ProjectorConfig:
     """
 
     hidden_act: str = "gelu"
-    output_scale: float = 1.0
+    output_scale: Positive = 1.0
 
 
 @dataclass
@@ -143,8 +152,8 @@ class MavenConfig:
     selector: SelectorConfig = field(default_factory=SelectorConfig)
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
     mode: str = "hybrid"
-    seed: int = 0
-    max_images: int = 8
+    seed: Annotated[int, Interval(ge=0, le=2**63 - 1)] = 0
+    max_images: Annotated[int, Interval(ge=0, le=4096)] = 8
     # Add a learned vector per image position (1st, 2nd, ...) to every token of that image's visual
     # sequence, so "which image" is a property of the tokens themselves (see tokenizer.VocabLayout).
     image_slots: bool = False

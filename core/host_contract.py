@@ -24,7 +24,9 @@ from maven_edge.core.prompt import PROMPT_TEMPLATE
 from maven_edge.core.tokenizer import BOS, EOS, EOS_VIS, IMAGE_TOKEN, IMG_END, IMG_START, VocabLayout
 
 #: Bumped when a field changes meaning; hosts refuse a version they do not know.
-HOST_CONTRACT_VERSION = 1
+#: 2 (issue 31): images are resized to fit the square first and padded after (was: padded to a
+#: square of the long side, then resized); `resize_passes` fixes the order of the two passes.
+HOST_CONTRACT_VERSION = 2
 
 
 def host_section(cfg: MavenConfig, layout: VocabLayout, tokenizer_file: str = "tokenizer.json") -> dict[str, Any]:
@@ -99,12 +101,18 @@ def host_section(cfg: MavenConfig, layout: VocabLayout, tokenizer_file: str = "t
             "icc_profile": "ignored",
             # straight alpha over white, per channel: (c * a + 255 * (255 - a) + 127) // 255
             "alpha_background": [255, 255, 255],
+            # pad_to_square: resize so the long side is `size` (fitted_size), then centre the result on
+            # a size x size canvas of pad_color: the picture of padding first and resizing after
+            # (LLaVA-1.5) without a canvas that grows with the long side squared. Otherwise stretch.
             "pad_to_square": bool(pre.pad_to_square),
+            "resize_then_pad": True,
+            "fitted_size": "long side -> size, other side -> max(1, (2 * side * size + long) // (2 * long))",
             "pad_color": list(pad_fill(pre)),  # trunc(mean * 255), like LLaVA-1.5
-            "pad_offset": "((side - width) // 2, (side - height) // 2)",
+            "pad_offset": "((size - fitted_width) // 2, (size - fitted_height) // 2)",
             "size": [pre.image_size, pre.image_size],
             "resample": pre.resample,
-            "resample_implementation": "pillow",  # Pillow's Image.resize, fixed-point 8-bit convolution
+            "resample_implementation": "pillow",  # Pillow's fixed-point 8-bit convolution, one axis per pass
+            "resize_passes": "horizontal (to the new width), then vertical (to the new height)",
             # pixel (uint8) * rescale in float64, rounded to float32; then (x - mean) / std in float32
             "rescale": 1 / 255,
             "mean": list(pre.mean),
@@ -116,7 +124,7 @@ def host_section(cfg: MavenConfig, layout: VocabLayout, tokenizer_file: str = "t
 
 def add_host_section(directory: Any, force: bool = False) -> bool:
     """Write the ``host`` section into an existing export's ``manifest.json`` (older exports lack
-    it). Nothing else changes: the section is derived from the manifest's own config and
+    it, or have an older version of it). Nothing else changes: the section is derived from the manifest's own config and
     vocabulary, and ``manifest.json`` is not among the hashed files. Returns whether it wrote."""
     import json
     from pathlib import Path
@@ -124,7 +132,7 @@ def add_host_section(directory: Any, force: bool = False) -> bool:
     from maven_edge.core.manifest import MANIFEST, load_manifest, write_manifest
 
     manifest = load_manifest(Path(directory), verify=False)
-    if manifest.host and not force:
+    if manifest.host and manifest.host.get("version") == HOST_CONTRACT_VERSION and not force:
         return False
     raw = json.loads((Path(directory) / MANIFEST).read_text())
     manifest.host = host_section(manifest.maven_config(), manifest.vocab_layout(), manifest.tokenizer.path)

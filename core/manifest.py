@@ -1,18 +1,25 @@
 """`manifest.json`: the only contract between export and every runtime (Python, C++, ...).
 
 torch-free. The exporter writes it with :func:`write_manifest`; runtimes read it with
-:func:`load_manifest`, which verifies the format version, the field types, that every listed file
-exists inside the artifact directory (no path traversal), each file's sha256, and that every
-external-data location written inside an ONNX file is one of the files listed for it.
+:func:`load_manifest`, which refuses a symlinked or oversized manifest, parses it with limits
+(nesting depth, number sizes, valid Unicode), validates it against the declared schema
+(:mod:`maven_edge.core.manifest_schema`, published as docs/manifest.schema.json) and its
+cross-field rules, and checks that every listed file is a regular file inside the artifact
+directory (no path traversal) with the listed size and sha256, and that every external-data
+location written inside an ONNX file is one of the files listed for it. Every failure is an
+:class:`ArtifactError` that names the file and the field. The runtimes then check each ONNX
+graph's inputs and outputs against its component entry (:func:`check_graph_io`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import shutil
+import stat
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,11 +27,17 @@ from typing import Any
 
 from maven_edge.core.config import MavenConfig
 from maven_edge.core.errors import ArtifactError
+from maven_edge.core.manifest_schema import (  # noqa: F401 - COMPONENTS, FORMAT_VERSION: part of this API
+    COMPONENTS,
+    FORMAT_VERSION,
+    SCHEMA_PATH,
+    ManifestModel,
+    cross_check,
+)
 from maven_edge.core.tokenizer import VocabLayout
 
-FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-COMPONENTS = ("vision_encoder", "discrete_tokenizer", "embed_tokens", "patch_selector", "decoder")
+MAX_MANIFEST_BYTES = 4 << 20  # an export's manifest is ~12 KB; anything near this is not one
 
 
 @dataclass
@@ -126,8 +139,12 @@ def file_entry(directory: Path, path: Path) -> FileEntry:
 
 
 def write_manifest(manifest: Manifest, directory: str | Path) -> Path:
+    """Write `manifest` as `directory`/manifest.json, after checking it against the schema and its
+    cross-field rules (a writer that breaks the contract fails here, not on a device)."""
+    text = json.dumps(manifest.to_dict(), indent=2) + "\n"
     path = Path(directory) / MANIFEST
-    path.write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
+    validate_manifest_text(text.encode(), str(path))
+    path.write_text(text)
     return path
 
 
@@ -154,65 +171,22 @@ def staged_artifacts(out: Path, clear: Callable[[Path], None]) -> Iterator[Path]
 
 
 def resolve_inside(directory: Path, relative: str) -> Path:
-    """`directory / relative`, refusing absolute paths and anything that escapes the directory."""
-    root = directory.resolve()
-    candidate = (root / relative).resolve()
+    """`directory / relative`, refusing absolute paths and anything that escapes the directory
+    (symlinks resolved first). An unresolvable path (a symlink loop, a name over the OS limit,
+    a NUL byte) is an ArtifactError too."""
+    try:
+        root = directory.resolve()
+        candidate = (root / relative).resolve()
+    except (OSError, RuntimeError, ValueError) as exc:  # RuntimeError: a symlink loop on Python < 3.13
+        raise ArtifactError(
+            f"manifest entry {relative!r} cannot be resolved inside {directory} ({_reason(exc)}); re-export the "
+            "artifacts"
+        ) from None
     if Path(relative).is_absolute() or (candidate != root and root not in candidate.parents):
         raise ArtifactError(
             f"manifest entry {relative!r} points outside the artifact directory {root}; refusing to read it"
         )
     return candidate
-
-
-_ENTRY_TYPES = {"path": str, "sha256": str, "size_bytes": int}
-_TOP_TYPES: dict[str, type | tuple[type, ...]] = {
-    "preset": str, "config": dict, "vocab": dict, "preprocess": dict, "mode": str, "keep_ratio": (int, float),
-    "num_patches": int, "num_kept_patches": int, "components": dict, "tokenizer": dict, "target_ort": str,
-    "exporter": dict, "recipe": str, "extra": dict, "host": dict,
-}
-_COMPONENT_TYPES: dict[str, type] = {
-    "file": dict, "precision": str, "inputs": list, "outputs": list, "opsets": dict, "ir_version": int,
-    "external_data": list, "extra": dict,
-}
-
-
-def _check_types(raw: dict[str, Any]) -> str | None:
-    """What is wrong with the types of the fields a runtime reads (None when nothing is)."""
-
-    def bad(where: str, value: Any, want: type | tuple[type, ...]) -> str | None:
-        if isinstance(value, bool) or not isinstance(value, want):
-            return f"{where} is {type(value).__name__}, expected {getattr(want, '__name__', 'a number')}"
-        return None
-
-    def entry(where: str, value: Any) -> str | None:
-        if not isinstance(value, dict):
-            return f"{where} is {type(value).__name__}, expected an object"
-        problems = (bad(f"{where}.{k}", value[k], t) for k, t in _ENTRY_TYPES.items() if k in value)
-        return next((p for p in problems if p), None)
-
-    for key, want in _TOP_TYPES.items():
-        if key in raw and (problem := bad(key, raw[key], want)):
-            return problem
-    if not isinstance(raw.get("vocab"), dict):
-        return "vocab is missing"
-    for key in ("text_vocab_size", "tokenizer_size", "codebook_size"):
-        if problem := bad(f"vocab.{key}", raw["vocab"].get(key), int):
-            return problem
-    if not isinstance(raw["vocab"].get("special_ids"), dict) or not all(
-            isinstance(v, int) for v in raw["vocab"]["special_ids"].values()):
-        return "vocab.special_ids must map token names to integer ids"
-    if "tokenizer" in raw and (problem := entry("tokenizer", raw["tokenizer"])):
-        return problem
-    for name, comp in (raw.get("components") or {}).items():
-        if not isinstance(comp, dict):
-            return f"components.{name} is {type(comp).__name__}, expected an object"
-        for key, want in _COMPONENT_TYPES.items():
-            if key in comp and (problem := bad(f"components.{name}.{key}", comp[key], want)):
-                return problem
-        for i, e in enumerate([comp.get("file")] + list(comp.get("external_data", []))):
-            if problem := entry(f"components.{name}." + ("file" if i == 0 else f"external_data[{i - 1}]"), e):
-                return problem
-    return None
 
 
 def external_data_locations(path: Path) -> list[str]:
@@ -277,48 +251,189 @@ def check_external_references(directory: Path, component: Component) -> None:
             )
 
 
-def load_manifest(directory: str | Path, verify: bool = True) -> Manifest:
-    """Read and check `manifest.json`. With `verify`, every file's sha256 is checked. Always: the
-    field types, that every listed file is inside `directory`, and that the ONNX files reference
-    external data only from the files listed for them."""
-    directory = Path(directory)
-    path = directory / MANIFEST
-    if not path.is_file():
-        raise ArtifactError(
-            f"{directory} has no {MANIFEST}; export one with `maven-edge export --checkpoint DIR --out {directory}`"
-        )
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ArtifactError(f"{path} is not valid JSON: {exc}") from exc
+def _reason(exc: BaseException) -> str:
+    """An OS error as words: 'symlink loop', 'file name too long', ... (never a traceback)."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return {errno.ELOOP: "a symlink loop", errno.ENAMETOOLONG: "a file name over the OS limit"}.get(
+            exc.errno, os.strerror(exc.errno))
+    if isinstance(exc, RuntimeError):
+        return "a symlink loop"
+    if isinstance(exc, ValueError) and "null" in str(exc):
+        return "a NUL byte in the path"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _field_name(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def validate_manifest_text(data: bytes, label: str) -> ManifestModel:
+    """Parse and validate manifest bytes: JSON limits, format version, schema, cross-field rules.
+    Raises ArtifactError naming `label` (the file) and the field."""
+    import pydantic
+    import pydantic_core
+
+    try:  # jiter: refuses nesting deeper than 200, numbers out of range, lone surrogates, NaN
+        raw = pydantic_core.from_json(data, allow_inf_nan=False)
+    except ValueError as exc:
+        raise ArtifactError(f"{label} is not valid JSON ({exc}); re-export the artifacts") from None
     if not isinstance(raw, dict) or "format_version" not in raw:
-        raise ArtifactError(f"{path} is not a maven-edge manifest (no format_version)")
+        raise ArtifactError(f"{label} is not a maven-edge manifest (no format_version)")
     version = raw["format_version"]
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
         raise ArtifactError(
-            f"{path} has format version {version!r}; this maven-edge reads up to {FORMAT_VERSION}. "
+            f"{label} has format version {_short(version)}; this maven-edge reads up to {FORMAT_VERSION}. "
             "Upgrade maven-edge or re-export with this version"
         )
-    problem = None
     try:
-        problem = _check_types(raw)
-        manifest = Manifest.from_dict(raw)
-    except (TypeError, KeyError, AttributeError, ValueError) as exc:
-        problem = problem or f"{type(exc).__name__}: {exc}"
-    if problem:
-        raise ArtifactError(f"{path} does not follow the manifest schema: {problem}; re-export the artifacts")
-    missing = [name for name in COMPONENTS if name not in manifest.components]
-    if missing:
-        raise ArtifactError(f"{path} lacks component(s) {missing}")
-    for entry in manifest.all_files():
-        target = resolve_inside(directory, entry.path)
-        if not target.is_file():
-            raise ArtifactError(f"artifact file {entry.path} listed in {MANIFEST} is missing from {directory}")
-        if verify and sha256_file(target) != entry.sha256:
+        model = ManifestModel.model_validate_json(data, strict=True)
+    except pydantic.ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        shown = "; ".join(
+            f"{_field_name(e['loc'])}: {e['msg'][0].lower() + e['msg'][1:]}"
+            + (f" (got {_short(e['input'])})" if e["type"] not in ("missing", "json_invalid") else "")
+            for e in errors[:3])
+        more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
+        raise ArtifactError(
+            f"{label} does not follow the manifest schema ({SCHEMA_PATH}): {shown}{more}; re-export the artifacts"
+        ) from None
+    problems = cross_check(model)
+    if problems:
+        shown = "; ".join(f"{where} {what}" for where, what in problems[:3])
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        missing = next((what for where, what in problems if where == "components" and "lacks" in what), None)
+        if missing:  # the most common edit: say it plainly
+            raise ArtifactError(f"{label} {missing}; re-export the artifacts")
+        raise ArtifactError(f"{label} is inconsistent: {shown}{more}; re-export the artifacts")
+    return model
+
+
+def _read_manifest_bytes(directory: Path) -> tuple[bytes, str]:
+    """The bytes of `directory`/manifest.json: refused when the directory does not exist, when
+    manifest.json is missing, a symlink, not a regular file or over MAX_MANIFEST_BYTES."""
+    export_hint = f"export one with `maven-edge export --checkpoint DIR --out {directory}`"
+    try:
+        info = os.stat(directory)
+    except FileNotFoundError:
+        raise ArtifactError(f"artifact directory {directory} does not exist; check the path, or {export_hint}") from None
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"artifact directory {directory!s:.200} cannot be opened ({_reason(exc)})") from None
+    if not stat.S_ISDIR(info.st_mode):
+        raise ArtifactError(f"{directory} is not a directory; give the directory that holds {MANIFEST}")
+    path = directory / MANIFEST
+    label = str(path)
+    try:
+        # O_NOFOLLOW: the manifest names the files to trust and their hashes, so it must be this
+        # directory's own file; a symlink (to anywhere, even inside) is refused, not followed.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise ArtifactError(f"{directory} has no {MANIFEST}; {export_hint}") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP or os.path.islink(path):
+            raise ArtifactError(
+                f"{label} is a symlink; refusing to follow it (the manifest decides which files are trusted, so it "
+                "must be a regular file inside the artifact directory): copy the file in place of the link"
+            ) from None
+        raise ArtifactError(f"{label} cannot be read ({_reason(exc)})") from None
+    with os.fdopen(fd, "rb") as f:
+        opened = os.fstat(f.fileno())
+        if not stat.S_ISREG(opened.st_mode):
+            raise ArtifactError(f"{label} is not a regular file; re-export the artifacts")
+        if opened.st_size > MAX_MANIFEST_BYTES:
+            raise ArtifactError(
+                f"{label} is {opened.st_size / 2**20:.1f} MiB, over the {MAX_MANIFEST_BYTES >> 20} MiB a manifest may "
+                "have (an export writes about 12 KB); re-export the artifacts"
+            )
+        try:
+            data = f.read(MAX_MANIFEST_BYTES + 1)
+        except OSError as exc:
+            raise ArtifactError(f"{label} cannot be read ({_reason(exc)})") from None
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise ArtifactError(f"{label} grew over {MAX_MANIFEST_BYTES >> 20} MiB while it was read; re-export the artifacts")
+    return data, label
+
+
+def _check_file(directory: Path, entry: FileEntry, verify: bool) -> None:
+    target = resolve_inside(directory, entry.path)
+    try:
+        info = os.stat(target)
+    except FileNotFoundError:
+        raise ArtifactError(f"artifact file {entry.path} listed in {MANIFEST} is missing from {directory}") from None
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"artifact file {entry.path!r} listed in {MANIFEST} cannot be opened ({_reason(exc)})") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ArtifactError(f"artifact file {entry.path} listed in {MANIFEST} is not a regular file")
+    if info.st_size != entry.size_bytes:
+        raise ArtifactError(
+            f"artifact file {entry.path} is {info.st_size} bytes, but {MANIFEST} lists size_bytes {entry.size_bytes}: "
+            "it was modified or truncated; re-export the artifacts"
+        )
+    if verify:
+        try:
+            digest = sha256_file(target)
+        except OSError as exc:
+            raise ArtifactError(f"artifact file {entry.path} cannot be read ({_reason(exc)})") from None
+        if digest != entry.sha256:
             raise ArtifactError(
                 f"artifact file {entry.path} does not match the sha256 in {MANIFEST}: it was modified or "
                 "corrupted; re-export the artifacts"
             )
+
+
+def load_manifest(directory: str | Path, verify: bool = True) -> Manifest:
+    """Read and check `manifest.json` (see the module docstring). With `verify`, every file's
+    sha256 is checked; always: the schema and cross-field rules, that every listed file is a
+    regular file inside `directory` with the listed size, and that the ONNX files reference
+    external data only from the files listed for them. Raises ArtifactError."""
+    directory = Path(directory)
+    data, label = _read_manifest_bytes(directory)
+    validate_manifest_text(data, label)
+    manifest = Manifest.from_dict(json.loads(data))
+    for entry in manifest.all_files():
+        _check_file(directory, entry, verify)
     for comp in manifest.components.values():
-        check_external_references(directory, comp)
+        try:
+            check_external_references(directory, comp)
+        except ArtifactError:
+            raise
+        except (OSError, ValueError) as exc:
+            raise ArtifactError(f"{comp.file.path} cannot be read ({_reason(exc)}); re-export the artifacts") from None
     return manifest
+
+
+def check_graph_io(component: Component, inputs: list[TensorSpec], outputs: list[TensorSpec]) -> list[str]:
+    """What differs between a component's manifest entry and its graph's real inputs and outputs
+    (names, element types, number of axes, and every axis one side fixes: a fixed size must be
+    the same on both sides, and a size the manifest calls dynamic must not be fixed in the graph).
+    Each problem names the manifest field. A graph's unnamed dynamic axis is written "?"."""
+    problems: list[str] = []
+    for side, actual in (("inputs", inputs), ("outputs", outputs)):
+        declared = {t.name: (i, t) for i, t in enumerate(getattr(component, side))}
+        real = {t.name: t for t in actual}
+        if set(declared) != set(real):
+            extra, missing = sorted(set(real) - set(declared)), sorted(set(declared) - set(real))
+            problems.append(f"components.{component.name}.{side} lists {sorted(declared)}, the graph has "
+                            f"{sorted(real)} (not listed: {extra}, not in the graph: {missing})")
+            continue
+        for name, (i, spec) in declared.items():
+            got = real[name]
+            where = f"components.{component.name}.{side}[{i}]"
+            if spec.dtype != got.dtype:
+                problems.append(f"{where}.dtype is {spec.dtype!r} for {name}, the graph's is {got.dtype!r}")
+            if len(spec.shape) != len(got.shape):
+                problems.append(f"{where}.shape is {spec.shape} for {name}, the graph's is {got.shape}")
+                continue
+            for axis, (want, real_dim) in enumerate(zip(spec.shape, got.shape, strict=True)):
+                if isinstance(real_dim, int) and want != real_dim:
+                    problems.append(f"{where}.shape is {spec.shape} for {name}, the graph's is {got.shape} "
+                                    f"(axis {axis})")
+                    break
+    return problems

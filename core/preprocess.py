@@ -9,7 +9,7 @@ imports only numpy and Pillow (never torch).
 
 Every failure is raised as a :class:`~maven_edge.core.errors.MavenError` subclass (almost always
 :class:`~maven_edge.core.errors.ImageError`) whose message names the image (its path, or
-``image #i`` for the i-th image of a batch, counting from 0) and says what to do. No Pillow,
+``image i`` for the i-th image of a batch, counting from 1 as prompts do) and says what to do. No Pillow,
 numpy or OS exception escapes. Policies (limits, alpha, 16-bit, animation) are documented
 in ``docs/usage/images.md``.
 """
@@ -17,10 +17,11 @@ in ``docs/usage/images.md``.
 from __future__ import annotations
 
 import io
+import math
 import os
 import stat
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -35,9 +36,13 @@ __all__ = [
     "ImageLimits",
     "ImageSource",
     "check_pixel_values",
+    "decode_bytes",
     "load_image",
+    "fit_to_square",
+    "fitted_size",
     "pad_fill",
     "pad_to_square",
+    "resize_separable",
     "preprocess_image",
     "preprocess_images",
     "resample_filter",
@@ -94,6 +99,11 @@ class ImageLimits:
         data is decoded (Pillow's own decompression-bomb guard is caught as well).
     max_bytes: size of an encoded image (path, bytes or file object); files are read at most
         this far. Not applied to PIL images or numpy arrays, which are already in memory.
+    max_decode_bytes: memory decoding one encoded image may take, estimated from its header
+        before any pixel is decoded (:func:`decode_bytes`: the image in Pillow's layout, 1-4
+        bytes per pixel, plus a progressive JPEG's coefficients, a compressed TIFF strip or
+        WebP's buffer). The default, 192 MiB, admits a 40 MP RGB/RGBA image; preprocessing
+        itself adds only strips of a few MiB (docs/reliability.md has the measured peaks).
     min_side: smallest allowed width and height, in pixels.
     max_aspect_ratio: largest allowed long side / short side. Padding to a square would
         turn a more extreme image into a thin line the vision encoder cannot see.
@@ -104,6 +114,7 @@ class ImageLimits:
 
     max_pixels: int = 40_000_000
     max_bytes: int = 64 * 1024 * 1024
+    max_decode_bytes: int = 192 * 1024 * 1024
     min_side: int = 1
     max_aspect_ratio: float = 50.0
     allow_multiframe: bool = True
@@ -111,7 +122,7 @@ class ImageLimits:
 
     def __post_init__(self) -> None:
         problems = []
-        for field_name in ("max_pixels", "max_bytes", "min_side"):
+        for field_name in ("max_pixels", "max_bytes", "max_decode_bytes", "min_side"):
             value = getattr(self, field_name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 problems.append(f"{field_name} must be an integer >= 1, got {value!r}")
@@ -150,7 +161,9 @@ def load_image(source: ImageSource, limits: ImageLimits | None = None, *, name: 
             return _from_pil(source, label, limits)
         if isinstance(source, np.ndarray):
             return _from_array(source, label, limits)
-        return _decode(_read_source(source, label, limits), label, limits)
+        with _open_source(source, label, limits) as fh:
+            im = _decode(fh, label, limits)
+        return _to_rgb(_exif_transpose(im), label)
     except MavenError:
         raise
     except Exception as exc:  # last-resort guard: never let a library exception escape
@@ -186,27 +199,32 @@ def _path_of(source: object) -> str | None:
     return name if isinstance(name, str) else None
 
 
-def _read_source(source: object, label: str, limits: ImageLimits) -> bytes:
-    """The encoded bytes of a path, buffer or file object, at most ``limits.max_bytes``."""
+def _open_source(source: object, label: str, limits: ImageLimits) -> BinaryIO:
+    """A seekable binary stream of the encoded image (the caller closes it), at most
+    ``limits.max_bytes`` long. A regular file is read by the decoder straight from disk, so
+    its bytes are never all held in memory; other sources are buffered up to the limit."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
         if len(data) > limits.max_bytes:
             raise _too_many_bytes(label, len(data), limits)
-    elif isinstance(source, (str, os.PathLike)):
-        data = _read_path(source, label, limits)
-    elif callable(getattr(source, "read", None)):
-        data = _read_bounded(source, label, limits)
-    else:
-        raise ImageError(
-            f"{label}: unsupported image type {type(source).__name__}; pass a path, bytes, a binary "
-            "file object, a PIL.Image.Image or a numpy array"
-        )
-    if not data:
-        raise ImageError(f"{label} is empty (0 bytes); pass a non-empty image file")
-    return data
+        if not data:
+            raise _empty(label)
+        return io.BytesIO(data)
+    if isinstance(source, (str, os.PathLike)):
+        return _open_path(source, label, limits)
+    if callable(getattr(source, "read", None)):
+        return _read_bounded(source, label, limits)
+    raise ImageError(
+        f"{label}: unsupported image type {type(source).__name__}; pass a path, bytes, a binary "
+        "file object, a PIL.Image.Image or a numpy array"
+    )
 
 
-def _read_path(source: str | os.PathLike, label: str, limits: ImageLimits) -> bytes:
+def _empty(label: str) -> ImageError:
+    return ImageError(f"{label} is empty (0 bytes); pass a non-empty image file")
+
+
+def _open_path(source: str | os.PathLike, label: str, limits: ImageLimits) -> BinaryIO:
     path = os.fspath(source)
     if isinstance(path, str) and path.lower().startswith(("http://", "https://", "ftp://")):
         raise ImageError(f"{label}: URLs are not fetched; download the image and pass the local path")
@@ -223,17 +241,27 @@ def _read_path(source: str | os.PathLike, label: str, limits: ImageLimits) -> by
     if stat.S_ISREG(info.st_mode) and info.st_size > limits.max_bytes:
         raise _too_many_bytes(label, info.st_size, limits)
     try:
-        with open(path, "rb") as fh:
-            return _read_bounded(fh, label, limits)
-    except MavenError:
-        raise
+        fh = open(path, "rb")  # noqa: SIM115 - returned to the caller, who closes it
     except OSError as exc:
         raise ImageError(f"{label}: cannot read the file ({exc}); check the path and permissions") from exc
+    try:
+        opened = os.fstat(fh.fileno())
+        if stat.S_ISREG(opened.st_mode):  # the file itself (not whatever the path pointed at before)
+            if opened.st_size > limits.max_bytes:
+                raise _too_many_bytes(label, opened.st_size, limits)
+            if opened.st_size == 0:
+                raise _empty(label)
+            return fh
+        with fh:  # a FIFO, a device, ...: read it, at most max_bytes
+            return _read_bounded(fh, label, limits)
+    except BaseException:
+        fh.close()
+        raise
 
 
-def _read_bounded(fh: Any, label: str, limits: ImageLimits) -> bytes:
-    """Read a file object to its end, refusing it once it exceeds ``limits.max_bytes``."""
-    chunks: list[bytes] = []
+def _read_bounded(fh: Any, label: str, limits: ImageLimits) -> io.BytesIO:
+    """Read a file object to its end into memory, refusing it once it exceeds ``limits.max_bytes``."""
+    buf = io.BytesIO()
     total = 0
     while total <= limits.max_bytes:
         try:
@@ -248,11 +276,13 @@ def _read_bounded(fh: Any, label: str, limits: ImageLimits) -> bytes:
             raise ImageError(f"{label}: the file object is in text mode; open the image with mode 'rb'")
         if not isinstance(chunk, (bytes, bytearray, memoryview)):
             raise ImageError(f"{label}: the file object's read() returned {type(chunk).__name__}, not bytes")
-        chunks.append(bytes(chunk))
-        total += len(chunks[-1])
+        total += buf.write(chunk)
     if total > limits.max_bytes:
         raise _too_many_bytes(label, None, limits)
-    return b"".join(chunks)
+    if not total:
+        raise _empty(label)
+    buf.seek(0)
+    return buf
 
 
 def _too_many_bytes(label: str, size: int | None, limits: ImageLimits) -> ImageError:
@@ -263,19 +293,28 @@ def _too_many_bytes(label: str, size: int | None, limits: ImageLimits) -> ImageE
     )
 
 
-def _decode(data: bytes, label: str, limits: ImageLimits) -> Image.Image:
-    """Decode encoded bytes after checking the header size, frames and format."""
+def _decode(fh: BinaryIO, label: str, limits: ImageLimits,
+            on_header: Callable[[tuple[int, int]], None] | None = None) -> Image.Image:
+    """Decode an encoded image after checking, on its header, its size, frames, format and
+    the memory decoding it takes; the image is returned loaded, in the file's own mode (EXIF
+    orientation not applied yet).
+
+    ``on_header`` is called with the header size after the checks and before any pixel data is
+    decoded (the per-request pixel budget of :func:`preprocess_images` uses it)."""
     # Our own header check decides; Pillow's warning (above Image.MAX_IMAGE_PIXELS) is silenced
     # so it can never surface as an exception under -W error, and its error is caught below.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            with Image.open(io.BytesIO(data), formats=list(limits.formats)) as im:
+            with Image.open(fh, formats=list(limits.formats)) as im:
                 _check_size(im.size, label, limits)  # header size: before any pixel is decoded
                 _check_frames(im, label, limits)
+                _check_decode_bytes(im, label, limits)
+                if on_header is not None:
+                    on_header(im.size)
                 im.load()
                 _check_size(im.size, label, limits)
-                return _to_rgb(_exif_transpose(im), label)
+                return im
         except MavenError:
             raise
         except Image.DecompressionBombError as exc:
@@ -283,12 +322,79 @@ def _decode(data: bytes, label: str, limits: ImageLimits) -> Image.Image:
                 f"{label} is too large to decode safely ({exc}); downscale it first"
             ) from exc
         except UnidentifiedImageError as exc:
-            raise ImageError(_unidentified_message(data, label, limits)) from exc
+            raise ImageError(_unidentified_message(_head(fh), label, limits)) from exc
+        except MemoryError as exc:
+            raise ImageError(
+                f"{label} could not be decoded: out of memory; downscale it, or lower ImageLimits.max_decode_bytes"
+            ) from exc
         except Exception as exc:
             raise ImageError(
                 f"{label} is truncated or corrupt ({type(exc).__name__}: {exc}); "
                 "re-download or re-save the image and try again"
             ) from exc
+
+
+def _head(fh: BinaryIO, n: int = 64) -> bytes:
+    try:
+        fh.seek(0)
+        return fh.read(n)
+    except Exception:
+        return b""
+
+
+def _pixel_bytes(mode: str) -> int:
+    """Bytes per pixel in Pillow's memory layout (RGB, LA, CMYK, I, F, ... take 4)."""
+    if mode in ("1", "L", "P"):
+        return 1
+    return 2 if mode.startswith("I;16") else 4
+
+
+def decode_bytes(im: Image.Image) -> tuple[int, str]:
+    """Estimated peak memory, in bytes, that Pillow takes to decode ``im`` (opened, not yet
+    loaded), read from its header: the image in Pillow's layout, plus the decoder's own buffer
+    where the format needs one (a progressive JPEG's DCT coefficients, a compressed TIFF
+    strip or tile, WebP's decoding buffers); and a note naming that buffer ("" when none)."""
+    w, h = im.size
+    total = w * h * _pixel_bytes(im.mode)
+    fmt = im.format
+    if fmt in ("JPEG", "MPO") and im.info.get("progressive"):
+        layers = [layer for layer in getattr(im, "layer", []) if len(layer) >= 3]
+        hmax = max((int(layer[1]) for layer in layers), default=1) or 1
+        vmax = max((int(layer[2]) for layer in layers), default=1) or 1
+
+        def blocks(n: int, samp: int, most: int) -> int:
+            samples = math.ceil(n * samp / most)
+            return math.ceil(samples / 8) * 8  # whole 8x8 blocks
+
+        coefficients = sum(blocks(w, int(layer[1]), hmax) * blocks(h, int(layer[2]), vmax) * 2 for layer in layers)
+        return total + coefficients, "a progressive JPEG holds all its DCT coefficients while it decodes"
+    if fmt == "WEBP":  # libwebp's canvas and previous canvas, then a copy as bytes (measured: 16 bytes/pixel)
+        return total + w * h * 12, "the WebP decoder works in buffers of its own"
+    if fmt == "TIFF" and any(getattr(t, "codec_name", "") == "libtiff" for t in getattr(im, "tile", [])):
+        tags = getattr(im, "tag_v2", {})
+        bits = tags.get(258, (8,))
+        row_bits = w * (sum(bits) if isinstance(bits, tuple) else int(bits) * int(tags.get(277, 1)))
+        if 322 in tags and 323 in tags:  # tiled
+            tile = -(-int(tags[322]) * row_bits // w // 8) * int(tags[323])
+            return total + tile, "a compressed TIFF is decoded a whole tile at a time"
+        rows = min(h, int(tags.get(278, h)) or h)
+        return total + -(-row_bits // 8) * rows, "a compressed TIFF is decoded a whole strip at a time"
+    return total, ""
+
+
+def _check_decode_bytes(im: Image.Image, label: str, limits: ImageLimits) -> None:
+    try:
+        need, why = decode_bytes(im)
+    except Exception:  # odd header values: the other checks and the decoder decide
+        return
+    if need > limits.max_decode_bytes:
+        w, h = im.size
+        reason = f" ({why})" if why else ""
+        raise ImageError(
+            f"{label} ({w}x{h}, {im.format} {im.mode}) needs about {need / 2**20:.0f} MiB to decode{reason}, "
+            f"over the limit of {limits.max_decode_bytes / 2**20:.0f} MiB; downscale it or re-save it as a "
+            "baseline JPEG or PNG, or raise ImageLimits.max_decode_bytes"
+        )
 
 
 def _unidentified_message(data: bytes, label: str, limits: ImageLimits) -> str:
@@ -417,12 +523,15 @@ def _array_to_uint8(arr: np.ndarray, label: str) -> np.ndarray:
 # ---- mode conversion ---------------------------------------------------------------------
 
 
-def _to_rgb(im: Image.Image, label: str) -> Image.Image:
-    """Convert any Pillow mode to a new RGB image (alpha over white, 16-bit/float stretched)."""
+def _to_rgb(im: Image.Image, label: str, numeric_range: _Range | None = None) -> Image.Image:
+    """Convert any Pillow mode to a new RGB image (alpha over white, 16-bit/float stretched).
+
+    ``numeric_range`` is the stretch range of a 16-bit/float image when ``im`` is one strip of
+    it (see :func:`_numeric_range`); by default the range of ``im`` itself is used."""
     mode = im.mode
     try:
-        if mode in ("I", "F") or mode.startswith("I;"):
-            return _numeric_to_rgb(im)
+        if _is_numeric(mode):
+            return _numeric_to_rgb(im, numeric_range)
         if mode in _PREMULTIPLIED_MODES:
             return Image.fromarray(_composite_premultiplied(np.asarray(im)), mode="RGB")
         if _has_alpha(im):
@@ -436,6 +545,10 @@ def _to_rgb(im: Image.Image, label: str) -> Image.Image:
         ) from exc
 
 
+def _is_numeric(mode: str) -> bool:
+    return mode in ("I", "F") or mode.startswith("I;")
+
+
 def _has_alpha(im: Image.Image) -> bool:
     if im.mode in _STRAIGHT_ALPHA_MODES or "transparency" in im.info:
         return True
@@ -444,11 +557,15 @@ def _has_alpha(im: Image.Image) -> bool:
 
 
 def _composite_straight(rgba: np.ndarray) -> np.ndarray:
-    """Straight-alpha RGBA (uint8) over white, rounded: (c * a + 255 * (255 - a)) / 255."""
-    rgb = rgba[..., :3].astype(np.uint32)
-    alpha = rgba[..., 3:4].astype(np.uint32)
-    out = (rgb * alpha + 255 * (255 - alpha) + 127) // 255
-    return out.astype(np.uint8)
+    """Straight-alpha RGBA (uint8) over white, rounded: (c * a + 255 * (255 - a)) / 255.
+
+    Computed in uint16: c * a + 255 * (255 - a) + 127 <= 255 * 255 + 127 < 2**16."""
+    rgb = rgba[..., :3].astype(np.uint16)
+    alpha = rgba[..., 3:4].astype(np.uint16)
+    rgb *= alpha
+    rgb += 255 * (255 - alpha) + 127
+    rgb //= 255
+    return rgb.astype(np.uint8)
 
 
 def _composite_premultiplied(arr: np.ndarray) -> np.ndarray:
@@ -459,25 +576,46 @@ def _composite_premultiplied(arr: np.ndarray) -> np.ndarray:
     return np.repeat(out, 3, axis=2) if out.shape[2] == 1 else out
 
 
-def _numeric_to_rgb(im: Image.Image) -> Image.Image:
+#: (lowest finite value, highest finite value), or None when no value is finite.
+_Range = tuple[float, float] | None
+
+
+def _numeric_range(im: Image.Image, rows_per_strip: int) -> _Range:
+    """The finite [min, max] of a 16-bit/float image, read a strip of rows at a time so no
+    full-size float64 copy is made."""
+    lo, hi = np.inf, -np.inf
+    w, h = im.size
+    for y0 in range(0, h, rows_per_strip):
+        values = np.asarray(im.crop((0, y0, w, min(h, y0 + rows_per_strip)))).astype(np.float64)
+        finite = values[np.isfinite(values)]
+        if finite.size:
+            lo, hi = min(lo, float(finite.min())), max(hi, float(finite.max()))
+    return None if lo > hi else (lo, hi)
+
+
+def _numeric_to_rgb(im: Image.Image, numeric_range: _Range | None = None) -> Image.Image:
     """``I``, ``I;16*`` and ``F`` images, stretched from their actual range to 0-255."""
     raw = np.asarray(im)
-    gray = _stretch_to_uint8(raw.astype(np.float64))
+    values = raw.astype(np.float64)
+    if numeric_range is None:
+        finite = values[np.isfinite(values)]
+        numeric_range = (float(finite.min()), float(finite.max())) if finite.size else None
+    gray = _stretch_to_uint8(values, numeric_range)
     transparency = im.info.get("transparency")
     if isinstance(transparency, (int, float)) and not isinstance(transparency, bool):
         gray = np.where(raw == transparency, np.uint8(255), gray)  # transparent -> white
     return Image.fromarray(np.repeat(gray[:, :, None], 3, axis=2), mode="RGB")
 
 
-def _stretch_to_uint8(values: np.ndarray) -> np.ndarray:
-    """Map [min, max] of the finite values to [0, 255]; NaN -> min, +-inf -> max/min.
+def _stretch_to_uint8(values: np.ndarray, value_range: _Range) -> np.ndarray:
+    """Map ``value_range`` = [min, max] of the finite values to [0, 255]; NaN -> min,
+    +-inf -> max/min; no finite value at all -> black.
 
     A constant image has no range: it becomes black when its value is <= 0, else white.
     """
-    finite = np.isfinite(values)
-    if not finite.any():
+    if value_range is None:
         return np.zeros(values.shape, dtype=np.uint8)
-    lo, hi = float(values[finite].min()), float(values[finite].max())
+    lo, hi = value_range
     values = np.nan_to_num(values, nan=lo, posinf=hi, neginf=lo)
     if hi == lo:
         return np.full(values.shape, 255 if lo > 0 else 0, dtype=np.uint8)
@@ -499,13 +637,48 @@ def resample_filter(name: str) -> Image.Resampling:
 
 
 def pad_to_square(im: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
-    """Centre ``im`` on a square canvas of its long side filled with ``fill`` (LLaVA-1.5)."""
+    """Centre ``im`` on a square canvas of its long side filled with ``fill`` (LLaVA-1.5's
+    ``expand2square``). Not used by preprocessing any more (see :func:`fit_to_square`): the
+    canvas costs memory in the square of the long side."""
     w, h = im.size
     if w == h:
         return im
     side = max(w, h)
     canvas = Image.new(im.mode, (side, side), fill)
     canvas.paste(im, ((side - w) // 2, (side - h) // 2))
+    return canvas
+
+
+def fitted_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """The size of a ``width`` x ``height`` image scaled so its long side is ``size`` (aspect
+    ratio kept, each side rounded half up, at least 1 pixel)."""
+    long = max(width, height)
+    return (max(1, (2 * width * size + long) // (2 * long)), max(1, (2 * height * size + long) // (2 * long)))
+
+
+def resize_separable(im: Image.Image, size: tuple[int, int], resample: Image.Resampling) -> Image.Image:
+    """``im`` resized to ``size``: Pillow's horizontal pass, then its vertical pass.
+
+    Pillow's own ``resize`` runs the same two passes but picks their order by cost, so its
+    result depends on the shape; fixing the order makes the result the same whether the
+    image is resized whole or a strip of rows at a time (the horizontal pass treats every row
+    on its own). For a square image resized to a square, the order Pillow picks is this one."""
+    w, h = im.size
+    return im.resize((size[0], h), resample=resample).resize(size, resample=resample)
+
+
+def fit_to_square(im: Image.Image, size: int, fill: tuple[int, int, int],
+                  resample: Image.Resampling = Image.Resampling.BICUBIC) -> Image.Image:
+    """Resize ``im`` so its long side is ``size``, then centre it on a ``size`` x ``size`` canvas
+    of ``fill``: the picture of padding to a square first and resizing after (LLaVA-1.5), with
+    memory and time in proportion to the image instead of to the square of its long side.
+    Preprocessing computes exactly this (bit for bit), a strip of rows at a time."""
+    w, h = fitted_size(*im.size, size)
+    out = resize_separable(im, (w, h), resample)
+    if (w, h) == (size, size):
+        return out
+    canvas = Image.new(out.mode, (size, size), fill)
+    canvas.paste(out, ((size - w) // 2, (size - h) // 2))
     return canvas
 
 
@@ -529,12 +702,104 @@ def _check_config(cfg: PreprocessConfig) -> None:
     resample_filter(cfg.resample)
 
 
-def _to_pixel_values(im: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
-    """RGB image -> float32 [3, S, S]: pad, resize, rescale by 1/255, normalise (CLIP arithmetic)."""
-    if cfg.pad_to_square:
-        im = pad_to_square(im, pad_fill(cfg))
+# ---- bounded-memory path: native pixels -> pixel_values, a strip of rows at a time ----------
+
+#: Largest strip of rows (in Pillow's 4 bytes per RGB pixel) converted and resized at a time.
+STRIP_BYTES = 1 << 20
+
+_ORIENTATIONS: dict[int, Image.Transpose] = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_SWAPS_AXES = frozenset({Image.Transpose.TRANSPOSE, Image.Transpose.ROTATE_270,
+                         Image.Transpose.TRANSVERSE, Image.Transpose.ROTATE_90})
+
+
+def _orientation(im: Image.Image) -> Image.Transpose | None:
+    """The transpose its EXIF orientation tag asks for (as ``ImageOps.exif_transpose``); None
+    when there is none or the EXIF data cannot be read."""
+    try:
+        return _ORIENTATIONS.get(im.getexif().get(0x0112, 1))
+    except Exception:
+        return None
+
+
+class _Rows:
+    """An image as its EXIF orientation shows it, in RGB, handed out a strip of rows at a time.
+
+    Only the decoded image itself is held at full size; each strip is cropped from it,
+    transposed and converted on its own (16-bit/float images use the range of the whole image),
+    so the RGB image is never materialised."""
+
+    def __init__(self, im: Image.Image, label: str, method: Image.Transpose | None = None):
+        self.im, self.label, self.method = im, label, method
+        w, h = im.size
+        self.size = (h, w) if method in _SWAPS_AXES else (w, h)
+        self.strip_rows = max(1, STRIP_BYTES // (4 * self.size[0]))
+        self.numeric: _Range = None
+        if _is_numeric(im.mode):
+            try:
+                self.numeric = _numeric_range(im, max(1, STRIP_BYTES // (8 * w)))
+            except Exception as exc:
+                raise ImageError(
+                    f"{label}: cannot read pixel mode {im.mode!r} ({exc}); re-save it as an RGB PNG or JPEG"
+                ) from exc
+
+    def rows(self, r0: int, r1: int) -> Image.Image:
+        """Rows [r0, r1) of the oriented image, as a new RGB image."""
+        w, h = self.im.size
+        m = self.method
+        if m in (Image.Transpose.ROTATE_180, Image.Transpose.FLIP_TOP_BOTTOM):
+            box = (0, h - r1, w, h - r0)
+        elif m in (Image.Transpose.TRANSPOSE, Image.Transpose.ROTATE_270):
+            box = (r0, 0, r1, h)
+        elif m in (Image.Transpose.TRANSVERSE, Image.Transpose.ROTATE_90):
+            box = (w - r1, 0, w - r0, h)
+        else:  # None, FLIP_LEFT_RIGHT
+            box = (0, r0, w, r1)
+        strip = self.im.crop(box)
+        if m is not None:
+            strip = strip.transpose(m)
+        return _to_rgb(strip, self.label, self.numeric)
+
+
+def _resize_rows(src: _Rows, size: tuple[int, int], resample: Image.Resampling) -> Image.Image:
+    """``src`` resized to ``size``, bit-identical to :func:`resize_separable` of the whole RGB
+    image: the horizontal pass a strip of rows at a time into a ``size[0]`` x height image, then
+    the vertical pass on that."""
+    w, h = src.size
+    if h <= src.strip_rows:
+        return resize_separable(src.rows(0, h), size, resample)
+    narrow = Image.new("RGB", (size[0], h))
+    for y0 in range(0, h, src.strip_rows):
+        y1 = min(h, y0 + src.strip_rows)
+        narrow.paste(src.rows(y0, y1).resize((size[0], y1 - y0), resample=resample), (0, y0))
+    return narrow.resize(size, resample=resample)
+
+
+def _square(src: _Rows, cfg: PreprocessConfig) -> Image.Image:
+    """The ``image_size`` square the model sees: fitted and padded (``fit_to_square``), or
+    stretched when ``cfg.pad_to_square`` is off."""
     size = cfg.image_size
-    im = im.resize((size, size), resample=resample_filter(cfg.resample))
+    resample = resample_filter(cfg.resample)
+    if not cfg.pad_to_square:
+        return _resize_rows(src, (size, size), resample)
+    w, h = fitted_size(*src.size, size)
+    out = _resize_rows(src, (w, h), resample)
+    if (w, h) == (size, size):
+        return out
+    canvas = Image.new("RGB", (size, size), pad_fill(cfg))
+    canvas.paste(out, ((size - w) // 2, (size - h) // 2))
+    return canvas
+
+
+def _normalise(im: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
+    """RGB ``image_size`` square -> float32 [3, S, S]: rescale by 1/255, normalise (CLIP arithmetic)."""
     arr = (np.asarray(im, dtype=np.uint8).astype(np.float64) * (1 / 255)).astype(np.float32)
     mean = np.asarray(cfg.mean, dtype=np.float32)
     std = np.asarray(cfg.std, dtype=np.float32)
@@ -542,23 +807,55 @@ def _to_pixel_values(im: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
+def _pixel_values(source: ImageSource, cfg: PreprocessConfig, limits: ImageLimits, name: str | None,
+                  on_header: Callable[[tuple[int, int]], None] | None = None) -> np.ndarray:
+    """One image -> float32 [3, S, S], holding at full size only the decoded file (in its own
+    mode) and never an RGB copy, a transposed copy or a padded canvas of it."""
+    label = _label(source, name)
+    try:
+        if isinstance(source, (Image.Image, np.ndarray)):  # already in memory: load_image's path
+            im = load_image(source, limits, name=name)
+            if on_header is not None:
+                on_header(im.size)
+            return _normalise(_square(_Rows(im, label), cfg), cfg)
+        with _open_source(source, label, limits) as fh:
+            native = _decode(fh, label, limits, on_header)
+        rows = _Rows(native, label, _orientation(native))
+        return _normalise(_square(rows, cfg), cfg)
+    except MavenError:
+        raise
+    except MemoryError as exc:
+        raise ImageError(f"{label} could not be preprocessed: out of memory; downscale it") from exc
+    except Exception as exc:  # last-resort guard: never let a library exception escape
+        raise ImageError(
+            f"{label} could not be read ({type(exc).__name__}: {exc}); check that it is a valid PNG/JPEG image"
+        ) from exc
+
+
 def preprocess_image(
     image: ImageSource, cfg: PreprocessConfig, limits: ImageLimits | None = None, *, name: str | None = None
 ) -> np.ndarray:
     """One image as float32 ``pixel_values`` of shape [3, S, S] (S = ``cfg.image_size``)."""
     _check_config(cfg)
-    return _to_pixel_values(load_image(image, limits, name=name), cfg)
+    return _pixel_values(image, cfg, DEFAULT_LIMITS if limits is None else limits, name)
 
 
 def preprocess_images(
-    images: Sequence[ImageSource], cfg: PreprocessConfig, limits: ImageLimits | None = None
+    images: Sequence[ImageSource], cfg: PreprocessConfig, limits: ImageLimits | None = None,
+    *, max_total_pixels: int | None = None,
 ) -> np.ndarray:
     """A list of images as float32 ``pixel_values`` of shape [n, 3, S, S].
 
-    Each image is loaded with `load_image`, padded to a centred square with the mean colour
-    (when ``cfg.pad_to_square``), resized to ``cfg.image_size`` with the ``cfg.resample``
-    filter, scaled to [0, 1] and normalised with ``cfg.mean`` / ``cfg.std``. The result is
-    deterministic (bit-identical between calls). Errors name the image as ``image #i``.
+    Each image is loaded as `load_image` would (same checks and conversions), resized so its
+    long side is ``cfg.image_size`` and centred on a square of the mean colour (when
+    ``cfg.pad_to_square``; else stretched to the square) with the ``cfg.resample`` filter,
+    scaled to [0, 1] and normalised with ``cfg.mean`` / ``cfg.std``. Images are decoded one
+    at a time and converted a strip of rows at a time, so memory is bounded by the largest
+    decoded file (see docs/usage/images.md). The result is deterministic (bit-identical
+    between calls). Errors name the image as ``image i`` (counting from 1, as prompts do).
+
+    max_total_pixels: the most pixels all images of the call may have together (the
+        per-request budget); checked on each file's header before it is decoded.
     """
     _check_config(cfg)
     if isinstance(images, (str, bytes, bytearray, memoryview, os.PathLike, Image.Image, np.ndarray)) or not (
@@ -568,10 +865,25 @@ def preprocess_images(
             f"preprocess_images expects a list of images, got {type(images).__name__}; "
             "wrap a single image in a list or call preprocess_image"
         )
+    limits = DEFAULT_LIMITS if limits is None else limits
     size = cfg.image_size
     out = np.empty((len(images), 3, size, size), dtype=np.float32)
+    total = 0
+
+    def budget(i: int) -> Callable[[tuple[int, int]], None]:
+        def check(wh: tuple[int, int]) -> None:
+            nonlocal total
+            total += wh[0] * wh[1]
+            if max_total_pixels is not None and total > max_total_pixels:
+                raise ImageError(
+                    f"image {i + 1} ({wh[0]}x{wh[1]}) brings the request to {total / 1e6:.1f} megapixels, over "
+                    f"the limit of {max_total_pixels / 1e6:.1f} per request; send fewer or smaller images, or "
+                    "raise PipelineLimits.max_request_pixels"
+                )
+        return check
+
     for i, image in enumerate(images):
-        out[i] = _to_pixel_values(load_image(image, limits, name=f"image #{i}"), cfg)
+        out[i] = _pixel_values(image, cfg, limits, f"image {i + 1}", budget(i))
     return out
 
 

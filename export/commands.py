@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from maven_edge.core.cliutil import add_command
+from maven_edge.core.errors import InputError
 from maven_edge.export.genai_decoder import DECODER_CHOICES
 from maven_edge.export.ort_compat import DEFAULT_TARGET
 
@@ -15,7 +17,8 @@ OPTIMIZER_CHOICES = ("onnxscript", "onnxslim")
 
 def _add_model_args(p: argparse.ArgumentParser, required: bool) -> None:
     src = p.add_mutually_exclusive_group(required=required)
-    src.add_argument("--checkpoint", type=Path, help="checkpoint directory (model.safetensors + config.json)")
+    src.add_argument("--checkpoint", type=Path, metavar="DIR",
+                     help="checkpoint directory (model.safetensors + config.json)")
     src.add_argument("--preset", help="a preset with seeded random weights: tiny, edge-small, paper")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override, e.g. --set llm.num_layers=2 (repeatable)")
@@ -23,13 +26,17 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "export", help="export the model to ONNX, one file per component, with manifest.json",
+    p = add_command(
+        subparsers, "export", help="export the model to ONNX, one file per component, with manifest.json",
         description="Export vision_encoder, discrete_tokenizer, embed_tokens, patch_selector, projector and "
-        "decoder to ONNX (docs/design.md §4), plus tokenizer.json and manifest.json.",
-    )
+        "decoder to ONNX (docs/design.md §4), plus tokenizer.json and manifest.json (schema: "
+        "docs/manifest.schema.json). Needs PyTorch (the full install).",
+        examples=["maven-edge export --checkpoint model_src/checkpoints/tiny --out artifacts/tiny",
+                  "maven-edge export --preset tiny --set llm.num_layers=2 --out artifacts/random-tiny",
+                  "maven-edge export --checkpoint model_src/checkpoints/tiny --out artifacts/tiny-genai "
+                  "--decoder genai --force"])
     _add_model_args(p, required=True)
-    p.add_argument("--out", type=Path, required=True, help="artifact directory to write")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="artifact directory to write")
     p.add_argument("--opset", type=int, default=None, help="ai.onnx opset (>= 17; default 18, capped by --target-ort)")
     p.add_argument("--target-ort", default=DEFAULT_TARGET,
                    help=f"oldest onnxruntime release the files must load in (default {DEFAULT_TARGET}; "
@@ -38,14 +45,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="also make the files parse in this TensorRT release (e.g. 8.6 for JetPack 6.0: opset 17); "
                    "see docs/usage/quantization.md")
     p.add_argument("--optimize", nargs="?", const="onnxscript", default=None, choices=OPTIMIZER_CHOICES,
-                   help="simplify the graphs (default tool: onnxscript); kept only if they match the plain export")
+                   help="simplify the graphs with onnxscript (the tool when none is named) or onnxslim; kept only if "
+                   "they match the plain export (default: no optimization)")
     p.add_argument("--force", action="store_true", help="overwrite a directory holding another model's export")
     p.add_argument("--external-data-threshold-mb", type=float, default=None,
                    help="weights per file above this go to <file>.onnx.data (default 2000 MB, under protobuf's 2 GiB)")
     p.add_argument("--genai", action="store_true",
                    help="also write genai_config.json + tokenizer_config.json (onnxruntime-genai, text only)")
     p.add_argument("--decoder", default="torch", choices=DECODER_CHOICES,
-                   help="how decoder.onnx is made: torch (torch.onnx export, default), genai (onnxruntime-genai's "
+                   help="how decoder.onnx is made (default torch): torch (torch.onnx export), genai (onnxruntime-genai's "
                    "model builder: fused GroupQueryAttention / SkipSimplifiedLayerNormalization and a shared "
                    "past/present KV buffer; the fastest CPU decode), genai-int4 (the same with int4 MatMulNBits "
                    "weights). genai* need the genai extra, and onnxruntime as recent as the builder's on the device")
@@ -53,18 +61,42 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_export)
 
-    v = subparsers.add_parser(
-        "validate", help="compare the ONNX components with torch: per-output diffs and end-to-end greedy tokens",
+    v = add_command(
+        subparsers, "validate",
+        help="compare the ONNX components with torch: per-output diffs and end-to-end greedy tokens",
         description="Run every exported component in onnxruntime (CPU) against the torch reference on real inputs "
-        "and compare end-to-end greedy generations. Exit status 1 when a tolerance is exceeded or tokens differ.",
-    )
-    v.add_argument("artifacts", type=Path, help="artifact directory written by `maven-edge export`")
+        "and compare end-to-end greedy generations. Exit status 1 when a tolerance is exceeded or tokens differ. "
+        "The torch reference is the checkpoint or preset the manifest names, unless --checkpoint/--preset is "
+        "given. Needs PyTorch.",
+        examples=["maven-edge validate --artifacts artifacts/tiny",
+                  "maven-edge validate --artifacts artifacts/tiny --checkpoint model_src/checkpoints/tiny "
+                  "--questions 8 --json"])
+    v.add_argument("--artifacts", type=Path, metavar="DIR", help="artifact directory written by `maven-edge export`")
+    v.add_argument("artifacts_positional", nargs="?", type=Path, metavar="ARTIFACTS",
+                   help="deprecated: the same as --artifacts ARTIFACTS")
     _add_model_args(v, required=False)
-    v.add_argument("--atol", type=float, default=1e-4, help="max abs difference allowed for float outputs")
-    v.add_argument("--questions", type=int, default=4, help="end-to-end test questions (greedy)")
-    v.add_argument("--max-new-tokens", type=int, default=16)
+    v.add_argument("--atol", type=float, default=1e-4,
+                   help="largest absolute difference allowed for float outputs (default 1e-4)")
+    v.add_argument("--questions", type=int, default=4, metavar="N",
+                   help="test-split questions answered end to end, greedy, by both (default 4)")
+    v.add_argument("--max-new-tokens", type=int, default=16, metavar="N",
+                   help="most tokens per end-to-end answer (default 16)")
     v.add_argument("--json", action="store_true", help="print the report as JSON")
     v.set_defaults(func=run_validate)
+
+
+def validate_artifacts_arg(args: argparse.Namespace) -> Path:
+    """--artifacts DIR, or the deprecated positional ARTIFACTS (with a note on stderr)."""
+    positional = getattr(args, "artifacts_positional", None)
+    if positional is not None:
+        if args.artifacts is not None and Path(args.artifacts) != Path(positional):
+            raise InputError(f"give the artifacts once: --artifacts {args.artifacts} or {positional}, not both")
+        print(f"maven-edge validate: note: the positional ARTIFACTS is deprecated; use --artifacts {positional}",
+              file=sys.stderr)
+        return Path(positional)
+    if args.artifacts is None:
+        raise InputError("give --artifacts DIR (a directory written by `maven-edge export`)")
+    return Path(args.artifacts)
 
 
 def run_export(args: argparse.Namespace) -> int:
@@ -95,7 +127,7 @@ def run_export(args: argparse.Namespace) -> int:
           f"k={m.num_kept_patches})")
     worst = max((d for comp in result.parity.values() for d in comp.values()), default=0.0)
     print(f"export-time check vs torch on example inputs: max abs diff {worst:.2e}; "
-          f"run `maven-edge validate {result.out}` for the full check")
+          f"run `maven-edge validate --artifacts {result.out}` for the full check")
     return 0
 
 
@@ -103,7 +135,7 @@ def run_validate(args: argparse.Namespace) -> int:
     from maven_edge.export.validate import ValidateOptions, report_json, validate_artifacts
 
     report = validate_artifacts(ValidateOptions(
-        artifacts=args.artifacts, checkpoint=args.checkpoint, preset=args.preset, overrides=args.overrides,
+        artifacts=validate_artifacts_arg(args), checkpoint=args.checkpoint, preset=args.preset, overrides=args.overrides,
         seed=args.seed, atol=args.atol, questions=args.questions, max_new_tokens=args.max_new_tokens,
     ))
     print(report_json(report) if args.json else report.format_table(), file=sys.stdout)

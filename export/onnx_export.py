@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -64,6 +65,19 @@ COMPONENT_ORDER = ("vision_encoder", "discrete_tokenizer", "embed_tokens", "patc
                    "decoder")
 #: Tolerance the optimized graph must keep against the plain one.
 OPTIMIZE_ATOL = 1e-4
+
+
+class _NoTorchvisionNotice(logging.Filter):
+    """torch.onnx's exporter logs "torchvision is not installed. Skipping torchvision::nms" (and 23
+    more ops) on every export when torchvision is absent. maven-edge exports no torchvision op, so
+    the notice says nothing about our export: it is dropped (only it; other records pass)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("torchvision is not installed")
+
+
+TORCH_ONNX_REGISTRATION_LOGGER = "torch.onnx._internal.exporter._registration"
+logging.getLogger(TORCH_ONNX_REGISTRATION_LOGGER).addFilter(_NoTorchvisionNotice())
 
 
 @dataclass

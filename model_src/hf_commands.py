@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from maven_edge.core.cliutil import add_command
 from maven_edge.core.config import apply_overrides, get_config
 from maven_edge.core.errors import CheckpointError, ConfigError
 from maven_edge.core.tokenizer import SPECIAL_TOKENS, TextTokenizer, build_default_tokenizer
@@ -47,9 +48,11 @@ _PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "bo
 
 
 def register(subparsers: Any) -> None:
-    p = subparsers.add_parser(
-        "import-hf", help=HELP, description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = add_command(
+        subparsers, "import-hf", help=HELP, description=DESCRIPTION,
+        examples=["maven-edge import-hf --llm hf/Qwen2-0.5B --vision hf/clip-vit-base-patch16 --preset edge-small "
+                  "--out checkpoints/qwen-clip",
+                  "maven-edge import-hf --llm hf/tiny-llama --preset tiny --out checkpoints/tiny-llama --no-verify"])
     p.add_argument(
         "--llm", required=True, metavar="DIR", help="local LlamaForCausalLM / Qwen2ForCausalLM folder"
     )
@@ -70,7 +73,7 @@ def register(subparsers: Any) -> None:
         "--feature-layer",
         type=int,
         default=-2,
-        help="ViT hidden state used as patch features: -1 last, -2 penultimate (default, LLaVA-1.5)",
+        help="ViT hidden state used as patch features: -1 last, -2 penultimate (default -2, as LLaVA-1.5)",
     )
     p.add_argument(
         "--set",

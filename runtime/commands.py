@@ -13,10 +13,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from maven_edge.core.cliutil import add_command, positive_float
 from maven_edge.core.errors import CheckpointError, InputError, MavenError
 from maven_edge.core.manifest import MANIFEST, load_manifest, sha256_file
 from maven_edge.core.paths import cache_dir
-from maven_edge.core.preprocess import load_image, pad_to_square
+from maven_edge.core.preprocess import fit_to_square, load_image
 from maven_edge.model_src.resources import samples_dir, shipped_checkpoint
 from maven_edge.runtime.backends import BACKENDS
 from maven_edge.runtime.backends.providers import PROVIDERS
@@ -39,9 +40,15 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
                    help="onnxruntime graph optimization level (default all)")
     p.add_argument("--trt-cache", metavar="DIR", help="TensorRT engine cache (default: <artifacts>/trt_cache)")
     p.add_argument("--trt-fp16", action="store_true", help="let the TensorRT provider build fp16 engines")
-    p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the artifact files")
-    p.add_argument("--max-images", type=int, help="most images per request (default: the model's max_images)")
-    p.add_argument("--max-pixels", type=int, help="most pixels per image, checked before decoding it")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the sha256 check of the artifact files (sizes, paths and the schema are still checked)")
+    p.add_argument("--max-images", type=int, metavar="N", help="most images per request (default: the model's max_images)")
+    p.add_argument("--max-pixels", type=int, metavar="N",
+                   help="most pixels per image, checked on the file header before decoding (default 40000000)")
+    p.add_argument("--max-request-pixels", type=int, metavar="N",
+                   help="most pixels of all images of one request together (default 100000000)")
+    p.add_argument("--max-decode-mib", type=int, metavar="MIB",
+                   help="most memory decoding one image may take, estimated from its header (default 192)")
     _add_caching_args(p)
 
 
@@ -60,7 +67,7 @@ def _add_caching_args(p: argparse.ArgumentParser) -> None:
 
 def _add_ort_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--provider", action="append", choices=PROVIDERS.names(),
-                   help="onnxruntime execution provider (repeat for a preference order; default cpu)")
+                   help="onnxruntime execution provider (repeat for a preference order; default: cpu)")
     p.add_argument("--threads", type=int, default=0,
                    help="onnxruntime intra-op threads (default 0 = onnxruntime's choice, one per physical core)")
 
@@ -71,8 +78,9 @@ def pipeline_options(args: argparse.Namespace) -> PipelineOptions:
         artifacts=args.artifacts, checkpoint=args.checkpoint, backend=args.backend,
         providers=tuple(args.provider or ("cpu",)), threads=args.threads, opt_level=args.opt_level,
         trt_cache=args.trt_cache, trt_fp16=args.trt_fp16, verify=not args.no_verify,
-        max_images=args.max_images, max_pixels=args.max_pixels, visual_cache_mb=args.visual_cache_mb,
-        prefix_cache_mb=args.prefix_cache_mb, max_batch=args.max_batch,
+        max_images=args.max_images, max_pixels=args.max_pixels, max_request_pixels=args.max_request_pixels,
+        max_decode_bytes=None if args.max_decode_mib is None else args.max_decode_mib * 2**20,
+        visual_cache_mb=args.visual_cache_mb, prefix_cache_mb=args.prefix_cache_mb, max_batch=args.max_batch,
     )
 
 
@@ -115,10 +123,35 @@ def _print_result(res: Any, images: list[str], file: Any) -> None:
 # ---- generate -------------------------------------------------------------------------------------
 
 
+def read_prompt(args: argparse.Namespace) -> str:
+    """The prompt of --prompt, or of --prompt-file (UTF-8; "-" reads stdin; one trailing newline
+    is dropped, as `$(cat file)` would). Warns when --prompt holds a literal backslash-n and no
+    newline: bash keeps "\n" inside double quotes as two characters, and the model then sees them."""
+    if args.prompt_file is not None:
+        try:
+            if args.prompt_file == "-":
+                text = sys.stdin.buffer.read().decode("utf-8")
+            else:
+                text = Path(args.prompt_file).read_bytes().decode("utf-8")
+        except FileNotFoundError:
+            raise InputError(f"--prompt-file {args.prompt_file}: file not found") from None
+        except UnicodeDecodeError as exc:
+            raise InputError(f"--prompt-file {args.prompt_file} is not UTF-8 text ({exc})") from None
+        except OSError as exc:
+            raise InputError(f"--prompt-file {args.prompt_file} cannot be read ({exc.strerror or exc})") from None
+        return text[:-1] if text.endswith("\n") else text
+    prompt = args.prompt
+    if "\\n" in prompt and "\n" not in prompt:
+        print("maven-edge generate: warning: the prompt holds a literal \\n (a backslash and an n) and no line "
+              "break, so the model sees those two characters. In bash, write line breaks as "
+              "$'...\\n...' or use --prompt-file FILE", file=sys.stderr)
+    return prompt
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
+    prompt = read_prompt(args)
     pipe = open_pipeline(pipeline_options(args))
     images = args.image or []
-    prompt = args.prompt
     opts = _gen_options(args)
     video = None
     if args.video:
@@ -155,19 +188,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="most tokens to generate (default 32)")
     p.add_argument("--greedy", action="store_true", help="greedy decoding (the default unless sampling is asked for)")
-    p.add_argument("--temperature", type=float, help="sample with this temperature (> 0)")
-    p.add_argument("--top-k", type=int, help="sample from the k most likely tokens")
-    p.add_argument("--top-p", type=float, help="nucleus sampling threshold in (0, 1]")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--temperature", type=positive_float("--temperature"), metavar="T",
+                   help="sample with this temperature, a number > 0 (default: greedy decoding)")
+    p.add_argument("--top-k", type=int, metavar="K", help="sample from the K most likely tokens (default: all)")
+    p.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling threshold in (0, 1] (default 1: off)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--stop", action="append", metavar="TEXT", help="stop string (repeatable)")
     p.add_argument("--stop-token-id", action="append", type=int, metavar="ID", help="stop token id (repeatable)")
-    p.add_argument("--mode", choices=("hybrid", "discrete", "continuous"), help="visual encoding (default hybrid)")
-    p.add_argument("--keep-ratio", type=float, help="fraction of patches the selector keeps (hybrid)")
+    p.add_argument("--mode", choices=("hybrid", "discrete", "continuous"), help="visual encoding (default: the model's mode, hybrid for the shipped one)")
+    p.add_argument("--keep-ratio", type=float,
+                   help="fraction of patches the selector keeps (hybrid; default: the artifacts' keep ratio)")
     p.add_argument("--visual-token-budget", type=int, metavar="N",
                    help="hybrid: rank the patches of all images together and keep the best so codes + patches fit "
-                   "N visual tokens (instead of one keep ratio per image; docs/budget.md)")
+                   "N visual tokens (instead of one keep ratio per image; docs/budget.md; default: off)")
     p.add_argument("--min-patches", type=int, default=1, metavar="M",
                    help="with --visual-token-budget: patches every image keeps at least (default 1)")
 
@@ -257,7 +292,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def draw_selection(images: list[Any], selection: Any, cfg: Any, out: Path, cell: int = 256) -> Path:
-    """One PNG: each image as the model sees it (padded to a square), unselected patches dimmed,
+    """One PNG: each image as the model sees it (fitted to a square), unselected patches dimmed,
     selected ones outlined, with the patch grid; images side by side."""
     from PIL import Image, ImageDraw
 
@@ -272,9 +307,10 @@ def draw_selection(images: list[Any], selection: Any, cfg: Any, out: Path, cell:
     draw_c = ImageDraw.Draw(canvas)
     for i, src in enumerate(images):
         im = load_image(src)
-        if cfg.preprocess.pad_to_square:
-            im = pad_to_square(im, fill)
-        im = im.resize((size, size), Image.Resampling.BICUBIC).convert("RGBA")
+        if cfg.preprocess.pad_to_square:  # resize first: a padded full-size canvas grows with the long side squared
+            im = fit_to_square(im, size, fill, Image.Resampling.BICUBIC).convert("RGBA")
+        else:
+            im = im.resize((size, size), Image.Resampling.BICUBIC).convert("RGBA")
         shade = Image.new("RGBA", im.size, (0, 0, 0, 0))
         d = ImageDraw.Draw(shade)
         keep = set(selection.selected_indices[i])
@@ -313,21 +349,38 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 # ---- registration -------------------------------------------------------------------------------------
 
 
+PROMPT_EXAMPLE = "$'<image>\\nQuestion: what color is the circle?\\nAnswer:'"
+
+
 def register(sub: Any) -> None:
-    p = sub.add_parser("generate", help="answer a question about images (ort, torch or trt backend)",
-                       description="Answer a prompt about one or more images. Each --image fills one <image> "
-                       "placeholder of --prompt, in order.")
+    p = add_command(
+        sub, "generate", help="answer a question about images (ort, torch or trt backend)",
+        description="Answer a prompt about one or more images. Each --image fills one <image> placeholder of the "
+        "prompt, in order; the answer goes to stdout, timings to stderr.\n\nLine breaks: bash keeps \\n inside "
+        "double quotes as a backslash and an n, so write prompts with line breaks as $'...\\n...' (bash's "
+        "ANSI-C quoting), or put the prompt in a file and pass --prompt-file FILE.",
+        examples=[
+            "maven-edge export --checkpoint model_src/checkpoints/tiny --out artifacts/tiny",
+            f"maven-edge generate --artifacts artifacts/tiny --image model_src/samples/demo_1.png --prompt {PROMPT_EXAMPLE}",
+            "maven-edge generate --artifacts artifacts/tiny --image model_src/samples/demo_1.png "
+            "--image model_src/samples/demo_2.png --prompt-file question.txt --stream",
+            f"maven-edge generate --checkpoint model_src/checkpoints/tiny --image model_src/samples/demo_1.png "
+            f"--prompt {PROMPT_EXAMPLE} --json",
+        ])
     _add_model_args(p)
-    p.add_argument("--image", action="append", metavar="PATH", help="an image (repeat for several)")
+    p.add_argument("--image", action="append", metavar="PATH",
+                   help="an image, for the next <image> of the prompt (repeat for several; default: none)")
+    text = p.add_mutually_exclusive_group(required=True)
+    text.add_argument("--prompt", help="the prompt, one <image> per image; line breaks as $'...\\n...' in bash "
+                      "(with --video: the question about the video)")
+    text.add_argument("--prompt-file", metavar="FILE",
+                      help="read the prompt from this UTF-8 file ('-' = stdin); one trailing newline is dropped")
     v = p.add_argument_group("video (needs PyAV: pip install -c constraints.txt 'maven-edge[video]')")
     v.add_argument("--video", metavar="PATH", help="a video file (MP4, WebM, ...): its frames, labelled Frame k:, "
-                   "and --prompt is the question about it")
+                   "and --prompt is the question about it (default: none)")
     v.add_argument("--fps", type=float, default=1.0, help="frames per second to sample (default 1)")
     v.add_argument("--max-frames", type=int, default=8,
                    help="most frames kept, spread over the whole video when it has more (default 8)")
-    p.add_argument("--prompt", required=True,
-                   help='the prompt, one <image> per image, e.g. "<image>\\nQuestion: what color is the circle?'
-                   '\\nAnswer:"')
     _add_generation_args(p)
     p.add_argument("--stream", action="store_true", help="print the answer as it is decoded")
     p.add_argument("--json", action="store_true",
@@ -336,25 +389,37 @@ def register(sub: Any) -> None:
     p.add_argument("--quiet", action="store_true", help="print only the answer")
     p.set_defaults(func=cmd_generate)
 
-    d = sub.add_parser("demo", help="export the shipped tiny model if needed and answer the bundled demo question",
-                       description="Exports the shipped tiny checkpoint into the user cache directory (once; "
-                       "$MAVEN_EDGE_CACHE or the platform's cache folder), then answers the bundled multi-image "
-                       "question with onnxruntime, printing the answer, per-stage timings and visual-token counts.")
+    d = add_command(
+        sub, "demo", help="export the shipped tiny model if needed and answer the bundled demo question",
+        description="Exports the shipped tiny checkpoint into the user cache directory (once; $MAVEN_EDGE_CACHE or "
+        "the platform's cache folder), then answers the bundled multi-image question with onnxruntime, printing "
+        "the answer, per-stage timings and visual-token counts.",
+        examples=["maven-edge demo", "maven-edge demo --threads 2 --json",
+                  "maven-edge demo --artifacts artifacts/tiny"])
     d.add_argument("--artifacts", metavar="DIR", help="use these artifacts instead of exporting the shipped model")
     d.add_argument("--checkpoint", metavar="DIR",
                    help="checkpoint to export when artifacts are needed (default: the shipped tiny model)")
     _add_ort_args(d)
-    d.add_argument("--max-new-tokens", type=int, default=16, help="most tokens to generate (default 16)")
-    d.add_argument("--json", action="store_true", help="print one JSON object instead of the summary")
+    d.add_argument("--max-new-tokens", type=int, default=16, metavar="N", help="most tokens to generate (default 16)")
+    d.add_argument("--json", action="store_true",
+                   help="print one JSON object (answer, expected answer, timings, ...) instead of the summary")
     d.set_defaults(func=cmd_demo)
 
-    i = sub.add_parser("inspect", help="draw the patches the selector keeps over each image (PNG)",
-                       description="Runs the visual stages in hybrid mode and writes one PNG: each image as the "
-                       "model sees it, the patches the selector keeps outlined, the rest dimmed.")
+    i = add_command(
+        sub, "inspect", help="draw the patches the selector keeps over each image (PNG)",
+        description="Runs the visual stages in hybrid mode (vision encoder, discrete tokenizer, h_eos, patch "
+        "selector) and writes one PNG: each image as the model sees it, the patches the selector keeps outlined, "
+        "the rest dimmed. Prints the kept patch indices (raster order) per image.",
+        examples=["maven-edge inspect --artifacts artifacts/tiny --image model_src/samples/demo_1.png "
+                  "--out selection.png",
+                  "maven-edge inspect --checkpoint model_src/checkpoints/tiny --image model_src/samples/demo_1.png "
+                  "--image model_src/samples/demo_2.png --keep-ratio 0.5 --out selection.png --json"])
     _add_model_args(i)
-    i.add_argument("--image", action="append", metavar="PATH", required=True, help="an image (repeat for several)")
+    i.add_argument("--image", action="append", metavar="PATH", required=True,
+                   help="an image to inspect (repeat for several, side by side in the PNG)")
     i.add_argument("--keep-ratio", type=float,
-                   help="fraction of patches to keep (default: the artifacts' keep ratio)")
+                   help="fraction of patches to keep, in (0, 1] (default: the artifacts' keep ratio)")
     i.add_argument("--out", required=True, metavar="PNG", help="the PNG to write")
-    i.add_argument("--json", action="store_true", help="print the kept indices and the PNG path as JSON")
+    i.add_argument("--json", action="store_true",
+                   help="print the kept indices, the grid size and the PNG path as one JSON object")
     i.set_defaults(func=cmd_inspect)

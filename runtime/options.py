@@ -24,17 +24,26 @@ from maven_edge.runtime.caches import DEFAULT_PREFIX_CACHE_MB, DEFAULT_VISUAL_CA
 
 @dataclass
 class PipelineLimits:
-    """What one request may ask for; everything beyond is refused before any model runs."""
+    """What one request may ask for; everything beyond is refused before any model runs.
+
+    Per image (``image``, an :class:`ImageLimits`): 40 MP, 64 MiB encoded, 192 MiB to decode
+    (estimated from the header), aspect ratio 50:1. Per request: ``max_images`` images and
+    ``max_request_pixels`` pixels in all (checked on each header before that image is decoded).
+    Images are decoded one at a time, so a request's memory is bounded by its largest image
+    (docs/reliability.md: measured peaks)."""
 
     max_images: int = 8
-    image: ImageLimits = field(default_factory=ImageLimits)  # max pixels, bytes, aspect ratio, ...
+    image: ImageLimits = field(default_factory=ImageLimits)  # max pixels, bytes, decode memory, aspect ratio, ...
     max_prompt_chars: int = 100_000  # checked before tokenization
+    max_request_pixels: int = 100_000_000  # all images of one request together
 
     def __post_init__(self) -> None:
-        if isinstance(self.max_images, bool) or not isinstance(self.max_images, int) or self.max_images < 0:
-            raise InputError(f"max_images must be an integer >= 0, got {self.max_images!r}")
-        if not isinstance(self.max_prompt_chars, int) or self.max_prompt_chars < 1:
-            raise InputError(f"max_prompt_chars must be an integer >= 1, got {self.max_prompt_chars!r}")
+        for name in ("max_images", "max_prompt_chars", "max_request_pixels"):
+            value, least = getattr(self, name), 0 if name == "max_images" else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise InputError(f"{name} must be an integer >= {least}, got {value!r}")
+        if not isinstance(self.image, ImageLimits):
+            raise InputError(f"image must be an ImageLimits, got {type(self.image).__name__}")
 
 
 
@@ -77,7 +86,9 @@ class PipelineOptions:
     device: str = "cpu"  # torch: the torch device
     device_id: int = 0  # trt: the GPU
     max_images: int | None = None  # images per request (default: the model's max_images)
-    max_pixels: int | None = None  # pixels per image, checked before decoding it (default: ImageLimits)
+    max_pixels: int | None = None  # pixels per image, checked before decoding it (default: ImageLimits, 40 MP)
+    max_request_pixels: int | None = None  # pixels of all images of a request (default: PipelineLimits, 100 MP)
+    max_decode_bytes: int | None = None  # memory to decode one image (default: ImageLimits, 192 MiB)
     visual_cache_mb: int = DEFAULT_VISUAL_CACHE_MB  # visual-feature cache bound (0 = off)
     prefix_cache_mb: int = DEFAULT_PREFIX_CACHE_MB  # prefix KV cache bound (0 = off)
     max_batch: int = 4  # continuous batching of decode across concurrent requests (1 = off)
@@ -101,6 +112,8 @@ class PipelineOptions:
         return CachingOptions(self.visual_cache_mb, self.prefix_cache_mb, self.max_batch)
 
     def limits(self, default_max_images: int) -> PipelineLimits:
-        image = ImageLimits(max_pixels=self.max_pixels) if self.max_pixels else ImageLimits()
+        image = {k: v for k, v in (("max_pixels", self.max_pixels), ("max_decode_bytes", self.max_decode_bytes))
+                 if v is not None}
+        request = {} if self.max_request_pixels is None else {"max_request_pixels": self.max_request_pixels}
         max_images = default_max_images if self.max_images is None else self.max_images
-        return PipelineLimits(max_images=max_images, image=image)
+        return PipelineLimits(max_images=max_images, image=ImageLimits(**image), **request)

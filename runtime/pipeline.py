@@ -109,6 +109,11 @@ class GenerateOptions:
             raise InputError(
                 f"bad generation option: temperature, top_k and top_p must be numbers ({exc})"
             ) from None
+        if temperature is not None and not temperature > 0:  # also NaN
+            raise InputError(
+                f"temperature must be > 0, got {self.temperature!r}; for greedy decoding (the default) leave "
+                "temperature unset or pass greedy=True"
+            )
         if self.greedy is None:
             do_sample = (
                 (temperature is not None and temperature > 0)
@@ -243,7 +248,11 @@ class _Clock:
 
 class _Detokenizer:
     """Incremental detokenization that only emits complete characters and never emits text a
-    stop string may still claim. The pieces it emits join to exactly the final text."""
+    stop string may still claim. The pieces it emits join to exactly the final text.
+
+    Leading whitespace of the answer is not emitted: the models are trained on "prompt answer"
+    (a space before the answer, part of its first token), so the raw text of an answer starts
+    with a space. ``token_ids`` are untouched; ``tokenizer.decode(token_ids)`` is the raw text."""
 
     def __init__(self, tokenizer: TextTokenizer, stop: StopChecker):
         self.tokenizer = tokenizer
@@ -264,7 +273,7 @@ class _Detokenizer:
 
     def add(self, token_id: int) -> str:
         self.ids.append(token_id)
-        full = self.tokenizer.decode(self.ids)
+        full = self.tokenizer.decode(self.ids).lstrip()
         text, hit = self.stop.trim(full)
         if hit:
             self.stopped = True
@@ -276,7 +285,7 @@ class _Detokenizer:
         return self._emit(text[:max(end, len(self.emitted))])
 
     def finish(self) -> str:
-        text, _ = self.stop.trim(self.tokenizer.decode(self.ids))
+        text, _ = self.stop.trim(self.tokenizer.decode(self.ids).lstrip())
         return self._emit(text)
 
     def _emit(self, text: str) -> str:
@@ -337,30 +346,57 @@ class _Visual:
 
 class GenerationStream:
     """Iterator of text pieces; ``result`` holds the GenerationResult once it is exhausted.
-    ``close()`` (or leaving a ``with`` block, or dropping the iterator) cancels the request."""
 
-    def __init__(self, gen: Iterator[str]):
+    Cancelling: ``cancel()`` or ``close()`` — from any thread, at any time — stops the generation
+    within one decode step and never raises. When the consuming thread is inside ``next()`` (a
+    decode step is running), the stream is marked and the generation ends at its next check: the
+    consumer's loop ends normally and ``result`` is the partial answer with ``finish_reason``
+    ``"cancelled"``. When nobody is iterating, the generation is closed at once (its KV cache is
+    freed). Leaving a ``with`` block or dropping the iterator cancels too. ``partial`` is the
+    result being built (token ids so far) while the stream runs."""
+
+    def __init__(self, gen: Iterator[str], stop: threading.Event, partial: GenerationResult):
         self._gen = gen
+        self._stop = stop
+        self._lock = threading.Lock()  # held by the consumer for each step
+        self.partial = partial
         self.result: GenerationResult | None = None
 
     def __iter__(self) -> GenerationStream:
         return self
 
     def __next__(self) -> str:
-        try:
-            return next(self._gen)
-        except StopIteration as stop:
-            self.result = stop.value
-            raise
+        with self._lock:
+            try:
+                return next(self._gen)
+            except StopIteration as stop:
+                self.result = stop.value if stop.value is not None else self.partial
+                raise
 
-    def close(self) -> None:
-        self._gen.close()
+    @property
+    def cancelled(self) -> bool:
+        return self._stop.is_set()
+
+    def cancel(self) -> None:
+        """Stop the generation (thread-safe, never raises, idempotent)."""
+        self._stop.set()
+        if self._lock.acquire(blocking=False):  # nobody is inside next(): close it now
+            try:
+                self._gen.close()  # runs the generator's cleanup: frees the KV cache
+            except Exception:  # noqa: BLE001 - a canceller must never see an error
+                pass
+            finally:
+                if self.result is None:
+                    self.result = self.partial
+                self._lock.release()
+
+    close = cancel
 
     def __enter__(self) -> GenerationStream:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.close()
+        self.cancel()
 
 
 class MavenPipeline:
@@ -470,7 +506,9 @@ class MavenPipeline:
         t0 = time.perf_counter()
         request = self._validate(images, prompt, self._options(options, opts))
         request.validate_ms = (time.perf_counter() - t0) * 1e3
-        return GenerationStream(self._run(request))
+        stop = threading.Event()
+        partial = self._new_result(request)
+        return GenerationStream(self._run(request, stop, partial), stop, partial)
 
     def select_patches(self, images: Any, keep_ratio: float | None = None) -> PatchSelection:
         """Run only the visual stages in hybrid mode: which patches each image keeps, and why
@@ -621,7 +659,8 @@ class MavenPipeline:
         if not n:
             return out
         with clock.stage("preprocess"):
-            pixel_values = preprocess_images(images, self.config.preprocess, self.limits.image)
+            pixel_values = preprocess_images(images, self.config.preprocess, self.limits.image,
+                                             max_total_pixels=self.limits.max_request_pixels)
             if self.visual_cache.enabled or self.prefix_cache.enabled:
                 out.digests = [pixel_digest(p) for p in pixel_values]
         check_cancel()
@@ -719,21 +758,26 @@ class MavenPipeline:
             embeds = np.concatenate(parts, axis=1)
         return embeds, (codes if spec.codes else None), indices, scores
 
-    def _run(self, req: _Request) -> Iterator[str]:
-        """Generator of text pieces; returns the GenerationResult."""
-        timings = Timings()
+    def _new_result(self, req: _Request) -> GenerationResult:
+        return GenerationResult(
+            text="", token_ids=[], finish_reason="cancelled", timings=Timings(),  # set when it ends
+            visual_tokens_per_image=[req.plan.tokens_per_image] * len(req.images), selected_indices=None,
+            mode=req.mode, keep_ratio=req.keep_ratio, prompt_tokens=req.prompt_tokens, backend=self.backend.name,
+        )
+
+    def _run(self, req: _Request, stop: threading.Event, result: GenerationResult) -> Iterator[str]:
+        """Generator of text pieces; returns `result`, filled in. `stop` (the stream's cancel())
+        ends it quietly with finish_reason "cancelled"; `req.cancel` raises GenerationCancelled."""
+        timings = result.timings
         clock = _Clock(timings)
         clock.start -= req.validate_ms / 1e3  # the request's checks and tokenization came first
         timings.preprocess_ms = req.validate_ms
         be, tok = self.backend, self.tokenizer
         n = len(req.images)
-        result = GenerationResult(
-            text="", token_ids=[], finish_reason="length", timings=timings,
-            visual_tokens_per_image=[req.plan.tokens_per_image] * n, selected_indices=None, mode=req.mode,
-            keep_ratio=req.keep_ratio, prompt_tokens=req.prompt_tokens, backend=be.name,
-        )
 
         def check_cancel() -> None:
+            if stop.is_set():
+                raise _Stopped
             if req.cancel is not None and req.cancel.is_set():
                 result.finish_reason = "cancelled"
                 timings.total_ms = clock.elapsed_ms()
@@ -741,101 +785,120 @@ class MavenPipeline:
                 err.result = result  # type: ignore[attr-defined]
                 raise err
 
-        # -- visual side --------------------------------------------------------------------
-        vis = self._encode_visual(req.images, req.mode, req.k, clock, check_cancel, req.budget, req.min_patches)
-        visual = vis.embeds
-        if vis.indices is not None:
-            result.selected_indices = [[int(i) for i in row] for row in vis.indices]
-            result.selector_scores = vis.scores
-        if req.budget is not None and n:  # the budget's real split between the images
-            req.plan = plan_prompt(req.prompt_ids, tok.image_id, n, [len(e) - 2 for e in visual])
-            result.visual_tokens_per_image = [len(e) - 2 for e in visual]
-            result.prompt_tokens = req.prompt_tokens
-        # -- prompt assembly --------------------------------------------------------------------
-        with clock.stage("assemble"):
-            # one embed call for the prompt ids and, with image slots, the n slot ids after them
-            slot_ids = tok.layout.image_slot_ids(n) if self.config.image_slots and n else []
-            rows = self._call(be.embed, np.asarray([list(req.prompt_ids) + slot_ids], dtype=np.int64))[0]
-            text = rows[: len(req.prompt_ids)]
-            if slot_ids:  # slot k's vector on every token of the k-th image
-                slots = rows[len(req.prompt_ids) :]
-                visual = [v + slots[i][None, :] for i, v in enumerate(visual)]
-            embeds = splice(req.plan, text, visual, lambda p: np.concatenate(p, axis=0))
-            embeds = np.ascontiguousarray(embeds[None], dtype=np.float32)
-        if embeds.shape[1] != req.prompt_tokens:
-            raise AssertionError(f"assembled {embeds.shape[1]} positions, expected {req.prompt_tokens}")
-        check_cancel()
-        # -- prefill (from the longest cached prefix) + the first token ----------------------------
-        gen = req.gen
-        cache = result.cache
-        cache.visual_hits, cache.visual_misses = vis.hits, (n - vis.hits if vis.digests else 0)
-        keys = None
-        prefix = PrefixHit(0, None)
-        if self.prefix_cache.enabled:
-            # a visual position is its image's content as this request encodes it: pixels, mode, k
-            if req.budget is None:
-                identities = [f"{req.mode}:{req.k}:{d}" for d in vis.digests]
-            else:  # the kept patches depend on the whole request: name them
-                identities = [f"{req.mode}:{','.join(map(str, idx))}:{d}"
-                              for idx, d in zip(result.selected_indices or [], vis.digests, strict=True)]
-            keys = position_keys(req.prompt_ids, tok.image_id, identities,
-                                 [req.plan.tokens_of(i) for i in range(n)], self.config.image_slots)
-            prefix = self.prefix_cache.lookup(self.fingerprint, keys)
-        cache.prefix_tokens_reused, cache.prefix_tokens_computed = prefix.length, req.prompt_tokens - prefix.length
-        decoding = _Decoding(self, req, result, clock)
-        state: DecodeState | None = None
+        decoding: _Decoding | None = None
         try:
-            with clock.stage("prefill"):
-                prefill = be.prefill if prefix.kv is None else functools.partial(be.prefill, prefix=prefix.kv)
-                logits, state = self._call(prefill, embeds[:, prefix.length:], req.prompt_tokens + gen.max_new_tokens)
-            if keys is not None:
-                self.prefix_cache.add(self.fingerprint, keys, self._call(be.snapshot, state, req.prompt_tokens))
+            # -- visual side --------------------------------------------------------------------
+            vis = self._encode_visual(req.images, req.mode, req.k, clock, check_cancel, req.budget,
+                                      req.min_patches)
+            visual = vis.embeds
+            if vis.indices is not None:
+                result.selected_indices = [[int(i) for i in row] for row in vis.indices]
+                result.selector_scores = vis.scores
+            if req.budget is not None and n:  # the budget's real split between the images
+                req.plan = plan_prompt(req.prompt_ids, tok.image_id, n, [len(e) - 2 for e in visual])
+                result.visual_tokens_per_image = [len(e) - 2 for e in visual]
+                result.prompt_tokens = req.prompt_tokens
+            # -- prompt assembly --------------------------------------------------------------------
+            with clock.stage("assemble"):
+                # one embed call for the prompt ids and, with image slots, the n slot ids after them
+                slot_ids = tok.layout.image_slot_ids(n) if self.config.image_slots and n else []
+                rows = self._call(be.embed, np.asarray([list(req.prompt_ids) + slot_ids], dtype=np.int64))[0]
+                text = rows[: len(req.prompt_ids)]
+                if slot_ids:  # slot k's vector on every token of the k-th image
+                    slots = rows[len(req.prompt_ids) :]
+                    visual = [v + slots[i][None, :] for i, v in enumerate(visual)]
+                embeds = splice(req.plan, text, visual, lambda p: np.concatenate(p, axis=0))
+                embeds = np.ascontiguousarray(embeds[None], dtype=np.float32)
+            if embeds.shape[1] != req.prompt_tokens:
+                raise AssertionError(f"assembled {embeds.shape[1]} positions, expected {req.prompt_tokens}")
             check_cancel()
-            piece, token = decoding.consume(logits)
-            if piece:
-                yield piece
-            # -- decode: batched with other requests, or on its own ----------------------------------
-            def conversation_keys() -> np.ndarray | None:  # the prompt and the generated tokens fed back
-                if keys is None or result.finish_reason == "cancelled":
-                    return None
-                fed = result.token_ids if result.finish_reason in ("eos", "stop_token") else result.token_ids[:-1]
-                return np.concatenate([keys, np.asarray(fed, dtype=np.int64)])
+            # -- prefill (from the longest cached prefix) + the first token ----------------------------
+            gen = req.gen
+            cache = result.cache
+            cache.visual_hits, cache.visual_misses = vis.hits, (n - vis.hits if vis.digests else 0)
+            keys = None
+            prefix = PrefixHit(0, None)
+            if self.prefix_cache.enabled:
+                # a visual position is its image's content as this request encodes it: pixels, mode, k
+                if req.budget is None:
+                    identities = [f"{req.mode}:{req.k}:{d}" for d in vis.digests]
+                else:  # the kept patches depend on the whole request: name them
+                    identities = [f"{req.mode}:{','.join(map(str, idx))}:{d}"
+                                  for idx, d in zip(result.selected_indices or [], vis.digests, strict=True)]
+                keys = position_keys(req.prompt_ids, tok.image_id, identities,
+                                     [req.plan.tokens_of(i) for i in range(n)], self.config.image_slots)
+                prefix = self.prefix_cache.lookup(self.fingerprint, keys)
+            cache.prefix_tokens_reused, cache.prefix_tokens_computed = prefix.length, req.prompt_tokens - prefix.length
+            decoding = _Decoding(self, req, result, clock, stop)
+            state: DecodeState | None = None
+            try:
+                with clock.stage("prefill"):
+                    prefill = be.prefill if prefix.kv is None else functools.partial(be.prefill, prefix=prefix.kv)
+                    logits, state = self._call(prefill, embeds[:, prefix.length:], req.prompt_tokens + gen.max_new_tokens)
+                if keys is not None:
+                    self.prefix_cache.add(self.fingerprint, keys, self._call(be.snapshot, state, req.prompt_tokens))
+                check_cancel()
+                piece, token = decoding.consume(logits)
+                if piece:
+                    decoding.yielded += piece
+                    yield piece
+                # -- decode: batched with other requests, or on its own ----------------------------------
+                def conversation_keys() -> np.ndarray | None:  # the prompt and the generated tokens fed back
+                    if keys is None or result.finish_reason == "cancelled":
+                        return None
+                    fed = result.token_ids if result.finish_reason in ("eos", "stop_token") else result.token_ids[:-1]
+                    return np.concatenate([keys, np.asarray(fed, dtype=np.int64)])
 
-            def keep_conversation(batch: Any, slot: int) -> None:
-                full = conversation_keys()
-                if full is not None and len(full) == batch.length(slot):
-                    self.prefix_cache.add(self.fingerprint, full, batch.snapshot(slot, len(full)))
+                def keep_conversation(batch: Any, slot: int) -> None:
+                    full = conversation_keys()
+                    if full is not None and len(full) == batch.length(slot):
+                        self.prefix_cache.add(self.fingerprint, full, batch.snapshot(slot, len(full)))
 
-            if token is not None and self.scheduler is not None and self.scheduler.fits(state, gen.max_new_tokens):
-                yield from decoding.batched(self.scheduler, state, token, check_cancel, keep_conversation)
-                state = None  # the scheduler released it once its cache moved into a slot
-            else:
-                while token is not None:
-                    check_cancel()
-                    with clock.stage("decode"):
-                        t0 = time.perf_counter()
-                        logits = self._call(be.decode, state, token)
-                        timings.decode_step_ms.append((time.perf_counter() - t0) * 1e3)
-                    piece, token = decoding.consume(logits)
-                    if piece:
-                        yield piece
-                full = conversation_keys()
-                if full is not None and len(full) > req.prompt_tokens and len(full) == state.length:
-                    # the conversation so far, answer included: a follow-up turn reuses all of it
-                    self.prefix_cache.add(self.fingerprint, full, self._call(be.snapshot, state, len(full)))
-            with clock.stage("decode"):
-                rest = decoding.detok.finish()
-            if rest:
-                yield rest
+                if token is not None and self.scheduler is not None and self.scheduler.fits(state, gen.max_new_tokens):
+                    yield from decoding.batched(self.scheduler, state, token, check_cancel, keep_conversation)
+                    state = None  # the scheduler released it once its cache moved into a slot
+                else:
+                    while token is not None:
+                        check_cancel()
+                        with clock.stage("decode"):
+                            t0 = time.perf_counter()
+                            logits = self._call(be.decode, state, token)
+                            timings.decode_step_ms.append((time.perf_counter() - t0) * 1e3)
+                        check_cancel()  # a step that ran into a cancel: its logits are not used
+                        piece, token = decoding.consume(logits)
+                        if piece:
+                            decoding.yielded += piece
+                            yield piece
+                    full = conversation_keys()
+                    if full is not None and len(full) > req.prompt_tokens and len(full) == state.length:
+                        # the conversation so far, answer included: a follow-up turn reuses all of it
+                        self.prefix_cache.add(self.fingerprint, full, self._call(be.snapshot, state, len(full)))
+                with clock.stage("decode"):
+                    rest = decoding.detok.finish()
+                if rest:
+                    decoding.yielded += rest
+                    yield rest
+            finally:
+                if state is not None:
+                    state.release()
+        except _Stopped:  # cancel() / close() from any thread while a step ran: end quietly
+            result.finish_reason = "cancelled"
+        except GeneratorExit:  # closed while suspended at a yield (cancel() when idle, or dropped)
+            result.finish_reason = "cancelled"
+            raise
         finally:
-            if state is not None:
-                state.release()
-        result.text = decoding.detok.emitted
-        timings.total_ms = clock.elapsed_ms()
-        after_first = len(result.token_ids) - 1
-        decode_time_s = (timings.total_ms - timings.ttft_ms) / 1e3
-        timings.decode_tokens_per_s = after_first / decode_time_s if after_first > 0 and decode_time_s > 0 else 0.0
+            if decoding is not None:
+                result.text = decoding.yielded  # the pieces always join to the text
+            timings.total_ms = clock.elapsed_ms()
+            after_first = len(result.token_ids) - 1
+            decode_time_s = (timings.total_ms - timings.ttft_ms) / 1e3
+            timings.decode_tokens_per_s = (after_first / decode_time_s
+                                           if after_first > 0 and decode_time_s > 0 else 0.0)
         return result
+
+
+class _Stopped(Exception):
+    """The stream was cancelled (GenerationStream.cancel/close): unwind to the end of the generation."""
 
 
 class _Decoding:
@@ -844,9 +907,12 @@ class _Decoding:
     when the request is finished); the same code runs on the request's own thread or, batched,
     on the scheduler's."""
 
-    def __init__(self, pipe: MavenPipeline, req: _Request, result: GenerationResult, clock: _Clock):
+    def __init__(self, pipe: MavenPipeline, req: _Request, result: GenerationResult, clock: _Clock,
+                 stop: threading.Event | None = None):
         tok = pipe.tokenizer
         self.req, self.result, self.clock, self.eos_id = req, result, clock, tok.eos_id
+        self.stop_event = stop
+        self.yielded = ""  # the text handed to the reader so far: result.text, however the request ends
         self.sampler = Sampler(req.gen, tok.layout.tokenizer_size)
         self.stop = StopChecker(req.gen, tok.eos_id)
         self.detok = _Detokenizer(tok, self.stop)
@@ -882,7 +948,7 @@ class _Decoding:
         res = self.result
 
         def on_logits(logits: np.ndarray) -> tuple[int | None, bool]:
-            if cancel is not None and cancel.is_set():
+            if (cancel is not None and cancel.is_set()) or (self.stop_event is not None and self.stop_event.is_set()):
                 cancelled.set()
                 return None, False
             piece, nxt = self.consume(logits)
@@ -904,10 +970,11 @@ class _Decoding:
                             break
                         continue
                 scheduler.took(row)
-                if cancel is not None and cancel.is_set():
+                if (cancel is not None and cancel.is_set()) or (self.stop_event is not None and self.stop_event.is_set()):
                     cancelled.set()
                     break
                 read_tokens = upto
+                self.yielded += piece
                 yield piece
         finally:
             if not row.done.is_set():
@@ -920,7 +987,7 @@ class _Decoding:
         if row.error is not None:
             raise row.error
         if cancelled.is_set():
-            check_cancel()  # raises GenerationCancelled with the partial result
+            check_cancel()  # raises _Stopped (the stream's cancel) or GenerationCancelled (the request's event)
 
 
 def open_pipeline(options: PipelineOptions | None = None, **kwargs: Any) -> MavenPipeline:

@@ -181,7 +181,8 @@ def register(sub: Any) -> None:
     vid.add_argument("--max-video-mb", type=float, default=64.0, help="encoded size limit per video in MiB (default 64)")
     ops = p.add_argument_group("operation")
     ops.add_argument("--no-warmup", action="store_true", help="skip the 1-token warm-up generation after loading")
-    ops.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    ops.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
+                     help="the server's log level (default info)")
     ops.add_argument("--no-access-log", action="store_true", help="do not log every request")
     ops.add_argument("--exit-after", type=float, metavar="SECONDS", help="stop by itself after this many seconds")
     ray = p.add_argument_group("Ray Serve (pip install -c constraints.txt 'maven-edge[ray]')")

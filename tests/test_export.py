@@ -330,10 +330,11 @@ def test_external_data_escaping_the_artifact_dir_is_refused(artifacts: Path, tmp
                 e.value = "../decoder.onnx.data"
     onnx.save(proto, str(bad / "decoder.onnx"))
     shutil.copy(bad / "decoder.onnx.data", tmp_path / "decoder.onnx.data")
-    with pytest.raises(ArtifactError, match="modified or corrupted"):  # the manifest hash catches it first
+    with pytest.raises(ArtifactError, match="modified or (truncated|corrupted)"):  # the manifest size/hash catch it first
         OnnxComponents(bad)
     manifest = json.loads((bad / "manifest.json").read_text())
     manifest["components"]["decoder"]["file"]["sha256"] = sha256_file(bad / "decoder.onnx")
+    manifest["components"]["decoder"]["file"]["size_bytes"] = (bad / "decoder.onnx").stat().st_size
     (bad / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match="outside the artifact directory"):  # ... and the graph check next
         OnnxComponents(bad)

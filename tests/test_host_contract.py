@@ -59,12 +59,17 @@ def test_preprocess_numerics_reproduce_the_runtime(tmp_path: Path) -> None:
     a = alpha[..., None].astype(np.uint32)
     bg = np.asarray(hp["alpha_background"], np.uint32)
     composited = ((rgb * a + bg * (255 - a) + 127) // 255).astype(np.uint8)
-    side = max(composited.shape[:2])
-    canvas = np.empty((side, side, 3), np.uint8)
-    canvas[:] = hp["pad_color"]
-    y0, x0 = (side - composited.shape[0]) // 2, (side - composited.shape[1]) // 2
-    canvas[y0:y0 + composited.shape[0], x0:x0 + composited.shape[1]] = composited
-    resized = np.asarray(Image.fromarray(canvas).resize(tuple(hp["size"]), Image.Resampling.BICUBIC))
+    assert hp["resize_then_pad"] and hp["resize_passes"].startswith("horizontal")
+    size = hp["size"][0]
+    h, w = composited.shape[:2]
+    long = max(w, h)
+    fw, fh = (max(1, (2 * n * size + long) // (2 * long)) for n in (w, h))  # fitted_size
+    fitted = Image.fromarray(composited).resize((fw, h), Image.Resampling.BICUBIC)  # horizontal pass
+    fitted = np.asarray(fitted.resize((fw, fh), Image.Resampling.BICUBIC))  # then vertical
+    resized = np.empty((size, size, 3), np.uint8)
+    resized[:] = hp["pad_color"]
+    y0, x0 = (size - fh) // 2, (size - fw) // 2  # pad_offset
+    resized[y0:y0 + fh, x0:x0 + fw] = fitted
     x = (resized.astype(np.float64) * hp["rescale"]).astype(np.float32)
     x = (x - np.asarray(hp["mean"], np.float32)) / np.asarray(hp["std"], np.float32)
     expected = x.transpose(2, 0, 1)[None]

@@ -21,6 +21,7 @@ from maven_edge.core.preprocess import (
     DEFAULT_FORMATS,
     ImageLimits,
     check_pixel_values,
+    fit_to_square,
     load_image,
     pad_to_square,
     preprocess_image,
@@ -587,7 +588,7 @@ def test_bad_preprocess_config(cfg: PreprocessConfig) -> None:
 
 
 def test_preprocess_images_names_the_bad_image() -> None:
-    with pytest.raises(ImageError, match=r"^image #1 is not a supported image"):
+    with pytest.raises(ImageError, match=r"^image 2 is not a supported image"):
         preprocess_images([noise(4, 4), b"garbage"], CFG)
 
 
@@ -720,3 +721,140 @@ def test_seed_files_are_valid() -> None:
     for data in SEEDS:
         assert load_image(data).size == (12, 9)
     assert set(DEFAULT_FORMATS) >= {"PNG", "JPEG", "GIF", "TIFF", "BMP", "WEBP"}
+
+
+# ---- bounded memory: fit to the square a strip of rows at a time (issue 31) --------------------------
+
+
+def _old_pixel_values(im: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
+    """The preprocessing before issue 31: pad to a square of the long side, then Pillow's resize."""
+    fill = tuple(min(255, max(0, int(m * 255))) for m in cfg.mean)
+    if cfg.pad_to_square:
+        im = pad_to_square(im, fill)
+    im = im.resize((cfg.image_size, cfg.image_size), resample=resample_filter(cfg.resample))
+    arr = (np.asarray(im, dtype=np.uint8).astype(np.float64) * (1 / 255)).astype(np.float32)
+    arr = (arr - np.asarray(cfg.mean, np.float32)) / np.asarray(cfg.std, np.float32)
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def _strip_reference(data: bytes, cfg: PreprocessConfig) -> np.ndarray:
+    """What the strip pipeline must equal: the whole RGB image, fit_to_square, normalised."""
+    from maven_edge.core.preprocess import _normalise, resize_separable
+
+    im = load_image(data)
+    f = resample_filter(cfg.resample)
+    fill = tuple(min(255, max(0, int(m * 255))) for m in cfg.mean)
+    square = (fit_to_square(im, cfg.image_size, fill, f) if cfg.pad_to_square
+              else resize_separable(im, (cfg.image_size, cfg.image_size), f))
+    return _normalise(square, cfg)
+
+
+def _random_image(mode: str, w: int, h: int, seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    if mode == "I;16":
+        return Image.fromarray(rng.integers(0, 65535, (h, w), dtype=np.uint16))
+    if mode == "F":
+        values = rng.random((h, w), dtype=np.float32) * 1000
+        values[0, 0] = np.nan
+        return Image.fromarray(values)
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).convert(mode)
+
+
+@pytest.mark.parametrize("strip_bytes", [64, 1 << 20])
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "P", "LA", "CMYK", "I;16", "F"])
+def test_strips_are_bit_identical_to_the_whole_image(monkeypatch, mode: str, strip_bytes: int) -> None:
+    """The strip pipeline (decoded file -> oriented RGB rows -> two resize passes) gives exactly
+    the pixels of converting the whole image and calling fit_to_square on it, for every mode,
+    EXIF orientation, filter and aspect ratio, with strips of one row and of many."""
+    import maven_edge.core.preprocess as pre
+
+    monkeypatch.setattr(pre, "STRIP_BYTES", strip_bytes)
+    fmt = "TIFF" if mode in ("F", "I;16", "CMYK", "LA") else "PNG"
+    cases = 0
+    for i, ((w, h), orientation, resample, pad) in enumerate([
+        ((37, 23), 1, "bicubic", True), ((23, 37), 6, "bicubic", True), ((100, 3), 8, "lanczos", True),
+        ((3, 100), 3, "nearest", True), ((64, 64), 5, "bilinear", True), ((130, 200), 7, "bicubic", False),
+        ((41, 17), 2, "box", True), ((17, 41), 4, "hamming", False),
+    ]):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        data = encode(_random_image(mode, w, h, i), fmt, exif=exif.tobytes())
+        cfg = PreprocessConfig(image_size=16, resample=resample, pad_to_square=pad)
+        np.testing.assert_array_equal(preprocess_image(data, cfg), _strip_reference(data, cfg))
+        cases += 1
+    assert cases == 8
+
+
+@pytest.mark.parametrize("side", [1, 7, 16, 33, 64, 100, 225])
+@pytest.mark.parametrize("resample", ["bicubic", "bilinear", "nearest", "lanczos"])
+def test_square_images_give_the_same_pixel_values_as_before(side: int, resample: str) -> None:
+    """Padding a square image is a no-op, and for a square resized to a square Pillow runs its
+    passes in the order preprocessing fixes: square images (every image of the synthetic splits)
+    preprocess bit for bit as before issue 31, so greedy answers on the test split cannot change."""
+    cfg = PreprocessConfig(image_size=16, resample=resample)
+    im = noise(side, side, seed=side)
+    np.testing.assert_array_equal(preprocess_image(encode(im, "PNG"), cfg), _old_pixel_values(im, cfg))
+
+
+def test_test_split_images_preprocess_as_before() -> None:
+    from maven_edge.model_src.data.splits import iter_samples
+
+    cfg = PreprocessConfig(image_size=64)
+    images = [im for s in iter_samples("test", 30) for im in s.images]
+    assert len(images) >= 30
+    new = preprocess_images([encode(im, "PNG") for im in images], cfg)
+    old = np.stack([_old_pixel_values(im.convert("RGB"), cfg) for im in images])
+    np.testing.assert_array_equal(new, old)
+
+
+def test_non_square_image_is_fitted_then_padded() -> None:
+    """A wide image is resized to image_size x (image_size * h / w), then centred on the mean colour."""
+    from maven_edge.core.preprocess import fitted_size
+
+    assert fitted_size(44721, 895, 64) == (64, 1) and fitted_size(895, 44721, 64) == (1, 64)
+    assert fitted_size(30, 20, 16) == (16, 11) and fitted_size(20, 30, 16) == (11, 16)
+    cfg = PreprocessConfig(image_size=8, resample="nearest")
+    x = preprocess_image(Image.new("RGB", (16, 8), WHITE), cfg)
+    white = ((1 - np.array(CLIP_MEAN)) / np.array(CLIP_STD)).astype(np.float32)
+    pad = ((np.array([int(m * 255) for m in CLIP_MEAN]) / 255 - np.array(CLIP_MEAN)) / np.array(CLIP_STD))
+    np.testing.assert_allclose(x[:, 2:6, :], np.broadcast_to(white[:, None, None], (3, 4, 8)), atol=1e-6)
+    np.testing.assert_allclose(x[:, :2, :], np.broadcast_to(pad.astype(np.float32)[:, None, None], (3, 2, 8)),
+                               atol=1e-6)
+
+
+def test_decode_memory_budget_refuses_before_decoding() -> None:
+    """A progressive JPEG keeps every DCT coefficient while it decodes: its header says how much
+    memory that takes, and an image over ImageLimits.max_decode_bytes is refused from the header."""
+    from maven_edge.core.preprocess import decode_bytes
+
+    im = noise(400, 300)
+    progressive = encode(im, "JPEG", progressive=True, subsampling=0)
+    baseline = encode(im, "JPEG")
+    with Image.open(io.BytesIO(progressive)) as opened:
+        need, why = decode_bytes(opened)
+    assert need == 400 * 300 * 4 + 3 * 400 * 304 * 2 and "progressive" in why
+    with Image.open(io.BytesIO(baseline)) as opened:
+        assert decode_bytes(opened) == (400 * 300 * 4, "")
+    limits = ImageLimits(max_decode_bytes=1_000_000)
+    with pytest.raises(ImageError, match=r"needs about 1 MiB to decode \(a progressive JPEG .*max_decode_bytes"):
+        load_image(progressive, limits)
+    assert load_image(baseline, limits).size == (400, 300)
+    with pytest.raises(ImageError, match="needs about"):
+        preprocess_images([progressive], CFG, limits)
+
+
+def test_request_pixel_budget_counts_every_image_before_decoding_it() -> None:
+    big = encode(noise(40, 30), "PNG")  # 1200 px each
+    assert preprocess_images([big, big], CFG, max_total_pixels=2400).shape[0] == 2
+    with pytest.raises(ImageError, match=r"^image 3 \(40x30\) brings the request to 0.0 megapixels, over the limit"):
+        preprocess_images([big, big, big], CFG, max_total_pixels=2400)
+
+
+def test_regular_files_are_decoded_from_disk(tmp_path: Path, monkeypatch) -> None:
+    """A path is handed to the decoder as an open file, not read into memory first."""
+    import maven_edge.core.preprocess as pre
+
+    path = tmp_path / "a.png"
+    noise(20, 10).save(path)
+    monkeypatch.setattr(pre, "_read_bounded", lambda *a: pytest.fail("a regular file was read into memory"))
+    assert preprocess_image(path, CFG).shape == (3, 16, 16)

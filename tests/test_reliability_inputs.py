@@ -372,14 +372,15 @@ def test_images_of_the_wrong_type(pipe, runs, images):
 )
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_bad_images_end_to_end(pipe, pool, runs, bad, match):
-    """A bad image in second place: an ImageError naming image #1, before any model runs, and
+    """A bad image in second place: an ImageError naming "image 2" (numbered from 1, as prompts
+    say "Image 2"), before any model runs, and
     the next request gets the same answer as before."""
     prompt = "<image><image>\nQuestion: same?\nAnswer:"
     before = pipe.generate([pool["scene0"], pool["scene1"]], prompt, max_new_tokens=4).token_ids
     calls = runs.calls
     with pytest.raises(ImageError, match=match) as exc:
         pipe.generate([pool["scene0"], pool[bad]], prompt, max_new_tokens=4)
-    assert "image #1" in str(exc.value)
+    assert str(exc.value).startswith("image 2 ")
     assert runs.calls == calls
     assert pipe.generate([pool["scene0"], pool["scene1"]], prompt, max_new_tokens=4).token_ids == before
 

@@ -186,6 +186,215 @@ def test_cancel_by_closing_or_dropping_the_stream(pipe, pool):
     assert pipe.generate(_two(pool), QUESTION, max_new_tokens=12).token_ids == want.token_ids
 
 
+def test_close_from_another_thread_while_a_step_runs(pipe, pool):
+    """Issue 31: stream.close() from a second thread while the consumer is inside next() (a decode
+    step running) raised `ValueError: generator already executing` in the closer and the
+    generation ran to the end. Now it returns at once, the step in flight finishes, the loop ends
+    with the partial answer, and the pipeline answers as before."""
+    want = pipe.generate(_two(pool), QUESTION, max_new_tokens=12)
+    assert len(want.token_ids) == 12
+    entered, release = threading.Event(), threading.Event()
+    real_decode = pipe.backend.decode
+    calls = {"n": 0}
+
+    def slow_decode(state, token):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the consumer is now blocked inside next(), in the third decode step
+            entered.set()
+            assert release.wait(30)
+        return real_decode(state, token)
+
+    pipe.backend.decode = slow_decode
+    try:
+        stream = pipe.stream(_two(pool), QUESTION, max_new_tokens=12)
+        pieces: list[str] = []
+        consumer = threading.Thread(target=lambda: pieces.extend(stream))
+        consumer.start()
+        assert entered.wait(30)
+        errors = []
+        closer = threading.Thread(target=lambda: _call_and_record(stream.close, errors))
+        closer.start()
+        closer.join(5)
+        assert not closer.is_alive() and errors == []  # returned at once, raised nothing
+        release.set()
+        consumer.join(30)
+        assert not consumer.is_alive()
+    finally:
+        pipe.backend.decode = real_decode
+    res = stream.result
+    assert res is not None and res.finish_reason == "cancelled" and stream.cancelled
+    # the 3 tokens sampled before the blocked step; its logits arrive after the cancel and are not used
+    assert len(res.token_ids) == 3
+    assert res.token_ids == want.token_ids[:3] and "".join(pieces) == res.text and want.text.startswith(res.text)
+    assert pipe.generate(_two(pool), QUESTION, max_new_tokens=12).token_ids == want.token_ids
+
+
+def _call_and_record(fn, errors: list) -> None:
+    try:
+        fn()
+    except BaseException as exc:  # noqa: BLE001 - what the test counts
+        errors.append(exc)
+
+
+CANCEL_STREAMS = 100
+
+
+def test_many_streams_cancelled_from_other_threads(pipe, pool):
+    """100 concurrent streams, each consumed by its own thread and cancelled (close() or cancel(),
+    alternately) by another thread: half while their consumer is inside next() with a decode step
+    running (the step is held until the cancel returns), half while their consumer waits between
+    pieces. No exception in any canceller or consumer, every stream stops within one decode step
+    of its cancel with a prefix of the full answer, and the pipeline answers correctly afterwards."""
+    requests = [(_two(pool), QUESTION, {"max_new_tokens": 24}),
+                ([pool["scene0"]], "<image>\nQuestion: what is in the picture?\nAnswer:",
+                 {"max_new_tokens": 24, "temperature": 0.8, "seed": 5})]
+    full = [pipe.generate(ims, prompt, **opts) for ims, prompt, opts in requests]
+    assert all(len(r.token_ids) == 24 for r in full)
+    canceller_errors: list[BaseException] = []
+    consumer_errors: list[BaseException] = []
+    outcome: list[dict[str, Any]] = [{} for _ in range(CANCEL_STREAMS)]
+    local = threading.local()  # per consumer thread: (step to hold, entered, go) and the steps so far
+    real_decode = pipe.backend.decode
+
+    def decode(state, token):  # holds the chosen step of the chosen threads until their cancel returned
+        hold = getattr(local, "hold", None)
+        if hold is not None:
+            local.steps += 1
+            if local.steps == hold[0]:
+                hold[1].set()
+                hold[2].wait(60)
+        return real_decode(state, token)
+
+    def run(i: int) -> None:
+        ims, prompt, opts = requests[i % 2]
+        inside = i % 2 == 0  # cancel while a step runs, or while the consumer waits
+        ready, done = threading.Event(), threading.Event()
+        try:
+            stream = pipe.stream(ims, prompt, **opts)
+            local.hold, local.steps = ((2 + i % 5, ready, done) if inside else None), 0
+
+            def cancel() -> None:
+                ready.wait(60)
+                outcome[i]["at_cancel"] = len(stream.partial.token_ids)
+                _call_and_record(stream.cancel if i % 3 else stream.close, canceller_errors)
+                done.set()
+
+            canceller = threading.Thread(target=cancel)
+            canceller.start()
+            pieces = []
+            for n, piece in enumerate(stream):
+                pieces.append(piece)
+                if not inside and n == i % 3:
+                    ready.set()
+                    assert done.wait(60)
+            canceller.join(60)
+            outcome[i].update(pieces=pieces, result=stream.result, inside=inside)
+        except BaseException as exc:  # noqa: BLE001 - counted below
+            consumer_errors.append(exc)
+        finally:
+            ready.set()
+            done.set()
+
+    pipe.backend.decode = decode
+    try:
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(CANCEL_STREAMS)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+    finally:
+        pipe.backend.decode = real_decode
+    assert not any(t.is_alive() for t in threads), "a stream did not stop"
+    assert canceller_errors == [] and consumer_errors == []
+    for i, out in enumerate(outcome):
+        want, res = full[i % 2], out["result"]
+        assert res.finish_reason == "cancelled" and len(res.token_ids) < len(want.token_ids)  # stopped early
+        assert res.token_ids == want.token_ids[: len(res.token_ids)]  # with a prefix of the full answer
+        assert "".join(out["pieces"]) == res.text and want.text.startswith(res.text)
+        assert len(res.token_ids) <= out["at_cancel"] + 1  # within one decode step of the cancel
+    for (ims, prompt, opts), want in zip(requests, full, strict=True):  # the pipeline still answers the same
+        assert pipe.generate(ims, prompt, **opts).token_ids == want.token_ids
+    _report("cross-thread cancel", {
+        "streams": CANCEL_STREAMS, "inside_next": sum(o["inside"] for o in outcome),
+        "tokens_after_cancel": sorted({len(o["result"].token_ids) - o["at_cancel"] for o in outcome})})
+
+
+def test_streams_in_a_decode_batch_cancelled_from_other_threads(pytestconfig, pool):
+    """The same with continuous batching (the shared-buffer decoder, 4 rows per step): 24 streams
+    decode in one batch and are cancelled from other threads, half while their consumer waits
+    inside next() for the batch's next piece, half between pieces. No exception anywhere, every
+    stream stops early with a prefix of its answer (text = the pieces it yielded), the batch frees
+    every slot and the pipeline answers as before."""
+    from maven_edge.export.genai_decoder import builder_unavailable
+
+    if builder_unavailable() is not None:
+        pytest.skip(builder_unavailable())
+    from maven_edge.runtime.backends.ort_backend import OrtBackend
+    from maven_edge.runtime.options import CachingOptions
+    from maven_edge.runtime.pipeline import MavenPipeline
+    from tools.soak import cached_genai_artifacts
+
+    backend = OrtBackend(cached_genai_artifacts(pytestconfig.cache.mkdir("maven-runtime-artifacts")),
+                         session_options={"intra_op_num_threads": 1})
+    batched = MavenPipeline(backend, caching=CachingOptions(visual_cache_mb=0, prefix_cache_mb=0, max_batch=4))
+    assert batched.scheduler is not None
+    request = ([pool["scene1"]], "<image>\nQuestion: what is in the picture?\nAnswer:", {"max_new_tokens": 24})
+    want = batched.generate(request[0], request[1], **request[2])
+    assert len(want.token_ids) == 24
+    n = 24
+    errors: list[BaseException] = []
+    outcome: list[dict[str, Any]] = [{} for _ in range(n)]
+
+    def run(i: int) -> None:
+        inside = i % 2 == 0
+        ready, done = threading.Event(), threading.Event()
+        try:
+            stream = batched.stream(request[0], request[1], **request[2])
+
+            def cancel() -> None:
+                ready.wait(60)
+                if inside:  # the consumer is back inside next(), waiting for the batch
+                    while not stream._lock.locked() and stream.result is None:
+                        done.wait(0.001)
+                _call_and_record(stream.cancel if i % 3 else stream.close, errors)
+                done.set()
+
+            canceller = threading.Thread(target=cancel)
+            canceller.start()
+            pieces = []
+            for k, piece in enumerate(stream):
+                pieces.append(piece)
+                if k == 1 + i % 3:
+                    ready.set()
+                    if not inside:
+                        assert done.wait(60)
+            canceller.join(60)
+            outcome[i] = {"pieces": pieces, "result": stream.result}
+        except BaseException as exc:  # noqa: BLE001 - counted below
+            errors.append(exc)
+        finally:
+            ready.set()
+            done.set()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not any(t.is_alive() for t in threads) and errors == []
+    for out in outcome:
+        res = out["result"]
+        assert res.finish_reason == "cancelled" and len(res.token_ids) < len(want.token_ids)
+        assert res.token_ids == want.token_ids[: len(res.token_ids)]
+        assert "".join(out["pieces"]) == res.text and want.text.startswith(res.text)
+    for _ in range(100):
+        if batched.scheduler.batch.free_slots() == 4:
+            break
+        threading.Event().wait(0.05)
+    assert batched.scheduler.batch.free_slots() == 4
+    assert batched.generate(request[0], request[1], **request[2]).token_ids == want.token_ids
+
+
 def test_cancel_races_give_the_answer_or_a_prefix(pipe, pool, mix):
     """The stop event is set at random moments while the request runs on another thread."""
     import random

@@ -89,15 +89,18 @@ def cached_test_artifacts(cache_root: str | Path, model: Any = None, decoder: st
     """Export `model` (default: :func:`build_test_model`) under `cache_root` once and reuse it.
 
     The directory name is the model's fingerprint, the decoder kind ("torch": torch.onnx;
-    "genai": onnxruntime-genai's builder with the shared KV buffer) and a hash of the exporter,
-    so one export serves every test module and a changed exporter re-exports. Imports torch.
+    "genai": onnxruntime-genai's builder with the shared KV buffer) and a hash of the exporter and
+    the manifest sections it writes (host contract, schema), so one export serves every test
+    module and a changed exporter re-exports. Imports torch.
     """
     from maven_edge.core.manifest import MANIFEST, load_manifest
     from maven_edge.export.onnx_export import ExportOptions, export_model, model_fingerprint
 
     model = model if model is not None else build_test_model()
-    exporter = REPO / "export" / "onnx_export.py"
-    key = model_fingerprint(model)[:16] + hashlib.sha256(exporter.read_bytes()).hexdigest()[:8]
+    # what decides the files and the manifest: the exporter, and the manifest sections it writes
+    writers = ("export/onnx_export.py", "core/host_contract.py", "core/manifest_schema.py")
+    digest = hashlib.sha256(b"".join((REPO / w).read_bytes() for w in writers)).hexdigest()
+    key = model_fingerprint(model)[:16] + digest[:8]
     out = Path(cache_root) / (key if decoder == "torch" else f"{key}-{decoder}")
     if (out / MANIFEST).is_file():
         try:

@@ -6,20 +6,29 @@ import argparse
 import json
 import sys
 
+from maven_edge.core.cliutil import add_command
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train the MaVEn recipe (stage 0 pretraining + stages 1-4)",
-                       description="Train stage 0 (ViT, VQ tokenizer, text decoder), 1 (selector), 2 (discrete "
-                       "path), 3 (projector), 4 (instruction tuning), or all of them.")
-    p.add_argument("--preset", default="tiny", help="model preset (default tiny)")
+    p = add_command(
+        sub, "train", help="train the MaVEn recipe (stage 0 pretraining + stages 1-4)",
+        description="Train stage 0 (ViT, VQ tokenizer, text decoder), 1 (selector), 2 (discrete path), "
+        "3 (projector), 4 (instruction tuning), or all of them, on the synthetic shapes data. Writes one checkpoint "
+        "per stage under --out (final/ after stage 4) and, after stage 4, the test-split accuracy. See "
+        "docs/training.md. Needs PyTorch.",
+        examples=["maven-edge train --preset tiny --out runs/tiny",
+                  "maven-edge train --preset tiny --stage 0 --steps-scale 0.05 --max-batch 8 --out runs/smoke",
+                  "maven-edge train --preset tiny --stage 4 --resume --out runs/tiny"])
+    p.add_argument("--preset", default="tiny", help="model preset: tiny, edge-small or paper (default tiny)")
     p.add_argument("--stage", default="all", help="0, 1, 2, 3, 4 or all (default all)")
-    p.add_argument("--out", required=True, help="run directory (stageK/ per stage, final/ after stage 4)")
+    p.add_argument("--out", required=True, metavar="DIR", help="run directory (stageK/ per stage, final/ after stage 4)")
     p.add_argument("--steps-scale", type=float, default=1.0, help="multiply every phase's steps (default 1)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed for weights, data order and sampling (default 0)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                   help="config override, repeatable")
-    p.add_argument("--max-batch", type=int, default=None, help="cap every batch size (quick smoke runs)")
+                   help="config override, e.g. --set llm.num_layers=2 (repeatable)")
+    p.add_argument("--max-batch", type=int, default=None, metavar="N",
+                   help="cap every batch size, for quick smoke runs (default: the recipe's sizes)")
     p.add_argument("--no-eval", action="store_true", help="skip the test-split evaluation after stage 4")
     p.add_argument("--init", default=None, metavar="CHECKPOINT",
                    help="start the one requested stage (1-4) from this trained checkpoint instead of the "
@@ -27,32 +36,50 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_train)
 
-    e = sub.add_parser("eval", help="exact-match accuracy of a checkpoint on a data split")
-    e.add_argument("--checkpoint", required=True, help="checkpoint directory (model.safetensors + config.json)")
-    e.add_argument("--split", default="test", help="train, val or test (default test)")
-    e.add_argument("--mode", default="hybrid", help="hybrid, discrete or continuous (default hybrid)")
-    e.add_argument("--keep-ratio", type=float, default=None, help="fraction of patches kept (hybrid)")
-    e.add_argument("--limit", type=int, default=None, help="evaluate the first N questions only")
+    e = add_command(
+        sub, "eval", help="exact-match accuracy of a checkpoint on a data split",
+        description="Answer every question of a synthetic data split with a checkpoint (torch, greedy) and report "
+        "exact-match accuracy overall, per task family and per task, plus the held-out compositions. Needs PyTorch.",
+        examples=["maven-edge eval --checkpoint model_src/checkpoints/tiny",
+                  "maven-edge eval --checkpoint model_src/checkpoints/tiny --split val --mode discrete --limit 200 --json"])
+    e.add_argument("--checkpoint", required=True, metavar="DIR",
+                   help="checkpoint directory (model.safetensors + config.json)")
+    e.add_argument("--split", default="test", choices=("train", "val", "test"), help="data split (default test)")
+    e.add_argument("--mode", default="hybrid", choices=("hybrid", "discrete", "continuous"),
+                   help="visual encoding (default hybrid)")
+    e.add_argument("--keep-ratio", type=float, default=None,
+                   help="fraction of patches kept in hybrid mode (default: the checkpoint's keep ratio)")
+    e.add_argument("--limit", type=int, default=None, metavar="N", help="evaluate the first N questions only (default: all)")
     e.add_argument("--visual-token-budget", type=int, default=None, metavar="N",
                    help="hybrid: each question's images share N visual tokens (codes + patches), the "
                    "selector's patches ranked across its images (default: a keep ratio per image)")
-    e.add_argument("--min-patches", type=int, default=1,
+    e.add_argument("--min-patches", type=int, default=1, metavar="N",
                    help="with --visual-token-budget: patches every image keeps (default 1)")
-    e.add_argument("--batch-size", type=int, default=32)
+    e.add_argument("--batch-size", type=int, default=32, metavar="N", help="questions per forward pass (default 32)")
     e.add_argument("--json", action="store_true", help="print the report as JSON")
-    e.add_argument("--out", default=None, help="also write the JSON report to this file")
-    e.add_argument("--quiet", action="store_true")
+    e.add_argument("--out", default=None, metavar="FILE", help="also write the JSON report to this file")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=_eval)
 
-    a = sub.add_parser("ablations", help="re-create the paper's analyses on a checkpoint (docs/ tables and plots)")
-    a.add_argument("--checkpoint", default=None, help="trained checkpoint (default: the shipped tiny model)")
-    a.add_argument("--run", default=None, help="training run directory holding stage3/ (for the Table-4 analogue)")
-    a.add_argument("--out", default="docs", help="where ablations.md and figures/ go (default docs)")
-    a.add_argument("--only", action="append", default=[],
-                   help="table4, keep, selector, codes (repeatable; default all)")
-    a.add_argument("--steps-scale", type=float, default=None, help="share of the recipe's stage-4 steps each Table-4 variant trains (default 0.1: 210 steps)")
-    a.add_argument("--limit", type=int, default=None, help="test questions per evaluation")
-    a.add_argument("--quiet", action="store_true")
+    a = add_command(
+        sub, "ablations", help="re-create the paper's analyses on a checkpoint (docs/ tables and plots)",
+        description="Re-create the paper's analyses on a checkpoint: the Table-4 analogue (which visual parts "
+        "matter, retraining stage 4 without each), accuracy and visual tokens against keep ratio, selector quality "
+        "and what the discrete codes carry. Writes ablations.md, ablations.json and figures/ into --out. Needs "
+        "PyTorch; the Table-4 analogue trains, so it takes a while on a CPU.",
+        examples=["maven-edge ablations --only keep --only codes --limit 100 --out /tmp/ablations",
+                  "maven-edge ablations --checkpoint runs/tiny/final --run runs/tiny --out docs"])
+    a.add_argument("--checkpoint", default=None, metavar="DIR", help="trained checkpoint (default: the shipped tiny model)")
+    a.add_argument("--run", default=None, metavar="DIR",
+                   help="training run directory holding stage3/; needed for table4, which the default (all) includes "
+                   "(default: none)")
+    a.add_argument("--out", default="docs", metavar="DIR", help="where ablations.md and figures/ go (default docs)")
+    a.add_argument("--only", action="append", default=[], choices=("table4", "keep", "selector", "codes"),
+                   help="run only this analysis: table4, keep, selector, codes (repeatable; default: all)")
+    a.add_argument("--steps-scale", type=float, default=None,
+                   help="share of the recipe's stage-4 steps each Table-4 variant trains (default 0.1: 210 steps)")
+    a.add_argument("--limit", type=int, default=None, metavar="N", help="test questions per evaluation (default: all)")
+    a.add_argument("--quiet", action="store_true", help="no progress bars")
     a.set_defaults(func=_ablations)
 
 

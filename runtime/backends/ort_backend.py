@@ -30,8 +30,17 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnxruntime as ort
 
-from maven_edge.core.errors import ArtifactError, BackendError, InputError
-from maven_edge.core.manifest import MANIFEST, Manifest, load_manifest, resolve_inside, sha256_file
+from maven_edge.core.errors import ArtifactError, BackendError, InputError, MavenError
+from maven_edge.core.manifest import (
+    MANIFEST,
+    Manifest,
+    TensorSpec,
+    check_graph_io,
+    load_manifest,
+    resolve_inside,
+    sha256_file,
+)
+from maven_edge.core.manifest_schema import ORT_TYPES
 from maven_edge.core.tokenizer import TextTokenizer
 from maven_edge.runtime.backends.base import Backend, DecodeBatch, DecodeState, SelectorOutput
 from maven_edge.runtime.backends.providers import PROVIDERS, check_decoder_for, resolve_providers
@@ -271,10 +280,18 @@ class OrtBackend(Backend):
         cfg = self.manifest.maven_config()
         layout = self.manifest.vocab_layout()
         tok_path = resolve_inside(self.artifacts, self.manifest.tokenizer.path)
-        tokenizer = TextTokenizer.from_file(tok_path, layout.text_vocab_size, layout.codebook_size)
+        try:
+            tokenizer = TextTokenizer.from_file(tok_path, layout.text_vocab_size, layout.codebook_size)
+        except MavenError as exc:
+            raise ArtifactError(f"{self.manifest.tokenizer.path}: {exc}; re-export the artifacts") from None
         if tokenizer.layout.special_ids != layout.special_ids:
             raise ArtifactError(
-                f"{tok_path.name} does not match the vocabulary layout in manifest.json; re-export the artifacts"
+                f"{tok_path.name} does not match vocab.special_ids in {MANIFEST}; re-export the artifacts"
+            )
+        if tokenizer.layout.tokenizer_size != layout.tokenizer_size:
+            raise ArtifactError(
+                f"{tok_path.name} has {tokenizer.layout.tokenizer_size} ids, but vocab.tokenizer_size in {MANIFEST} is "
+                f"{layout.tokenizer_size}; re-export the artifacts"
             )
         super().__init__(cfg, tokenizer)
         self.session_config = SessionConfig.coerce(session_options)
@@ -291,6 +308,7 @@ class OrtBackend(Backend):
             self.sessions[comp_name] = _Session(comp_name, path, self.session_config.build(), per_component,
                                                 self.session_config)
             check_session_providers(comp_name, self.sessions[comp_name].sess.get_providers(), per_component)
+        self._check_graphs()
         s = self.sessions
         s["vision_encoder"].require(["pixel_values"], ["patch_features"])
         s["embed_tokens"].require(["input_ids"], ["inputs_embeds"])
@@ -320,6 +338,52 @@ class OrtBackend(Backend):
         self.k = int(self.manifest.num_kept_patches)
         self.keep_ratio = float(self.manifest.keep_ratio)
         self.projector = self._find_projector()
+        self._probe()
+
+    def _check_graphs(self) -> None:
+        """Every component's manifest entry against its graph's real inputs and outputs, as
+        onnxruntime loaded them (names, element types, fixed axes)."""
+        def specs(args: list[Any]) -> list[TensorSpec]:
+            return [TensorSpec(a.name, ORT_TYPES.get(a.type, a.type),
+                               [d if isinstance(d, int) else (d or "?") for d in (a.shape or [])]) for a in args]
+
+        for name, comp in self.manifest.components.items():
+            sess = self.sessions[name].sess
+            problems = check_graph_io(comp, specs(sess.get_inputs()), specs(sess.get_outputs()))
+            if problems:
+                more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+                raise ArtifactError(
+                    f"{comp.file.path} does not match {MANIFEST}: {problems[0]}{more}; re-export the artifacts"
+                )
+
+    def _probe(self) -> None:
+        """Run the embedding over the vocabulary's first and last id, and the decoder's KV-cache
+        loop the manifest declares (a 2-token prefill, then one step) on zeros, once at load: what
+        a graph cannot say in its inputs and outputs (the embedding table's size, whether the
+        attention writes into a shared past/present buffer) fails here, not in a request."""
+        vocab = self.tokenizer.layout.vocab_size
+        try:
+            rows = self.embed(np.array([[0, vocab - 1]], dtype=np.int64))
+        except Exception as exc:
+            raise ArtifactError(
+                f"{self.manifest.components['embed_tokens'].file.path} cannot embed ids 0..{vocab - 1}, the vocabulary "
+                f"{MANIFEST} declares (vocab.text_vocab_size + vocab.codebook_size) ({exc}); re-export the artifacts"
+            ) from None
+        flag = "past_present_share_buffer" if self.shared_kv else "no past_present_share_buffer"
+        try:
+            logits, state = self.prefill(np.zeros((1, 2, rows.shape[-1]), dtype=np.float32), 4)
+            logits = self.decode(state, 0)
+            state.release()
+        except Exception as exc:
+            raise ArtifactError(
+                f"{self.manifest.components['decoder'].file.path} cannot run the KV-cache loop {MANIFEST} declares "
+                f"(components.decoder.extra: {flag}): {type(exc).__name__}: {str(exc)[:300]}; re-export the artifacts"
+            ) from None
+        if logits.shape != (vocab,):
+            raise ArtifactError(
+                f"{self.manifest.components['decoder'].file.path} gives {logits.shape[-1]} logits per position, "
+                f"{MANIFEST} declares a vocabulary of {vocab}; re-export the artifacts"
+            )
 
     @classmethod
     def from_options(cls, options: PipelineOptions) -> OrtBackend:

@@ -3,15 +3,16 @@
 // Pillow's decoders on baseline and progressive JPEG and on PNG), EXIF orientation applied, ICC
 // profile ignored, alpha composited over `alpha_background` with integer rounding, 16-bit
 // colour reduced to its high byte and 16-bit grey stretched by its actual range (Pillow's and
-// maven_edge.core.preprocess's policies), then pad to a centred square with `pad_color`, resize
-// with Pillow's resampling (resample.js), rescale and normalise in float32, NCHW.
+// maven_edge.core.preprocess's policies), then resize so the long side fits the square and centre
+// it on `pad_color` (host contract version 2), with Pillow's resampling (resample.js), rescale and
+// normalise in float32, NCHW.
 
 import fs from 'node:fs/promises';
 
 import sharp from 'sharp';
 
 import { ConfigError, ImageError } from './errors.js';
-import { resize } from './resample.js';
+import { fitToSquare, resize } from './resample.js';
 
 /** What an image may be; everything outside is refused with an ImageError (as in Python's ImageLimits). */
 export const DEFAULT_IMAGE_LIMITS = Object.freeze({
@@ -177,7 +178,8 @@ export async function decodeImage(source, { limits = DEFAULT_IMAGE_LIMITS, name,
   return { data: out, width, height };
 }
 
-/** Centre an RGB image on a square canvas of its long side filled with `fill` (floor offsets). */
+/** Centre an RGB image on a square canvas of its long side filled with `fill` (floor offsets): host
+ * contract version 1's padding, kept for callers; preprocessing now fits first (fitToSquare). */
 export function padToSquare(img, fill) {
   const { data, width, height } = img;
   if (width === height) return img;
@@ -211,6 +213,9 @@ export function preprocessSpec(manifest) {
     );
   }
   const [w, h] = host.size;
+  if (host.pad_to_square && host.resize_then_pad !== true) {
+    throw new ConfigError('manifest.json host section does not say resize_then_pad; re-write it with a current maven-edge');
+  }
   return {
     padToSquare: host.pad_to_square,
     padColor: host.pad_color,
@@ -224,11 +229,12 @@ export function preprocessSpec(manifest) {
   };
 }
 
-/** An RGB image -> float32 [3, H, W]: pad, resize, rescale (in doubles, rounded to float32), normalise in float32. */
+/** An RGB image -> float32 [3, H, W]: fit to the square and pad (or stretch), rescale (in doubles,
+ * rounded to float32), normalise in float32. */
 export function toPixelValues(img, spec, out = new Float32Array(3 * spec.width * spec.height), offset = 0) {
-  let im = spec.padToSquare ? padToSquare(img, spec.padColor) : img;
-  const data = resize(im.data, im.width, im.height, 3, spec.width, spec.height, spec.resample);
-  im = null;
+  const data = spec.padToSquare
+    ? fitToSquare(img.data, img.width, img.height, 3, spec.width, spec.padColor, spec.resample)
+    : resize(img.data, img.width, img.height, 3, spec.width, spec.height, spec.resample);
   const plane = spec.width * spec.height;
   for (let c = 0; c < 3; c++) {
     const m = spec.mean[c];

@@ -15,7 +15,7 @@ export const MANIFEST = 'manifest.json';
 /** The manifest format versions this host reads. */
 export const FORMAT_VERSION = 1;
 /** The `host` section versions this host reads (core/host_contract.py). */
-export const HOST_CONTRACT_VERSION = 1;
+export const HOST_CONTRACT_VERSION = 2;
 export const COMPONENTS = ['vision_encoder', 'discrete_tokenizer', 'embed_tokens', 'patch_selector', 'decoder'];
 
 const REEXPORT = 're-export the artifacts with `maven-edge export`';
@@ -95,7 +95,8 @@ function checkFields(file, m) {
   if (m.host.version !== HOST_CONTRACT_VERSION) {
     throw new ArtifactError(
       `${file} has host contract version ${JSON.stringify(m.host.version)}; this host reads version ` +
-        `${HOST_CONTRACT_VERSION}. Use the maven-edge release that exported the artifacts, or re-export them`,
+        `${HOST_CONTRACT_VERSION}. Rewrite the section in place with \`python -m maven_edge.core.host_contract ` +
+        'ARTIFACT_DIR` (version 2 resizes images before padding them), or re-export the artifacts',
     );
   }
 }

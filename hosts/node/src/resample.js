@@ -196,3 +196,31 @@ export function resize(src, width, height, channels, outW, outH, name) {
   }
   return out;
 }
+
+/** The size of a `width` x `height` image scaled so its long side is `size` (aspect kept, each side
+ * rounded half up, at least 1): maven_edge.core.preprocess.fitted_size, the host contract's `fitted_size`. */
+export function fittedSize(width, height, size) {
+  const long = Math.max(width, height);
+  const side = (n) => Math.max(1, Math.floor((2 * n * size + long) / (2 * long)));
+  return [side(width), side(height)];
+}
+
+/**
+ * Resize so the long side is `size`, then centre the result on a `size` x `size` canvas of `fill`
+ * (host contract version 2, `resize_then_pad`): the picture of padding to a square first and
+ * resizing after, without a canvas that grows with the long side squared. Returns the
+ * interleaved 8-bit pixels of the square.
+ */
+export function fitToSquare(src, width, height, channels, size, fill, name) {
+  const [fw, fh] = fittedSize(width, height, size);
+  const fitted = resize(src, width, height, channels, fw, fh, name);
+  if (fw === size && fh === size) return fitted;
+  const out = new Uint8Array(size * size * channels);
+  for (let i = 0; i < size * size; i++) out.set(fill, i * channels);
+  const x0 = Math.floor((size - fw) / 2);
+  const y0 = Math.floor((size - fh) / 2);
+  for (let y = 0; y < fh; y++) {
+    out.set(fitted.subarray(y * fw * channels, (y + 1) * fw * channels), ((y + y0) * size + x0) * channels);
+  }
+  return out;
+}

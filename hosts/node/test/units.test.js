@@ -5,7 +5,7 @@ import assert from 'node:assert/strict';
 import { test } from 'node:test';
 
 import { fromHalfBits, toHalfBits } from '../src/float16.js';
-import { axisCoefficients, FILTERS, resize } from '../src/resample.js';
+import { axisCoefficients, FILTERS, fitToSquare, fittedSize, resize } from '../src/resample.js';
 import { InputError, Sampler, generationConfig } from '../src/index.js';
 
 test('float16 conversion rounds to nearest even and round-trips every half value', () => {
@@ -43,4 +43,19 @@ test('generation options are checked', () => {
   assert.throws(() => generationConfig({ stop: 'x' }), /array of strings/);
   assert.equal(generationConfig({ temperature: 0.7 }).doSample, true);
   assert.equal(generationConfig({ temperature: 0.7, greedy: true }).doSample, false);
+});
+
+test('fitToSquare resizes the long side to the square and centres the image on the fill (host contract 2)', () => {
+  assert.deepEqual(fittedSize(44700, 894, 64), [64, 1]);
+  assert.deepEqual(fittedSize(894, 44700, 64), [1, 64]);
+  assert.deepEqual(fittedSize(30, 20, 16), [16, 11]);
+  assert.deepEqual(fittedSize(64, 64, 64), [64, 64]);
+  const white = new Uint8Array(16 * 8 * 3).fill(255);
+  const out = fitToSquare(white, 16, 8, 3, 8, [1, 2, 3], 'bicubic');
+  const px = (x, y) => Array.from(out.subarray((y * 8 + x) * 3, (y * 8 + x) * 3 + 3));
+  assert.deepEqual(px(0, 0), [1, 2, 3]); // rows 0-1 and 6-7: the fill
+  assert.deepEqual(px(7, 1), [1, 2, 3]);
+  assert.deepEqual(px(0, 2), [255, 255, 255]); // rows 2-5: the image, resized to 8 x 4
+  assert.deepEqual(px(7, 5), [255, 255, 255]);
+  assert.deepEqual(px(3, 6), [1, 2, 3]);
 });
