@@ -58,12 +58,15 @@ def positive_float(flag: str) -> Any:
 
 def examples_of(parser: argparse.ArgumentParser) -> list[str]:
     """The example command lines of a parser's epilog (after its "examples:" line): comment lines
-    dropped, backslash continuations joined, a trailing `&` and `# comment` removed."""
+    dropped, backslash continuations joined, a trailing `&` and `# comment` removed. The section
+    ends at the next line that is not indented (another heading, e.g. "then, with any client:")."""
     epilog = parser.epilog or ""
     lines = epilog.split("examples:", 1)[1].splitlines() if "examples:" in epilog else []
     commands, current = [], ""
     for line in lines:
         text = line.strip()
+        if text and not line[:1].isspace() and not current:
+            break
         if not text or text.startswith("#"):
             continue
         current += text

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import mmap
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -60,13 +61,17 @@ def test_repeat_discards_warmup() -> None:
 
 def test_peak_rss_sees_an_allocation() -> None:
     with PeakRSS(interval_s=0.001) as mem:
-        block = np.ones(64 * 1024 * 1024 // 8)  # 64 MB, touched
+        # 64 MB of fresh anonymous pages, every page touched: a malloc'd numpy array may reuse heap
+        # that earlier tests left resident, and then RSS does not grow at all
+        block = mmap.mmap(-1, 64 * 1024 * 1024)
+        for offset in range(0, len(block), mmap.PAGESIZE):
+            block[offset] = 1
         # held until the sampler thread has run (up to 5 s): on a loaded machine it may not be
         # scheduled within a fixed short sleep, and a freed block is then never seen
         deadline = time.monotonic() + 5.0
         while mem.peak_bytes - mem.start_bytes <= 32 * 1024 * 1024 and time.monotonic() < deadline:
             time.sleep(0.01)
-        del block
+        block.close()
     assert mem.peak_bytes >= mem.start_bytes
     assert mem.delta_bytes > 32 * 1024 * 1024
 
