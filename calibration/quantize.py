@@ -134,7 +134,7 @@ class QuantizeOptions:
     per_channel: bool = True
     activation_type: str = "int8"  # int8 (S8S8) | uint8 (U8S8)
     keep_discrete_fp32: bool = True  # MatMuls feeding ArgMax/TopK stay fp32 (int8-static)
-    block_size: int = 32  # int4-weight
+    block_size: int = 32  # int4-weight, int8-weight (32: Q4_0 / Q8_0's block)
     accuracy_level: int | None = 4  # int4-weight: 0/None = fp32 compute, 4 = int8 compute (CPU fast path)
     symmetric: bool = True  # int4-weight
     quantize_lm_head: bool = True  # int4-weight / int8-dynamic: the vocabulary projection too
@@ -402,13 +402,16 @@ def _int8_qdq(src: Path, dst: Path, opts: QuantizeOptions, calib: CalibrationInp
             "ranges_from_cache": cached, "ops": list(WEIGHT_OPS), "kept_fp32": exclude}
 
 
-def _int4_weight(src: Path, dst: Path, opts: QuantizeOptions, calib: CalibrationInput | None) -> dict[str, Any]:
+def _nbits_weight(bits: int, src: Path, dst: Path, opts: QuantizeOptions) -> dict[str, Any]:
+    """Weight-only ``MatMulNBits`` (4 or 8 bits per weight, per block of ``opts.block_size``),
+    fp32 activations; with accuracy level 4 the CPU kernel quantizes activations per block and runs
+    int8 dot products."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     model = _load(src)
     exclude = [] if opts.quantize_lm_head else lm_head_nodes(model)
     with quiet_quantizer():
-        q = MatMulNBitsQuantizer(model, bits=4, block_size=opts.block_size, is_symmetric=opts.symmetric,
+        q = MatMulNBitsQuantizer(model, bits=bits, block_size=opts.block_size, is_symmetric=opts.symmetric,
                                  accuracy_level=opts.accuracy_level, nodes_to_exclude=exclude,
                                  op_types_to_quantize=("MatMul",))
         q.process()
@@ -416,10 +419,19 @@ def _int4_weight(src: Path, dst: Path, opts: QuantizeOptions, calib: Calibration
     _save(out, dst)
     n = _node_counts(out).get("MatMulNBits", 0)
     if n == 0:
-        raise ExportError(f"{src.name}: no MatMul with a constant weight was found to quantize to int4")
-    return {"op": "com.microsoft::MatMulNBits", "bits": 4, "block_size": opts.block_size,
+        raise ExportError(f"{src.name}: no MatMul with a constant weight was found to quantize to int{bits}")
+    return {"op": "com.microsoft::MatMulNBits", "bits": bits, "block_size": opts.block_size,
             "symmetric": opts.symmetric, "accuracy_level": opts.accuracy_level, "quantized_matmuls": n,
             "kept_fp32": exclude}
+
+
+def _int4_weight(src: Path, dst: Path, opts: QuantizeOptions, calib: CalibrationInput | None) -> dict[str, Any]:
+    return _nbits_weight(4, src, dst, opts)
+
+
+def _int8_weight(src: Path, dst: Path, opts: QuantizeOptions, calib: CalibrationInput | None) -> dict[str, Any]:
+    """8-bit weight-only ``MatMulNBits``: int8 weights per block, as llama.cpp's Q8_0 at the default block of 32."""
+    return _nbits_weight(8, src, dst, opts)
 
 
 def _int8_dynamic(src: Path, dst: Path, opts: QuantizeOptions, calib: CalibrationInput | None) -> dict[str, Any]:
@@ -448,28 +460,6 @@ def _fp16(src: Path, dst: Path, opts: QuantizeOptions, calib: CalibrationInput |
     _save(out, dst)
     return {"converter": "onnxruntime.transformers.float16 (onnxconverter-common)", "io": "float32 (kept)",
             "fp32_ops": list(FP16_KEEP_FP32_OPS), "fp32_nodes": keep_nodes}
-
-
-def _int8_weight(src: Path, dst: Path, opts: QuantizeOptions, calib: CalibrationInput | None) -> dict[str, Any]:
-    """8-bit weight-only ``MatMulNBits`` (bits=8): int8 weights per block, fp32 activations; with
-    accuracy level 4 the CPU kernel quantizes activations per block and runs int8 dot products."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-    model = _load(src)
-    exclude = [] if opts.quantize_lm_head else lm_head_nodes(model)
-    with quiet_quantizer():
-        q = MatMulNBitsQuantizer(model, bits=8, block_size=opts.block_size, is_symmetric=opts.symmetric,
-                                 accuracy_level=opts.accuracy_level, nodes_to_exclude=exclude,
-                                 op_types_to_quantize=("MatMul",))
-        q.process()
-    out = q.model.model
-    _save(out, dst)
-    n = _node_counts(out).get("MatMulNBits", 0)
-    if n == 0:
-        raise ExportError(f"{src.name}: no MatMul with a constant weight was found to quantize to int8")
-    return {"op": "com.microsoft::MatMulNBits", "bits": 8, "block_size": opts.block_size,
-            "symmetric": opts.symmetric, "accuracy_level": opts.accuracy_level, "quantized_matmuls": n,
-            "kept_fp32": exclude}
 
 
 def _attention_geometry(src: Path) -> tuple[int, int]:

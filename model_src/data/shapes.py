@@ -188,9 +188,12 @@ def _coverage(objects: Sequence[ShapeObject], image_size: int, patch: int) -> fl
 
 
 def _place(
-    rng: np.random.Generator, pairs: Sequence[Pair], image_size: int, cfg: SceneConfig
+    rng: np.random.Generator, pairs: Sequence[Pair], image_size: int, cfg: SceneConfig,
+    avoid: Sequence[tuple[int, int, int, int]] = (),
 ) -> list[ShapeObject] | None:
-    """Sizes and non-overlapping positions for ``pairs``; ``None`` when one does not fit."""
+    """Sizes and positions for ``pairs`` that keep ``min_gap`` px from each other and from the
+    ``avoid`` boxes, with centre rows ``min_row_gap`` px from each other's and the avoided boxes'
+    (raster order of objects stays unambiguous); ``None`` when one does not fit."""
     scale = image_size / 64
     border, gap, row_gap = _px(cfg.border, scale), _px(cfg.min_gap, scale), _px(cfg.min_row_gap, scale)
     placed: list[ShapeObject] = []
@@ -202,7 +205,8 @@ def _place(
         for x0, y0 in corners:
             box = (x0, y0, x0 + side, y0 + side)
             cy = y0 + (side - 1) / 2
-            if all(_apart(box, o.bbox, gap) and abs(cy - o.center[1]) >= row_gap for o in placed):
+            others = [*avoid, *(o.bbox for o in placed)]
+            if all(_apart(box, b, gap) and abs(cy - (b[1] + b[3] - 1) / 2) >= row_gap for b in others):
                 placed.append(make_object(shape, color, size, side, x0, y0, image_size))
                 break
         else:

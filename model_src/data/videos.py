@@ -51,7 +51,7 @@ from maven_edge.model_src.data.shapes import (
     Scene,
     SceneConfig,
     ShapeObject,
-    _apart,
+    _place,
     _px,
     _sample_clutter,
     make_object,
@@ -140,28 +140,9 @@ def _place_static(
     rng: np.random.Generator, pairs: Sequence[Pair], avoid: Sequence[tuple[int, int, int, int]],
     image_size: int, cfg: SceneConfig,
 ) -> list[ShapeObject] | None:
-    """Sizes and positions for ``pairs`` that keep ``min_gap`` px from each other and from the
-    ``avoid`` boxes (the actor's places), with centre rows ``min_row_gap`` px from each other's and
-    the avoided boxes' (so every frame keeps the scenes' raster-order rule); None when one does not
-    fit."""
-    scale = image_size / 64
-    border, gap, row_gap = _px(cfg.border, scale), _px(cfg.min_gap, scale), _px(cfg.min_row_gap, scale)
-    placed: list[ShapeObject] = []
-    for color, shape in pairs:
-        size = "large" if rng.random() < cfg.p_large else "small"
-        lo, hi = cfg.large_px if size == "large" else cfg.small_px
-        side = int(rng.integers(_px(lo, scale), _px(hi, scale) + 1))
-        corners = rng.integers(border, image_size - border - side + 1, size=(cfg.place_tries, 2)).tolist()
-        for x0, y0 in corners:
-            box = (x0, y0, x0 + side, y0 + side)
-            cy = y0 + (side - 1) / 2
-            others = [*avoid, *(o.bbox for o in placed)]
-            if all(_apart(box, b, gap) and abs(cy - (b[1] + b[3] - 1) / 2) >= row_gap for b in others):
-                placed.append(make_object(shape, color, size, side, x0, y0, image_size))
-                break
-        else:
-            return None
-    return placed
+    """Sizes and positions for ``pairs`` clear of the ``avoid`` boxes (the actor's places in every
+    frame), so every frame keeps the scenes' raster-order rule; None when one does not fit."""
+    return _place(rng, pairs, image_size, cfg, avoid=avoid)
 
 
 def _actor_path(
