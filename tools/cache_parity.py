@@ -18,7 +18,6 @@ batching runs on) into the user cache once, then answers every question of the s
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import threading
 import time
@@ -28,6 +27,7 @@ from typing import Any
 from maven_edge.core.paths import cache_dir
 from maven_edge.model_src.resources import shipped_checkpoint
 from maven_edge.runtime.commands import ensure_demo_artifacts
+from tools import emit_report
 
 
 def _threads(fn: Any, n_items: int, threads: int) -> None:
@@ -131,11 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     report = run(Path(args.checkpoint), Path(args.artifacts) if args.artifacts else None, args.split, args.limit,
                  args.max_new_tokens, args.threads)
-    text = json.dumps(report, indent=2)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
-    print(text)
+    emit_report(report, args.out)
     ok = all(v["identical"] == v["compared"] for v in report["variants"].values())
     return 0 if ok else 1
 

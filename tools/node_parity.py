@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from tools import emit_report
+
 REPO = Path(__file__).resolve().parent.parent
 NODE_HOST = REPO / "hosts" / "node"
 #: (width, height, format) of the re-encoded copies: non-square both ways, up- and downscaled.
@@ -143,10 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         report = run(artifacts, args.split, args.limit, args.resized, args.threads, work)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.json_out:
-        args.json_out.write_text(text + "\n")
+    emit_report(report, args.json_out)
     ok = report["identical_token_ids"] == report["questions"] and report["demo_identical"]
     ok = ok and report.get("resized", {}).get("identical_token_ids", 0) == report.get("resized", {}).get("requests", 0)
     return 0 if ok else 1

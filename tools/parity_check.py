@@ -22,6 +22,7 @@ from typing import Any
 
 from maven_edge.model_src.resources import shipped_checkpoint
 from maven_edge.runtime.commands import demo_artifacts_dir, ensure_demo_artifacts
+from tools import emit_report
 
 
 def normalize(text: str) -> str:
@@ -92,11 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     report = run(Path(args.checkpoint), Path(args.artifacts) if args.artifacts else None, args.split, args.limit,
                  args.max_new_tokens, args.threads)
-    text = json.dumps(report, indent=2)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
-    print(text)
+    emit_report(report, args.out)
     print(f"identical greedy token ids: {report['identical_token_ids']}/{report['questions']}; exact match: "
           f"ort {100 * report['ort_accuracy']:.1f}%, torch {100 * report['torch_accuracy']:.1f}%"
           + (f", eval_report {100 * report['eval_report_accuracy']:.1f}%"

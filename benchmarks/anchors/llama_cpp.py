@@ -177,6 +177,11 @@ def convert_hf_to_gguf(hf_dir: str | Path, out: str | Path, precision: str = "fp
     put("output_norm.weight", state["model.norm.weight"])
     put("output.weight", state["lm_head.weight"])
 
+    return _write_gguf(writer, out)
+
+
+def _write_gguf(writer: Any, out: Path) -> Path:
+    """Write a filled ``gguf.GGUFWriter`` to ``out`` (header, key-values, tensors) and close it."""
     out.parent.mkdir(parents=True, exist_ok=True)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -260,12 +265,7 @@ def convert_mmproj_to_gguf(checkpoint_dir: str | Path, out: str | Path) -> Path:
     put("mm.2.weight", state["projector.linear_2.weight"] * scale)
     put("mm.2.bias", state["projector.linear_2.bias"] * scale)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return out
+    return _write_gguf(writer, out)
 
 
 # ---- running the built tools ----------------------------------------------------------------------
