@@ -207,6 +207,22 @@ def test_llama_cpp_reports_reference_figures_only_when_not_built(tmp_path) -> No
         assert built.unavailable() is None  # a build exists: measured, never the reference figures
 
 
+def test_llama_cpp_text_decode_rate_is_llama_benchs(tmp_path, monkeypatch) -> None:
+    """llama-bench reports no token ids: the decode rate comes from its own tokens/s, not from an
+    empty token list (which read 0.0 tok/s in the first full run)."""
+    from maven_edge.benchmarks.anchors import EngineContext, TextSpec, make_engine
+    from maven_edge.benchmarks.anchors import llama_cpp as lc
+
+    monkeypatch.setattr(lc, "run_llama_bench", lambda *a, **k: (512.0, 40.0))  # prompt tok/s, decode tok/s
+    engine = make_engine("llamacpp", EngineContext(work_dir=tmp_path, hf_dir=tmp_path, checkpoint=None,
+                                                   extra={"llama_cpp_bin": str(tmp_path)}), "q8_0")
+    engine.load(lc.Prepared(path=str(tmp_path / "m.gguf"), bytes=0, seconds=0.0, cached=True))
+    record = engine.generate(TextSpec(prompt_len=256, new_tokens=64)).record()
+    assert record["decode_tok_s"] == pytest.approx(40.0)
+    assert record["decode_ms_per_token"] == pytest.approx(25.0)
+    assert record["prefill_ms"] == pytest.approx(500.0)
+
+
 def test_llama_cpp_build_says_why_it_cannot_build(tmp_path, monkeypatch) -> None:
     from maven_edge.benchmarks.anchors import llama_cpp_build as b
 

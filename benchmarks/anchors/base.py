@@ -63,15 +63,21 @@ class TextRun:
     prefill_ms: float
     decode_ms: float  # first to last new token
     tokens: list[int]
+    #: decode steps timed in ``decode_ms`` when the engine reports no token ids (llama-bench draws its
+    #: own); otherwise one fewer than the tokens
+    decode_steps: int | None = None
+
+    @property
+    def steps(self) -> int:
+        return self.decode_steps if self.decode_steps is not None else len(self.tokens) - 1
 
     @property
     def decode_tok_s(self) -> float:
-        steps = len(self.tokens) - 1
-        return steps / (self.decode_ms / 1e3) if steps > 0 and self.decode_ms > 0 else 0.0
+        return self.steps / (self.decode_ms / 1e3) if self.steps > 0 and self.decode_ms > 0 else 0.0
 
     def record(self) -> dict[str, float]:
         return {"prefill_ms": self.prefill_ms, "decode_tok_s": self.decode_tok_s,
-                "decode_ms_per_token": self.decode_ms / max(1, len(self.tokens) - 1)}
+                "decode_ms_per_token": self.decode_ms / max(1, self.steps)}
 
 
 @dataclass

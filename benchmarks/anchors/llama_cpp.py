@@ -424,7 +424,8 @@ class LlamaCppEngine(Engine):
     def generate(self, spec: TextSpec) -> TextRun:
         pp_ts, tg_ts = run_llama_bench(self.bench, self.path, self.ctx.threads, spec.prompt_len, spec.new_tokens)
         steps = max(1, spec.new_tokens - 1)
-        return TextRun(prefill_ms=spec.prompt_len / pp_ts * 1e3, decode_ms=steps / tg_ts * 1e3, tokens=[])
+        return TextRun(prefill_ms=spec.prompt_len / pp_ts * 1e3, decode_ms=steps / tg_ts * 1e3, tokens=[],
+                       decode_steps=steps)
 
 
 def ensure_text_gguf(work_dir: Path, hf_dir: Path, precision: str,
