@@ -1,7 +1,7 @@
 """Node host vs Python ORT runtime: greedy token ids on every question of a split, the bundled demo,
 and (with ``--resized``) preprocessed pixels and tokens for JPEG/PNG copies at other sizes.
 
-    python -m tools.node_parity                          # shipped tiny model, all 600 test questions + demo
+    python -m tools.node_parity                          # shipped tiny model, every test question + demo
     python -m tools.node_parity --limit 50 --resized 20  # a quick run, plus 20 questions re-encoded
     python -m tools.node_parity --artifacts DIR          # any export (a quantized one, a genai decoder)
 
