@@ -268,9 +268,30 @@ def lm_head_nodes(model: Any) -> list[str]:
 
 
 def _load(path: Path) -> Any:
+    """The graph at `path` with its external data. onnx refuses external data read through a file
+    with more than one hard link (its guard against hard-link attacks); artifact directories made
+    by earlier versions hard-linked unchanged weights between recipes, so such a file is first
+    given its own copy (same bytes, so the manifest's hashes still hold)."""
     import onnx
+    from onnx.external_data_helper import _get_all_tensors, load_external_data_for_model, uses_external_data
 
-    return onnx.load(str(path), load_external_data=True)
+    model = onnx.load(str(path), load_external_data=False)
+    for tensor in _get_all_tensors(model):
+        if uses_external_data(tensor):
+            location = next((e.value for e in tensor.external_data if e.key == "location"), None)
+            if location:
+                _unshare(path.parent / location)
+    load_external_data_for_model(model, str(path.parent))
+    return model
+
+
+def _unshare(file: Path) -> None:
+    """Give `file` an inode of its own when other hard links share it (copy, then atomic rename)."""
+    if not file.is_file() or file.stat().st_nlink <= 1:
+        return
+    tmp = file.with_name(file.name + ".unshare")
+    shutil.copy2(file, tmp)
+    os.replace(tmp, file)
 
 
 def _save(model: Any, path: Path) -> list[str]:
@@ -746,12 +767,18 @@ def _prepare_out(src: Path, out: Path, force: bool) -> None:
             raise InputError(f"--out {out} is not empty; pass --force to replace its contents, or choose another --out")
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
+def _link_or_copy(src: Path, dst: Path, external_data: bool = False) -> None:
+    """An unchanged component's file in the output: a hard link where possible, but external data is
+    always copied, since onnx refuses to load external data through a file with several hard links
+    (quantizing either directory later would fail)."""
     dst.unlink(missing_ok=True)
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
+    if not external_data:
+        try:
+            os.link(src, dst)
+            return
+        except OSError:
+            pass
+    shutil.copy2(src, dst)
 
 
 def quantize_artifacts(
@@ -819,7 +846,7 @@ def quantize_artifacts(
                 if spec.apply is None:
                     _link_or_copy(src_path, dst_path)
                     for e in comp.external_data:
-                        _link_or_copy(src / e.path, staging / e.path)
+                        _link_or_copy(src / e.path, staging / e.path, external_data=True)
                 else:
                     calib = None
                     if spec.calibrated:

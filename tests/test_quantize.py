@@ -149,6 +149,38 @@ def test_fit_target_caps_a_newer_ir_version(tmp_path):
 # ---- calibration sets and refusals -------------------------------------------------------------------
 
 
+def test_external_data_is_never_shared_by_hard_links(tmp_path):
+    """onnx refuses external data read through a file with several hard links: an unchanged
+    component's weights are copied into a recipe's output (never linked), and a source whose weights
+    an older version linked is given its own copy before loading."""
+    import os
+
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from maven_edge.calibration.quantize import _link_or_copy, _load
+
+    w = numpy_helper.from_array(np.arange(4096, dtype=np.float32).reshape(64, 64), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])], [w])
+    src = tmp_path / "src"
+    src.mkdir()
+    onnx.save_model(helper.make_model(graph), str(src / "m.onnx"), save_as_external_data=True,
+                    location="m.onnx.data", size_threshold=0)
+    data = src / "m.onnx.data"
+    linked = tmp_path / "other.data"
+    os.link(data, linked)  # what an older version's recipe output did
+    with pytest.raises(Exception, match="hard link"):
+        onnx.load(str(src / "m.onnx"))
+    model = _load(src / "m.onnx")  # works, and unshares the file (same bytes)
+    np.testing.assert_array_equal(numpy_helper.to_array(model.graph.initializer[0]), numpy_helper.to_array(w))
+    assert data.stat().st_nlink == 1 and data.read_bytes() == linked.read_bytes()
+    out = tmp_path / "out.data"
+    _link_or_copy(data, out, external_data=True)
+    assert data.stat().st_nlink == 1 and out.stat().st_nlink == 1 and out.read_bytes() == data.read_bytes()
+
+
 def test_synthetic_set_matches_runtime_preprocessing(manifest, tmp_path):
     from maven_edge.calibration.readers import CalibrationSet, resolve_calibration_set
     from maven_edge.core.preprocess import preprocess_images
