@@ -93,6 +93,10 @@ def host_section(cfg: MavenConfig, layout: VocabLayout, tokenizer_file: str = "t
             "sample_below": layout.tokenizer_size,
             "position_ids": "past_length + arange(seq)",  # for decoders that take position_ids
             "attention_mask": "ones over past + new positions",
+            # The answer's text: the decoded ids without leading whitespace (Python str.lstrip(); the
+            # model's first piece starts with a space); stop strings are matched in that text; the
+            # token ids are not changed.
+            "answer_text": "decode(ids).lstrip()",
         },
         "preprocess": {
             "channel_order": "RGB",

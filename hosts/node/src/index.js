@@ -12,7 +12,7 @@ export { loadManifest, sha256File, MANIFEST, FORMAT_VERSION, HOST_CONTRACT_VERSI
 export { TextTokenizer } from './tokenizer.js';
 export { decodeImage, padToSquare, preprocessImages, preprocessSpec, toPixelValues, DEFAULT_IMAGE_LIMITS } from './image.js';
 export { resize, RESAMPLE_NAMES } from './resample.js';
-export { Sampler, Detokenizer, generationConfig } from './sampling.js';
+export { Sampler, Detokenizer, answerText, generationConfig } from './sampling.js';
 export {
   MavenError, ConfigError, InputError, ImageError, PromptError, ArtifactError, GenerationCancelled,
 } from './errors.js';

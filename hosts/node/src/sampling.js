@@ -147,6 +147,16 @@ export class Sampler {
   }
 }
 
+/** Python's str.isspace() characters (the set str.lstrip() removes; JS trimStart() differs: it
+ * keeps \x1c-\x1f and \x85 and removes \ufeff). */
+const LEADING_SPACE = /^[\t\n\v\f\r\x1c-\x1f \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]+/;
+
+/** The answer text as the Python runtime gives it (host contract generation.answer_text): the decoded
+ * text without leading whitespace (the model's first piece starts with a space). */
+export function answerText(decoded) {
+  return decoded.replace(LEADING_SPACE, '');
+}
+
 /** Incremental detokenization (maven_edge.runtime.pipeline._Detokenizer): emits only complete
  * characters and never text that a stop string may still claim; the pieces join to the final text. */
 export class Detokenizer {
@@ -182,7 +192,7 @@ export class Detokenizer {
 
   add(id) {
     this.ids.push(id);
-    const [text, hit] = this.trim(this.tokenizer.decode(this.ids));
+    const [text, hit] = this.trim(answerText(this.tokenizer.decode(this.ids)));
     if (hit) {
       this.stopped = true;
       return this.emit(text);
@@ -194,7 +204,7 @@ export class Detokenizer {
   }
 
   finish() {
-    return this.emit(this.trim(this.tokenizer.decode(this.ids))[0]);
+    return this.emit(this.trim(answerText(this.tokenizer.decode(this.ids)))[0]);
   }
 
   emit(text) {

@@ -11,8 +11,8 @@ import { after, before, describe, test } from 'node:test';
 import { promisify } from 'node:util';
 
 import {
-  ArtifactError, GenerationCancelled, ImageError, InputError, PromptError, TextTokenizer, loadManifest, openPipeline,
-  preprocessImages,
+  ArtifactError, GenerationCancelled, HOST_CONTRACT_VERSION, ImageError, InputError, PromptError, TextTokenizer,
+  answerText, loadManifest, openPipeline, preprocessImages,
 } from '../src/index.js';
 import { REPO, fixture } from './fixture.js';
 
@@ -24,11 +24,20 @@ function copyDir(src, dst) {
   return dst;
 }
 
+describe('answer text', () => {
+  test('leading whitespace goes as Python str.lstrip() removes it (not trimStart)', () => {
+    assert.equal(answerText(' blue'), 'blue');
+    assert.equal(answerText('\t\n\x1c\x1f\x85\u3000 two words '), 'two words ');
+    assert.equal(answerText('\ufeffa'), '\ufeffa'); // not whitespace for Python
+    assert.equal(answerText(''), '');
+  });
+});
+
 describe('manifest', () => {
   test('loads and verifies every file; a tampered file is refused', async () => {
     const { exports } = fixture();
     const { manifest } = await loadManifest(exports.torch);
-    assert.equal(manifest.host.version, 1);
+    assert.equal(manifest.host.version, HOST_CONTRACT_VERSION);
     const tmp = copyDir(exports.torch, fs.mkdtempSync(path.join(os.tmpdir(), 'maven-node-')));
     try {
       const file = path.join(tmp, 'embed_tokens.onnx');
