@@ -459,6 +459,9 @@ def test_quick_bench_end_to_end(small_artifacts, tmp_path) -> None:
     assert caches["status"] == "measured", caches
     assert caches["seen_image"]["visual_stage_ms_max"] == 0.0  # the visual stages were skipped
     assert caches["followup"]["speedup"] > 1 and caches["concurrent"]["aggregate_tok_s"] > 0
+    step = caches["batched_step"]  # one batched decode step alone: only where the decoder can batch
+    assert (step is None) == (not caches["batching"])
+    assert step is None or (step["ratio"] > 0 and len(step["tok_s"]) >= 2)
     assert "Caches and continuous batching" in (out / "summary.md").read_text()
     for name in ("summary.md", "text.csv", "stages.csv", "efficiency.csv"):
         assert (out / name).is_file()
