@@ -450,8 +450,8 @@ def checks(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _command(opts: ReportOptions) -> str:
     parts = ["maven-edge quantize-report", f"--artifacts {opts.artifacts}", f"--out {opts.out}",
-             f"--work {opts.work}", f"--recipes {','.join(opts.recipes)}", f"--split {opts.split}",
-             f"--threads {opts.threads}"]
+             *([f"--work {opts.work}"] if opts.work else []), f"--recipes {','.join(opts.recipes)}",
+             f"--split {opts.split}", f"--threads {opts.threads}"]
     if tuple(opts.sections) != SECTIONS:
         parts.append(f"--sections {','.join(opts.sections)}")
     if opts.limit:
