@@ -170,7 +170,8 @@ def batched_step_rates(backend: Any, rows: int, prompt_len: int = 400, steps: in
     cache each (the same prefilled prompt joined to every slot): what continuous batching can give
     at most once every stream decodes, without the prefills and readers of a real run. None for a
     backend that cannot batch."""
-    batch = backend.open_batch(rows, prompt_len + 2 * steps + 8)
+    capacity = prompt_len + 2 * steps + 8  # the prompt, the warm-up and timed steps, a margin
+    batch = backend.open_batch(rows, capacity)
     if batch is None:
         return None
     ids = np.random.default_rng(0).integers(10, 1000, size=(1, prompt_len))
@@ -179,7 +180,7 @@ def batched_step_rates(backend: Any, rows: int, prompt_len: int = 400, steps: in
     for n in counts:
         slots = []
         for _ in range(n):
-            _, state = backend.prefill(backend.embed(ids), prompt_len + 2 * steps + 8)
+            _, state = backend.prefill(backend.embed(ids), capacity)
             slots.append(batch.join(state))
             state.release()  # its cache now lives in the slot
         feed = [(slot, 5) for slot in slots]

@@ -273,14 +273,16 @@ def _load(path: Path) -> Any:
     by earlier versions hard-linked unchanged weights between recipes, so such a file is first
     given its own copy (same bytes, so the manifest's hashes still hold)."""
     import onnx
-    from onnx.external_data_helper import _get_all_tensors, load_external_data_for_model, uses_external_data
+    from onnx.external_data_helper import (
+        ExternalDataInfo,
+        _get_all_tensors,
+        load_external_data_for_model,
+        uses_external_data,
+    )
 
     model = onnx.load(str(path), load_external_data=False)
-    for tensor in _get_all_tensors(model):
-        if uses_external_data(tensor):
-            location = next((e.value for e in tensor.external_data if e.key == "location"), None)
-            if location:
-                _unshare(path.parent / location)
+    for location in {ExternalDataInfo(t).location for t in _get_all_tensors(model) if uses_external_data(t)}:
+        _unshare(path.parent / location)
     load_external_data_for_model(model, str(path.parent))
     return model
 

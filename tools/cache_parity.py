@@ -88,12 +88,17 @@ def run(checkpoint: Path, artifacts: Path | None, split: str, limit: int | None,
         the cache's size (asking all n first would let a bounded LRU evict them before the repeat)."""
         return answer(p, i), answer(p, i)
 
+    def each_twice(p: MavenPipeline) -> tuple[list[list[int]], list[list[int]]]:
+        """Every question asked twice in a row: (first answers, repeated answers)."""
+        pairs = [twice(p, i) for i in range(n)]
+        return [a for a, _ in pairs], [b for _, b in pairs]
+
     p = pipe(64, 0, 1)
-    first, again = map(list, zip(*(twice(p, i) for i in range(n)), strict=True))
+    first, again = each_twice(p)
     record("visual", first, p, {"second_pass_identical": sum(a == r for a, r in zip(again, ref, strict=True))})
 
     p = pipe(0, 256, 1)
-    first, again = map(list, zip(*(twice(p, i) for i in range(n)), strict=True))
+    first, again = each_twice(p)
     ref_follow, follow = [], []
     plain = pipe(0, 0, 1)
     for i in range(min(n, 100)):  # a follow-up turn: the question, its answer, the question again
