@@ -53,7 +53,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="our backends to measure: ort,torch (default both)")
     p.add_argument("--images", type=_list("images", int), default=None, help="image counts (default 1,2,4,8)")
     p.add_argument("--modes", type=_list("modes"), default=None,
-                   help="visual modes (default hybrid,continuous,discrete)")
+                   help="visual modes (default hybrid,continuous,discrete); also hybrid-context: hybrid with h_eos "
+                   "read inside the prefill (--h-eos context)")
     p.add_argument("--new-tokens", type=int, default=None, help="new tokens per generation (default 64)")
     p.add_argument("--pipeline-new-tokens", type=int, default=None,
                    help="new tokens per multimodal pipeline request (default: --new-tokens)")

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from maven_edge.benchmarks.harness import describe_machine, machine_info
+from maven_edge.benchmarks.worker import PIPELINE_VARIANTS
 from maven_edge.core import paths
 from maven_edge.core.config import VISUAL_MODES
 from maven_edge.core.errors import BackendError, InputError
@@ -129,8 +130,8 @@ class BenchOptions:
             if a not in DEFAULT_ANCHORS:
                 raise InputError(f"unknown anchor {a!r}; choose from {', '.join(DEFAULT_ANCHORS)} (or none)")
         for m in o.modes:
-            if m not in VISUAL_MODES:
-                raise InputError(f"unknown mode {m!r}; choose from {', '.join(VISUAL_MODES)}")
+            if m not in VISUAL_MODES and m not in PIPELINE_VARIANTS:
+                raise InputError(f"unknown mode {m!r}; choose from {', '.join([*VISUAL_MODES, *PIPELINE_VARIANTS])}")
         for s in o.sections:
             if s not in SECTIONS:
                 raise InputError(f"unknown section {s!r}; choose from {', '.join(SECTIONS)}")

@@ -37,6 +37,13 @@ VISUAL_MODES.add("hybrid", VisualMode(True, "selected", "codes + the patches the
 VISUAL_MODES.add("discrete", VisualMode(True, None, "codes only"))
 VISUAL_MODES.add("continuous", VisualMode(False, "all", "every projected patch (LLaVA-1.5)"))
 
+#: Where hybrid mode reads h_eos, the LLM's hidden state at <eos_vis> after an image's codes:
+#: "separate" — one extra decoder pass over [codes, <eos_vis>] per image, without the prompt (the
+#: paper's two passes; what the selector is trained on); "context" — inside the prompt's prefill,
+#: which stops after each image's codes, reads <eos_vis> there, and continues with the kept patches
+#: (no extra pass; the selection then also sees the text and images before it). docs/design.md §5.2.
+H_EOS_MODES = ("separate", "context")
+
 # Ranges of the config fields: read by pydantic when manifest.json is validated (and published in
 # docs/manifest.schema.json); `typing.get_type_hints` strips them, so the code below sees plain types.
 Size = Annotated[int, Interval(ge=1, le=2**31 - 1)]  # a width, count or length: at least 1

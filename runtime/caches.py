@@ -9,7 +9,11 @@
   the whole sequence — depends on the image alone. A hit skips vision, discrete, h_eos and
   selector. Why the embeddings and not only codes + indices: the kept patches' projections need
   the ViT's patch features, which is exactly the work a hit must skip; the sequence is small
-  (tiny: 50 x 192 floats, 38 KB; edge-small: 83 x 896 floats, 297 KB).
+  (tiny: 50 x 192 floats, 38 KB; edge-small: 83 x 896 floats, 297 KB). With h_eos read in
+  context (``GenerateOptions.h_eos="context"``) the selection depends on the prompt before the
+  image, so an entry holds only what depends on the image alone: ``<img_start>`` + code
+  embeddings + ``<img_end>``, the codes and the ViT patch features the prefill selects from (its
+  own key: the mode is ``hybrid:h_eos-in-context``); a hit skips vision and discrete.
 * :class:`PrefixCache` — KV-cache prefixes. Each entry is the KV of a sequence of prompt
   positions and the identity of every position (a text token id, or an image's hash and the
   offset inside its visual sequence). A request reuses the longest prefix that any entry shares
@@ -18,7 +22,10 @@
   (prompt plus the generated tokens fed back), so in multi-turn chat the conversation so far is a
   cached prefix and only the new turn is prefilled. Lookup is a scan over entries comparing
   position keys with numpy (entries are few and bounded in bytes; a trie would save nothing
-  measurable at this size).
+  measurable at this size). With h_eos read in context, an entry also notes the kept patches of
+  each image it covers (they were chosen during its prefill), so a request that reuses them can
+  report them; a prefix that ends inside an image's kept patches is cut back to their start,
+  where the image's h_eos is read again.
 
 Both are bounded in bytes with least-recently-used eviction, thread-safe (one lock per cache,
 held only for dictionary work), and their entries are immutable (arrays are read-only): a
@@ -128,14 +135,16 @@ class ByteLRU(Generic[V]):
 class VisualEntry:
     """One image's visual-stage results (read-only arrays)."""
 
-    embeds: np.ndarray  # [T_img, D]: <img_start> + codes + kept patches + <img_end>
+    embeds: np.ndarray  # [T_img, D]: <img_start> + codes + kept patches + <img_end> (in context: no patches)
     codes: np.ndarray | None  # [Q] unified-vocabulary ids (hybrid, discrete)
     indices: np.ndarray | None  # [k] kept patch indices, raster order (hybrid)
     scores: np.ndarray | None  # [N] selector scores (hybrid)
+    patch_features: np.ndarray | None = None  # [N, Dv] ViT features (hybrid, h_eos in context)
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.embeds, self.codes, self.indices, self.scores) if a is not None)
+        return sum(a.nbytes for a in (self.embeds, self.codes, self.indices, self.scores, self.patch_features)
+                   if a is not None)
 
 
 def pixel_digest(pixel_values: np.ndarray) -> str:
@@ -151,8 +160,9 @@ class VisualCache(ByteLRU[VisualEntry]):
         return (fingerprint, mode, None if keep_ratio is None else round(float(keep_ratio), 9), digest)
 
     def add(self, key: tuple, embeds: np.ndarray, codes: np.ndarray | None, indices: np.ndarray | None,
-            scores: np.ndarray | None) -> VisualEntry:
-        entry = VisualEntry(_frozen(embeds), *(None if a is None else _frozen(a) for a in (codes, indices, scores)))
+            scores: np.ndarray | None, patch_features: np.ndarray | None = None) -> VisualEntry:
+        entry = VisualEntry(_frozen(embeds), *(None if a is None else _frozen(a)
+                                               for a in (codes, indices, scores, patch_features)))
         self.put(key, entry, entry.nbytes)
         return entry
 
@@ -167,14 +177,18 @@ class KVSnapshot:
 
     length: int
     tensors: tuple[np.ndarray, ...]
+    # h_eos in context: (position of an image's first kept patch, kept indices [k], scores [N]) for
+    # each image whose kept patches lie inside these positions
+    selections: tuple[tuple[int, np.ndarray, np.ndarray], ...] = ()
 
     @property
     def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors)
+        return sum(t.nbytes for t in self.tensors) + sum(i.nbytes + s.nbytes for _, i, s in self.selections)
 
     def prefix(self, n: int) -> KVSnapshot:
         """The first `n` positions (views, no copy)."""
-        return KVSnapshot(n, tuple(t[:, :n] for t in self.tensors))
+        return KVSnapshot(n, tuple(t[:, :n] for t in self.tensors),
+                          tuple(sel for sel in self.selections if sel[0] + len(sel[1]) <= n))
 
 
 def position_keys(prompt_ids: Sequence[int], image_id: int, image_digests: Sequence[str],

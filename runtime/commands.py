@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from maven_edge.core.cliutil import add_command, positive_float
+from maven_edge.core.config import H_EOS_MODES
 from maven_edge.core.errors import CheckpointError, InputError, MavenError
 from maven_edge.core.manifest import MANIFEST, load_manifest, sha256_file
 from maven_edge.core.paths import cache_dir
@@ -88,7 +89,8 @@ def _gen_options(args: argparse.Namespace) -> dict[str, Any]:
     opts: dict[str, Any] = {"max_new_tokens": args.max_new_tokens, "seed": args.seed, "mode": args.mode,
                             "keep_ratio": args.keep_ratio, "stop": args.stop or (),
                             "stop_token_ids": args.stop_token_id or (),
-                            "visual_token_budget": args.visual_token_budget, "min_patches": args.min_patches}
+                            "visual_token_budget": args.visual_token_budget, "min_patches": args.min_patches,
+                            "h_eos": args.h_eos}
     if args.greedy:
         opts["greedy"] = True
     if args.temperature is not None:
@@ -113,7 +115,8 @@ def _print_result(res: Any, images: list[str], file: Any) -> None:
         detail = ""
         if res.mode == "hybrid" and res.selected_indices is not None:
             k = len(res.selected_indices[0])
-            detail = f" (discrete codes + {k} selected patches, keep_ratio {res.keep_ratio})"
+            where = ", h_eos read in context" if res.h_eos == "context" else ""
+            detail = f" (discrete codes + {k} selected patches, keep_ratio {res.keep_ratio}{where})"
         print(f"visual tokens per image: {res.visual_tokens_per_image}{detail}, mode {res.mode}", file=file)
     print(f"prompt {res.prompt_tokens} tokens, generated {len(res.token_ids)} ({res.finish_reason}), "
           f"backend {res.backend}", file=file)
@@ -205,6 +208,10 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
                    "N visual tokens (instead of one keep ratio per image; docs/budget.md; default: off)")
     p.add_argument("--min-patches", type=int, default=1, metavar="M",
                    help="with --visual-token-budget: patches every image keeps at least (default 1)")
+    p.add_argument("--h-eos", choices=H_EOS_MODES, default=None,
+                   help="hybrid: where the selector's h_eos is read: 'separate' (one extra decoder pass per image "
+                   "over its codes, as the model was trained; default) or 'context' (inside the prefill, no extra "
+                   "pass; docs/design.md section 5.2)")
 
 
 # ---- demo -------------------------------------------------------------------------------------------

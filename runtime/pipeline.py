@@ -48,7 +48,7 @@ import numpy.random  # noqa: F401 - numpy imports it lazily (~0.2 s); do it at l
 from PIL import Image
 
 from maven_edge.core.budget import select_under_budget
-from maven_edge.core.config import VISUAL_MODES, MavenConfig
+from maven_edge.core.config import H_EOS_MODES, VISUAL_MODES, MavenConfig
 from maven_edge.core.errors import GenerationCancelled, InputError, PromptError
 from maven_edge.core.preprocess import preprocess_images
 from maven_edge.core.prompt import PromptPlan, check_context, plan_prompt, splice
@@ -58,6 +58,7 @@ from maven_edge.runtime.backends import load_backend
 from maven_edge.runtime.backends.base import Backend, DecodeState
 from maven_edge.runtime.batching import BatchScheduler, DecodeRow
 from maven_edge.runtime.caches import (
+    KVSnapshot,
     PrefixCache,
     PrefixHit,
     RequestCacheStats,
@@ -96,6 +97,9 @@ class GenerateOptions:
     # visual tokens (core/budget.py), at least `min_patches` per image; None = one keep ratio per image
     visual_token_budget: int | None = None
     min_patches: int = 1
+    # hybrid only: where h_eos is read (core/config.py H_EOS_MODES): "separate" (the paper's extra
+    # pass per image; the default) or "context" (inside the prefill, no extra pass)
+    h_eos: str | None = None
     cancel: threading.Event | None = None  # set it from another thread to stop the request
 
     def sampling(self) -> GenerationConfig:
@@ -186,6 +190,7 @@ class GenerationResult:
     backend: str
     selector_scores: np.ndarray | None = field(default=None, repr=False)  # [n, N], hybrid only
     cache: RequestCacheStats = field(default_factory=RequestCacheStats)  # what caches and batching did
+    h_eos: str | None = None  # hybrid: where h_eos was read ("separate" | "context")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -198,6 +203,7 @@ class GenerationResult:
             "selected_indices": self.selected_indices,
             "mode": self.mode,
             "keep_ratio": self.keep_ratio,
+            "h_eos": self.h_eos,
             "prompt_tokens": self.prompt_tokens,
             "backend": self.backend,
         }
@@ -328,6 +334,7 @@ class _Request:
     cancel: threading.Event | None
     budget: int | None = None  # visual-token budget (hybrid), else None
     min_patches: int = 1
+    h_eos: str = "separate"  # hybrid: "context" reads h_eos inside the prefill (H_EOS_MODES)
     validate_ms: float = 0.0  # tokenization and checks, counted in the preprocess stage
 
     @property
@@ -342,6 +349,9 @@ class _Visual:
     scores: np.ndarray | None = None  # [n, N] hybrid only
     digests: list[str] = field(default_factory=list)  # per image: sha256 of its pixels (when caching)
     hits: int = 0  # images served by the visual cache
+    # h_eos in context: each image's patch features [N, Dv]; `embeds` then hold zeros where the kept
+    # patches go (the prefill selects them)
+    patch_features: list[np.ndarray] | None = None
 
 
 class GenerationStream:
@@ -618,6 +628,16 @@ class MavenPipeline:
             raise
         except Exception as exc:  # tokenizers raises plain exceptions on e.g. lone surrogates
             raise PromptError(f"the prompt cannot be tokenized: {exc}") from None
+        h_eos = "separate" if opt.h_eos is None else opt.h_eos
+        if h_eos not in H_EOS_MODES:
+            raise InputError(f"h_eos must be one of {', '.join(H_EOS_MODES)}, got {opt.h_eos!r}")
+        if h_eos == "context" and spec.patches == "selected":
+            if opt.visual_token_budget is not None:
+                raise InputError("a visual-token budget ranks the patches of all images before the prefill; with "
+                                 "h_eos='context' each image is selected during the prefill: use one or the other")
+            if not self.backend.supports_chunked_prefill:
+                raise InputError(f"the {self.backend.name} backend cannot read h_eos in context (it prefills a prompt "
+                                 "in one call); use h_eos='separate'")
         budget = opt.visual_token_budget
         if budget is not None and n:
             per: int | list[int] = self._check_budget(budget, opt.min_patches, n, spec.patches)
@@ -628,7 +648,8 @@ class MavenPipeline:
         check_context(plan, gen.max_new_tokens, self.config.llm.max_position_embeddings)
         if opt.cancel is not None and not hasattr(opt.cancel, "is_set"):
             raise InputError("cancel must be a threading.Event (or have an is_set() method)")
-        return _Request(image_list, prompt_ids, plan, gen, mode, keep_ratio, k, opt.cancel, budget, opt.min_patches)
+        return _Request(image_list, prompt_ids, plan, gen, mode, keep_ratio, k, opt.cancel, budget, opt.min_patches,
+                        h_eos if spec.patches == "selected" else "separate")
 
     def _check_budget(self, budget: Any, min_patches: Any, n: int, patches: str | None) -> list[int]:
         """Refuse an unusable visual-token budget before anything runs; the per-image token counts of
@@ -651,9 +672,12 @@ class MavenPipeline:
             return fn(*args)
 
     def _encode_visual(self, images: list[Any], mode: str, k: int | None, clock: _Clock,
-                       check_cancel: Callable[[], None], budget: int | None = None, min_patches: int = 1) -> _Visual:
+                       check_cancel: Callable[[], None], budget: int | None = None, min_patches: int = 1,
+                       in_context: bool = False) -> _Visual:
         """preprocess -> (visual cache) -> vision -> discrete -> h_eos -> selector/projector -> per-image
-        sequences. Images the visual cache holds skip every stage after preprocessing."""
+        sequences. Images the visual cache holds skip every stage after preprocessing. `in_context`
+        (hybrid, h_eos read in the prefill): only vision and discrete run here; the sequences hold
+        zeros where the kept patches go."""
         n = len(images)
         out = _Visual()
         if not n:
@@ -670,14 +694,15 @@ class MavenPipeline:
             out.indices = [e.indices for e in entries]
             out.scores = np.stack([e.scores for e in entries])
             return out
-        keys = [self.visual_cache.key(self.fingerprint, mode, k, d) for d in out.digests]
+        cache_mode = f"{mode}:h_eos-in-context" if in_context else mode  # other entries: no selection in them
+        keys = [self.visual_cache.key(self.fingerprint, cache_mode, k, d) for d in out.digests]
         entries: list[VisualEntry | None] = [None] * n
         if self.visual_cache.enabled:
             entries = [self.visual_cache.get(key) for key in keys]
         missing = [i for i, e in enumerate(entries) if e is None]
         out.hits = n - len(missing)
         if missing:
-            computed = self._visual_stages(pixel_values[missing], mode, k, clock, check_cancel)
+            computed = self._visual_stages(pixel_values[missing], mode, k, clock, check_cancel, in_context)
             for j, i in enumerate(missing):
                 row = [None if a is None else a[j] for a in computed]
                 if self.visual_cache.enabled:
@@ -686,6 +711,10 @@ class MavenPipeline:
                     entries[i] = VisualEntry(*row)
         with clock.stage("assemble"):
             out.embeds = np.stack([e.embeds for e in entries])
+            if in_context:
+                out.patch_features = [e.patch_features for e in entries]
+                m = out.embeds
+                out.embeds = np.concatenate([m[:, :-1], np.zeros((n, k or 0, m.shape[2]), m.dtype), m[:, -1:]], axis=1)
             if entries[0].indices is not None:
                 out.indices = np.stack([e.indices for e in entries])
                 out.scores = np.stack([e.scores for e in entries])
@@ -721,9 +750,11 @@ class MavenPipeline:
                                 kept[i], scores[i]) for i in range(n)]
 
     def _visual_stages(self, pixel_values: np.ndarray, mode: str, k: int | None, clock: _Clock,
-                       check_cancel: Callable[[], None]) -> tuple[np.ndarray, ...]:
+                       check_cancel: Callable[[], None], in_context: bool = False) -> tuple[np.ndarray | None, ...]:
         """The visual stages for a batch of preprocessed images: (embeds [n, T_img, D], codes [n, Q]
-        or None, kept indices [n, k] or None, selector scores [n, N] or None)."""
+        or None, kept indices [n, k] or None, selector scores [n, N] or None, patch features
+        [n, N, Dv] or None). `in_context`: no selection; embeds are ``<img_start> codes <img_end>``
+        and the patch features are returned for the prefill to select from."""
         be, tok = self.backend, self.tokenizer
         n = pixel_values.shape[0]
         with clock.stage("vision"):
@@ -735,7 +766,9 @@ class MavenPipeline:
             with clock.stage("discrete"):
                 codes = np.asarray(self._call(be.discrete, patch_features), dtype=np.int64)
             check_cancel()
-        if spec.patches == "selected":
+        if spec.patches == "selected" and in_context:
+            pass  # h_eos and the selection happen in the prefill (_prefill_in_context)
+        elif spec.patches == "selected":
             assert codes is not None and k is not None
             with clock.stage("h_eos"):  # one batched pass over [codes, <eos_vis>] for all images
                 ids = np.concatenate([codes, np.full((n, 1), tok.eos_vis_id, np.int64)], axis=1)
@@ -756,13 +789,71 @@ class MavenPipeline:
             markers = self._call(be.embed, marker_ids)  # <img_start> codes <img_end>
             parts = [markers[:, :-1]] + ([patches] if patches is not None else []) + [markers[:, -1:]]
             embeds = np.concatenate(parts, axis=1)
-        return embeds, (codes if spec.codes else None), indices, scores
+        return embeds, (codes if spec.codes else None), indices, scores, (patch_features if in_context else None)
+
+    def _prefill_in_context(self, req: _Request, embeds: np.ndarray, vis: _Visual, slots: np.ndarray | None,
+                            prefix: PrefixHit, clock: _Clock, check_cancel: Callable[[], None]
+                            ) -> tuple[np.ndarray, DecodeState, tuple[tuple[int, np.ndarray, np.ndarray], ...], int]:
+        """h_eos read in context: the prompt is prefilled up to each image's codes with ``<eos_vis>``
+        after them; the last hidden state there is the image's h_eos. That position is forgotten,
+        the selector's kept patches are written into `embeds` where the zeros are, and the prefill
+        goes on from there: no extra decoder pass, one decoder call per image plus one.
+
+        A reused prefix (`prefix`) must cover whole images whose kept patches it noted; it is cut
+        back to the first kept patch of an image it covers only in part, whose h_eos is read again.
+        Returns the first token's logits, the cache, (first kept position, indices, scores) per
+        image, and the positions reused."""
+        be, plan, k = self.backend, req.plan, req.k
+        assert k is not None and vis.patch_features is not None
+        q = self.config.discrete.num_codes
+        starts, pos = [], 0  # the position of each image's first kept patch
+        for a, b, image in plan.segments():
+            pos += b - a
+            if image is not None:
+                starts.append(pos + 1 + q)
+                pos += plan.tokens_of(image) + 2
+        kv = prefix.kv
+        noted = {sel[0]: sel for sel in (kv.selections if kv is not None else ())}
+        pos = prefix.length
+        for s0 in starts:
+            if s0 < pos and (pos < s0 + k or s0 not in noted):
+                pos = s0
+                break
+        if kv is not None and pos < kv.length:
+            kv = kv.prefix(pos) if pos else None
+        reused = pos
+        probe = self._call(be.embed, np.asarray([[self.tokenizer.eos_vis_id]], dtype=np.int64))[0]  # [1, D]
+        state = self._call(be.start, req.prompt_tokens + req.gen.max_new_tokens, kv)
+        selections = []
+        try:
+            for i, s0 in enumerate(starts):
+                if s0 + k <= pos:  # inside the reused prefix: chosen when it was computed
+                    selections.append(noted[s0])
+                    continue
+                check_cancel()
+                with clock.stage("prefill"):
+                    eos = probe if slots is None else probe + slots[i][None, :]
+                    _, h_eos = self._call(be.extend, state, np.concatenate([embeds[0, pos:s0], eos])[None])
+                    self._call(be.rewind, state, s0)
+                with clock.stage("selector"):
+                    sel = self._call(be.select, vis.patch_features[i][None], h_eos[None], k)
+                    embeds[0, s0 : s0 + k] += sel.embeds[0]  # zeros (+ the image's slot vector) until now
+                selections.append((s0, _frozen_copy(sel.indices[0]), _frozen_copy(sel.scores[0])))
+                pos = s0
+            check_cancel()
+            with clock.stage("prefill"):
+                logits, _ = self._call(be.extend, state, embeds[:, pos:])
+        except BaseException:
+            state.release()
+            raise
+        return logits, state, tuple(selections), reused
 
     def _new_result(self, req: _Request) -> GenerationResult:
         return GenerationResult(
             text="", token_ids=[], finish_reason="cancelled", timings=Timings(),  # set when it ends
             visual_tokens_per_image=[req.plan.tokens_per_image] * len(req.images), selected_indices=None,
             mode=req.mode, keep_ratio=req.keep_ratio, prompt_tokens=req.prompt_tokens, backend=self.backend.name,
+            h_eos=req.h_eos if req.k is not None else None,
         )
 
     def _run(self, req: _Request, stop: threading.Event, result: GenerationResult) -> Iterator[str]:
@@ -788,8 +879,9 @@ class MavenPipeline:
         decoding: _Decoding | None = None
         try:
             # -- visual side --------------------------------------------------------------------
+            in_context = req.h_eos == "context" and n > 0
             vis = self._encode_visual(req.images, req.mode, req.k, clock, check_cancel, req.budget,
-                                      req.min_patches)
+                                      req.min_patches, in_context)
             visual = vis.embeds
             if vis.indices is not None:
                 result.selected_indices = [[int(i) for i in row] for row in vis.indices]
@@ -804,6 +896,7 @@ class MavenPipeline:
                 slot_ids = tok.layout.image_slot_ids(n) if self.config.image_slots and n else []
                 rows = self._call(be.embed, np.asarray([list(req.prompt_ids) + slot_ids], dtype=np.int64))[0]
                 text = rows[: len(req.prompt_ids)]
+                slots = None
                 if slot_ids:  # slot k's vector on every token of the k-th image
                     slots = rows[len(req.prompt_ids) :]
                     visual = [v + slots[i][None, :] for i, v in enumerate(visual)]
@@ -820,23 +913,37 @@ class MavenPipeline:
             prefix = PrefixHit(0, None)
             if self.prefix_cache.enabled:
                 # a visual position is its image's content as this request encodes it: pixels, mode, k
-                if req.budget is None:
-                    identities = [f"{req.mode}:{req.k}:{d}" for d in vis.digests]
+                if req.budget is None:  # (in context, the kept patches also follow from the positions before)
+                    how = f"{req.mode}:h_eos-in-context" if in_context else req.mode
+                    identities = [f"{how}:{req.k}:{d}" for d in vis.digests]
                 else:  # the kept patches depend on the whole request: name them
                     identities = [f"{req.mode}:{','.join(map(str, idx))}:{d}"
                                   for idx, d in zip(result.selected_indices or [], vis.digests, strict=True)]
                 keys = position_keys(req.prompt_ids, tok.image_id, identities,
                                      [req.plan.tokens_of(i) for i in range(n)], self.config.image_slots)
                 prefix = self.prefix_cache.lookup(self.fingerprint, keys)
-            cache.prefix_tokens_reused, cache.prefix_tokens_computed = prefix.length, req.prompt_tokens - prefix.length
             decoding = _Decoding(self, req, result, clock, stop)
             state: DecodeState | None = None
+            selections: tuple[tuple[int, np.ndarray, np.ndarray], ...] = ()
             try:
-                with clock.stage("prefill"):
-                    prefill = be.prefill if prefix.kv is None else functools.partial(be.prefill, prefix=prefix.kv)
-                    logits, state = self._call(prefill, embeds[:, prefix.length:], req.prompt_tokens + gen.max_new_tokens)
+                if in_context:  # prefill in chunks, each image's h_eos read on the way
+                    logits, state, selections, reused = self._prefill_in_context(
+                        req, embeds, vis, slots, prefix, clock, check_cancel)
+                    result.selected_indices = [[int(i) for i in sel[1]] for sel in selections]
+                    result.selector_scores = np.stack([sel[2] for sel in selections])
+                else:
+                    reused = prefix.length
+                    with clock.stage("prefill"):
+                        prefill = be.prefill if prefix.kv is None else functools.partial(be.prefill, prefix=prefix.kv)
+                        logits, state = self._call(prefill, embeds[:, reused:], req.prompt_tokens + gen.max_new_tokens)
+                cache.prefix_tokens_reused, cache.prefix_tokens_computed = reused, req.prompt_tokens - reused
+
+                def snapshot(snap: KVSnapshot) -> KVSnapshot:  # with the kept patches chosen in context
+                    return dataclasses.replace(snap, selections=selections) if selections else snap
+
                 if keys is not None:
-                    self.prefix_cache.add(self.fingerprint, keys, self._call(be.snapshot, state, req.prompt_tokens))
+                    self.prefix_cache.add(self.fingerprint, keys, snapshot(self._call(be.snapshot, state,
+                                                                                      req.prompt_tokens)))
                 check_cancel()
                 piece, token = decoding.consume(logits)
                 if piece:
@@ -852,7 +959,7 @@ class MavenPipeline:
                 def keep_conversation(batch: Any, slot: int) -> None:
                     full = conversation_keys()
                     if full is not None and len(full) == batch.length(slot):
-                        self.prefix_cache.add(self.fingerprint, full, batch.snapshot(slot, len(full)))
+                        self.prefix_cache.add(self.fingerprint, full, snapshot(batch.snapshot(slot, len(full))))
 
                 if token is not None and self.scheduler is not None and self.scheduler.fits(state, gen.max_new_tokens):
                     yield from decoding.batched(self.scheduler, state, token, check_cancel, keep_conversation)
@@ -872,7 +979,7 @@ class MavenPipeline:
                     full = conversation_keys()
                     if full is not None and len(full) > req.prompt_tokens and len(full) == state.length:
                         # the conversation so far, answer included: a follow-up turn reuses all of it
-                        self.prefix_cache.add(self.fingerprint, full, self._call(be.snapshot, state, len(full)))
+                        self.prefix_cache.add(self.fingerprint, full, snapshot(self._call(be.snapshot, state, len(full))))
                 with clock.stage("decode"):
                     rest = decoding.detok.finish()
                 if rest:
@@ -895,6 +1002,12 @@ class MavenPipeline:
             timings.decode_tokens_per_s = (after_first / decode_time_s
                                            if after_first > 0 and decode_time_s > 0 else 0.0)
         return result
+
+
+def _frozen_copy(a: np.ndarray) -> np.ndarray:
+    out = np.array(a)
+    out.flags.writeable = False
+    return out
 
 
 class _Stopped(Exception):

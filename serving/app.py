@@ -533,6 +533,9 @@ def _options(req: ChatCompletionRequest, pipe: MavenPipeline, prompt: str, num_i
         top_p=req.top_p,
         seed=0 if req.seed is None else req.seed,
         stop=tuple(req.stop_list),
+        visual_token_budget=req.visual_token_budget,
+        min_patches=req.min_patches,
+        h_eos=req.h_eos,
         cancel=threading.Event(),
     )
     prompt_tokens = pipe.prepare_prompt(prompt, num_images, options)

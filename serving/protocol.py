@@ -8,6 +8,12 @@ Supported request fields: ``model``, ``messages``, ``max_tokens`` / ``max_comple
 ``temperature``, ``top_p``, ``seed``, ``stop``, ``stream``, ``stream_options.include_usage``,
 ``n`` (1 only). ``frequency_penalty`` / ``presence_penalty`` are accepted only at 0 and
 ``logprobs`` only as false: those values are the defaults, so accepting them changes nothing.
+
+MaVEn's own request fields, beside OpenAI's (as vLLM takes its extra sampling parameters; with the
+OpenAI client, send them in ``extra_body``): ``visual_token_budget`` and ``min_patches`` (rank the
+patches of all the request's images so codes + patches fit the budget, docs/budget.md) and
+``h_eos`` (``"separate"`` or ``"context"``: where the patch selector's h_eos is read, docs/design.md
+§5.2).
 """
 
 from __future__ import annotations
@@ -114,6 +120,10 @@ class ChatCompletionRequest(BaseModel):
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
     logprobs: bool | None = None
+    # MaVEn's fields (see the module docstring)
+    visual_token_budget: int | None = Field(default=None, ge=1)
+    min_patches: int = Field(default=1, ge=0)
+    h_eos: Literal["separate", "context"] | None = None
 
     @field_validator("n")
     @classmethod

@@ -371,8 +371,14 @@ def test_first_answer_targets_against_llama_cpp_mtmd(tmp_path) -> None:
         {"images": 1, "status": "measured", "prompt_tokens": 210, "stats": one},
         {"images": 4, "status": "measured", "prompt_tokens": 800, "stats": four}]},
         "q4_0": {"status": "failed", "reason": "boom"}}
+    cells = report.pipeline["ort"]["cells"]
+    in_context = dict(cells[0], mode="hybrid-context",  # hybrid with h_eos read in the prefill: 80 ms
+                      stats=dict(cells[0]["stats"], ttft_ms=summarize([80.0]).to_dict()))
+    cells.append(in_context)
     analyse(report, o)
-    targets = {t["target"]: t for t in report.ratios["first_answer"]}
+    ctx = {t["target"]: t for t in report.ratios["first_answer"] if t["pipeline"] == "ort hybrid-context"}
+    assert ctx["hybrid_4_images_vs_own_continuous"]["speedup"] == pytest.approx(150.0 / 80.0)
+    targets = {t["target"]: t for t in report.ratios["first_answer"] if t["pipeline"] == "ort"}
     # 4 images: llama.cpp 800 ms vs our hybrid 100 ms; our continuous 150 ms
     assert targets["hybrid_4_images_vs_llamacpp_mtmd_f32"]["speedup"] == pytest.approx(8.0)
     assert targets["hybrid_4_images_vs_llamacpp_mtmd_f32"]["holds"] is True
@@ -381,6 +387,7 @@ def test_first_answer_targets_against_llama_cpp_mtmd(tmp_path) -> None:
     assert "hybrid_1_image_vs_llamacpp_mtmd_f32" not in targets  # no 1-image hybrid cell in the fake run
     rows = {r["images"]: r for r in ttft_rows(report)}
     assert rows[4]["llama.cpp mtmd fp32"] == 800.0 and rows[4]["ort hybrid"] == 100.0
+    assert rows[4]["ort hybrid-context"] == 80.0
     md = markdown(report)
     assert "vs llama.cpp's multimodal runtime" in md and "**missed**" in md and "q4_0: failed: boom" in md
     write_outputs(report, tmp_path)

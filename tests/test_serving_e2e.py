@@ -92,11 +92,11 @@ def small(test_artifacts, tmp_path_factory):
     server.stop()
 
 
-def _generate(artifacts: Path, images, prompt: str, capsys, max_new_tokens: int = 16) -> dict:
+def _generate(artifacts: Path, images, prompt: str, capsys, max_new_tokens: int = 16, extra=()) -> dict:
     """`maven-edge generate --json` (in this process), the reference for the server's answers."""
     capsys.readouterr()
     args = ["generate", "--artifacts", str(artifacts), "--threads", "1", "--prompt", prompt, "--json", "--compact",
-            "--max-new-tokens", str(max_new_tokens)]
+            "--max-new-tokens", str(max_new_tokens), *extra]
     for im in images:
         args += ["--image", str(im)]
     assert cli_main(args) == 0
@@ -176,6 +176,29 @@ def test_a_video_question_equals_generate_video(tiny, tiny_artifacts, capsys):
     with pytest.raises(openai.BadRequestError):
         tiny.client(ENV_KEY).chat.completions.create(
             model="tiny", max_tokens=4, messages=[{"role": "user", "content": [bad, {"type": "text", "text": "what?"}]}])
+
+
+def test_maven_fields_visual_token_budget_and_h_eos_equal_generate(tiny, tiny_artifacts, capsys):
+    images = DEMO_IMAGES[:3]
+    question = "which image has a red square?"
+    prompt = f"Image 1: <image>\nImage 2: <image>\nImage 3: <image>\nQuestion: {question}\nAnswer:"
+    client = tiny.client(ENV_KEY)
+    uris = [data_uri(p) for p in images]
+    for extra, body in ((["--h-eos", "context"], {"h_eos": "context"}),
+                        (["--visual-token-budget", "120", "--min-patches", "2"],
+                         {"visual_token_budget": 120, "min_patches": 2})):
+        ref = _generate(tiny_artifacts, images, prompt, capsys, extra=extra)
+        res = client.chat.completions.create(model="tiny", messages=[user(question, *uris)], max_tokens=16,
+                                             extra_body=body)
+        assert res.choices[0].message.content == ref["text"]
+        assert res.usage.prompt_tokens == ref["prompt_tokens"]
+        assert res.usage.model_extra["visual_tokens_per_image"] == ref["visual_tokens_per_image"]
+    assert sum(ref["visual_tokens_per_image"]) <= 120
+    for body, match in (({"h_eos": "inline"}, "h_eos"), ({"visual_token_budget": 10}, "budget"),
+                        ({"h_eos": "context", "visual_token_budget": 120}, "one or the other")):
+        with pytest.raises(openai.BadRequestError, match=match):
+            client.chat.completions.create(model="tiny", messages=[user(question, *uris)], max_tokens=4,
+                                           extra_body=body)
 
 
 # ---- bad requests --------------------------------------------------------------------------------------

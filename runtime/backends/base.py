@@ -90,6 +90,9 @@ class Backend(abc.ABC):
     thread_safe: bool = True
     #: True when `prefill` can start from a KVSnapshot and `snapshot` copies a cache out (prefix reuse)
     supports_kv_snapshots: bool = False
+    #: True when `start` / `extend` / `rewind` work: a prompt prefilled in chunks, each chunk's last
+    #: hidden state read (h_eos read in context, docs/design.md §5.2)
+    supports_chunked_prefill: bool = False
 
     def __init__(self, config: MavenConfig, tokenizer: TextTokenizer):
         self.config = config
@@ -157,6 +160,20 @@ class Backend(abc.ABC):
         backend may preallocate it once. With `prefix` (only where ``supports_kv_snapshots``),
         the cache starts with those positions and `inputs_embeds` are the positions after them.
         """
+
+    def start(self, capacity: int, prefix: KVSnapshot | None = None) -> DecodeState:
+        """An empty cache for at most `capacity` positions, or one holding `prefix`; fill it with
+        :meth:`extend` (``supports_chunked_prefill``)."""
+        raise BackendError(f"the {self.name} backend cannot prefill a prompt in chunks; use h_eos='separate'")
+
+    def extend(self, state: DecodeState, inputs_embeds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Append the positions `inputs_embeds` [1, T, D] to the cache; return the last one's logits
+        [V] and last-layer hidden state [D] (``supports_chunked_prefill``)."""
+        raise BackendError(f"the {self.name} backend cannot prefill a prompt in chunks; use h_eos='separate'")
+
+    def rewind(self, state: DecodeState, length: int) -> None:
+        """Forget the positions after the first `length` (``supports_chunked_prefill``)."""
+        raise BackendError(f"the {self.name} backend cannot prefill a prompt in chunks; use h_eos='separate'")
 
     def snapshot(self, state: DecodeState, length: int) -> KVSnapshot:
         """A host copy of the first `length` positions of `state`'s cache (``supports_kv_snapshots``)."""

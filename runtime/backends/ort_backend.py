@@ -266,6 +266,7 @@ class OrtBackend(Backend):
     name = "ort"
     thread_safe = True  # InferenceSession.run is thread-safe; IOBindings are per call
     supports_kv_snapshots = True
+    supports_chunked_prefill = True
 
     def __init__(
         self,
@@ -481,8 +482,10 @@ class OrtBackend(Backend):
     def _ortvalue(self, arr: np.ndarray) -> Any:
         return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(arr), self.io_device, self.device_id)
 
-    def _run_decoder(self, embeds: Any, length: int, seq: int, state: OrtDecodeState) -> np.ndarray:
-        """One decoder call on `seq` new positions ending at `length`; updates state.past."""
+    def _run_decoder(self, embeds: Any, length: int, seq: int, state: OrtDecodeState,
+                     hidden: bool = False) -> Any:
+        """One decoder call on `seq` new positions ending at `length`; updates state.past. Returns
+        the last position's logits [V], and with `hidden` also its last-layer hidden state [D]."""
         assert state.past is not None
         binding = self.dec.sess.io_binding()
         binding.bind_ortvalue_input("inputs_embeds", embeds)
@@ -493,6 +496,8 @@ class OrtBackend(Backend):
         for name, value in zip(self.past_names, state.past, strict=True):
             binding.bind_ortvalue_input(name, value)
         binding.bind_output("logits", self.io_device, self.device_id)
+        if hidden:
+            binding.bind_output("hidden_states", self.io_device, self.device_id)
         if self.shared_kv:  # the attention writes the new positions into the same buffers
             for name, value in zip(self.present_names, state.past, strict=True):
                 binding.bind_ortvalue_output(name, value)
@@ -501,14 +506,15 @@ class OrtBackend(Backend):
                 binding.bind_output(name, self.io_device, self.device_id)
         self.dec.sess.run_with_iobinding(binding)
         outs = binding.get_outputs()
+        first_present = 2 if hidden else 1
         if not self.shared_kv:
-            state.past = list(outs[1:])  # the next step's past: the same OrtValues, not copies
-        logits = outs[0].numpy()
-        return logits[0, -1].astype(np.float32)
+            state.past = list(outs[first_present:])  # the next step's past: the same OrtValues, not copies
+        logits = outs[0].numpy()[0, -1].astype(np.float32)
+        if hidden:
+            return logits, outs[1].numpy()[0, -1].astype(np.float32)
+        return logits
 
-    def prefill(self, inputs_embeds: np.ndarray, capacity: int, prefix: KVSnapshot | None = None
-                ) -> tuple[np.ndarray, OrtDecodeState]:
-        t = inputs_embeds.shape[1]
+    def start(self, capacity: int, prefix: KVSnapshot | None = None) -> OrtDecodeState:
         p = prefix.length if prefix is not None else 0
         c = self.config.llm
         if self.shared_kv:
@@ -530,9 +536,30 @@ class OrtBackend(Backend):
                     for _ in self.past_names]
         else:
             past = [self._ortvalue(tensor[None].astype(self.kv_dtype, copy=False)) for tensor in prefix.tensors]
-        state = OrtDecodeState(past, p + t, capacity)
+        return OrtDecodeState(past, p, capacity)
+
+    def _append(self, state: OrtDecodeState, inputs_embeds: np.ndarray, hidden: bool) -> Any:
+        t = inputs_embeds.shape[1]
+        if state.length + t > state.capacity:
+            raise InputError(f"the KV cache is full ({state.capacity} tokens)")
         embeds = self._ortvalue(inputs_embeds.astype(self.embed_dtype, copy=False))
-        return self._run_decoder(embeds, p + t, t, state), state
+        state.length += t
+        return self._run_decoder(embeds, state.length, t, state, hidden)
+
+    def prefill(self, inputs_embeds: np.ndarray, capacity: int, prefix: KVSnapshot | None = None
+                ) -> tuple[np.ndarray, OrtDecodeState]:
+        state = self.start(capacity, prefix)
+        return self._append(state, inputs_embeds, hidden=False), state
+
+    def extend(self, state: DecodeState, inputs_embeds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        assert isinstance(state, OrtDecodeState)
+        return self._append(state, inputs_embeds, hidden=True)
+
+    def rewind(self, state: DecodeState, length: int) -> None:
+        assert isinstance(state, OrtDecodeState) and state.past is not None and 0 <= length <= state.length
+        if not self.shared_kv and length < state.length:  # present tensors hold exactly `length` positions
+            state.past = [self._ortvalue(v.numpy()[:, :, :length]) for v in state.past]
+        state.length = length  # the shared buffer: later positions are overwritten by the next call
 
     def snapshot(self, state: DecodeState, length: int) -> KVSnapshot:
         assert isinstance(state, OrtDecodeState) and state.past is not None

@@ -40,6 +40,7 @@ class TorchBackend(Backend):
     name = "torch"
     thread_safe = True  # inference under no_grad shares only read-only weights
     supports_kv_snapshots = True
+    supports_chunked_prefill = True
 
     def __init__(self, model: MavenModel, device: str = "cpu"):
         super().__init__(model.config, model.tokenizer)
@@ -97,18 +98,36 @@ class TorchBackend(Backend):
     def project(self, patch_features: np.ndarray) -> np.ndarray:
         return self._np(self.model.projector(self._t(patch_features)))
 
+    def start(self, capacity: int, prefix: KVSnapshot | None = None) -> TorchDecodeState:
+        if prefix is None:
+            return TorchDecodeState(None, 0, capacity)
+        t = [self._t(a)[None] for a in prefix.tensors]
+        return TorchDecodeState([(t[2 * i], t[2 * i + 1]) for i in range(len(t) // 2)], prefix.length, capacity)
+
     @torch.no_grad()
+    def _append(self, state: TorchDecodeState, inputs_embeds: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self._t(inputs_embeds)
+        state.length += x.shape[1]
+        mask = torch.ones(1, state.length, dtype=torch.long, device=self._device)
+        logits, hidden, state.past = self.model.llm(x, mask, None, state.past)
+        return logits[0, -1], hidden[0, -1]
+
     def prefill(self, inputs_embeds: np.ndarray, capacity: int, prefix: KVSnapshot | None = None
                 ) -> tuple[np.ndarray, TorchDecodeState]:
-        x = self._t(inputs_embeds)
-        p = prefix.length if prefix is not None else 0
-        past = None
-        if prefix is not None:
-            t = [self._t(a)[None] for a in prefix.tensors]
-            past = [(t[2 * i], t[2 * i + 1]) for i in range(len(t) // 2)]
-        mask = torch.ones(1, p + x.shape[1], dtype=torch.long, device=self._device)
-        logits, _, past = self.model.llm(x, mask, None, past)
-        return self._np(logits[0, -1]), TorchDecodeState(past, p + x.shape[1], capacity)
+        state = self.start(capacity, prefix)
+        logits, _ = self._append(state, inputs_embeds)
+        return self._np(logits), state
+
+    def extend(self, state: DecodeState, inputs_embeds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        assert isinstance(state, TorchDecodeState)
+        logits, hidden = self._append(state, inputs_embeds)
+        return self._np(logits), self._np(hidden)
+
+    def rewind(self, state: DecodeState, length: int) -> None:
+        assert isinstance(state, TorchDecodeState) and 0 <= length <= state.length
+        if state.past is not None and length < state.length:
+            state.past = [(k[:, :, :length], v[:, :, :length]) for k, v in state.past]
+        state.length = length
 
     def snapshot(self, state: DecodeState, length: int) -> KVSnapshot:
         assert isinstance(state, TorchDecodeState) and state.past is not None
