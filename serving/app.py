@@ -465,7 +465,7 @@ def create_app(config: ServerConfig, background_load: bool = True,
             else:
                 images = await asyncio.to_thread(image_urls.load_all, chat.image_urls, config.images)
             decode_s = time.perf_counter() - t0
-            options = _options(req, pipe, prompt, len(images), config.default_max_tokens)
+            options = _options(req, pipe, prompt, len(images), config.default_max_tokens, config.h_eos)
         except MavenError as exc:
             raise _maven_error(exc) from None
         job = Job(images, prompt, options, options.cancel)  # type: ignore[arg-type]
@@ -524,7 +524,7 @@ def _client_left(job: Job) -> None:
 
 
 def _options(req: ChatCompletionRequest, pipe: MavenPipeline, prompt: str, num_images: int,
-             default_max_tokens: int) -> GenerateOptions:
+             default_max_tokens: int, h_eos: str = "separate") -> GenerateOptions:
     """GenerateOptions for a request; checks the prompt and the context length (PromptError: 400)."""
     temperature = req.temperature
     options = GenerateOptions(
@@ -535,7 +535,7 @@ def _options(req: ChatCompletionRequest, pipe: MavenPipeline, prompt: str, num_i
         stop=tuple(req.stop_list),
         visual_token_budget=req.visual_token_budget,
         min_patches=req.min_patches,
-        h_eos=req.h_eos,
+        h_eos=req.h_eos or h_eos,
         cancel=threading.Event(),
     )
     prompt_tokens = pipe.prepare_prompt(prompt, num_images, options)

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from maven_edge.core.config import H_EOS_MODES
 from maven_edge.core.errors import ArtifactError, InputError
 from maven_edge.core.manifest import MANIFEST
 from maven_edge.runtime.commands import _add_model_args, pipeline_options
@@ -89,6 +90,7 @@ def server_config(args: argparse.Namespace) -> Any:
         pipeline=opts, model_name=args.model_name, api_key=api_key, max_concurrency=args.max_concurrency,
         max_queue=args.max_queue, request_timeout_s=args.request_timeout,
         max_body_bytes=int(args.max_body_mb * 2**20), default_max_tokens=args.default_max_tokens,
+        h_eos=args.h_eos,
         images=policy, warmup=not args.no_warmup,
     )
 
@@ -167,6 +169,10 @@ def register(sub: Any) -> None:
     lim.add_argument("--max-image-mb", type=float, help="encoded size limit per image in MiB (default: the body limit)")
     lim.add_argument("--default-max-tokens", type=int, default=64,
                      help="tokens to generate when a request gives no max_tokens (default 64)")
+    lim.add_argument("--h-eos", choices=H_EOS_MODES, default="separate",
+                     help="hybrid: where h_eos is read when a request does not say ('h_eos' in its body): "
+                     "'separate' (an extra decoder pass per image; default) or 'context' (inside the prefill, "
+                     "no extra pass: a faster first answer; docs/design.md section 5.2)")
     img = p.add_argument_group("image sources (data: URIs are always accepted)")
     img.add_argument("--allow-local-images", metavar="DIR",
                      help="accept local paths and file:// URLs inside DIR (and only there)")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from maven_edge.core.config import H_EOS_MODES
 from maven_edge.core.errors import InputError
 from maven_edge.runtime.options import PipelineOptions
 from maven_edge.serving.images import ImagePolicy
@@ -25,6 +26,7 @@ class ServerConfig:
     request_timeout_s: float = 120.0  # per request: queue wait + generation
     max_body_bytes: int = 8 * 2**20  # request body; beyond: 413
     default_max_tokens: int = 64  # when the request gives neither max_tokens nor max_completion_tokens
+    h_eos: str = "separate"  # where h_eos is read when the request does not say (docs/design.md §5.2)
     images: ImagePolicy = field(default_factory=ImagePolicy)
     warmup: bool = True  # one 1-token generation after loading, before /health says ready
 
@@ -40,6 +42,8 @@ class ServerConfig:
             problems.append(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
         if self.default_max_tokens < 1:
             problems.append(f"default_max_tokens must be >= 1, got {self.default_max_tokens}")
+        if self.h_eos not in H_EOS_MODES:
+            problems.append(f"h_eos must be one of {', '.join(H_EOS_MODES)}, got {self.h_eos!r}")
         if self.api_key is not None and not self.api_key.strip():
             problems.append("the API key is empty")
         if problems:

@@ -290,3 +290,22 @@ def test_binding_beyond_loopback_without_a_key_warns(caplog):
         warn_if_exposed("0.0.0.0", ServerConfig(pipeline=PipelineOptions(artifacts="x"), api_key="k"))
         assert not caplog.records
 
+
+
+def test_the_servers_h_eos_default_and_a_requests_own(test_artifacts):
+    """`serve --h-eos context` reads h_eos in the prefill unless a request says otherwise."""
+    import json
+
+    from maven_edge.runtime.options import PipelineOptions
+    from maven_edge.runtime.pipeline import MavenPipeline
+    from maven_edge.serving.app import _options
+    from maven_edge.serving.config import ServerConfig
+
+    with pytest.raises(InputError, match="h_eos"):
+        ServerConfig(pipeline=PipelineOptions(artifacts=test_artifacts), h_eos="inline")
+    pipe = MavenPipeline.from_artifacts(test_artifacts)
+    prompt = "Image 1: <image>\nQuestion: what color is the circle?\nAnswer:"
+    for body, default, want in (({}, "context", "context"), ({}, "separate", "separate"),
+                                ({"h_eos": "separate"}, "context", "separate")):
+        req = parse_request(json.dumps({"model": "tiny", "messages": [user("q")], **body}).encode())
+        assert _options(req, pipe, prompt, 1, 8, default).h_eos == want
