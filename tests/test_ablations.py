@@ -10,13 +10,14 @@ def _row(families: dict[str, float], tokens: int) -> dict:
             "family_counts": {k: 100 for k in families}, "visual_tokens_per_image": tokens}
 
 
-def test_table4_verdict_and_role_layers():
+def test_short_table4_renders_as_a_labelled_appendix_with_verdict_and_role_layers():
     rows = {"discrete": _row({"single": 0.3, "multi": 0.2}, 32),
             "continuous": _row({"single": 0.5, "multi": 0.3}, 64),
             "hybrid": _row({"single": 0.5, "multi": 0.4}, 48)}
     md = render_markdown({"table4": {"steps": 210, "steps_scale": 0.15, "role_layers": [2, 3], "rows": rows}})
     assert "role heads in decoder layer(s) 2, 3." in md
     assert "hybrid (40.0 %) beats both single-granularity variants" in md
+    assert "## Appendix: the short-budget Table 4 (superseded)" in md
 
 
 def test_table4_without_multi_image_questions_renders_without_a_verdict():
@@ -35,10 +36,8 @@ def test_sections_merge_into_the_report_as_it_is_when_written(tmp_path, monkeypa
 
     from maven_edge.model_src.train import ablations as A
 
-    rows = {m: _row({"single": 0.5, "multi": 0.25}, t) for m, t in (("discrete", 32), ("continuous", 64),
-                                                                    ("hybrid", 48))}
-    table4 = {"steps": 3, "steps_scale": 0.002, "rows": rows}
-    old_t4 = {**table4, "steps": 2}
+    table4 = {"run": str(tmp_path), "steps_scale": 1.0, "streams": 2, "rows": {}}
+    old_t4 = {**table4, "streams": 1}
     other = {"images": 280, "codebook_usage": 1.0, "code_perplexity": 200.0, "codes": []}
     report = tmp_path / "ablations.json"
     report.write_text(json.dumps({"table4": old_t4}))
@@ -47,8 +46,9 @@ def test_sections_merge_into_the_report_as_it_is_when_written(tmp_path, monkeypa
         report.write_text(json.dumps({"table4": old_t4, "codes": other}))
         return table4
 
-    monkeypatch.setattr(A, "table4", slow_table4)
+    monkeypatch.setattr(A.T4, "table4_full", slow_table4)
     A.run_ablations(None, str(tmp_path), str(tmp_path), ["table4"], None, None, True)
     merged = json.loads(report.read_text())
-    assert merged == {"table4": table4, "codes": other}
+    assert merged == {"table4": A.T4.compact(table4), "codes": other}
+    assert "**0 of 8 runs done**" in (tmp_path / "ablations.md").read_text()
     assert (tmp_path / "ablations.md").read_text() == A.render_markdown(merged)

@@ -390,3 +390,76 @@ def test_init_starts_one_stage_from_a_checkpoint_only(tmp_path):
             train(stage=stage, out=tmp_path / "run", init=tmp_path, quiet=True)
     with pytest.raises(TrainingError, match="--init"):
         train(stage="4", out=tmp_path / "run", init=tmp_path / "missing", quiet=True, final_eval=False)
+
+
+# ---- Table 4 at the full budget (table4.py): the machinery on a 2-step budget ------------------------
+def _copy_stages(src, dst, stages="0123"):
+    import shutil
+
+    for st in stages:
+        shutil.copytree(src / f"stage{st}", dst / f"stage{st}")
+
+
+def test_grid_patches_spread_evenly_and_validate():
+    from maven_edge.model_src.train.common import grid_patches
+
+    idx = grid_patches(64, 48).tolist()
+    assert len(set(idx)) == 48 and idx == sorted(idx) and idx[0] == 0 and idx[-1] == 63
+    assert grid_patches(64, 64).tolist() == list(range(64))
+    with pytest.raises(ValueError):
+        grid_patches(64, 65)
+    with pytest.raises(TrainingError, match="patch_subset needs mode continuous"):
+        PhaseConfig(steps=2, batch_size=2, lr=1e-3, mode="hybrid", patch_subset=8)
+
+
+def test_table4_trains_every_variant_and_stream_resumes_and_reuses_the_runs_stage4(tmp_path, smoke_run):
+    """Every (variant, stream) trains stage 4 with the recipe's config (scaled), evaluates in its own
+    mode and is cached: a second call trains nothing. Hybrid stream 0 reuses the run's own stage 4
+    when that was trained with the same config; the fixed-subset row sees hybrid's token count."""
+    from maven_edge.model_src.train import table4 as T4
+    from maven_edge.model_src.train.ablations import render_markdown
+
+    out, _ = smoke_run
+    _copy_stages(out, tmp_path)
+    _train(tmp_path, stage="4", max_batch=None)  # the recipe's stage 4 at this scale: hybrid stream 0
+    seen = []
+    table = T4.table4_full(tmp_path, steps_scale=SCALE, streams=2, limit=12, quiet=True,
+                           on_row=lambda t: seen.append(len(t["rows"])))
+    assert seen == list(range(1, 9))
+    rows = table["rows"]
+    assert set(rows) == {f"{v}/s{k}" for v in T4.VARIANTS for k in (0, 1)}
+    assert rows["hybrid/s0"]["reused_stage4"] == str(tmp_path / "stage4")
+    assert rows["hybrid/s1"]["reused_stage4"] is None and rows["hybrid/s1"]["seed"] == rows["hybrid/s0"]["seed"] + 100
+    hybrid_tokens = rows["hybrid/s0"]["visual_tokens_per_image"]
+    assert rows["continuous-grid/s0"]["visual_tokens_per_image"] == hybrid_tokens == 32 + 16
+    assert rows["continuous/s0"]["visual_tokens_per_image"] == 64 and rows["discrete/s0"]["visual_tokens_per_image"] == 32
+    for key, r in rows.items():
+        assert r["num_questions"] == 12 and len(r["correct"]) == 12, key
+        if not r["reused_stage4"]:
+            assert (tmp_path / "table4-x0.001" / key.replace("/", "-") / "final" / "model.safetensors").is_file()
+    # finished rows are not trained again (no 4-instruct directory appears for the reused row either)
+    mtimes = {p: p.stat().st_mtime for p in (tmp_path / "table4-x0.001").glob("*/result.json")}
+    again = T4.table4_full(tmp_path, steps_scale=SCALE, streams=2, limit=12, quiet=True, variants=("discrete",))
+    assert set(again["rows"]) == set(rows) and {p: p.stat().st_mtime for p in mtimes} == mtimes
+    assert not (tmp_path / "table4-x0.001" / "hybrid-s0" / "4-instruct").exists()
+    md = render_markdown({"table4": T4.compact(table)})
+    assert "**8 of 8 runs done**" in md and "| continuous-grid | 2 | 48 |" in md
+    assert "stream 0 is the run's own stage 4" in md and "--variant continuous-grid`" in md
+
+
+def test_table4_paired_comparison_and_verdicts():
+    from maven_edge.model_src.train import table4 as T4
+
+    fam = ["single"] * 50 + ["multi"] * 50
+    imgs = [1] * 50 + [3] * 25 + [6] * 25
+
+    def row(correct):
+        return {"correct": correct, "accuracy": sum(correct) / len(correct)}
+
+    same = [row([1, 0] * 50), row([0, 1] * 50)]
+    assert T4.verdict(T4.compare(same, same, fam, imgs, "multi")) == "tied"
+    better = [row([1] * 100)] * 2
+    c = T4.compare(better, same, fam, imgs, "multi 5-8")
+    assert c["n"] == 25 and c["diff"] == pytest.approx(0.5) and T4.verdict(c) == "ahead"
+    assert T4.verdict(T4.compare(same, better, fam, imgs, "overall")) == "behind"
+    assert T4.compare(same, same, fam, imgs, "video") is None

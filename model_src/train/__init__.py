@@ -6,5 +6,6 @@
 Modules: :mod:`.recipe` (stage configs), :mod:`.batches` (samples -> tensors),
 :mod:`.loop` (the resumable, logged training loop), :mod:`.stages` (what each stage trains),
 :mod:`.evaluate` (batched greedy exact-match evaluation), :mod:`.ablations` (the paper's analyses),
+:mod:`.table4` (the granularity ablation at the full budget),
 :mod:`.commands` (CLI).
 """

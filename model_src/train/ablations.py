@@ -1,10 +1,11 @@
 """The paper's analyses on our model, each re-creatable by one command:
 
-    maven-edge ablations --checkpoint model_src/checkpoints/tiny --run artifacts/runs/tiny --out docs
+    maven-edge ablations --only table4 --run artifacts/runs/R36F --out docs     # hours: trains 8 stage 4s
+    maven-edge ablations --only keep --only selector --only codes --out docs   # minutes, shipped model
 
-* ``table4``   Table-4 analogue: from the same stage-3 weights, stage 4 is re-run once per visual
-               encoding (discrete-only, continuous-only, hybrid) with the same step budget, then each
-               variant is evaluated in its own mode (needs ``--run`` holding ``stage3/``).
+* ``table4``   Table-4 analogue at the full budget (table4.py): from one run's stage-3 weights, the
+               recipe's whole stage 4 once per visual encoding (hybrid, discrete-only, continuous-only,
+               continuous with hybrid's token count) and sample stream, each evaluated in its own mode.
 * ``keep``     Figure-4 analogue: keep-ratio sweep (0.1, 0.25, 0.5, 1.0) of the checkpoint:
                exact match per family and visual tokens per image.
 * ``selector`` Figure-5 analogue: kept patches over the image next to the selector's score map.
@@ -15,7 +16,6 @@ Results go to ``OUT/ablations.md`` (tables), ``OUT/ablations.json`` and ``OUT/fi
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -27,12 +27,12 @@ from maven_edge.core.errors import TrainingError
 from maven_edge.model_src.checkpoint import SHIPPED_TINY, load_checkpoint
 from maven_edge.model_src.data.splits import iter_samples
 from maven_edge.model_src.train import batches as B
+from maven_edge.model_src.train import table4 as T4
 from maven_edge.model_src.train.common import set_threads, visual_features
 from maven_edge.model_src.train.evaluate import evaluate
 
 KEEP_RATIOS = (0.1, 0.25, 0.5, 1.0)
 ANALYSES = ("table4", "keep", "selector", "codes")
-TABLE4_DEFAULT_SCALE = 0.1  # share of the recipe's stage-4 steps each variant gets (210 of 2,100)
 
 
 def _plt():
@@ -150,42 +150,20 @@ def code_figure(model, figures: Path, n_images: int = 400, n_codes: int = 6, per
             "code_perplexity": float(np.exp(-(p[p > 0] * np.log(p[p > 0])).sum())), "images": len(samples)}
 
 
-def table4(run: Path, work: Path, steps_scale: float, limit: int | None, quiet: bool) -> dict[str, Any]:
-    from maven_edge.model_src.train.attention_targets import AttentionSupervision
-    from maven_edge.model_src.train.loop import run_phase
-    from maven_edge.model_src.train.recipe import get_recipe
-    from maven_edge.model_src.train.stages import phase_llm
-
-    if not (run / "stage3" / "stage.json").is_file():
-        raise TrainingError(f"table4 needs a training run with stage3/ (got --run {run}); train stages 0-3 first")
-    base = get_recipe("tiny")["4-instruct"]
-    cfg0 = base.scaled(steps_scale)
-    rows = {}
-    for mode in ("discrete", "continuous", "hybrid"):
-        model = load_checkpoint(run / "stage3")
-        model.train()
-        cfg = dataclasses.replace(cfg0, mode=mode)
-        phase = phase_llm(model, cfg, 0, "4-instruct", ("llm", "projector"), ())
-        summary = run_phase(phase, work / mode, resume=True, quiet=quiet)
-        model.eval()
-        rep = evaluate(model, "test", mode, limit=limit, quiet=quiet)
-        rows[mode] = {"steps": cfg.steps, "train_time_s": summary["wall_time_s"], "accuracy": rep["accuracy"],
-                      "family_accuracy": rep["family_accuracy"], "task_accuracy": rep["task_accuracy"],
-                      "family_counts": rep.get("family_counts", {}),
-                      "visual_tokens_per_image": rep["visual_tokens_per_image"]}
-    role_layers = AttentionSupervision.for_decoder(model.config.llm, cfg0.attention_targets).role_layers
-    return {"steps_scale": steps_scale, "steps": cfg0.steps, "role_layers": list(role_layers), "rows": rows}
-
-
 def run_ablations(checkpoint: str | None, run: str | None, out: str, only: list[str], steps_scale: float | None,
-                  limit: int | None, quiet: bool) -> dict[str, Any]:
+                  limit: int | None, quiet: bool, streams: int = T4.DEFAULT_STREAMS,
+                  variants: list[str] | None = None) -> dict[str, Any]:
     set_threads()
     todo = only or list(ANALYSES)
     bad = [a for a in todo if a not in ANALYSES]
     if bad:
         raise TrainingError(f"unknown analysis {bad[0]!r}; choose from {', '.join(ANALYSES)}")
     if "table4" in todo and run is None:  # before the other analyses' minutes of work
-        raise TrainingError("table4 needs --run DIR (a training run directory with stage3/)")
+        raise TrainingError("table4 needs --run DIR (a training run directory; stages 0-3 are trained there "
+                            "first if it has no stage3/)")
+    bad = [v for v in variants or () if v not in T4.VARIANTS]
+    if bad:
+        raise TrainingError(f"unknown table4 variant {bad[0]!r}; choose from {', '.join(T4.VARIANTS)}")
     out_dir = Path(out)
     figures = out_dir / "figures"
     figures.mkdir(parents=True, exist_ok=True)
@@ -199,61 +177,47 @@ def run_ablations(checkpoint: str | None, run: str | None, out: str, only: list[
         fresh["selector"] = selector_figure(model, figures)
     if "codes" in todo:
         fresh["codes"] = code_figure(model, figures)
-    if "table4" in todo:
-        fresh["table4"] = table4(Path(run), Path(run) / "ablations_table4",
-                                 steps_scale or TABLE4_DEFAULT_SCALE, limit, quiet)
-    # merge into the file as it is now, not as it was at the start: a long table4 run must not
-    # overwrite sections another `maven-edge ablations --only ...` wrote meanwhile
-    results: dict[str, Any] = json.loads(results_path.read_text()) if results_path.is_file() else {}
-    results.update(fresh)
-    results_path.write_text(json.dumps(results, indent=2) + "\n")
-    (out_dir / "ablations.md").write_text(render_markdown(results))
-    return results
+    def save(sections: dict[str, Any]) -> dict[str, Any]:
+        # merge into the file as it is now, not as it was at the start: a long table4 run must not
+        # overwrite sections another `maven-edge ablations --only ...` wrote meanwhile
+        results: dict[str, Any] = json.loads(results_path.read_text()) if results_path.is_file() else {}
+        results.update(sections)
+        results_path.write_text(json.dumps(results, indent=2) + "\n")
+        (out_dir / "ablations.md").write_text(render_markdown(results))
+        if "table4" in sections and sections["table4"].get("rows"):
+            T4.figure(sections["table4"], figures / "table4_full.png")
+        return results
+
+    if "table4" in todo:  # long: the report is rewritten after every finished (variant, stream)
+        fresh["table4"] = T4.table4_full(Path(run), steps_scale or 1.0, streams, limit, quiet,
+                                         tuple(variants or T4.VARIANTS),
+                                         on_row=lambda t: save({**fresh, "table4": T4.compact(t)}))
+        fresh["table4"] = T4.compact(fresh["table4"])
+    return save(fresh)
+
 
 
 def render_markdown(results: dict[str, Any]) -> str:
-    lines = ["# Ablations on the shipped tiny model", "",
-             "Generated by `maven-edge ablations` (see `model_src/train/ablations.py`); numbers are exact-match",
-             "accuracy (%) on the test split unless stated. Re-create with",
+    lines = ["# Ablations", "",
+             "Generated by `maven-edge ablations` (see `model_src/train/ablations.py` and `table4.py`); numbers are",
+             "exact-match accuracy (%) on the test split unless stated. The keep-ratio, selector and code sections",
+             "describe the shipped tiny model and re-create with",
              "",
-             "    maven-edge ablations --checkpoint model_src/checkpoints/tiny --run artifacts/runs/tiny --out docs",
+             "    maven-edge ablations --only keep --only selector --only codes --out docs",
              ""]
-    if "table4" in results:
-        t = results["table4"]
-        lines += ["## Table 4 analogue: granularity of the visual tokens", "",
-                  f"Each variant starts from the same stage-3 weights and runs stage 4 for {t['steps']} steps "
-                  f"({t['steps_scale']:.2f} of the recipe's stage-4 budget), then is evaluated in its own mode."
-                  + (f" Attention targets' role heads in decoder layer(s) {', '.join(map(str, t['role_layers']))}."
-                     if "role_layers" in t else ""), "",
-                  "| variant | visual tokens / image | single | multi | caption | overall |",
-                  "|---|---|---|---|---|---|"]
-        for mode, r in t["rows"].items():
-            lines.append(f"| {mode} | {r['visual_tokens_per_image']} | {_fam_row(r)} |")
-        rows = t["rows"]
-        modes = ("hybrid", "discrete", "continuous")
-        if all(m in rows and "multi" in rows[m]["family_accuracy"] for m in modes):  # --limit may ask none
-            h = rows["hybrid"]["family_accuracy"]["multi"]
-            others = {m: rows[m]["family_accuracy"]["multi"] for m in ("discrete", "continuous")}
-            best = max(others, key=others.get)
-            verdict = ("beats both single-granularity variants" if h > max(others.values())
-                       else f"does **not** beat the {best}-only variant")
-            n = rows["hybrid"].get("family_counts", {}).get("multi")
-            margin = 100 * (h - others[best])
-            if n:  # two standard errors of a difference of two accuracies near h on n questions
-                noise = 100 * 2 * (2 * h * (1 - h) / n) ** 0.5
-                judged = (f"The margin to the best single-granularity variant is {margin:+.1f} points; two standard "
-                          f"errors of such a difference on {n} multi-image questions are about {noise:.1f} points, so "
-                          + ("the difference is larger than the sampling noise." if abs(margin) > noise else
-                             "the difference is within the sampling noise: this run neither confirms nor refutes "
-                             "the paper's Table 4 on multi-image questions."))
-            else:
-                judged = f"The margin to the best single-granularity variant is {margin:+.1f} points."
-            lines += ["", f"On multi-image questions hybrid ({100 * h:.1f} %) {verdict} "
-                      f"(discrete {100 * others['discrete']:.1f} %, continuous {100 * others['continuous']:.1f} %). "
-                      f"{judged} Visual tokens per image: hybrid {rows['hybrid']['visual_tokens_per_image']}, "
-                      f"continuous {rows['continuous']['visual_tokens_per_image']}, "
-                      f"discrete {rows['discrete']['visual_tokens_per_image']}."]
-        lines.append("")
+    t4 = results.get("table4")
+    if t4 is not None and "streams" in t4:
+        command = f"maven-edge ablations --only table4 --run {t4['run']} --streams {t4['streams']} --out docs"
+        lines += T4.render(t4, command)
+        if t4.get("rows"):
+            lines += ["![table 4 at the full budget](figures/table4_full.png)", ""]
+    body = lines
+    lines = []
+    short = results.get("table4_short") or (t4 if t4 is not None and "streams" not in t4 else None)
+    if short is not None:
+        lines += _short_table4(short)
+    tail = lines
+    lines = body
     if "keep" in results:
         lines += ["## Figure 4 analogue: keep-ratio sweep", "", "![keep-ratio sweep](figures/keep_ratio_sweep.png)",
                   "", "| keep ratio | visual tokens / image | mean prefill tokens | single | multi | caption | overall |",
@@ -278,4 +242,46 @@ def render_markdown(results: dict[str, Any]) -> str:
                   f"Over {c['images']} validation images the tokenizer uses {100 * c['codebook_usage']:.0f}% of the "
                   f"codebook (code perplexity {c['code_perplexity']:.1f}). Each row shows images whose 32 codes "
                   "include that code.", ""]
+    lines += tail
     return "\n".join(lines) + "\n"
+
+
+def _short_table4(t: dict[str, Any]) -> list[str]:
+    """The first Table-4 analogue (a tenth of stage 4 per variant): kept as a labelled appendix."""
+    lines = ["## Appendix: the short-budget Table 4 (superseded)", "",
+             f"Each variant started from the same stage-3 weights and ran stage 4 for {t['steps']} steps "
+             f"({t['steps_scale']:.2f} of the recipe's stage-4 budget), then was evaluated in its own mode."
+             + (f" Attention targets' role heads in decoder layer(s) {', '.join(map(str, t['role_layers']))}."
+                if "role_layers" in t else "")
+             + " At this budget nothing much has been learnt yet, so it does not test the paper's claim; the "
+             "full-budget table above does.", "",
+             "| variant | visual tokens / image | single | multi | caption | overall |",
+             "|---|---|---|---|---|---|"]
+    for mode, r in t["rows"].items():
+        lines.append(f"| {mode} | {r['visual_tokens_per_image']} | {_fam_row(r)} |")
+    rows = t["rows"]
+    modes = ("hybrid", "discrete", "continuous")
+    if all(m in rows and "multi" in rows[m]["family_accuracy"] for m in modes):  # --limit may ask none
+        h = rows["hybrid"]["family_accuracy"]["multi"]
+        others = {m: rows[m]["family_accuracy"]["multi"] for m in ("discrete", "continuous")}
+        best = max(others, key=others.get)
+        verdict = ("beats both single-granularity variants" if h > max(others.values())
+                   else f"does **not** beat the {best}-only variant")
+        n = rows["hybrid"].get("family_counts", {}).get("multi")
+        margin = 100 * (h - others[best])
+        if n:  # two standard errors of a difference of two accuracies near h on n questions
+            noise = 100 * 2 * (2 * h * (1 - h) / n) ** 0.5
+            judged = (f"The margin to the best single-granularity variant is {margin:+.1f} points; two standard "
+                      f"errors of such a difference on {n} multi-image questions are about {noise:.1f} points, so "
+                      + ("the difference is larger than the sampling noise." if abs(margin) > noise else
+                         "the difference is within the sampling noise: this run neither confirms nor refutes "
+                         "the paper's Table 4 on multi-image questions."))
+        else:
+            judged = f"The margin to the best single-granularity variant is {margin:+.1f} points."
+        lines += ["", f"On multi-image questions hybrid ({100 * h:.1f} %) {verdict} "
+                  f"(discrete {100 * others['discrete']:.1f} %, continuous {100 * others['continuous']:.1f} %). "
+                  f"{judged} Visual tokens per image: hybrid {rows['hybrid']['visual_tokens_per_image']}, "
+                  f"continuous {rows['continuous']['visual_tokens_per_image']}, "
+                  f"discrete {rows['discrete']['visual_tokens_per_image']}."]
+    lines.append("")
+    return lines

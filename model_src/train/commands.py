@@ -7,6 +7,7 @@ import json
 import sys
 
 from maven_edge.core.cliutil import add_command
+from maven_edge.model_src.train.table4 import VARIANTS as TABLE4_VARIANTS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -63,21 +64,31 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     a = add_command(
         sub, "ablations", help="re-create the paper's analyses on a checkpoint (docs/ tables and plots)",
-        description="Re-create the paper's analyses on a checkpoint: the Table-4 analogue (which visual parts "
-        "matter, retraining stage 4 without each), accuracy and visual tokens against keep ratio, selector quality "
-        "and what the discrete codes carry. Writes ablations.md, ablations.json and figures/ into --out. Needs "
-        "PyTorch; the Table-4 analogue trains, so it takes a while on a CPU.",
+        description="Re-create the paper's analyses: the Table-4 analogue at the full training budget (stage 4 "
+        "retrained from one run's stage-3 weights once per visual encoding and sample stream: hybrid, discrete "
+        "only, continuous only, continuous with hybrid's token count; hours on a CPU, resumable: run it again "
+        "after a stop), accuracy and visual tokens against keep ratio, selector quality and what the discrete "
+        "codes carry. Writes ablations.md, ablations.json and figures/ into --out (table4 rewrites them after "
+        "every finished run). Needs PyTorch.",
         examples=["maven-edge ablations --only keep --only codes --limit 100 --out /tmp/ablations",
-                  "maven-edge ablations --checkpoint runs/tiny/final --run runs/tiny --out docs"])
+                  "maven-edge ablations --only table4 --run artifacts/runs/R36F --out docs",
+                  "maven-edge ablations --only table4 --run artifacts/runs/R36F --variant discrete --streams 1 "
+                  "--out docs"])
     a.add_argument("--checkpoint", default=None, metavar="DIR", help="trained checkpoint (default: the shipped tiny model)")
     a.add_argument("--run", default=None, metavar="DIR",
-                   help="training run directory holding stage3/; needed for table4, which the default (all) includes "
-                   "(default: none)")
+                   help="training run directory whose stage3/ table4 starts from (stages 0-3 are trained there "
+                   "first if missing); needed for table4, which the default (all) includes (default: none)")
     a.add_argument("--out", default="docs", metavar="DIR", help="where ablations.md and figures/ go (default docs)")
     a.add_argument("--only", action="append", default=[], choices=("table4", "keep", "selector", "codes"),
                    help="run only this analysis: table4, keep, selector, codes (repeatable; default: all)")
+    a.add_argument("--variant", action="append", default=[], choices=tuple(TABLE4_VARIANTS),
+                   help="table4: train only this variant (repeatable; default: all four); rows other runs "
+                   "finished stay in the table")
+    a.add_argument("--streams", type=int, default=2, metavar="K",
+                   help="table4: stage-4 sample streams per variant (default 2)")
     a.add_argument("--steps-scale", type=float, default=None,
-                   help="share of the recipe's stage-4 steps each Table-4 variant trains (default 0.1: 210 steps)")
+                   help="table4: share of the recipe's stage-4 steps each variant trains (default 1: the full "
+                   "budget; smaller only for smoke tests)")
     a.add_argument("--limit", type=int, default=None, metavar="N", help="test questions per evaluation (default: all)")
     a.add_argument("--quiet", action="store_true", help="no progress bars")
     a.set_defaults(func=_ablations)
@@ -123,5 +134,6 @@ def _eval(args: argparse.Namespace) -> int:
 def _ablations(args: argparse.Namespace) -> int:
     from maven_edge.model_src.train.ablations import run_ablations
 
-    run_ablations(args.checkpoint, args.run, args.out, args.only, args.steps_scale, args.limit, args.quiet)
+    run_ablations(args.checkpoint, args.run, args.out, args.only, args.steps_scale, args.limit, args.quiet,
+                  args.streams, args.variant or None)
     return 0

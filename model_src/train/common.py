@@ -32,9 +32,12 @@ class VisualFeatures:
 
 @torch.no_grad()
 def visual_features(
-    model: MavenModel, pixel_values: torch.Tensor, mode: str, keep_ratio: float | None = None
+    model: MavenModel, pixel_values: torch.Tensor, mode: str, keep_ratio: float | None = None,
+    patch_subset: int = 0,
 ) -> VisualFeatures:
-    """Vision encoder, discrete codes and (hybrid) selection for all images in one batch."""
+    """Vision encoder, discrete codes and (hybrid) selection for all images in one batch.
+    `patch_subset` > 0 (continuous mode only; the ablation's equal-token row): every image keeps the
+    same :func:`grid_patches` subset of that many patches instead of all of them."""
     mode = check_mode(mode)
     feats = model.vision(pixel_values)
     codes = model.discrete(feats)
@@ -43,7 +46,19 @@ def visual_features(
         h_eos = model.compute_h_eos(codes)
         logits = model.selector(feats, h_eos)
         indices = select_patches(logits, model.config.num_kept_patches(keep_ratio))
+    elif patch_subset:
+        if mode != "continuous":
+            raise ValueError(f"a fixed patch subset is a continuous-mode variant, not {mode!r}")
+        indices = grid_patches(feats.shape[1], patch_subset).expand(feats.shape[0], -1)
     return VisualFeatures(feats, codes, h_eos, logits, indices)
+
+
+def grid_patches(num_patches: int, n: int) -> torch.Tensor:
+    """`n` raster indices spread evenly over an image's `num_patches` patches (first and last
+    included): a fixed, content-blind subset, the same for every image."""
+    if not 1 <= n <= num_patches:
+        raise ValueError(f"a patch subset needs 1..{num_patches} patches, got {n}")
+    return torch.linspace(0, num_patches - 1, n, dtype=torch.float64).round().long()
 
 
 def visual_embeds(model: MavenModel, vf: VisualFeatures, mode: str, rows: Sequence[int] | None = None) -> torch.Tensor:
@@ -59,7 +74,7 @@ def visual_embeds(model: MavenModel, vf: VisualFeatures, mode: str, rows: Sequen
     if mode == "hybrid":
         parts.append(model.projector(gather_patches(feats, vf.indices[sel])))
     elif mode == "continuous":
-        parts.append(model.projector(feats))
+        parts.append(model.projector(feats if vf.indices is None else gather_patches(feats, vf.indices[sel])))
     parts.append(model.embed_ids(torch.full((n, 1), tok.img_end_id, dtype=torch.long)))
     return torch.cat(parts, dim=1)
 

@@ -44,19 +44,22 @@ def greedy_batch(
     features_hook: Callable[[VisualFeatures], VisualFeatures] | None = None,
     visual_token_budget: int | None = None,
     min_patches: int = 1,
+    patch_subset: int = 0,
 ) -> tuple[list[str], list[int], list[Any]]:
     """(decoded answers, prefill lengths, selected patch indices per sample) for a batch.
     `features_hook` (diagnostics) may replace the batch's visual features before they are embedded.
     With `visual_token_budget` (hybrid) each sample's images share that many visual tokens, patches
-    ranked across its images (core/budget.py); the indices per sample are then a list per image."""
+    ranked across its images (core/budget.py); the indices per sample are then a list per image.
+    `patch_subset` > 0 (continuous): every image shows the same evenly spread subset of that many patches."""
     tok = model.tokenizer
     ids = [tok.encode_prompt(s.prompt) for s in samples]
     counts = [len(s.images) for s in samples]
     if visual_token_budget is None:
         for i, c in zip(ids, counts, strict=True):
-            model.plan_prompt(i, c, model.config.visual_tokens_per_image(mode, keep_ratio))  # PromptError on mismatch
+            tokens = patch_subset or model.config.visual_tokens_per_image(mode, keep_ratio)
+            model.plan_prompt(i, c, tokens)  # PromptError on mismatch
     px = B.pixel_tensor(samples, model.config)
-    vf = visual_features(model, px, mode, keep_ratio)
+    vf = visual_features(model, px, mode, keep_ratio, patch_subset)
     if features_hook is not None:
         vf = features_hook(vf)
     per: list[Any] = []
@@ -135,15 +138,20 @@ def evaluate(
     features_hook: Callable[[VisualFeatures], VisualFeatures] | None = None,
     visual_token_budget: int | None = None,
     min_patches: int = 1,
+    patch_subset: int = 0,
 ) -> dict[str, Any]:
     """Exact-match accuracy per family, per task and overall on `split` (or given samples), the
     multi-image tasks per image-count bucket (:data:`IMAGE_BUCKETS`) and the video questions per
     variant; `features_hook` is passed to :func:`greedy_batch` (diagnostics). With
     `visual_token_budget` each question's images share that many visual tokens (hybrid; patches
-    ranked across its images, at least `min_patches` per image) instead of a keep ratio each."""
+    ranked across its images, at least `min_patches` per image) instead of a keep ratio each;
+    `patch_subset` > 0 (continuous): a fixed evenly spread subset of that many patches per image."""
     check_mode(mode)
     if visual_token_budget is not None and mode != "hybrid":
         raise InputError("--visual-token-budget ranks the selector's patches, so it needs --mode hybrid")
+    if patch_subset and (mode != "continuous" or not 1 <= patch_subset <= model.config.num_patches):
+        raise InputError(f"a fixed patch subset needs --mode continuous and 1..{model.config.num_patches} patches, "
+                         f"got {patch_subset} with mode {mode}")
     if visual_token_budget is not None and visual_token_budget < 1:
         raise InputError(f"--visual-token-budget must be >= 1, got {visual_token_budget}")
     if split not in SPLITS:
@@ -167,7 +175,7 @@ def evaluate(
     for chunk in tqdm(chunks, desc=f"eval {split} {mode}", disable=quiet, mininterval=3.0):
         answers, lens, sel = greedy_batch(model, [samples[i] for i in chunk], mode, keep_ratio,
                                           features_hook=features_hook, visual_token_budget=visual_token_budget,
-                                          min_patches=min_patches)
+                                          min_patches=min_patches, patch_subset=patch_subset)
         for i, a, n, kept in zip(chunk, answers, lens, sel, strict=True):
             preds[i], prefill[i] = a, n
             if kept is not None:
@@ -186,7 +194,7 @@ def evaluate(
             hits[f"bucket/{bucket}/{s.task}"].append(ok)
         if s.family == "video":
             hits[f"video/{s.meta.get('variant', 'all')}"].append(ok)
-        records.append({"index": s.meta.get("index", i), "task": s.task, "family": s.family, "prompt": s.prompt,
+        records.append({"index": s.meta.get("index", i), "task": s.task, "family": s.family, "images": len(s.images), "prompt": s.prompt,
                         "answer": s.answer, "prediction": preds[i], "correct": bool(ok)})
 
     def acc(key: str) -> float:
@@ -211,7 +219,9 @@ def evaluate(
         "video_counts": {k.split("/", 1)[1]: len(hits[k]) for k in sorted(hits) if k.startswith("video/")},
         "visual_token_budget": visual_token_budget,
         "min_patches": min_patches if visual_token_budget is not None else None,
-        "visual_tokens_per_image": None if visual_token_budget is not None else cfg.visual_tokens_per_image(mode, keep_ratio),
+        "patch_subset": patch_subset or None,
+        "visual_tokens_per_image": None if visual_token_budget is not None else (
+            patch_subset or cfg.visual_tokens_per_image(mode, keep_ratio)),
         "mean_visual_tokens": sum(len(s.images) * (cfg.discrete.num_codes if mode != "continuous" else 0)
                                   + patches.get(i, 0 if mode != "continuous" else len(s.images) * cfg.num_patches)
                                   for i, s in enumerate(samples)) / len(samples),

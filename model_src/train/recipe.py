@@ -50,10 +50,16 @@ class PhaseConfig:
     # (task, weight) pairs: draw the primary task of each sample with these relative weights (tasks
     # not named: 1); empty: uniform over the tasks of `families`, the stream every earlier run used
     task_weights: tuple[tuple[str, float], ...] = ()
+    # continuous mode, > 0: every image shows the same evenly spread subset of this many patches
+    # (common.grid_patches) instead of all of them: the ablation's "equal visual tokens" row
+    patch_subset: int = 0
 
     def __post_init__(self) -> None:
         if self.gray_levels not in GRAY_LEVELS:
             raise TrainingError(f"gray_levels must be one of {GRAY_LEVELS}, got {self.gray_levels!r}")
+        if self.patch_subset < 0 or (self.patch_subset and self.mode != "continuous"):
+            raise TrainingError(f"patch_subset needs mode continuous and a count >= 1 (0: all patches), got "
+                                f"{self.patch_subset} with mode {self.mode!r}")
         if not self.gray_consistency >= 0:
             raise TrainingError(f"gray_consistency must be >= 0, got {self.gray_consistency}")
         self.task_weights = tuple((str(t), float(w)) for t, w in self.task_weights)

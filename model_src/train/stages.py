@@ -364,7 +364,7 @@ def phase_llm(model: MavenModel, cfg: PhaseConfig, seed: int, name: str, parts: 
         enable_image_slots(model)
     params = _trainable(model, *parts)
     tok = model.tokenizer
-    t_img = model.config.visual_tokens_per_image(cfg.mode) + 2
+    t_img = (cfg.patch_subset or model.config.visual_tokens_per_image(cfg.mode)) + 2
     sup = AttentionSupervision.for_decoder(model.config.llm, cfg.attention_targets, cfg.count_head)
     colon_id = tok.encode(":")[0]
     patch_offset = model.config.discrete.num_codes if cfg.mode == "hybrid" else 0
@@ -379,14 +379,14 @@ def phase_llm(model: MavenModel, cfg: PhaseConfig, seed: int, name: str, parts: 
                      for s in samples]
         tb = B.text_batch(samples, tok, extra)
         px = B.pixel_tensor(samples, model.config)
-        vf = visual_features(model, px, cfg.mode)
+        vf = visual_features(model, px, cfg.mode, patch_subset=cfg.patch_subset)
         offsets = np.concatenate([[0], np.cumsum(tb.image_counts)])
         lengths = [len(s) + c * (t_img - 1) for s, c in zip(tb.sequences, tb.image_counts, strict=True)]
         total = att_total = 0.0
 
         def patches_in(lo: int, hi: int) -> np.ndarray | None:
             """Raster indices of the patches in images lo..hi-1's sequences (None: no patches)."""
-            if cfg.mode == "hybrid":
+            if vf.indices is not None:  # hybrid's selection, or continuous mode's fixed subset
                 return vf.indices[lo:hi].numpy()
             if cfg.mode == "continuous":
                 return np.tile(np.arange(vf.feats.shape[1]), (hi - lo, 1))
