@@ -368,15 +368,15 @@ def test_task_weights_reweight_the_primary_tasks_and_default_to_the_uniform_stre
 def test_a_phase_config_saved_before_a_knob_existed_still_matches():
     from dataclasses import asdict
 
-    from maven_edge.model_src.train.loop import _same_config
+    from maven_edge.model_src.train.loop import same_config
 
     cfg = PhaseConfig(steps=2, batch_size=2, lr=1e-3)
     saved = json.loads(json.dumps(asdict(cfg)))
-    assert _same_config(saved, cfg)
+    assert same_config(saved, cfg)
     del saved["task_weights"]  # a run directory written before PhaseConfig.task_weights
-    assert _same_config(saved, cfg)
-    assert not _same_config(saved, PhaseConfig(steps=2, batch_size=2, lr=1e-3, task_weights=(("same", 2.0),)))
-    assert not _same_config({**saved, "steps": 3}, cfg) and not _same_config(None, cfg)
+    assert same_config(saved, cfg)
+    assert not same_config(saved, PhaseConfig(steps=2, batch_size=2, lr=1e-3, task_weights=(("same", 2.0),)))
+    assert not same_config({**saved, "steps": 3}, cfg) and not same_config(None, cfg)
 
 
 def test_init_starts_one_stage_from_a_checkpoint_only(tmp_path):
@@ -422,6 +422,9 @@ def test_table4_trains_every_variant_and_stream_resumes_and_reuses_the_runs_stag
     out, _ = smoke_run
     _copy_stages(out, tmp_path)
     _train(tmp_path, stage="4", max_batch=None)  # the recipe's stage 4 at this scale: hybrid stream 0
+    meta = json.loads((tmp_path / "stage4" / "stage.json").read_text())
+    del meta["recipe"]["4-instruct"]["patch_subset"]  # as written before the knob existed
+    (tmp_path / "stage4" / "stage.json").write_text(json.dumps(meta))
     seen = []
     table = T4.table4_full(tmp_path, steps_scale=SCALE, streams=2, limit=12, quiet=True,
                            on_row=lambda t: seen.append(len(t["rows"])))

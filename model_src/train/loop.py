@@ -48,7 +48,7 @@ class Phase:
     finish: Callable[[], dict[str, Any]] | None = None  # final metrics for phase.json
 
 
-def _same_config(saved: dict | None, cfg: PhaseConfig) -> bool:
+def same_config(saved: dict | None, cfg: PhaseConfig) -> bool:
     """Whether a phase config saved in a run directory is `cfg`. Fields the saved one lacks (knobs
     added to PhaseConfig after it was written) count as their defaults, so older runs still resume."""
     if not isinstance(saved, dict):
@@ -102,7 +102,7 @@ def load_resume(phase: Phase, opt: torch.optim.Optimizer, directory: Path) -> in
         opt_state = load_file(str(directory / "optimizer.safetensors"))
     except (OSError, ValueError, SafetensorError) as exc:
         raise TrainingError(f"cannot resume from {directory}: {exc}; delete it to start the phase again") from exc
-    if not _same_config(progress.get("config"), phase.config):
+    if not same_config(progress.get("config"), phase.config):
         raise TrainingError(
             f"{directory} was written with a different {phase.name} config; resume with the same "
             "--steps-scale/--preset, or delete the directory to start again"
@@ -149,7 +149,7 @@ def run_phase(phase: Phase, directory: Path, resume: bool, quiet: bool = False) 
     done = directory / "phase.json"
     if done.is_file():
         summary = json.loads(done.read_text())
-        if _same_config(summary.get("config"), cfg) and resume:
+        if same_config(summary.get("config"), cfg) and resume:
             _load_final(phase, directory)
             return summary
     resume_dir = directory / "resume"

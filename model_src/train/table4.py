@@ -92,14 +92,15 @@ def variant_config(variant: str, stream: int, steps_scale: float, hybrid_tokens:
 
 
 def _reusable_stage4(run: Path, cfg, seed: int) -> dict[str, Any] | None:
-    """The run's own stage 4 when it is exactly this (variant, stream)'s training, else None."""
+    """The run's own stage 4 when it is exactly this (variant, stream)'s training, else None (knobs
+    added to the config after that run count as their defaults, as when a phase resumes)."""
+    from maven_edge.model_src.train.loop import same_config
+
     meta_path = run / "stage4" / "stage.json"
     if not (meta_path.is_file() and (run / "final" / "model.safetensors").is_file()):
         return None
     meta = json.loads(meta_path.read_text())
-    saved = meta.get("recipe", {}).get("4-instruct")
-    same = json.loads(json.dumps(saved)) == json.loads(json.dumps(dataclasses.asdict(cfg)))
-    if not same or int(meta.get("seed", -1)) + cfg.seed_offset != seed or meta.get("init"):
+    if not same_config(meta.get("recipe", {}).get("4-instruct"), cfg) or int(meta.get("seed", -1)) + cfg.seed_offset != seed or meta.get("init"):
         return None
     return meta
 
