@@ -448,6 +448,7 @@ def test_table4_trains_every_variant_and_stream_resumes_and_reuses_the_runs_stag
     md = render_markdown({"table4": T4.compact(table)})
     assert "**8 of 8 runs done**" in md and "| continuous-grid | 2 | 48 |" in md
     assert "stream 0 is the run's own stage 4" in md and "--variant continuous-grid`" in md
+    assert "| hybrid against | hybrid only | other only | per task |" in md and "Time: stage 4 took" in md
 
 
 def test_table4_paired_comparison_and_verdicts():
@@ -466,3 +467,7 @@ def test_table4_paired_comparison_and_verdicts():
     assert c["n"] == 25 and c["diff"] == pytest.approx(0.5) and T4.verdict(c) == "ahead"
     assert T4.verdict(T4.compare(same, better, fam, imgs, "overall")) == "behind"
     assert T4.compare(same, same, fam, imgs, "video") is None
+    tasks = ["count"] * 50 + ["which_image"] * 50
+    split = T4.disagreements(better, same, tasks)  # `same` is right on half of each task, per stream
+    assert split == {"count": (25.0, 0.0), "which_image": (25.0, 0.0)}
+    assert T4.disagreements(same[:1], same[1:], tasks) == {"count": (25.0, 25.0), "which_image": (25.0, 25.0)}

@@ -140,9 +140,29 @@ def run_row(run: Path, variant: str, stream: int, steps_scale: float, limit: int
     result = {"variant": variant, "stream": stream, "mode": cfg.mode, "patch_subset": cfg.patch_subset or None,
               "steps": cfg.steps, "seed": seed, "train_time_s": train_time, "reused_stage4": source, "limit": limit,
               "correct": [int(p["correct"]) for p in preds], "families": [p["family"] for p in preds],
-              "images": [p["images"] for p in preds], **rep}
+              "images": [p["images"] for p in preds], "tasks": [p["task"] for p in preds], **rep}
     _atomic_write(result_path, json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _with_tasks(result: dict[str, Any], d: Path) -> dict[str, Any]:
+    """A result written before rows recorded each question's task: read them from its predictions."""
+    if "tasks" not in result and (d / "predictions.jsonl").is_file():
+        preds = [json.loads(line) for line in (d / "predictions.jsonl").read_text().splitlines() if line.strip()]
+        result["tasks"] = [p["task"] for p in preds]
+    return result
+
+
+def finished_table(run: Path, steps_scale: float = 1.0, streams: int = DEFAULT_STREAMS,
+                   limit: int | None = None) -> dict[str, Any]:
+    """The table as far as its rows have finished (nothing is trained)."""
+    table: dict[str, Any] = {"run": str(run), "steps_scale": steps_scale, "streams": streams, "rows": {}}
+    for v in VARIANTS:
+        for k in range(streams):
+            p = work_dir(run, steps_scale) / f"{v}-s{k}" / "result.json"
+            if p.is_file() and json.loads(p.read_text()).get("limit") == limit:
+                table["rows"][f"{v}/s{k}"] = _with_tasks(json.loads(p.read_text()), p.parent)
+    return table
 
 
 def table4_full(run: Path, steps_scale: float = 1.0, streams: int = DEFAULT_STREAMS, limit: int | None = None,
@@ -155,12 +175,7 @@ def table4_full(run: Path, steps_scale: float = 1.0, streams: int = DEFAULT_STRE
     if bad:
         raise TrainingError(f"unknown table4 variant {bad[0]!r}; choose from {', '.join(VARIANTS)}")
     ensure_stage3(run, preset, quiet)
-    table: dict[str, Any] = {"run": str(run), "steps_scale": steps_scale, "streams": streams, "rows": {}}
-    for v in VARIANTS:  # rows other invocations finished (e.g. another --variant) stay in the table
-        for k in range(streams):
-            p = work_dir(run, steps_scale) / f"{v}-s{k}" / "result.json"
-            if p.is_file() and json.loads(p.read_text()).get("limit") == limit:
-                table["rows"][f"{v}/s{k}"] = json.loads(p.read_text())
+    table = finished_table(run, steps_scale, streams, limit)  # rows other invocations finished stay in
     todo = [(v, k) for k in range(streams) for v in variants]  # stream 0 of every variant first
     bar = tqdm(todo, desc="table4", unit="run", disable=quiet)
     for variant, k in bar:
@@ -182,9 +197,9 @@ def compact(table: dict[str, Any]) -> dict[str, Any]:
         r = dict(r)
         if isinstance(r.get("correct"), list):
             r["correct"] = "".join(str(int(c)) for c in r["correct"])
-        fam, imgs = r.pop("families", None), r.pop("images", None)
-        if questions is None and fam is not None:
-            questions = {"families": fam, "images": imgs}
+        fam, imgs, tasks = r.pop("families", None), r.pop("images", None), r.pop("tasks", None)
+        if fam is not None and (questions is None or ("tasks" not in questions and tasks is not None)):
+            questions = {"families": fam, "images": imgs, **({"tasks": tasks} if tasks is not None else {})}
         rows[key] = r
     return {**table, "rows": rows, "questions": questions or table.get("questions")}
 
@@ -260,6 +275,19 @@ def _slice_mask(families: list[str], images: list[int], key: str) -> list[int]:
     return [i for i, f in enumerate(families) if f == key]
 
 
+def disagreements(a_rows: list[dict[str, Any]], b_rows: list[dict[str, Any]], tasks: list[str]
+                  ) -> dict[str, tuple[float, float]]:
+    """Per task: (questions a gets right and b not, the reverse), with each question's correctness
+    averaged over the streams (whole counts for one stream each)."""
+    ca, cb = [_correct(r) for r in a_rows], [_correct(r) for r in b_rows]
+    out: dict[str, tuple[float, float]] = {}
+    for i, t in enumerate(tasks):
+        x = sum(c[i] for c in ca) / len(ca) - sum(c[i] for c in cb) / len(cb)
+        a, b = out.get(t, (0.0, 0.0))
+        out[t] = (a + max(x, 0.0), b + max(-x, 0.0))
+    return out
+
+
 def verdict(c: dict[str, float]) -> str:
     """'ahead' / 'behind' when the difference is beyond two standard errors, else 'tied'."""
     if c["diff"] > 2 * c["se"]:
@@ -297,6 +325,15 @@ def render(table: dict[str, Any], command: str) -> list[str]:
              "own mode on the test split. Cells: exact match (%), mean over streams ± its standard error between "
              f"streams. **{done} of {total} runs done**" + (" (the rest: run the command again; it resumes)." if
                                                              done < total else "."), ""]
+    trained = [r["train_time_s"] for r in table["rows"].values()]
+    if trained:
+        per = sum(trained) / len(trained)
+        lines += [f"Time: stage 4 took {sum(trained) / 3600:.1f} h over the {done} finished runs (measured, two "
+                  f"threads, {per / 60:.0f} min each on average, plus a few minutes of evaluation each)"
+                  + (f"; the remaining {total - done} would take about {(total - done) * per / 3600:.0f} h more at "
+                     "that rate (an estimate)." if done < total else ".")
+                  + " From a fresh clone the command first trains the run's stages 0–3 (16 min for R36F on two "
+                  "threads of an idle machine) and then hybrid's first stream too.", ""]
     head = "| variant | streams | visual tokens / image | mean prefill tokens | " + " | ".join(
         lab for _, lab in SLICES) + " | stage-4 wall time / stream |"
     lines += [head, "|" + "---|" * (4 + len(SLICES) + 1)]
@@ -324,6 +361,18 @@ def render(table: dict[str, Any], command: str) -> list[str]:
                 c = compare(h, by[v], fam, imgs, k)
                 cells.append("–" if c is None else f"{100 * c['diff']:+.1f} ± {100 * c['se']:.1f} ({verdict(c)})")
             lines.append(f"| {v} | " + " | ".join(cells) + " |")
+        task_of = q.get("tasks") or h[0].get("tasks")
+        if task_of:
+            lines += ["", "Which questions each side gets right and the other not (counts over the test questions, "
+                      "each question weighted by its stream-averaged correctness; per task in brackets: hybrid "
+                      "only / the other only):", "", "| hybrid against | hybrid only | other only | per task |",
+                      "|---|---|---|---|"]
+            for v in others:
+                split = disagreements(h, by[v], task_of)
+                tot_h = sum(a for a, _ in split.values())
+                tot_o = sum(b for _, b in split.values())
+                detail = ", ".join(f"{t} {a:.0f}/{b:.0f}" for t, (a, b) in sorted(split.items()) if a or b)
+                lines.append(f"| {v} | {tot_h:.0f} | {tot_o:.0f} | {detail} |")
     tasks = sorted({t for rows in by.values() for r in rows for t in r["task_accuracy"]})
     if tasks:
         lines += ["", "Per task (mean over streams, %):", "", "| variant | " + " | ".join(tasks) + " |",
