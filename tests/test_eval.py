@@ -93,6 +93,32 @@ def test_eval_report_shape(small_ckpt, capsys):
     assert report["mean_prefill_tokens"] > 48
 
 
+def test_named_patch_recall_and_fixed_patch_subset(small_ckpt):
+    """Hybrid reports the share of the named objects' patches its selector kept, per task; a
+    continuous evaluation with a fixed patch subset shows that many patches per image."""
+    import numpy as np
+
+    from maven_edge.model_src.checkpoint import load_checkpoint
+    from maven_edge.model_src.train.evaluate import named_patches_kept
+
+    model = load_checkpoint(small_ckpt)
+    samples = list(iter_samples("test", 6))
+    rep = evaluate(model, samples=samples, quiet=True)
+    recall = rep["named_patch_recall"]
+    assert set(recall) == {s.task for s in samples} | {"overall"} and all(0 <= v <= 1 for v in recall.values())
+    s = samples[0]
+    labelled = [np.flatnonzero(lab) for lab in s.patch_labels]
+    assert named_patches_kept(s, labelled) == (sum(len(x) for x in labelled),) * 2
+    assert named_patches_kept(s, [np.flatnonzero(lab == 0) for lab in s.patch_labels])[0] == 0
+    grid = evaluate(model, samples=samples, mode="continuous", patch_subset=20, quiet=True)
+    assert grid["visual_tokens_per_image"] == 20 and "named_patch_recall" not in grid
+    assert grid["mean_visual_tokens"] == pytest.approx(20 * rep["mean_images_per_question"])
+    assert grid["mean_prefill_tokens"] < evaluate(model, samples=samples, mode="continuous", quiet=True)[
+        "mean_prefill_tokens"]
+    with pytest.raises(InputError, match="fixed patch subset needs --mode continuous"):
+        evaluate(model, samples=samples, mode="hybrid", patch_subset=20, quiet=True)
+
+
 def _generate_answers(model, samples, mode="hybrid", keep_ratio=None):
     out = []
     for s in samples:

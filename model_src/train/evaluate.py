@@ -121,6 +121,18 @@ def _nested(hits: dict[str, list[int]], prefix: str, value: Callable[[str], Any]
     return out
 
 
+def named_patches_kept(sample: Sample, kept: Sequence[Any]) -> tuple[float, float]:
+    """(patches of the objects the question names that were kept, all such patches) over the
+    sample's images (`Sample.patch_labels`: every object's patches when it names none)."""
+    hit = total = 0.0
+    for labels, idx in zip(sample.patch_labels, kept, strict=True):
+        idx = torch.as_tensor(idx, dtype=torch.long).reshape(-1)
+        lab = torch.as_tensor(labels)
+        hit += float(lab[idx].sum())
+        total += float(lab.sum())
+    return hit, total
+
+
 def normalize(text: str) -> str:
     return " ".join(text.strip().lower().split())
 
@@ -170,6 +182,7 @@ def evaluate(
     preds: dict[int, str] = {}
     prefill: dict[int, int] = {}
     patches: dict[int, int] = {}
+    named: dict[int, tuple[float, float]] = {}  # hybrid: (named-object patches kept, named-object patches)
     t0 = time.time()
     chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     for chunk in tqdm(chunks, desc=f"eval {split} {mode}", disable=quiet, mininterval=3.0):
@@ -180,6 +193,8 @@ def evaluate(
             preds[i], prefill[i] = a, n
             if kept is not None:
                 patches[i] = sum(len(k) for k in kept)
+                if mode == "hybrid":
+                    named[i] = named_patches_kept(samples[i], kept)
     hits: dict[str, list[int]] = defaultdict(list)
     records = []
     for i, s in enumerate(samples):
@@ -229,6 +244,14 @@ def evaluate(
         "mean_prefill_tokens": sum(prefill.values()) / len(prefill),
         "eval_time_s": round(time.time() - t0, 1),
     }
+    if named:  # the selector's recall of the patches the question is about, per task
+        by_task: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+        for i, (kept_n, total_n) in named.items():
+            for key in (samples[i].task, "overall"):
+                by_task[key][0] += kept_n
+                by_task[key][1] += total_n
+        report["named_patch_recall"] = {t: kept_n / total_n for t, (kept_n, total_n) in sorted(by_task.items())
+                                        if total_n}
     if return_predictions:
         report["predictions"] = records
     return report
@@ -254,6 +277,10 @@ def format_report(report: dict[str, Any]) -> str:
     if report.get("video_accuracy"):
         parts = ", ".join(f"{v} {100 * a:.1f}% (n={report['video_counts'][v]})" for v, a in report["video_accuracy"].items())
         lines.append(f"  video: {parts}")
+    if report.get("named_patch_recall"):
+        r = report["named_patch_recall"]
+        parts = ", ".join(f"{t} {100 * v:.0f}%" for t, v in r.items() if t != "overall")
+        lines.append(f"  selector: kept {100 * r['overall']:.1f}% of the named objects' patches ({parts})")
     if report.get("visual_token_budget") is not None:
         lines.append(f"visual-token budget: {report['visual_token_budget']} per question (min {report['min_patches']} "
                      f"patch(es) per image)  mean visual tokens: {report['mean_visual_tokens']:.1f}  "

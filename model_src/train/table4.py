@@ -382,6 +382,10 @@ def render(table: dict[str, Any], command: str) -> list[str]:
                 accs = [[r["task_accuracy"].get(t) for r in by[v]] for t in tasks]
                 lines.append(f"| {v} | " + " | ".join(
                     "–" if None in a else f"{100 * sum(a) / len(a):.1f}" for a in accs) + " |")
+        recalls = [[r.get("named_patch_recall", {}).get(t) for r in by.get("hybrid", [])] for t in tasks]
+        if recalls and all(a and None not in a for a in recalls):
+            lines.append("| hybrid's selector: named objects' patches kept | " + " | ".join(
+                f"{100 * sum(a) / len(a):.0f}" for a in recalls) + " |")
     lines += ["", "Rows reproduce with one command each (all of them: leave out `--variant`):", ""]
     for v in VARIANTS:
         reused = [r for r in by.get(v, []) if r.get("reused_stage4")]
