@@ -52,3 +52,43 @@ def test_sections_merge_into_the_report_as_it_is_when_written(tmp_path, monkeypa
     assert merged == {"table4": A.T4.compact(table4), "codes": other}
     assert "**0 of 8 runs done**" in (tmp_path / "ablations.md").read_text()
     assert (tmp_path / "ablations.md").read_text() == A.render_markdown(merged)
+
+
+def _cell(mode, images, tokens, prompt, **stages):
+    stats = {f"{k}_ms": {"median": v} for k, v in stages.items()}
+    return {"mode": mode, "images": images, "status": "measured", "prompt_tokens": prompt,
+            "visual_tokens_per_image": tokens, "stats": stats}
+
+
+def test_ttft_per_variant_from_a_bench_run(tmp_path):
+    """The measured modes' TTFT is read as is; the fixed-subset variant is composed from continuous's
+    visual stages and hybrid's prefill (same prompt length) and marked so."""
+    import json
+
+    import pytest
+
+    from maven_edge.core.errors import TrainingError
+    from maven_edge.model_src.train import ablations as A
+
+    st = {"preprocess": 1.0, "vision": 100.0, "selector": 10.0, "assemble": 1.0}
+    cells = [_cell("hybrid", 4, 81, 351, ttft=900.0, prefill=500.0, **st),
+             _cell("discrete", 4, 32, 155, ttft=400.0, prefill=200.0, **st),
+             _cell("continuous", 4, 196, 811, ttft=1400.0, prefill=1200.0, **st)]
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    res = {"options": {"preset": "edge-small", "threads": 2}, "machine": {"cpu": "AMD EPYC"},
+           "pipeline": {"ort": {"cells": cells}}}
+    (bench / "results.json").write_text(json.dumps(res))
+    out = A.run_ablations(None, None, str(tmp_path / "docs"), ["ttft"], None, None, True, bench=str(bench))
+    rows = out["ttft"]["rows"]
+    assert rows["hybrid"]["4"]["ttft_ms"] == 900.0 and rows["discrete"]["4"]["visual_tokens_per_image"] == 32
+    grid = rows["continuous-grid"]["4"]
+    assert grid == {"ttft_ms": 112.0 + 500.0, "prompt_tokens": 351, "visual_tokens_per_image": 81, "composed": True}
+    md = (tmp_path / "docs" / "ablations.md").read_text()
+    assert "| continuous-grid | 612 (81) ᶜ |" in md and "| hybrid | 900 (81) |" in md
+    res["pipeline"]["ort"]["cells"] = cells[:1]
+    (bench / "results.json").write_text(json.dumps(res))
+    with pytest.raises(TrainingError, match="no measured ort pipeline cells for mode"):
+        A.run_ablations(None, None, str(tmp_path / "docs"), ["ttft"], None, None, True, bench=str(bench))
+    with pytest.raises(TrainingError, match="pass --bench DIR"):
+        A.run_ablations(None, None, str(tmp_path / "docs"), ["ttft"], None, None, True)

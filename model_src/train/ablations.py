@@ -32,7 +32,7 @@ from maven_edge.model_src.train.common import set_threads, visual_features
 from maven_edge.model_src.train.evaluate import evaluate
 
 KEEP_RATIOS = (0.1, 0.25, 0.5, 1.0)
-ANALYSES = ("table4", "keep", "selector", "codes")
+ANALYSES = ("table4", "keep", "selector", "codes", "ttft")
 
 
 def _plt():
@@ -152,9 +152,12 @@ def code_figure(model, figures: Path, n_images: int = 400, n_codes: int = 6, per
 
 def run_ablations(checkpoint: str | None, run: str | None, out: str, only: list[str], steps_scale: float | None,
                   limit: int | None, quiet: bool, streams: int = T4.DEFAULT_STREAMS,
-                  variants: list[str] | None = None) -> dict[str, Any]:
+                  variants: list[str] | None = None, bench: str | None = None) -> dict[str, Any]:
     set_threads()
-    todo = only or list(ANALYSES)
+    todo = only or [a for a in ANALYSES if a != "ttft" or bench is not None]
+    if "ttft" in todo and bench is None:
+        raise TrainingError("ttft reads a bench run: pass --bench DIR (a `maven-edge bench --sections pipeline "
+                            "--modes hybrid,discrete,continuous` output)")
     bad = [a for a in todo if a not in ANALYSES]
     if bad:
         raise TrainingError(f"unknown analysis {bad[0]!r}; choose from {', '.join(ANALYSES)}")
@@ -169,7 +172,7 @@ def run_ablations(checkpoint: str | None, run: str | None, out: str, only: list[
     figures.mkdir(parents=True, exist_ok=True)
     results_path = out_dir / "ablations.json"
     ckpt = Path(checkpoint) if checkpoint else SHIPPED_TINY
-    model = load_checkpoint(ckpt) if any(a != "table4" for a in todo) else None
+    model = load_checkpoint(ckpt) if any(a in ("keep", "selector", "codes") for a in todo) else None
     fresh: dict[str, Any] = {}
     if "keep" in todo:
         fresh["keep"] = keep_ratio_sweep(model, figures, limit, quiet)
@@ -188,6 +191,8 @@ def run_ablations(checkpoint: str | None, run: str | None, out: str, only: list[
             T4.figure(sections["table4"], figures / "table4_full.png")
         return results
 
+    if "ttft" in todo:
+        fresh["ttft"] = T4.ttft_from_bench(Path(bench) / "results.json")
     if "table4" in todo:  # long: the report is rewritten after every finished (variant, stream)
         fresh["table4"] = T4.table4_full(Path(run), steps_scale or 1.0, streams, limit, quiet,
                                          tuple(variants or T4.VARIANTS),
@@ -211,6 +216,8 @@ def render_markdown(results: dict[str, Any]) -> str:
         lines += T4.render(t4, command)
         if t4.get("rows"):
             lines += ["![table 4 at the full budget](figures/table4_full.png)", ""]
+    if "ttft" in results:
+        lines += T4.render_ttft(results["ttft"])
     body = lines
     lines = []
     short = results.get("table4_short") or (t4 if t4 is not None and "streams" not in t4 else None)

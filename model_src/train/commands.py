@@ -73,14 +73,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         examples=["maven-edge ablations --only keep --only codes --limit 100 --out /tmp/ablations",
                   "maven-edge ablations --only table4 --run artifacts/runs/R36F --out docs",
                   "maven-edge ablations --only table4 --run artifacts/runs/R36F --variant discrete --streams 1 "
-                  "--out docs"])
+                  "--out docs",
+                  "maven-edge ablations --only ttft --bench artifacts/bench/variants --out docs"])
     a.add_argument("--checkpoint", default=None, metavar="DIR", help="trained checkpoint (default: the shipped tiny model)")
     a.add_argument("--run", default=None, metavar="DIR",
                    help="training run directory whose stage3/ table4 starts from (stages 0-3 are trained there "
                    "first if missing); needed for table4, which the default (all) includes (default: none)")
     a.add_argument("--out", default="docs", metavar="DIR", help="where ablations.md and figures/ go (default docs)")
-    a.add_argument("--only", action="append", default=[], choices=("table4", "keep", "selector", "codes"),
-                   help="run only this analysis: table4, keep, selector, codes (repeatable; default: all)")
+    a.add_argument("--only", action="append", default=[], choices=("table4", "keep", "selector", "codes", "ttft"),
+                   help="run only this analysis: table4, keep, selector, codes, ttft (repeatable; default: all, "
+                   "ttft only with --bench)")
+    a.add_argument("--bench", default=None, metavar="DIR",
+                   help="ttft: a `maven-edge bench --sections pipeline --modes hybrid,discrete,continuous` output "
+                   "directory; its first-answer latency per variant goes beside the table")
     a.add_argument("--variant", action="append", default=[], choices=tuple(TABLE4_VARIANTS),
                    help="table4: train only this variant (repeatable; default: all four); rows other runs "
                    "finished stay in the table")
@@ -135,5 +140,5 @@ def _ablations(args: argparse.Namespace) -> int:
     from maven_edge.model_src.train.ablations import run_ablations
 
     run_ablations(args.checkpoint, args.run, args.out, args.only, args.steps_scale, args.limit, args.quiet,
-                  args.streams, args.variant or None)
+                  args.streams, args.variant or None, args.bench)
     return 0

@@ -421,3 +421,68 @@ def figure(table: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# ---- first-answer latency per variant (from a `maven-edge bench` run) -------------------------------
+TTFT_MODES = ("hybrid", "discrete", "continuous")  # what the runtime runs; continuous-grid is composed
+
+
+def ttft_from_bench(results_path: Path, pipeline: str = "ort") -> dict[str, Any]:
+    """Median TTFT per variant and image count from a bench run's `results.json` (its `pipeline`
+    section, modes hybrid, discrete and continuous). continuous-grid is not a runtime mode (the
+    ablation's fixed subset exists in training and evaluation only), so its figure is *composed*
+    from stages measured in the same run: continuous's preprocess, vision, projection and assembly,
+    plus hybrid's prefill, whose prompt has exactly the grid variant's length."""
+    if not results_path.is_file():
+        raise TrainingError(f"--bench: {results_path} is not a bench results.json; run `maven-edge bench --sections "
+                            "pipeline --modes hybrid,discrete,continuous --out DIR` and pass DIR")
+    res = json.loads(results_path.read_text())
+    cells = res.get("pipeline", {}).get(pipeline, {}).get("cells", [])
+    got: dict[str, dict[int, dict[str, Any]]] = {}
+    for c in cells:
+        if c.get("status") == "measured" and c["mode"] in TTFT_MODES:
+            got.setdefault(c["mode"], {})[int(c["images"])] = c
+    missing = [m for m in TTFT_MODES if m not in got]
+    if missing:
+        raise TrainingError(f"--bench: {results_path} has no measured {pipeline} pipeline cells for mode(s) "
+                            f"{', '.join(missing)}; bench with --sections pipeline --modes hybrid,discrete,continuous")
+
+    def med(c: dict[str, Any], stage: str) -> float:
+        return float(c["stats"][f"{stage}_ms"]["median"])
+
+    rows: dict[str, dict[str, Any]] = {}
+    for m in TTFT_MODES:
+        rows[m] = {str(n): {"ttft_ms": med(c, "ttft"), "prompt_tokens": c["prompt_tokens"],
+                            "visual_tokens_per_image": c["visual_tokens_per_image"]} for n, c in sorted(got[m].items())}
+    grid = {}
+    for n, c in sorted(got["continuous"].items()):
+        h = got["hybrid"].get(n)
+        if h is None:
+            continue
+        grid[str(n)] = {"ttft_ms": sum(med(c, s) for s in ("preprocess", "vision", "selector", "assemble"))
+                        + med(h, "prefill"), "prompt_tokens": h["prompt_tokens"],
+                        "visual_tokens_per_image": h["visual_tokens_per_image"], "composed": True}
+    rows["continuous-grid"] = grid
+    opts = res.get("options", {})
+    return {"source": str(results_path), "preset": opts.get("preset"), "threads": opts.get("threads"),
+            "pipeline": pipeline, "cpu": res.get("machine", {}).get("cpu"), "rows": rows}
+
+
+def render_ttft(t: dict[str, Any]) -> list[str]:
+    counts = sorted({int(n) for r in t["rows"].values() for n in r})
+    lines = [f"First answer per variant on `{t['preset']}` geometry ({t['pipeline']} backend, {t['threads']} threads, "
+             f"{t['cpu']}; median TTFT in ms, visual tokens per image in brackets; from `{t['source']}`):", "",
+             "| variant | " + " | ".join(f"{n} image{'s' if n > 1 else ''}" for n in counts) + " |",
+             "|---|" + "---|" * len(counts)]
+    for v in VARIANTS:
+        r = t["rows"].get(v, {})
+        cells = []
+        for n in counts:
+            c = r.get(str(n))
+            cells.append("–" if c is None else f"{c['ttft_ms']:.0f} ({c['visual_tokens_per_image']})"
+                         + (" ᶜ" if c.get("composed") else ""))
+        lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    lines += ["", "ᶜ composed from stages measured in the same run (continuous's vision and projection, hybrid's "
+              "prefill of a prompt of the same length): the fixed-subset variant is an ablation, not a runtime mode.",
+              ""]
+    return lines
