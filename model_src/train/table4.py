@@ -308,8 +308,9 @@ def _by_variant(table: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
 def _cell(summary: dict[str, float] | None) -> str:
     if summary is None:
         return "–"
-    se = summary["stream_se"]
-    return f"{100 * summary['mean']:.1f}" + (f" ± {100 * se:.1f}" if se is not None else "")
+    s_se, t_se = summary["stream_se"], summary["test_se"]
+    return (f"{100 * summary['mean']:.1f} ± " + ("–" if s_se is None else f"{100 * s_se:.1f}")
+            + ("" if t_se is None else f" / {100 * t_se:.1f}"))
 
 
 def render(table: dict[str, Any], command: str) -> list[str]:
@@ -323,7 +324,8 @@ def render(table: dict[str, Any], command: str) -> list[str]:
              f"From the stage-3 weights of `{table['run']}`, each variant runs the recipe's whole stage 4 ({steps} steps, "
              "same batch, schedule, follow-ups and attention targets) on each sample stream, then is evaluated in its "
              "own mode on the test split. Cells: exact match (%), mean over streams ± its standard error between "
-             f"streams. **{done} of {total} runs done**" + (" (the rest: run the command again; it resumes)." if
+             "streams (– with one stream) / the test split's (binomial, over the slice's questions and the streams)."
+             f" **{done} of {total} runs done**" + (" (the rest: run the command again; it resumes)." if
                                                              done < total else "."), ""]
     trained = [r["train_time_s"] for r in table["rows"].values()]
     if trained:
