@@ -100,7 +100,8 @@ def _reusable_stage4(run: Path, cfg, seed: int) -> dict[str, Any] | None:
     if not (meta_path.is_file() and (run / "final" / "model.safetensors").is_file()):
         return None
     meta = json.loads(meta_path.read_text())
-    if not same_config(meta.get("recipe", {}).get("4-instruct"), cfg) or int(meta.get("seed", -1)) + cfg.seed_offset != seed or meta.get("init"):
+    same = same_config(meta.get("recipe", {}).get("4-instruct"), cfg)
+    if not same or int(meta.get("seed", -1)) + cfg.seed_offset != seed or meta.get("init"):
         return None
     return meta
 
