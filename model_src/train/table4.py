@@ -200,9 +200,20 @@ def compact(table: dict[str, Any]) -> dict[str, Any]:
             r["correct"] = "".join(str(int(c)) for c in r["correct"])
         fam, imgs, tasks = r.pop("families", None), r.pop("images", None), r.pop("tasks", None)
         if fam is not None and (questions is None or ("tasks" not in questions and tasks is not None)):
-            questions = {"families": fam, "images": imgs, **({"tasks": tasks} if tasks is not None else {})}
+            questions = {"families": ",".join(fam), "images": ",".join(map(str, imgs)),
+                         **({"tasks": ",".join(tasks)} if tasks is not None else {})}
         rows[key] = r
     return {**table, "rows": rows, "questions": questions or table.get("questions")}
+
+
+def _questions(table: dict[str, Any], row: dict[str, Any]) -> tuple[list[str], list[int], list[str] | None]:
+    """Each test question's family, image count and task (None if unknown): from the compact
+    table's comma-joined `questions`, or from a full row."""
+    q = table.get("questions")
+    if q:
+        split = {k: v.split(",") if isinstance(v, str) else list(v) for k, v in q.items()}
+        return split["families"], [int(x) for x in split["images"]], split.get("tasks")
+    return row["families"], row["images"], row.get("tasks")
 
 
 def _correct(r: dict[str, Any]) -> list[int]:
@@ -352,8 +363,7 @@ def render(table: dict[str, Any], command: str) -> list[str]:
     h = by.get("hybrid")
     others = [v for v in VARIANTS if v != "hybrid" and v in by]
     if h and others:
-        q = table.get("questions") or {"families": h[0]["families"], "images": h[0]["images"]}
-        fam, imgs = q["families"], q["images"]
+        fam, imgs, task_of = _questions(table, h[0])
         lines += ["", "Hybrid minus each other variant, paired over the same test questions (points; ± one standard "
                   "error from the questions and the streams; *ahead* / *behind* beyond two standard errors, else "
                   "*tied*):", "", "| hybrid minus | " + " | ".join(lab for _, lab in SLICES) + " |",
@@ -364,7 +374,6 @@ def render(table: dict[str, Any], command: str) -> list[str]:
                 c = compare(h, by[v], fam, imgs, k)
                 cells.append("–" if c is None else f"{100 * c['diff']:+.1f} ± {100 * c['se']:.1f} ({verdict(c)})")
             lines.append(f"| {v} | " + " | ".join(cells) + " |")
-        task_of = q.get("tasks") or h[0].get("tasks")
         if task_of:
             lines += ["", "Which questions each side gets right and the other not (counts over the test questions, "
                       "each question weighted by its stream-averaged correctness; per task in brackets: hybrid "
