@@ -74,6 +74,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                   "maven-edge ablations --only table4 --run artifacts/runs/R36F --out docs",
                   "maven-edge ablations --only table4 --run artifacts/runs/R36F --variant discrete --streams 1 "
                   "--out docs",
+                  "maven-edge bench --preset edge-small --threads 2 --sections pipeline "
+                  "--modes hybrid,discrete,continuous --images 1,4 --out artifacts/bench/variants",
                   "maven-edge ablations --only ttft --bench artifacts/bench/variants --out docs"])
     a.add_argument("--checkpoint", default=None, metavar="DIR", help="trained checkpoint (default: the shipped tiny model)")
     a.add_argument("--run", default=None, metavar="DIR",
