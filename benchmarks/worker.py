@@ -262,6 +262,26 @@ def task_pipeline(job: dict[str, Any]) -> dict[str, Any]:
     total = len(cells) * repeats + warmup * len(job["modes"])
     done = 0
     results = []
+    available: list[str] = []
+    records: dict[tuple[str, int], list[dict[str, float]]] = {}
+    meta: dict[tuple[str, int], dict[str, Any]] = {}
+    unavailable: dict[str, str] = {}
+
+    def measure(label: str, n: int, r: int) -> None:
+        mode, how = PIPELINE_VARIANTS.get(label, (label, {}))
+        res = pipe.generate(synthetic_images(n, size, job.get("seed", 0) + r), pipeline_prompt(n),
+                            max_new_tokens=job["new_tokens"], mode=mode, **how)
+        t = res.timings
+        steps = t.decode_step_ms
+        rec = {f"{s}_ms": getattr(t, f"{s}_ms") for s in STAGES}
+        rec.update({"ttft_ms": t.ttft_ms, "total_ms": t.total_ms,
+                    "decode_step_ms": (sum(steps) / len(steps)) if steps else float("nan"),
+                    "visual_ms": sum(getattr(t, f"{s}_ms") for s in ("preprocess", "vision", "discrete", "h_eos", "selector"))})
+        records.setdefault((label, n), []).append(rec)
+        meta[(label, n)] = {"prompt_tokens": res.prompt_tokens, "visual_tokens_per_image": res.visual_tokens_per_image[0]
+                            if res.visual_tokens_per_image else 0, "new_tokens": len(res.token_ids),
+                            "finish_reason": res.finish_reason}
+
     with PeakRSS() as mem:
         for label in job["modes"]:
             mode, how = PIPELINE_VARIANTS.get(label, (label, {}))
@@ -271,31 +291,26 @@ def task_pipeline(job: dict[str, Any]) -> dict[str, Any]:
                     pipe.generate(synthetic_images(1, size, 99), pipeline_prompt(1), max_new_tokens=job["new_tokens"],
                                   mode=mode, **how)
                     done += 1
+                available.append(label)
             except MavenError as exc:
-                for n in job["images"]:
-                    results.append({"mode": label, "images": n, "status": "unavailable", "reason": str(exc)})
+                unavailable[label] = str(exc)
                 done += repeats * len(job["images"])
-                continue
-            for n in job["images"]:
-                records, meta = [], {}
-                for r in range(repeats):
+        # repeats are the outer loop: every cell's k-th sample is taken in the same pass, so a stretch
+        # in which the machine runs slower (another tenant, clocks) touches every mode alike and the
+        # medians' ratios stay fair
+        for r in range(repeats):
+            for label in available:
+                for n in job["images"]:
                     progress(done, total, f"{label} x{n} run {r + 1}/{repeats}")
-                    res = pipe.generate(synthetic_images(n, size, job.get("seed", 0) + r), pipeline_prompt(n),
-                                        max_new_tokens=job["new_tokens"], mode=mode, **how)
-                    t = res.timings
-                    steps = t.decode_step_ms
-                    rec = {f"{s}_ms": getattr(t, f"{s}_ms") for s in STAGES}
-                    rec.update({"ttft_ms": t.ttft_ms, "total_ms": t.total_ms,
-                                "decode_step_ms": (sum(steps) / len(steps)) if steps else float("nan"),
-                                "visual_ms": sum(getattr(t, f"{s}_ms") for s in
-                                                 ("preprocess", "vision", "discrete", "h_eos", "selector"))})
-                    records.append(rec)
-                    meta = {"prompt_tokens": res.prompt_tokens, "visual_tokens_per_image": res.visual_tokens_per_image[0]
-                            if res.visual_tokens_per_image else 0, "new_tokens": len(res.token_ids),
-                            "finish_reason": res.finish_reason}
+                    measure(label, n, r)
                     done += 1
-                stats = summarize_records(records)
-                results.append({"mode": label, "images": n, "status": "measured", **meta,
+    for label in job["modes"]:
+        for n in job["images"]:
+            if label in unavailable:
+                results.append({"mode": label, "images": n, "status": "unavailable", "reason": unavailable[label]})
+            else:
+                stats = summarize_records(records[(label, n)])
+                results.append({"mode": label, "images": n, "status": "measured", **meta[(label, n)],
                                 "stats": {k: v.to_dict() for k, v in stats.items()}})
     progress(total, total, "done")
     return {

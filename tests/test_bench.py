@@ -475,6 +475,23 @@ def test_quick_bench_end_to_end(small_artifacts, tmp_path) -> None:
     assert len(list(out.glob("bench_*.png"))) == 3
 
 
+def test_pipeline_cells_are_sampled_in_interleaved_passes(small_artifacts, capsys) -> None:
+    """Each pass takes one sample of every (mode, images) cell, so a slow stretch of the machine
+    falls on all modes alike."""
+    from maven_edge.benchmarks.worker import PROGRESS, task_pipeline
+
+    job = {"threads": 1, "backend": "ort", "artifacts": str(small_artifacts), "images": [1, 2],
+           "modes": ["hybrid", "hybrid-context"], "warmup": 1, "repeats": 2, "new_tokens": 2}
+    res = task_pipeline(job)
+    labels = [json.loads(line[len(PROGRESS):])["label"] for line in capsys.readouterr().out.splitlines()
+              if line.startswith(PROGRESS)]
+    runs = [lab for lab in labels if " run " in lab]
+    assert runs == [f"{m} x{n} run {r}/2" for r in (1, 2) for m in ("hybrid", "hybrid-context") for n in (1, 2)]
+    assert [(c["mode"], c["images"]) for c in res["cells"]] == [("hybrid", 1), ("hybrid", 2), ("hybrid-context", 1),
+                                                               ("hybrid-context", 2)]
+    assert all(c["stats"]["ttft_ms"]["n"] == 2 for c in res["cells"])
+
+
 # ---- opt-in: llama.cpp built from source and run on the shipped tiny model (MAVEN_SLOW=1) --------------
 
 
