@@ -368,12 +368,19 @@ def render(table: dict[str, Any], command: str) -> list[str]:
                   "error from the questions and the streams; *ahead* / *behind* beyond two standard errors, else "
                   "*tied*):", "", "| hybrid minus | " + " | ".join(lab for _, lab in SLICES) + " |",
                   "|---|" + "---|" * len(SLICES)]
+        plain = []
         for v in others:
-            cells = []
-            for k, _ in SLICES:
+            cells, says = [], {"ahead": [], "tied": [], "behind": []}
+            for k, lab in SLICES:
                 c = compare(h, by[v], fam, imgs, k)
                 cells.append("–" if c is None else f"{100 * c['diff']:+.1f} ± {100 * c['se']:.1f} ({verdict(c)})")
+                if c is not None:
+                    says[verdict(c)].append(f"{lab} ({100 * c['diff']:+.1f})")
             lines.append(f"| {v} | " + " | ".join(cells) + " |")
+            plain.append(f"Against {v}, hybrid is " + "; ".join(f"{w} on {', '.join(x)}" for w, x in says.items() if x)
+                         + ".")
+        partial = "" if done == total else f" (from {done} of {total} runs; the verdicts can change as streams finish)"
+        lines += ["", f"**In plain words{partial}:** " + " ".join(plain)]
         if task_of:
             lines += ["", "Which questions each side gets right and the other not (counts over the test questions, "
                       "each question weighted by its stream-averaged correctness; per task in brackets: hybrid "
