@@ -449,6 +449,7 @@ def test_table4_trains_every_variant_and_stream_resumes_and_reuses_the_runs_stag
     assert "**8 of 8 runs done**" in md and "| continuous-grid | 2 | 48 |" in md
     assert "stream 0 is the run's own stage 4" in md and "--variant continuous-grid`" in md
     assert "| hybrid against | hybrid only | other only | per task |" in md and "Time: stage 4 took" in md
+    assert "**In plain words:** Against discrete, hybrid is " in md
 
 
 def test_table4_paired_comparison_and_verdicts():
