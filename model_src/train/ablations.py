@@ -164,9 +164,7 @@ def run_ablations(checkpoint: str | None, run: str | None, out: str, only: list[
     if "table4" in todo and run is None:  # before the other analyses' minutes of work
         raise TrainingError("table4 needs --run DIR (a training run directory; stages 0-3 are trained there "
                             "first if it has no stage3/)")
-    bad = [v for v in variants or () if v not in T4.VARIANTS]
-    if bad:
-        raise TrainingError(f"unknown table4 variant {bad[0]!r}; choose from {', '.join(T4.VARIANTS)}")
+    T4.check_variants(variants or ())
     out_dir = Path(out)
     figures = out_dir / "figures"
     figures.mkdir(parents=True, exist_ok=True)
@@ -218,13 +216,6 @@ def render_markdown(results: dict[str, Any]) -> str:
             lines += ["![table 4 at the full budget](figures/table4_full.png)", ""]
     if "ttft" in results:
         lines += T4.render_ttft(results["ttft"])
-    body = lines
-    lines = []
-    short = results.get("table4_short") or (t4 if t4 is not None and "streams" not in t4 else None)
-    if short is not None:
-        lines += _short_table4(short)
-    tail = lines
-    lines = body
     if "keep" in results:
         lines += ["## Figure 4 analogue: keep-ratio sweep", "", "![keep-ratio sweep](figures/keep_ratio_sweep.png)",
                   "", "| keep ratio | visual tokens / image | mean prefill tokens | single | multi | caption | overall |",
@@ -249,7 +240,9 @@ def render_markdown(results: dict[str, Any]) -> str:
                   f"Over {c['images']} validation images the tokenizer uses {100 * c['codebook_usage']:.0f}% of the "
                   f"codebook (code perplexity {c['code_perplexity']:.1f}). Each row shows images whose 32 codes "
                   "include that code.", ""]
-    lines += tail
+    short = results.get("table4_short") or (t4 if t4 is not None and "streams" not in t4 else None)
+    if short is not None:  # the superseded short-budget table goes last
+        lines += _short_table4(short)
     return "\n".join(lines) + "\n"
 
 

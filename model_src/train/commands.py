@@ -7,6 +7,7 @@ import json
 import sys
 
 from maven_edge.core.cliutil import add_command
+from maven_edge.model_src.train.table4 import DEFAULT_STREAMS as TABLE4_STREAMS
 from maven_edge.model_src.train.table4 import VARIANTS as TABLE4_VARIANTS
 
 
@@ -91,8 +92,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--variant", action="append", default=[], choices=tuple(TABLE4_VARIANTS),
                    help="table4: train only this variant (repeatable; default: all four); rows other runs "
                    "finished stay in the table")
-    a.add_argument("--streams", type=int, default=2, metavar="K",
-                   help="table4: stage-4 sample streams per variant (default 2)")
+    a.add_argument("--streams", type=int, default=TABLE4_STREAMS, metavar="K",
+                   help=f"table4: stage-4 sample streams per variant (default {TABLE4_STREAMS})")
     a.add_argument("--steps-scale", type=float, default=None,
                    help="table4: share of the recipe's stage-4 steps each variant trains (default 1: the full "
                    "budget; smaller only for smoke tests)")

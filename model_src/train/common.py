@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from maven_edge.core.config import check_mode
+from maven_edge.core.config import MavenConfig, check_mode
 from maven_edge.model_src.modeling.maven import MavenModel, VisualEncoding
 from maven_edge.model_src.modeling.selector import gather_patches, select_patches
 
@@ -51,6 +51,11 @@ def visual_features(
             raise ValueError(f"a fixed patch subset is a continuous-mode variant, not {mode!r}")
         indices = grid_patches(feats.shape[1], patch_subset).expand(feats.shape[0], -1)
     return VisualFeatures(feats, codes, h_eos, logits, indices)
+
+
+def tokens_per_image(config: MavenConfig, mode: str, keep_ratio: float | None = None, patch_subset: int = 0) -> int:
+    """Visual tokens per image between the two markers: the mode's, or the fixed patch subset's."""
+    return patch_subset or config.visual_tokens_per_image(mode, keep_ratio)
 
 
 def grid_patches(num_patches: int, n: int) -> torch.Tensor:

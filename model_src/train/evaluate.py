@@ -27,6 +27,7 @@ from maven_edge.model_src.train.common import (
     budget_indices,
     embeds_for_indices,
     set_threads,
+    tokens_per_image,
     visual_embeds,
     visual_features,
 )
@@ -56,8 +57,7 @@ def greedy_batch(
     counts = [len(s.images) for s in samples]
     if visual_token_budget is None:
         for i, c in zip(ids, counts, strict=True):
-            tokens = patch_subset or model.config.visual_tokens_per_image(mode, keep_ratio)
-            model.plan_prompt(i, c, tokens)  # PromptError on mismatch
+            model.plan_prompt(i, c, tokens_per_image(model.config, mode, keep_ratio, patch_subset))  # PromptError
     px = B.pixel_tensor(samples, model.config)
     vf = visual_features(model, px, mode, keep_ratio, patch_subset)
     if features_hook is not None:
@@ -235,8 +235,8 @@ def evaluate(
         "visual_token_budget": visual_token_budget,
         "min_patches": min_patches if visual_token_budget is not None else None,
         "patch_subset": patch_subset or None,
-        "visual_tokens_per_image": None if visual_token_budget is not None else (
-            patch_subset or cfg.visual_tokens_per_image(mode, keep_ratio)),
+        "visual_tokens_per_image": None if visual_token_budget is not None else tokens_per_image(
+            cfg, mode, keep_ratio, patch_subset),
         "mean_visual_tokens": sum(len(s.images) * (cfg.discrete.num_codes if mode != "continuous" else 0)
                                   + patches.get(i, 0 if mode != "continuous" else len(s.images) * cfg.num_patches)
                                   for i, s in enumerate(samples)) / len(samples),

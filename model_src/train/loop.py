@@ -58,10 +58,15 @@ def same_config(saved: dict | None, cfg: PhaseConfig) -> bool:
     return filled == json.loads(json.dumps(asdict(cfg)))
 
 
-def _atomic_json(path: Path, data: Any) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file, so a reader never sees half a file."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def _atomic_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

@@ -59,7 +59,13 @@ from maven_edge.model_src.train.attention_targets import (
     attention_loss,
     build_targets,
 )
-from maven_edge.model_src.train.common import answer_loss, set_threads, visual_embeds, visual_features
+from maven_edge.model_src.train.common import (
+    answer_loss,
+    set_threads,
+    tokens_per_image,
+    visual_embeds,
+    visual_features,
+)
 from maven_edge.model_src.train.loop import Phase, plot_losses, read_jsonl, run_phase
 from maven_edge.model_src.train.recipe import STAGE_PHASES, PhaseConfig, get_recipe, parse_stages
 
@@ -364,7 +370,7 @@ def phase_llm(model: MavenModel, cfg: PhaseConfig, seed: int, name: str, parts: 
         enable_image_slots(model)
     params = _trainable(model, *parts)
     tok = model.tokenizer
-    t_img = (cfg.patch_subset or model.config.visual_tokens_per_image(cfg.mode)) + 2
+    t_img = tokens_per_image(model.config, cfg.mode, patch_subset=cfg.patch_subset) + 2
     sup = AttentionSupervision.for_decoder(model.config.llm, cfg.attention_targets, cfg.count_head)
     colon_id = tok.encode(":")[0]
     patch_offset = model.config.discrete.num_codes if cfg.mode == "hybrid" else 0

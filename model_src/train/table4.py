@@ -30,8 +30,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,15 +46,9 @@ VARIANTS: dict[str, tuple[str, bool]] = {  # name -> (mode, fixed patch subset o
 }
 STREAM_SEED_STEP = 100
 DEFAULT_STREAMS = 2
-#: families and slices reported per variant: (key, label, how to read it from a result)
+#: families and slices reported per variant: (key in a result, column label)
 SLICES: tuple[tuple[str, str], ...] = (("single", "single"), ("multi", "multi"), ("multi 5-8", "multi, 5-8 images"),
                                        ("caption", "captions"), ("video", "video"), ("overall", "overall"))
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def work_dir(run: Path, steps_scale: float) -> Path:
@@ -79,12 +72,18 @@ def ensure_stage3(run: Path, preset: str, quiet: bool) -> None:
             train(preset, st, run, resume=True, quiet=quiet, final_eval=False)
 
 
+def check_variants(variants: Sequence[str]) -> None:
+    """A TrainingError naming the first name that is not a table4 variant."""
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad:
+        raise TrainingError(f"unknown table4 variant {bad[0]!r}; choose from {', '.join(VARIANTS)}")
+
+
 def variant_config(variant: str, stream: int, steps_scale: float, hybrid_tokens: int):
     """The recipe's stage-4 config for one (variant, stream)."""
     from maven_edge.model_src.train.recipe import get_recipe
 
-    if variant not in VARIANTS:
-        raise TrainingError(f"unknown table4 variant {variant!r}; choose from {', '.join(VARIANTS)}")
+    check_variants([variant])
     mode, grid = VARIANTS[variant]
     base = get_recipe("tiny")["4-instruct"].scaled(steps_scale)
     return dataclasses.replace(base, mode=mode, patch_subset=hybrid_tokens if grid else 0,
@@ -108,9 +107,9 @@ def _reusable_stage4(run: Path, cfg, seed: int) -> dict[str, Any] | None:
 
 def run_row(run: Path, variant: str, stream: int, steps_scale: float, limit: int | None, quiet: bool) -> dict[str, Any]:
     """Train (or reuse) and evaluate one (variant, stream); returns its result (cached in result.json)."""
-    from maven_edge.model_src.checkpoint import load_checkpoint, save_checkpoint
+    from maven_edge.model_src.checkpoint import load_checkpoint, load_config, save_checkpoint
     from maven_edge.model_src.train.evaluate import evaluate
-    from maven_edge.model_src.train.loop import run_phase
+    from maven_edge.model_src.train.loop import atomic_write_text, run_phase
     from maven_edge.model_src.train.stages import phase_llm
 
     d = work_dir(run, steps_scale) / f"{variant}-s{stream}"
@@ -120,14 +119,14 @@ def run_row(run: Path, variant: str, stream: int, steps_scale: float, limit: int
         if done.get("limit") == limit:
             return done
     d.mkdir(parents=True, exist_ok=True)
-    model = load_checkpoint(run / "stage3")
-    cfg = variant_config(variant, stream, steps_scale, model.config.visual_tokens_per_image("hybrid"))
+    cfg = variant_config(variant, stream, steps_scale, load_config(run / "stage3").visual_tokens_per_image("hybrid"))
     seed = _stage_seed(run) + cfg.seed_offset
     reused = _reusable_stage4(run, cfg, seed)
     if reused is not None:
         model = load_checkpoint(run / "final")
         train_time, source = float(reused["wall_time_s"]), str(run / "stage4")
     else:
+        model = load_checkpoint(run / "stage3")
         model.train()
         phase = phase_llm(model, cfg, seed, "4-instruct", ("llm", "projector"), ("embed", "projector"))
         summary = run_phase(phase, d / "4-instruct", resume=True, quiet=quiet)
@@ -137,12 +136,12 @@ def run_row(run: Path, variant: str, stream: int, steps_scale: float, limit: int
     rep = evaluate(model, "test", cfg.mode, limit=limit, quiet=quiet, return_predictions=True,
                    patch_subset=cfg.patch_subset)
     preds = rep.pop("predictions")
-    _atomic_write(d / "predictions.jsonl", "".join(json.dumps(p) + "\n" for p in preds))
+    atomic_write_text(d / "predictions.jsonl", "".join(json.dumps(p) + "\n" for p in preds))
     result = {"variant": variant, "stream": stream, "mode": cfg.mode, "patch_subset": cfg.patch_subset or None,
               "steps": cfg.steps, "seed": seed, "train_time_s": train_time, "reused_stage4": source, "limit": limit,
               "correct": [int(p["correct"]) for p in preds], "families": [p["family"] for p in preds],
               "images": [p["images"] for p in preds], "tasks": [p["task"] for p in preds], **rep}
-    _atomic_write(result_path, json.dumps(result, indent=2) + "\n")
+    atomic_write_text(result_path, json.dumps(result, indent=2) + "\n")
     return result
 
 
@@ -161,8 +160,9 @@ def finished_table(run: Path, steps_scale: float = 1.0, streams: int = DEFAULT_S
     for v in VARIANTS:
         for k in range(streams):
             p = work_dir(run, steps_scale) / f"{v}-s{k}" / "result.json"
-            if p.is_file() and json.loads(p.read_text()).get("limit") == limit:
-                table["rows"][f"{v}/s{k}"] = _with_tasks(json.loads(p.read_text()), p.parent)
+            result = json.loads(p.read_text()) if p.is_file() else None
+            if result is not None and result.get("limit") == limit:
+                table["rows"][f"{v}/s{k}"] = _with_tasks(result, p.parent)
     return table
 
 
@@ -172,9 +172,7 @@ def table4_full(run: Path, steps_scale: float = 1.0, streams: int = DEFAULT_STRE
     """Every (variant, stream) of the table, resumable; `on_row` sees the partial table after each row."""
     if streams < 1:
         raise TrainingError(f"--streams must be >= 1, got {streams}")
-    bad = [v for v in variants if v not in VARIANTS]
-    if bad:
-        raise TrainingError(f"unknown table4 variant {bad[0]!r}; choose from {', '.join(VARIANTS)}")
+    check_variants(variants)
     ensure_stage3(run, preset, quiet)
     table = finished_table(run, steps_scale, streams, limit)  # rows other invocations finished stay in
     todo = [(v, k) for k in range(streams) for v in variants]  # stream 0 of every variant first
