@@ -11,7 +11,8 @@ synthetic images unless the point is to reuse them:
 * **concurrent decode**: K streams started together with continuous batching, against one
   stream alone: aggregate decode tokens/s (tokens after each stream's first, over the time from
   the first first-token to the last stream's end), and each stream's p95 time between tokens as
-  its reader sees them, against the single stream's p95.
+  its reader sees them, against the single stream's p95; once with each scheduler policy
+  (decode steps wait for prefills, the default, or go on beside them), the two taking turns.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ def measure(artifacts: str, threads: int, images: int = 4, new_tokens: int = 32,
                                         caching=CachingOptions(max_batch=streams))
     pipe.limits = PipelineLimits(max_images=max(images, pipe.limits.max_images))
     size = pipe.config.preprocess.image_size
-    total, done = 2 * repeats + 2 + repeats, 0
+    total, done = 2 * repeats + repeats + 2 * (2 if pipe.scheduler is not None else 1), 0
     out: dict[str, Any] = {"images": images, "new_tokens": new_tokens, "answer_tokens": answer_tokens,
                            "streams": streams, "repeats": repeats,
                            "describe": pipe.backend.describe(), "batching": pipe.scheduler is not None}
@@ -127,42 +128,65 @@ def measure(artifacts: str, threads: int, images: int = 4, new_tokens: int = 32,
         done += 1
     single_rate = statistics.median((s["tokens"] - 1) / (s["end"] - s["arrivals"][0]) for s in single)
     single_p95 = statistics.median(_p95(_gaps_ms(s["arrivals"])) for s in single)
-    progress(done, total, f"{streams} streams together")
-    runs = []
-    for r in range(2):
-        start = threading.Barrier(streams)
-        res: list[dict[str, Any]] = [{}] * streams
-
-        def worker(i: int, r: int = r, start: threading.Barrier = start, res: list = res) -> None:
-            res[i] = _timed_stream(pipe, _images(images, size, 900 + 10 * r + i), _prompt(images), new_tokens, start)
-
-        ts = [threading.Thread(target=worker, args=(i,)) for i in range(streams)]
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join()
-        begin = min(x["arrivals"][0] for x in res)
-        end = max(x["end"] for x in res)
-        runs.append({"aggregate_tok_s": sum(x["tokens"] - 1 for x in res) / (end - begin),
-                     "p95_gap_ms": [_p95(_gaps_ms(x["arrivals"])) for x in res],
-                     "occupancy": [x["occupancy"] for x in res], "batched": all(x["batched"] for x in res),
-                     "steady": _steady(res)})
-        done += 1
-    best = max(runs, key=lambda x: x["aggregate_tok_s"])
-    out["concurrent"] = {
-        "single_tok_s": single_rate, "single_p95_gap_ms": single_p95, "runs": runs,
-        "aggregate_tok_s": best["aggregate_tok_s"], "aggregate_ratio": best["aggregate_tok_s"] / single_rate,
-        "worst_p95_gap_ms": max(best["p95_gap_ms"]), "p95_ratio": max(best["p95_gap_ms"]) / single_p95,
-        "steady_aggregate_ratio": best["steady"]["aggregate_tok_s"] / single_rate,
-        "steady_worst_p95_gap_ms": max(best["steady"]["p95_gap_ms"]),
-        "steady_p95_ratio": max(best["steady"]["p95_gap_ms"]) / single_p95,
-        "targets": {"aggregate_ratio": TARGETS["aggregate_decode_ratio"],
-                    "p95_ratio": TARGETS["p95_token_latency_ratio"]},
-    }
+    policies = [True, False] if pipe.scheduler is not None else [None]
+    configured = pipe.scheduler.prefill_first if pipe.scheduler is not None else None
+    out["concurrent_policies"] = {}
+    runs_of: dict[Any, list[dict[str, Any]]] = {p: [] for p in policies}
+    for r in range(2):  # the policies take turns, so a slow stretch of the machine falls on both
+        for j, prefill_first in enumerate(policies):
+            progress(done, total, f"{streams} streams together ({POLICIES[prefill_first]}), run {r + 1}/2")
+            if pipe.scheduler is not None:
+                pipe.scheduler.prefill_first = prefill_first
+            runs_of[prefill_first].append(_together(pipe, streams, images, size, new_tokens,
+                                                    seed=900 + 100 * j + 10 * r))  # fresh images every run
+            done += 1
+    for prefill_first, runs in runs_of.items():
+        name = POLICIES[prefill_first]
+        best = max(runs, key=lambda x: x["aggregate_tok_s"])
+        out["concurrent_policies"][name] = {
+            "single_tok_s": single_rate, "single_p95_gap_ms": single_p95, "runs": runs,
+            "aggregate_tok_s": best["aggregate_tok_s"], "aggregate_ratio": best["aggregate_tok_s"] / single_rate,
+            "worst_p95_gap_ms": max(best["p95_gap_ms"]), "p95_ratio": max(best["p95_gap_ms"]) / single_p95,
+            "worst_ttft_ms": max(best["ttft_ms"]),
+            "steady_aggregate_ratio": best["steady"]["aggregate_tok_s"] / single_rate,
+            "steady_worst_p95_gap_ms": max(best["steady"]["p95_gap_ms"]),
+            "steady_p95_ratio": max(best["steady"]["p95_gap_ms"]) / single_p95,
+            "targets": {"aggregate_ratio": TARGETS["aggregate_decode_ratio"],
+                        "p95_ratio": TARGETS["p95_token_latency_ratio"]},
+        }
+    if pipe.scheduler is not None:
+        pipe.scheduler.prefill_first = configured
+    out["concurrent"] = out["concurrent_policies"][POLICIES[policies[0]]]  # the default policy
     out["batched_step"] = batched_step_rates(pipe.backend, streams, prompt_len=400)
     out["cache_stats"] = pipe.cache_stats()
     progress(total, total, "done")
     return out
+
+
+#: the scheduler's two ways to treat a prefill (runtime/batching.py), by `prefill_first`
+POLICIES = {True: "prefill first", False: "decode during prefill", None: "no batching"}
+
+
+def _together(pipe: Any, streams: int, images: int, size: int, new_tokens: int, seed: int) -> dict[str, Any]:
+    """`streams` streams started together (a barrier), each with its own fresh images."""
+    start = threading.Barrier(streams)
+    res: list[dict[str, Any]] = [{}] * streams
+
+    def worker(i: int) -> None:
+        res[i] = _timed_stream(pipe, _images(images, size, seed + i), _prompt(images), new_tokens, start)
+
+    ts = [threading.Thread(target=worker, args=(i,)) for i in range(streams)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    begin = min(x["arrivals"][0] for x in res)
+    end = max(x["end"] for x in res)
+    return {"aggregate_tok_s": sum(x["tokens"] - 1 for x in res) / (end - begin),
+            "p95_gap_ms": [_p95(_gaps_ms(x["arrivals"])) for x in res],
+            "ttft_ms": [x["arrivals"][0] - x["t0"] for x in res],
+            "occupancy": [x["occupancy"] for x in res], "batched": all(x["batched"] for x in res),
+            "steady": _steady(res)}
 
 
 def batched_step_rates(backend: Any, rows: int, prompt_len: int = 400, steps: int = 15) -> dict[str, Any] | None:
@@ -214,16 +238,20 @@ def render(results: dict[str, dict[str, Any]]) -> list[str]:
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for precision, r in results.items():
         if r.get("status") != "measured":
-            lines.append(f"| {precision} | {r.get('status')}: {r.get('reason', '')} | | | | | | | |")
+            lines.append(f"| {precision} | {r.get('status')}: {r.get('reason', '')} | | | | | | | | | |")
             continue
-        f, c, s = r["followup"], r["concurrent"], r["seen_image"]
-        lines.append(
-            f"| {precision} | {f['first_ttft_median_ms']:.0f} | {f['followup_ttft_median_ms']:.0f} | "
-            f"{f['speedup']:.1f}× | {s['visual_stage_ms_max']:.1f} | {c['single_tok_s']:.1f} | "
-            f"{c['aggregate_tok_s']:.1f} | {c['aggregate_ratio']:.2f}× | "
-            f"{c['worst_p95_gap_ms']:.0f} / {c['single_p95_gap_ms']:.0f} ms = {c['p95_ratio']:.2f}× | "
-            f"{c.get('steady_aggregate_ratio', float('nan')):.2f}× / {c.get('steady_p95_ratio', float('nan')):.2f}× | "
-            f"{_steps_cell(r.get('batched_step'))} |")
+        f, s = r["followup"], r["seen_image"]
+        policies = r.get("concurrent_policies") or {"": r["concurrent"]}
+        for i, (policy, c) in enumerate(policies.items()):
+            label = f"{precision}, {policy}" if policy else precision
+            head = (f"{f['first_ttft_median_ms']:.0f} | {f['followup_ttft_median_ms']:.0f} | {f['speedup']:.1f}× | "
+                    f"{s['visual_stage_ms_max']:.1f}" if i == 0 else "〃 | 〃 | 〃 | 〃")
+            lines.append(
+                f"| {label} | {head} | {c['single_tok_s']:.1f} | "
+                f"{c['aggregate_tok_s']:.1f} | {c['aggregate_ratio']:.2f}× | "
+                f"{c['worst_p95_gap_ms']:.0f} / {c['single_p95_gap_ms']:.0f} ms = {c['p95_ratio']:.2f}× | "
+                f"{c.get('steady_aggregate_ratio', float('nan')):.2f}× / {c.get('steady_p95_ratio', float('nan')):.2f}× | "
+                f"{_steps_cell(r.get('batched_step')) if i == 0 else '〃'} |")
     any_r = next(iter(r for r in results.values() if r.get("status") == "measured"), None)
     if any_r:
         lines += ["", f"{any_r['images']} images per question; first question and follow-up answer with at most "
@@ -232,5 +260,7 @@ def render(results: dict[str, dict[str, Any]]) -> list[str]:
                   f"of {any_r['new_tokens']} tokens started together against one alone, median of {any_r['repeats']} "
                   "repeats. The p95 gap is the time between a stream's tokens as its reader sees them, over the whole "
                   "stream (other streams' prefills share the cores) and over the window where every stream decodes. "
+                  "Each precision runs both scheduler policies in turn (runtime/batching.py): `prefill first` "
+                  "(default: decode steps wait while a request encodes and prefills) and `decode during prefill`. "
                   "The last column times one batched decode step alone (each row a 400-position cache)."]
     return lines + [""]

@@ -23,6 +23,18 @@ batching is off, decodes on its own as before.
 Fairness rule: first come, first admitted; one token per admitted request per step; at most
 `max_batch` rows per step. The thread stops when no request is left and starts again on the
 next submit.
+
+Prefill first (the default, `prefill_first=True`): while another request encodes its images or
+prefills its prompt (the pipeline holds :meth:`BatchScheduler.prefilling` from its first visual
+stage to its first token), decode steps wait for it instead of sharing the cores with it. On a
+CPU a prefill and a decode step running side by side slow each other down, so every step during
+a prefill is a long gap for the requests already decoding, and the new request's first token
+comes later; waiting instead gives the decoding requests one gap per arriving request (its
+prefill), the new request the whole machine, and then all of them decode in one batch. A
+request waits at most for the prefills that begin while it waits, and no more than `max_batch`
+of them: when more have begun since the last step, one step runs beside them (so a stream of
+arrivals cannot starve the requests that decode). `prefill_first=False` steps as soon as rows
+are ready, beside any prefill.
 """
 
 from __future__ import annotations
@@ -73,19 +85,44 @@ class BatchStats:
     admitted: int = 0
     waiting: int = 0
     active: int = 0
+    prefills: int = 0  # requests encoding or prefilling now
+    held_s: float = 0.0  # time the ready rows waited for other requests' prefills (prefill first)
 
     def to_dict(self) -> dict[str, float]:
         return {"batch_steps": self.steps, "batch_rows": self.rows, "batch_admitted": self.admitted,
-                "batch_waiting": self.waiting, "batch_active": self.active,
-                "batch_occupancy": self.rows / self.steps if self.steps else 0.0}
+                "batch_waiting": self.waiting, "batch_active": self.active, "batch_prefills": self.prefills,
+                "batch_held_s": self.held_s, "batch_occupancy": self.rows / self.steps if self.steps else 0.0}
+
+
+class PrefillHold:
+    """One request's prefill as the scheduler sees it (see :meth:`BatchScheduler.prefilling`);
+    `release()` ends it, once, and is also called by leaving a ``with`` block."""
+
+    def __init__(self, scheduler: BatchScheduler):
+        self._scheduler: BatchScheduler | None = scheduler
+
+    def release(self) -> None:
+        scheduler, self._scheduler = self._scheduler, None
+        if scheduler is not None:
+            scheduler._prefill_done()
+
+    def __enter__(self) -> PrefillHold:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 class BatchScheduler:
     """Runs :class:`DecodeRow`s through a :class:`DecodeBatch`, one step for all rows at a time."""
 
-    def __init__(self, batch: DecodeBatch, call: Callable[..., object] | None = None, ahead: int = 2):
+    def __init__(self, batch: DecodeBatch, call: Callable[..., object] | None = None, ahead: int = 2,
+                 prefill_first: bool = True):
         self.batch = batch
         self.ahead = ahead
+        self.prefill_first = prefill_first
+        self._prefills = 0  # requests encoding or prefilling now
+        self._begun = 0  # prefills begun since the last step while rows were waiting or decoding
         self._call = call or (lambda fn, *a: fn(*a))
         self._cond = threading.Condition()
         self._waiting: deque[DecodeRow] = deque()
@@ -102,6 +139,24 @@ class BatchScheduler:
         with self._cond:
             row.buffered -= 1
             self._cond.notify_all()
+
+    def prefilling(self) -> PrefillHold:
+        """A request starts its visual stages and prefill; release the hold at its first token."""
+        with self._cond:
+            self._prefills += 1
+            self._begun = self._begun + 1 if (self._active or self._waiting) else self._prefills
+            self.stats.prefills = self._prefills
+        return PrefillHold(self)
+
+    def _prefill_done(self) -> None:
+        with self._cond:
+            self._prefills -= 1
+            self.stats.prefills = self._prefills
+            self._cond.notify_all()
+
+    def _held(self) -> bool:
+        """Whether ready rows wait for prefills now (the prefill-first rule in the module docstring)."""
+        return self.prefill_first and self._prefills > 0 and self._begun <= self.batch.max_batch
 
     def submit(self, row: DecodeRow) -> None:
         with self._cond:
@@ -153,6 +208,12 @@ class BatchScheduler:
                 if not rows:  # every admitted request waits for its reader
                     self._cond.wait(0.05)
                     continue
+                if self._held():  # another request prefills: let it have the cores
+                    t_hold = time.perf_counter()
+                    self._cond.wait(0.05)
+                    self.stats.held_s += time.perf_counter() - t_hold
+                    continue
+                self._begun = 0
             feed = [(slot, row.next_token) for slot, row in rows]
             t0 = time.perf_counter()
             try:

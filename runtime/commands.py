@@ -64,6 +64,9 @@ def _add_caching_args(p: argparse.ArgumentParser) -> None:
     c.add_argument("--max-batch", type=int, default=4, metavar="N",
                    help="continuous batching: concurrent requests share decode steps, up to N per step "
                    "(default 4; 1 = off; needs the shared-buffer decoder of `export --decoder genai`)")
+    c.add_argument("--decode-during-prefill", action="store_true",
+                   help="batched decode steps go on while another request encodes and prefills (default: they "
+                   "wait for it, so the new request's first token comes sooner and the batch then decodes together)")
 
 
 def _add_ort_args(p: argparse.ArgumentParser) -> None:
@@ -82,6 +85,7 @@ def pipeline_options(args: argparse.Namespace) -> PipelineOptions:
         max_images=args.max_images, max_pixels=args.max_pixels, max_request_pixels=args.max_request_pixels,
         max_decode_bytes=None if args.max_decode_mib is None else args.max_decode_mib * 2**20,
         visual_cache_mb=args.visual_cache_mb, prefix_cache_mb=args.prefix_cache_mb, max_batch=args.max_batch,
+        prefill_first=not args.decode_during_prefill,
     )
 
 

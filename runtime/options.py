@@ -55,6 +55,8 @@ class CachingOptions:
     prefix_cache_mb: int = DEFAULT_PREFIX_CACHE_MB  # KV of prompt prefixes; 0 = off
     max_batch: int = 4  # continuous batching of decode: most requests per step; 1 = off
     batch_capacity: int | None = None  # positions per batch slot (default: the model's context length)
+    #: batched decode steps wait while another request encodes and prefills (runtime/batching.py)
+    prefill_first: bool = True
 
     def __post_init__(self) -> None:
         for name in ("visual_cache_mb", "prefix_cache_mb", "max_batch"):
@@ -92,6 +94,7 @@ class PipelineOptions:
     visual_cache_mb: int = DEFAULT_VISUAL_CACHE_MB  # visual-feature cache bound (0 = off)
     prefix_cache_mb: int = DEFAULT_PREFIX_CACHE_MB  # prefix KV cache bound (0 = off)
     max_batch: int = 4  # continuous batching of decode across concurrent requests (1 = off)
+    prefill_first: bool = True  # batched decode waits while another request prefills (False: steps beside it)
     extra: dict[str, Any] = field(default_factory=dict)  # further keywords for the backend's constructor
 
     def backend_name(self) -> str:
@@ -109,7 +112,8 @@ class PipelineOptions:
         return name
 
     def caching(self) -> CachingOptions:
-        return CachingOptions(self.visual_cache_mb, self.prefix_cache_mb, self.max_batch)
+        return CachingOptions(self.visual_cache_mb, self.prefix_cache_mb, self.max_batch,
+                              prefill_first=self.prefill_first)
 
     def limits(self, default_max_images: int) -> PipelineLimits:
         image = {k: v for k, v in (("max_pixels", self.max_pixels), ("max_decode_bytes", self.max_decode_bytes))

@@ -427,7 +427,7 @@ class MavenPipeline:
             capacity = self.caching.batch_capacity or self.config.llm.max_position_embeddings
             batch = backend.open_batch(self.caching.max_batch, capacity)
             if batch is not None:
-                self.scheduler = BatchScheduler(batch, self._call)
+                self.scheduler = BatchScheduler(batch, self._call, prefill_first=self.caching.prefill_first)
 
     def cache_stats(self) -> dict[str, Any]:
         """Counters of the caches and the batch scheduler (for reports and the server's /metrics)."""
@@ -877,6 +877,9 @@ class MavenPipeline:
                 raise err
 
         decoding: _Decoding | None = None
+        # until its first token this request encodes and prefills: batched decode steps wait for it
+        # (the scheduler's prefill-first rule); released before the first piece is handed out
+        hold = self.scheduler.prefilling() if self.scheduler is not None else None
         try:
             # -- visual side --------------------------------------------------------------------
             in_context = req.h_eos == "context" and n > 0
@@ -946,6 +949,8 @@ class MavenPipeline:
                                                                                       req.prompt_tokens)))
                 check_cancel()
                 piece, token = decoding.consume(logits)
+                if hold is not None:
+                    hold.release()
                 if piece:
                     decoding.yielded += piece
                     yield piece
@@ -994,6 +999,8 @@ class MavenPipeline:
             result.finish_reason = "cancelled"
             raise
         finally:
+            if hold is not None:
+                hold.release()
             if decoding is not None:
                 result.text = decoding.yielded  # the pieces always join to the text
             timings.total_ms = clock.elapsed_ms()

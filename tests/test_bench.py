@@ -468,6 +468,11 @@ def test_quick_bench_end_to_end(small_artifacts, tmp_path) -> None:
     assert caches["followup"]["speedup"] > 1 and caches["concurrent"]["aggregate_tok_s"] > 0
     step = caches["batched_step"]  # one batched decode step alone: only where the decoder can batch
     assert (step is None) == (not caches["batching"])
+    # both scheduler policies measured where the decoder batches, in turn; the default is the report's row
+    want = {"prefill first", "decode during prefill"} if caches["batching"] else {"no batching"}
+    assert set(caches["concurrent_policies"]) == want
+    default = "prefill first" if caches["batching"] else "no batching"
+    assert caches["concurrent"] == caches["concurrent_policies"][default]
     assert step is None or (step["ratio"] > 0 and len(step["tok_s"]) >= 2)
     assert "Caches and continuous batching" in (out / "summary.md").read_text()
     for name in ("summary.md", "text.csv", "stages.csv", "efficiency.csv"):

@@ -134,16 +134,18 @@ def test_streams_cancelled_in_a_batch_stop_early_and_free_their_slots(backend, q
     assert batched.scheduler.batch.free_slots() == 2
 
 
-def test_mixed_concurrent_load_matches_answers_run_alone_with_caches_off(backend):
+@pytest.mark.parametrize("prefill_first", [True, False])
+def test_mixed_concurrent_load_matches_answers_run_alone_with_caches_off(backend, prefill_first):
     """8 threads x 50 requests: repeated and new images, shared and distinct prefixes, cancellations,
-    closed streams and stop strings, through every cache and the batch; each answer equals the
-    same request run alone on a pipeline with caches and batching off."""
+    closed streams and stop strings, through every cache and the batch (whether decode steps wait for
+    prefills or not); each answer equals the same request run alone on a pipeline with caches and
+    batching off, and no request's prefill hold outlives it."""
     from tools.soak import image_pool, mixed_requests, reference_answers, run_concurrent
 
     pool = image_pool()
     reqs = mixed_requests(64)
     ref = reference_answers(MavenPipeline(backend, caching=OFF), reqs, pool)
-    pipe = _pipe(backend, visual_cache_mb=2, prefix_cache_mb=4, max_batch=4)
+    pipe = _pipe(backend, visual_cache_mb=2, prefix_cache_mb=4, max_batch=4, prefill_first=prefill_first)
     rep = run_concurrent(pipe, reqs, ref, pool, threads=8, per_thread=50, timeout_s=900)
     assert rep.runs == 400 and rep.failures == 0, rep.to_dict()
     assert {"cancelled", "closed"} <= set(rep.outcomes), rep.outcomes
@@ -151,3 +153,5 @@ def test_mixed_concurrent_load_matches_answers_run_alone_with_caches_off(backend
     assert stats["visual_cache"]["hits"] > 0 and stats["prefix_cache"]["hits"] > 0, stats
     assert stats["batching"]["batch_steps"] > 0, stats
     assert np.isfinite(stats["batching"]["batch_occupancy"])
+    assert stats["batching"]["batch_prefills"] == 0, stats  # every hold released, cancelled or not
+    assert (stats["batching"]["batch_held_s"] > 0) == prefill_first, stats

@@ -4,10 +4,13 @@ and the ONNX Runtime primitives (prefix reuse, batched decode) against plain bat
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
 
+from maven_edge.runtime.backends.base import DecodeBatch, DecodeState
+from maven_edge.runtime.batching import BatchScheduler, DecodeRow
 from maven_edge.runtime.caches import (
     ByteLRU,
     KVSnapshot,
@@ -150,3 +153,89 @@ def test_prefix_reuse_and_batched_decode_equal_batch_one(genai_backend):
             assert np.array_equal(logits, want[r][1][steps[r]]), (rows, r)
     batch.leave(slot_a)
     assert batch.length(slot_b) == 7 + 3 and batch.free_slots() == 3
+
+
+# ---- the scheduler's prefill-first rule, on a batch that only records its steps -----------------
+class _State(DecodeState):
+    def __init__(self, length: int):
+        self.length, self.capacity = length, 100
+
+
+class _RecordingBatch(DecodeBatch):
+    """Slots without a model: each step returns zero logits and records when it ran and for whom."""
+
+    capacity = 100
+
+    def __init__(self, max_batch: int):
+        self.max_batch = max_batch
+        self.slots: set[int] = set()
+        self.steps: list[tuple[float, list[int]]] = []
+
+    def join(self, state: DecodeState) -> int:
+        slot = min(set(range(self.max_batch)) - self.slots)
+        self.slots.add(slot)
+        return slot
+
+    def step(self, rows: list[tuple[int, int]]) -> np.ndarray:
+        self.steps.append((time.perf_counter(), [slot for slot, _ in rows]))
+        time.sleep(0.002)
+        return np.zeros((len(rows), 3), dtype=np.float32)
+
+    def leave(self, slot: int) -> None:
+        self.slots.discard(slot)
+
+    def free_slots(self) -> int:
+        return self.max_batch - len(self.slots)
+
+
+def _row(tokens: int) -> DecodeRow:
+    left = [tokens]
+
+    def on_logits(_: np.ndarray) -> tuple[int | None, bool]:
+        left[0] -= 1
+        return (1 if left[0] > 0 else None), False
+
+    return DecodeRow(_State(5), 1, on_logits)
+
+
+@pytest.mark.parametrize("prefill_first", [True, False])
+def test_decode_steps_wait_for_a_prefill_only_with_prefill_first(prefill_first):
+    batch = _RecordingBatch(max_batch=4)
+    sched = BatchScheduler(batch, prefill_first=prefill_first)
+    hold = sched.prefilling()  # another request encodes and prefills
+    row = _row(tokens=20)
+    sched.submit(row)
+    time.sleep(0.3)
+    released = time.perf_counter()
+    hold.release()
+    hold.release()  # a second release changes nothing
+    assert row.done.wait(5) and row.error is None and row.steps == 20
+    before = [t for t, _ in batch.steps if t < released]
+    if prefill_first:
+        assert not before and sched.stats.held_s > 0.2, sched.stats
+    else:
+        assert len(before) == 20 and sched.stats.held_s == 0.0  # it decoded beside the prefill
+    assert sched.stats.prefills == 0 and sched.stats.to_dict()["batch_prefills"] == 0
+
+
+def test_a_stream_of_prefills_cannot_starve_the_rows_that_decode():
+    batch = _RecordingBatch(max_batch=2)
+    sched = BatchScheduler(batch)
+    row = _row(tokens=3)
+    sched.submit(row)
+    assert row.done.wait(5)  # nothing prefills: it decodes at once
+    holds = [sched.prefilling()]
+    row = _row(tokens=3)
+    sched.submit(row)
+    time.sleep(0.2)
+    assert row.steps == 0  # held by the one prefill
+    holds += [sched.prefilling() for _ in range(2)]  # three have begun while it waits: more than max_batch
+    time.sleep(0.2)
+    assert row.steps >= 1  # a step ran beside them; then it waits again
+    steps = row.steps
+    time.sleep(0.2)
+    assert row.steps == steps < 3
+    for h in holds:
+        with h:
+            pass
+    assert row.done.wait(5) and row.steps == 3

@@ -218,3 +218,14 @@ def test_validate_takes_artifacts_and_keeps_the_positional_with_a_note(capsys):
         validate_artifacts_arg(build_parser().parse_args(["validate"]))
     with pytest.raises(InputError, match="not both"):
         validate_artifacts_arg(build_parser().parse_args(["validate", "--artifacts", "a", "b"]))
+
+
+@pytest.mark.parametrize("command", ["generate", "serve"])
+def test_decode_during_prefill_reaches_the_pipeline_options(command):
+    from maven_edge.runtime.commands import pipeline_options
+
+    for extra, prefill_first in (([], True), (["--decode-during-prefill"], False)):
+        prompt = ["--prompt", "hi"] if command == "generate" else []
+        args = build_parser().parse_args([command, "--artifacts", "A", *prompt, *extra])
+        caching = pipeline_options(args).caching()
+        assert caching.prefill_first is prefill_first and caching.max_batch == 4
