@@ -86,7 +86,8 @@ def measure(artifacts: str, threads: int, images: int = 4, new_tokens: int = 32,
                                         caching=CachingOptions(max_batch=streams))
     pipe.limits = PipelineLimits(max_images=max(images, pipe.limits.max_images))
     size = pipe.config.preprocess.image_size
-    total, done = 2 * repeats + repeats + 2 * (2 if pipe.scheduler is not None else 1), 0
+    policies = [True, False] if pipe.scheduler is not None else [None]  # scheduler policies (POLICIES)
+    total, done = 3 * repeats + 2 * len(policies), 0
     out: dict[str, Any] = {"images": images, "new_tokens": new_tokens, "answer_tokens": answer_tokens,
                            "streams": streams, "repeats": repeats,
                            "describe": pipe.backend.describe(), "batching": pipe.scheduler is not None}
@@ -128,7 +129,6 @@ def measure(artifacts: str, threads: int, images: int = 4, new_tokens: int = 32,
         done += 1
     single_rate = statistics.median((s["tokens"] - 1) / (s["end"] - s["arrivals"][0]) for s in single)
     single_p95 = statistics.median(_p95(_gaps_ms(s["arrivals"])) for s in single)
-    policies = [True, False] if pipe.scheduler is not None else [None]
     configured = pipe.scheduler.prefill_first if pipe.scheduler is not None else None
     out["concurrent_policies"] = {}
     runs_of: dict[Any, list[dict[str, Any]]] = {p: [] for p in policies}

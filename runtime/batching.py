@@ -121,7 +121,6 @@ class BatchScheduler:
         self.batch = batch
         self.ahead = ahead
         self.prefill_first = prefill_first
-        self._prefills = 0  # requests encoding or prefilling now
         self._begun = 0  # prefills begun since the last step while rows were waiting or decoding
         self._call = call or (lambda fn, *a: fn(*a))
         self._cond = threading.Condition()
@@ -143,20 +142,18 @@ class BatchScheduler:
     def prefilling(self) -> PrefillHold:
         """A request starts its visual stages and prefill; release the hold at its first token."""
         with self._cond:
-            self._prefills += 1
-            self._begun = self._begun + 1 if (self._active or self._waiting) else self._prefills
-            self.stats.prefills = self._prefills
+            self.stats.prefills += 1
+            self._begun = self._begun + 1 if (self._active or self._waiting) else self.stats.prefills
         return PrefillHold(self)
 
     def _prefill_done(self) -> None:
         with self._cond:
-            self._prefills -= 1
-            self.stats.prefills = self._prefills
+            self.stats.prefills -= 1
             self._cond.notify_all()
 
     def _held(self) -> bool:
         """Whether ready rows wait for prefills now (the prefill-first rule in the module docstring)."""
-        return self.prefill_first and self._prefills > 0 and self._begun <= self.batch.max_batch
+        return self.prefill_first and self.stats.prefills > 0 and self._begun <= self.batch.max_batch
 
     def submit(self, row: DecodeRow) -> None:
         with self._cond:
