@@ -10,8 +10,9 @@ synthetic images unless the point is to reuse them:
   are skipped (their timings are reported; they should be 0 ms).
 * **concurrent decode**: K streams started together with continuous batching, against one
   stream alone: aggregate decode tokens/s (tokens after each stream's first, over the time from
-  the first first-token to the last stream's end), and each stream's p95 time between tokens as
-  its reader sees them, against the single stream's p95; once with each scheduler policy
+  the first first-token to the last stream's end), and each stream's p95 time between its
+  consecutive tokens (when each was sampled, `Timings.token_ms`: per token, however the text
+  splits into the pieces a reader receives), against the single stream's p95; once with each scheduler policy
   (decode steps wait for prefills, the default, or go on beside them), the two taking turns.
 """
 
@@ -40,21 +41,23 @@ def _prompt(n: int, question: str = "what is in the images?") -> str:
 
 def _timed_stream(pipe: Any, images: list[np.ndarray], prompt: str, new_tokens: int,
                   start: threading.Barrier | None = None) -> dict[str, Any]:
-    """One streamed request: wall-clock arrival time of every piece, and the result."""
+    """One streamed request: when each token was sampled (perf_counter seconds), and the result."""
     if start is not None:
         start.wait()
     t0 = time.perf_counter()
     stream = pipe.stream(images, prompt, max_new_tokens=new_tokens, stop_token_ids=[])
-    arrivals = []
     for _ in stream:
-        arrivals.append(time.perf_counter())
+        pass
+    end = time.perf_counter()
     res = stream.result
-    return {"t0": t0, "arrivals": arrivals, "end": time.perf_counter(), "tokens": len(res.token_ids),
+    # the request's clock starts when the stream is first read, microseconds after t0
+    token_at = [t0 + ms / 1e3 for ms in res.timings.token_ms]
+    return {"t0": t0, "token_at": token_at, "end": end, "tokens": len(res.token_ids),
             "ttft_ms": res.timings.ttft_ms, "batched": res.cache.batched, "occupancy": res.cache.batch_occupancy}
 
 
-def _gaps_ms(arrivals: list[float]) -> list[float]:
-    return [(b - a) * 1e3 for a, b in zip(arrivals, arrivals[1:], strict=False)]
+def _gaps_ms(token_at: list[float]) -> list[float]:
+    return [(b - a) * 1e3 for a, b in zip(token_at, token_at[1:], strict=False)]
 
 
 def _p95(values: list[float]) -> float:
@@ -63,11 +66,11 @@ def _p95(values: list[float]) -> float:
 
 def _steady(res: list[dict[str, Any]]) -> dict[str, Any]:
     """Aggregate rate and per-stream p95 gap over the window where every stream decodes (after the
-    last first token, before the first end): no stream's prefill shares the cores there."""
-    lo = max(x["arrivals"][0] for x in res)
-    hi = min(x["arrivals"][-1] for x in res)
-    tokens = sum(sum(1 for t in x["arrivals"] if lo < t <= hi) for x in res)
-    gaps = [[(b - a) * 1e3 for a, b in zip(x["arrivals"], x["arrivals"][1:], strict=False) if a >= lo and b <= hi]
+    last first token, before the first last token): no stream's prefill shares the cores there."""
+    lo = max(x["token_at"][0] for x in res)
+    hi = min(x["token_at"][-1] for x in res)
+    tokens = sum(sum(1 for t in x["token_at"] if lo < t <= hi) for x in res)
+    gaps = [[(b - a) * 1e3 for a, b in zip(x["token_at"], x["token_at"][1:], strict=False) if a >= lo and b <= hi]
             for x in res]
     return {"window_s": hi - lo, "aggregate_tok_s": tokens / (hi - lo) if hi > lo else float("nan"),
             "p95_gap_ms": [_p95(g) for g in gaps]}
@@ -127,8 +130,8 @@ def measure(artifacts: str, threads: int, images: int = 4, new_tokens: int = 32,
         progress(done, total, f"one stream, run {r + 1}/{repeats}")
         single.append(_timed_stream(pipe, _images(images, size, 500 + r), _prompt(images), new_tokens))
         done += 1
-    single_rate = statistics.median((s["tokens"] - 1) / (s["end"] - s["arrivals"][0]) for s in single)
-    single_p95 = statistics.median(_p95(_gaps_ms(s["arrivals"])) for s in single)
+    single_rate = statistics.median((s["tokens"] - 1) / (s["token_at"][-1] - s["token_at"][0]) for s in single)
+    single_p95 = statistics.median(_p95(_gaps_ms(s["token_at"])) for s in single)
     configured = pipe.scheduler.prefill_first if pipe.scheduler is not None else None
     out["concurrent_policies"] = {}
     runs_of: dict[Any, list[dict[str, Any]]] = {p: [] for p in policies}
@@ -180,11 +183,11 @@ def _together(pipe: Any, streams: int, images: int, size: int, new_tokens: int, 
         t.start()
     for t in ts:
         t.join()
-    begin = min(x["arrivals"][0] for x in res)
-    end = max(x["end"] for x in res)
+    begin = min(x["token_at"][0] for x in res)
+    end = max(x["token_at"][-1] for x in res)
     return {"aggregate_tok_s": sum(x["tokens"] - 1 for x in res) / (end - begin),
-            "p95_gap_ms": [_p95(_gaps_ms(x["arrivals"])) for x in res],
-            "ttft_ms": [x["arrivals"][0] - x["t0"] for x in res],
+            "p95_gap_ms": [_p95(_gaps_ms(x["token_at"])) for x in res],
+            "ttft_ms": [x["ttft_ms"] for x in res],
             "occupancy": [x["occupancy"] for x in res], "batched": all(x["batched"] for x in res),
             "steady": _steady(res)}
 
@@ -258,7 +261,8 @@ def render(results: dict[str, dict[str, Any]]) -> list[str]:
                   f"{any_r.get('answer_tokens', any_r['new_tokens'])} tokens, follow-up = the first prompt + its answer "
                   f"+ a new question (prefix KV and visual features reused); concurrency: {any_r['streams']} streams "
                   f"of {any_r['new_tokens']} tokens started together against one alone, median of {any_r['repeats']} "
-                  "repeats. The p95 gap is the time between a stream's tokens as its reader sees them, over the whole "
+                  "repeats. The p95 gap is the time between a stream's consecutive tokens (each timed when it is sampled, "
+                  "`Timings.token_ms`, so per token however the text splits into pieces), over the whole "
                   "stream (other streams' prefills share the cores) and over the window where every stream decodes. "
                   "Each precision runs both scheduler policies in turn (runtime/batching.py): `prefill first` "
                   "(default: decode steps wait while a request encodes and prefills) and `decode during prefill`. "

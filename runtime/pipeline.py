@@ -160,6 +160,9 @@ class Timings:
     ttft_ms: float = 0.0
     decode_tokens_per_s: float = 0.0
     decode_step_ms: list[float] = field(default_factory=list, repr=False)  # each backend.decode call
+    # when each generated token was sampled, ms from the request's start (batched or not): the
+    # inter-token latency a reader sees, token by token, however the text splits into pieces
+    token_ms: list[float] = field(default_factory=list, repr=False)
 
     def stages(self) -> dict[str, float]:
         return {s: getattr(self, f"{s}_ms") for s in STAGES}
@@ -173,6 +176,9 @@ class Timings:
         steps = d.pop("decode_step_ms")
         d["decode_steps"] = len(steps)
         d["decode_step_mean_ms"] = float(np.mean(steps)) if steps else 0.0
+        gaps = np.diff(d.pop("token_ms"))
+        d["inter_token_p50_ms"] = float(np.percentile(gaps, 50)) if gaps.size else 0.0
+        d["inter_token_p95_ms"] = float(np.percentile(gaps, 95)) if gaps.size else 0.0
         return d
 
 
@@ -1047,6 +1053,7 @@ class _Decoding:
                 res.finish_reason = "eos" if token == self.eos_id else "stop_token"
                 return "", None
             res.token_ids.append(token)
+            res.timings.token_ms.append(self.clock.elapsed_ms())
             piece = self.detok.add(token)
         if self.detok.stopped:
             res.finish_reason = "stop_string"

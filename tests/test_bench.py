@@ -466,6 +466,9 @@ def test_quick_bench_end_to_end(small_artifacts, tmp_path) -> None:
     assert caches["status"] == "measured", caches
     assert caches["seen_image"]["visual_stage_ms_max"] == 0.0  # the visual stages were skipped
     assert caches["followup"]["speedup"] > 1 and caches["concurrent"]["aggregate_tok_s"] > 0
+    # p95 gaps between tokens, each stream timed token by token (finite, positive)
+    conc = caches["concurrent"]
+    assert conc["single_p95_gap_ms"] > 0 and all(g > 0 for run in conc["runs"] for g in run["p95_gap_ms"])
     step = caches["batched_step"]  # one batched decode step alone: only where the decoder can batch
     assert (step is None) == (not caches["batching"])
     # both scheduler policies measured where the decoder batches, in turn; the default is the report's row

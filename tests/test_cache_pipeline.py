@@ -100,6 +100,9 @@ def test_concurrent_requests_decode_in_one_batch_with_the_same_tokens(backend, q
         t.join(300)
     assert [r.token_ids for r in got] == want
     assert all(r.cache.batched for r in got)
+    # tokens sampled by the scheduler's thread are timed per request, one time per token
+    assert all(len(r.timings.token_ms) == len(r.token_ids) and r.timings.token_ms == sorted(r.timings.token_ms)
+               for r in got)
     stats = batched.scheduler.stats
     assert stats.steps > 0 and stats.rows / stats.steps > 1.0, stats  # rows really shared steps
     assert max(r.cache.batch_occupancy for r in got) > 1.0

@@ -232,8 +232,15 @@ def test_timings_add_up(ort_pipe):
     assert t.stages_sum_ms == pytest.approx(t.total_ms, rel=0.05)
     assert 0 < t.ttft_ms < t.total_ms
     assert t.decode_tokens_per_s > 0 and len(t.decode_step_ms) == len(res.token_ids) - 1
+    # one sampling time per generated token, in order, the first at the TTFT, none after the end
+    assert len(t.token_ms) == len(res.token_ids) and t.token_ms == sorted(t.token_ms)
+    assert t.token_ms[0] == pytest.approx(t.ttft_ms, abs=1.0) and t.token_ms[-1] <= t.total_ms
     d = res.to_dict()
     assert {"text", "token_ids", "timings", "visual_tokens_per_image", "selected_indices"} <= set(d)
+    gaps = np.diff(t.token_ms)
+    assert d["timings"]["inter_token_p95_ms"] == pytest.approx(float(np.percentile(gaps, 95)))
+    assert 0 < d["timings"]["inter_token_p50_ms"] <= d["timings"]["inter_token_p95_ms"]
+    assert "token_ms" not in d["timings"]
     json.dumps(d)
 
 

@@ -123,7 +123,8 @@ def test_two_image_question_equals_generate_streamed_or_not(tiny, tiny_artifacts
         extra = res.usage.model_extra
         assert extra["visual_tokens_per_image"] == ref["visual_tokens_per_image"]
         assert set(extra["timings"]) >= {"vision_ms", "discrete_ms", "h_eos_ms", "selector_ms", "prefill_ms",
-                                          "decode_ms", "ttft_ms", "queue_ms"}
+                                          "decode_ms", "ttft_ms", "queue_ms", "inter_token_p50_ms",
+                                          "inter_token_p95_ms"}
         assert {"visual_hits", "visual_misses"} <= set(extra["cache"])
         assert res.choices[0].finish_reason == ("length" if ref["finish_reason"] == "length" else "stop")
     # streaming: the pieces join to the same text; the usage chunk agrees
