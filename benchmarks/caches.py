@@ -10,7 +10,7 @@ synthetic images unless the point is to reuse them:
   are skipped (their timings are reported; they should be 0 ms).
 * **concurrent decode**: K streams started together with continuous batching, against one
   stream alone: aggregate decode tokens/s (tokens after each stream's first, over the time from
-  the first first-token to the last stream's end), and each stream's p95 time between its
+  the first first-token to the last token of any stream), and each stream's p95 time between its
   consecutive tokens (when each was sampled, `Timings.token_ms`: per token, however the text
   splits into the pieces a reader receives), against the single stream's p95; once with each scheduler policy
   (decode steps wait for prefills, the default, or go on beside them), the two taking turns.
@@ -48,11 +48,10 @@ def _timed_stream(pipe: Any, images: list[np.ndarray], prompt: str, new_tokens: 
     stream = pipe.stream(images, prompt, max_new_tokens=new_tokens, stop_token_ids=[])
     for _ in stream:
         pass
-    end = time.perf_counter()
     res = stream.result
     # the request's clock starts when the stream is first read, microseconds after t0
     token_at = [t0 + ms / 1e3 for ms in res.timings.token_ms]
-    return {"t0": t0, "token_at": token_at, "end": end, "tokens": len(res.token_ids),
+    return {"token_at": token_at, "tokens": len(res.token_ids),
             "ttft_ms": res.timings.ttft_ms, "batched": res.cache.batched, "occupancy": res.cache.batch_occupancy}
 
 
@@ -70,8 +69,7 @@ def _steady(res: list[dict[str, Any]]) -> dict[str, Any]:
     lo = max(x["token_at"][0] for x in res)
     hi = min(x["token_at"][-1] for x in res)
     tokens = sum(sum(1 for t in x["token_at"] if lo < t <= hi) for x in res)
-    gaps = [[(b - a) * 1e3 for a, b in zip(x["token_at"], x["token_at"][1:], strict=False) if a >= lo and b <= hi]
-            for x in res]
+    gaps = [_gaps_ms([t for t in x["token_at"] if lo <= t <= hi]) for x in res]
     return {"window_s": hi - lo, "aggregate_tok_s": tokens / (hi - lo) if hi > lo else float("nan"),
             "p95_gap_ms": [_p95(g) for g in gaps]}
 
