@@ -416,6 +416,8 @@ def test_table4_trains_every_variant_and_stream_resumes_and_reuses_the_runs_stag
     """Every (variant, stream) trains stage 4 with the recipe's config (scaled), evaluates in its own
     mode and is cached: a second call trains nothing. Hybrid stream 0 reuses the run's own stage 4
     when that was trained with the same config; the fixed-subset row sees hybrid's token count."""
+    import shutil
+
     from maven_edge.model_src.train import table4 as T4
     from maven_edge.model_src.train.ablations import render_markdown
 
@@ -445,6 +447,20 @@ def test_table4_trains_every_variant_and_stream_resumes_and_reuses_the_runs_stag
     again = T4.table4_full(tmp_path, steps_scale=SCALE, streams=2, limit=12, quiet=True, variants=("discrete",))
     assert set(again["rows"]) == set(rows) and {p: p.stat().st_mtime for p in mtimes} == mtimes
     assert not (tmp_path / "table4-x0.001" / "hybrid-s0" / "4-instruct").exists()
+    assert {r["stage3_sha256"] for r in rows.values()} == {T4.stage3_fingerprint(tmp_path)}
+    # a fresh clone has the report but not the row directories: the report's rows count as finished
+    report = json.loads(json.dumps(T4.compact(table)))
+    shutil.rmtree(tmp_path / "table4-x0.001")
+    restored = T4.table4_full(tmp_path, steps_scale=SCALE, streams=2, limit=12, quiet=True, reported=report)
+    assert not list((tmp_path / "table4-x0.001").glob("*/4-instruct"))
+    assert {k: (T4._correct(r), r["families"], r["images"]) for k, r in restored["rows"].items()} == \
+        {k: (T4._correct(r), r["families"], r["images"]) for k, r in rows.items()}
+    assert all(r["restored_from_report"] for r in restored["rows"].values())
+    # ... unless they started from other stage-3 weights than the run's
+    shutil.rmtree(tmp_path / "table4-x0.001")
+    report["rows"]["discrete/s1"]["stage3_sha256"] = "0" * 64
+    with pytest.raises(TrainingError, match="other stage-3 weights"):
+        T4.table4_full(tmp_path, steps_scale=SCALE, streams=2, limit=12, quiet=True, reported=report)
     md = render_markdown({"table4": T4.compact(table)})
     assert "**8 of 8 runs done**" in md and "| continuous-grid | 2 | 48 |" in md
     assert "stream 0 is the run's own stage 4" in md and "--variant continuous-grid`" in md

@@ -192,9 +192,11 @@ def run_ablations(checkpoint: str | None, run: str | None, out: str, only: list[
     if "ttft" in todo:
         fresh["ttft"] = T4.ttft_from_bench(Path(bench) / "results.json")
     if "table4" in todo:  # long: the report is rewritten after every finished (variant, stream)
+        reported = json.loads(results_path.read_text()).get("table4") if results_path.is_file() else None
         fresh["table4"] = T4.table4_full(Path(run), steps_scale or 1.0, streams, limit, quiet,
                                          tuple(variants or T4.VARIANTS),
-                                         on_row=lambda t: save({**fresh, "table4": T4.compact(t)}))
+                                         on_row=lambda t: save({**fresh, "table4": T4.compact(t)}),
+                                         reported=reported)
         fresh["table4"] = T4.compact(fresh["table4"])
     return save(fresh)
 

@@ -28,6 +28,7 @@ the spread between streams.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -70,6 +71,43 @@ def ensure_stage3(run: Path, preset: str, quiet: bool) -> None:
         if not (run / f"stage{st}" / "stage.json").is_file():
             tqdm.write(f"table4: {run} has no stage {st} yet; training it (resumable)")
             train(preset, st, run, resume=True, quiet=quiet, final_eval=False)
+
+
+def stage3_fingerprint(run: Path) -> str:
+    """sha256 of the run's stage-3 weights: every row records the weights its stage 4 started from."""
+    h = hashlib.sha256()
+    with open(run / "stage3" / "model.safetensors", "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def restore_reported_rows(run: Path, steps_scale: float, reported: dict[str, Any] | None) -> list[str]:
+    """Rows a report (ablations.json's compact `table4`) holds for this run and scale whose row
+    directory is gone, written back as ``result.json`` so they count as finished: a fresh clone keeps
+    docs/ablations.json but not artifacts/, and hours of training must not be redone. Refuses rows
+    whose recorded stage-3 fingerprint differs from the run's stage 3 (they started from other weights
+    than the rows still to train). Returns the restored row keys."""
+    if not reported or reported.get("run") != str(run) or float(reported.get("steps_scale", -1)) != steps_scale:
+        return []
+    current = stage3_fingerprint(run)
+    restored = []
+    for key, r in reported.get("rows", {}).items():
+        variant, _, stream = key.rpartition("/s")
+        d = work_dir(run, steps_scale) / f"{variant}-s{stream}"
+        if variant not in VARIANTS or not stream.isdigit() or (d / "result.json").is_file():
+            continue
+        if r.get("stage3_sha256") not in (None, current):
+            raise TrainingError(f"the report's table4 row {key} was trained from other stage-3 weights than "
+                                f"{run}/stage3 (sha256 {r['stage3_sha256'][:12]}… against {current[:12]}…); "
+                                "train the missing rows from that run's stage 3, or move the report aside")
+        families, images, tasks = _questions(reported, r)
+        full = {**r, "correct": _correct(r), "families": families, "images": images,
+                **({"tasks": tasks} if tasks is not None else {}), "restored_from_report": True}
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "result.json").write_text(json.dumps(full, indent=2) + "\n")
+        restored.append(key)
+    return restored
 
 
 def check_variants(variants: Sequence[str]) -> None:
@@ -139,6 +177,7 @@ def run_row(run: Path, variant: str, stream: int, steps_scale: float, limit: int
     atomic_write_text(d / "predictions.jsonl", "".join(json.dumps(p) + "\n" for p in preds))
     result = {"variant": variant, "stream": stream, "mode": cfg.mode, "patch_subset": cfg.patch_subset or None,
               "steps": cfg.steps, "seed": seed, "train_time_s": train_time, "reused_stage4": source, "limit": limit,
+              "stage3_sha256": stage3_fingerprint(run),
               "correct": [int(p["correct"]) for p in preds], "families": [p["family"] for p in preds],
               "images": [p["images"] for p in preds], "tasks": [p["task"] for p in preds], **rep}
     atomic_write_text(result_path, json.dumps(result, indent=2) + "\n")
@@ -168,12 +207,18 @@ def finished_table(run: Path, steps_scale: float = 1.0, streams: int = DEFAULT_S
 
 def table4_full(run: Path, steps_scale: float = 1.0, streams: int = DEFAULT_STREAMS, limit: int | None = None,
                 quiet: bool = False, variants: tuple[str, ...] = tuple(VARIANTS), preset: str = "tiny",
-                on_row: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Every (variant, stream) of the table, resumable; `on_row` sees the partial table after each row."""
+                on_row: Callable[[dict[str, Any]], None] | None = None,
+                reported: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every (variant, stream) of the table, resumable; `on_row` sees the partial table after each row.
+    `reported` is the table as a report last held it: its rows whose directories are gone count as
+    finished (:func:`restore_reported_rows`)."""
     if streams < 1:
         raise TrainingError(f"--streams must be >= 1, got {streams}")
     check_variants(variants)
     ensure_stage3(run, preset, quiet)
+    restored = restore_reported_rows(run, steps_scale, reported)
+    if restored and not quiet:
+        tqdm.write(f"table4: {len(restored)} finished row(s) taken from the report: {', '.join(restored)}")
     table = finished_table(run, steps_scale, streams, limit)  # rows other invocations finished stay in
     todo = [(v, k) for k in range(streams) for v in variants]  # stream 0 of every variant first
     bar = tqdm(todo, desc="table4", unit="run", disable=quiet)
@@ -345,7 +390,13 @@ def render(table: dict[str, Any], command: str) -> list[str]:
                   + (f"; the remaining {total - done} would take about {(total - done) * per / 3600:.0f} h more at "
                      "that rate (an estimate)." if done < total else ".")
                   + " From a fresh clone the command first trains the run's stages 0–3 (16 min for R36F on two "
-                  "threads of an idle machine) and then hybrid's first stream too.", ""]
+                  "threads of an idle machine); rows this report already holds are taken from it, not retrained.", ""]
+    shas = [r["stage3_sha256"] for r in table["rows"].values() if r.get("stage3_sha256")]
+    if shas:
+        lines += [f"Stage-3 weights: {len(shas)} of the {done} rows record the sha256 of the weights their stage 4 "
+                  "started from: " + ", ".join(f"`{h[:12]}…`" for h in sorted(set(shas)))
+                  + (" (all the same)." if len(set(shas)) == 1 else " (**differ**: not one starting point).")
+                  + " Rows written before the fingerprint was recorded have none.", ""]
     head = "| variant | streams | visual tokens / image | mean prefill tokens | " + " | ".join(
         lab for _, lab in SLICES) + " | stage-4 wall time / stream |"
     lines += [head, "|" + "---|" * (4 + len(SLICES) + 1)]
