@@ -85,9 +85,10 @@ def stage3_fingerprint(run: Path) -> str:
 def restore_reported_rows(run: Path, steps_scale: float, reported: dict[str, Any] | None) -> list[str]:
     """Rows a report (ablations.json's compact `table4`) holds for this run and scale whose row
     directory is gone, written back as ``result.json`` so they count as finished: a fresh clone keeps
-    docs/ablations.json but not artifacts/, and hours of training must not be redone. Refuses rows
-    whose recorded stage-3 fingerprint differs from the run's stage 3 (they started from other weights
-    than the rows still to train). Returns the restored row keys."""
+    docs/ablations.json but not artifacts/, and hours of training must not be redone. A row whose
+    recorded stage-3 fingerprint differs from the run's stage 3 (retrained on another CPU, whose kernels
+    round differently) is restored with a warning: the report lists the fingerprints, so a table whose
+    rows did not all start from one set of weights says so. Returns the restored row keys."""
     if not reported or reported.get("run") != str(run) or float(reported.get("steps_scale", -1)) != steps_scale:
         return []
     current = stage3_fingerprint(run)
@@ -98,9 +99,9 @@ def restore_reported_rows(run: Path, steps_scale: float, reported: dict[str, Any
         if variant not in VARIANTS or not stream.isdigit() or (d / "result.json").is_file():
             continue
         if r.get("stage3_sha256") not in (None, current):
-            raise TrainingError(f"the report's table4 row {key} was trained from other stage-3 weights than "
-                                f"{run}/stage3 (sha256 {r['stage3_sha256'][:12]}… against {current[:12]}…); "
-                                "train the missing rows from that run's stage 3, or move the report aside")
+            tqdm.write(f"table4: warning: the report's row {key} started from other stage-3 weights than "
+                       f"{run}/stage3 (sha256 {r['stage3_sha256'][:12]}… against {current[:12]}…); rows trained "
+                       "now start from the latter, and the report lists both")
         families, images, tasks = _questions(reported, r)
         full = {**r, "correct": _correct(r), "families": families, "images": images,
                 **({"tasks": tasks} if tasks is not None else {}), "restored_from_report": True}
