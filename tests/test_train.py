@@ -451,11 +451,12 @@ def test_table4_trains_every_variant_and_stream_resumes_and_reuses_the_runs_stag
     # a fresh clone has the report but not the row directories: the report's rows count as finished
     report = json.loads(json.dumps(T4.compact(table)))
     shutil.rmtree(tmp_path / "table4-x0.001")
+    assert T4.restore_reported_rows(tmp_path, SCALE, report) == list(rows)
+    assert T4.restore_reported_rows(tmp_path, SCALE, report) == []  # only rows whose directory is gone
     restored = T4.table4_full(tmp_path, steps_scale=SCALE, streams=2, limit=12, quiet=True, reported=report)
     assert not list((tmp_path / "table4-x0.001").glob("*/4-instruct"))
     assert {k: (T4._correct(r), r["families"], r["images"]) for k, r in restored["rows"].items()} == \
         {k: (T4._correct(r), r["families"], r["images"]) for k, r in rows.items()}
-    assert all(r["restored_from_report"] for r in restored["rows"].values())
     # a row from other stage-3 weights (retrained on another CPU) is kept, and the report says so
     shutil.rmtree(tmp_path / "table4-x0.001")
     report["rows"]["discrete/s1"]["stage3_sha256"] = "0" * 64

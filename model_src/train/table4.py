@@ -104,7 +104,7 @@ def restore_reported_rows(run: Path, steps_scale: float, reported: dict[str, Any
                        "now start from the latter, and the report lists both")
         families, images, tasks = _questions(reported, r)
         full = {**r, "correct": _correct(r), "families": families, "images": images,
-                **({"tasks": tasks} if tasks is not None else {}), "restored_from_report": True}
+                **({"tasks": tasks} if tasks is not None else {})}
         d.mkdir(parents=True, exist_ok=True)
         (d / "result.json").write_text(json.dumps(full, indent=2) + "\n")
         restored.append(key)
