@@ -25,7 +25,8 @@ from maven_edge.core.config import MavenConfig
 from maven_edge.runtime.pipeline import STAGES
 
 #: Engine precision -> the roofline's bytes-per-parameter key.
-_ROOF_PRECISION = {"fp32": "fp32", "fp16": "fp16", "int8": "int8", "int4": "int4", "q8_0": "q8_0", "q4_0": "q4_0"}
+_ROOF_PRECISION = {"fp32": "fp32", "fp16": "fp16", "int8": "int8", "int8-dynamic": "int8-dynamic", "int4": "int4",
+                   "q8_0": "q8_0", "q4_0": "q4_0"}
 #: Ratios the issue asks for: name -> (our engine, our precision, anchor, anchor precision).
 RATIO_PAIRS = {
     "ort_fp32_vs_genai_fp32": ("ort", "fp32", "genai", "fp32"),
@@ -36,11 +37,13 @@ RATIO_PAIRS = {
     "ort_int4_vs_genai_int4": ("ort", "int4", "genai", "int4"),
     "ort_int4_vs_llamacpp_q4_0": ("ort", "int4", "llamacpp", "q4_0"),
     "ort_int8_vs_llamacpp_q8_0": ("ort", "int8", "llamacpp", "q8_0"),
+    "ort_int8_dynamic_vs_llamacpp_q8_0": ("ort", "int8-dynamic", "llamacpp", "q8_0"),
     "ort_fp32_vs_ort_fp32_dynamo": ("ort", "fp32", "ort", "fp32-dynamo"),  # builder decoder vs torch.onnx decoder
 }
 #: The issue's "what must hold" thresholds on decode ratios.
 TARGETS = {"ort_fp32_vs_genai_fp32": 0.9, "ort_fp32_vs_hf_fp32": 2.0, "ort_int4_vs_genai_int4": 0.9,
-           "ort_int8_vs_llamacpp_q8_0": 1.2, "ort_int4_vs_llamacpp_q4_0": 1.0, "ort_fp32_vs_llamacpp_fp32": 1.0}
+           "ort_int8_vs_llamacpp_q8_0": 1.2, "ort_int8_dynamic_vs_llamacpp_q8_0": 1.2, "ort_int4_vs_llamacpp_q4_0": 1.0,
+           "ort_fp32_vs_llamacpp_fp32": 1.0}
 #: First-answer latency targets (issue 35): (name, images, our mode, what it is compared with, threshold).
 #: "llamacpp:fp32" = llama.cpp mtmd at f32; "continuous" = our continuous mode on the same artifacts.
 TTFT_TARGETS = (("hybrid_4_images_vs_llamacpp_mtmd_f32", 4, "llamacpp:fp32", 3.0),

@@ -37,6 +37,7 @@ BYTES_PER_PARAM = {
     "fp16": 2.0,
     "bf16": 2.0,
     "int8": 1.0 + 4.0 / 32,  # MatMulNBits 8-bit, block 32, fp32 scale
+    "int8-dynamic": 1.0,  # int8 per output channel (one fp32 scale per column: under 0.5 % at width >= 896)
     "q8_0": 34.0 / 32,  # llama.cpp: 32 int8 + one fp16 scale per block
     "int4": 0.5 + 4.0 / 32 + 0.5 / 32,  # MatMulNBits 4-bit, block 32, fp32 scale + 4-bit zero point
     "q4_0": 18.0 / 32,  # llama.cpp: 32 nibbles + one fp16 scale per block

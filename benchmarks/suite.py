@@ -11,7 +11,7 @@ Sections (all by default):
   (preprocess, vision, discrete tokenizer, h_eos pass, selector, assemble, prefill, decode),
   TTFT, per-token decode, end-to-end and peak memory;
 - ``text``: text-only greedy generation of a fixed random prompt on the same decoder weights in
-  our engines (``ort`` fp32/int8/int4, ``torch``) and the anchors (``hf``, ``genai`` fp32/int4,
+  our engines (``ort`` fp32/int8/int8-dynamic/int4, ``torch``) and the anchors (``hf``, ``genai`` fp32/int4,
   ``optimum``, ``llamacpp`` f32/q8_0/q4_0), with our ORT decode speed as ratios to each.
 
 The ``ort`` pipeline is measured once per ``pipeline_recipes`` entry (fp32, and the
@@ -55,12 +55,16 @@ BACKENDS = tuple(name for name in RUNTIME_BACKENDS if name != "trt")
 DEFAULT_ANCHORS = ("hf", "genai", "optimum", "llamacpp")
 #: Precisions per engine measured by default (int4 for ours only when int4 artifacts exist or
 #: can be made with the project's quantizer).
-ENGINE_PRECISIONS = {"ort": ("fp32", "int8", "int4", "fp32-dynamo"), "torch": ("fp32",), "hf": ("fp32",), "genai": ("fp32", "int4"),
+ENGINE_PRECISIONS = {"ort": ("fp32", "int8", "int8-dynamic", "int4", "fp32-dynamo"), "torch": ("fp32",), "hf": ("fp32",), "genai": ("fp32", "int4"),
                      "optimum": ("fp32",), "llamacpp": ("fp32", "q8_0", "q4_0")}
 #: Our artifact sets the ort pipeline runs by default: the fp32 export and the latency recipes.
 PIPELINE_RECIPES = ("fp32", "vision-int8", "latency-int8", "latency-int4")
 #: The recipe whose decoder the text section measures as ort "int8" (made unless a pipeline recipe has it).
 INT8_TEXT_RECIPE = "int8-weight"
+#: The recipe measured as ort "int8-dynamic": int8 weights per channel and int8 activations quantized at
+#: run time (MatMulInteger / DynamicQuantizeMatMul), as llama.cpp's Q8_0 quantizes activations to q8 for
+#: its dot products; its precision name is the recipe's.
+INT8_DYNAMIC_TEXT_RECIPE = "int8-dynamic"
 
 
 @dataclass
@@ -365,6 +369,8 @@ def _recipes_to_make(o: BenchOptions) -> list[str]:
     if "text" in o.sections and "int8" in _precisions(o, "ort") and not any(
             r in out for r in ("latency-int8", INT8_TEXT_RECIPE)):
         out.append(INT8_TEXT_RECIPE)
+    if "text" in o.sections and INT8_DYNAMIC_TEXT_RECIPE in _precisions(o, "ort") and INT8_DYNAMIC_TEXT_RECIPE not in out:
+        out.append(INT8_DYNAMIC_TEXT_RECIPE)
     return out
 
 

@@ -306,6 +306,8 @@ def _fake_report(tmp_path):
     text = [row("ort", "fp32", 30.0, 400.0, [1, 2, 3, 4]), row("torch", "fp32", 10.0, 900.0, [1, 2, 3, 4]),
             row("genai", "fp32", 25.0, 500.0, [1, 2, 3, 4]), row("hf", "fp32", 12.0, 1000.0, [1, 2, 9, 9]),
             row("ort", "int4", 90.0, 300.0, [1, 2, 5, 5]), row("genai", "int4", 100.0, 300.0, [1, 2, 5, 5]),
+            row("ort", "int8", 40.0, 500.0, [1, 2, 5, 5]), row("ort", "int8-dynamic", 60.0, 300.0, [1, 2, 5, 5]),
+            row("llamacpp", "q8_0", 45.0, 400.0, [1, 2, 5, 5]),
             {"engine": "llamacpp", "label": "llama.cpp", "precision": "fp32", "status": "unavailable",
              "reason": "not installed", "reference": {"decode_tok_s": 38.0, "prefill_ms_256": 727.0}}]
 
@@ -340,6 +342,12 @@ def test_report_ratios_roofline_efficiency_and_files(tmp_path) -> None:
     assert r["ort_fp32_vs_hf_fp32"]["decode_ratio"] == pytest.approx(2.5) and r["ort_fp32_vs_hf_fp32"]["holds"]
     assert r["ort_int4_vs_genai_int4"]["holds"] is True  # 0.9 exactly meets the target
     assert r["ort_fp32_vs_llamacpp_fp32"]["anchor_figure"] == "reference"
+    # both int8 decoders against Q8_0, each with the same 1.2x target
+    assert r["ort_int8_vs_llamacpp_q8_0"]["decode_ratio"] == pytest.approx(40.0 / 45.0)
+    assert r["ort_int8_vs_llamacpp_q8_0"]["holds"] is False
+    assert r["ort_int8_dynamic_vs_llamacpp_q8_0"]["decode_ratio"] == pytest.approx(60.0 / 45.0)
+    assert r["ort_int8_dynamic_vs_llamacpp_q8_0"]["holds"] is True
+    assert {x["precision"] for x in report.roofline if x["engine"] == "ort"} >= {"int8", "int8-dynamic"}
     assert r["ort_fp32_vs_genai_fp32"]["prefill_speedup"] == pytest.approx(500.0 / 400.0)
     assert r["prefill_per_token_hybrid4_vs_genai"]["ours_ms_per_token"] == pytest.approx(50.0 / 220)
     hf = next(t for t in report.text if t["engine"] == "hf")
@@ -405,6 +413,19 @@ def test_first_answer_targets_against_llama_cpp_mtmd(tmp_path) -> None:
 def test_bad_options_are_refused(argv, message, capsys) -> None:
     assert cli(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_int8_text_rows_make_their_recipes() -> None:
+    """The text section's ort int8 rows: `int8` measures the 8-bit MatMulNBits decoder (int8-weight),
+    `int8-dynamic` the per-channel dynamic one; each recipe is made only when its row is asked for."""
+    from maven_edge.benchmarks.suite import BenchOptions, _recipes_to_make
+
+    def make(precisions):
+        return _recipes_to_make(BenchOptions(out="x", preset="tiny", sections=["text"], precisions=precisions))
+
+    assert make(None) == ["int8-weight", "int8-dynamic"]
+    assert make(["fp32", "int8-dynamic"]) == ["int8-dynamic"]
+    assert make(["fp32", "int4"]) == []
 
 
 def test_quick_defaults() -> None:

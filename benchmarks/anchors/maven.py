@@ -52,7 +52,7 @@ def backend_generate(be: Any, spec: TextSpec) -> TextRun:
 class MavenOrtEngine(Engine):
     name = "ort"
     label = "maven-edge ORT"
-    precisions = ("fp32", "int4", "int8", "fp16", "fp32-dynamo")
+    precisions = ("fp32", "int4", "int8", "int8-dynamic", "fp16", "fp32-dynamo")
     ours = True
 
     def unavailable(self) -> str | None:
