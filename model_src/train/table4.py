@@ -28,7 +28,6 @@ the spread between streams.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -38,6 +37,7 @@ from typing import Any
 from tqdm import tqdm
 
 from maven_edge.core.errors import TrainingError
+from maven_edge.core.manifest import sha256_file
 
 VARIANTS: dict[str, tuple[str, bool]] = {  # name -> (mode, fixed patch subset of hybrid's token count)
     "hybrid": ("hybrid", False),
@@ -73,13 +73,14 @@ def ensure_stage3(run: Path, preset: str, quiet: bool) -> None:
             train(preset, st, run, resume=True, quiet=quiet, final_eval=False)
 
 
+def row_dir(run: Path, steps_scale: float, variant: str, stream: int | str) -> Path:
+    """Where one (variant, stream) keeps result.json, predictions.jsonl, final/ and its stage-4 state."""
+    return work_dir(run, steps_scale) / f"{variant}-s{stream}"
+
+
 def stage3_fingerprint(run: Path) -> str:
     """sha256 of the run's stage-3 weights: every row records the weights its stage 4 started from."""
-    h = hashlib.sha256()
-    with open(run / "stage3" / "model.safetensors", "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return sha256_file(run / "stage3" / "model.safetensors")
 
 
 def restore_reported_rows(run: Path, steps_scale: float, reported: dict[str, Any] | None) -> list[str]:
@@ -91,11 +92,13 @@ def restore_reported_rows(run: Path, steps_scale: float, reported: dict[str, Any
     rows did not all start from one set of weights says so. Returns the restored row keys."""
     if not reported or reported.get("run") != str(run) or float(reported.get("steps_scale", -1)) != steps_scale:
         return []
+    from maven_edge.model_src.train.loop import atomic_write_text
+
     current = stage3_fingerprint(run)
     restored = []
     for key, r in reported.get("rows", {}).items():
         variant, _, stream = key.rpartition("/s")
-        d = work_dir(run, steps_scale) / f"{variant}-s{stream}"
+        d = row_dir(run, steps_scale, variant, stream)
         if variant not in VARIANTS or not stream.isdigit() or (d / "result.json").is_file():
             continue
         if r.get("stage3_sha256") not in (None, current):
@@ -106,7 +109,7 @@ def restore_reported_rows(run: Path, steps_scale: float, reported: dict[str, Any
         full = {**r, "correct": _correct(r), "families": families, "images": images,
                 **({"tasks": tasks} if tasks is not None else {})}
         d.mkdir(parents=True, exist_ok=True)
-        (d / "result.json").write_text(json.dumps(full, indent=2) + "\n")
+        atomic_write_text(d / "result.json", json.dumps(full, indent=2) + "\n")
         restored.append(key)
     return restored
 
@@ -151,7 +154,7 @@ def run_row(run: Path, variant: str, stream: int, steps_scale: float, limit: int
     from maven_edge.model_src.train.loop import atomic_write_text, run_phase
     from maven_edge.model_src.train.stages import phase_llm
 
-    d = work_dir(run, steps_scale) / f"{variant}-s{stream}"
+    d = row_dir(run, steps_scale, variant, stream)
     result_path = d / "result.json"
     if result_path.is_file():
         done = json.loads(result_path.read_text())
@@ -199,7 +202,7 @@ def finished_table(run: Path, steps_scale: float = 1.0, streams: int = DEFAULT_S
     table: dict[str, Any] = {"run": str(run), "steps_scale": steps_scale, "streams": streams, "rows": {}}
     for v in VARIANTS:
         for k in range(streams):
-            p = work_dir(run, steps_scale) / f"{v}-s{k}" / "result.json"
+            p = row_dir(run, steps_scale, v, k) / "result.json"
             result = json.loads(p.read_text()) if p.is_file() else None
             if result is not None and result.get("limit") == limit:
                 table["rows"][f"{v}/s{k}"] = _with_tasks(result, p.parent)
