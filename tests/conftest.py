@@ -17,6 +17,21 @@ import os
 import pytest
 
 
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False,
+                     help="also run the long tests marked slow (left out of the default suite)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``slow`` are skipped, with the reason shown, unless pytest runs with --runslow."""
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="long-running: opt in with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 def pytest_configure(config):
     """Tests never write into the user's cache directory: default outputs (the demo's export, the
     bench cache) go under .pytest_cache/ unless MAVEN_EDGE_CACHE says otherwise.

@@ -15,7 +15,7 @@ from maven_edge.core.preprocess import preprocess_images  # noqa: E402
 from maven_edge.core.sampling import GenerationConfig  # noqa: E402
 from maven_edge.model_src.checkpoint import SHIPPED_TINY, build_model, save_checkpoint  # noqa: E402
 from maven_edge.model_src.data import iter_samples  # noqa: E402
-from maven_edge.model_src.train.evaluate import evaluate, greedy_batch  # noqa: E402
+from maven_edge.model_src.train.evaluate import TEST_PREDICTIONS, evaluate, greedy_batch  # noqa: E402
 
 SMALL = [
     "vision.hidden_size=32", "vision.num_heads=2", "vision.num_layers=1", "vision.intermediate_size=32",
@@ -84,10 +84,15 @@ def test_bad_options_are_clear_errors(small_ckpt):
         evaluate(model, keep_ratio=1.5, limit=1, quiet=True)
 
 
-def test_eval_report_shape(small_ckpt, capsys):
-    assert _cli("--checkpoint", str(small_ckpt), "--limit", "9", "--json", "--quiet") == 0
+def test_eval_report_shape(small_ckpt, tmp_path, capsys):
+    answers = tmp_path / "answers.jsonl"
+    assert _cli("--checkpoint", str(small_ckpt), "--limit", "9", "--json", "--quiet", "--predictions", str(answers)) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["num_questions"] == 9
+    assert report["num_questions"] == 9 and "predictions" not in report
+    lines = [json.loads(line) for line in answers.read_text().splitlines()]
+    assert [r["index"] for r in lines] == list(range(9))
+    assert set(lines[0]) == {"index", "task", "family", "images", "prompt", "answer", "prediction", "correct"}
+    assert sum(r["correct"] for r in lines) / 9 == pytest.approx(report["accuracy"])
     assert set(report["family_accuracy"]) == {"caption", "single", "multi"}
     assert report["visual_tokens_per_image"] == 48
     assert report["mean_prefill_tokens"] > 48
@@ -147,18 +152,85 @@ def test_shipped_checkpoint_answers_and_matches_generate():
     assert batched == _generate_answers(model, samples)
 
 
+SUBSET_STRIDE = 9  # every 9th test question: 112 questions, every task, 1 to 8 images
+
+
+def _shipped_predictions() -> list[dict]:
+    lines = (SHIPPED_TINY / TEST_PREDICTIONS).read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def _test_split(cfg) -> list:
+    from maven_edge.model_src.data.splits import num_samples
+
+    return list(iter_samples("test", num_samples("test"), image_size=cfg.vision.image_size,
+                             patch_size=cfg.vision.patch_size))
+
+
 @needs_shipped
-def test_shipped_checkpoint_reproduces_its_eval_report():
-    """Regression guard: evaluating the shipped weights on the whole test split gives exactly the
-    accuracies recorded in its eval_report.json (greedy decoding is deterministic)."""
-    from maven_edge.model_src.checkpoint import load_checkpoint
-    from maven_edge.model_src.train.evaluate import evaluate
+def test_shipped_predictions_belong_to_the_test_split_and_score_to_the_eval_report():
+    """The stored answers (test_predictions.jsonl, written by `maven-edge eval --predictions`) are for
+    today's test split, each marked correct by the evaluator's rule, and averaged per family, task,
+    image bucket and video variant they give exactly the accuracies of eval_report.json."""
+    from collections import defaultdict
+
+    from maven_edge.model_src.checkpoint import load_config
+    from maven_edge.model_src.train.evaluate import image_bucket, normalize
 
     report = json.loads((SHIPPED_TINY / "eval_report.json").read_text())
-    got = evaluate(load_checkpoint(SHIPPED_TINY), split="test", mode="hybrid", quiet=True)
+    preds = _shipped_predictions()
+    samples = _test_split(load_config(SHIPPED_TINY))
+    assert len(preds) == len(samples) == report["num_questions"]
+    hits: dict[str, list[bool]] = defaultdict(list)
+    for p, s in zip(preds, samples, strict=True):
+        assert (p["index"], p["prompt"], p["answer"], p["task"], p["images"]) == (
+            s.meta["index"], s.prompt, s.answer, s.task, len(s.images))
+        assert p["correct"] == (normalize(p["prediction"]) == normalize(s.answer))
+        hits["overall"].append(p["correct"])
+        hits[f"family/{s.family}"].append(p["correct"])
+        hits[f"task/{s.task}"].append(p["correct"])
+        if s.family == "multi":
+            hits[f"bucket/{image_bucket(len(s.images))}"].append(p["correct"])
+        if s.family == "video":
+            hits[f"video/{s.meta['variant']}"].append(p["correct"])
+
+    def acc(key: str) -> float:
+        return sum(hits[key]) / len(hits[key])
+
+    assert acc("overall") == pytest.approx(report["accuracy"], abs=1e-9)
+    for key, table in (("family", "family_accuracy"), ("task", "task_accuracy"), ("video", "video_accuracy")):
+        assert {k: acc(f"{key}/{k}") for k in report[table]} == pytest.approx(report[table], abs=1e-9)
+    buckets = {b: acc(f"bucket/{b}") for b in report["image_bucket_accuracy"]}
+    assert buckets == pytest.approx({b: v["multi"] for b, v in report["image_bucket_accuracy"].items()}, abs=1e-9)
+
+
+@needs_shipped
+def test_shipped_checkpoint_gives_its_stored_answers():
+    """Regression guard, in the default suite: the shipped weights answer every 9th test question
+    (112: every task, 1 to 8 images) exactly as stored in test_predictions.jsonl (greedy decoding
+    is deterministic). The whole split is the --runslow test below."""
+    from maven_edge.model_src.checkpoint import load_checkpoint
+
+    model = load_checkpoint(SHIPPED_TINY)
+    samples = _test_split(model.config)[::SUBSET_STRIDE]
+    stored = _shipped_predictions()[::SUBSET_STRIDE]
+    got = evaluate(model, samples=samples, quiet=True, return_predictions=True)["predictions"]
+    assert [(g["index"], g["prediction"]) for g in got] == [(p["index"], p["prediction"]) for p in stored]
+
+
+@needs_shipped
+@pytest.mark.slow
+def test_shipped_checkpoint_reproduces_its_eval_report():
+    """Evaluating the shipped weights on the whole test split gives exactly the accuracies in its
+    eval_report.json and the answers in test_predictions.jsonl (about 2 minutes; --runslow)."""
+    from maven_edge.model_src.checkpoint import load_checkpoint
+
+    report = json.loads((SHIPPED_TINY / "eval_report.json").read_text())
+    got = evaluate(load_checkpoint(SHIPPED_TINY), split="test", mode="hybrid", quiet=True, return_predictions=True)
     assert got["num_questions"] == report["num_questions"]
     assert got["family_accuracy"] == pytest.approx(report["family_accuracy"], abs=1e-9)
     assert got["task_accuracy"] == pytest.approx(report["task_accuracy"], abs=1e-9)
+    assert [g["prediction"] for g in got["predictions"]] == [p["prediction"] for p in _shipped_predictions()]
 
 
 @needs_shipped

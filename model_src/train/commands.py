@@ -43,7 +43,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Answer every question of a synthetic data split with a checkpoint (torch, greedy) and report "
         "exact-match accuracy overall, per task family and per task, plus the held-out compositions. Needs PyTorch.",
         examples=["maven-edge eval --checkpoint model_src/checkpoints/tiny",
-                  "maven-edge eval --checkpoint model_src/checkpoints/tiny --split val --mode discrete --limit 200 --json"])
+                  "maven-edge eval --checkpoint model_src/checkpoints/tiny --split val --mode discrete --limit 200 --json",
+                  "maven-edge eval --checkpoint model_src/checkpoints/tiny --limit 100 --predictions answers.jsonl"])
     e.add_argument("--checkpoint", required=True, metavar="DIR",
                    help="checkpoint directory (model.safetensors + config.json)")
     e.add_argument("--split", default="test", choices=("train", "val", "test"), help="data split (default test)")
@@ -60,6 +61,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--batch-size", type=int, default=32, metavar="N", help="questions per forward pass (default 32)")
     e.add_argument("--json", action="store_true", help="print the report as JSON")
     e.add_argument("--out", default=None, metavar="FILE", help="also write the JSON report to this file")
+    e.add_argument("--predictions", default=None, metavar="FILE",
+                   help="also write every question's answer as JSON lines (index, task, family, images, prompt, "
+                   "answer, prediction, correct)")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=_eval)
 
@@ -121,12 +125,14 @@ def _train(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from maven_edge.model_src.checkpoint import load_checkpoint
-    from maven_edge.model_src.train.evaluate import evaluate, format_report
+    from maven_edge.model_src.train.evaluate import evaluate, format_report, write_predictions
 
     model = load_checkpoint(args.checkpoint)
     report = evaluate(model, args.split, args.mode, args.keep_ratio, args.limit, args.batch_size,
                       quiet=args.quiet or args.json, visual_token_budget=args.visual_token_budget,
-                      min_patches=args.min_patches)
+                      min_patches=args.min_patches, return_predictions=bool(args.predictions))
+    if args.predictions:
+        write_predictions(args.predictions, report.pop("predictions"))
     report["checkpoint"] = str(args.checkpoint)
     if args.out:
         with open(args.out, "w") as f:

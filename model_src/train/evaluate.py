@@ -8,9 +8,11 @@ cache, taking the arg-max over the tokenizer's ids like `Sampler` does: its answ
 
 from __future__ import annotations
 
+import json
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,8 +33,11 @@ from maven_edge.model_src.train.common import (
     visual_embeds,
     visual_features,
 )
+from maven_edge.model_src.train.loop import atomic_write_text
 
 DEFAULT_MAX_NEW_TOKENS = 32  # GenerationConfig's default
+#: a trained checkpoint's test-split answers, one JSON line per question, beside its eval_report.json
+TEST_PREDICTIONS = "test_predictions.jsonl"
 
 
 @torch.no_grad()
@@ -255,6 +260,12 @@ def evaluate(
     if return_predictions:
         report["predictions"] = records
     return report
+
+
+def write_predictions(path: str | Path, records: Sequence[dict[str, Any]]) -> None:
+    """Write :func:`evaluate`'s per-question records (``return_predictions=True``) as JSON lines:
+    index, task, family, images, prompt, answer, prediction, correct — one question per line."""
+    atomic_write_text(Path(path), "".join(json.dumps(r) + "\n" for r in records))
 
 
 def format_report(report: dict[str, Any]) -> str:

@@ -479,7 +479,8 @@ def train(
     init: str | Path | None = None,
 ) -> dict[str, Any]:
     """Run the requested stages; returns {stage: summary}. Writes `out/stageK/` per stage and, after
-    stage 4, `out/final/` (checkpoint, training_log.jsonl, loss.png, eval_report.json).
+    stage 4, `out/final/` (checkpoint, training_log.jsonl, loss.png, eval_report.json,
+    test_predictions.jsonl).
 
     `init`: a trained checkpoint the (single, not 0) requested stage starts from instead of the
     previous stage's output in `out` (e.g. stage 4 continued from the shipped model)."""
@@ -550,9 +551,10 @@ def write_final(model: MavenModel, out: Path, final_eval: bool, quiet: bool) -> 
     (final / "recipe_summary.json").write_text(json.dumps(stages, indent=2) + "\n")
     report: dict[str, Any] = {"checkpoint": str(final)}
     if final_eval:
-        from maven_edge.model_src.train.evaluate import evaluate
+        from maven_edge.model_src.train.evaluate import TEST_PREDICTIONS, evaluate, write_predictions
 
-        report = evaluate(model, split="test", mode="hybrid", quiet=quiet)
+        report = evaluate(model, split="test", mode="hybrid", quiet=quiet, return_predictions=True)
+        write_predictions(final / TEST_PREDICTIONS, report.pop("predictions"))
         report.update(selector_report(model, n=200, split="test"))
         (final / "eval_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report

@@ -150,7 +150,7 @@ def _reusable_stage4(run: Path, cfg, seed: int) -> dict[str, Any] | None:
 def run_row(run: Path, variant: str, stream: int, steps_scale: float, limit: int | None, quiet: bool) -> dict[str, Any]:
     """Train (or reuse) and evaluate one (variant, stream); returns its result (cached in result.json)."""
     from maven_edge.model_src.checkpoint import load_checkpoint, load_config, save_checkpoint
-    from maven_edge.model_src.train.evaluate import evaluate
+    from maven_edge.model_src.train.evaluate import evaluate, write_predictions
     from maven_edge.model_src.train.loop import atomic_write_text, run_phase
     from maven_edge.model_src.train.stages import phase_llm
 
@@ -178,7 +178,7 @@ def run_row(run: Path, variant: str, stream: int, steps_scale: float, limit: int
     rep = evaluate(model, "test", cfg.mode, limit=limit, quiet=quiet, return_predictions=True,
                    patch_subset=cfg.patch_subset)
     preds = rep.pop("predictions")
-    atomic_write_text(d / "predictions.jsonl", "".join(json.dumps(p) + "\n" for p in preds))
+    write_predictions(d / "predictions.jsonl", preds)
     result = {"variant": variant, "stream": stream, "mode": cfg.mode, "patch_subset": cfg.patch_subset or None,
               "steps": cfg.steps, "seed": seed, "train_time_s": train_time, "reused_stage4": source, "limit": limit,
               "stage3_sha256": stage3_fingerprint(run),
