@@ -333,6 +333,7 @@ def run_report(opts: ReportOptions) -> list[Path]:
             sets[r], quant_seconds[r] = ensure_quantized(src, work / manifest.preset, r, opts.reuse,
                                                          opts.calib_samples, opts.progress)
         size_table = {name: sizes(path) for name, path in sets.items()}
+        kept = _rows_kept(report, manifest, opts)
         records = evaluate_sets(sets, opts.split, opts.limit, opts.max_new_tokens, opts.threads, opts.progress)
         report.update({
             "command": _command(opts),
@@ -347,6 +348,8 @@ def run_report(opts: ReportOptions) -> list[Path]:
                       for r, p in sets.items()},
             "summary": summarize(records), "targets": TARGETS,
         })
+        if kept:
+            _merge_rows(report, kept)
     if "calib" in sections:
         report["calibration_methods"] = calib_section(src, work, opts)
     if "edge" in sections and opts.edge_artifacts:
@@ -364,6 +367,40 @@ def run_report(opts: ReportOptions) -> list[Path]:
     jpath.write_text(json.dumps(report, indent=2, default=float) + "\n")
     mpath.write_text(render_markdown(report))
     return [mpath, jpath]
+
+
+_ROW_TABLES = ("summary", "sizes", "plans", "quantize_seconds")
+
+
+def _rows_kept(report: dict[str, Any], manifest: Any, opts: ReportOptions) -> dict[str, Any]:
+    """When an existing report is updated (--sections accuracy) for some of its recipes only, the rows of
+    the others are kept: the same model, split and settings, so their accuracies still stand; their
+    latency ratios stay those against the fp32 of the run that measured them. {} = a whole new table."""
+    old = [r for r in report.get("recipes", []) if r not in opts.recipes]
+    if not old or "summary" not in report:
+        return {}
+    same = {"model fingerprint": (report["model"].get("fingerprint"), manifest.extra.get("model_fingerprint")),
+            "split": (report.get("split"), opts.split), "max new tokens": (report.get("max_new_tokens"),
+                                                                           opts.max_new_tokens),
+            "questions": (report["summary"]["fp32"]["questions"],
+                          opts.limit if opts.limit else report["summary"]["fp32"]["questions"])}
+    differ = [f"{k} {a} != {b}" for k, (a, b) in same.items() if a != b]
+    if differ:
+        raise InputError(f"the report in {opts.out} was measured with other settings ({'; '.join(differ)}), so its "
+                         f"rows for {', '.join(old)} cannot be kept beside new ones: add them to --recipes")
+    return {"recipes": report["recipes"], "date": report.get("date"), "measured": report.get("row_dates", {}),
+            **{t: {r: report[t][r] for r in old if r in report.get(t, {})} for t in _ROW_TABLES}}
+
+
+def _merge_rows(report: dict[str, Any], kept: dict[str, Any]) -> None:
+    """Put the kept rows back beside this run's, in the old report's order, and date each row."""
+    date, new = report["date"], list(report["recipes"])
+    order = [r for r in kept["recipes"] if r in new or r in kept["summary"]] + [r for r in new if r not in kept["recipes"]]
+    for t in _ROW_TABLES:
+        rows = {**kept[t], **report[t]}
+        report[t] = {r: rows[r] for r in ["fp32", *order] if r in rows}
+    report["recipes"] = order
+    report["row_dates"] = {r: (date if r in new else kept["measured"].get(r, kept["date"])) for r in order}
 
 
 def calib_section(src: Path, work: Path, opts: ReportOptions) -> dict[str, Any]:
@@ -524,6 +561,10 @@ def render_markdown(report: dict[str, Any]) -> str:
                          else f"{x['family_accuracy'][f]:.1f}" for f in fams)
         lines.append(f"| {n} | {x['accuracy']:.1f} | {fam} | {x['accuracy_delta']:+.1f} | "
                      f"{100 * x['sequence_agreement']:.1f}% | {100 * x['token_agreement']:.1f}% |")
+    dates = report.get("row_dates", {})
+    if len(set(dates.values())) > 1:
+        lines += ["", "Rows measured in separate runs (latency ratios against the fp32 of the same run; accuracy "
+                  "and agreement are deterministic): " + "; ".join(f"{r} {d}" for r, d in dates.items()) + "."]
     lines += [
         "",
         "Accuracy in %, per family with the change vs fp32 in points. *Same answer tokens*: share of "

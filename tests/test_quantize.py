@@ -420,6 +420,29 @@ def test_report_metrics_and_markdown(tmp_path, capsys):
     assert (tmp_path / "quantization.md").read_text() == md
 
 
+def test_report_update_for_some_recipes_keeps_the_other_rows(artifacts, tmp_path, monkeypatch):
+    """`quantize-report --sections accuracy --recipes R` on an existing report re-measures R and keeps the
+    other recipes' rows (same model, split and settings), each row dated; other settings are refused."""
+    from maven_edge.benchmarks import quantize_report as qr
+
+    monkeypatch.setattr(qr, "calib_section", lambda *a: {})  # measured elsewhere (slow)
+    base = {"artifacts": artifacts, "out": tmp_path, "work": tmp_path / "work", "limit": 3, "threads": 1,
+            "progress": False}
+    qr.run_report(qr.ReportOptions(recipes=("fp16", "int8-weight"), **base))
+    first = json.loads((tmp_path / "quantization.json").read_text())
+    qr.run_report(qr.ReportOptions(recipes=("int8-weight",), sections=("accuracy",), **base))
+    second = json.loads((tmp_path / "quantization.json").read_text())
+    assert second["recipes"] == ["fp16", "int8-weight"] and list(second["summary"]) == ["fp32", "fp16", "int8-weight"]
+    assert second["summary"]["fp16"] == first["summary"]["fp16"] and second["sizes"]["fp16"] == first["sizes"]["fp16"]
+    for key in ("accuracy", "family_accuracy", "sequence_agreement"):  # deterministic: the same when re-measured
+        assert second["summary"]["int8-weight"][key] == first["summary"]["int8-weight"][key]
+    assert second["row_dates"] == {"fp16": first["date"], "int8-weight": second["date"]}
+    md = (tmp_path / "quantization.md").read_text()
+    assert "| fp16 |" in md and "| int8-weight |" in md and "Section(s) accuracy re-measured" in md
+    with pytest.raises(InputError, match="other settings"):
+        qr.run_report(qr.ReportOptions(recipes=("int8-weight",), sections=("accuracy",), **{**base, "limit": 2}))
+
+
 def test_calibration_methods_give_different_ranges(artifacts, manifest, tmp_path):
     """onnxruntime's quantize_static default (128 histogram bins) makes entropy equal MinMax; ours do not."""
     import onnx
