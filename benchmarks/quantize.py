@@ -2,10 +2,10 @@
 
 ``int4-weight`` is what ``maven-edge quantize --recipe int4-weight`` applies (MatMulNBits, block 32,
 accuracy level 4 = int8 compute on CPU, LM head included), i.e. the settings of the
-onnxruntime-genai int4 anchor, so the two int4 decoders compare like for like; the other recipes
-(``int8-weight``, ``latency-int8``, ``latency-int4``) use the same weight-only settings (block 32,
-as llama.cpp's Q8_0/Q4_0 blocks). Reused when made from this very fp32 export (its manifest's
-sha256) with the same recipe, unless ``force``.
+onnxruntime-genai int4 anchor, so the two int4 decoders compare like for like; the other weight-only
+recipes (``int8-weight``, ``latency-int4``) use the same settings (block 32, as llama.cpp's Q8_0/Q4_0
+blocks). Reused when made from this very fp32 export (its manifest's sha256) with the same recipe,
+doing the same thing (its method per component), unless ``force``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def quantize_int4(fp32: str | Path, out: str | Path, log: Callable[[str], None] 
 def quantize_recipe(fp32: str | Path, out: str | Path, recipe: str, log: Callable[[str], None] | None = None,
                     force: bool = False) -> Path:
     try:
-        from maven_edge.calibration.quantize import QuantizeOptions, quantize_artifacts
+        from maven_edge.calibration.quantize import QUANT_RECIPES, QuantizeOptions, quantize_artifacts
     except ImportError as exc:
         raise BackendError(f"the int4 quantizer (maven_edge.calibration.quantize) is not available: {exc}") from None
 
@@ -34,7 +34,9 @@ def quantize_recipe(fp32: str | Path, out: str | Path, recipe: str, log: Callabl
     stamp = out / ".bench-source.json"
     key = {"fp32_manifest_sha256": sha256_file(fp32 / MANIFEST)}
     if recipe != "int4-weight":  # (int4 stamps written before recipes were named stay valid)
-        key["recipe"] = recipe
+        r = QUANT_RECIPES.get(recipe)  # what the recipe does, so a set made before a recipe changed is remade
+        key.update(recipe=recipe, methods={"vision": r.vision, "decoder": r.decoder, "embed": r.embed,
+                                           "vision_components": list(r.vision_components)})
     try:
         if not force and json.loads(stamp.read_text()) == key and (out / MANIFEST).is_file():
             return out

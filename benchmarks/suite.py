@@ -59,12 +59,11 @@ ENGINE_PRECISIONS = {"ort": ("fp32", "int8", "int8-dynamic", "int4", "fp32-dynam
                      "optimum": ("fp32",), "llamacpp": ("fp32", "q8_0", "q4_0")}
 #: Our artifact sets the ort pipeline runs by default: the fp32 export and the latency recipes.
 PIPELINE_RECIPES = ("fp32", "vision-int8", "latency-int8", "latency-int4")
-#: The recipe whose decoder the text section measures as ort "int8" (made unless a pipeline recipe has it).
-INT8_TEXT_RECIPE = "int8-weight"
-#: The recipe measured as ort "int8-dynamic": int8 weights per channel and int8 activations quantized at
-#: run time (MatMulInteger / DynamicQuantizeMatMul), as llama.cpp's Q8_0 quantizes activations to q8 for
-#: its dot products; its precision name is the recipe's.
-INT8_DYNAMIC_TEXT_RECIPE = "int8-dynamic"
+#: The text section's ort int8 rows and the recipe whose decoder each measures (made unless a pipeline
+#: recipe of the run has the same decoder): "int8" the 8-bit MatMulNBits (weight-only), "int8-dynamic"
+#: int8 weights per channel and int8 activations quantized at run time (MatMulInteger /
+#: DynamicQuantizeMatMul), as llama.cpp's Q8_0 quantizes activations to q8 for its dot products.
+INT8_TEXT_RECIPES = {"int8": "int8-weight", "int8-dynamic": "int8-dynamic"}
 
 
 @dataclass
@@ -363,14 +362,19 @@ def _count_jobs(o: BenchOptions) -> int:
     return n
 
 
+def _same_decoder(recipe: str, other: str) -> bool:
+    from maven_edge.calibration.quantize import QUANT_RECIPES
+
+    return QUANT_RECIPES.get(recipe).decoder == QUANT_RECIPES.get(other).decoder
+
+
 def _recipes_to_make(o: BenchOptions) -> list[str]:
-    """Our quantized artifact sets this run needs (pipeline recipes, and the text section's int8)."""
+    """Our quantized artifact sets this run needs (pipeline recipes, and the text section's int8 rows)."""
     out = [r for r in o.pipeline_recipes if r != "fp32"] if "pipeline" in o.sections else []
-    if "text" in o.sections and "int8" in _precisions(o, "ort") and not any(
-            r in out for r in ("latency-int8", INT8_TEXT_RECIPE)):
-        out.append(INT8_TEXT_RECIPE)
-    if "text" in o.sections and INT8_DYNAMIC_TEXT_RECIPE in _precisions(o, "ort") and INT8_DYNAMIC_TEXT_RECIPE not in out:
-        out.append(INT8_DYNAMIC_TEXT_RECIPE)
+    if "text" in o.sections:
+        for precision, recipe in INT8_TEXT_RECIPES.items():
+            if precision in _precisions(o, "ort") and not any(_same_decoder(r, recipe) for r in out):
+                out.append(recipe)
     return out
 
 
@@ -497,9 +501,10 @@ def run_bench(options: BenchOptions) -> BenchReport:
                     artifacts[recipe] = r["result"]["artifacts"]
                 else:
                     notes.append(f"recipe {recipe} failed: {r['error'].splitlines()[0]} (log: {r['log']})")
-        int8 = next((artifacts[r] for r in ("latency-int8", INT8_TEXT_RECIPE) if r in artifacts), None)
-        if int8 and "int8" not in artifacts:
-            artifacts["int8"] = int8
+        for precision, recipe in INT8_TEXT_RECIPES.items():  # a text row reuses a recipe with its decoder
+            made = next((artifacts[r] for r in _recipes_to_make(o) if r in artifacts and _same_decoder(r, recipe)), None)
+            if made and precision not in artifacts:
+                artifacts[precision] = made
         source["artifacts"] = artifacts
 
         # -- llama.cpp, built once from source -------------------------------------------------------

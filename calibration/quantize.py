@@ -620,14 +620,17 @@ QUANT_RECIPES.add("int8-int4", QuantRecipe("vision side int8 static + decoder in
                                            decoder="int4-weight"))
 QUANT_RECIPES.add("fp16", QuantRecipe("every component fp16", vision="fp16", decoder="fp16", embed="fp16"))
 QUANT_RECIPES.add("int8-weight", QuantRecipe("decoder int8 MatMulNBits (8-bit weight-only)", decoder="int8-weight"))
-#: the latency-optimised recipes: the ViT and the discrete tokenizer fused + int8, the decoder weight-only
+#: the latency-optimised recipes (first answer on a CPU): the ViT and the discrete tokenizer fused + int8;
+#: latency-int8's decoder is int8-dynamic, whose integer GEMM prefills 2.2-2.6x faster than the 8-bit
+#: MatMulNBits (and faster than fp32) and decodes faster too (docs/benchmarks.md); latency-int4's is 4-bit
 LATENCY_VISION = ("vision_encoder", "discrete_tokenizer")
 QUANT_RECIPES.add("vision-int8", QuantRecipe("first-answer latency: ViT + discrete tokenizer fused and int8 dynamic, "
                                              "decoder fp32 (the fastest prefill on AVX2)", vision="int8-fused-dynamic",
                                              vision_components=LATENCY_VISION))
 QUANT_RECIPES.add("latency-int8", QuantRecipe("first-answer latency: ViT + discrete tokenizer fused and int8 dynamic, "
-                                              "decoder int8 MatMulNBits", vision="int8-fused-dynamic",
-                                              decoder="int8-weight", vision_components=LATENCY_VISION))
+                                              "decoder int8 dynamic (per-channel weights, activations quantized at "
+                                              "run time; CPU)", vision="int8-fused-dynamic",
+                                              decoder="int8-dynamic", vision_components=LATENCY_VISION))
 QUANT_RECIPES.add("latency-int4", QuantRecipe("first-answer latency: ViT + discrete tokenizer fused and int8 dynamic, "
                                               "decoder int4 MatMulNBits", vision="int8-fused-dynamic",
                                               decoder="int4-weight", vision_components=LATENCY_VISION))

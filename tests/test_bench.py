@@ -426,6 +426,10 @@ def test_int8_text_rows_make_their_recipes() -> None:
     assert make(None) == ["int8-weight", "int8-dynamic"]
     assert make(["fp32", "int8-dynamic"]) == ["int8-dynamic"]
     assert make(["fp32", "int4"]) == []
+    # a pipeline recipe with the same decoder serves the text row: latency-int8's is int8-dynamic
+    both = BenchOptions(out="x", preset="tiny", sections=["text", "pipeline"], precisions=["int8", "int8-dynamic"],
+                        pipeline_recipes=["fp32", "latency-int8"])
+    assert _recipes_to_make(both) == ["latency-int8", "int8-weight"]
 
 
 def test_quick_defaults() -> None:
