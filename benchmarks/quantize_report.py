@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from maven_edge.calibration.quantize import QUANT_RECIPES, QuantizeOptions, quantize_artifacts
+from maven_edge.calibration.quantize import QUANT_RECIPES, QuantizeOptions, quantize_artifacts, recipe_plan
 from maven_edge.core.errors import ArtifactError, InputError
 from maven_edge.core.manifest import MANIFEST, load_manifest, sha256_file
 from maven_edge.core.paths import cache_dir
@@ -80,13 +80,16 @@ def normalize(text: str) -> str:
 
 def ensure_quantized(src: Path, work: Path, recipe: str, reuse: bool, calib_samples: int,
                      progress: bool) -> tuple[Path, float]:
-    """`work/recipe` quantized from `src` (reused when it was made from the same fp32 manifest)."""
+    """`work/recipe` quantized from `src` (reused when it was made from the same fp32 manifest by the
+    recipe as it is now: the same method per component)."""
     out = work / recipe
     src_sha = sha256_file(src / MANIFEST)
     if reuse and (out / MANIFEST).is_file():
         try:
             m = load_manifest(out)
-            if m.recipe == recipe and m.extra.get("quantization", {}).get("source", {}).get("manifest_sha256") == src_sha:
+            made = m.extra.get("quantization", {})
+            plan = recipe_plan(recipe, list(m.components))
+            if m.recipe == recipe and made.get("source", {}).get("manifest_sha256") == src_sha and made.get("plan") == plan:
                 return out, 0.0
         except ArtifactError:
             pass
@@ -388,19 +391,24 @@ def _rows_kept(report: dict[str, Any], manifest: Any, opts: ReportOptions) -> di
     if differ:
         raise InputError(f"the report in {opts.out} was measured with other settings ({'; '.join(differ)}), so its "
                          f"rows for {', '.join(old)} cannot be kept beside new ones: add them to --recipes")
-    return {"recipes": report["recipes"], "date": report.get("date"), "measured": report.get("row_dates", {}),
-            **{t: {r: report[t][r] for r in old if r in report.get(t, {})} for t in _ROW_TABLES}}
+    return {"recipes": report["recipes"], "measured": report.get("row_dates", {}),
+            "header": {k: report[k] for k in ("command", "date", "machine", "threads") if k in report},
+            **{t: {r: report[t][r] for r in ("fp32", *old) if r in report.get(t, {})} for t in _ROW_TABLES}}
 
 
 def _merge_rows(report: dict[str, Any], kept: dict[str, Any]) -> None:
-    """Put the kept rows back beside this run's, in the old report's order, and date each row."""
+    """Put the kept rows back beside this run's, in the old report's order, and date each row. The page's
+    header (command, date, machine) and the fp32 row stay those of the run that made the table; the
+    update is listed with its command."""
     date, new = report["date"], list(report["recipes"])
     order = [r for r in kept["recipes"] if r in new or r in kept["summary"]] + [r for r in new if r not in kept["recipes"]]
     for t in _ROW_TABLES:
-        rows = {**kept[t], **report[t]}
+        rows = {**report[t], **{r: v for r, v in kept[t].items() if r not in new}}
         report[t] = {r: rows[r] for r in ["fp32", *order] if r in rows}
+    report.update(kept["header"])
     report["recipes"] = order
-    report["row_dates"] = {r: (date if r in new else kept["measured"].get(r, kept["date"])) for r in order}
+    report["row_dates"] = {r: (date if r in new else kept["measured"].get(r, kept["header"].get("date")))
+                           for r in order}
 
 
 def calib_section(src: Path, work: Path, opts: ReportOptions) -> dict[str, Any]:
@@ -561,10 +569,13 @@ def render_markdown(report: dict[str, Any]) -> str:
                          else f"{x['family_accuracy'][f]:.1f}" for f in fams)
         lines.append(f"| {n} | {x['accuracy']:.1f} | {fam} | {x['accuracy_delta']:+.1f} | "
                      f"{100 * x['sequence_agreement']:.1f}% | {100 * x['token_agreement']:.1f}% |")
-    dates = report.get("row_dates", {})
-    if len(set(dates.values())) > 1:
+    by_date: dict[str, list[str]] = {}
+    for r, d in report.get("row_dates", {}).items():
+        by_date.setdefault(d, []).append(r)
+    if len(by_date) > 1:
         lines += ["", "Rows measured in separate runs (latency ratios against the fp32 of the same run; accuracy "
-                  "and agreement are deterministic): " + "; ".join(f"{r} {d}" for r, d in dates.items()) + "."]
+                  "and agreement are deterministic): " + "; ".join(f"{d}: {', '.join(rs)}" for d, rs in by_date.items())
+                  + "."]
     lines += [
         "",
         "Accuracy in %, per family with the change vs fp32 in points. *Same answer tokens*: share of "

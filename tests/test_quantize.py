@@ -434,9 +434,12 @@ def test_report_update_for_some_recipes_keeps_the_other_rows(artifacts, tmp_path
     second = json.loads((tmp_path / "quantization.json").read_text())
     assert second["recipes"] == ["fp16", "int8-weight"] and list(second["summary"]) == ["fp32", "fp16", "int8-weight"]
     assert second["summary"]["fp16"] == first["summary"]["fp16"] and second["sizes"]["fp16"] == first["sizes"]["fp16"]
+    # the table's header and fp32 row stay those of the run that made it; the update is listed
+    assert second["command"] == first["command"] and second["summary"]["fp32"] == first["summary"]["fp32"]
+    assert "--recipes int8-weight --split test" in second["updates"][-1]["command"]
     for key in ("accuracy", "family_accuracy", "sequence_agreement"):  # deterministic: the same when re-measured
         assert second["summary"]["int8-weight"][key] == first["summary"]["int8-weight"][key]
-    assert second["row_dates"] == {"fp16": first["date"], "int8-weight": second["date"]}
+    assert second["row_dates"] == {"fp16": first["date"], "int8-weight": second["updates"][-1]["date"]}
     md = (tmp_path / "quantization.md").read_text()
     assert "| fp16 |" in md and "| int8-weight |" in md and "Section(s) accuracy re-measured" in md
     with pytest.raises(InputError, match="other settings"):
@@ -551,8 +554,8 @@ def test_minmax_ranges_cover_every_calibration_batch(tmp_path, batches):
 
 
 def test_bench_remakes_a_recipe_set_when_the_recipe_changes(artifacts, tmp_path, monkeypatch):
-    """The bench's quantized sets are reused while the fp32 export and what the recipe does are the
-    same; a recipe whose methods changed (latency-int8's decoder did) is made again, not reused."""
+    """The bench's and quantize-report's quantized sets are reused while the fp32 export and what the
+    recipe does are the same; a recipe whose methods changed (latency-int8's decoder did) is made again."""
     from maven_edge.benchmarks.quantize import quantize_recipe
     from maven_edge.calibration import quantize as q
 
@@ -562,6 +565,13 @@ def test_bench_remakes_a_recipe_set_when_the_recipe_changes(artifacts, tmp_path,
     changed = q.Registry("quantization recipe")
     for name, recipe in q.QUANT_RECIPES.items():
         changed.add(name, q.QuantRecipe(recipe.help, decoder="int8-dynamic") if name == "int8-weight" else recipe)
+    from maven_edge.benchmarks.quantize_report import ensure_quantized
+
+    work = tmp_path / "report"
+    assert ensure_quantized(artifacts, work, "int8-weight", True, 4, False)[1] > 0
+    assert ensure_quantized(artifacts, work, "int8-weight", True, 4, False)[1] == 0.0  # reused
     monkeypatch.setattr(q, "QUANT_RECIPES", changed)
     quantize_recipe(artifacts, out, "int8-weight")
     assert "DynamicQuantizeLinear" in _ops(out / "decoder.onnx")
+    assert ensure_quantized(artifacts, work, "int8-weight", True, 4, False)[1] > 0  # made again, not reused
+    assert "DynamicQuantizeLinear" in _ops(work / "int8-weight" / "decoder.onnx")
