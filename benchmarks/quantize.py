@@ -4,13 +4,13 @@
 accuracy level 4 = int8 compute on CPU, LM head included), i.e. the settings of the
 onnxruntime-genai int4 anchor, so the two int4 decoders compare like for like; the other weight-only
 recipes (``int8-weight``, ``latency-int4``) use the same settings (block 32, as llama.cpp's Q8_0/Q4_0
-blocks). Reused when made from this very fp32 export (its manifest's sha256) with the same recipe,
-doing the same thing (its method per component), unless ``force``.
+blocks). Reused when made from this very fp32 export (its manifest's sha256) by the same recipe doing the
+same thing (its method per component) with the same options, unless ``force``
+(``maven_edge.calibration.quantize.made_by``).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,24 +26,14 @@ def quantize_int4(fp32: str | Path, out: str | Path, log: Callable[[str], None] 
 def quantize_recipe(fp32: str | Path, out: str | Path, recipe: str, log: Callable[[str], None] | None = None,
                     force: bool = False) -> Path:
     try:
-        from maven_edge.calibration.quantize import QUANT_RECIPES, QuantizeOptions, quantize_artifacts
+        from maven_edge.calibration.quantize import QuantizeOptions, made_by, quantize_artifacts
     except ImportError as exc:
         raise BackendError(f"the int4 quantizer (maven_edge.calibration.quantize) is not available: {exc}") from None
 
     fp32, out = Path(fp32), Path(out)
-    stamp = out / ".bench-source.json"
-    key = {"fp32_manifest_sha256": sha256_file(fp32 / MANIFEST)}
-    if recipe != "int4-weight":  # (int4 stamps written before recipes were named stay valid)
-        r = QUANT_RECIPES.get(recipe)  # what the recipe does, so a set made before a recipe changed is remade
-        key.update(recipe=recipe, methods={"vision": r.vision, "decoder": r.decoder, "embed": r.embed,
-                                           "vision_components": list(r.vision_components)})
-    try:
-        if not force and json.loads(stamp.read_text()) == key and (out / MANIFEST).is_file():
-            return out
-    except (OSError, ValueError):
-        pass
     opts = QuantizeOptions(recipe=recipe, block_size=32, accuracy_level=4, quantize_lm_head=True,
                            force=True, progress=False)
+    if not force and made_by(out, recipe, sha256_file(fp32 / MANIFEST), opts):
+        return out
     quantize_artifacts(fp32, out, opts, log=log)
-    stamp.write_text(json.dumps(key))
     return out

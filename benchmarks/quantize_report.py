@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from maven_edge.calibration.quantize import QUANT_RECIPES, QuantizeOptions, quantize_artifacts, recipe_plan
+from maven_edge.calibration.quantize import QUANT_RECIPES, QuantizeOptions, made_by, quantize_artifacts
 from maven_edge.core.errors import ArtifactError, InputError
 from maven_edge.core.manifest import MANIFEST, load_manifest, sha256_file
 from maven_edge.core.paths import cache_dir
@@ -81,21 +81,13 @@ def normalize(text: str) -> str:
 def ensure_quantized(src: Path, work: Path, recipe: str, reuse: bool, calib_samples: int,
                      progress: bool) -> tuple[Path, float]:
     """`work/recipe` quantized from `src` (reused when it was made from the same fp32 manifest by the
-    recipe as it is now: the same method per component)."""
+    recipe as it is now, with the same options: ``made_by``)."""
     out = work / recipe
-    src_sha = sha256_file(src / MANIFEST)
-    if reuse and (out / MANIFEST).is_file():
-        try:
-            m = load_manifest(out)
-            made = m.extra.get("quantization", {})
-            plan = recipe_plan(recipe, list(m.components))
-            if m.recipe == recipe and made.get("source", {}).get("manifest_sha256") == src_sha and made.get("plan") == plan:
-                return out, 0.0
-        except ArtifactError:
-            pass
+    opts = QuantizeOptions(recipe=recipe, calib_samples=calib_samples, force=True, progress=progress)
+    if reuse and made_by(out, recipe, sha256_file(src / MANIFEST), opts):
+        return out, 0.0
     t0 = time.perf_counter()
-    quantize_artifacts(src, out, QuantizeOptions(recipe=recipe, calib_samples=calib_samples, force=True,
-                                                 progress=progress))
+    quantize_artifacts(src, out, opts)
     return out, time.perf_counter() - t0
 
 

@@ -490,8 +490,9 @@ def run_bench(options: BenchOptions) -> BenchReport:
                     artifacts["int4"] = r["result"]["artifacts"]
                 else:
                     notes.append(f"int4 quantization failed: {r['error'].splitlines()[0]} (log: {r['log']})")
+        recipes = _recipes_to_make(o)
         if "fp32" in artifacts and needs_ort and not o.artifacts:
-            for recipe in _recipes_to_make(o):
+            for recipe in recipes:
                 rdir = work / f"onnx-{recipe}-{o.decoder}"
                 if not (o.export or (rdir / "manifest.json").is_file()):
                     continue
@@ -502,7 +503,7 @@ def run_bench(options: BenchOptions) -> BenchReport:
                 else:
                     notes.append(f"recipe {recipe} failed: {r['error'].splitlines()[0]} (log: {r['log']})")
         for precision, recipe in INT8_TEXT_RECIPES.items():  # a text row reuses a recipe with its decoder
-            made = next((artifacts[r] for r in _recipes_to_make(o) if r in artifacts and _same_decoder(r, recipe)), None)
+            made = next((artifacts[r] for r in recipes if r in artifacts and _same_decoder(r, recipe)), None)
             if made and precision not in artifacts:
                 artifacts[precision] = made
         source["artifacts"] = artifacts

@@ -903,7 +903,7 @@ def quantize_artifacts(
     new.extra["quantization"] = {
         "recipe": opts.recipe,
         "plan": plan,
-        "options": {k: v for k, v in asdict(opts).items() if k not in ("progress", "force")},
+        "options": _recorded_options(opts),
         "calibration": calib_info,
         "source": {"artifacts": str(src), "manifest_sha256": manifest_sha, "target_ort": manifest.target_ort,
                    "model_fingerprint": manifest.extra.get("model_fingerprint")},
@@ -912,6 +912,33 @@ def quantize_artifacts(
     write_manifest(new, out)
     load_manifest(out, verify=True)
     return QuantizeResult(out, new, results, calib_info, time.perf_counter() - t0, notes)
+
+
+def _recorded_options(opts: QuantizeOptions) -> dict[str, Any]:
+    """The options a quantized set's manifest records (all but how the run reports and overwrites)."""
+    return json.loads(json.dumps({k: v for k, v in asdict(opts).items() if k not in ("progress", "force")},
+                                 default=str))
+
+
+def made_by(out: str | Path, recipe: str, source_manifest_sha256: str, options: QuantizeOptions | None = None) -> bool:
+    """Whether `out` holds a quantized set made from the fp32 manifest with that sha256 by `recipe` as the
+    recipe is now (the same method per component) and, when `options` are given, with those options.
+
+    The one check for "reuse this set or remake it" (the benchmark's quantized sets and
+    ``quantize-report --reuse``): a set made before a recipe changed is remade, never reused."""
+    try:
+        m = load_manifest(Path(out), verify=False)  # (sizes and schema; the pipeline verifies hashes on load)
+    except ArtifactError:
+        return False
+    made = m.extra.get("quantization", {})
+    if m.recipe != recipe or made.get("source", {}).get("manifest_sha256") != source_manifest_sha256:
+        return False
+    try:
+        if made.get("plan") != recipe_plan(recipe, list(m.components)):
+            return False
+    except InputError:
+        return False
+    return options is None or made.get("options") == _recorded_options(options)
 
 
 def _component_check_feeds(name: str, comp: Component, cfg: Any, feeds_src: ComponentFeeds | None,

@@ -92,3 +92,52 @@ def test_ttft_per_variant_from_a_bench_run(tmp_path):
         A.run_ablations(None, None, str(tmp_path / "docs"), ["ttft"], None, None, True, bench=str(bench))
     with pytest.raises(TrainingError, match="pass --bench DIR"):
         A.run_ablations(None, None, str(tmp_path / "docs"), ["ttft"], None, None, True)
+
+
+def test_the_cli_offers_every_analysis():
+    from maven_edge.model_src.train import ablations as A
+    from maven_edge.model_src.train.commands import ABLATIONS
+
+    assert ABLATIONS == A.ANALYSES
+
+
+def test_source_probes_change_only_what_they_name():
+    import torch
+
+    from maven_edge.model_src.train.common import VisualFeatures
+    from maven_edge.model_src.train.diagnose import grid_selection, roll_codes, roll_patches
+
+    feats = torch.arange(3 * 16 * 2, dtype=torch.float32).view(3, 16, 2)
+    codes = torch.tensor([[1, 2], [3, 4], [5, 6]])
+    indices = torch.tensor([[0, 5, 9, 15], [1, 2, 3, 4], [7, 8, 10, 11]])
+    vf = VisualFeatures(feats, codes, None, None, indices)
+    c = roll_codes(vf)
+    assert c.codes.tolist() == [[5, 6], [1, 2], [3, 4]] and c.feats is feats and c.indices is indices
+    p = roll_patches(vf)
+    assert p.codes is codes and p.indices[0].tolist() == [7, 8, 10, 11] and torch.equal(p.feats[0], feats[2])
+    g = grid_selection(vf)
+    assert g.codes is codes and g.feats is feats
+    assert g.indices.tolist() == [[0, 5, 10, 15]] * 3  # as many patches, evenly spread, the same for every image
+
+
+def test_sources_on_the_shipped_model_keeps_its_own_answers(tmp_path):
+    """`--only sources`: the unchanged probe reproduces the shipped model's stored test answers; each
+    probe's row and its paired difference from own are in the report."""
+    import json
+
+    from maven_edge.model_src.checkpoint import SHIPPED_TINY
+    from maven_edge.model_src.train import ablations as A
+    from maven_edge.model_src.train.evaluate import TEST_PREDICTIONS
+
+    out = A.run_ablations(None, None, str(tmp_path), ["sources"], None, 24, True)
+    src = out["sources"]
+    stored = [json.loads(x) for x in (SHIPPED_TINY / TEST_PREDICTIONS).read_text().splitlines()[:24]]
+    assert src["probes"]["own"]["correct"] == "".join("1" if r["correct"] else "0" for r in stored)
+    assert set(src["probes"]) == set(A.SOURCE_PROBES) and src["num_questions"] == 24
+    md = (tmp_path / "ablations.md").read_text()
+    assert "## Where a hybrid model's answers come from" in md
+    own = 100 * src["probes"]["own"]["accuracy"]
+    assert f"| own | {A.SOURCE_PROBES['own']} |" in md and f"{own:.1f} |" in md
+    for name in ("other_codes", "other_patches", "grid_patches"):
+        diff = 100 * (src["probes"][name]["accuracy"] - src["probes"]["own"]["accuracy"])
+        assert f"{name} {diff:+.1f} points overall" in md

@@ -570,6 +570,12 @@ def test_bench_remakes_a_recipe_set_when_the_recipe_changes(artifacts, tmp_path,
     work = tmp_path / "report"
     assert ensure_quantized(artifacts, work, "int8-weight", True, 4, False)[1] > 0
     assert ensure_quantized(artifacts, work, "int8-weight", True, 4, False)[1] == 0.0  # reused
+    assert ensure_quantized(artifacts, work, "int8-weight", True, 8, False)[1] > 0  # other options: made again
+    src_sha = q.sha256_file(artifacts / "manifest.json")
+    assert q.made_by(work / "int8-weight", "int8-weight", src_sha)
+    assert not q.made_by(work / "int8-weight", "int4-weight", src_sha)  # another recipe
+    assert not q.made_by(work / "int8-weight", "int8-weight", "0" * 64)  # another fp32 export
+    assert not q.made_by(tmp_path / "nothing-here", "int8-weight", src_sha)
     monkeypatch.setattr(q, "QUANT_RECIPES", changed)
     quantize_recipe(artifacts, out, "int8-weight")
     assert "DynamicQuantizeLinear" in _ops(out / "decoder.onnx")

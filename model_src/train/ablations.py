@@ -10,6 +10,9 @@
                exact match per family and visual tokens per image.
 * ``selector`` Figure-5 analogue: kept patches over the image next to the selector's score map.
 * ``codes``    discrete-code visualisation: for a few frequent codes, the images that contain them.
+* ``sources``  where a hybrid checkpoint's answers come from: the test split with its own visual
+               tokens, with each image's codes or kept patches swapped for another image's, and with
+               the selector's choice replaced by an evenly spread grid of as many patches.
 
 Results go to ``OUT/ablations.md`` (tables), ``OUT/ablations.json`` and ``OUT/figures/*.png``.
 """
@@ -32,7 +35,15 @@ from maven_edge.model_src.train.common import set_threads, visual_features
 from maven_edge.model_src.train.evaluate import evaluate
 
 KEEP_RATIOS = (0.1, 0.25, 0.5, 1.0)
-ANALYSES = ("table4", "keep", "selector", "codes", "ttft")
+ANALYSES = ("table4", "keep", "selector", "codes", "sources", "ttft")
+#: the probes of ``sources``: how the visual features are changed before they are embedded
+SOURCE_PROBES: dict[str, str] = {
+    "own": "each image's own codes and kept patches",
+    "other_codes": "codes of another image (own patches, selected from own codes)",
+    "other_patches": "kept patches of another image (own codes)",
+    "grid_patches": "own codes; an evenly spread grid of as many patches instead of the selector's",
+}
+SOURCE_SLICES = ("single", "multi", "multi 5-8", "caption", "video", "overall")
 
 
 def _plt():
@@ -150,6 +161,74 @@ def code_figure(model, figures: Path, n_images: int = 400, n_codes: int = 6, per
             "code_perplexity": float(np.exp(-(p[p > 0] * np.log(p[p > 0])).sum())), "images": len(samples)}
 
 
+def answer_sources(model, checkpoint: Path, limit: int | None, quiet: bool) -> dict[str, Any]:
+    """Accuracy of a hybrid checkpoint on the test split under each of :data:`SOURCE_PROBES`
+    (diagnose.py's hooks: another image is the previous one in the evaluation batch), with each
+    question's correctness so the changes are paired over the same questions."""
+    from maven_edge.core.manifest import sha256_file
+    from maven_edge.model_src.train.diagnose import grid_selection, roll_codes, roll_patches
+
+    hooks = {"own": None, "other_codes": roll_codes, "other_patches": roll_patches, "grid_patches": grid_selection}
+    probes: dict[str, Any] = {}
+    questions: dict[str, list[Any]] = {}
+    for name in SOURCE_PROBES:
+        rep = evaluate(model, "test", "hybrid", limit=limit, quiet=quiet, features_hook=hooks[name],
+                       return_predictions=True)
+        preds = rep.pop("predictions")
+        questions = {"families": [r["family"] for r in preds], "images": [r["images"] for r in preds],
+                     "tasks": [r["task"] for r in preds]}
+        probes[name] = {"accuracy": rep["accuracy"], "family_accuracy": rep["family_accuracy"],
+                        "task_accuracy": rep["task_accuracy"], "image_bucket_accuracy": rep["image_bucket_accuracy"],
+                        "correct": "".join("1" if r["correct"] else "0" for r in preds)}
+    weights = checkpoint / "model.safetensors"
+    return {"checkpoint": str(checkpoint), "weights_sha256": sha256_file(weights) if weights.is_file() else None,
+            "num_questions": len(questions["families"]),
+            "questions": {k: ",".join(map(str, v)) for k, v in questions.items()}, "probes": probes}
+
+
+def render_sources(src: dict[str, Any]) -> list[str]:
+    """The ``sources`` section: accuracy per probe, and each probe minus own, paired per question."""
+    probes, q = src["probes"], src["questions"]
+    fam, img = q["families"].split(","), [int(x) for x in q["images"].split(",")]
+    lines = ["## Where a hybrid model's answers come from", "",
+             f"Checkpoint `{src['checkpoint']}` (weights sha256 `{(src.get('weights_sha256') or '?')[:12]}…`), "
+             f"{src['num_questions']} test questions, hybrid mode; each probe changes the visual features before "
+             "they are embedded (another image = the previous image in the evaluation batch). Re-create with "
+             f"`maven-edge ablations --only sources --checkpoint {src['checkpoint']} --out docs`.", "",
+             "| probe | what the decoder sees | " + " | ".join(SOURCE_SLICES) + " |",
+             "|---|---|" + "---|" * len(SOURCE_SLICES)]
+    for name, what in SOURCE_PROBES.items():
+        r = probes[name]
+        cells = [T4.slice_of(r, k) for k in SOURCE_SLICES]
+        lines.append(f"| {name} | {what} | " + " | ".join("–" if v is None else f"{100 * v:.1f}" for v in cells) + " |")
+    lines += ["", "Each probe minus own (points, paired over the same questions, ± one standard error; *drops* beyond "
+              "two standard errors):", "", "| probe | " + " | ".join(SOURCE_SLICES) + " |",
+              "|---|" + "---|" * len(SOURCE_SLICES)]
+    own = [probes["own"]]
+    words = []
+    for name in SOURCE_PROBES:
+        if name == "own":
+            continue
+        cells = []
+        for k in SOURCE_SLICES:
+            c = T4.compare([probes[name]], own, fam, img, k)
+            if c is None:
+                cells.append("–")
+                continue
+            v = T4.verdict(c)
+            tag = {"behind": "drops", "ahead": "rises", "tied": "no change"}[v]
+            cells.append(f"{100 * c['diff']:+.1f} ± {100 * c['se']:.1f} ({tag})")
+            if k == "overall":
+                words.append(f"{name} {100 * c['diff']:+.1f} points overall ({tag})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    tasks = sorted(probes["own"]["task_accuracy"])
+    lines += ["", "Per task (%):", "", "| probe | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+    for name in SOURCE_PROBES:
+        lines.append(f"| {name} | " + " | ".join(f"{100 * probes[name]['task_accuracy'][t]:.1f}" for t in tasks) + " |")
+    lines += ["", "In plain words: " + "; ".join(words) + ".", ""]
+    return lines
+
+
 def run_ablations(checkpoint: str | None, run: str | None, out: str, only: list[str], steps_scale: float | None,
                   limit: int | None, quiet: bool, streams: int = T4.DEFAULT_STREAMS,
                   variants: list[str] | None = None, bench: str | None = None) -> dict[str, Any]:
@@ -170,7 +249,7 @@ def run_ablations(checkpoint: str | None, run: str | None, out: str, only: list[
     figures.mkdir(parents=True, exist_ok=True)
     results_path = out_dir / "ablations.json"
     ckpt = Path(checkpoint) if checkpoint else SHIPPED_TINY
-    model = load_checkpoint(ckpt) if any(a in ("keep", "selector", "codes") for a in todo) else None
+    model = load_checkpoint(ckpt) if any(a in ("keep", "selector", "codes", "sources") for a in todo) else None
     fresh: dict[str, Any] = {}
     if "keep" in todo:
         fresh["keep"] = keep_ratio_sweep(model, figures, limit, quiet)
@@ -178,6 +257,8 @@ def run_ablations(checkpoint: str | None, run: str | None, out: str, only: list[
         fresh["selector"] = selector_figure(model, figures)
     if "codes" in todo:
         fresh["codes"] = code_figure(model, figures)
+    if "sources" in todo:
+        fresh["sources"] = answer_sources(model, ckpt, limit, quiet)
     def save(sections: dict[str, Any]) -> dict[str, Any]:
         # merge into the file as it is now, not as it was at the start: a long table4 run must not
         # overwrite sections another `maven-edge ablations --only ...` wrote meanwhile
@@ -242,6 +323,8 @@ def render_markdown(results: dict[str, Any]) -> str:
                   f"Over {c['images']} validation images the tokenizer uses {100 * c['codebook_usage']:.0f}% of the "
                   f"codebook (code perplexity {c['code_perplexity']:.1f}). Each row shows images whose 32 codes "
                   "include that code.", ""]
+    if "sources" in results:
+        lines += render_sources(results["sources"])
     short = results.get("table4_short") or (t4 if t4 is not None and "streams" not in t4 else None)
     if short is not None:  # the superseded short-budget table goes last
         lines += _short_table4(short)

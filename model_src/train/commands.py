@@ -10,6 +10,9 @@ from maven_edge.core.cliutil import add_command
 from maven_edge.model_src.train.table4 import DEFAULT_STREAMS as TABLE4_STREAMS
 from maven_edge.model_src.train.table4 import VARIANTS as TABLE4_VARIANTS
 
+#: maven_edge.model_src.train.ablations.ANALYSES (that module needs torch; `--help` must not)
+ABLATIONS = ("table4", "keep", "selector", "codes", "sources", "ttft")
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = add_command(
@@ -72,11 +75,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Re-create the paper's analyses: the Table-4 analogue at the full training budget (stage 4 "
         "retrained from one run's stage-3 weights once per visual encoding and sample stream: hybrid, discrete "
         "only, continuous only, continuous with hybrid's token count; hours on a CPU, resumable: run it again "
-        "after a stop), accuracy and visual tokens against keep ratio, selector quality and what the discrete "
-        "codes carry. Writes ablations.md, ablations.json and figures/ into --out (table4 rewrites them after "
+        "after a stop), accuracy and visual tokens against keep ratio, selector quality, what the discrete "
+        "codes carry and where a hybrid checkpoint's answers come from (codes or patches swapped for another "
+        "image's, the selector replaced by a grid). Writes ablations.md, ablations.json and figures/ into --out (table4 rewrites them after "
         "every finished run). Needs PyTorch.",
         examples=["maven-edge ablations --only keep --only codes --limit 100 --out /tmp/ablations",
                   "maven-edge ablations --only table4 --run artifacts/runs/R36F --out docs",
+                  "maven-edge ablations --only sources --limit 64 --out /tmp/ablations",
                   "maven-edge ablations --only table4 --run artifacts/runs/R36F --variant discrete --streams 1 "
                   "--out docs",
                   "maven-edge bench --preset edge-small --threads 2 --sections pipeline "
@@ -87,8 +92,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="training run directory whose stage3/ table4 starts from (stages 0-3 are trained there "
                    "first if missing); needed for table4, which the default (all) includes (default: none)")
     a.add_argument("--out", default="docs", metavar="DIR", help="where ablations.md and figures/ go (default docs)")
-    a.add_argument("--only", action="append", default=[], choices=("table4", "keep", "selector", "codes", "ttft"),
-                   help="run only this analysis: table4, keep, selector, codes, ttft (repeatable; default: all, "
+    a.add_argument("--only", action="append", default=[], choices=ABLATIONS,
+                   help=f"run only this analysis: {', '.join(ABLATIONS)} (repeatable; default: all, "
                    "ttft only with --bench)")
     a.add_argument("--bench", default=None, metavar="DIR",
                    help="ttft: a `maven-edge bench --sections pipeline --modes hybrid,discrete,continuous` output "

@@ -40,7 +40,13 @@ from maven_edge.model_src.data.tasks import TASKS
 from maven_edge.model_src.modeling.decoder import record_attention
 from maven_edge.model_src.modeling.maven import MavenModel
 from maven_edge.model_src.train import batches as B
-from maven_edge.model_src.train.common import VisualFeatures, set_threads, visual_embeds, visual_features
+from maven_edge.model_src.train.common import (
+    VisualFeatures,
+    grid_patches,
+    set_threads,
+    visual_embeds,
+    visual_features,
+)
 from maven_edge.model_src.train.evaluate import evaluate
 
 ATTENTION_PARTS = ("codes", "named_patches", "other_patches", "text")
@@ -54,6 +60,21 @@ def roll_patches(vf: VisualFeatures) -> VisualFeatures:
     if vf.indices is None:
         raise InputError("patch ablation needs hybrid mode (kept patches)")
     return dataclasses.replace(vf, feats=vf.feats.roll(1, 0), indices=vf.indices.roll(1, 0))
+
+
+def roll_codes(vf: VisualFeatures) -> VisualFeatures:
+    """Give every image the discrete codes of the previous image in the batch (its own patches and
+    its own selection, made from its own codes, stay)."""
+    return dataclasses.replace(vf, codes=vf.codes.roll(1, 0))
+
+
+def grid_selection(vf: VisualFeatures) -> VisualFeatures:
+    """Replace the selector's choice by the same number of evenly spread patches (a fixed,
+    content-blind subset: :func:`grid_patches`), the same for every image."""
+    if vf.indices is None:
+        raise InputError("a grid selection replaces the selector's kept patches: it needs hybrid mode")
+    grid = grid_patches(vf.feats.shape[1], vf.indices.shape[1]).expand_as(vf.indices)
+    return dataclasses.replace(vf, indices=grid.clone())
 
 
 def patch_ablation(model: MavenModel, samples: Sequence[Sample]) -> dict[str, dict[str, float]]:
