@@ -120,15 +120,17 @@ def test_source_probes_change_only_what_they_name():
     assert g.indices.tolist() == [[0, 5, 10, 15]] * 3  # as many patches, evenly spread, the same for every image
 
 
-def test_sources_on_the_shipped_model_keeps_its_own_answers(tmp_path):
+def test_sources_on_the_shipped_model_keeps_its_own_answers(tmp_path, monkeypatch):
     """`--only sources`: the unchanged probe reproduces the shipped model's stored test answers; each
-    probe's row and its paired difference from own are in the report."""
+    probe's row and its paired difference from own are in the report, and the code-content probe's
+    rows (the ViT features carry which pairs an image holds even after a few steps)."""
     import json
 
     from maven_edge.model_src.checkpoint import SHIPPED_TINY
     from maven_edge.model_src.train import ablations as A
     from maven_edge.model_src.train.evaluate import TEST_PREDICTIONS
 
+    monkeypatch.setattr(A, "CONTENT_STEPS", 40)
     out = A.run_ablations(None, None, str(tmp_path), ["sources"], None, 24, True)
     src = out["sources"]
     stored = [json.loads(x) for x in (SHIPPED_TINY / TEST_PREDICTIONS).read_text().splitlines()[:24]]
@@ -141,3 +143,7 @@ def test_sources_on_the_shipped_model_keeps_its_own_answers(tmp_path):
     for name in ("other_codes", "other_patches", "grid_patches"):
         diff = 100 * (src["probes"][name]["accuracy"] - src["probes"]["own"]["accuracy"])
         assert f"{name} {diff:+.1f} points overall" in md
+    content = src["code_content"]
+    assert content["steps"] == 40 and set(content["inputs"]) == {"vit", "z", "codes"}
+    assert content["inputs"]["vit"]["pair_bce"] < content["pair_bce_base_rate"]
+    assert f"| {content['inputs']['codes']['pair_bce']:.3f} |" in md

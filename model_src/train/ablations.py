@@ -44,6 +44,7 @@ SOURCE_PROBES: dict[str, str] = {
     "grid_patches": "own codes; an evenly spread grid of as many patches instead of the selector's",
 }
 SOURCE_SLICES = ("single", "multi", "multi 5-8", "caption", "video", "overall")
+CONTENT_STEPS = 300  # training steps of each code-content probe head (diagnose.code_content)
 
 
 def _plt():
@@ -164,9 +165,10 @@ def code_figure(model, figures: Path, n_images: int = 400, n_codes: int = 6, per
 def answer_sources(model, checkpoint: Path, limit: int | None, quiet: bool) -> dict[str, Any]:
     """Accuracy of a hybrid checkpoint on the test split under each of :data:`SOURCE_PROBES`
     (diagnose.py's hooks: another image is the previous one in the evaluation batch), with each
-    question's correctness so the changes are paired over the same questions."""
+    question's correctness so the changes are paired over the same questions; and what its
+    discrete codes can carry about an image's content (diagnose.code_content)."""
     from maven_edge.core.manifest import sha256_file
-    from maven_edge.model_src.train.diagnose import grid_selection, roll_codes, roll_patches
+    from maven_edge.model_src.train.diagnose import code_content, grid_selection, roll_codes, roll_patches
 
     hooks = {"own": None, "other_codes": roll_codes, "other_patches": roll_patches, "grid_patches": grid_selection}
     probes: dict[str, Any] = {}
@@ -183,7 +185,8 @@ def answer_sources(model, checkpoint: Path, limit: int | None, quiet: bool) -> d
     weights = checkpoint / "model.safetensors"
     return {"checkpoint": str(checkpoint), "weights_sha256": sha256_file(weights) if weights.is_file() else None,
             "num_questions": len(questions["families"]),
-            "questions": {k: ",".join(map(str, v)) for k, v in questions.items()}, "probes": probes}
+            "questions": {k: ",".join(map(str, v)) for k, v in questions.items()}, "probes": probes,
+            "code_content": code_content(model, steps=CONTENT_STEPS)}
 
 
 def render_sources(src: dict[str, Any]) -> list[str]:
@@ -226,6 +229,25 @@ def render_sources(src: dict[str, Any]) -> list[str]:
     for name in SOURCE_PROBES:
         lines.append(f"| {name} | " + " | ".join(f"{100 * probes[name]['task_accuracy'][t]:.1f}" for t in tasks) + " |")
     lines += ["", "In plain words: " + "; ".join(words) + ".", ""]
+    if "code_content" in src:
+        lines += _render_code_content(src["code_content"])
+    return lines
+
+
+def _render_code_content(c: dict[str, Any]) -> list[str]:
+    from maven_edge.model_src.train.diagnose import CONTENT_INPUTS
+
+    base = c["pair_bce_base_rate"]
+    lines = ["What the discrete codes can carry: a fresh scene-summary head (stage 0-vq's training-only head: "
+             "which of the 30 colour-shape pairs an image holds, how many objects) trained "
+             f"{c['steps']} steps (batch {c['batch']}) on each frozen input of single-image train questions, "
+             f"scored on {c['held_out_images']} validation images ({c['pairs_per_image']:.2f} pairs per image; "
+             f"predicting each pair's frequency whatever the image gives a pair loss of {base:.3f}):", "",
+             "| input | pair loss (base rate " + f"{base:.3f}) | pair F1 | object count right |", "|---|---|---|---|"]
+    for kind, what in CONTENT_INPUTS:
+        r = c["inputs"][kind]
+        lines.append(f"| {what} | {r['pair_bce']:.3f} | {r['pair_f1']:.2f} | {100 * r['count_accuracy']:.1f} % |")
+    lines.append("")
     return lines
 
 

@@ -85,6 +85,75 @@ def patch_ablation(model: MavenModel, samples: Sequence[Sample]) -> dict[str, di
             for task in own["task_accuracy"]}
 
 
+#: what `code_content` probes: (name, what it is)
+CONTENT_INPUTS = (("vit", "the ViT's patch features (what the patches come from)"),
+                  ("z", "the tokenizer's query outputs before quantization"),
+                  ("codes", "the quantized code vectors (what a code id stands for)"))
+
+
+def code_content(model: MavenModel, steps: int = 300, batch: int = 32, held_out: int = 256,
+                 seed: int = 0) -> dict[str, Any]:
+    """What the discrete codes can carry about an image's content: for each of
+    :data:`CONTENT_INPUTS`, a fresh scene-summary head (stage 0-vq's training-only ``SceneHead``:
+    which colour-shape pairs are present, how many objects) trained `steps` steps on that frozen
+    input of single-image train questions, scored on `held_out` validation images. Pair loss at
+    the base rate (predicting each pair's frequency, whatever the image) means the input tells
+    nothing about which objects an image holds."""
+    import torch.nn.functional as F
+
+    from maven_edge.model_src.train.stages import SceneHead
+
+    if steps < 1 or batch < 1 or held_out < 1:
+        raise InputError("code_content needs steps, batch and held_out >= 1")
+    n_pairs = len(B.PAIR_IDS)
+    size, patch = model.config.vision.image_size, model.config.vision.patch_size
+    families = ("caption", "single")
+
+    def targets(samples: Sequence[Sample]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        tg = [B.scene_targets(s) for s in samples]
+        return (B.pixel_tensor(samples, model.config), torch.from_numpy(np.concatenate([t[0] for t in tg])),
+                torch.from_numpy(np.concatenate([t[1] for t in tg])))
+
+    @torch.no_grad()
+    def frozen(px: torch.Tensor, kind: str) -> torch.Tensor:
+        feats = model.vision(px)
+        if kind == "vit":
+            return feats
+        z = model.discrete.encode(feats)
+        return z if kind == "z" else model.discrete.quantize(z).z_q
+
+    model.eval()
+    held = targets(list(iter_samples("val", held_out, families=list(families), image_size=size, patch_size=patch)))
+    freq = held[1].mean(0)
+    base = float(F.binary_cross_entropy(freq.expand_as(held[1]), held[1]))
+    out: dict[str, Any] = {"steps": steps, "batch": batch, "held_out_images": len(held[1]), "seed": seed,
+                           "pair_bce_base_rate": base, "pairs_per_image": float(held[1].sum(1).mean()), "inputs": {}}
+    for kind, _ in CONTENT_INPUTS:
+        x_held = frozen(held[0], kind)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            head = SceneHead(x_held.shape[-1], 128, n_pairs, B.MAX_OBJECTS)
+        opt = torch.optim.AdamW(head.parameters(), lr=2e-3)
+        for step in range(steps):
+            rng = B.rng_for(seed, "code-content", step)
+            px, pairs, counts = targets(B.samples_for("train", B.train_indices(rng, batch, families), model.config))
+            pair_logits, count_logits = head(frozen(px, kind))
+            loss = F.binary_cross_entropy_with_logits(pair_logits, pairs) * n_pairs / 4 + F.cross_entropy(
+                count_logits, counts)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            pair_logits, count_logits = head(x_held)
+        pred, tgt = (pair_logits > 0).float(), held[1]
+        out["inputs"][kind] = {
+            "pair_bce": float(F.binary_cross_entropy_with_logits(pair_logits, tgt)),
+            "pair_f1": float(2 * (pred * tgt).sum() / max(1.0, float(pred.sum() + tgt.sum()))),
+            "count_accuracy": float((count_logits.argmax(-1) == held[2]).float().mean()),
+        }
+    return out
+
+
 @contextmanager
 def record_residuals(model: MavenModel) -> Iterator[list[torch.Tensor]]:
     """Collect the residual stream after every decoder layer (one tensor per layer per forward)."""
