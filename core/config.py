@@ -101,6 +101,20 @@ class DiscreteConfig:
     num_heads: Size = 12
     intermediate_size: Size = 3072
     commitment_cost: Annotated[float, Ge(0)] = 0.25
+    # "queries": learned queries only (Q-Former, the paper's SEED-style tokenizer); "regions": the
+    # patch grid is cut into num_codes regions (`region_grid`) and each query also starts from the
+    # mean of its region's patches, so code k describes region k (docs/training.md, "Ablations")
+    pooling: str = "queries"
+
+
+DISCRETE_POOLINGS = ("queries", "regions")
+
+
+def region_grid(num_codes: int) -> tuple[int, int]:
+    """Rows x columns of the regions a "regions" tokenizer cuts the patch grid into: the factorisation
+    of num_codes closest to square (32 -> 4 x 8)."""
+    rows = max(d for d in range(1, math.isqrt(num_codes) + 1) if num_codes % d == 0)
+    return rows, num_codes // rows
 
 
 @dataclass
@@ -224,6 +238,15 @@ class MavenConfig:
             problems.append("llm head_dim must be even for RoPE")
         if self.discrete.hidden_size % self.discrete.num_heads:
             problems.append("discrete.hidden_size must be divisible by discrete.num_heads")
+        if d.pooling not in DISCRETE_POOLINGS:
+            problems.append(f"discrete.pooling must be one of {DISCRETE_POOLINGS}, got {d.pooling!r}")
+        elif d.pooling == "regions" and isinstance(d.num_codes, int) and d.num_codes >= 1:
+            grid = v.image_size // v.patch_size
+            if max(region_grid(d.num_codes)) > grid:
+                rows, cols = region_grid(d.num_codes)
+                problems.append(f"discrete.pooling 'regions' cuts the {grid}x{grid} patch grid into {rows}x{cols} "
+                                f"regions for {d.num_codes} codes, more than it has patches along a side: use fewer "
+                                "codes or pooling 'queries'")
         if not 0.0 < self.selector.keep_ratio <= 1.0:
             problems.append(f"selector.keep_ratio must be in (0, 1], got {self.selector.keep_ratio}")
         scale = self.projector.output_scale

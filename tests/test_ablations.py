@@ -131,6 +131,7 @@ def test_sources_on_the_shipped_model_keeps_its_own_answers(tmp_path, monkeypatc
     from maven_edge.model_src.train.evaluate import TEST_PREDICTIONS
 
     monkeypatch.setattr(A, "CONTENT_STEPS", 40)
+    monkeypatch.setattr(A, "CONTENT_HELD_OUT", 96)
     out = A.run_ablations(None, None, str(tmp_path), ["sources"], None, 24, True)
     src = out["sources"]
     stored = [json.loads(x) for x in (SHIPPED_TINY / TEST_PREDICTIONS).read_text().splitlines()[:24]]

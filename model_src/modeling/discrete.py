@@ -3,6 +3,10 @@
     patch_features [B, N, Dv] --(learned queries: self-attn, cross-attn to patches, MLP)x L-->
     z [B, Q, code_dim] --(nearest codebook entry, cosine)--> codes [B, Q]
 
+With ``pooling="regions"`` each query starts as its learned vector plus the mean of its region's
+patches (the patch grid cut into Q regions, `region_pooling`), so code k describes region k, as a
+VQ-GAN-style tokenizer's codes do; ``"queries"`` (the default, the paper's design) has no regions.
+
 `forward` returns the codes already offset into the unified vocabulary (visual_offset + c), as
 the ONNX contract requires. For training, `quantize` also returns the straight-through
 quantized vectors and the VQ-VAE codebook + commitment loss. Both `z` and the codebook are
@@ -18,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from maven_edge.core.config import DiscreteConfig
+from maven_edge.core.config import DiscreteConfig, region_grid
 from maven_edge.model_src.modeling.vision import MultiHeadAttention
 
 
@@ -47,8 +51,18 @@ class QueryBlock(nn.Module):
         return q + self.mlp(self.norm3(q))
 
 
+def region_pooling(grid: int, num_codes: int) -> torch.Tensor:
+    """[num_codes, grid * grid]: row k averages the patches of region k (raster order of regions and
+    patches; `region_grid` rows x columns of regions over the grid x grid patches)."""
+    rows, cols = region_grid(num_codes)
+    i, j = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    region = ((i * rows) // grid * cols + (j * cols) // grid).flatten()
+    member = F.one_hot(region, num_codes).t().float()
+    return member / member.sum(1, keepdim=True)
+
+
 class DiscreteTokenizer(nn.Module):
-    def __init__(self, cfg: DiscreteConfig, vision_width: int, visual_offset: int):
+    def __init__(self, cfg: DiscreteConfig, vision_width: int, visual_offset: int, grid: int | None = None):
         super().__init__()
         self.config = cfg
         self.visual_offset = visual_offset
@@ -61,11 +75,20 @@ class DiscreteTokenizer(nn.Module):
         self.to_code = nn.Linear(cfg.hidden_size, cfg.code_dim)
         self.codebook = nn.Embedding(cfg.codebook_size, cfg.code_dim)
         nn.init.normal_(self.codebook.weight, std=1.0)
+        if cfg.pooling == "regions":
+            if grid is None:
+                raise ValueError("a 'regions' tokenizer needs the patch grid size")
+            # derived from the config, so not saved with the weights
+            self.register_buffer("regions", region_pooling(grid, cfg.num_codes), persistent=False)
+        else:
+            self.regions = None
 
     def encode(self, patch_features: torch.Tensor) -> torch.Tensor:
         """Continuous query outputs z [B, Q, code_dim], L2-normalised."""
         kv = self.input_norm(self.input_proj(patch_features))
         q = self.queries.expand(patch_features.shape[0], -1, -1)
+        if self.regions is not None:
+            q = q + self.regions @ kv
         for block in self.blocks:
             q = block(q, kv)
         return F.normalize(self.to_code(self.out_norm(q)), dim=-1)

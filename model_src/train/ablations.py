@@ -13,6 +13,8 @@
 * ``sources``  where a hybrid checkpoint's answers come from: the test split with its own visual
                tokens, with each image's codes or kept patches swapped for another image's, and with
                the selector's choice replaced by an evenly spread grid of as many patches.
+* ``tokenizer`` which stage 0-vq objective makes the discrete codes describe an image (code_objectives.py):
+               fresh tokenizers trained on the checkpoint's frozen ViT, each probed for content.
 
 Results go to ``OUT/ablations.md`` (tables), ``OUT/ablations.json`` and ``OUT/figures/*.png``.
 """
@@ -35,7 +37,7 @@ from maven_edge.model_src.train.common import set_threads, visual_features
 from maven_edge.model_src.train.evaluate import evaluate
 
 KEEP_RATIOS = (0.1, 0.25, 0.5, 1.0)
-ANALYSES = ("table4", "keep", "selector", "codes", "sources", "ttft")
+ANALYSES = ("table4", "keep", "selector", "codes", "sources", "tokenizer", "ttft")
 #: the probes of ``sources``: how the visual features are changed before they are embedded
 SOURCE_PROBES: dict[str, str] = {
     "own": "each image's own codes and kept patches",
@@ -45,6 +47,7 @@ SOURCE_PROBES: dict[str, str] = {
 }
 SOURCE_SLICES = ("single", "multi", "multi 5-8", "caption", "video", "overall")
 CONTENT_STEPS = 300  # training steps of each code-content probe head (diagnose.code_content)
+CONTENT_HELD_OUT = 256  # validation images each code-content head is scored on
 
 
 def _plt():
@@ -186,7 +189,7 @@ def answer_sources(model, checkpoint: Path, limit: int | None, quiet: bool) -> d
     return {"checkpoint": str(checkpoint), "weights_sha256": sha256_file(weights) if weights.is_file() else None,
             "num_questions": len(questions["families"]),
             "questions": {k: ",".join(map(str, v)) for k, v in questions.items()}, "probes": probes,
-            "code_content": code_content(model, steps=CONTENT_STEPS)}
+            "code_content": code_content(model, steps=CONTENT_STEPS, held_out=CONTENT_HELD_OUT)}
 
 
 def render_sources(src: dict[str, Any]) -> list[str]:
@@ -238,8 +241,10 @@ def _render_code_content(c: dict[str, Any]) -> list[str]:
     from maven_edge.model_src.train.diagnose import CONTENT_INPUTS
 
     base = c["pair_bce_base_rate"]
+    pooled = ("max-pooled over the input's vectors, a presence detector" if c.get("pool", "mean") == "max"
+              else "mean-pooled over the input's vectors, as in stage 0-vq")
     lines = ["What the discrete codes can carry: a fresh scene-summary head (stage 0-vq's training-only head: "
-             "which of the 30 colour-shape pairs an image holds, how many objects) trained "
+             f"which of the 30 colour-shape pairs an image holds, how many objects; {pooled}) trained "
              f"{c['steps']} steps (batch {c['batch']}) on each frozen input of single-image train questions, "
              f"scored on {c['held_out_images']} validation images ({c['pairs_per_image']:.2f} pairs per image; "
              f"predicting each pair's frequency whatever the image gives a pair loss of {base:.3f}):", "",
@@ -249,6 +254,14 @@ def _render_code_content(c: dict[str, Any]) -> list[str]:
         lines.append(f"| {what} | {r['pair_bce']:.3f} | {r['pair_f1']:.2f} | {100 * r['count_accuracy']:.1f} % |")
     lines.append("")
     return lines
+
+
+def _shown(path: Path) -> str:
+    """A checkpoint path as the report shows it: relative to the working directory when inside it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 def run_ablations(checkpoint: str | None, run: str | None, out: str, only: list[str], steps_scale: float | None,
@@ -271,7 +284,8 @@ def run_ablations(checkpoint: str | None, run: str | None, out: str, only: list[
     figures.mkdir(parents=True, exist_ok=True)
     results_path = out_dir / "ablations.json"
     ckpt = Path(checkpoint) if checkpoint else SHIPPED_TINY
-    model = load_checkpoint(ckpt) if any(a in ("keep", "selector", "codes", "sources") for a in todo) else None
+    model = (load_checkpoint(ckpt) if any(a in ("keep", "selector", "codes", "sources", "tokenizer") for a in todo)
+             else None)
     fresh: dict[str, Any] = {}
     if "keep" in todo:
         fresh["keep"] = keep_ratio_sweep(model, figures, limit, quiet)
@@ -281,6 +295,11 @@ def run_ablations(checkpoint: str | None, run: str | None, out: str, only: list[
         fresh["codes"] = code_figure(model, figures)
     if "sources" in todo:
         fresh["sources"] = answer_sources(model, ckpt, limit, quiet)
+    if "tokenizer" in todo:
+        from maven_edge.model_src.train.code_objectives import tokenizer_objectives
+
+        fresh["tokenizer"] = tokenizer_objectives(model, _shown(ckpt), steps_scale or 1.0, CONTENT_STEPS,
+                                                  CONTENT_HELD_OUT, quiet)
     def save(sections: dict[str, Any]) -> dict[str, Any]:
         # merge into the file as it is now, not as it was at the start: a long table4 run must not
         # overwrite sections another `maven-edge ablations --only ...` wrote meanwhile
@@ -347,6 +366,10 @@ def render_markdown(results: dict[str, Any]) -> str:
                   "include that code.", ""]
     if "sources" in results:
         lines += render_sources(results["sources"])
+    if "tokenizer" in results:
+        from maven_edge.model_src.train.code_objectives import render_tokenizer
+
+        lines += render_tokenizer(results["tokenizer"])
     short = results.get("table4_short") or (t4 if t4 is not None and "streams" not in t4 else None)
     if short is not None:  # the superseded short-budget table goes last
         lines += _short_table4(short)

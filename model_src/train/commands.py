@@ -11,7 +11,7 @@ from maven_edge.model_src.train.table4 import DEFAULT_STREAMS as TABLE4_STREAMS
 from maven_edge.model_src.train.table4 import VARIANTS as TABLE4_VARIANTS
 
 #: maven_edge.model_src.train.ablations.ANALYSES (that module needs torch; `--help` must not)
-ABLATIONS = ("table4", "keep", "selector", "codes", "sources", "ttft")
+ABLATIONS = ("table4", "keep", "selector", "codes", "sources", "tokenizer", "ttft")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -77,11 +77,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "only, continuous only, continuous with hybrid's token count; hours on a CPU, resumable: run it again "
         "after a stop), accuracy and visual tokens against keep ratio, selector quality, what the discrete "
         "codes carry and where a hybrid checkpoint's answers come from (codes or patches swapped for another "
-        "image's, the selector replaced by a grid). Writes ablations.md, ablations.json and figures/ into --out (table4 rewrites them after "
+        "image's, the selector replaced by a grid), which stage 0-vq objective makes codes describe the image (fresh tokenizers on the checkpoint's frozen ViT). Writes ablations.md, ablations.json and figures/ into --out (table4 rewrites them after "
         "every finished run). Needs PyTorch.",
         examples=["maven-edge ablations --only keep --only codes --limit 100 --out /tmp/ablations",
                   "maven-edge ablations --only table4 --run artifacts/runs/R36F --out docs",
                   "maven-edge ablations --only sources --limit 64 --out /tmp/ablations",
+                  "maven-edge ablations --only tokenizer --steps-scale 0.1 --out /tmp/ablations",
                   "maven-edge ablations --only table4 --run artifacts/runs/R36F --variant discrete --streams 1 "
                   "--out docs",
                   "maven-edge bench --preset edge-small --threads 2 --sections pipeline "
@@ -104,8 +105,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--streams", type=int, default=TABLE4_STREAMS, metavar="K",
                    help=f"table4: stage-4 sample streams per variant (default {TABLE4_STREAMS})")
     a.add_argument("--steps-scale", type=float, default=None,
-                   help="table4: share of the recipe's stage-4 steps each variant trains (default 1: the full "
-                   "budget; smaller only for smoke tests)")
+                   help="table4: share of the recipe's stage-4 steps each variant trains; tokenizer: share of "
+                   "stage 0-vq's (default 1: the full budget; smaller only for smoke tests)")
     a.add_argument("--limit", type=int, default=None, metavar="N", help="test questions per evaluation (default: all)")
     a.add_argument("--quiet", action="store_true", help="no progress bars")
     a.set_defaults(func=_ablations)

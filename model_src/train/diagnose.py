@@ -92,13 +92,16 @@ CONTENT_INPUTS = (("vit", "the ViT's patch features (what the patches come from)
 
 
 def code_content(model: MavenModel, steps: int = 300, batch: int = 32, held_out: int = 256,
-                 seed: int = 0) -> dict[str, Any]:
+                 seed: int = 0, pool: str = "max", kinds: Sequence[str] | None = None) -> dict[str, Any]:
     """What the discrete codes can carry about an image's content: for each of
     :data:`CONTENT_INPUTS`, a fresh scene-summary head (stage 0-vq's training-only ``SceneHead``:
     which colour-shape pairs are present, how many objects) trained `steps` steps on that frozen
     input of single-image train questions, scored on `held_out` validation images. Pair loss at
     the base rate (predicting each pair's frequency, whatever the image) means the input tells
-    nothing about which objects an image holds."""
+    nothing about which objects an image holds. `pool`: how the head pools its per-vector
+    features ("max", a presence detector, is the stronger probe: 0.06 pair loss on the shipped
+    model's ViT features after 300 steps, where stage 0-vq's own "mean" reaches 0.20). `kinds`: which
+    of :data:`CONTENT_INPUTS` to probe (default: all)."""
     import torch.nn.functional as F
 
     from maven_edge.model_src.train.stages import SceneHead
@@ -126,13 +129,15 @@ def code_content(model: MavenModel, steps: int = 300, batch: int = 32, held_out:
     held = targets(list(iter_samples("val", held_out, families=list(families), image_size=size, patch_size=patch)))
     freq = held[1].mean(0)
     base = float(F.binary_cross_entropy(freq.expand_as(held[1]), held[1]))
-    out: dict[str, Any] = {"steps": steps, "batch": batch, "held_out_images": len(held[1]), "seed": seed,
+    out: dict[str, Any] = {"steps": steps, "batch": batch, "held_out_images": len(held[1]), "seed": seed, "pool": pool,
                            "pair_bce_base_rate": base, "pairs_per_image": float(held[1].sum(1).mean()), "inputs": {}}
     for kind, _ in CONTENT_INPUTS:
+        if kinds is not None and kind not in kinds:
+            continue
         x_held = frozen(held[0], kind)
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            head = SceneHead(x_held.shape[-1], 128, n_pairs, B.MAX_OBJECTS)
+            head = SceneHead(x_held.shape[-1], 128, n_pairs, B.MAX_OBJECTS, pool=pool)
         opt = torch.optim.AdamW(head.parameters(), lr=2e-3)
         for step in range(steps):
             rng = B.rng_for(seed, "code-content", step)

@@ -53,6 +53,10 @@ class PhaseConfig:
     # continuous mode, > 0: every image shows the same evenly spread subset of this many patches
     # (common.grid_patches) instead of all of them: the ablation's "equal visual tokens" row
     patch_subset: int = 0
+    # 0-vq, > 0: weight of per-region object targets (colour, shape, size and centre of each patch,
+    # predicted from its region's code; needs discrete.pooling "regions"): codes that describe
+    # their region's objects, not only the scene's object count (docs/training.md, "Ablations")
+    region_targets: float = 0.0
 
     def __post_init__(self) -> None:
         if self.gray_levels not in GRAY_LEVELS:
@@ -60,6 +64,8 @@ class PhaseConfig:
         if self.patch_subset < 0 or (self.patch_subset and self.mode != "continuous"):
             raise TrainingError(f"patch_subset needs mode continuous and a count >= 1 (0: all patches), got "
                                 f"{self.patch_subset} with mode {self.mode!r}")
+        if not self.region_targets >= 0:
+            raise TrainingError(f"region_targets must be >= 0, got {self.region_targets}")
         if not self.gray_consistency >= 0:
             raise TrainingError(f"gray_consistency must be >= 0, got {self.gray_consistency}")
         self.task_weights = tuple((str(t), float(w)) for t, w in self.task_weights)
@@ -130,6 +136,19 @@ def parse_stages(stage: str) -> list[str]:
     if stage not in STAGES:
         raise TrainingError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)} or all")
     return [stage]
+
+
+REGION_TARGETS = 1.0  # stage 0-vq's region_targets for a model whose tokenizer has discrete.pooling "regions"
+
+
+def for_model(recipe: dict[str, PhaseConfig], pooling: str) -> dict[str, PhaseConfig]:
+    """The recipe for a model whose tokenizer pools with `pooling`: a "regions" tokenizer trains with
+    per-region object targets in stage 0-vq (without them its codes carry only object counts, like
+    the query tokenizer's: docs/ablations.md, "Which tokenizer objective makes codes describe the image")."""
+    vq = recipe.get("0-vq")
+    if pooling != "regions" or vq is None or vq.region_targets > 0:
+        return recipe
+    return {**recipe, "0-vq": dataclasses.replace(vq, region_targets=REGION_TARGETS)}
 
 
 def get_recipe(preset: str, steps_scale: float = 1.0, max_batch: int | None = None) -> dict[str, PhaseConfig]:

@@ -67,7 +67,7 @@ from maven_edge.model_src.train.common import (
     visual_features,
 )
 from maven_edge.model_src.train.loop import Phase, plot_losses, read_jsonl, run_phase
-from maven_edge.model_src.train.recipe import STAGE_PHASES, PhaseConfig, get_recipe, parse_stages
+from maven_edge.model_src.train.recipe import STAGE_PHASES, PhaseConfig, for_model, get_recipe, parse_stages
 
 DEAD_CODE_WINDOW = 20
 
@@ -89,18 +89,27 @@ def dense_target_loss(logits: torch.Tensor, targets: torch.Tensor, grid: int) ->
     return total, metrics
 
 
+SCENE_POOLS = ("mean", "max")
+
+
 class SceneHead(nn.Module):
     """Training-only: predicts the scene summary (which colour-shape pairs are present, how many
-    objects) from the set of quantized code vectors (per-code MLP, mean over codes, MLP)."""
+    objects) from the set of quantized code vectors (per-code MLP, pooled over codes, MLP).
+    ``pool="mean"`` is stage 0-vq's head; ``"max"`` (a presence detector: one code showing a pair
+    is enough) is the stronger probe `diagnose.code_content` uses."""
 
-    def __init__(self, code_dim: int, width: int, n_pairs: int, n_counts: int):
+    def __init__(self, code_dim: int, width: int, n_pairs: int, n_counts: int, pool: str = "mean"):
         super().__init__()
+        if pool not in SCENE_POOLS:
+            raise TrainingError(f"scene head pool must be one of {SCENE_POOLS}, got {pool!r}")
         self.per_code = nn.Sequential(nn.Linear(code_dim, width), nn.GELU(), nn.Linear(width, width))
         self.out = nn.Sequential(nn.GELU(), nn.Linear(width, width), nn.GELU(), nn.Linear(width, n_pairs + n_counts))
         self.n_pairs = n_pairs
+        self.pool = pool
 
     def forward(self, z_q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.out(self.per_code(z_q).mean(1))
+        h = self.per_code(z_q)
+        h = self.out(h.amax(1) if self.pool == "max" else h.mean(1))
         return h[:, : self.n_pairs], h[:, self.n_pairs :]
 
 
@@ -195,6 +204,12 @@ def phase_vq(model: MavenModel, cfg: PhaseConfig, seed: int) -> Phase:
     n_pairs = len(B.PAIR_IDS)
     head = _seeded(seed + 2, lambda: SceneHead(dc.code_dim, dc.hidden_size, n_pairs, B.MAX_OBJECTS))
     params = _trainable(model, "discrete") + _named("scene_head", head)
+    modules: dict[str, nn.Module] = {"model": model, "scene_head": head}
+    region_loss = None
+    if cfg.region_targets > 0:
+        region_loss = _RegionTargets(model, seed)
+        params += _named("region_head", region_loss.head)
+        modules["region_head"] = region_loss.head
     usage = torch.zeros(dc.codebook_size)
     last_z: dict[str, torch.Tensor] = {}
     fam = ("caption", "single")
@@ -214,6 +229,11 @@ def phase_vq(model: MavenModel, cfg: PhaseConfig, seed: int) -> Phase:
         pair_logits, count_logits = head(z if step < warm else q.z_q)
         rec = F.binary_cross_entropy_with_logits(pair_logits, pairs) * n_pairs / 4 + F.cross_entropy(count_logits, counts)
         loss = rec + (q.loss if step >= warm else 0.0)
+        region_metrics: dict[str, float] = {}
+        if region_loss is not None:
+            region, region_metrics = region_loss(z if step < warm else q.z_q, samples)
+            loss = loss + cfg.region_targets * region
+            region_metrics["region_loss"] = float(region.detach())
         loss.backward()
         if step >= warm:
             usage.add_(torch.bincount(q.codes.flatten(), minlength=dc.codebook_size).float())
@@ -221,7 +241,7 @@ def phase_vq(model: MavenModel, cfg: PhaseConfig, seed: int) -> Phase:
         exact = ((pair_logits.detach() > 0).float() == pairs).all(-1).float().mean()
         return {"loss": float(loss.detach()), "rec_loss": float(rec.detach()), "vq_loss": float(q.loss.detach()),
                 "perplexity": float(q.perplexity), "acc_pairs_exact": float(exact),
-                "acc_count": float((count_logits.argmax(-1) == counts).float().mean())}
+                "acc_count": float((count_logits.argmax(-1) == counts).float().mean()), **region_metrics}
 
     @torch.no_grad()
     def reseed(idx: torch.Tensor, step: int) -> None:
@@ -247,8 +267,30 @@ def phase_vq(model: MavenModel, cfg: PhaseConfig, seed: int) -> Phase:
     def finish() -> dict[str, Any]:
         return _codebook_report(model, seed)
 
-    return Phase("0-vq", cfg, {"model": model, "scene_head": head}, params, step_fn, after_step,
-                 {"usage": usage}, finish)
+    return Phase("0-vq", cfg, modules, params, step_fn, after_step, {"usage": usage}, finish)
+
+
+class _RegionTargets:
+    """Stage 0-vq's per-region object targets for a "regions" tokenizer: a linear head reads each
+    code and predicts the 0-vision dense targets (colour, shape, size, centre; not row/column) of
+    every patch of its region (both patches of a 2-patch region get the same prediction)."""
+
+    def __init__(self, model: MavenModel, seed: int):
+        regions = model.discrete.regions
+        if regions is None:
+            raise TrainingError("region_targets needs a tokenizer with discrete.pooling 'regions' (this config's is "
+                                f"{model.config.discrete.pooling!r}): set it, or region_targets 0")
+        self.grid = model.config.vision.image_size // model.config.vision.patch_size
+        self.patch_size = model.config.vision.patch_size
+        self.owner = (regions > 0).float().t()  # [patches, codes]: 1 where a patch is in a code's region
+        n_classes = sum(n for _, n in B.dense_targets(self.grid))
+        self.head = _seeded(seed + 3, lambda: nn.Linear(model.config.discrete.code_dim, n_classes))
+
+    def __call__(self, z: torch.Tensor, samples: list) -> tuple[torch.Tensor, dict[str, float]]:
+        tgt = torch.from_numpy(np.concatenate([B.vision_targets(s, self.patch_size) for s in samples]))
+        tgt[..., len(B.TARGETS):] = -1  # no row/column target: a code need not know where it is
+        loss, metrics = dense_target_loss(self.owner @ self.head(z), tgt, self.grid)
+        return loss, {f"region_{k}": v for k, v in metrics.items() if not k.endswith(("_row", "_col"))}
 
 
 @torch.no_grad()
@@ -488,7 +530,7 @@ def train(
     stages = parse_stages(stage)
     cfg: MavenConfig = get_config(preset, overrides)
     cfg.seed = seed
-    recipe = get_recipe(preset, steps_scale, max_batch)
+    recipe = for_model(get_recipe(preset, steps_scale, max_batch), cfg.discrete.pooling)
     if init is not None and (len(stages) != 1 or stages[0] == "0"):
         raise TrainingError("--init starts one stage (1-4) from a checkpoint; pass --stage 1, 2, 3 or 4")
     out = Path(out)
