@@ -9,7 +9,7 @@ frozen ViT, once per variant of :data:`TOKENIZER_VARIANTS`, and probes each resu
 and quantized codes). A variant whose codes carry the colour-shape pairs is what a fair rerun of
 the whole table needs (stages 1-4 on top of it: hours, `maven-edge ablations --only table4`).
 
-    maven-edge ablations --only tokenizer --out docs      # ~15 minutes on two threads
+    maven-edge ablations --only tokenizer --out docs      # ~20 minutes on two threads
 """
 
 from __future__ import annotations
@@ -23,11 +23,12 @@ from typing import Any
 
 import torch
 
+from maven_edge.core.errors import TrainingError
 from maven_edge.model_src.modeling.discrete import DiscreteTokenizer
 from maven_edge.model_src.modeling.maven import MavenModel
 from maven_edge.model_src.train.diagnose import code_content
 from maven_edge.model_src.train.loop import read_jsonl, run_phase
-from maven_edge.model_src.train.recipe import get_recipe
+from maven_edge.model_src.train.recipe import REGION_TARGETS, get_recipe
 from maven_edge.model_src.train.stages import phase_vq
 
 
@@ -43,32 +44,37 @@ TOKENIZER_VARIANTS: dict[str, TokenizerVariant] = {
                                 "the recipe's 0-vq objective"),
     "regions": TokenizerVariant("regions", 0.0, "each query starts from its region's patches, the recipe's 0-vq "
                                 "objective"),
-    "regions+targets": TokenizerVariant("regions", 1.0, "each query starts from its region's patches; 0-vq also "
-                                        "predicts each region's objects (colour, shape, size, centre) from its code"),
+    "regions+targets(1)": TokenizerVariant("regions", 1.0, "each query starts from its region's patches; 0-vq "
+                                           "also predicts each region's objects (colour, shape, size, centre) "
+                                           "from its code, weight 1"),
+    f"regions+targets({REGION_TARGETS:g})": TokenizerVariant(
+        "regions", REGION_TARGETS, f"the same with weight {REGION_TARGETS:g} (the recipe's for a regions model)"),
 }
 
 
 def retrain_tokenizer(model: MavenModel, variant: TokenizerVariant, steps_scale: float = 1.0, seed: int = 0,
                       quiet: bool = True) -> tuple[MavenModel, dict[str, Any]]:
-    """A copy of `model` whose tokenizer is freshly initialised with `variant`'s pooling and trained
-    by stage 0-vq (the recipe's config, `steps_scale` of its steps, `variant`'s region targets) on the
-    model's frozen ViT; with the phase's summary and wall time."""
+    """A new model with `model`'s weights except its tokenizer, which is freshly initialised with
+    `variant`'s pooling and trained by stage 0-vq (the recipe's config, `steps_scale` of its steps,
+    `variant`'s region targets) on the model's frozen ViT; with the phase's wall time and last log."""
     cfg = dataclasses.replace(model.config, discrete=dataclasses.replace(model.config.discrete,
                                                                          pooling=variant.pooling)).validate()
-    copy = MavenModel(cfg, model.tokenizer)
-    copy.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("discrete.")},
-                         strict=False)
+    fresh = MavenModel(cfg, model.tokenizer)
+    loaded = fresh.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("discrete.")},
+                                   strict=False)
+    if loaded.unexpected_keys or not all(k.startswith("discrete.") for k in loaded.missing_keys):
+        raise TrainingError(f"could not copy the model's weights besides its tokenizer: {loaded}")
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        copy.discrete = DiscreteTokenizer(cfg.discrete, cfg.vision.hidden_size, cfg.visual_offset,
+        fresh.discrete = DiscreteTokenizer(cfg.discrete, cfg.vision.hidden_size, cfg.visual_offset,
                                           cfg.vision.image_size // cfg.vision.patch_size)
-    phase_cfg = dataclasses.replace(get_recipe(cfg.name if cfg.name else "tiny", steps_scale)["0-vq"],
+    phase_cfg = dataclasses.replace(get_recipe(cfg.name or "tiny", steps_scale)["0-vq"],
                                     region_targets=variant.region_targets)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="maven-vq-") as tmp:
-        summary = run_phase(phase_vq(copy, phase_cfg, seed), Path(tmp) / "0-vq", resume=False, quiet=quiet)
+        summary = run_phase(phase_vq(fresh, phase_cfg, seed), Path(tmp) / "0-vq", resume=False, quiet=quiet)
         last = read_jsonl(Path(tmp) / "0-vq" / "log.jsonl")[-1]
-    return copy.eval(), {"steps": phase_cfg.steps, "train_time_s": round(time.perf_counter() - t0, 1),
+    return fresh.eval(), {"steps": phase_cfg.steps, "train_time_s": round(time.perf_counter() - t0, 1),
                          "last_log": last, "val_code_perplexity": summary.get("val_code_perplexity")}
 
 

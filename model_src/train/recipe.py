@@ -138,7 +138,9 @@ def parse_stages(stage: str) -> list[str]:
     return [stage]
 
 
-REGION_TARGETS = 1.0  # stage 0-vq's region_targets for a model whose tokenizer has discrete.pooling "regions"
+# stage 0-vq's region_targets for a model whose tokenizer has discrete.pooling "regions": of weights
+# 1, 3, 10 and 30, 10 and 30 gave the codes the most content (docs/training.md, "Ablations")
+REGION_TARGETS = 10.0
 
 
 def for_model(recipe: dict[str, PhaseConfig], pooling: str) -> dict[str, PhaseConfig]:
