@@ -85,8 +85,13 @@ class VisionConfig:
     feature_layer: Annotated[int, Interval(ge=-1024, le=1024)] = -1
 
     @property
+    def grid_size(self) -> int:
+        """Patches along each side of the (square) image."""
+        return self.image_size // self.patch_size
+
+    @property
     def num_patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
+        return self.grid_size**2
 
 
 @dataclass
@@ -241,9 +246,8 @@ class MavenConfig:
         if d.pooling not in DISCRETE_POOLINGS:
             problems.append(f"discrete.pooling must be one of {DISCRETE_POOLINGS}, got {d.pooling!r}")
         elif d.pooling == "regions" and isinstance(d.num_codes, int) and d.num_codes >= 1:
-            grid = v.image_size // v.patch_size
-            if max(region_grid(d.num_codes)) > grid:
-                rows, cols = region_grid(d.num_codes)
+            grid, (rows, cols) = v.grid_size, region_grid(d.num_codes)
+            if max(rows, cols) > grid:
                 problems.append(f"discrete.pooling 'regions' cuts the {grid}x{grid} patch grid into {rows}x{cols} "
                                 f"regions for {d.num_codes} codes, more than it has patches along a side: use fewer "
                                 "codes or pooling 'queries'")

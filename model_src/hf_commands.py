@@ -169,8 +169,7 @@ def assemble_model(cfg, tokenizer, seed: int, vision=None, llm=None):
     try:
         dv, d = cfg.vision.hidden_size, cfg.llm.hidden_size
         model.vision = vision if vision is not None else VisionEncoder(cfg.vision)
-        model.discrete = DiscreteTokenizer(cfg.discrete, dv, cfg.visual_offset,
-                                           cfg.vision.image_size // cfg.vision.patch_size)
+        model.discrete = DiscreteTokenizer(cfg.discrete, dv, cfg.visual_offset, cfg.vision.grid_size)
         model.selector = PatchSelector(cfg.selector, dv, d)
         model.projector = Projector(dv, d, cfg.projector.output_scale)
     finally:

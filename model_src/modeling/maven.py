@@ -77,7 +77,7 @@ class MavenModel(nn.Module):
             raise PromptError("tokenizer layout and config disagree on the text vocabulary size")
         dv, d = cfg.vision.hidden_size, cfg.llm.hidden_size
         self.vision = VisionEncoder(cfg.vision)
-        self.discrete = DiscreteTokenizer(cfg.discrete, dv, cfg.visual_offset, cfg.vision.image_size // cfg.vision.patch_size)
+        self.discrete = DiscreteTokenizer(cfg.discrete, dv, cfg.visual_offset, cfg.vision.grid_size)
         self.llm = LlamaDecoder(cfg.llm, cfg.vocab_size)
         self.selector = PatchSelector(cfg.selector, dv, d)
         self.projector = Projector(dv, d, cfg.projector.output_scale)

@@ -14,6 +14,7 @@ the whole table needs (stages 1-4 on top of it: hours, `maven-edge ablations --o
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import tempfile
 import time
@@ -23,7 +24,6 @@ from typing import Any
 
 import torch
 
-from maven_edge.core.errors import TrainingError
 from maven_edge.model_src.modeling.discrete import DiscreteTokenizer
 from maven_edge.model_src.modeling.maven import MavenModel
 from maven_edge.model_src.train.diagnose import code_content
@@ -59,15 +59,12 @@ def retrain_tokenizer(model: MavenModel, variant: TokenizerVariant, steps_scale:
     `variant`'s region targets) on the model's frozen ViT; with the phase's wall time and last log."""
     cfg = dataclasses.replace(model.config, discrete=dataclasses.replace(model.config.discrete,
                                                                          pooling=variant.pooling)).validate()
-    fresh = MavenModel(cfg, model.tokenizer)
-    loaded = fresh.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("discrete.")},
-                                   strict=False)
-    if loaded.unexpected_keys or not all(k.startswith("discrete.") for k in loaded.missing_keys):
-        raise TrainingError(f"could not copy the model's weights besides its tokenizer: {loaded}")
+    fresh = copy.deepcopy(model)
+    fresh.config = cfg
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         fresh.discrete = DiscreteTokenizer(cfg.discrete, cfg.vision.hidden_size, cfg.visual_offset,
-                                          cfg.vision.image_size // cfg.vision.patch_size)
+                                           cfg.vision.grid_size)
     phase_cfg = dataclasses.replace(get_recipe(cfg.name or "tiny", steps_scale)["0-vq"],
                                     region_targets=variant.region_targets)
     t0 = time.perf_counter()

@@ -280,7 +280,7 @@ class _RegionTargets:
         if regions is None:
             raise TrainingError("region_targets needs a tokenizer with discrete.pooling 'regions' (this config's is "
                                 f"{model.config.discrete.pooling!r}): set it, or region_targets 0")
-        self.grid = model.config.vision.image_size // model.config.vision.patch_size
+        self.grid = model.config.vision.grid_size
         self.patch_size = model.config.vision.patch_size
         self.owner = (regions > 0).float().t()  # [patches, codes]: 1 where a patch is in a code's region
         n_classes = sum(n for _, n in B.dense_targets(self.grid))
