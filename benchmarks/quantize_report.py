@@ -70,11 +70,6 @@ class ReportOptions:
         return self
 
 
-def normalize(text: str) -> str:
-    """The exact-match normalisation of ``maven-edge eval`` (maven_edge.model_src.train.evaluate.normalize)."""
-    return " ".join(text.strip().lower().split())
-
-
 # ---- quantized artifact sets -------------------------------------------------------------------------
 
 
@@ -127,6 +122,7 @@ def evaluate_sets(sets: dict[str, Path], split: str, limit: int | None, max_new_
     from tqdm import tqdm
 
     from maven_edge.model_src.data import iter_samples, num_samples
+    from maven_edge.model_src.data.tasks import normalize_answer
 
     first = load_manifest(next(iter(sets.values())), verify=False).maven_config()
     n = num_samples(split) if limit is None else min(limit, num_samples(split))
@@ -142,7 +138,7 @@ def evaluate_sets(sets: dict[str, Path], split: str, limit: int | None, max_new_
             res = pipe.generate(s.images, s.prompt, max_new_tokens=max_new_tokens, greedy=True)
             t = res.timings
             records[name].append({
-                "family": s.family, "task": s.task, "correct": normalize(res.text) == normalize(s.answer),
+                "family": s.family, "task": s.task, "correct": normalize_answer(res.text) == normalize_answer(s.answer),
                 "tokens": list(res.token_ids), "finish": res.finish_reason, "total_ms": t.total_ms,
                 "visual_ms": t.vision_ms + t.discrete_ms + t.h_eos_ms + t.selector_ms,
                 "prefill_ms": t.prefill_ms, "decode_step_ms": list(t.decode_step_ms),

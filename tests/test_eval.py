@@ -175,7 +175,8 @@ def test_shipped_predictions_belong_to_the_test_split_and_score_to_the_eval_repo
     from collections import defaultdict
 
     from maven_edge.model_src.checkpoint import load_config
-    from maven_edge.model_src.train.evaluate import image_bucket, normalize
+    from maven_edge.model_src.data.tasks import normalize_answer
+    from maven_edge.model_src.train.evaluate import image_bucket
 
     report = json.loads((SHIPPED_TINY / "eval_report.json").read_text())
     preds = _shipped_predictions()
@@ -185,7 +186,7 @@ def test_shipped_predictions_belong_to_the_test_split_and_score_to_the_eval_repo
     for p, s in zip(preds, samples, strict=True):
         assert (p["index"], p["prompt"], p["answer"], p["task"], p["images"]) == (
             s.meta["index"], s.prompt, s.answer, s.task, len(s.images))
-        assert p["correct"] == (normalize(p["prediction"]) == normalize(s.answer))
+        assert p["correct"] == (normalize_answer(p["prediction"]) == normalize_answer(s.answer))
         hits["overall"].append(p["correct"])
         hits[f"family/{s.family}"].append(p["correct"])
         hits[f"task/{s.task}"].append(p["correct"])

@@ -47,7 +47,7 @@ def run(checkpoint: Path, artifacts: Path | None, split: str, limit: int | None,
     from tqdm import tqdm
 
     from maven_edge.model_src.data.splits import iter_samples, num_samples
-    from maven_edge.model_src.train.evaluate import normalize
+    from maven_edge.model_src.data.tasks import normalize_answer
     from maven_edge.runtime.backends.ort_backend import SessionConfig
     from maven_edge.runtime.options import NO_CACHING
     from maven_edge.runtime.pipeline import MavenPipeline
@@ -71,7 +71,7 @@ def run(checkpoint: Path, artifacts: Path | None, split: str, limit: int | None,
         res = {}
         for w in (WAYS if i % 2 == 0 else WAYS[::-1]):  # alternate which runs first (warm caches)
             res[w] = pipe.generate(s.images, s.prompt, max_new_tokens=max_new_tokens, greedy=True, h_eos=w)
-            ok = int(normalize(res[w].text) == normalize(s.answer))
+            ok = int(normalize_answer(res[w].text) == normalize_answer(s.answer))
             for k in _keys(s):
                 hits[w][k].append(ok)
             ttft[w].append(res[w].timings.ttft_ms)

@@ -25,14 +25,10 @@ from maven_edge.runtime.commands import demo_artifacts_dir, ensure_demo_artifact
 from tools import emit_report
 
 
-def normalize(text: str) -> str:
-    """The exact-match rule of maven_edge.model_src.train.evaluate."""
-    return " ".join(text.strip().lower().split())
-
-
 def run(checkpoint: Path, artifacts: Path | None, split: str, limit: int | None, max_new_tokens: int,
         threads: int) -> dict[str, Any]:
     from maven_edge.model_src.data.splits import iter_samples, num_samples
+    from maven_edge.model_src.data.tasks import normalize_answer
     from maven_edge.runtime.backends.ort_backend import SessionConfig
     from maven_edge.runtime.pipeline import MavenPipeline
 
@@ -51,10 +47,10 @@ def run(checkpoint: Path, artifacts: Path | None, split: str, limit: int | None,
         a = ort_pipe.generate(s.images, s.prompt, max_new_tokens=max_new_tokens)
         b = torch_pipe.generate(s.images, s.prompt, max_new_tokens=max_new_tokens)
         eq = a.token_ids == b.token_ids
-        ok_a = normalize(a.text) == normalize(s.answer)
+        ok_a = normalize_answer(a.text) == normalize_answer(s.answer)
         same += eq
         hits_ort += ok_a
-        hits_torch += normalize(b.text) == normalize(s.answer)
+        hits_torch += normalize_answer(b.text) == normalize_answer(s.answer)
         fam = by_family[s.family]
         fam[0] += eq
         fam[1] += ok_a

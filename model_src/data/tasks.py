@@ -52,6 +52,7 @@ that lack the object, images of "count_across" with none counted) all objects ar
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -122,6 +123,38 @@ def describe_change(before: Scene, after: Scene) -> str | None:
     elif len(new) == 1 and not gone:
         return f"{with_article(f'{new[0].color} {new[0].shape}')} was added"
     return None
+
+
+def count_chain(counts: Sequence[int]) -> str:
+    """A worked count across images, as a running tally: per-image counts ``[2, 0, 1, 1]`` ->
+    ``"2+0=2+1=3+1=4"`` (each ``+c=t`` adds image k's count to the total so far; one image:
+    just its count). The training target of ``count_across`` with ``PhaseConfig.worked_counts``;
+    scored by its result (:func:`answer_result`)."""
+    if not counts:
+        raise ValueError("count_chain needs at least one count")
+    text, total = str(int(counts[0])), int(counts[0])
+    for c in counts[1:]:
+        total += int(c)
+        text += f"+{int(c)}={total}"
+    return text
+
+
+_CHAIN = re.compile(r"\d+(?:\+\d+=\d+)+")
+
+
+def answer_result(text: str) -> str:
+    """The answer to score: a worked count (``"2+0=2+1=3"``, :func:`count_chain`) is reduced to
+    its result (``"3"``, after the last ``=``); every other answer is returned unchanged. Only
+    the result is checked, as for a chain of thought: a tally with a wrong step but the right
+    total counts as right."""
+    stripped = text.strip()
+    return stripped.rsplit("=", 1)[1] if _CHAIN.fullmatch(stripped) else text
+
+
+def normalize_answer(text: str) -> str:
+    """What exact match compares (``maven-edge eval``, the quantize report, the parity tools):
+    the result of a worked count (:func:`answer_result`), lower case, single spaces."""
+    return " ".join(answer_result(text).strip().lower().split())
 
 
 def plural(shape: str) -> str:

@@ -17,6 +17,10 @@ to, so this module turns them into targets for a few attention heads:
   one kept patch per counted object (the one holding most of the object) and the ``<bos>`` token,
   so the share left on ``<bos>`` is ``1 / (n + 1)`` and says the count ``n`` (the objects may lie in
   several images). Its loss is the cross-entropy against that uniform distribution.
+* **worked counts** (``PhaseConfig.worked_counts``): a count across images answered as a running
+  tally (``"2+0=2+1=3"``, :func:`worked_count`) gets role-0 targets per term instead: the position
+  that predicts image k's count attends to image k's counted objects (all of image k's kept patches
+  when it has none); the totals are left to the decoder (each is the previous total plus one term).
 * **label head** (layer ``label_layer``, head ``label_head``): in a multi-image prompt, every
   visual token of image ``k`` should attend to the ``" k"`` token of its ``Image k:`` label, so a
   retrieved patch carries the label it must be answered with.
@@ -45,6 +49,7 @@ from maven_edge.model_src.data.tasks import (
     CHANGE_QUESTION,
     REVERSE_CHANGE_QUESTION,
     Sample,
+    count_chain,
     edited_objects,
     plural,
     question_line,
@@ -122,6 +127,30 @@ def _counted(question: str, scenes: Sequence[Scene]) -> list[Role] | None:
         return []
     found = _objects(scenes, images, color, shape)
     return [found] if found else []
+
+
+def per_image_counts(question: str, scenes: Sequence[Scene]) -> list[int] | None:
+    """How many objects a count question over all the images (``"Question: how many red shapes
+    are there in all the images?"``) counts in each image; None for any other question."""
+    text = question.removeprefix("Question: ")
+    m = _COUNT.fullmatch(text)
+    if not m or not m.group(3):
+        return None
+    counted = _counted(text, scenes)
+    counts = np.bincount([k for k, _ in counted[0]] if counted else [], minlength=len(scenes))
+    return [int(c) for c in counts]
+
+
+def worked_count(question: str, scenes: Sequence[Scene], answer: str) -> str:
+    """``answer`` as a running tally (``"2+0=2+1=3"``, :func:`~maven_edge.model_src.data.tasks.count_chain`)
+    when ``question`` counts across several images, else ``answer`` unchanged. The tally's total is
+    checked against ``answer``."""
+    counts = per_image_counts(question, scenes)
+    if counts is None or len(counts) < 2:
+        return answer
+    if str(sum(counts)) != answer.strip():
+        raise TrainingError(f"worked count {counts} does not add up to the answer {answer!r} of {question!r}")
+    return count_chain(counts)
 
 
 def _changes(question: str, scenes: Sequence[Scene]) -> list[Role] | None:
@@ -232,6 +261,7 @@ def build_targets(
     patch_offset: int,
     patch_size: int,
     colon_id: int,
+    plus_id: int | None = None,
 ) -> Targets:
     """Targets for one micro-batch laid out as ``MavenModel.assemble_batch`` does without left
     padding (``<image>`` at id position p becomes ``tokens_per_image`` tokens).
@@ -242,7 +272,9 @@ def build_targets(
     ``<img_start>`` (hybrid: the kept patches after the codes; continuous: all patches, offset 0;
     None in discrete mode, where there are no patches and so no role targets). The label of
     image k is the token before the last ``colon_id`` (``:``) that precedes its ``<image>``
-    (``Image 2: <image>``: ``" 2"``; ``"3"`` where the tokenizer splits ``" 3"``)."""
+    (``Image 2: <image>``: ``" 2"``; ``"3"`` where the tokenizer splits ``" 3"``). ``plus_id``: the
+    ``+`` token, by which a worked count's terms are found (the first answer token and each token
+    after a ``+``); None: no worked counts."""
     t = Targets([], [], [], [], [], [])
 
     def add(row: int, layer: int, head: int, queries: Iterable[int], keys: np.ndarray, uniform: bool = False) -> None:
@@ -262,6 +294,21 @@ def build_targets(
         width = len(ids) + len(img_pos) * (tokens_per_image - 1)
         for question, answer_positions in turns[b]:
             queries = seq[np.asarray(answer_positions, dtype=np.int64)] - 1  # predicts the token
+            if plus_id is not None and kept[b] is not None:
+                terms = _tally_terms(question, scenes[b], [ids[p] for p in answer_positions], plus_id)
+                if terms is not None:
+                    counted = _counted(question.removeprefix("Question: "), scenes[b]) or [[]]
+                    for k, pos in enumerate(terms):
+                        masks = [o.mask for j, o in counted[0] if j == k]
+                        if masks:  # image k's counted objects, else all of image k
+                            on = patch_labels(masks, scenes[b][k].image_size, patch_size)[kept[b][k]] > 0
+                        else:
+                            on = np.ones(len(kept[b][k]), dtype=bool)
+                        keys = np.zeros(width, dtype=bool)
+                        keys[seq[img_pos[k]] + 1 + patch_offset + np.flatnonzero(on)] = True
+                        for layer in sup.role_layers:
+                            add(b, layer, sup.role_heads[0], queries[pos], keys)
+                    continue
             named = referents(question, scenes[b]) if kept[b] is not None else []
             for r, role in enumerate(named[: len(sup.role_heads)]):
                 keys = np.zeros(width, dtype=bool)
@@ -291,6 +338,20 @@ def build_targets(
                     keys[seq[colons[-1] - 1]] = True
                     add(b, sup.label_layer, sup.label_head, range(seq[p] + 1, seq[p] + tokens_per_image), keys)
     return t
+
+
+def _tally_terms(question: str, scenes: Sequence[Scene], answer_ids: Sequence[int], plus_id: int) -> list[list[int]] | None:
+    """Per image, the indices into ``answer_ids`` of a worked count's term for it (the tokens before
+    the first ``+``, which may be a space and a digit, then the token after each ``+``); None when
+    the turn is not a worked count."""
+    counts = per_image_counts(question, scenes)
+    if counts is None or plus_id not in answer_ids:
+        return None
+    plus = [i for i, t in enumerate(answer_ids) if t == plus_id]
+    terms = [list(range(plus[0]))] + [[i + 1] for i in plus if i + 1 < len(answer_ids)]
+    if len(terms) != len(scenes):
+        raise TrainingError(f"a worked count of {question!r} has {len(terms)} terms for {len(scenes)} images")
+    return terms
 
 
 def attention_loss(probs: dict[int, torch.Tensor], targets: Targets) -> torch.Tensor | None:

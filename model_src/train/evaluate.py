@@ -22,6 +22,7 @@ from maven_edge.core.config import check_mode
 from maven_edge.core.errors import InputError
 from maven_edge.model_src.data import Sample
 from maven_edge.model_src.data.splits import SPLITS, iter_samples, num_samples
+from maven_edge.model_src.data.tasks import normalize_answer
 from maven_edge.model_src.modeling.maven import MavenModel
 from maven_edge.model_src.train import batches as B
 from maven_edge.model_src.train.common import (
@@ -138,10 +139,6 @@ def named_patches_kept(sample: Sample, kept: Sequence[Any]) -> tuple[float, floa
     return hit, total
 
 
-def normalize(text: str) -> str:
-    return " ".join(text.strip().lower().split())
-
-
 def evaluate(
     model: MavenModel,
     split: str = "test",
@@ -203,7 +200,7 @@ def evaluate(
     hits: dict[str, list[int]] = defaultdict(list)
     records = []
     for i, s in enumerate(samples):
-        ok = int(normalize(preds[i]) == normalize(s.answer))
+        ok = int(normalize_answer(preds[i]) == normalize_answer(s.answer))
         for key in ("overall", f"family/{s.family}", f"task/{s.task}"):
             hits[key].append(ok)
         if s.meta.get("heldout"):

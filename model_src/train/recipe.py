@@ -57,6 +57,10 @@ class PhaseConfig:
     # predicted from its region's code; needs discrete.pooling "regions"): codes that describe
     # their region's objects, not only the scene's object count (docs/training.md, "Ablations")
     region_targets: float = 0.0
+    # LLM stages: a count across images (its own question and follow-ups) is answered as a running
+    # tally, "2+0=2+1=3" (data.tasks.count_chain; scored by its result), with per-term attention
+    # targets (attention_targets.py): one small addition per image instead of one sum at once
+    worked_counts: bool = False
 
     def __post_init__(self) -> None:
         if self.gray_levels not in GRAY_LEVELS:
@@ -115,7 +119,7 @@ def tiny_recipe() -> dict[str, PhaseConfig]:
         "3-projector": PhaseConfig(steps=80, batch_size=32, lr=1e-3, warmup=10, mode="hybrid",
                                    families=("caption",)),
         "4-instruct": PhaseConfig(steps=2100, batch_size=32, lr=1.5e-3, warmup=50, mode="hybrid", followups=4,
-                                  attention_targets=1.0, seed_offset=1, reverse_change=True),
+                                  attention_targets=1.0, seed_offset=1, reverse_change=True, worked_counts=True),
     }
 
 

@@ -31,6 +31,7 @@ Stage 4: instruction tuning on the QA mix (captions, single- and multi-image QA)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -47,8 +48,8 @@ from torch import nn
 from maven_edge.core.config import MavenConfig, get_config
 from maven_edge.core.errors import CheckpointError, TrainingError
 from maven_edge.model_src.checkpoint import build_model, load_checkpoint, save_checkpoint
-from maven_edge.model_src.data.followups import followup_questions
-from maven_edge.model_src.data.tasks import question_line
+from maven_edge.model_src.data.followups import QA, followup_questions
+from maven_edge.model_src.data.tasks import Sample, question_line
 from maven_edge.model_src.modeling.decoder import record_attention
 from maven_edge.model_src.modeling.maven import MavenModel
 from maven_edge.model_src.modeling.selector import select_patches
@@ -58,6 +59,7 @@ from maven_edge.model_src.train.attention_targets import (
     answer_turns,
     attention_loss,
     build_targets,
+    worked_count,
 )
 from maven_edge.model_src.train.common import (
     answer_loss,
@@ -406,6 +408,15 @@ def enable_image_slots(model: MavenModel) -> None:
         model.llm.embed_tokens.weight[ids] = 0.0
 
 
+def _worked(samples: list[Sample], extra: list[list[QA]] | None) -> tuple[list[Sample], list[list[QA]] | None]:
+    """`PhaseConfig.worked_counts`: every count across images, a sample's own question or a
+    follow-up, answered as a running tally (attention_targets.worked_count)."""
+    out = [dataclasses.replace(s, answer=worked_count(question_line(s), s.scenes, s.answer)) for s in samples]
+    if extra is not None:
+        extra = [[(q, worked_count(q, s.scenes, a)) for q, a in turns] for s, turns in zip(samples, extra, strict=True)]
+    return out, extra
+
+
 def phase_llm(model: MavenModel, cfg: PhaseConfig, seed: int, name: str, parts: tuple[str, ...],
               grad: tuple[str, ...]) -> Phase:
     if cfg.image_slots:  # before a resume restores the trained rows
@@ -415,6 +426,7 @@ def phase_llm(model: MavenModel, cfg: PhaseConfig, seed: int, name: str, parts: 
     t_img = tokens_per_image(model.config, cfg.mode, patch_subset=cfg.patch_subset) + 2
     sup = AttentionSupervision.for_decoder(model.config.llm, cfg.attention_targets, cfg.count_head)
     colon_id = tok.encode(":")[0]
+    plus_id = tok.encode("+")[0]
     patch_offset = model.config.discrete.num_codes if cfg.mode == "hybrid" else 0
 
     def step_fn(step: int) -> dict[str, float]:
@@ -425,6 +437,8 @@ def phase_llm(model: MavenModel, cfg: PhaseConfig, seed: int, name: str, parts: 
             extra = [followup_questions(s.scenes, rng, cfg.followups, skip=[question_line(s)],
                                         reverse_change=cfg.reverse_change, video=s.family == "video")
                      for s in samples]
+        if cfg.worked_counts:
+            samples, extra = _worked(samples, extra)
         tb = B.text_batch(samples, tok, extra)
         px = B.pixel_tensor(samples, model.config)
         vf = visual_features(model, px, cfg.mode, patch_subset=cfg.patch_subset)
@@ -457,7 +471,8 @@ def phase_llm(model: MavenModel, cfg: PhaseConfig, seed: int, name: str, parts: 
                     sup, [tb.sequences[i] for i in group],
                     [answer_turns(samples[i], extra[i] if extra else [], tb.targets[i]) for i in group],
                     [samples[i].scenes for i in group], [patches_in(offsets[i], offsets[i + 1]) for i in group],
-                    tok.image_id, t_img, patch_offset, model.config.vision.patch_size, colon_id)
+                    tok.image_id, t_img, patch_offset, model.config.vision.patch_size, colon_id,
+                    plus_id if cfg.worked_counts else None)
                 att = attention_loss(dict(zip(sup.layers, maps, strict=True)), targets)
                 if att is not None:
                     loss = loss + sup.weight * att * len(group) / len(samples)

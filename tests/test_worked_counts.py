@@ -1,0 +1,134 @@
+"""Worked counts across images (`PhaseConfig.worked_counts`): the running tally a count across
+images is trained to answer with, how it is scored, and its per-term attention targets."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from maven_edge.model_src.data.splits import iter_samples
+from maven_edge.model_src.data.tasks import answer_result, count_chain, normalize_answer, question_line
+
+
+def test_count_chain_is_a_running_tally():
+    assert count_chain([2, 0, 1, 1]) == "2+0=2+1=3+1=4"
+    assert count_chain([0, 2]) == "0+2=2"
+    assert count_chain([3]) == "3"
+    with pytest.raises(ValueError):
+        count_chain([])
+
+
+@pytest.mark.parametrize(("text", "scored"), [
+    ("2+0=2+1=3+1=4", "4"),
+    (" 1+1=2 ", "2"),
+    ("2+0=3+1=4", "4"),  # only the result is checked, as for a chain of thought
+    ("4", "4"),
+    ("2+0", "2+0"),  # not a tally: compared as written
+    ("image 2", "image 2"),
+    ("the red circle was removed", "the red circle was removed"),
+])
+def test_a_tally_is_scored_by_its_result(text, scored):
+    assert answer_result(text).strip() == scored
+
+
+def test_exact_match_accepts_a_tally_with_the_right_total_only():
+    assert normalize_answer("1+2=3+2=5") == normalize_answer("5")
+    assert normalize_answer("1+2=3+2=6") != normalize_answer("5")
+    assert normalize_answer("  Image  2 ") == "image 2"
+
+
+def test_every_test_count_across_answer_becomes_a_tally_with_its_total():
+    pytest.importorskip("torch")
+    from maven_edge.model_src.train.attention_targets import per_image_counts, worked_count
+
+    seen = 0
+    for s in iter_samples("test", 1000, tasks=("count_across",)):
+        counts = per_image_counts(question_line(s), s.scenes)
+        assert counts is not None and len(counts) == len(s.images) and max(counts) <= 2
+        tally = worked_count(question_line(s), s.scenes, s.answer)
+        assert tally == count_chain(counts) and normalize_answer(tally) == s.answer
+        seen += 1
+    assert seen == 100
+    other = next(iter(iter_samples("test", 1, tasks=("count",))))
+    assert worked_count(question_line(other), other.scenes, other.answer) == other.answer
+
+
+def test_a_tally_that_does_not_add_up_is_an_error():
+    pytest.importorskip("torch")
+    from maven_edge.core.errors import TrainingError
+    from maven_edge.model_src.train.attention_targets import worked_count
+
+    s = next(iter(iter_samples("test", 1, tasks=("count_across",))))
+    with pytest.raises(TrainingError, match="does not add up"):
+        worked_count(question_line(s), s.scenes, str(int(s.answer) + 1))
+
+
+def test_each_term_attends_to_its_own_image():
+    """The position predicting image k's count has role-0 targets on image k's counted objects
+    (every kept patch of image k when it has none), in each role layer; nothing else of the turn."""
+    torch = pytest.importorskip("torch")
+    from maven_edge.core.config import get_config
+    from maven_edge.model_src.checkpoint import build_model
+    from maven_edge.model_src.data.labels import patch_labels
+    from maven_edge.model_src.train import batches as B
+    from maven_edge.model_src.train.attention_targets import (
+        AttentionSupervision,
+        answer_turns,
+        build_targets,
+        per_image_counts,
+    )
+    from maven_edge.model_src.train.common import visual_features
+    from maven_edge.model_src.train.stages import _worked
+
+    model = build_model(get_config("tiny", ["llm.num_layers=3", "vision.num_layers=1", "discrete.num_layers=1"]),
+                        seed=0)
+    tok = model.tokenizer
+    samples, _ = _worked(list(iter_samples("train", 4, tasks=("count_across",))), None)
+    assert all("+" in s.answer for s in samples)
+    tb = B.text_batch(samples, tok)
+    with torch.no_grad():
+        vf = visual_features(model, B.pixel_tensor(samples, model.config), "hybrid")
+    offsets = np.concatenate([[0], np.cumsum(tb.image_counts)])
+    kept = [vf.indices[offsets[i]:offsets[i + 1]].numpy() for i in range(len(samples))]
+    sup = AttentionSupervision.for_decoder(model.config.llm, 1.0)
+    t_img = model.config.visual_tokens_per_image("hybrid") + 2
+    codes = model.config.discrete.num_codes
+    plus = tok.encode("+")[0]
+    turns = [answer_turns(s, [], t) for s, t in zip(samples, tb.targets, strict=True)]
+    t = build_targets(sup, tb.sequences, turns, [s.scenes for s in samples], kept, tok.image_id, t_img, codes, 8,
+                      tok.encode(":")[0], plus)
+    for b, s in enumerate(samples):
+        ids = tb.sequences[b]
+        is_image = np.asarray(ids) == tok.image_id
+        seq = np.arange(len(ids)) + (np.cumsum(is_image) - is_image) * (t_img - 1)
+        starts = seq[is_image]
+        counts = per_image_counts(question_line(s), s.scenes)
+        (answer,) = [run for _, run in turns[b]]
+        term_queries = [int(seq[answer[0]]) - 1] + [int(seq[p]) for p in answer if ids[p] == plus]
+        mine = [i for i, r in enumerate(t.rows) if r == b and t.layers[i] != sup.label_layer]
+        assert {t.heads[i] for i in mine} == {sup.role_heads[0]}
+        assert {t.layers[i] for i in mine} == set(sup.role_layers)
+        for k, q in enumerate(term_queries):
+            hits = [i for i in mine if t.queries[i] == q]
+            assert len(hits) == len(sup.role_layers)  # one per role layer
+            (key_pos,) = np.nonzero(t.keys[hits[0]])
+            assert (key_pos > starts[k] + codes).all() and (key_pos < starts[k] + t_img).all()  # image k's patches
+            slots = key_pos - starts[k] - 1 - codes
+            if counts[k]:
+                counted = s.scenes[k].find(**_counted_attr(question_line(s)))
+                on = patch_labels([o.mask for o in counted], 64, 8)[kept[b][k][slots]] > 0
+                assert on.all()
+            else:
+                assert len(slots) == kept[b].shape[1]  # all of image k
+        # the queries of "+", "=" and the totals have no targets
+        assert {t.queries[i] for i in mine} <= {q for k, q in enumerate(term_queries)} | {
+            int(seq[p]) - 1 for p in answer[:2]}
+
+
+def _counted_attr(question: str) -> dict[str, str]:
+    from maven_edge.model_src.data.shapes import COLORS
+
+    noun = question.removeprefix("Question: how many ").split(" are there")[0]
+    if noun.endswith(" shapes") and noun.removesuffix(" shapes") in COLORS:
+        return {"color": noun.removesuffix(" shapes")}
+    return {"shape": noun.removesuffix("es") if noun.endswith("sses") else noun.removesuffix("s")}
