@@ -31,7 +31,7 @@ import numpy as np
 from maven_edge.calibration.quantize import QUANT_RECIPES, QuantizeOptions, made_by, quantize_artifacts
 from maven_edge.core.errors import ArtifactError, InputError
 from maven_edge.core.manifest import MANIFEST, load_manifest, sha256_file
-from maven_edge.core.paths import cache_dir
+from maven_edge.core.paths import cache_dir, shown_path
 
 #: The issue's targets.
 TARGETS = {"int8_static_max_drop": 2.0, "int4_max_drop": 5.0, "int4_decoder_max_ratio": 0.30}
@@ -248,12 +248,7 @@ def machine() -> dict[str, Any]:
 def _export_command(manifest: Any, artifacts: str) -> str:
     src = manifest.extra.get("source") or {}
     if src.get("kind") == "checkpoint":
-        path = Path(str(src.get("path")))
-        try:
-            path = path.relative_to(Path.cwd())
-        except ValueError:
-            pass
-        return f"maven-edge export --checkpoint {path} --out {artifacts}"
+        return f"maven-edge export --checkpoint {shown_path(str(src.get('path')))} --out {artifacts}"
     if src.get("kind") == "preset":
         return f"maven-edge export --preset {src.get('preset')} --out {artifacts}"
     return f"(artifacts {artifacts} exported through the Python API)"

@@ -31,3 +31,13 @@ def cache_root() -> Path:
 def cache_dir(*parts: str) -> Path:
     """A folder under :func:`cache_root` (not created: the writer creates what it writes)."""
     return cache_root().joinpath(*parts)
+
+
+def shown_path(path: str | Path) -> str:
+    """A path as reports and printed commands show it: relative to the working directory when
+    inside it (so a pasted command works from there), else as given."""
+    path = Path(path)
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)

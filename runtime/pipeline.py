@@ -540,7 +540,7 @@ class MavenPipeline:
         timings = Timings()
         vis = self._encode_visual(image_list, "hybrid", k, _Clock(timings), lambda: None)
         assert vis.indices is not None and vis.scores is not None
-        grid = self.config.vision.image_size // self.config.vision.patch_size
+        grid = self.config.vision.grid_size
         return PatchSelection([[int(i) for i in row] for row in vis.indices], vis.scores, grid, float(keep_ratio),
                               timings)
 

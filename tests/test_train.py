@@ -189,7 +189,7 @@ def test_dense_and_scene_targets_match_the_scene():
     cfg = get_config("tiny")
     sample = B.samples_for("train", [0], cfg)[0]
     tgt = B.vision_targets(sample, cfg.vision.patch_size)
-    grid = cfg.vision.image_size // cfg.vision.patch_size
+    grid = cfg.vision.grid_size
     assert tgt.shape == (1, grid * grid, len(B.dense_targets(grid)))
     assert (tgt[0, :, 4] == np.arange(grid * grid) // grid).all() and (tgt[0, :, 5] == np.arange(grid * grid) % grid).all()
     pairs, counts = B.scene_targets(sample)

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from maven_edge.core.errors import TrainingError
+from maven_edge.core.paths import shown_path
 from maven_edge.model_src.checkpoint import SHIPPED_TINY, load_checkpoint
 from maven_edge.model_src.data.splits import iter_samples
 from maven_edge.model_src.train import batches as B
@@ -98,7 +99,7 @@ def keep_ratio_sweep(model, figures: Path, limit: int | None, quiet: bool) -> di
 def selector_figure(model, figures: Path, n: int = 4) -> dict[str, Any]:
     samples = list(iter_samples("test", n * 3, families=["single"]))[:n]
     plt = _plt()
-    g = model.config.vision.image_size // model.config.vision.patch_size
+    g = model.config.vision.grid_size
     p = model.config.vision.patch_size
     fig, axes = plt.subplots(n, 3, figsize=(7.5, 2.6 * n))
     out = []
@@ -256,14 +257,6 @@ def _render_code_content(c: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _shown(path: Path) -> str:
-    """A checkpoint path as the report shows it: relative to the working directory when inside it."""
-    try:
-        return str(path.resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(path)
-
-
 def run_ablations(checkpoint: str | None, run: str | None, out: str, only: list[str], steps_scale: float | None,
                   limit: int | None, quiet: bool, streams: int = T4.DEFAULT_STREAMS,
                   variants: list[str] | None = None, bench: str | None = None) -> dict[str, Any]:
@@ -298,7 +291,7 @@ def run_ablations(checkpoint: str | None, run: str | None, out: str, only: list[
     if "tokenizer" in todo:
         from maven_edge.model_src.train.code_objectives import tokenizer_objectives
 
-        fresh["tokenizer"] = tokenizer_objectives(model, _shown(ckpt), steps_scale or 1.0, CONTENT_STEPS,
+        fresh["tokenizer"] = tokenizer_objectives(model, shown_path(ckpt), steps_scale or 1.0, CONTENT_STEPS,
                                                   CONTENT_HELD_OUT, quiet)
     def save(sections: dict[str, Any]) -> dict[str, Any]:
         # merge into the file as it is now, not as it was at the start: a long table4 run must not

@@ -45,7 +45,7 @@ def heldout_probe(model: MavenModel, head: nn.Linear, n: int = 400, split: str =
     samples = list(iter_samples(split, n, families=["caption", "single"]))
     tgt = np.concatenate([B.vision_targets(s, model.config.vision.patch_size) for s in samples])
     logits = head(model.vision(B.pixel_tensor(samples, model.config)))
-    chunks = B.split_dense_logits(logits, model.config.vision.image_size // model.config.vision.patch_size)
+    chunks = B.split_dense_logits(logits, model.config.vision.grid_size)
     color, shape = (chunks[name].argmax(-1).numpy() for name in ("color", "shape"))
     heldout_ids = {(B.COLOR_IDS[c], B.SHAPE_IDS[s]) for c, s in HELDOUT_PAIRS}
     held = np.vectorize(lambda c, s: (c, s) in heldout_ids)(tgt[..., 0], tgt[..., 1])

@@ -149,7 +149,7 @@ def _samples(model: MavenModel, cfg: PhaseConfig, seed: int, phase: str, step: i
 
 # ---- stage 0 -------------------------------------------------------------------------------------
 def phase_vision(model: MavenModel, cfg: PhaseConfig, seed: int) -> Phase:
-    grid = model.config.vision.image_size // model.config.vision.patch_size
+    grid = model.config.vision.grid_size
     n_classes = sum(n for _, n in B.dense_targets(grid))
     head = _seeded(seed + 1, lambda: nn.Linear(model.config.vision.hidden_size, n_classes))
     params = _trainable(model, "vision") + _named("vit_head", head)
