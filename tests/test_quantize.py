@@ -581,3 +581,16 @@ def test_bench_remakes_a_recipe_set_when_the_recipe_changes(artifacts, tmp_path,
     assert "DynamicQuantizeLinear" in _ops(out / "decoder.onnx")
     assert ensure_quantized(artifacts, work, "int8-weight", True, 4, False)[1] > 0  # made again, not reused
     assert "DynamicQuantizeLinear" in _ops(work / "int8-weight" / "decoder.onnx")
+
+
+def test_nbits_rows_times_one_two_and_four_rows():
+    """tools.nbits_rows (the int4 batching bound of docs/benchmarks.md) builds a valid MatMulNBits
+    graph and reports the 2- and 4-row costs against one row."""
+    from tools.nbits_rows import main, measure
+
+    (row,) = measure(layers=1, blocks=[32], levels=[4], threads=1, repeats=2)
+    assert set(row["ms"]) == {1, 2, 4} and all(v > 0 for v in row["ms"].values())
+    assert row["cost_4_rows"] == pytest.approx(row["ms"][4] / row["ms"][1])
+    assert row["max_4_stream_aggregate"] == pytest.approx(4 / row["cost_4_rows"])
+    with pytest.raises(SystemExit):
+        main(["--block-sizes", "33"])
