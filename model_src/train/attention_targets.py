@@ -129,14 +129,18 @@ def _counted(question: str, scenes: Sequence[Scene]) -> list[Role] | None:
     return [found] if found else []
 
 
+def _counts_across(question: str) -> bool:
+    """Whether a question line counts across all the images ("... in all the images?")."""
+    m = _COUNT.fullmatch(question.removeprefix("Question: "))
+    return bool(m and m.group(3))
+
+
 def per_image_counts(question: str, scenes: Sequence[Scene]) -> list[int] | None:
     """How many objects a count question over all the images (``"Question: how many red shapes
     are there in all the images?"``) counts in each image; None for any other question."""
-    text = question.removeprefix("Question: ")
-    m = _COUNT.fullmatch(text)
-    if not m or not m.group(3):
+    if not _counts_across(question):
         return None
-    counted = _counted(text, scenes)
+    counted = _counted(question.removeprefix("Question: "), scenes)
     counts = np.bincount([k for k, _ in counted[0]] if counted else [], minlength=len(scenes))
     return [int(c) for c in counts]
 
@@ -294,18 +298,16 @@ def build_targets(
         width = len(ids) + len(img_pos) * (tokens_per_image - 1)
         for question, answer_positions in turns[b]:
             queries = seq[np.asarray(answer_positions, dtype=np.int64)] - 1  # predicts the token
-            if plus_id is not None and kept[b] is not None:
-                terms = _tally_terms(question, scenes[b], [ids[p] for p in answer_positions], plus_id)
+            if plus_id is not None and kept[b] is not None and _counts_across(question):
+                terms = _tally_terms(question, [ids[p] for p in answer_positions], len(scenes[b]), plus_id)
                 if terms is not None:
                     counted = _counted(question.removeprefix("Question: "), scenes[b]) or [[]]
                     for k, pos in enumerate(terms):
-                        masks = [o.mask for j, o in counted[0] if j == k]
-                        if masks:  # image k's counted objects, else all of image k
-                            on = patch_labels(masks, scenes[b][k].image_size, patch_size)[kept[b][k]] > 0
-                        else:
-                            on = np.ones(len(kept[b][k]), dtype=bool)
                         keys = np.zeros(width, dtype=bool)
-                        keys[seq[img_pos[k]] + 1 + patch_offset + np.flatnonzero(on)] = True
+                        # image k's counted objects, else all of image k
+                        masks = [o.mask for j, o in counted[0] if j == k]
+                        keys[_patch_positions(seq[img_pos[k]] + 1 + patch_offset, kept[b][k], scenes[b][k],
+                                              patch_size, masks or None)] = True
                         for layer in sup.role_layers:
                             add(b, layer, sup.role_heads[0], queries[pos], keys)
                     continue
@@ -313,9 +315,8 @@ def build_targets(
             for r, role in enumerate(named[: len(sup.role_heads)]):
                 keys = np.zeros(width, dtype=bool)
                 for k in sorted({k for k, _ in role}):
-                    masks = [obj.mask for j, obj in role if j == k]
-                    on = patch_labels(masks, scenes[b][k].image_size, patch_size)[kept[b][k]] > 0
-                    keys[seq[img_pos[k]] + 1 + patch_offset + np.flatnonzero(on)] = True
+                    keys[_patch_positions(seq[img_pos[k]] + 1 + patch_offset, kept[b][k], scenes[b][k],
+                                          patch_size, [obj.mask for j, obj in role if j == k])] = True
                 if keys.any():
                     for layer in sup.role_layers:
                         add(b, layer, sup.role_heads[r], queries, keys)
@@ -340,17 +341,24 @@ def build_targets(
     return t
 
 
-def _tally_terms(question: str, scenes: Sequence[Scene], answer_ids: Sequence[int], plus_id: int) -> list[list[int]] | None:
+def _patch_positions(first: int, kept: np.ndarray, scene: Scene, patch_size: int,
+                     masks: list[np.ndarray] | None) -> np.ndarray:
+    """Sequence positions of an image's kept patches (``kept``: raster indices, the first of them at
+    sequence position ``first``) that hold any pixel of ``masks``; None: all of them."""
+    on = np.ones(len(kept), dtype=bool) if masks is None else patch_labels(masks, scene.image_size, patch_size)[kept] > 0
+    return first + np.flatnonzero(on)
+
+
+def _tally_terms(question: str, answer_ids: Sequence[int], n_images: int, plus_id: int) -> list[list[int]] | None:
     """Per image, the indices into ``answer_ids`` of a worked count's term for it (the tokens before
     the first ``+``, which may be a space and a digit, then the token after each ``+``); None when
-    the turn is not a worked count."""
-    counts = per_image_counts(question, scenes)
-    if counts is None or plus_id not in answer_ids:
-        return None
+    the answer is not a tally (a plain total)."""
     plus = [i for i, t in enumerate(answer_ids) if t == plus_id]
+    if not plus:
+        return None
     terms = [list(range(plus[0]))] + [[i + 1] for i in plus if i + 1 < len(answer_ids)]
-    if len(terms) != len(scenes):
-        raise TrainingError(f"a worked count of {question!r} has {len(terms)} terms for {len(scenes)} images")
+    if len(terms) != n_images:
+        raise TrainingError(f"a worked count of {question!r} has {len(terms)} terms for {n_images} images")
     return terms
 
 
