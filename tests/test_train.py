@@ -11,12 +11,13 @@ torch = pytest.importorskip("torch")
 from maven_edge.core.errors import TrainingError  # noqa: E402
 from maven_edge.model_src.train.recipe import PhaseConfig, get_recipe, parse_stages  # noqa: E402
 
-# tiny geometry (64 px, 8 px patches, 32 codes) with narrow one-layer networks
+# tiny geometry (64 px, 8 px patches, 32 codes) with narrow one-layer networks (four decoder heads: two
+# role heads and the count head of the recipe's stage 4)
 SMALL = [
     "vision.hidden_size=32", "vision.num_heads=2", "vision.num_layers=1", "vision.intermediate_size=32",
     "discrete.hidden_size=32", "discrete.num_heads=2", "discrete.num_layers=1",
     "discrete.intermediate_size=32", "discrete.codebook_size=64", "discrete.code_dim=16",
-    "llm.hidden_size=32", "llm.num_layers=1", "llm.num_heads=2", "llm.num_kv_heads=1",
+    "llm.hidden_size=32", "llm.num_layers=1", "llm.num_heads=4", "llm.num_kv_heads=2",
     "llm.intermediate_size=32", "selector.hidden_size=32",
 ]
 SCALE = 0.001  # every phase runs 2 steps

@@ -132,3 +132,63 @@ def _counted_attr(question: str) -> dict[str, str]:
     if noun.endswith(" shapes") and noun.removesuffix(" shapes") in COLORS:
         return {"color": noun.removesuffix(" shapes")}
     return {"shape": noun.removesuffix("es") if noun.endswith("sses") else noun.removesuffix("s")}
+
+
+def test_with_the_count_head_each_term_counts_its_own_image():
+    """With the count head, the position predicting image k's count also has a uniform count-head
+    target over <bos> and one kept patch per counted object of image k (its count alone, 0-2): so
+    the share left on <bos> says 1 / (n_k + 1); no other count-head target in the turn."""
+    torch = pytest.importorskip("torch")
+    from maven_edge.core.config import get_config
+    from maven_edge.model_src.checkpoint import build_model
+    from maven_edge.model_src.data.labels import patch_pixel_counts
+    from maven_edge.model_src.train import batches as B
+    from maven_edge.model_src.train.attention_targets import (
+        AttentionSupervision,
+        answer_turns,
+        build_targets,
+        per_image_counts,
+    )
+    from maven_edge.model_src.train.common import visual_features
+    from maven_edge.model_src.train.stages import _worked
+
+    model = build_model(get_config("tiny", ["llm.num_layers=3", "vision.num_layers=1", "discrete.num_layers=1"]),
+                        seed=0)
+    tok = model.tokenizer
+    samples, _ = _worked(list(iter_samples("train", 6, tasks=("count_across",))), None)
+    tb = B.text_batch(samples, tok)
+    with torch.no_grad():
+        vf = visual_features(model, B.pixel_tensor(samples, model.config), "hybrid")
+    offsets = np.concatenate([[0], np.cumsum(tb.image_counts)])
+    kept = [vf.indices[offsets[i]:offsets[i + 1]].numpy() for i in range(len(samples))]
+    sup = AttentionSupervision.for_decoder(model.config.llm, 1.0, count_head=True)
+    t_img = model.config.visual_tokens_per_image("hybrid") + 2
+    codes = model.config.discrete.num_codes
+    plus = tok.encode("+")[0]
+    turns = [answer_turns(s, [], t) for s, t in zip(samples, tb.targets, strict=True)]
+    t = build_targets(sup, tb.sequences, turns, [s.scenes for s in samples], kept, tok.image_id, t_img, codes, 8,
+                      tok.encode(":")[0], plus)
+    seen_two = False
+    for b, s in enumerate(samples):
+        ids = tb.sequences[b]
+        is_image = np.asarray(ids) == tok.image_id
+        seq = np.arange(len(ids)) + (np.cumsum(is_image) - is_image) * (t_img - 1)
+        starts = seq[is_image]
+        counts = per_image_counts(question_line(s), s.scenes)
+        attr = _counted_attr(question_line(s))
+        (answer,) = [run for _, run in turns[b]]
+        term_queries = [int(seq[answer[0]]) - 1] + [int(seq[p]) for p in answer if ids[p] == plus]
+        heads = [i for i, r in enumerate(t.rows) if r == b and t.uniform[i]]
+        assert {(t.layers[i], t.heads[i]) for i in heads} == {(sup.count_layer, sup.count_head)}
+        assert sorted(t.queries[i] for i in heads) == sorted(term_queries)  # one per term, nothing else
+        for k, q in enumerate(term_queries):
+            (i,) = [i for i in heads if t.queries[i] == q]
+            (key_pos,) = np.nonzero(t.keys[i])
+            assert key_pos[0] == 0  # <bos>
+            patches = key_pos[1:]
+            assert (patches > starts[k] + codes).all() and (patches < starts[k] + t_img).all()  # image k only
+            shown = [o for o in s.scenes[k].find(**attr)
+                     if patch_pixel_counts(o.mask, 8)[kept[b][k]].max() > 0]  # objects with a kept patch
+            assert len(shown) <= counts[k] and len(patches) == len(shown)
+            seen_two |= len(patches) == 2
+    assert seen_two  # an image with two counted objects gives the count head three keys

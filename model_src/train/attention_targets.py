@@ -20,7 +20,9 @@ to, so this module turns them into targets for a few attention heads:
 * **worked counts** (``PhaseConfig.worked_counts``): a count across images answered as a running
   tally (``"2+0=2+1=3"``, :func:`worked_count`) gets role-0 targets per term instead: the position
   that predicts image k's count attends to image k's counted objects (all of image k's kept patches
-  when it has none); the totals are left to the decoder (each is the previous total plus one term).
+  when it has none), and with the count head, that position's count head spreads over ``<bos>`` and
+  one kept patch per counted object of image k (image k's count alone, 0-2); the totals are left to
+  the decoder (each is the previous total plus one term).
 * **label head** (layer ``label_layer``, head ``label_head``): in a multi-image prompt, every
   visual token of image ``k`` should attend to the ``" k"`` token of its ``Image k:`` label, so a
   retrieved patch carries the label it must be answered with.
@@ -230,7 +232,8 @@ class AttentionSupervision:
         free = [h for h in range(cfg.num_heads) if h not in role_heads]
         if count_head and not free:
             raise TrainingError(f"count_head needs a head besides the role heads {role_heads}; "
-                                f"the decoder has {cfg.num_heads}")
+                                f"the decoder has {cfg.num_heads}: give it 3 or more (llm.num_heads) or set count_head=False "
+                                f"in the phase config")
         count_layer = cfg.num_layers // 2 if count_head else None
         return cls(weight, role_layers, role_heads, 0, 0, count_layer, free[0] if free else 1)
 
@@ -310,6 +313,11 @@ def build_targets(
                                               patch_size, masks or None)] = True
                         for layer in sup.role_layers:
                             add(b, layer, sup.role_heads[0], queries[pos], keys)
+                        if sup.count_layer is not None:  # image k's count, said by the share left on <bos>
+                            objects = [(j, o) for j, o in counted[0] if j == k]
+                            add(b, sup.count_layer, sup.count_head, queries[pos],
+                                _count_keys(width, objects, seq[img_pos] + 1 + patch_offset, kept[b], patch_size),
+                                uniform=True)
                     continue
             named = referents(question, scenes[b]) if kept[b] is not None else []
             for r, role in enumerate(named[: len(sup.role_heads)]):
@@ -324,12 +332,8 @@ def build_targets(
             if sup.count_layer is not None and kept[b] is not None:
                 counted = _counted(question.removeprefix("Question: "), scenes[b])
             if counted is not None:
-                keys = np.zeros(width, dtype=bool)
-                keys[0] = True  # <bos>: the sink whose share says the count (all of it when nothing is counted)
-                for k, obj in (counted[0] if counted else []):
-                    pixels = patch_pixel_counts(obj.mask, patch_size)[kept[b][k]]
-                    if pixels.max() > 0:
-                        keys[seq[img_pos[k]] + 1 + patch_offset + int(pixels.argmax())] = True
+                keys = _count_keys(width, counted[0] if counted else [], seq[img_pos] + 1 + patch_offset, kept[b],
+                                   patch_size)
                 add(b, sup.count_layer, sup.count_head, queries, keys, uniform=True)
         if len(img_pos) > 1:
             for k, p in enumerate(img_pos):
@@ -347,6 +351,19 @@ def _patch_positions(first: int, kept: np.ndarray, scene: Scene, patch_size: int
     sequence position ``first``) that hold any pixel of ``masks``; None: all of them."""
     on = np.ones(len(kept), dtype=bool) if masks is None else patch_labels(masks, scene.image_size, patch_size)[kept] > 0
     return first + np.flatnonzero(on)
+
+
+def _count_keys(width: int, objects: Role, first: np.ndarray, kept: np.ndarray, patch_size: int) -> np.ndarray:
+    """The count head's keys: ``<bos>`` (the sink whose share says the count; all of it when nothing
+    is counted) and, per counted (image k, object), the kept patch holding most of the object
+    (``first[k]``: the sequence position of image k's first kept patch)."""
+    keys = np.zeros(width, dtype=bool)
+    keys[0] = True
+    for k, obj in objects:
+        pixels = patch_pixel_counts(obj.mask, patch_size)[kept[k]]
+        if pixels.max() > 0:
+            keys[first[k] + int(pixels.argmax())] = True
+    return keys
 
 
 def _tally_terms(question: str, answer_ids: Sequence[int], n_images: int, plus_id: int) -> list[list[int]] | None:
