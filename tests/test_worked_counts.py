@@ -192,3 +192,44 @@ def test_with_the_count_head_each_term_counts_its_own_image():
             assert len(shown) <= counts[k] and len(patches) == len(shown)
             seen_two |= len(patches) == 2
     assert seen_two  # an image with two counted objects gives the count head three keys
+
+
+@pytest.mark.parametrize("text, parsed", [
+    ("2+0=2+1=3", ([2, 0, 1], True)), (" 1+1=2 ", ([1, 1], True)), ("2+0=2+1=4", ([2, 0, 1], False)),
+    ("3", None), ("image 2", None), ("2+0", None), ("", None),
+])
+def test_tally_terms_reads_the_terms_and_checks_the_totals(text, parsed):
+    from maven_edge.model_src.data.tasks import tally_terms
+
+    assert tally_terms(text) == parsed
+
+
+def test_the_eval_report_scores_each_term_of_a_tally_against_the_scene():
+    """`tally_report`: per-image terms right against the scenes, tallies that add up, whole tallies
+    right; plain totals and other tasks are not tallies."""
+    pytest.importorskip("torch")
+    from maven_edge.model_src.data.tasks import count_chain
+    from maven_edge.model_src.train.attention_targets import per_image_counts
+    from maven_edge.model_src.train.evaluate import tally_report
+
+    samples = list(iter_samples("test", 200, tasks=("count_across", "count")))[:8]
+    across = [s for s in samples if s.task == "count_across"]
+    assert across and len(across) < len(samples)
+    counts = [per_image_counts(question_line(s), s.scenes) for s in across]
+    preds, wrong_terms = [], 0
+    for s in samples:
+        if s.task != "count_across":
+            preds.append(s.answer)  # a plain count: not a tally
+            continue
+        c = list(per_image_counts(question_line(s), s.scenes))
+        if len(preds) % 2:  # every other one: the first term off by one, totals kept consistent
+            c[0] += 1
+            wrong_terms += 1
+        preds.append(count_chain(c))
+    assert wrong_terms
+    r = tally_report(samples, preds)
+    n_terms = sum(len(c) for c in counts)
+    assert (r["questions"], r["tallies"], r["adds_up"], r["terms"]) == (len(across), len(across), len(across), n_terms)
+    assert r["whole_tally_right"] == len(across) - wrong_terms
+    assert r["term_accuracy"] == pytest.approx((n_terms - wrong_terms) / n_terms)
+    assert tally_report(samples, [s.answer for s in samples]) is None  # plain totals

@@ -151,6 +151,22 @@ def answer_result(text: str) -> str:
     return stripped.rsplit("=", 1)[1] if _CHAIN.fullmatch(stripped) else text
 
 
+def tally_terms(text: str) -> tuple[list[int], bool] | None:
+    """A worked count's per-image terms and whether each running total adds up:
+    ``"2+0=2+1=3"`` -> ``([2, 0, 1], True)``, ``"2+0=2+1=4"`` -> ``([2, 0, 1], False)``; None when
+    ``text`` is not a tally (a plain total, or anything else)."""
+    stripped = text.strip()
+    if not _CHAIN.fullmatch(stripped):
+        return None
+    first, *steps = stripped.split("+")
+    terms, totals = [int(first)], []
+    for step in steps:
+        term, total = step.split("=")
+        terms.append(int(term))
+        totals.append(int(total))
+    return terms, all(t == sum(terms[: i + 2]) for i, t in enumerate(totals))
+
+
 def normalize_answer(text: str) -> str:
     """What exact match compares (``maven-edge eval``, the quantize report, the parity tools):
     the result of a worked count (:func:`answer_result`), lower case, single spaces."""

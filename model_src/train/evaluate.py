@@ -22,9 +22,10 @@ from maven_edge.core.config import check_mode
 from maven_edge.core.errors import InputError
 from maven_edge.model_src.data import Sample
 from maven_edge.model_src.data.splits import SPLITS, iter_samples, num_samples
-from maven_edge.model_src.data.tasks import normalize_answer
+from maven_edge.model_src.data.tasks import normalize_answer, question_line, tally_terms
 from maven_edge.model_src.modeling.maven import MavenModel
 from maven_edge.model_src.train import batches as B
+from maven_edge.model_src.train.attention_targets import per_image_counts
 from maven_edge.model_src.train.common import (
     VisualFeatures,
     budget_indices,
@@ -254,9 +255,42 @@ def evaluate(
                 by_task[key][1] += total_n
         report["named_patch_recall"] = {t: kept_n / total_n for t, (kept_n, total_n) in sorted(by_task.items())
                                         if total_n}
+    tallies = tally_report(samples, [preds[i] for i in range(len(samples))])
+    if tallies:
+        report["count_across_tallies"] = tallies
     if return_predictions:
         report["predictions"] = records
     return report
+
+
+def tally_report(samples: Sequence[Sample], predictions: Sequence[str]) -> dict[str, Any] | None:
+    """How the answers to counts across images that are worked counts (``"2+0=2+1=3"``) went:
+    the questions answered as a tally with one term per image, those whose running totals add
+    up, and the per-image terms right against the scene (``term_accuracy``: the share of all such
+    terms; ``terms_by_count``: per true per-image count, right / all). None when no answer is a tally."""
+    asked = answered = adds_up = whole = 0
+    by_count: dict[int, list[int]] = defaultdict(lambda: [0, 0])
+    for s, pred in zip(samples, predictions, strict=True):
+        counts = per_image_counts(question_line(s), s.scenes) if s.task == "count_across" else None
+        if counts is None:
+            continue
+        asked += 1
+        parsed = tally_terms(pred)
+        if parsed is None or len(parsed[0]) != len(counts):
+            continue
+        terms, consistent = parsed
+        answered += 1
+        adds_up += consistent
+        whole += terms == counts
+        for true, said in zip(counts, terms, strict=True):
+            by_count[true][0] += true == said
+            by_count[true][1] += 1
+    if not answered:
+        return None
+    right, total = (sum(v[i] for v in by_count.values()) for i in (0, 1))
+    return {"questions": asked, "tallies": answered, "adds_up": adds_up, "whole_tally_right": whole,
+            "terms": total, "term_accuracy": right / total,
+            "terms_by_count": {str(c): f"{r}/{n}" for c, (r, n) in sorted(by_count.items())}}
 
 
 def write_predictions(path: str | Path, records: Sequence[dict[str, Any]]) -> None:
@@ -289,6 +323,11 @@ def format_report(report: dict[str, Any]) -> str:
         r = report["named_patch_recall"]
         parts = ", ".join(f"{t} {100 * v:.0f}%" for t, v in r.items() if t != "overall")
         lines.append(f"  selector: kept {100 * r['overall']:.1f}% of the named objects' patches ({parts})")
+    if report.get("count_across_tallies"):
+        t = report["count_across_tallies"]
+        lines.append(f"  count_across tallies: {t['tallies']} of {t['questions']} (add up {t['adds_up']}, all terms "
+                     f"right {t['whole_tally_right']}); per-image terms right {100 * t['term_accuracy']:.1f}% of "
+                     f"{t['terms']} (by true count: {', '.join(f'{c}: {v}' for c, v in t['terms_by_count'].items())})")
     if report.get("visual_token_budget") is not None:
         lines.append(f"visual-token budget: {report['visual_token_budget']} per question (min {report['min_patches']} "
                      f"patch(es) per image)  mean visual tokens: {report['mean_visual_tokens']:.1f}  "
