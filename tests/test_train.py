@@ -12,7 +12,7 @@ from maven_edge.core.errors import TrainingError  # noqa: E402
 from maven_edge.model_src.train.recipe import PhaseConfig, get_recipe, parse_stages  # noqa: E402
 
 # tiny geometry (64 px, 8 px patches, 32 codes) with narrow one-layer networks (four decoder heads: two
-# role heads and the count head of the recipe's stage 4)
+# role heads and room for the optional count head)
 SMALL = [
     "vision.hidden_size=32", "vision.num_heads=2", "vision.num_layers=1", "vision.intermediate_size=32",
     "discrete.hidden_size=32", "discrete.num_heads=2", "discrete.num_layers=1",
