@@ -66,43 +66,13 @@ def test_a_tally_that_does_not_add_up_is_an_error():
 def test_each_term_attends_to_its_own_image():
     """The position predicting image k's count has role-0 targets on image k's counted objects
     (every kept patch of image k when it has none), in each role layer; nothing else of the turn."""
-    torch = pytest.importorskip("torch")
-    from maven_edge.core.config import get_config
-    from maven_edge.model_src.checkpoint import build_model
+    pytest.importorskip("torch")
     from maven_edge.model_src.data.labels import patch_labels
-    from maven_edge.model_src.train import batches as B
-    from maven_edge.model_src.train.attention_targets import (
-        AttentionSupervision,
-        answer_turns,
-        build_targets,
-        per_image_counts,
-    )
-    from maven_edge.model_src.train.common import visual_features
-    from maven_edge.model_src.train.stages import _worked
 
-    model = build_model(get_config("tiny", ["llm.num_layers=3", "vision.num_layers=1", "discrete.num_layers=1"]),
-                        seed=0)
-    tok = model.tokenizer
-    samples, _ = _worked(list(iter_samples("train", 4, tasks=("count_across",))), None)
+    samples, tb, kept, sup, turns, t, tok, t_img, codes, plus = _tally_targets(4, count_head=False)
     assert all("+" in s.answer for s in samples)
-    tb = B.text_batch(samples, tok)
-    with torch.no_grad():
-        vf = visual_features(model, B.pixel_tensor(samples, model.config), "hybrid")
-    offsets = np.concatenate([[0], np.cumsum(tb.image_counts)])
-    kept = [vf.indices[offsets[i]:offsets[i + 1]].numpy() for i in range(len(samples))]
-    sup = AttentionSupervision.for_decoder(model.config.llm, 1.0)
-    t_img = model.config.visual_tokens_per_image("hybrid") + 2
-    codes = model.config.discrete.num_codes
-    plus = tok.encode("+")[0]
-    turns = [answer_turns(s, [], t) for s, t in zip(samples, tb.targets, strict=True)]
-    t = build_targets(sup, tb.sequences, turns, [s.scenes for s in samples], kept, tok.image_id, t_img, codes, 8,
-                      tok.encode(":")[0], plus)
     for b, s in enumerate(samples):
-        ids = tb.sequences[b]
-        is_image = np.asarray(ids) == tok.image_id
-        seq = np.arange(len(ids)) + (np.cumsum(is_image) - is_image) * (t_img - 1)
-        starts = seq[is_image]
-        counts = per_image_counts(question_line(s), s.scenes)
+        ids, seq, starts, counts = _row_layout(tb.sequences[b], s, tok.image_id, t_img)
         (answer,) = [run for _, run in turns[b]]
         term_queries = [int(seq[answer[0]]) - 1] + [int(seq[p]) for p in answer if ids[p] == plus]
         mine = [i for i, r in enumerate(t.rows) if r == b and t.layers[i] != sup.label_layer]
@@ -125,6 +95,47 @@ def test_each_term_attends_to_its_own_image():
             int(seq[p]) - 1 for p in answer[:2]}
 
 
+def _tally_targets(n: int, count_head: bool):
+    """The targets of `n` worked-count training samples on a fresh 3-layer tiny model (role heads,
+    label head, and the count head when asked), with what the checks need to read them."""
+    import torch
+
+    from maven_edge.core.config import get_config
+    from maven_edge.model_src.checkpoint import build_model
+    from maven_edge.model_src.train import batches as B
+    from maven_edge.model_src.train.attention_targets import AttentionSupervision, answer_turns, build_targets
+    from maven_edge.model_src.train.common import visual_features
+    from maven_edge.model_src.train.stages import _worked
+
+    model = build_model(get_config("tiny", ["llm.num_layers=3", "vision.num_layers=1", "discrete.num_layers=1"]),
+                        seed=0)
+    tok = model.tokenizer
+    samples, _ = _worked(list(iter_samples("train", n, tasks=("count_across",))), None)
+    tb = B.text_batch(samples, tok)
+    with torch.no_grad():
+        vf = visual_features(model, B.pixel_tensor(samples, model.config), "hybrid")
+    offsets = np.concatenate([[0], np.cumsum(tb.image_counts)])
+    kept = [vf.indices[offsets[i]:offsets[i + 1]].numpy() for i in range(len(samples))]
+    sup = AttentionSupervision.for_decoder(model.config.llm, 1.0, count_head=count_head)
+    t_img = model.config.visual_tokens_per_image("hybrid") + 2
+    codes = model.config.discrete.num_codes
+    plus = tok.encode("+")[0]
+    turns = [answer_turns(s, [], t) for s, t in zip(samples, tb.targets, strict=True)]
+    t = build_targets(sup, tb.sequences, turns, [s.scenes for s in samples], kept, tok.image_id, t_img, codes, 8,
+                      tok.encode(":")[0], plus)
+    return samples, tb, kept, sup, turns, t, tok, t_img, codes, plus
+
+
+def _row_layout(ids, sample, image_id: int, t_img: int):
+    """A row's ids, the sequence position of each id, the first position of each image, and the
+    per-image counts of its question."""
+    from maven_edge.model_src.train.attention_targets import per_image_counts
+
+    is_image = np.asarray(ids) == image_id
+    seq = np.arange(len(ids)) + (np.cumsum(is_image) - is_image) * (t_img - 1)
+    return ids, seq, seq[is_image], per_image_counts(question_line(sample), sample.scenes)
+
+
 def _counted_attr(question: str) -> dict[str, str]:
     from maven_edge.model_src.data.shapes import COLORS
 
@@ -138,43 +149,13 @@ def test_with_the_count_head_each_term_counts_its_own_image():
     """With the count head, the position predicting image k's count also has a uniform count-head
     target over <bos> and one kept patch per counted object of image k (its count alone, 0-2): so
     the share left on <bos> says 1 / (n_k + 1); no other count-head target in the turn."""
-    torch = pytest.importorskip("torch")
-    from maven_edge.core.config import get_config
-    from maven_edge.model_src.checkpoint import build_model
+    pytest.importorskip("torch")
     from maven_edge.model_src.data.labels import patch_pixel_counts
-    from maven_edge.model_src.train import batches as B
-    from maven_edge.model_src.train.attention_targets import (
-        AttentionSupervision,
-        answer_turns,
-        build_targets,
-        per_image_counts,
-    )
-    from maven_edge.model_src.train.common import visual_features
-    from maven_edge.model_src.train.stages import _worked
 
-    model = build_model(get_config("tiny", ["llm.num_layers=3", "vision.num_layers=1", "discrete.num_layers=1"]),
-                        seed=0)
-    tok = model.tokenizer
-    samples, _ = _worked(list(iter_samples("train", 6, tasks=("count_across",))), None)
-    tb = B.text_batch(samples, tok)
-    with torch.no_grad():
-        vf = visual_features(model, B.pixel_tensor(samples, model.config), "hybrid")
-    offsets = np.concatenate([[0], np.cumsum(tb.image_counts)])
-    kept = [vf.indices[offsets[i]:offsets[i + 1]].numpy() for i in range(len(samples))]
-    sup = AttentionSupervision.for_decoder(model.config.llm, 1.0, count_head=True)
-    t_img = model.config.visual_tokens_per_image("hybrid") + 2
-    codes = model.config.discrete.num_codes
-    plus = tok.encode("+")[0]
-    turns = [answer_turns(s, [], t) for s, t in zip(samples, tb.targets, strict=True)]
-    t = build_targets(sup, tb.sequences, turns, [s.scenes for s in samples], kept, tok.image_id, t_img, codes, 8,
-                      tok.encode(":")[0], plus)
+    samples, tb, kept, sup, turns, t, tok, t_img, codes, plus = _tally_targets(6, count_head=True)
     seen_two = False
     for b, s in enumerate(samples):
-        ids = tb.sequences[b]
-        is_image = np.asarray(ids) == tok.image_id
-        seq = np.arange(len(ids)) + (np.cumsum(is_image) - is_image) * (t_img - 1)
-        starts = seq[is_image]
-        counts = per_image_counts(question_line(s), s.scenes)
+        ids, seq, starts, counts = _row_layout(tb.sequences[b], s, tok.image_id, t_img)
         attr = _counted_attr(question_line(s))
         (answer,) = [run for _, run in turns[b]]
         term_queries = [int(seq[answer[0]]) - 1] + [int(seq[p]) for p in answer if ids[p] == plus]
