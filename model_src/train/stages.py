@@ -68,6 +68,10 @@ from maven_edge.model_src.train.common import (
     visual_embeds,
     visual_features,
 )
+
+# the final evaluation's code is loaded when a run starts, not after hours of training, so the run
+# ends with the code it started with even if the package is updated meanwhile
+from maven_edge.model_src.train.evaluate import TEST_PREDICTIONS, evaluate, write_predictions
 from maven_edge.model_src.train.loop import Phase, plot_losses, read_jsonl, run_phase
 from maven_edge.model_src.train.recipe import STAGE_PHASES, PhaseConfig, for_model, get_recipe, parse_stages
 
@@ -608,8 +612,6 @@ def write_final(model: MavenModel, out: Path, final_eval: bool, quiet: bool) -> 
     (final / "recipe_summary.json").write_text(json.dumps(stages, indent=2) + "\n")
     report: dict[str, Any] = {"checkpoint": str(final)}
     if final_eval:
-        from maven_edge.model_src.train.evaluate import TEST_PREDICTIONS, evaluate, write_predictions
-
         report = evaluate(model, split="test", mode="hybrid", quiet=quiet, return_predictions=True)
         write_predictions(final / TEST_PREDICTIONS, report.pop("predictions"))
         report.update(selector_report(model, n=200, split="test"))
