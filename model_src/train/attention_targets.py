@@ -299,6 +299,7 @@ def build_targets(
         # sequence index of each id position: every earlier <image> adds tokens_per_image - 1
         seq = np.arange(len(ids)) + (np.cumsum(is_image) - is_image) * (tokens_per_image - 1)
         width = len(ids) + len(img_pos) * (tokens_per_image - 1)
+        first = seq[img_pos] + 1 + patch_offset  # per image, the sequence position of its first kept patch
         for question, answer_positions in turns[b]:
             queries = seq[np.asarray(answer_positions, dtype=np.int64)] - 1  # predicts the token
             if plus_id is not None and kept[b] is not None and _counts_across(question):
@@ -306,25 +307,23 @@ def build_targets(
                 if terms is not None:
                     counted = _counted(question.removeprefix("Question: "), scenes[b]) or [[]]
                     for k, pos in enumerate(terms):
+                        objects = [(j, o) for j, o in counted[0] if j == k]
                         keys = np.zeros(width, dtype=bool)
                         # image k's counted objects, else all of image k
-                        masks = [o.mask for j, o in counted[0] if j == k]
-                        keys[_patch_positions(seq[img_pos[k]] + 1 + patch_offset, kept[b][k], scenes[b][k],
-                                              patch_size, masks or None)] = True
+                        keys[_patch_positions(first[k], kept[b][k], scenes[b][k], patch_size,
+                                              [o.mask for _, o in objects] or None)] = True
                         for layer in sup.role_layers:
                             add(b, layer, sup.role_heads[0], queries[pos], keys)
                         if sup.count_layer is not None:  # image k's count, said by the share left on <bos>
-                            objects = [(j, o) for j, o in counted[0] if j == k]
                             add(b, sup.count_layer, sup.count_head, queries[pos],
-                                _count_keys(width, objects, seq[img_pos] + 1 + patch_offset, kept[b], patch_size),
-                                uniform=True)
+                                _count_keys(width, objects, first, kept[b], patch_size), uniform=True)
                     continue
             named = referents(question, scenes[b]) if kept[b] is not None else []
             for r, role in enumerate(named[: len(sup.role_heads)]):
                 keys = np.zeros(width, dtype=bool)
                 for k in sorted({k for k, _ in role}):
-                    keys[_patch_positions(seq[img_pos[k]] + 1 + patch_offset, kept[b][k], scenes[b][k],
-                                          patch_size, [obj.mask for j, obj in role if j == k])] = True
+                    keys[_patch_positions(first[k], kept[b][k], scenes[b][k], patch_size,
+                                          [obj.mask for j, obj in role if j == k])] = True
                 if keys.any():
                     for layer in sup.role_layers:
                         add(b, layer, sup.role_heads[r], queries, keys)
@@ -332,8 +331,7 @@ def build_targets(
             if sup.count_layer is not None and kept[b] is not None:
                 counted = _counted(question.removeprefix("Question: "), scenes[b])
             if counted is not None:
-                keys = _count_keys(width, counted[0] if counted else [], seq[img_pos] + 1 + patch_offset, kept[b],
-                                   patch_size)
+                keys = _count_keys(width, counted[0] if counted else [], first, kept[b], patch_size)
                 add(b, sup.count_layer, sup.count_head, queries, keys, uniform=True)
         if len(img_pos) > 1:
             for k, p in enumerate(img_pos):

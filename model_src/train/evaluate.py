@@ -271,7 +271,7 @@ def tally_report(samples: Sequence[Sample], predictions: Sequence[str]) -> dict[
     asked = answered = adds_up = whole = 0
     by_count: dict[int, list[int]] = defaultdict(lambda: [0, 0])
     for s, pred in zip(samples, predictions, strict=True):
-        counts = per_image_counts(question_line(s), s.scenes) if s.task == "count_across" else None
+        counts = per_image_counts(question_line(s), s.scenes)
         if counts is None:
             continue
         asked += 1
