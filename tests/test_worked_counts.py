@@ -18,10 +18,28 @@ def test_count_chain_is_a_running_tally():
         count_chain([])
 
 
+def test_a_labelled_tally_names_each_image_as_the_prompt_does():
+    assert count_chain([2, 0, 1, 1], labelled=True) == "1:2+ 2:0=2+ 3:1=3+ 4:1=4"
+    assert count_chain([0, 2], labelled=True) == "1:0+ 2:2=2"
+    assert count_chain([3], labelled=True) == "3"  # one image: just its count, as unlabelled
+
+
+def test_labelled_tally_needs_worked_counts():
+    from maven_edge.core.errors import TrainingError
+    from maven_edge.model_src.train.recipe import PhaseConfig
+
+    with pytest.raises(TrainingError, match="needs worked_counts"):
+        PhaseConfig(steps=2, batch_size=1, lr=1e-3, labelled_tally=True)
+    assert PhaseConfig(steps=2, batch_size=1, lr=1e-3, worked_counts=True, labelled_tally=True).labelled_tally
+
+
 @pytest.mark.parametrize(("text", "scored"), [
     ("2+0=2+1=3+1=4", "4"),
     (" 1+1=2 ", "2"),
     ("2+0=3+1=4", "4"),  # only the result is checked, as for a chain of thought
+    ("1:2+ 2:0=2+ 3:1=3", "3"),
+    (" 1:1+ 2:1=2 ", "2"),
+    ("1:2+2:0=2", "1:2+2:0=2"),  # not a tally: a labelled term is "+ k:c"
     ("4", "4"),
     ("2+0", "2+0"),  # not a tally: compared as written
     ("image 2", "image 2"),
@@ -63,18 +81,27 @@ def test_a_tally_that_does_not_add_up_is_an_error():
         worked_count(question_line(s), s.scenes, str(int(s.answer) + 1))
 
 
-def test_each_term_attends_to_its_own_image():
+@pytest.mark.parametrize("labelled", [False, True])
+def test_each_term_attends_to_its_own_image(labelled):
     """The position predicting image k's count has role-0 targets on image k's counted objects
-    (every kept patch of image k when it has none), in each role layer; nothing else of the turn."""
+    (every kept patch of image k when it has none), in each role layer; nothing else of the turn.
+    In a labelled tally that position is the ":" after image k's label."""
     pytest.importorskip("torch")
     from maven_edge.model_src.data.labels import patch_labels
 
-    samples, tb, kept, sup, turns, t, tok, t_img, codes, plus = _tally_targets(4, count_head=False)
-    assert all("+" in s.answer for s in samples)
+    samples, tb, kept, sup, turns, t, tok, t_img, codes, plus = _tally_targets(4, count_head=False,
+                                                                               labelled=labelled)
+    assert all("+" in s.answer and (":" in s.answer) == labelled for s in samples)
+    colon = tok.encode(":")[0]
     for b, s in enumerate(samples):
         ids, seq, starts, counts = _row_layout(tb.sequences[b], s, tok.image_id, t_img)
         (answer,) = [run for _, run in turns[b]]
-        term_queries = [int(seq[answer[0]]) - 1] + [int(seq[p]) for p in answer if ids[p] == plus]
+        if labelled:
+            term_queries = [int(seq[p]) for p in answer if ids[p] == colon]
+            assert [tok.decode([ids[p + 1]]) for p in answer if ids[p] == colon] == [str(c) for c in counts]
+        else:
+            term_queries = [int(seq[answer[0]]) - 1] + [int(seq[p]) for p in answer if ids[p] == plus]
+        assert len(term_queries) == len(s.images)
         mine = [i for i, r in enumerate(t.rows) if r == b and t.layers[i] != sup.label_layer]
         assert {t.heads[i] for i in mine} == {sup.role_heads[0]}
         assert {t.layers[i] for i in mine} == set(sup.role_layers)
@@ -91,11 +118,11 @@ def test_each_term_attends_to_its_own_image():
             else:
                 assert len(slots) == kept[b].shape[1]  # all of image k
         # the queries of "+", "=" and the totals have no targets
-        assert {t.queries[i] for i in mine} <= {q for k, q in enumerate(term_queries)} | {
-            int(seq[p]) - 1 for p in answer[:2]}
+        first_term = set() if labelled else {int(seq[p]) - 1 for p in answer[:2]}
+        assert {t.queries[i] for i in mine} <= set(term_queries) | first_term
 
 
-def _tally_targets(n: int, count_head: bool):
+def _tally_targets(n: int, count_head: bool, labelled: bool = False):
     """The targets of `n` worked-count training samples on a fresh 3-layer tiny model (role heads,
     label head, and the count head when asked), with what the checks need to read them."""
     import torch
@@ -110,7 +137,7 @@ def _tally_targets(n: int, count_head: bool):
     model = build_model(get_config("tiny", ["llm.num_layers=3", "vision.num_layers=1", "discrete.num_layers=1"]),
                         seed=0)
     tok = model.tokenizer
-    samples, _ = _worked(list(iter_samples("train", n, tasks=("count_across",))), None)
+    samples, _ = _worked(list(iter_samples("train", n, tasks=("count_across",))), None, labelled)
     tb = B.text_batch(samples, tok)
     with torch.no_grad():
         vf = visual_features(model, B.pixel_tensor(samples, model.config), "hybrid")
@@ -178,6 +205,8 @@ def test_with_the_count_head_each_term_counts_its_own_image():
 @pytest.mark.parametrize("text, parsed", [
     ("2+0=2+1=3", ([2, 0, 1], True)), (" 1+1=2 ", ([1, 1], True)), ("2+0=2+1=4", ([2, 0, 1], False)),
     ("3", None), ("image 2", None), ("2+0", None), ("", None),
+    ("1:2+ 2:0=2+ 3:1=3", ([2, 0, 1], True)), (" 1:1+ 2:1=3 ", ([1, 1], False)),
+    ("1:2+ 3:0=2", None), ("2:2+ 3:0=2", None),  # labels out of order: the terms belong to no image
 ])
 def test_tally_terms_reads_the_terms_and_checks_the_totals(text, parsed):
     from maven_edge.model_src.data.tasks import tally_terms

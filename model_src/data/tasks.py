@@ -125,45 +125,54 @@ def describe_change(before: Scene, after: Scene) -> str | None:
     return None
 
 
-def count_chain(counts: Sequence[int]) -> str:
+def count_chain(counts: Sequence[int], labelled: bool = False) -> str:
     """A worked count across images, as a running tally: per-image counts ``[2, 0, 1, 1]`` ->
     ``"2+0=2+1=3+1=4"`` (each ``+c=t`` adds image k's count to the total so far; one image:
-    just its count). The training target of ``count_across`` with ``PhaseConfig.worked_counts``;
-    scored by its result (:func:`answer_result`)."""
+    just its count). ``labelled``: each term names its image as the prompt labels it
+    (``Image 2:``), ``"1:2+ 2:0=2+ 3:1=3+ 4:1=4"``. The training target of ``count_across`` with
+    ``PhaseConfig.worked_counts`` (``labelled``: ``PhaseConfig.labelled_tally``); scored by its
+    result (:func:`answer_result`)."""
     if not counts:
         raise ValueError("count_chain needs at least one count")
-    text, total = str(int(counts[0])), int(counts[0])
-    for c in counts[1:]:
+    labelled = labelled and len(counts) > 1
+    first = f"1:{int(counts[0])}" if labelled else str(int(counts[0]))
+    text, total = first, int(counts[0])
+    for k, c in enumerate(counts[1:], start=2):
         total += int(c)
-        text += f"+{int(c)}={total}"
+        text += f"+ {k}:{int(c)}={total}" if labelled else f"+{int(c)}={total}"
     return text
 
 
-_CHAIN = re.compile(r"\d+(?:\+\d+=\d+)+")
+# a tally, plain (2+0=2+1=3) or labelled (1:2+ 2:0=2+ 3:1=3); one image alone is never a tally
+_CHAIN = re.compile(r"\d+(?:\+\d+=\d+)+|1:\d+(?:\+ \d+:\d+=\d+)+")
 
 
 def answer_result(text: str) -> str:
-    """The answer to score: a worked count (``"2+0=2+1=3"``, :func:`count_chain`) is reduced to
-    its result (``"3"``, after the last ``=``); every other answer is returned unchanged. Only
-    the result is checked, as for a chain of thought: a tally with a wrong step but the right
-    total counts as right."""
+    """The answer to score: a worked count (``"2+0=2+1=3"`` or ``"1:2+ 2:0=2+ 3:1=3"``,
+    :func:`count_chain`) is reduced to its result (``"3"``, after the last ``=``); every other
+    answer is returned unchanged. Only the result is checked, as for a chain of thought: a tally
+    with a wrong step but the right total counts as right."""
     stripped = text.strip()
     return stripped.rsplit("=", 1)[1] if _CHAIN.fullmatch(stripped) else text
 
 
 def tally_terms(text: str) -> tuple[list[int], bool] | None:
     """A worked count's per-image terms and whether each running total adds up:
-    ``"2+0=2+1=3"`` -> ``([2, 0, 1], True)``, ``"2+0=2+1=4"`` -> ``([2, 0, 1], False)``; None when
-    ``text`` is not a tally (a plain total, or anything else)."""
+    ``"2+0=2+1=3"`` or ``"1:2+ 2:0=2+ 3:1=3"`` -> ``([2, 0, 1], True)``, ``"2+0=2+1=4"`` ->
+    ``([2, 0, 1], False)``; None when ``text`` is not a tally (a plain total, anything else, or a
+    labelled tally whose labels are not 1, 2, 3, ... in order: its terms belong to no image)."""
     stripped = text.strip()
     if not _CHAIN.fullmatch(stripped):
         return None
     first, *steps = stripped.split("+")
-    terms, totals = [int(first)], []
-    for step in steps:
-        term, total = step.split("=")
-        terms.append(int(term))
-        totals.append(int(total))
+    items = [first] + [step.split("=")[0].strip() for step in steps]
+    if ":" in first:
+        labels = [int(item.split(":")[0]) for item in items]
+        if labels != list(range(1, len(items) + 1)):
+            return None
+        items = [item.split(":")[1] for item in items]
+    terms = [int(item) for item in items]
+    totals = [int(step.split("=")[1]) for step in steps]
     return terms, all(t == sum(terms[: i + 2]) for i, t in enumerate(totals))
 
 

@@ -18,7 +18,8 @@ to, so this module turns them into targets for a few attention heads:
   so the share left on ``<bos>`` is ``1 / (n + 1)`` and says the count ``n`` (the objects may lie in
   several images). Its loss is the cross-entropy against that uniform distribution.
 * **worked counts** (``PhaseConfig.worked_counts``): a count across images answered as a running
-  tally (``"2+0=2+1=3"``, :func:`worked_count`) gets role-0 targets per term instead: the position
+  tally (``"2+0=2+1=3"``, or with ``PhaseConfig.labelled_tally`` ``"1:2+ 2:0=2+ 3:1=3"``, each term
+  after its image's label: :func:`worked_count`) gets role-0 targets per term instead: the position
   that predicts image k's count attends to image k's counted objects (all of image k's kept patches
   when it has none), and with the count head, that position's count head spreads over ``<bos>`` and
   one kept patch per counted object of image k (image k's count alone, 0-2); the totals are left to
@@ -147,16 +148,16 @@ def per_image_counts(question: str, scenes: Sequence[Scene]) -> list[int] | None
     return [int(c) for c in counts]
 
 
-def worked_count(question: str, scenes: Sequence[Scene], answer: str) -> str:
-    """``answer`` as a running tally (``"2+0=2+1=3"``, :func:`~maven_edge.model_src.data.tasks.count_chain`)
-    when ``question`` counts across several images, else ``answer`` unchanged. The tally's total is
-    checked against ``answer``."""
+def worked_count(question: str, scenes: Sequence[Scene], answer: str, labelled: bool = False) -> str:
+    """``answer`` as a running tally (``"2+0=2+1=3"``, or with ``labelled`` ``"1:2+ 2:0=2+ 3:1=3"``:
+    :func:`~maven_edge.model_src.data.tasks.count_chain`) when ``question`` counts across several
+    images, else ``answer`` unchanged. The tally's total is checked against ``answer``."""
     counts = per_image_counts(question, scenes)
     if counts is None or len(counts) < 2:
         return answer
     if str(sum(counts)) != answer.strip():
         raise TrainingError(f"worked count {counts} does not add up to the answer {answer!r} of {question!r}")
-    return count_chain(counts)
+    return count_chain(counts, labelled)
 
 
 def _changes(question: str, scenes: Sequence[Scene]) -> list[Role] | None:
@@ -280,8 +281,8 @@ def build_targets(
     None in discrete mode, where there are no patches and so no role targets). The label of
     image k is the token before the last ``colon_id`` (``:``) that precedes its ``<image>``
     (``Image 2: <image>``: ``" 2"``; ``"3"`` where the tokenizer splits ``" 3"``). ``plus_id``: the
-    ``+`` token, by which a worked count's terms are found (the first answer token and each token
-    after a ``+``); None: no worked counts."""
+    ``+`` token, by which a worked count is recognised (its terms: :func:`_tally_terms`); None: no
+    worked counts."""
     t = Targets([], [], [], [], [], [])
 
     def add(row: int, layer: int, head: int, queries: Iterable[int], keys: np.ndarray, uniform: bool = False) -> None:
@@ -303,7 +304,8 @@ def build_targets(
         for question, answer_positions in turns[b]:
             queries = seq[np.asarray(answer_positions, dtype=np.int64)] - 1  # predicts the token
             if plus_id is not None and kept[b] is not None and _counts_across(question):
-                terms = _tally_terms(question, [ids[p] for p in answer_positions], len(scenes[b]), plus_id)
+                terms = _tally_terms(question, [ids[p] for p in answer_positions], len(scenes[b]), plus_id,
+                                     colon_id)
                 if terms is not None:
                     counted = _counted(question.removeprefix("Question: "), scenes[b]) or [[]]
                     for k, pos in enumerate(terms):
@@ -364,14 +366,20 @@ def _count_keys(width: int, objects: Role, first: np.ndarray, kept: np.ndarray, 
     return keys
 
 
-def _tally_terms(question: str, answer_ids: Sequence[int], n_images: int, plus_id: int) -> list[list[int]] | None:
-    """Per image, the indices into ``answer_ids`` of a worked count's term for it (the tokens before
-    the first ``+``, which may be a space and a digit, then the token after each ``+``); None when
-    the answer is not a tally (a plain total)."""
+def _tally_terms(question: str, answer_ids: Sequence[int], n_images: int, plus_id: int,
+                 colon_id: int) -> list[list[int]] | None:
+    """Per image, the indices into ``answer_ids`` of a worked count's term for it: in a plain tally
+    (``2+0=2``) the tokens before the first ``+`` (which may be a space and a digit), then the token
+    after each ``+``; in a labelled one (``1:2+ 2:0=2``) the token after each ``:``. None when the
+    answer is not a tally (a plain total)."""
     plus = [i for i, t in enumerate(answer_ids) if t == plus_id]
     if not plus:
         return None
-    terms = [list(range(plus[0]))] + [[i + 1] for i in plus if i + 1 < len(answer_ids)]
+    colons = [i for i, t in enumerate(answer_ids) if t == colon_id]
+    if colons:
+        terms = [[i + 1] for i in colons if i + 1 < len(answer_ids)]
+    else:
+        terms = [list(range(plus[0]))] + [[i + 1] for i in plus if i + 1 < len(answer_ids)]
     if len(terms) != n_images:
         raise TrainingError(f"a worked count of {question!r} has {len(terms)} terms for {n_images} images")
     return terms

@@ -61,6 +61,10 @@ class PhaseConfig:
     # tally, "2+0=2+1=3" (data.tasks.count_chain; scored by its result), with per-term attention
     # targets (attention_targets.py): one small addition per image instead of one sum at once
     worked_counts: bool = False
+    # with worked_counts: each term of the tally names its image as the prompt labels it,
+    # "1:2+ 2:0=2+ 3:1=3", so the position writing image k's count can find image k by its label
+    # (the same "k:" tokens as the prompt's "Image k:") instead of by counting the "+" before it
+    labelled_tally: bool = False
 
     def __post_init__(self) -> None:
         if self.gray_levels not in GRAY_LEVELS:
@@ -70,6 +74,8 @@ class PhaseConfig:
                                 f"{self.patch_subset} with mode {self.mode!r}")
         if not self.region_targets >= 0:
             raise TrainingError(f"region_targets must be >= 0, got {self.region_targets}")
+        if self.labelled_tally and not self.worked_counts:
+            raise TrainingError("labelled_tally labels the terms of a worked count: it needs worked_counts")
         if not self.gray_consistency >= 0:
             raise TrainingError(f"gray_consistency must be >= 0, got {self.gray_consistency}")
         self.task_weights = tuple((str(t), float(w)) for t, w in self.task_weights)
@@ -119,7 +125,8 @@ def tiny_recipe() -> dict[str, PhaseConfig]:
         "3-projector": PhaseConfig(steps=80, batch_size=32, lr=1e-3, warmup=10, mode="hybrid",
                                    families=("caption",)),
         "4-instruct": PhaseConfig(steps=2100, batch_size=32, lr=1.5e-3, warmup=50, mode="hybrid", followups=4,
-                                  attention_targets=1.0, seed_offset=1, reverse_change=True, worked_counts=True),
+                                  attention_targets=1.0, seed_offset=1, reverse_change=True, worked_counts=True,
+                                  labelled_tally=True),
     }
 
 

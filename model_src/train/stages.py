@@ -412,12 +412,16 @@ def enable_image_slots(model: MavenModel) -> None:
         model.llm.embed_tokens.weight[ids] = 0.0
 
 
-def _worked(samples: list[Sample], extra: list[list[QA]] | None) -> tuple[list[Sample], list[list[QA]] | None]:
+def _worked(samples: list[Sample], extra: list[list[QA]] | None,
+            labelled: bool = False) -> tuple[list[Sample], list[list[QA]] | None]:
     """`PhaseConfig.worked_counts`: every count across images, a sample's own question or a
-    follow-up, answered as a running tally (attention_targets.worked_count)."""
-    out = [dataclasses.replace(s, answer=worked_count(question_line(s), s.scenes, s.answer)) for s in samples]
+    follow-up, answered as a running tally (attention_targets.worked_count; `labelled`: each term
+    after its image's label, `PhaseConfig.labelled_tally`)."""
+    out = [dataclasses.replace(s, answer=worked_count(question_line(s), s.scenes, s.answer, labelled))
+           for s in samples]
     if extra is not None:
-        extra = [[(q, worked_count(q, s.scenes, a)) for q, a in turns] for s, turns in zip(samples, extra, strict=True)]
+        extra = [[(q, worked_count(q, s.scenes, a, labelled)) for q, a in turns]
+                 for s, turns in zip(samples, extra, strict=True)]
     return out, extra
 
 
@@ -442,7 +446,7 @@ def phase_llm(model: MavenModel, cfg: PhaseConfig, seed: int, name: str, parts: 
                                         reverse_change=cfg.reverse_change, video=s.family == "video")
                      for s in samples]
         if cfg.worked_counts:
-            samples, extra = _worked(samples, extra)
+            samples, extra = _worked(samples, extra, cfg.labelled_tally)
         tb = B.text_batch(samples, tok, extra)
         px = B.pixel_tensor(samples, model.config)
         vf = visual_features(model, px, cfg.mode, patch_subset=cfg.patch_subset)
