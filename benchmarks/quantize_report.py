@@ -45,7 +45,7 @@ class ReportOptions:
     recipes: tuple[str, ...] = QUANT_RECIPES.names()
     split: str = "test"
     limit: int | None = None
-    max_new_tokens: int = 32  # the eval command's default
+    max_new_tokens: int = 32  # what the stored reports used; the shipped model's answers end well before
     calib_samples: int = 32
     edge_artifacts: str | Path | None = None
     edge_recipes: tuple[str, ...] = ("int4-weight", "int8-dynamic")

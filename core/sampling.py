@@ -18,7 +18,7 @@ from maven_edge.core.errors import InputError
 
 @dataclass
 class GenerationConfig:
-    max_new_tokens: int = 32
+    max_new_tokens: int = 64
     do_sample: bool = False  # False = greedy
     temperature: float = 1.0
     top_k: int = 0  # 0 = off

@@ -195,7 +195,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="most tokens to generate (default 32)")
+    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="most tokens to generate (default 64)")
     p.add_argument("--greedy", action="store_true", help="greedy decoding (the default unless sampling is asked for)")
     p.add_argument("--temperature", type=positive_float("--temperature"), metavar="T",
                    help="sample with this temperature, a number > 0 (default: greedy decoding)")

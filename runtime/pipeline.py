@@ -83,7 +83,7 @@ class GenerateOptions:
     """Per-request options. Sampling is on when ``greedy`` is False, or when it is left None and
     a temperature > 0, top_k or top_p is given; otherwise decoding is greedy."""
 
-    max_new_tokens: int = 32
+    max_new_tokens: int = 64  # an 8-image worked count (a tally) is 32-54 tokens; the server's default too
     greedy: bool | None = None
     temperature: float | None = None
     top_k: int | None = None
@@ -545,7 +545,7 @@ class MavenPipeline:
                               timings)
 
     def load_video(self, source: Any, question: str, fps: float = 1.0, max_frames: int = 8,
-                   max_new_tokens: int = 32, mode: str | None = None, keep_ratio: float | None = None) -> VideoInput:
+                   max_new_tokens: int = 64, mode: str | None = None, keep_ratio: float | None = None) -> VideoInput:
         """A video question as images + prompt for :meth:`generate` / :meth:`stream`.
 
         The frames are decoded one at a time (PyAV, :mod:`maven_edge.core.video`), sampled at `fps`,

@@ -59,7 +59,7 @@ def run_node(artifacts: Path, requests: list[dict[str, Any]], work: Path, thread
 
 
 def run(artifacts: Path, split: str, limit: int | None, resized: int, threads: int, work: Path,
-        max_new_tokens: int = 32) -> dict[str, Any]:
+        max_new_tokens: int = 64) -> dict[str, Any]:
     from PIL import Image
 
     from maven_edge.core.preprocess import preprocess_images

@@ -1,10 +1,10 @@
 """ORT vs torch on every test question: token-for-token greedy parity and exact-match accuracy.
 
-    python -m tools.parity_check                               # shipped tiny model, all 600 test questions
+    python -m tools.parity_check                               # shipped tiny model, every test question
     python -m tools.parity_check --checkpoint DIR --artifacts DIR --limit 100
 
 Runs each question of the split through the ORT pipeline (CPU) and the torch reference pipeline
-with the default greedy options (32 new tokens), compares the token ids, and scores both answers
+with the default greedy options (64 new tokens), compares the token ids, and scores both answers
 with the training evaluator's exact-match rule. When the checkpoint has an ``eval_report.json``
 its overall accuracy is printed beside ours. Without ``--artifacts`` the checkpoint is exported
 into the demo's cache folder like ``maven-edge demo`` does (once). Imports torch.
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--artifacts", help="an export of --checkpoint (default: the demo's export in the user cache, made if needed)")
     ap.add_argument("--split", default="test")
     ap.add_argument("--limit", type=int)
-    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--out", help="write the JSON report here")
     args = ap.parse_args(argv)

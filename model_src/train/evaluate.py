@@ -38,7 +38,7 @@ from maven_edge.model_src.train.common import (
 from maven_edge.model_src.train.loop import atomic_write_text
 
 # room for the longest answer the recipe trains: a labelled tally over 8 images is 54 tokens
-# (`PhaseConfig.labelled_tally`); other answers stop at <eos> long before
+# (`PhaseConfig.labelled_tally`); other answers stop at <eos> long before. GenerationConfig's default too
 DEFAULT_MAX_NEW_TOKENS = 64
 #: a trained checkpoint's test-split answers, one JSON line per question, beside its eval_report.json
 TEST_PREDICTIONS = "test_predictions.jsonl"

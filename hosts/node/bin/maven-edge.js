@@ -20,7 +20,7 @@ Answers a prompt about images with the ONNX files an export wrote (manifest.json
   --prompt TEXT          the full prompt, one <image> per image
   --question TEXT        a question line (e.g. "Question: what color is the circle?"), put in the
                          prompt layout the model was trained on (the manifest's host.prompt)
-  --max-new-tokens N     most tokens to generate (default 32)
+  --max-new-tokens N     most tokens to generate (default 64)
   --greedy | --sample    greedy decoding (default) or sampling
   --temperature T        --top-k K  --top-p P  --seed S   sampling settings
   --stop TEXT            stop string (repeat for several)
@@ -74,7 +74,7 @@ async function main() {
   const pipe = await openPipeline(args.artifacts, { threads: number('threads', args.threads ?? '0', true), verify: !args['no-verify'] });
   const prompt = args.prompt ?? pipe.buildPrompt(images.length, args.question);
   const options = {
-    maxNewTokens: number('max-new-tokens', args['max-new-tokens'] ?? '32', true),
+    maxNewTokens: number('max-new-tokens', args['max-new-tokens'] ?? '64', true),
     greedy: args.sample ? false : args.greedy ? true : undefined,
     temperature: number('temperature', args.temperature),
     topK: number('top-k', args['top-k'], true),

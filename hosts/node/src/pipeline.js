@@ -475,7 +475,7 @@ export class MavenPipeline {
   // ---- public API -------------------------------------------------------------------------------
   /**
    * Answer `prompt` about `images` (paths or Buffers, one per <image> placeholder, in order).
-   * Options: maxNewTokens (32), greedy, temperature, topK, topP, seed, stop (strings), stopTokenIds,
+   * Options: maxNewTokens (64), greedy, temperature, topK, topP, seed, stop (strings), stopTokenIds,
    * mode, keepRatio, signal (AbortSignal), onText (called with each text piece as it is decoded).
    * Returns { text, tokenIds, finishReason, promptTokens, visualTokensPerImage, selectedIndices, mode,
    * keepRatio, timings }.

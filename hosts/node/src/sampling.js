@@ -55,7 +55,7 @@ export function generationConfig(opts = {}) {
   if (unknown.length) {
     throw new InputError(`unknown generation option(s) ${unknown.join(', ')}; known: ${[...known].join(', ')}`);
   }
-  const maxNewTokens = opts.maxNewTokens ?? 32;
+  const maxNewTokens = opts.maxNewTokens ?? 64;
   if (!Number.isInteger(maxNewTokens) || maxNewTokens < 1) {
     throw new InputError(`maxNewTokens must be a positive integer, got ${JSON.stringify(opts.maxNewTokens)}`);
   }

@@ -4,7 +4,7 @@
 //
 //   node hosts/node/tools/batch.js --artifacts DIR --requests in.jsonl --out out.jsonl [--threads N]
 //
-// A request: {"id": ..., "images": [paths], "prompt": "...", "max_new_tokens": 32,
+// A request: {"id": ..., "images": [paths], "prompt": "...", "max_new_tokens": 64,
 //             "pixels_out": "optional path: the preprocessed float32 [n, 3, H, W] tensor is written there"}.
 // An answer: {"id", "token_ids", "text", "finish_reason"} or {"id", "error": {"type", "message"}}.
 
@@ -33,7 +33,7 @@ for await (const line of lines) {
       const { data } = await preprocessImages(req.images, pipe.pre, pipe.imageLimits);
       fs.writeFileSync(req.pixels_out, Buffer.from(data.buffer, data.byteOffset, data.byteLength));
     }
-    const res = await pipe.generate(req.images, req.prompt, { maxNewTokens: req.max_new_tokens ?? 32 });
+    const res = await pipe.generate(req.images, req.prompt, { maxNewTokens: req.max_new_tokens ?? 64 });
     answer = { id: req.id, token_ids: res.tokenIds, text: res.text, finish_reason: res.finishReason };
   } catch (err) {
     if (!(err instanceof MavenError)) throw err;
