@@ -15,10 +15,15 @@ import numpy as np
 
 from maven_edge.core.errors import InputError
 
+# new tokens when a caller gives no limit (CLI, Python API, server, evaluator, parity tools): room for
+# the longest answer the recipe trains, an 8-image worked count (32 tokens; 54 as a labelled tally,
+# `PhaseConfig.labelled_tally`); other answers stop at <eos> long before
+DEFAULT_MAX_NEW_TOKENS = 64
+
 
 @dataclass
 class GenerationConfig:
-    max_new_tokens: int = 64
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     do_sample: bool = False  # False = greedy
     temperature: float = 1.0
     top_k: int = 0  # 0 = off

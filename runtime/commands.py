@@ -19,6 +19,7 @@ from maven_edge.core.errors import CheckpointError, InputError, MavenError
 from maven_edge.core.manifest import MANIFEST, load_manifest, sha256_file
 from maven_edge.core.paths import cache_dir
 from maven_edge.core.preprocess import fit_to_square, load_image
+from maven_edge.core.sampling import DEFAULT_MAX_NEW_TOKENS
 from maven_edge.model_src.resources import samples_dir, shipped_checkpoint
 from maven_edge.runtime.backends import BACKENDS
 from maven_edge.runtime.backends.providers import PROVIDERS
@@ -195,7 +196,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="most tokens to generate (default 64)")
+    p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, metavar="N",
+                   help=f"most tokens to generate (default {DEFAULT_MAX_NEW_TOKENS})")
     p.add_argument("--greedy", action="store_true", help="greedy decoding (the default unless sampling is asked for)")
     p.add_argument("--temperature", type=positive_float("--temperature"), metavar="T",
                    help="sample with this temperature, a number > 0 (default: greedy decoding)")

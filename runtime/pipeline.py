@@ -52,7 +52,7 @@ from maven_edge.core.config import H_EOS_MODES, VISUAL_MODES, MavenConfig
 from maven_edge.core.errors import GenerationCancelled, InputError, PromptError
 from maven_edge.core.preprocess import preprocess_images
 from maven_edge.core.prompt import PromptPlan, check_context, plan_prompt, splice
-from maven_edge.core.sampling import GenerationConfig, Sampler, StopChecker
+from maven_edge.core.sampling import DEFAULT_MAX_NEW_TOKENS, GenerationConfig, Sampler, StopChecker
 from maven_edge.core.tokenizer import TextTokenizer
 from maven_edge.runtime.backends import load_backend
 from maven_edge.runtime.backends.base import Backend, DecodeState
@@ -83,7 +83,7 @@ class GenerateOptions:
     """Per-request options. Sampling is on when ``greedy`` is False, or when it is left None and
     a temperature > 0, top_k or top_p is given; otherwise decoding is greedy."""
 
-    max_new_tokens: int = 64  # an 8-image worked count (a tally) is 32-54 tokens; the server's default too
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     greedy: bool | None = None
     temperature: float | None = None
     top_k: int | None = None
@@ -545,7 +545,7 @@ class MavenPipeline:
                               timings)
 
     def load_video(self, source: Any, question: str, fps: float = 1.0, max_frames: int = 8,
-                   max_new_tokens: int = 64, mode: str | None = None, keep_ratio: float | None = None) -> VideoInput:
+                   max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, mode: str | None = None, keep_ratio: float | None = None) -> VideoInput:
         """A video question as images + prompt for :meth:`generate` / :meth:`stream`.
 
         The frames are decoded one at a time (PyAV, :mod:`maven_edge.core.video`), sampled at `fps`,

@@ -15,6 +15,7 @@ from typing import Any
 from maven_edge.core.config import H_EOS_MODES
 from maven_edge.core.errors import ArtifactError, InputError
 from maven_edge.core.manifest import MANIFEST
+from maven_edge.core.sampling import DEFAULT_MAX_NEW_TOKENS
 from maven_edge.runtime.commands import _add_model_args, pipeline_options
 
 SERVE_EXAMPLES = """\
@@ -167,8 +168,8 @@ def register(sub: Any) -> None:
                      help="seconds per request, queue wait + generation (default 120)")
     lim.add_argument("--max-body-mb", type=float, default=8.0, help="request body limit in MiB; beyond: 413 (default 8)")
     lim.add_argument("--max-image-mb", type=float, help="encoded size limit per image in MiB (default: the body limit)")
-    lim.add_argument("--default-max-tokens", type=int, default=64,
-                     help="tokens to generate when a request gives no max_tokens (default 64)")
+    lim.add_argument("--default-max-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
+                     help=f"tokens to generate when a request gives no max_tokens (default {DEFAULT_MAX_NEW_TOKENS})")
     lim.add_argument("--h-eos", choices=H_EOS_MODES, default="separate",
                      help="hybrid: where h_eos is read when a request does not say ('h_eos' in its body): "
                      "'separate' (an extra decoder pass per image; default) or 'context' (inside the prefill, "

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from maven_edge.core.config import H_EOS_MODES
 from maven_edge.core.errors import InputError
+from maven_edge.core.sampling import DEFAULT_MAX_NEW_TOKENS
 from maven_edge.runtime.options import PipelineOptions
 from maven_edge.serving.images import ImagePolicy
 
@@ -25,7 +26,7 @@ class ServerConfig:
     max_queue: int = 16  # requests waiting for a slot; beyond: 429
     request_timeout_s: float = 120.0  # per request: queue wait + generation
     max_body_bytes: int = 8 * 2**20  # request body; beyond: 413
-    default_max_tokens: int = 64  # when the request gives neither max_tokens nor max_completion_tokens
+    default_max_tokens: int = DEFAULT_MAX_NEW_TOKENS  # when the request gives neither max_tokens nor max_completion_tokens
     h_eos: str = "separate"  # where h_eos is read when the request does not say (docs/design.md §5.2)
     images: ImagePolicy = field(default_factory=ImagePolicy)
     warmup: bool = True  # one 1-token generation after loading, before /health says ready

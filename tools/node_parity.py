@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from maven_edge.core.sampling import DEFAULT_MAX_NEW_TOKENS
 from tools import emit_report
 
 REPO = Path(__file__).resolve().parent.parent
@@ -59,7 +60,7 @@ def run_node(artifacts: Path, requests: list[dict[str, Any]], work: Path, thread
 
 
 def run(artifacts: Path, split: str, limit: int | None, resized: int, threads: int, work: Path,
-        max_new_tokens: int = 64) -> dict[str, Any]:
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> dict[str, Any]:
     from PIL import Image
 
     from maven_edge.core.preprocess import preprocess_images

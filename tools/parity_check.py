@@ -20,6 +20,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from maven_edge.core.sampling import DEFAULT_MAX_NEW_TOKENS
 from maven_edge.model_src.resources import shipped_checkpoint
 from maven_edge.runtime.commands import demo_artifacts_dir, ensure_demo_artifacts
 from tools import emit_report
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--artifacts", help="an export of --checkpoint (default: the demo's export in the user cache, made if needed)")
     ap.add_argument("--split", default="test")
     ap.add_argument("--limit", type=int)
-    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--out", help="write the JSON report here")
     args = ap.parse_args(argv)

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from maven_edge.core.config import check_mode
 from maven_edge.core.errors import InputError
+from maven_edge.core.sampling import DEFAULT_MAX_NEW_TOKENS
 from maven_edge.model_src.data import Sample
 from maven_edge.model_src.data.splits import SPLITS, iter_samples, num_samples
 from maven_edge.model_src.data.tasks import normalize_answer, question_line, tally_terms
@@ -37,9 +38,6 @@ from maven_edge.model_src.train.common import (
 )
 from maven_edge.model_src.train.loop import atomic_write_text
 
-# room for the longest answer the recipe trains: a labelled tally over 8 images is 54 tokens
-# (`PhaseConfig.labelled_tally`); other answers stop at <eos> long before. GenerationConfig's default too
-DEFAULT_MAX_NEW_TOKENS = 64
 #: a trained checkpoint's test-split answers, one JSON line per question, beside its eval_report.json
 TEST_PREDICTIONS = "test_predictions.jsonl"
 
