@@ -14,6 +14,10 @@ its rule that every referring expression names a unique object:
   once in image 1 and once in image 2), and ``in_image``: the single-image colour / shape / count
   questions about one labelled image (``"what color is the circle in image 2?"``), a template the
   evaluation does not ask; it trains the label -> image lookup the multi-image tasks need.
+  With ``image_counts`` a fifth task, ``count_in_image``: how many objects of a colour or shape
+  that occurs in the set are in one labelled image (``"how many red shapes are there in image
+  3?"``, 0-2 and sometimes 0): the per-image count each term of a worked ``count_across`` tally
+  writes, asked on its own;
   ``count_across`` totals above ``TaskConfig.max_count_total`` (8) are not asked;
 * a video's frames (``video=True``): what happened to each object (``nothing`` for a static one),
   the first frame of each colour-shape pair, how many frames show each shape and colour
@@ -134,6 +138,18 @@ def _in_image(scenes: Sequence[Scene], cfg: TaskConfig, label: str = "image") ->
     return out
 
 
+def _count_in_image(scenes: Sequence[Scene], cfg: TaskConfig) -> list[QA]:
+    """Per labelled image, the count of each colour and each shape that occurs anywhere in the set
+    (so a 0 is asked where the kind is in another image): the terms of a ``count_across`` tally."""
+    colors = [c for c in COLORS if any(s.find(color=c) for s in scenes)]
+    shapes = [sh for sh in SHAPES if any(s.find(shape=sh) for s in scenes)]
+    out = []
+    for k, s in enumerate(scenes, 1):
+        out += [(_q(f"how many {c} shapes are there in image {k}?"), str(len(s.find(color=c)))) for c in colors]
+        out += [(_q(f"how many {plural(sh)} are there in image {k}?"), str(len(s.find(shape=sh)))) for sh in shapes]
+    return out
+
+
 def _video_task(task: str) -> Callable[[Sequence[Scene], TaskConfig], list[QA]]:
     def make(scenes: Sequence[Scene], cfg: TaskConfig) -> list[QA]:
         return [(_q(q), a) for q, a in video_followups(scenes)[task]]
@@ -148,6 +164,7 @@ _Pool = dict[str, Callable[[Sequence[Scene], TaskConfig], list[QA]]]
 SINGLE_POOL: _Pool = {"color": _color, "shape": _shape, "count": _count, "position": _position}
 MULTI_POOL: _Pool = {"which_image": _which_image, "count_across": _count_across, "same": _same,
                      "in_image": _in_image}
+IMAGE_COUNT_TASK = "count_in_image"  # the multi-image pool's fifth task with ``image_counts``
 VIDEO_POOL: _Pool = {"event": _video_task("event"), "first_frame": _video_task("first_frame"),
                      "frame_count": _video_task("frame_count"), "in_frame": _in_frame}
 
@@ -160,13 +177,17 @@ def followup_questions(
     config: TaskConfig = DEFAULT_TASKS,
     reverse_change: bool = False,
     video: bool = False,
+    image_counts: bool = False,
 ) -> list[QA]:
     """Up to ``n`` (question line, answer) pairs about ``scenes`` (the frames of a video with
     ``video``), none of whose question lines is in ``skip`` (e.g. the sample's own question); with
-    ``reverse_change`` an edit pair's first one is the backwards change question (module docstring)."""
+    ``reverse_change`` an edit pair's first one is the backwards change question, with
+    ``image_counts`` several images also draw ``count_in_image`` questions (module docstring)."""
     if not scenes or n <= 0:
         return []
     pool = VIDEO_POOL if video else SINGLE_POOL if len(scenes) == 1 else MULTI_POOL
+    if image_counts and pool is MULTI_POOL:
+        pool = {**MULTI_POOL, IMAGE_COUNT_TASK: _count_in_image}
     seen = set(skip)
     candidates = {task: [qa for qa in make(scenes, config) if qa[0] not in seen] for task, make in pool.items()}
     out: list[QA] = []

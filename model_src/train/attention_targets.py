@@ -138,6 +138,13 @@ def _counts_across(question: str) -> bool:
     return bool(m and m.group(3))
 
 
+def _image_counted(question: str) -> int | None:
+    """The image index a count question asks about (``"Question: how many red shapes are there in
+    image 3?"``: 2); None for any other question."""
+    m = _COUNT.fullmatch(question.removeprefix("Question: "))
+    return int(m.group(2)) - 1 if m and m.group(2) else None
+
+
 def per_image_counts(question: str, scenes: Sequence[Scene]) -> list[int] | None:
     """How many objects a count question over all the images (``"Question: how many red shapes
     are there in all the images?"``) counts in each image; None for any other question."""
@@ -294,6 +301,20 @@ def build_targets(
             t.keys.append(keys)
             t.uniform.append(uniform)
 
+    def image_count(row: int, k: int, objects: Role, queries: Iterable[int], width: int, first: np.ndarray) -> None:
+        """A count in image k (a tally's term or a "... in image k?" question): the role head on
+        image k's counted objects, else on all of image k; the count head (when on) spreads over
+        <bos> and one kept patch per counted object, so the share left on <bos> says the count
+        (``width``: the row's sequence length, ``first``: each image's first kept patch)."""
+        keys = np.zeros(width, dtype=bool)
+        keys[_patch_positions(first[k], kept[row][k], scenes[row][k], patch_size,
+                              [o.mask for _, o in objects] or None)] = True
+        for layer in sup.role_layers:
+            add(row, layer, sup.role_heads[0], queries, keys)
+        if sup.count_layer is not None:
+            add(row, sup.count_layer, sup.count_head, queries,
+                _count_keys(width, objects, first, kept[row], patch_size), uniform=True)
+
     for b, ids in enumerate(sequences):
         is_image = np.asarray(ids) == image_id
         img_pos = np.flatnonzero(is_image)
@@ -309,17 +330,13 @@ def build_targets(
                 if terms is not None:
                     counted = _counted(question.removeprefix("Question: "), scenes[b]) or [[]]
                     for k, pos in enumerate(terms):
-                        objects = [(j, o) for j, o in counted[0] if j == k]
-                        keys = np.zeros(width, dtype=bool)
-                        # image k's counted objects, else all of image k
-                        keys[_patch_positions(first[k], kept[b][k], scenes[b][k], patch_size,
-                                              [o.mask for _, o in objects] or None)] = True
-                        for layer in sup.role_layers:
-                            add(b, layer, sup.role_heads[0], queries[pos], keys)
-                        if sup.count_layer is not None:  # image k's count, said by the share left on <bos>
-                            add(b, sup.count_layer, sup.count_head, queries[pos],
-                                _count_keys(width, objects, first, kept[b], patch_size), uniform=True)
+                        image_count(b, k, [(j, o) for j, o in counted[0] if j == k], queries[pos], width, first)
                     continue
+            k = _image_counted(question)
+            if k is not None and kept[b] is not None and k < len(scenes[b]):  # "... in image k?"
+                counted = _counted(question.removeprefix("Question: "), scenes[b]) or [[]]
+                image_count(b, k, counted[0], queries, width, first)
+                continue
             named = referents(question, scenes[b]) if kept[b] is not None else []
             for r, role in enumerate(named[: len(sup.role_heads)]):
                 keys = np.zeros(width, dtype=bool)

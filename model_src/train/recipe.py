@@ -65,6 +65,10 @@ class PhaseConfig:
     # "1:2+ 2:0=2+ 3:1=3", so the position writing image k's count can find image k by its label
     # (the same "k:" tokens as the prompt's "Image k:") instead of by counting the "+" before it
     labelled_tally: bool = False
+    # with followups: multi-image samples also draw per-image count follow-ups ("how many red shapes
+    # are there in image 3?", data.followups' count_in_image): the skill of one tally term, asked
+    # on its own, with role targets on image k's counted objects (all of image k for a 0)
+    image_count_followups: bool = False
 
     def __post_init__(self) -> None:
         if self.gray_levels not in GRAY_LEVELS:
@@ -76,6 +80,8 @@ class PhaseConfig:
             raise TrainingError(f"region_targets must be >= 0, got {self.region_targets}")
         if self.labelled_tally and not self.worked_counts:
             raise TrainingError("labelled_tally labels the terms of a worked count: it needs worked_counts")
+        if self.image_count_followups and not self.followups:
+            raise TrainingError("image_count_followups adds follow-up questions: it needs followups >= 1")
         if not self.gray_consistency >= 0:
             raise TrainingError(f"gray_consistency must be >= 0, got {self.gray_consistency}")
         self.task_weights = tuple((str(t), float(w)) for t, w in self.task_weights)
@@ -125,7 +131,8 @@ def tiny_recipe() -> dict[str, PhaseConfig]:
         "3-projector": PhaseConfig(steps=80, batch_size=32, lr=1e-3, warmup=10, mode="hybrid",
                                    families=("caption",)),
         "4-instruct": PhaseConfig(steps=2100, batch_size=32, lr=1.5e-3, warmup=50, mode="hybrid", followups=4,
-                                  attention_targets=1.0, seed_offset=1, reverse_change=True, worked_counts=True),
+                                  attention_targets=1.0, seed_offset=1, reverse_change=True, worked_counts=True,
+                                  labelled_tally=True, image_count_followups=True),
     }
 
 

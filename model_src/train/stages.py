@@ -443,7 +443,8 @@ def phase_llm(model: MavenModel, cfg: PhaseConfig, seed: int, name: str, parts: 
         if cfg.followups:
             rng = B.rng_for(seed, f"{name}-followups", step)
             extra = [followup_questions(s.scenes, rng, cfg.followups, skip=[question_line(s)],
-                                        reverse_change=cfg.reverse_change, video=s.family == "video")
+                                        reverse_change=cfg.reverse_change, video=s.family == "video",
+                                        image_counts=cfg.image_count_followups)
                      for s in samples]
         if cfg.worked_counts:
             samples, extra = _worked(samples, extra, cfg.labelled_tally)
