@@ -345,8 +345,10 @@ def _cancelled_count(server) -> float:
 
 @pytest.mark.parametrize("streaming", [True, False], ids=["stream", "no-stream"])
 def test_a_client_that_disconnects_frees_its_slot(small, streaming):
-    """A long request (800 tokens, seconds of decoding) is dropped by its client; the next request
-    gets the only slot within a few decode steps, not when the long one would have ended."""
+    """A long request (800 tokens) is dropped by its client mid-answer (streaming: after three
+    chunks; not streaming: a read timeout of a quarter of the time the whole answer took just
+    before); the next request gets the only slot within a few decode steps, not when the long one
+    would have ended."""
     messages = [user("which image has a red square?", data_uri(DEMO_IMAGES[0]), data_uri(DEMO_IMAGES[1]))]
     long_body = {"model": "tiny", "messages": messages, "max_tokens": 800, "stream": streaming}
     before = _cancelled_count(small)
@@ -361,8 +363,14 @@ def test_a_client_that_disconnects_frees_its_slot(small, streaming):
                     if content_chunks == 3:
                         break  # leaving the block closes the connection mid-stream
         else:
+            # how long the whole answer takes on this machine (a fixed read timeout raced it: on a
+            # fast CPU the 800 tokens came back inside 0.5 s); the client then leaves a quarter in
+            t0 = time.monotonic()
+            whole = client.post("/v1/chat/completions", json=long_body, timeout=60)
+            whole_s = time.monotonic() - t0
+            assert whole.status_code == 200 and whole.json()["usage"]["completion_tokens"] > 400
             with pytest.raises(httpx.ReadTimeout):
-                client.post("/v1/chat/completions", json=long_body, timeout=httpx.Timeout(60, read=0.5))
+                client.post("/v1/chat/completions", json=long_body, timeout=httpx.Timeout(60, read=whole_s / 4))
     started = time.monotonic()
     res = small.client().chat.completions.create(model="tiny", messages=messages, max_tokens=4)
     elapsed = time.monotonic() - started

@@ -14,11 +14,10 @@ its rule that every referring expression names a unique object:
   once in image 1 and once in image 2), and ``in_image``: the single-image colour / shape / count
   questions about one labelled image (``"what color is the circle in image 2?"``), a template the
   evaluation does not ask; it trains the label -> image lookup the multi-image tasks need.
-  With ``image_counts`` a fifth task, ``count_in_image``: how many objects of a colour or shape
-  that occurs in the set are in one labelled image (``"how many red shapes are there in image
-  3?"``, 0-2 and sometimes 0): the per-image count each term of a worked ``count_across`` tally
-  writes, asked on its own;
-  ``count_across`` totals above ``TaskConfig.max_count_total`` (8) are not asked;
+  ``count_across`` totals above ``TaskConfig.max_count_total`` (8) are not asked. With
+  ``image_counts`` a fifth task, ``count_in_image``: how many objects of a colour or shape that
+  occurs in the set are in one labelled image (``"how many red shapes are there in image 3?"``,
+  0-2): the per-image count each term of a worked ``count_across`` tally writes, asked on its own;
 * a video's frames (``video=True``): what happened to each object (``nothing`` for a static one),
   the first frame of each colour-shape pair, how many frames show each shape and colour
   (:func:`maven_edge.model_src.data.videos.video_followups`), and ``in_frame`` questions
