@@ -8,6 +8,9 @@
 - ``reduced_paper_cfg`` / ``reduced_paper_cfg_factory(extra_overrides)``: the ``paper``
   preset's 336 px / 14 px geometry (576 patches) with narrow, shallow networks, for token-math
   tests that run a real forward pass.
+- ``stage4_targets(samples, extra, count_head)``: stage 4's attention targets for a batch of
+  samples (with follow-ups ``extra``, or none) on a fresh 3-layer tiny model, and what the checks
+  need to read them (a ``SimpleNamespace``).
 """
 
 from __future__ import annotations
@@ -106,5 +109,45 @@ def make_pixels():
         v = (cfg or get_config("tiny")).vision
         gen = torch.Generator().manual_seed(seed)
         return torch.randn(n, v.num_channels, v.image_size, v.image_size, generator=gen)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def stage4_targets():
+    def make(samples, extra=None, count_head=False):
+        import types
+
+        import numpy as np
+        import torch
+
+        from maven_edge.core.config import get_config
+        from maven_edge.model_src.checkpoint import build_model
+        from maven_edge.model_src.train import batches as B
+        from maven_edge.model_src.train.attention_targets import (
+            AttentionSupervision,
+            answer_turns,
+            build_targets,
+        )
+        from maven_edge.model_src.train.common import visual_features
+
+        model = build_model(get_config("tiny", ["llm.num_layers=3", "vision.num_layers=1", "discrete.num_layers=1"]),
+                            seed=0)
+        tok = model.tokenizer
+        tb = B.text_batch(samples, tok, extra)
+        with torch.no_grad():
+            vf = visual_features(model, B.pixel_tensor(samples, model.config), "hybrid")
+        offsets = np.concatenate([[0], np.cumsum(tb.image_counts)])
+        kept = [vf.indices[offsets[i]:offsets[i + 1]].numpy() for i in range(len(samples))]
+        sup = AttentionSupervision.for_decoder(model.config.llm, 1.0, count_head=count_head)
+        t_img = model.config.visual_tokens_per_image("hybrid") + 2
+        codes = model.config.discrete.num_codes
+        plus = tok.encode("+")[0]
+        extra = extra if extra is not None else [[] for _ in samples]
+        turns = [answer_turns(s, e, t) for s, e, t in zip(samples, extra, tb.targets, strict=True)]
+        t = build_targets(sup, tb.sequences, turns, [s.scenes for s in samples], kept, tok.image_id, t_img, codes, 8,
+                          tok.encode(":")[0], plus)
+        return types.SimpleNamespace(tb=tb, kept=kept, sup=sup, turns=turns, t=t, tok=tok, t_img=t_img, codes=codes,
+                                     plus=plus)
 
     return make

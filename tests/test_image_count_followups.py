@@ -59,38 +59,21 @@ def test_image_count_followups_need_followups():
 
 
 @pytest.mark.parametrize("count_head", [False, True])
-def test_a_per_image_count_attends_to_that_image(count_head):
+def test_a_per_image_count_attends_to_that_image(stage4_targets, count_head):
     """Each answer of "how many X are there in image k?" has role-0 targets on image k's counted
     objects (all of image k's kept patches when it has none) in each role layer, and with the count
     head a uniform target over <bos> and one kept patch per counted object of image k."""
-    torch = pytest.importorskip("torch")
-    from maven_edge.core.config import get_config
-    from maven_edge.model_src.checkpoint import build_model
+    pytest.importorskip("torch")
     from maven_edge.model_src.data.labels import patch_labels
-    from maven_edge.model_src.train import batches as B
-    from maven_edge.model_src.train.attention_targets import AttentionSupervision, answer_turns, build_targets
-    from maven_edge.model_src.train.common import visual_features
 
-    model = build_model(get_config("tiny", ["llm.num_layers=3", "vision.num_layers=1", "discrete.num_layers=1"]),
-                        seed=0)
-    tok = model.tokenizer
     samples = list(iter_samples("train", 10, tasks=("count_across",)))
     rng = np.random.default_rng(3)
     extra = []
     for s in samples:  # only per-image count follow-ups, so every follow-up turn is one
         qas = followup_questions(s.scenes, rng, 12, skip=[question_line(s)], image_counts=True)
         extra.append([qa for qa in qas if _ASKED.fullmatch(qa[0])][:3])
-    tb = B.text_batch(samples, tok, extra)
-    with torch.no_grad():
-        vf = visual_features(model, B.pixel_tensor(samples, model.config), "hybrid")
-    offsets = np.concatenate([[0], np.cumsum(tb.image_counts)])
-    kept = [vf.indices[offsets[i]:offsets[i + 1]].numpy() for i in range(len(samples))]
-    sup = AttentionSupervision.for_decoder(model.config.llm, 1.0, count_head=count_head)
-    t_img = model.config.visual_tokens_per_image("hybrid") + 2
-    codes = model.config.discrete.num_codes
-    turns = [answer_turns(s, e, t) for s, e, t in zip(samples, extra, tb.targets, strict=True)]
-    t = build_targets(sup, tb.sequences, turns, [s.scenes for s in samples], kept, tok.image_id, t_img, codes, 8,
-                      tok.encode(":")[0], tok.encode("+")[0])
+    r = stage4_targets(samples, extra, count_head)
+    tb, kept, sup, turns, t, tok, t_img, codes = r.tb, r.kept, r.sup, r.turns, r.t, r.tok, r.t_img, r.codes
     zeros = twos = 0
     for b, s in enumerate(samples):
         ids = tb.sequences[b]

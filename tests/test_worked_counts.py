@@ -82,14 +82,14 @@ def test_a_tally_that_does_not_add_up_is_an_error():
 
 
 @pytest.mark.parametrize("labelled", [False, True])
-def test_each_term_attends_to_its_own_image(labelled):
+def test_each_term_attends_to_its_own_image(stage4_targets, labelled):
     """The position predicting image k's count has role-0 targets on image k's counted objects
     (every kept patch of image k when it has none), in each role layer; nothing else of the turn.
     In a labelled tally that position is the ":" after image k's label."""
     pytest.importorskip("torch")
     from maven_edge.model_src.data.labels import patch_labels
 
-    samples, tb, kept, sup, turns, t, tok, t_img, codes, plus = _tally_targets(4, count_head=False,
+    samples, tb, kept, sup, turns, t, tok, t_img, codes, plus = _tally_targets(stage4_targets, 4, count_head=False,
                                                                                labelled=labelled)
     assert all("+" in s.answer and (":" in s.answer) == labelled for s in samples)
     colon = tok.encode(":")[0]
@@ -122,35 +122,14 @@ def test_each_term_attends_to_its_own_image(labelled):
         assert {t.queries[i] for i in mine} <= set(term_queries) | first_term
 
 
-def _tally_targets(n: int, count_head: bool, labelled: bool = False):
-    """The targets of `n` worked-count training samples on a fresh 3-layer tiny model (role heads,
-    label head, and the count head when asked), with what the checks need to read them."""
-    import torch
-
-    from maven_edge.core.config import get_config
-    from maven_edge.model_src.checkpoint import build_model
-    from maven_edge.model_src.train import batches as B
-    from maven_edge.model_src.train.attention_targets import AttentionSupervision, answer_turns, build_targets
-    from maven_edge.model_src.train.common import visual_features
+def _tally_targets(stage4_targets, n: int, count_head: bool, labelled: bool = False):
+    """The targets of `n` worked-count training samples (role heads, label head, and the count head
+    when asked), with what the checks need to read them."""
     from maven_edge.model_src.train.stages import _worked
 
-    model = build_model(get_config("tiny", ["llm.num_layers=3", "vision.num_layers=1", "discrete.num_layers=1"]),
-                        seed=0)
-    tok = model.tokenizer
     samples, _ = _worked(list(iter_samples("train", n, tasks=("count_across",))), None, labelled)
-    tb = B.text_batch(samples, tok)
-    with torch.no_grad():
-        vf = visual_features(model, B.pixel_tensor(samples, model.config), "hybrid")
-    offsets = np.concatenate([[0], np.cumsum(tb.image_counts)])
-    kept = [vf.indices[offsets[i]:offsets[i + 1]].numpy() for i in range(len(samples))]
-    sup = AttentionSupervision.for_decoder(model.config.llm, 1.0, count_head=count_head)
-    t_img = model.config.visual_tokens_per_image("hybrid") + 2
-    codes = model.config.discrete.num_codes
-    plus = tok.encode("+")[0]
-    turns = [answer_turns(s, [], t) for s, t in zip(samples, tb.targets, strict=True)]
-    t = build_targets(sup, tb.sequences, turns, [s.scenes for s in samples], kept, tok.image_id, t_img, codes, 8,
-                      tok.encode(":")[0], plus)
-    return samples, tb, kept, sup, turns, t, tok, t_img, codes, plus
+    r = stage4_targets(samples, None, count_head)
+    return samples, r.tb, r.kept, r.sup, r.turns, r.t, r.tok, r.t_img, r.codes, r.plus
 
 
 def _row_layout(ids, sample, image_id: int, t_img: int):
@@ -172,14 +151,14 @@ def _counted_attr(question: str) -> dict[str, str]:
     return {"shape": noun.removesuffix("es") if noun.endswith("sses") else noun.removesuffix("s")}
 
 
-def test_with_the_count_head_each_term_counts_its_own_image():
+def test_with_the_count_head_each_term_counts_its_own_image(stage4_targets):
     """With the count head, the position predicting image k's count also has a uniform count-head
     target over <bos> and one kept patch per counted object of image k (its count alone, 0-2): so
     the share left on <bos> says 1 / (n_k + 1); no other count-head target in the turn."""
     pytest.importorskip("torch")
     from maven_edge.model_src.data.labels import patch_pixel_counts
 
-    samples, tb, kept, sup, turns, t, tok, t_img, codes, plus = _tally_targets(6, count_head=True)
+    samples, tb, kept, sup, turns, t, tok, t_img, codes, plus = _tally_targets(stage4_targets, 6, count_head=True)
     seen_two = False
     for b, s in enumerate(samples):
         ids, seq, starts, counts = _row_layout(tb.sequences[b], s, tok.image_id, t_img)
