@@ -57,7 +57,8 @@ def test_exact_match_accepts_a_tally_with_the_right_total_only():
 
 def test_every_test_count_across_answer_becomes_a_tally_with_its_total():
     pytest.importorskip("torch")
-    from maven_edge.model_src.train.attention_targets import per_image_counts, worked_count
+    from maven_edge.model_src.data.counts import per_image_counts
+    from maven_edge.model_src.train.attention_targets import worked_count
 
     seen = 0
     for s in iter_samples("test", 1000, tasks=("count_across",)):
@@ -135,7 +136,7 @@ def _tally_targets(stage4_targets, n: int, count_head: bool, labelled: bool = Fa
 def _row_layout(ids, sample, image_id: int, t_img: int):
     """A row's ids, the sequence position of each id, the first position of each image, and the
     per-image counts of its question."""
-    from maven_edge.model_src.train.attention_targets import per_image_counts
+    from maven_edge.model_src.data.counts import per_image_counts
 
     is_image = np.asarray(ids) == image_id
     seq = np.arange(len(ids)) + (np.cumsum(is_image) - is_image) * (t_img - 1)
@@ -197,8 +198,8 @@ def test_the_eval_report_scores_each_term_of_a_tally_against_the_scene():
     """`tally_report`: per-image terms right against the scenes, tallies that add up, whole tallies
     right; plain totals and other tasks are not tallies."""
     pytest.importorskip("torch")
+    from maven_edge.model_src.data.counts import per_image_counts
     from maven_edge.model_src.data.tasks import count_chain
-    from maven_edge.model_src.train.attention_targets import per_image_counts
     from maven_edge.model_src.train.evaluate import tally_report
 
     samples = list(iter_samples("test", 200, tasks=("count_across", "count")))[:8]

@@ -27,9 +27,9 @@ from tools import emit_report
 
 def per_image_questions(split: str, min_images: int, max_images: int) -> tuple[list[Any], list[int]]:
     """The per-image count questions (samples with one question line replaced) and their true counts."""
+    from maven_edge.model_src.data.counts import per_image_counts
     from maven_edge.model_src.data.splits import iter_samples, num_samples
     from maven_edge.model_src.data.tasks import question_line
-    from maven_edge.model_src.train.attention_targets import per_image_counts
 
     questions, truth = [], []
     for s in iter_samples(split, num_samples(split), tasks=("count_across",)):

@@ -46,15 +46,22 @@ import torch
 from maven_edge.core.config import LLMConfig
 from maven_edge.core.errors import TrainingError
 from maven_edge.model_src.data import videos as V
+from maven_edge.model_src.data.counts import (
+    Counted,
+    counted_image,
+    counted_objects,
+    counts_across,
+    matching_objects,
+    per_image_counts,
+)
 from maven_edge.model_src.data.labels import patch_labels, patch_pixel_counts
-from maven_edge.model_src.data.shapes import COLORS, SHAPES, Scene, ShapeObject
+from maven_edge.model_src.data.shapes import Scene
 from maven_edge.model_src.data.tasks import (
     CHANGE_QUESTION,
     REVERSE_CHANGE_QUESTION,
     Sample,
     count_chain,
     edited_objects,
-    plural,
     question_line,
 )
 
@@ -71,16 +78,7 @@ _TEMPLATES: tuple[tuple[re.Pattern[str], tuple[tuple[int | None, int | None, int
     (re.compile(r"is the (\w+) object in image 1 the same shape as the \1 object in image 2\?"),
      ((-1, 1, None), (-2, 1, None))),
 )
-# "how many {shapes | red shapes | circles} are there[ in image k | in all the images]?"
-_COUNT = re.compile(r"how many (.+) are there(?: in (?:image|frame) (\d)| (in all the images))?\?")
-_SHAPE_OF_PLURAL = {plural(s): s for s in SHAPES}
-
-Role = list[tuple[int, ShapeObject]]
-
-
-def _objects(scenes: Sequence[Scene], images: Sequence[int], color: str | None, shape: str | None) -> Role:
-    """The (image index, object) pairs of ``images`` matching ``color`` / ``shape`` (None: any)."""
-    return [(k, o) for k in images if k < len(scenes) for o in scenes[k].find(color=color, shape=shape)]
+Role = Counted  # the (image index, object) pairs one supervised head attends to
 
 
 def _named(question: str, scenes: Sequence[Scene]) -> list[Role] | None:
@@ -99,60 +97,12 @@ def _named(question: str, scenes: Sequence[Scene]) -> list[Role] | None:
                 images = [int(m.group(img_group)) - 1]
             else:
                 images = list(range(len(scenes)))
-            found = _objects(scenes, images, color, shape)
+            found = matching_objects(scenes, images, color, shape)
             if len(found) != 1:
                 return []
             out.append(found)
         return out
     return None
-
-
-def _counted(question: str, scenes: Sequence[Scene]) -> list[Role] | None:
-    """A count question: one role holding every object it counts (all images for "in all the
-    images", image k for "in image k", else the only image)."""
-    m = _COUNT.fullmatch(question)
-    if not m:
-        return None
-    noun = m.group(1)
-    if noun == "shapes":
-        color = shape = None
-    elif noun.endswith(" shapes") and noun.removesuffix(" shapes") in COLORS:
-        color, shape = noun.removesuffix(" shapes"), None
-    elif noun in _SHAPE_OF_PLURAL:
-        color, shape = None, _SHAPE_OF_PLURAL[noun]
-    else:
-        return []
-    if m.group(2):
-        images = [int(m.group(2)) - 1]
-    elif m.group(3) or len(scenes) == 1:
-        images = list(range(len(scenes)))
-    else:
-        return []
-    found = _objects(scenes, images, color, shape)
-    return [found] if found else []
-
-
-def _counts_across(question: str) -> bool:
-    """Whether a question line counts across all the images ("... in all the images?")."""
-    m = _COUNT.fullmatch(question.removeprefix("Question: "))
-    return bool(m and m.group(3))
-
-
-def _image_counted(question: str) -> int | None:
-    """The image index a count question asks about (``"Question: how many red shapes are there in
-    image 3?"``: 2); None for any other question."""
-    m = _COUNT.fullmatch(question.removeprefix("Question: "))
-    return int(m.group(2)) - 1 if m and m.group(2) else None
-
-
-def per_image_counts(question: str, scenes: Sequence[Scene]) -> list[int] | None:
-    """How many objects a count question over all the images (``"Question: how many red shapes
-    are there in all the images?"``) counts in each image; None for any other question."""
-    if not _counts_across(question):
-        return None
-    counted = _counted(question.removeprefix("Question: "), scenes)
-    counts = np.bincount([k for k, _ in counted[0]] if counted else [], minlength=len(scenes))
-    return [int(c) for c in counts]
 
 
 def worked_count(question: str, scenes: Sequence[Scene], answer: str, labelled: bool = False) -> str:
@@ -190,9 +140,9 @@ def _video(question: str, scenes: Sequence[Scene]) -> list[Role] | None:
         return [[track[0]], [track[-1]]] if track else []
     if m := V.FIRST_QUESTION.fullmatch(question):
         k = V.first_frame(scenes, m.group(1), m.group(2))
-        return [_objects(scenes, [k - 1], m.group(1), m.group(2))] if k else []
+        return [matching_objects(scenes, [k - 1], m.group(1), m.group(2))] if k else []
     if m := V.COUNT_QUESTION.fullmatch(question):
-        found = _objects(scenes, range(len(scenes)), m.group(1), m.group(2))
+        found = matching_objects(scenes, range(len(scenes)), m.group(1), m.group(2))
         return [found] if found else []
     return None
 
@@ -208,7 +158,7 @@ def referents(question: str, scenes: Sequence[Scene]) -> list[Role]:
     does a question whose referring expression does not pick exactly one object of ``scenes``
     (never the case for generated questions)."""
     text = question.removeprefix("Question: ")
-    for parse in (_named, _counted, _changes, _video):
+    for parse in (_named, counted_objects, _changes, _video):
         roles = parse(text, scenes)
         if roles is not None:
             return roles
@@ -324,17 +274,17 @@ def build_targets(
         first = seq[img_pos] + 1 + patch_offset  # per image, the sequence position of its first kept patch
         for question, answer_positions in turns[b]:
             queries = seq[np.asarray(answer_positions, dtype=np.int64)] - 1  # predicts the token
-            if plus_id is not None and kept[b] is not None and _counts_across(question):
+            if plus_id is not None and kept[b] is not None and counts_across(question):
                 terms = _tally_terms(question, [ids[p] for p in answer_positions], len(scenes[b]), plus_id,
                                      colon_id)
                 if terms is not None:
-                    counted = _counted(question.removeprefix("Question: "), scenes[b]) or [[]]
+                    counted = counted_objects(question.removeprefix("Question: "), scenes[b]) or [[]]
                     for k, pos in enumerate(terms):
                         image_count(b, k, [(j, o) for j, o in counted[0] if j == k], queries[pos], width, first)
                     continue
-            k = _image_counted(question)
+            k = counted_image(question)
             if k is not None and kept[b] is not None and k < len(scenes[b]):  # "... in image k?"
-                counted = _counted(question.removeprefix("Question: "), scenes[b]) or [[]]
+                counted = counted_objects(question.removeprefix("Question: "), scenes[b]) or [[]]
                 image_count(b, k, counted[0], queries, width, first)
                 continue
             named = referents(question, scenes[b]) if kept[b] is not None else []
@@ -348,7 +298,7 @@ def build_targets(
                         add(b, layer, sup.role_heads[r], queries, keys)
             counted = None
             if sup.count_layer is not None and kept[b] is not None:
-                counted = _counted(question.removeprefix("Question: "), scenes[b])
+                counted = counted_objects(question.removeprefix("Question: "), scenes[b])
             if counted is not None:
                 keys = _count_keys(width, counted[0] if counted else [], first, kept[b], patch_size)
                 add(b, sup.count_layer, sup.count_head, queries, keys, uniform=True)

@@ -22,11 +22,11 @@ from maven_edge.core.config import check_mode
 from maven_edge.core.errors import InputError
 from maven_edge.core.sampling import DEFAULT_MAX_NEW_TOKENS
 from maven_edge.model_src.data import Sample
+from maven_edge.model_src.data.counts import per_image_counts
 from maven_edge.model_src.data.splits import SPLITS, iter_samples, num_samples
 from maven_edge.model_src.data.tasks import normalize_answer, question_line, tally_terms
 from maven_edge.model_src.modeling.maven import MavenModel
 from maven_edge.model_src.train import batches as B
-from maven_edge.model_src.train.attention_targets import per_image_counts
 from maven_edge.model_src.train.common import (
     VisualFeatures,
     budget_indices,
