@@ -26,10 +26,10 @@ def matching_objects(scenes: Sequence[Scene], images: Sequence[int], color: str 
 
 
 def counted_objects(question: str, scenes: Sequence[Scene]) -> list[Counted] | None:
-    """A count question (the text after ``"Question: "``): ``[objects]`` with every object it counts
-    (all images for "in all the images", image k for "in image k", else the only image), ``[]``
-    when it counts nothing, None when ``question`` is not a count question."""
-    m = COUNT_QUESTION.fullmatch(question)
+    """A count question (its line, or the text after ``"Question: "``): ``[objects]`` with every
+    object it counts (all images for "in all the images", image k for "in image k", else the only
+    image), ``[]`` when it counts nothing, None when ``question`` is not a count question."""
+    m = COUNT_QUESTION.fullmatch(question.removeprefix("Question: "))
     if not m:
         return None
     noun = m.group(1)
@@ -70,6 +70,6 @@ def per_image_counts(question: str, scenes: Sequence[Scene]) -> list[int] | None
     if not counts_across(question):
         return None
     counts = [0] * len(scenes)
-    for k, _ in (counted_objects(question.removeprefix("Question: "), scenes) or [[]])[0]:
+    for k, _ in (counted_objects(question, scenes) or [[]])[0]:
         counts[k] += 1
     return counts

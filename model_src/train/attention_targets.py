@@ -278,13 +278,13 @@ def build_targets(
                 terms = _tally_terms(question, [ids[p] for p in answer_positions], len(scenes[b]), plus_id,
                                      colon_id)
                 if terms is not None:
-                    counted = counted_objects(question.removeprefix("Question: "), scenes[b]) or [[]]
+                    counted = counted_objects(question, scenes[b]) or [[]]
                     for k, pos in enumerate(terms):
                         image_count(b, k, [(j, o) for j, o in counted[0] if j == k], queries[pos], width, first)
                     continue
             k = counted_image(question)
             if k is not None and kept[b] is not None and k < len(scenes[b]):  # "... in image k?"
-                counted = counted_objects(question.removeprefix("Question: "), scenes[b]) or [[]]
+                counted = counted_objects(question, scenes[b]) or [[]]
                 image_count(b, k, counted[0], queries, width, first)
                 continue
             named = referents(question, scenes[b]) if kept[b] is not None else []
@@ -298,7 +298,7 @@ def build_targets(
                         add(b, layer, sup.role_heads[r], queries, keys)
             counted = None
             if sup.count_layer is not None and kept[b] is not None:
-                counted = counted_objects(question.removeprefix("Question: "), scenes[b])
+                counted = counted_objects(question, scenes[b])
             if counted is not None:
                 keys = _count_keys(width, counted[0] if counted else [], first, kept[b], patch_size)
                 add(b, sup.count_layer, sup.count_head, queries, keys, uniform=True)
