@@ -152,20 +152,28 @@ def _counted_attr(question: str) -> dict[str, str]:
     return {"shape": noun.removesuffix("es") if noun.endswith("sses") else noun.removesuffix("s")}
 
 
-def test_with_the_count_head_each_term_counts_its_own_image(stage4_targets):
+@pytest.mark.parametrize("labelled", [False, True])
+def test_with_the_count_head_each_term_counts_its_own_image(stage4_targets, labelled):
     """With the count head, the position predicting image k's count also has a uniform count-head
     target over <bos> and one kept patch per counted object of image k (its count alone, 0-2): so
-    the share left on <bos> says 1 / (n_k + 1); no other count-head target in the turn."""
+    the share left on <bos> says 1 / (n_k + 1); no other count-head target in the turn. In a
+    labelled tally that position is the ":" after image k's label, as for the role heads."""
     pytest.importorskip("torch")
     from maven_edge.model_src.data.labels import patch_pixel_counts
 
-    samples, tb, kept, sup, turns, t, tok, t_img, codes, plus = _tally_targets(stage4_targets, 6, count_head=True)
+    samples, tb, kept, sup, turns, t, tok, t_img, codes, plus = _tally_targets(stage4_targets, 6, count_head=True,
+                                                                               labelled=labelled)
+    colon = tok.encode(":")[0]
     seen_two = False
     for b, s in enumerate(samples):
         ids, seq, starts, counts = _row_layout(tb.sequences[b], s, tok.image_id, t_img)
         attr = _counted_attr(question_line(s))
         (answer,) = [run for _, run in turns[b]]
-        term_queries = [int(seq[answer[0]]) - 1] + [int(seq[p]) for p in answer if ids[p] == plus]
+        if labelled:
+            term_queries = [int(seq[p]) for p in answer if ids[p] == colon]
+        else:
+            term_queries = [int(seq[answer[0]]) - 1] + [int(seq[p]) for p in answer if ids[p] == plus]
+        assert len(term_queries) == len(s.images)
         heads = [i for i, r in enumerate(t.rows) if r == b and t.uniform[i]]
         assert {(t.layers[i], t.heads[i]) for i in heads} == {(sup.count_layer, sup.count_head)}
         assert sorted(t.queries[i] for i in heads) == sorted(term_queries)  # one per term, nothing else

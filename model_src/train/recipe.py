@@ -131,7 +131,8 @@ def tiny_recipe() -> dict[str, PhaseConfig]:
         "3-projector": PhaseConfig(steps=80, batch_size=32, lr=1e-3, warmup=10, mode="hybrid",
                                    families=("caption",)),
         "4-instruct": PhaseConfig(steps=2100, batch_size=32, lr=1.5e-3, warmup=50, mode="hybrid", followups=4,
-                                  attention_targets=1.0, seed_offset=1, reverse_change=True, worked_counts=True),
+                                  attention_targets=1.0, seed_offset=1, reverse_change=True, worked_counts=True,
+                                  labelled_tally=True, count_head=True),
     }
 
 
