@@ -117,9 +117,9 @@ class PhaseConfig:
 
 
 def tiny_recipe() -> dict[str, PhaseConfig]:
-    """Phase name -> config for the `tiny` preset (the whole recipe took 61 minutes on two threads of an idle
-    2-core machine, stage 4's 2100 steps 53 of them; stage 4 took ~100 on one thread beside another run:
-    see docs/training.md, "Measured wall time")."""
+    """Phase name -> config for the `tiny` preset, the shipped checkpoint's (run R36K): about 92 minutes on two
+    threads of an idle 2-core machine, stage 4's 2100 steps 83 of them (docs/training.md, "Measured wall
+    time")."""
     return {
         "0-vision": PhaseConfig(steps=1125, batch_size=32, lr=3e-3, warmup=30, gray_share=0.5,
                                 gray_levels="random", gray_consistency=1.0),
