@@ -76,12 +76,31 @@ def run(checkpoint: str, out: str | Path, per_count: int = 100, image_counts=IMA
         infeasible = None
     except InputError as exc:
         infeasible = str(exc)
-    result = {"checkpoint": str(checkpoint), "per_count": per_count, "codes_per_image": q,
+    import torch
+
+    result = {"checkpoint": str(checkpoint), "per_count": per_count, "threads": torch.get_num_threads(),
+              "codes_per_image": q,
               "default_visual_tokens_per_image": cfg.visual_tokens_per_image("hybrid"),
               "four_images_default_budget": four_default, "eight_images_at_four_default": infeasible,
               "rows": rows, "wall_time_s": round(time.time() - t0, 1)}
     write(result, Path(out))
     return result
+
+
+def _command(result: dict[str, Any]) -> str:
+    """The command line that makes this result (threads as `set_threads` read them, when recorded)."""
+    threads = result.get("threads")
+    env = f"MAVEN_TRAIN_THREADS={threads} " if threads else ""
+    return (f"{env}python -m maven_edge.model_src.train.budget_curves --checkpoint {result['checkpoint']} "
+            f"--per-count {result['per_count']} --out docs")
+
+
+def _at_default(rows: list[dict[str, Any]]) -> str:
+    """One sentence: the per-image accuracy at the largest k measured, per image count."""
+    k = max(r["patches_per_image"] for r in rows)
+    accs = [(r["images"], r["accuracy"]) for r in rows if r["method"] == "per_image" and r["patches_per_image"] == k]
+    listed = ", ".join(f"{n} images {100 * a:.1f} %" for n, a in sorted(accs))
+    return f"With {k} patches per image (the per-image rows' largest k) the checkpoint answers: {listed}."
 
 
 def _paired(rows: list[dict[str, Any]], n: int, k: int) -> tuple[int, int] | None:
@@ -146,8 +165,7 @@ def write(result: dict[str, Any], out: Path) -> None:
     lines = [
         "# Visual-token budget: global ranking vs a fixed keep ratio per image",
         "",
-        "Made by `python -m maven_edge.model_src.train.budget_curves --checkpoint "
-        f"{result['checkpoint']} --out docs` ({result['wall_time_s']:.0f} s on the shared 2-core machine).",
+        f"Made by `{_command(result)}` ({result['wall_time_s']:.0f} s wall time).",
         "",
         f"Questions: {result['per_count']} per image count, `which_image` and `count_across` alternately, with "
         "exactly 2, 4 or 8 images (`fixed_count_samples`: the test split's colour-shape pairs, held-out pairs "
@@ -171,10 +189,7 @@ def write(result: dict[str, Any], out: Path) -> None:
     lines += ["", "![accuracy vs budget](figures/budget.png)", "",
               f"**Which wins: {who}.** Over every row where the two selections differ, {g} questions are "
               f"answered right only with global ranking and {p} only with the per-image keep ratio (two-sided "
-              f"sign test p = {pval:.2f}). The checkpoint measured here "
-              f"({result['checkpoint']}) was trained with 16 patches per image and, unless it was trained on "
-              "the issue-36 data, on 2–4 images only: its 8-image accuracy is low at every budget, so the "
-              "8-image rows compare two selections on questions the model mostly fails anyway. The selector's "
+              f"sign test p = {pval:.2f}). {_at_default(rows)} The selector's "
               "scores do not depend on the question (h_eos reads only the image's codes), so a global ranking "
               "can only move patches towards images with more object patches, not towards the image the "
               "question is about.", ""]
