@@ -20,6 +20,11 @@ _SHAPE_OF_PLURAL = {plural(s): s for s in SHAPES}
 Counted = list[tuple[int, ShapeObject]]  # (image index, object)
 
 
+def _match(question: str) -> re.Match[str] | None:
+    """A count question's parts, from its line or the text after ``"Question: "``; None otherwise."""
+    return COUNT_QUESTION.fullmatch(question.removeprefix("Question: "))
+
+
 def matching_objects(scenes: Sequence[Scene], images: Sequence[int], color: str | None, shape: str | None) -> Counted:
     """The (image index, object) pairs of ``images`` matching ``color`` / ``shape`` (None: any)."""
     return [(k, o) for k in images if k < len(scenes) for o in scenes[k].find(color=color, shape=shape)]
@@ -29,7 +34,7 @@ def counted_objects(question: str, scenes: Sequence[Scene]) -> list[Counted] | N
     """A count question (its line, or the text after ``"Question: "``): ``[objects]`` with every
     object it counts (all images for "in all the images", image k for "in image k", else the only
     image), ``[]`` when it counts nothing, None when ``question`` is not a count question."""
-    m = COUNT_QUESTION.fullmatch(question.removeprefix("Question: "))
+    m = _match(question)
     if not m:
         return None
     noun = m.group(1)
@@ -53,14 +58,14 @@ def counted_objects(question: str, scenes: Sequence[Scene]) -> list[Counted] | N
 
 def counts_across(question: str) -> bool:
     """Whether a question line counts across all the images ("... in all the images?")."""
-    m = COUNT_QUESTION.fullmatch(question.removeprefix("Question: "))
+    m = _match(question)
     return bool(m and m.group(3))
 
 
 def counted_image(question: str) -> int | None:
     """The image index a count question line asks about (``"Question: how many red shapes are
     there in image 3?"``: 2); None for any other question."""
-    m = COUNT_QUESTION.fullmatch(question.removeprefix("Question: "))
+    m = _match(question)
     return int(m.group(2)) - 1 if m and m.group(2) else None
 
 
