@@ -118,6 +118,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help=f"comma-separated (default {','.join(QUANT_RECIPES.names())})")
     r.add_argument("--split", default="test", choices=("train", "val", "test"), help="data split (default test)")
     r.add_argument("--limit", type=int, default=None, help="evaluate the first N questions only")
+    r.add_argument("--max-new-tokens", type=int, default=None,
+                   help="longest answer per question (default 64, as maven-edge eval)")
     r.add_argument("--edge-artifacts", default=None, metavar="DIR",
                    help="fp32 artifacts of edge-small: adds the decoder size and decode-step latency section")
     r.add_argument("--edge-recipes", default="int4-weight,int8-dynamic", help="recipes for the edge-small section (default int4-weight,int8-dynamic)")
@@ -252,6 +254,7 @@ def _report(args: argparse.Namespace) -> int:
         edge_recipes=tuple(r.strip() for r in args.edge_recipes.split(",") if r.strip()),
         sections=tuple(x.strip() for x in args.sections.split(",") if x.strip()),
         threads=args.threads, reuse=args.reuse, progress=not args.quiet,
+        **({"max_new_tokens": args.max_new_tokens} if args.max_new_tokens is not None else {}),
     )
     paths = run_report(opts)
     for p in paths:

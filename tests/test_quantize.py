@@ -444,6 +444,22 @@ def test_report_update_for_some_recipes_keeps_the_other_rows(artifacts, tmp_path
     assert "| fp16 |" in md and "| int8-weight |" in md and "Section(s) accuracy re-measured" in md
     with pytest.raises(InputError, match="other settings"):
         qr.run_report(qr.ReportOptions(recipes=("int8-weight",), sections=("accuracy",), **{**base, "limit": 2}))
+    with pytest.raises(InputError, match="max new tokens 64 != 16"):
+        qr.run_report(qr.ReportOptions(recipes=("int8-weight",), sections=("accuracy",), max_new_tokens=16, **base))
+
+
+def test_report_answers_as_long_as_eval_and_names_other_lengths():
+    """The report answers with `maven-edge eval`'s default length (an 8-image labelled tally is 54
+    tokens; the old 32 cut it), and its recorded command names any other length so it re-makes the page."""
+    from maven_edge.benchmarks import quantize_report as qr
+    from maven_edge.core.sampling import DEFAULT_MAX_NEW_TOKENS
+
+    opts = qr.ReportOptions(artifacts="a", out="docs")
+    assert opts.max_new_tokens == DEFAULT_MAX_NEW_TOKENS == 64
+    assert "--max-new-tokens" not in qr._command(opts)
+    assert "--max-new-tokens 16" in qr._command(qr.ReportOptions(artifacts="a", max_new_tokens=16))
+    with pytest.raises(InputError, match="--max-new-tokens must be >= 1"):
+        qr.ReportOptions(artifacts="a", max_new_tokens=0).validate()
 
 
 def test_calibration_methods_give_different_ranges(artifacts, manifest, tmp_path):
