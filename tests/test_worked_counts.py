@@ -231,3 +231,54 @@ def test_the_eval_report_scores_each_term_of_a_tally_against_the_scene():
     assert r["whole_tally_right"] == len(across) - wrong_terms
     assert r["term_accuracy"] == pytest.approx((n_terms - wrong_terms) / n_terms)
     assert tally_report(samples, [s.answer for s in samples]) is None  # plain totals
+
+
+def test_term_loss_weight_needs_worked_counts():
+    from maven_edge.core.errors import TrainingError
+    from maven_edge.model_src.train.recipe import PhaseConfig
+
+    with pytest.raises(TrainingError, match="needs worked_counts"):
+        PhaseConfig(steps=2, batch_size=1, lr=1e-3, term_loss_weight=5.0)
+    with pytest.raises(TrainingError, match="must be > 0"):
+        PhaseConfig(steps=2, batch_size=1, lr=1e-3, worked_counts=True, term_loss_weight=0.0)
+    assert PhaseConfig(steps=2, batch_size=1, lr=1e-3, worked_counts=True, term_loss_weight=5.0).term_loss_weight == 5
+
+
+@pytest.mark.parametrize("labelled", [False, True])
+def test_term_weights_fall_on_each_images_count(stage4_targets, labelled):
+    """`PhaseConfig.term_loss_weight`: in the answer-loss weights of a micro-batch the weighted
+    positions are exactly the tally's terms (the tokens that say image k's count), in image order;
+    every other position weighs 1."""
+    pytest.importorskip("torch")
+    from maven_edge.model_src.train.attention_targets import term_weights
+
+    samples, tb, _, _, turns, _, tok, t_img, _, plus = _tally_targets(stage4_targets, 4, count_head=False,
+                                                                      labelled=labelled)
+    width = max(len(ids) + (t_img - 1) * int((np.asarray(ids) == tok.image_id).sum()) for ids in tb.sequences)
+    w = term_weights(tb.sequences, turns, tb.image_counts, tok.image_id, t_img, plus, tok.encode(":")[0], width, 5.0)
+    assert w.shape == (len(samples), width)
+    assert set(np.unique(w.numpy())) == {1.0, 5.0}
+    for b, s in enumerate(samples):
+        ids, seq, _, counts = _row_layout(tb.sequences[b], s, tok.image_id, t_img)
+        at = {int(q): p for p, q in enumerate(seq)}
+        weighted = [at[int(q)] for q in np.flatnonzero(w[b].numpy() == 5.0)]
+        assert all(tb.targets[b][p] for p in weighted)  # answer tokens only
+        said = "".join(tok.decode([ids[p]]) for p in weighted).replace(" ", "")
+        assert said == "".join(str(c) for c in counts)
+
+
+def test_weighted_answer_loss_is_the_weighted_mean_per_sample():
+    torch = pytest.importorskip("torch")
+    from maven_edge.model_src.train.common import answer_loss
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 7, generator=g)
+    labels = torch.tensor([[-100, 3, 4, -100, 1], [-100, -100, 2, 6, -100]])
+    plain, n = answer_loss(logits, labels)
+    assert n == 2
+    assert torch.allclose(answer_loss(logits, labels, torch.ones(2, 5))[0], plain)
+    weights = torch.tensor([[1.0, 1.0, 4.0, 9.0, 1.0], [1.0, 1.0, 1.0, 4.0, 1.0]])
+    tok = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 7), labels[:, 1:].reshape(-1),
+                                            ignore_index=-100, reduction="none").view(2, 4)
+    want = (tok[0, 0] + 4 * tok[0, 1] + tok[0, 3]) / 6 + (tok[1, 1] + 4 * tok[1, 2]) / 5
+    assert torch.allclose(answer_loss(logits, labels, weights)[0], want)

@@ -312,6 +312,26 @@ def build_targets(
     return t
 
 
+def term_weights(sequences: Sequence[Sequence[int]], turns: Sequence[Sequence[tuple[str, list[int]]]],
+                 n_images: Sequence[int], image_id: int, tokens_per_image: int, plus_id: int, colon_id: int,
+                 width: int, weight: float) -> torch.Tensor:
+    """Per-token answer-loss weights for one micro-batch laid out as :func:`build_targets`' (no
+    left padding, ``width`` columns): ``weight`` on each term of a worked count (the per-image count,
+    :func:`_tally_terms`; ``PhaseConfig.term_loss_weight``), 1 everywhere else (``answer_loss``
+    reads the weights of labelled positions only)."""
+    out = torch.ones(len(sequences), width)
+    for b, ids in enumerate(sequences):
+        is_image = np.asarray(ids) == image_id
+        seq = np.arange(len(ids)) + (np.cumsum(is_image) - is_image) * (tokens_per_image - 1)
+        for question, answer_positions in turns[b]:
+            if not counts_across(question):
+                continue
+            terms = _tally_terms(question, [ids[p] for p in answer_positions], n_images[b], plus_id, colon_id)
+            for pos in terms or []:
+                out[b, seq[[answer_positions[i] for i in pos]]] = weight
+    return out
+
+
 def _patch_positions(first: int, kept: np.ndarray, scene: Scene, patch_size: int,
                      masks: list[np.ndarray] | None) -> np.ndarray:
     """Sequence positions of an image's kept patches (``kept``: raster indices, the first of them at

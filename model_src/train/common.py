@@ -140,14 +140,18 @@ def split_per_sample(embeds: torch.Tensor, counts: Sequence[int]) -> list[torch.
     return out
 
 
-def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+def answer_loss(logits: torch.Tensor, labels: torch.Tensor,
+                weights: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """Sum over samples of each sample's mean next-token loss on its labelled tokens, and the
-    number of samples with labels (callers divide by the batch size)."""
+    number of samples with labels (callers divide by the batch size). ``weights`` (the shape of
+    ``labels``, >= 0): a weighted mean instead, each labelled token counting its weight (None: 1)."""
     lg = logits[:, :-1].float()
     tg = labels[:, 1:]
     tok = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), tg.reshape(-1), ignore_index=-100, reduction="none")
     tok = tok.view(tg.shape)
     valid = (tg != -100).float()
+    if weights is not None:
+        valid = valid * weights[:, 1:].to(valid.dtype)
     per = (tok * valid).sum(1) / valid.sum(1).clamp(min=1)
     has = valid.sum(1) > 0
     return per[has].sum(), int(has.sum())

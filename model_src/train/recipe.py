@@ -69,6 +69,10 @@ class PhaseConfig:
     # are there in image 3?", data.followups' count_in_image): the skill of one tally term, asked
     # on its own, with role targets on image k's counted objects (all of image k for a 0)
     image_count_followups: bool = False
+    # with worked_counts, > 1: each term of a tally (the per-image count, "2" in "1:2+") weighs this
+    # many times an ordinary answer token in its sample's mean answer loss; 1: every answer token
+    # alike (an 8-image tally's 8 terms are 8 of its 52 answer tokens, the rest follow from them)
+    term_loss_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if self.gray_levels not in GRAY_LEVELS:
@@ -80,6 +84,10 @@ class PhaseConfig:
             raise TrainingError(f"region_targets must be >= 0, got {self.region_targets}")
         if self.labelled_tally and not self.worked_counts:
             raise TrainingError("labelled_tally labels the terms of a worked count: it needs worked_counts")
+        if not self.term_loss_weight > 0:
+            raise TrainingError(f"term_loss_weight must be > 0, got {self.term_loss_weight}")
+        if self.term_loss_weight != 1.0 and not self.worked_counts:
+            raise TrainingError("term_loss_weight weighs the terms of a worked count: it needs worked_counts")
         if self.image_count_followups and not self.followups:
             raise TrainingError("image_count_followups adds follow-up questions: it needs followups >= 1")
         if not self.gray_consistency >= 0:
@@ -117,9 +125,9 @@ class PhaseConfig:
 
 
 def tiny_recipe() -> dict[str, PhaseConfig]:
-    """Phase name -> config for the `tiny` preset, the shipped checkpoint's (run R36K): about 92 minutes on two
-    threads of an idle 2-core machine, stage 4's 2100 steps 83 of them (docs/training.md, "Measured wall
-    time")."""
+    """Phase name -> config for the `tiny` preset: the shipped checkpoint's (run R36K) with stage 4's
+    tally terms weighted 5x (candidate R36T, docs/training.md); about 92 minutes on two threads of an
+    idle 2-core machine, stage 4's 2100 steps 83 of them (docs/training.md, "Measured wall time")."""
     return {
         "0-vision": PhaseConfig(steps=1125, batch_size=32, lr=3e-3, warmup=30, gray_share=0.5,
                                 gray_levels="random", gray_consistency=1.0),
@@ -132,7 +140,7 @@ def tiny_recipe() -> dict[str, PhaseConfig]:
                                    families=("caption",)),
         "4-instruct": PhaseConfig(steps=2100, batch_size=32, lr=1.5e-3, warmup=50, mode="hybrid", followups=4,
                                   attention_targets=1.0, seed_offset=1, reverse_change=True, worked_counts=True,
-                                  labelled_tally=True, count_head=True),
+                                  labelled_tally=True, count_head=True, term_loss_weight=5.0),
     }
 
 

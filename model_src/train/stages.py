@@ -59,6 +59,7 @@ from maven_edge.model_src.train.attention_targets import (
     answer_turns,
     attention_loss,
     build_targets,
+    term_weights,
     worked_count,
 )
 from maven_edge.model_src.train.common import (
@@ -473,12 +474,18 @@ def phase_llm(model: MavenModel, cfg: PhaseConfig, seed: int, name: str, parts: 
             asm = model.assemble_batch([tb.sequences[i] for i in group], per, [tb.targets[i] for i in group])
             with record_attention(model.llm, sup.layers if sup.weight > 0 else (), grad=True) as maps:
                 logits, _, _ = model.llm(asm.inputs_embeds, asm.attention_mask)
-            loss_sum, _ = answer_loss(logits, asm.labels)
+            turns = ([answer_turns(samples[i], extra[i] if extra else [], tb.targets[i]) for i in group]
+                     if sup.weight > 0 or cfg.term_loss_weight != 1.0 else [])
+            weights = None
+            if cfg.term_loss_weight != 1.0:
+                weights = term_weights([tb.sequences[i] for i in group], turns, [tb.image_counts[i] for i in group],
+                                       tok.image_id, t_img, plus_id, colon_id, asm.labels.shape[1],
+                                       cfg.term_loss_weight)
+            loss_sum, _ = answer_loss(logits, asm.labels, weights)
             loss = loss_sum / len(samples)
             if sup.weight > 0:
                 targets = build_targets(
-                    sup, [tb.sequences[i] for i in group],
-                    [answer_turns(samples[i], extra[i] if extra else [], tb.targets[i]) for i in group],
+                    sup, [tb.sequences[i] for i in group], turns,
                     [samples[i].scenes for i in group], [patches_in(offsets[i], offsets[i + 1]) for i in group],
                     tok.image_id, t_img, patch_offset, model.config.vision.patch_size, colon_id,
                     plus_id if cfg.worked_counts else None)
