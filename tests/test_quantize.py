@@ -418,6 +418,20 @@ def test_report_metrics_and_markdown(tmp_path, capsys):
     (tmp_path / "quantization.json").write_text(json.dumps(report))
     assert main(["quantize-report", "--render-only", str(tmp_path / "quantization.json")]) == 0
     assert (tmp_path / "quantization.md").read_text() == md
+    # the edge-small section says when and by what command it was measured (it is kept across updates)
+    step = {"median_ms": 10.0, "p90_ms": 12.0, "steps": 24}
+    report["edge"] = {
+        "preset": "edge-small", "source": "random seeded weights (preset edge-small)", "past": 128, "rounds": 3,
+        "steps_per_round": 24, "llm": {"hidden_size": 896, "num_layers": 24, "num_heads": 14, "num_kv_heads": 2},
+        "sizes": {"fp32": {"decoder": 8_000_000}, "int4-weight": {"decoder": 1_000_000}},
+        "decoder_ratio": {"fp32": 1.0, "int4-weight": 0.125},
+        "decode_step": {"fp32": {**step, "speedup_vs_fp32": 1.0}, "int4-weight": {**step, "speedup_vs_fp32": 2.0}},
+        "date": "2026-11-26 11:24 UTC", "command": "maven-edge quantize-report --edge-artifacts e",
+    }
+    report["checks"] = checks(report)
+    md = render_markdown(report)
+    assert "Measured on 2026-11-26 11:24 UTC by `maven-edge quantize-report --edge-artifacts e`." in md
+    assert "| int4-weight | 1.00 | 0.125 |" in md
 
 
 def test_report_update_for_some_recipes_keeps_the_other_rows(artifacts, tmp_path, monkeypatch):
@@ -446,6 +460,15 @@ def test_report_update_for_some_recipes_keeps_the_other_rows(artifacts, tmp_path
         qr.run_report(qr.ReportOptions(recipes=("int8-weight",), sections=("accuracy",), **{**base, "limit": 2}))
     with pytest.raises(InputError, match="max new tokens 64 != 16"):
         qr.run_report(qr.ReportOptions(recipes=("int8-weight",), sections=("accuracy",), max_new_tokens=16, **base))
+    # every recipe re-measured (a new model, say): a whole new table, so the older rows' dates and the
+    # update lines it supersedes go; the page states this command's run time, not a sum over updates
+    qr.run_report(qr.ReportOptions(recipes=("fp16", "int8-weight"), sections=("accuracy",), **base))
+    third = json.loads((tmp_path / "quantization.json").read_text())
+    assert "row_dates" not in third and [u["sections"] for u in third["updates"]] == [["accuracy"]]
+    assert third["updates"][0]["date"] == third["date"]
+    md = (tmp_path / "quantization.md").read_text()
+    assert "Rows measured in separate runs" not in md and md.count("re-measured on") == 1
+    assert f"Run time of the last command that updated this page: {third['seconds']:.0f} s." in md
 
 
 def test_report_answers_as_long_as_eval_and_names_other_lengths():

@@ -6,7 +6,7 @@ and (with ``--resized``) preprocessed pixels and tokens for JPEG/PNG copies at o
     python -m tools.node_parity --artifacts DIR          # any export (a quantized one, a genai decoder)
 
 Writes every question's images as PNG files and its prompt into a work folder, answers them with
-the Python ORT pipeline (CPU, greedy, 32 new tokens) and with the Node host
+the Python ORT pipeline (CPU, greedy, 64 new tokens: `maven-edge eval`'s default) and with the Node host
 (``hosts/node/tools/batch.js``, one process), and compares the token ids. ``--resized N`` also
 re-encodes the images of the first N questions at other sizes (non-square PNG and JPEG, larger
 and smaller than the model's input) and compares the preprocessed float32 tensors (max abs

@@ -125,9 +125,9 @@ class PhaseConfig:
 
 
 def tiny_recipe() -> dict[str, PhaseConfig]:
-    """Phase name -> config for the `tiny` preset: the shipped checkpoint's (run R36K) with stage 4's
-    tally terms weighted 5x (candidate R36T, docs/training.md); about 92 minutes on two threads of an
-    idle 2-core machine, stage 4's 2100 steps 83 of them (docs/training.md, "Measured wall time")."""
+    """Phase name -> config for the `tiny` preset: run R36T's (stage 4 with tally terms weighted 5x, kept by its
+    rule); the shipped checkpoint is R36K, the same without `term_loss_weight` (docs/training.md). About 98
+    minutes on two threads of an idle 2-core machine, stage 4's 2100 steps 89 of them."""
     return {
         "0-vision": PhaseConfig(steps=1125, batch_size=32, lr=3e-3, warmup=30, gray_share=0.5,
                                 gray_levels="random", gray_consistency=1.0),
