@@ -266,10 +266,8 @@ def build_targets(
                 _count_keys(width, objects, first, kept[row], patch_size), uniform=True)
 
     for b, ids in enumerate(sequences):
-        is_image = np.asarray(ids) == image_id
-        img_pos = np.flatnonzero(is_image)
-        # sequence index of each id position: every earlier <image> adds tokens_per_image - 1
-        seq = np.arange(len(ids)) + (np.cumsum(is_image) - is_image) * (tokens_per_image - 1)
+        img_pos = np.flatnonzero(np.asarray(ids) == image_id)
+        seq = _sequence_positions(ids, image_id, tokens_per_image)
         width = len(ids) + len(img_pos) * (tokens_per_image - 1)
         first = seq[img_pos] + 1 + patch_offset  # per image, the sequence position of its first kept patch
         for question, answer_positions in turns[b]:
@@ -321,8 +319,7 @@ def term_weights(sequences: Sequence[Sequence[int]], turns: Sequence[Sequence[tu
     reads the weights of labelled positions only)."""
     out = torch.ones(len(sequences), width)
     for b, ids in enumerate(sequences):
-        is_image = np.asarray(ids) == image_id
-        seq = np.arange(len(ids)) + (np.cumsum(is_image) - is_image) * (tokens_per_image - 1)
+        seq = _sequence_positions(ids, image_id, tokens_per_image)
         for question, answer_positions in turns[b]:
             if not counts_across(question):
                 continue
@@ -330,6 +327,13 @@ def term_weights(sequences: Sequence[Sequence[int]], turns: Sequence[Sequence[tu
             for pos in terms or []:
                 out[b, seq[[answer_positions[i] for i in pos]]] = weight
     return out
+
+
+def _sequence_positions(ids: Sequence[int], image_id: int, tokens_per_image: int) -> np.ndarray:
+    """The sequence position of each id position of a row once each ``<image>`` id becomes
+    ``tokens_per_image`` tokens (every earlier ``<image>`` adds ``tokens_per_image - 1``)."""
+    is_image = np.asarray(ids) == image_id
+    return np.arange(len(ids)) + (np.cumsum(is_image) - is_image) * (tokens_per_image - 1)
 
 
 def _patch_positions(first: int, kept: np.ndarray, scene: Scene, patch_size: int,

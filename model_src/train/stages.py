@@ -471,21 +471,21 @@ def phase_llm(model: MavenModel, cfg: PhaseConfig, seed: int, name: str, parts: 
             for i in group:
                 per.append(emb[j : j + tb.image_counts[i]])
                 j += tb.image_counts[i]
-            asm = model.assemble_batch([tb.sequences[i] for i in group], per, [tb.targets[i] for i in group])
+            seqs = [tb.sequences[i] for i in group]
+            asm = model.assemble_batch(seqs, per, [tb.targets[i] for i in group])
             with record_attention(model.llm, sup.layers if sup.weight > 0 else (), grad=True) as maps:
                 logits, _, _ = model.llm(asm.inputs_embeds, asm.attention_mask)
             turns = ([answer_turns(samples[i], extra[i] if extra else [], tb.targets[i]) for i in group]
                      if sup.weight > 0 or cfg.term_loss_weight != 1.0 else [])
             weights = None
             if cfg.term_loss_weight != 1.0:
-                weights = term_weights([tb.sequences[i] for i in group], turns, [tb.image_counts[i] for i in group],
-                                       tok.image_id, t_img, plus_id, colon_id, asm.labels.shape[1],
-                                       cfg.term_loss_weight)
+                weights = term_weights(seqs, turns, [tb.image_counts[i] for i in group], tok.image_id, t_img,
+                                       plus_id, colon_id, asm.labels.shape[1], cfg.term_loss_weight)
             loss_sum, _ = answer_loss(logits, asm.labels, weights)
             loss = loss_sum / len(samples)
             if sup.weight > 0:
                 targets = build_targets(
-                    sup, [tb.sequences[i] for i in group], turns,
+                    sup, seqs, turns,
                     [samples[i].scenes for i in group], [patches_in(offsets[i], offsets[i + 1]) for i in group],
                     tok.image_id, t_img, patch_offset, model.config.vision.patch_size, colon_id,
                     plus_id if cfg.worked_counts else None)
