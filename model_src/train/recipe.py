@@ -141,6 +141,12 @@ def tiny_recipe() -> dict[str, PhaseConfig]:
         "4-instruct": PhaseConfig(steps=2100, batch_size=32, lr=1.5e-3, warmup=50, mode="hybrid", followups=4,
                                   attention_targets=1.0, seed_offset=1, reverse_change=True, worked_counts=True,
                                   labelled_tally=True, count_head=True, term_loss_weight=5.0),
+        # a short low-learning-rate second phase on a fresh sample stream, counts across images drawn 3x
+        # (docs/training.md, "Issue 36", run R36S)
+        "4-count": PhaseConfig(steps=500, batch_size=32, lr=3e-4, warmup=20, mode="hybrid", followups=4,
+                               attention_targets=1.0, seed_offset=2, reverse_change=True, worked_counts=True,
+                               labelled_tally=True, count_head=True, term_loss_weight=5.0,
+                               task_weights=(("count_across", 3.0), ("which_image", 1.5))),
     }
 
 
@@ -149,7 +155,7 @@ STAGE_PHASES = {
     "1": ("1-selector",),
     "2": ("2-discrete",),
     "3": ("3-projector",),
-    "4": ("4-instruct",),
+    "4": ("4-instruct", "4-count"),
 }
 
 

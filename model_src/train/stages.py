@@ -533,6 +533,7 @@ def build_phases(model: MavenModel, stage: str, recipe: dict[str, PhaseConfig], 
         "2-discrete": lambda m, c, s: phase_llm(m, c, s, "2-discrete", ("llm",), ("embed",)),
         "3-projector": lambda m, c, s: phase_llm(m, c, s, "3-projector", ("projector",), ("projector",)),
         "4-instruct": lambda m, c, s: phase_llm(m, c, s, "4-instruct", ("llm", "projector"), ("embed", "projector")),
+        "4-count": lambda m, c, s: phase_llm(m, c, s, "4-count", ("llm", "projector"), ("embed", "projector")),
     }
     return [(name, partial(makers[name], model, recipe[name], seed + recipe[name].seed_offset))
             for name in STAGE_PHASES[stage]]
