@@ -105,7 +105,7 @@ def test_log_lines_are_json_with_loss(smoke_run):
     lines = (out / "final" / "training_log.jsonl").read_text().splitlines()
     recs = [json.loads(x) for x in lines]
     assert {r["phase"] for r in recs} >= {"0-vision", "0-vq", "0-text", "1-selector", "2-discrete",
-                                          "3-projector", "4-instruct"}
+                                          "3-projector", "4-instruct", "4-count"}
     assert all("loss" in r and "step" in r for r in recs)
 
 
@@ -165,6 +165,26 @@ def test_same_seed_same_losses_and_resume_matches(tmp_path, smoke_run):
     wa = load_file(str(tmp_path / "a" / "stage0" / "model.safetensors"))
     wc = load_file(str(c / "stage0" / "model.safetensors"))
     assert all(torch.equal(wa[k], wc[k]) for k in wa)
+
+
+def test_stage4_resumed_after_its_first_phase_trains_only_4_count_and_matches(tmp_path, smoke_run):
+    """How run R36S was made: a stage 4 whose 4-instruct finished, resumed from the same stage-3 weights,
+    trains only 4-count and ends with the uninterrupted run's weights."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    out, _ = smoke_run
+    assert [ph["phase"] for ph in json.loads((out / "stage4" / "stage.json").read_text())["phases"]] == [
+        "4-instruct", "4-count"]
+    run = tmp_path / "r"
+    shutil.copytree(out / "stage4" / "4-instruct", run / "stage4" / "4-instruct")
+    first = (run / "stage4" / "4-instruct" / "log.jsonl").read_text()
+    _train(run, stage="4", init=out / "stage3", resume=True)
+    assert (run / "stage4" / "4-instruct" / "log.jsonl").read_text() == first  # not trained again
+    assert (run / "stage4" / "4-count" / "phase.json").is_file()
+    want, got = load_file(str(out / "final" / "model.safetensors")), load_file(str(run / "final" / "model.safetensors"))
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
 
 
 def test_encode_visual_matches_encode_images():

@@ -4,7 +4,7 @@
     maven-edge ablations --only keep --only selector --only codes --out docs   # minutes, shipped model
 
 * ``table4``   Table-4 analogue at the full budget (table4.py): from one run's stage-3 weights, the
-               recipe's whole stage 4 once per visual encoding (hybrid, discrete-only, continuous-only,
+               recipe's stage-4 `4-instruct` phase once per visual encoding (hybrid, discrete-only, continuous-only,
                continuous with hybrid's token count) and sample stream, each evaluated in its own mode.
 * ``keep``     Figure-4 analogue: keep-ratio sweep (0.1, 0.25, 0.5, 1.0) of the checkpoint:
                exact match per family and visual tokens per image.

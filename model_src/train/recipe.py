@@ -125,9 +125,9 @@ class PhaseConfig:
 
 
 def tiny_recipe() -> dict[str, PhaseConfig]:
-    """Phase name -> config for the `tiny` preset: run R36T's (stage 4 with tally terms weighted 5x, kept by its
-    rule); the shipped checkpoint is R36K, the same without `term_loss_weight` (docs/training.md). About 98
-    minutes on two threads of an idle 2-core machine, stage 4's 2100 steps 89 of them."""
+    """Phase name -> config for the `tiny` preset: the shipped checkpoint's (run R36S: R36C's stages 0-3,
+    R36T's 4-instruct, R36S's 4-count; docs/training.md, "Issue 36"). About 123 minutes on two threads of an
+    idle 2-core machine, stage 4's 2100 + 500 steps 114 of them."""
     return {
         "0-vision": PhaseConfig(steps=1125, batch_size=32, lr=3e-3, warmup=30, gray_share=0.5,
                                 gray_levels="random", gray_consistency=1.0),

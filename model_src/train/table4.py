@@ -122,7 +122,7 @@ def check_variants(variants: Sequence[str]) -> None:
 
 
 def variant_config(variant: str, stream: int, steps_scale: float, hybrid_tokens: int):
-    """The recipe's stage-4 config for one (variant, stream)."""
+    """The recipe's `4-instruct` config for one (variant, stream) (the ablation trains that phase, not 4-count)."""
     from maven_edge.model_src.train.recipe import get_recipe
 
     check_variants([variant])
@@ -380,8 +380,9 @@ def render(table: dict[str, Any], command: str) -> list[str]:
     any_row = next(iter(table["rows"].values()), None)
     steps = any_row["steps"] if any_row else "?"
     lines = ["## Table 4 analogue: granularity of the visual tokens, full stage-4 budget", "",
-             f"From the stage-3 weights of `{table['run']}`, each variant runs the recipe's whole stage 4 ({steps} steps, "
-             "same batch, schedule, follow-ups and attention targets) on each sample stream, then is evaluated in its "
+             f"From the stage-3 weights of `{table['run']}`, each variant runs the recipe's stage-4 `4-instruct` phase "
+             f"({steps} steps, same batch, schedule, follow-ups and attention targets; not the shorter `4-count` "
+             "phase that follows it in the recipe since run R36S) on each sample stream, then is evaluated in its "
              "own mode on the test split. Cells: exact match (%), mean over streams ± its standard error between "
              "streams (– with one stream) / the test split's (binomial, over the slice's questions and the streams)."
              f" **{done} of {total} runs done**" + (" (the rest: run the command again; it resumes)." if
