@@ -446,8 +446,14 @@ def test_table4_trains_every_variant_and_stream_resumes_and_reuses_the_runs_stag
     _copy_stages(out, tmp_path)
     _train(tmp_path, stage="4", max_batch=None)  # the recipe's stage 4 at this scale: hybrid stream 0
     meta = json.loads((tmp_path / "stage4" / "stage.json").read_text())
+    # the recipe's stage 4 goes on after 4-instruct (4-count): its final weights are not a 4-instruct row
+    cfg = T4.variant_config("hybrid", 0, SCALE, 48)
+    seed = int(meta["seed"]) + cfg.seed_offset
+    assert list(meta["recipe"]) == ["4-instruct", "4-count"] and T4._reusable_stage4(tmp_path, cfg, seed) is None
+    del meta["recipe"]["4-count"]  # a run of the recipe before 4-count existed: its stage 4 is the row
     del meta["recipe"]["4-instruct"]["patch_subset"]  # as written before the knob existed
     (tmp_path / "stage4" / "stage.json").write_text(json.dumps(meta))
+    assert T4._reusable_stage4(tmp_path, cfg, seed) is not None
     seen = []
     table = T4.table4_full(tmp_path, steps_scale=SCALE, streams=2, limit=12, quiet=True,
                            on_row=lambda t: seen.append(len(t["rows"])))

@@ -134,13 +134,17 @@ def variant_config(variant: str, stream: int, steps_scale: float, hybrid_tokens:
 
 def _reusable_stage4(run: Path, cfg, seed: int) -> dict[str, Any] | None:
     """The run's own stage 4 when it is exactly this (variant, stream)'s training, else None (knobs
-    added to the config after that run count as their defaults, as when a phase resumes)."""
+    added to the config after that run count as their defaults, as when a phase resumes). A stage 4
+    that went on after 4-instruct (the recipe's 4-count since run R36S) is not: its final weights are
+    not 4-instruct's."""
     from maven_edge.model_src.train.loop import same_config
 
     meta_path = run / "stage4" / "stage.json"
     if not (meta_path.is_file() and (run / "final" / "model.safetensors").is_file()):
         return None
     meta = json.loads(meta_path.read_text())
+    if list(meta.get("recipe", {})) != ["4-instruct"]:
+        return None
     same = same_config(meta.get("recipe", {}).get("4-instruct"), cfg)
     if not same or int(meta.get("seed", -1)) + cfg.seed_offset != seed or meta.get("init"):
         return None
