@@ -187,6 +187,40 @@ def test_stage4_resumed_after_its_first_phase_trains_only_4_count_and_matches(tm
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
 
 
+def test_resume_with_another_seed_is_refused(tmp_path, smoke_run, monkeypatch):
+    """Batches are a pure function of (seed, phase, step): --resume with another --seed than the run's would
+    mix two sample streams in one phase (or take a finished phase of one seed for another), so it is refused,
+    for a finished phase and for one stopped half-way; the same seed resumes."""
+    from maven_edge.model_src.train import loop
+
+    out, _ = smoke_run
+    _copy_stages(out, tmp_path, stages="0")
+    _train(tmp_path, stage="1", seed=0)
+    offset = get_recipe("tiny")["1-selector"].seed_offset
+    assert json.loads((tmp_path / "stage1" / "1-selector" / "phase.json").read_text())["seed"] == offset
+    with pytest.raises(TrainingError, match="phase seed 0, this run asks for 1"):
+        _train(tmp_path, stage="1", seed=1, resume=True)
+    _train(tmp_path, stage="1", seed=0, resume=True)  # the run's own seed: the finished phase is skipped
+
+    real = loop.save_resume
+
+    def stop_after_first(*args, **kw):
+        real(*args, **kw)
+        raise KeyboardInterrupt
+
+    half = tmp_path / "half"
+    _copy_stages(out, half, stages="0")
+    monkeypatch.setattr(loop, "save_resume", stop_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        _train(half, stage="1", seed=0)
+    monkeypatch.setattr(loop, "save_resume", real)
+    assert json.loads((half / "stage1" / "1-selector" / "resume" / "progress.json").read_text())["seed"] == offset
+    with pytest.raises(TrainingError, match="phase seed"):
+        _train(half, stage="1", seed=1, resume=True)
+    _train(half, stage="1", seed=0, resume=True)
+    assert (half / "stage1" / "1-selector" / "phase.json").is_file()
+
+
 def test_encode_visual_matches_encode_images():
     from maven_edge.core.config import get_config
     from maven_edge.model_src.checkpoint import build_model

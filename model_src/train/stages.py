@@ -589,7 +589,7 @@ def train(
         summaries = []
         for name, make in build_phases(model, st, recipe, seed):
             phase = make()
-            summaries.append(run_phase(phase, sdir / name, resume, quiet))
+            summaries.append(run_phase(phase, sdir / name, resume, quiet, seed=seed + recipe[name].seed_offset))
         _freeze_all(model)
         for p in model.parameters():
             p.requires_grad_(True)
