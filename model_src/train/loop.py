@@ -46,6 +46,7 @@ class Phase:
     after_step: Callable[[int], dict[str, float]] | None = None  # e.g. dead-code restarts
     buffers: dict[str, torch.Tensor] = field(default_factory=dict)  # extra state saved for resume
     finish: Callable[[], dict[str, Any]] | None = None  # final metrics for phase.json
+    seed: int | None = None  # the phase's seed (run --seed + seed_offset): recorded, and checked on resume
 
 
 def same_config(saved: dict | None, cfg: PhaseConfig) -> bool:
@@ -75,8 +76,7 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def save_resume(phase: Phase, opt: torch.optim.Optimizer, step: int, directory: Path,
-                seed: int | None = None) -> None:
+def save_resume(phase: Phase, opt: torch.optim.Optimizer, step: int, directory: Path) -> None:
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -96,9 +96,22 @@ def save_resume(phase: Phase, opt: torch.optim.Optimizer, step: int, directory: 
                 opt_state[f"{name}::{key}"] = t.detach().contiguous().clone()
     save_file(opt_state, str(tmp / "optimizer.safetensors"))
     _atomic_json(tmp / "progress.json",
-                 {"phase": phase.name, "step": step, "config": asdict(phase.config), "seed": seed})
+                 {"phase": phase.name, "step": step, "config": asdict(phase.config), "seed": phase.seed})
     shutil.rmtree(directory, ignore_errors=True)
     os.replace(tmp, directory)
+
+
+def check_seed(saved: dict[str, Any], seed: int | None, where: Path) -> None:
+    """A TrainingError when a phase saved in `where` was trained with another seed than `seed` (the
+    phase's: the run's --seed plus its seed_offset). Older files without a seed, or no seed given,
+    pass: batches are a pure function of (seed, phase, step), so a resume with another seed would
+    silently mix two sample streams in one phase."""
+    if seed is None or saved.get("seed") is None or int(saved["seed"]) == seed:
+        return
+    raise TrainingError(
+        f"{where} was trained with phase seed {saved['seed']}, this run asks for {seed}; resume with the "
+        "--seed it was started with, or start a new --out"
+    )
 
 
 def load_resume(phase: Phase, opt: torch.optim.Optimizer, directory: Path) -> int:
@@ -114,6 +127,7 @@ def load_resume(phase: Phase, opt: torch.optim.Optimizer, directory: Path) -> in
             f"{directory} was written with a different {phase.name} config; resume with the same "
             "--steps-scale/--preset, or delete the directory to start again"
         )
+    check_seed(progress, phase.seed, directory)
     for mname, module in phase.modules.items():
         prefix = mname + "."
         sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
@@ -149,30 +163,16 @@ def plot_losses(records: list[dict[str, Any]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def check_seed(saved: dict[str, Any], seed: int | None, where: Path) -> None:
-    """A TrainingError when a phase saved in `where` was trained with another seed than `seed` (the
-    phase's: the run's --seed plus its seed_offset). Older files without a seed, or no seed given,
-    pass: batches are a pure function of (seed, phase, step), so a resume with another seed would
-    silently mix two sample streams in one phase."""
-    if seed is None or saved.get("seed") is None or int(saved["seed"]) == seed:
-        return
-    raise TrainingError(
-        f"{where} was trained with phase seed {saved['seed']}, this run asks for {seed}; resume with the "
-        "--seed it was started with, or start a new --out"
-    )
-
-
-def run_phase(phase: Phase, directory: Path, resume: bool, quiet: bool = False,
-              seed: int | None = None) -> dict[str, Any]:
-    """Train one phase (or skip it when `phase.json` says it finished); return its summary. `seed` (the
-    phase's seed, recorded in phase.json and the resume state) is checked on resume when given."""
+def run_phase(phase: Phase, directory: Path, resume: bool, quiet: bool = False) -> dict[str, Any]:
+    """Train one phase (or skip it when `phase.json` says it finished); return its summary. The phase's
+    seed (`Phase.seed`, recorded in phase.json and the resume state) is checked on resume."""
     cfg = phase.config
     directory.mkdir(parents=True, exist_ok=True)
     done = directory / "phase.json"
     if done.is_file():
         summary = json.loads(done.read_text())
         if same_config(summary.get("config"), cfg) and resume:
-            check_seed(summary, seed, directory)
+            check_seed(summary, phase.seed, directory)
             _load_final(phase, directory)
             return summary
     resume_dir = directory / "resume"
@@ -181,7 +181,6 @@ def run_phase(phase: Phase, directory: Path, resume: bool, quiet: bool = False,
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     start = 0
     if resume and (resume_dir / "progress.json").is_file():
-        check_seed(json.loads((resume_dir / "progress.json").read_text()), seed, resume_dir)
         start = load_resume(phase, opt, resume_dir)
         records = [r for r in read_jsonl(log_path) if r["step"] < start]
     else:
@@ -220,7 +219,7 @@ def run_phase(phase: Phase, directory: Path, resume: bool, quiet: bool = False,
                 f.write(json.dumps(rec) + "\n")
             acc = {}
         if (step + 1) % cfg.ckpt_every == 0 and not last:
-            save_resume(phase, opt, step + 1, resume_dir, seed)
+            save_resume(phase, opt, step + 1, resume_dir)
     bar.close()
     summary: dict[str, Any] = {
         "phase": phase.name,
@@ -228,11 +227,11 @@ def run_phase(phase: Phase, directory: Path, resume: bool, quiet: bool = False,
         "steps": cfg.steps,
         "final_loss": records[-1]["loss"] if records else None,
         "wall_time_s": round(elapsed_before + time.time() - t0, 1),
-        "seed": seed,
+        "seed": phase.seed,
     }
     if phase.finish is not None:
         summary.update(phase.finish())
-    save_resume(phase, opt, cfg.steps, resume_dir, seed)  # final state: later phases can reload it
+    save_resume(phase, opt, cfg.steps, resume_dir)  # final state: later phases can reload it
     plot_losses(records, directory / "loss.png", phase.name)
     _atomic_json(done, summary)
     return summary

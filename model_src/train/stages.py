@@ -201,7 +201,7 @@ def phase_vision(model: MavenModel, cfg: PhaseConfig, seed: int) -> Phase:
         loss.backward()
         return {"loss": float(loss.detach()), **metrics}
 
-    return Phase("0-vision", cfg, {"model": model, "vit_head": head}, params, step_fn)
+    return Phase("0-vision", cfg, {"model": model, "vit_head": head}, params, step_fn, seed=seed)
 
 
 def phase_vq(model: MavenModel, cfg: PhaseConfig, seed: int) -> Phase:
@@ -274,7 +274,7 @@ def phase_vq(model: MavenModel, cfg: PhaseConfig, seed: int) -> Phase:
     def finish() -> dict[str, Any]:
         return _codebook_report(model, seed)
 
-    return Phase("0-vq", cfg, modules, params, step_fn, after_step, {"usage": usage}, finish)
+    return Phase("0-vq", cfg, modules, params, step_fn, after_step, {"usage": usage}, finish, seed=seed)
 
 
 class _RegionTargets:
@@ -333,7 +333,7 @@ def phase_text(model: MavenModel, cfg: PhaseConfig, seed: int) -> Phase:
         loss.backward()
         return {"loss": float(loss.detach())}
 
-    return Phase("0-text", cfg, {"model": model}, params, step_fn)
+    return Phase("0-text", cfg, {"model": model}, params, step_fn, seed=seed)
 
 
 # ---- stage 1 -------------------------------------------------------------------------------------
@@ -365,7 +365,7 @@ def phase_selector(model: MavenModel, cfg: PhaseConfig, seed: int) -> Phase:
     def finish() -> dict[str, Any]:
         return selector_report(model, n=200)
 
-    return Phase("1-selector", cfg, {"model": model}, params, step_fn, finish=finish)
+    return Phase("1-selector", cfg, {"model": model}, params, step_fn, finish=finish, seed=seed)
 
 
 @torch.no_grad()
@@ -500,7 +500,7 @@ def phase_llm(model: MavenModel, cfg: PhaseConfig, seed: int, name: str, parts: 
             out["attention_loss"] = att_total / len(samples)
         return out
 
-    return Phase(name, cfg, {"model": model}, params, step_fn)
+    return Phase(name, cfg, {"model": model}, params, step_fn, seed=seed)
 
 
 # ---- driver --------------------------------------------------------------------------------------
@@ -589,7 +589,7 @@ def train(
         summaries = []
         for name, make in build_phases(model, st, recipe, seed):
             phase = make()
-            summaries.append(run_phase(phase, sdir / name, resume, quiet, seed=seed + recipe[name].seed_offset))
+            summaries.append(run_phase(phase, sdir / name, resume, quiet))
         _freeze_all(model)
         for p in model.parameters():
             p.requires_grad_(True)

@@ -175,7 +175,7 @@ def run_row(run: Path, variant: str, stream: int, steps_scale: float, limit: int
         model = load_checkpoint(run / "stage3")
         model.train()
         phase = phase_llm(model, cfg, seed, "4-instruct", ("llm", "projector"), ("embed", "projector"))
-        summary = run_phase(phase, d / "4-instruct", resume=True, quiet=quiet, seed=seed)
+        summary = run_phase(phase, d / "4-instruct", resume=True, quiet=quiet)
         train_time, source = float(summary["wall_time_s"]), None
         model.eval()
         save_checkpoint(model, d / "final")
